@@ -1,0 +1,434 @@
+"""
+The single-model scheduler and the cancel path.
+
+One model means one worker thread (a llama context is not thread-safe),
+fed from a bounded FIFO of L{Job}s that lives in the reactor. A job moves
+through the stages C{queued -> prefill -> decode}; L{Job.cancel} at any
+stage stops its work at once:
+
+  - queued: the job leaves the queue and never reaches the engine;
+  - prefill: the worker stops before the next prefill batch;
+  - decode: the worker stops before the next token.
+
+The worker thread pulls engine events one at a time and checks the job's
+cancel flag before every pull (L{_run_job}); that loop is the only place
+cancellation is enforced. Events reach the reactor through
+L{WorkerThreads.to_reactor}.
+
+The thread boundary itself is an interface (L{WorkerThreads}) so that tests
+can drive the worker one engine event at a time (L{ds4tw.testing.SteppedThreads}).
+
+Covered by tests/unit/test_worker.py and tests/unit/test_cancel.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ._engine import Engine, PrefillProgress, SamplingParams
+from ._text import TextAssembler
+
+_T = TypeVar("_T")
+
+log = Logger()
+
+
+class Stage(str, Enum):
+    QUEUED = "queued"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    DONE = "done"
+
+
+class QueueFull(Exception):
+    """The bounded queue has no room; the client should retry later."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__(f"server is busy: {depth} requests are already waiting")
+        self.depth = depth
+
+
+class NotReady(Exception):
+    """The model is still loading (or failed to load)."""
+
+
+class JobCancelled(Exception):
+    """The job was cancelled; C{stage} is where its work stopped."""
+
+    def __init__(self, stage: Stage, reason: str) -> None:
+        super().__init__(f"cancelled during {stage.value}: {reason}")
+        self.stage = stage
+        self.reason = reason
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Timings:
+    """Seconds, measured where the work happens (monotonic clock)."""
+
+    queued: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop" | "length"
+    usage: Usage
+    stop_sequence: str | None = None
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass
+class _Outcome:
+    finish: Finish | None = None
+    cancelled_at: Stage | None = None
+
+
+class JobListener(Protocol):
+    """What a job tells its consumer, always in the reactor thread."""
+
+    def stage_changed(self, stage: Stage) -> None: ...
+
+    def text(self, text: str) -> None: ...
+
+
+class _NullListener:
+    def stage_changed(self, stage: Stage) -> None:
+        pass
+
+    def text(self, text: str) -> None:
+        pass
+
+
+class Job:
+    """
+    One generation request. Created and consumed in the reactor; the
+    worker thread only reads L{cancelled} and reports through
+    L{WorkerThreads.to_reactor}.
+
+    L{deferred} fires with a L{Finish}, or fails with L{JobCancelled} or
+    the engine's exception.
+    """
+
+    def __init__(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        listener: JobListener | None = None,
+        label: str = "",
+    ) -> None:
+        self.prompt = prompt
+        self.params = params
+        self.listener: JobListener = listener or _NullListener()
+        self.label = label
+        self.stage = Stage.QUEUED
+        #: Read by the worker thread before every engine step.
+        self.cancelled = False
+        self.cancel_reason = ""
+        self.deferred: Deferred[Finish] = Deferred()
+        self._on_cancel: Callable[[Job], None] | None = None
+        self.submitted_at = time.monotonic()
+        self.started_at: float | None = None
+        #: Written by the worker thread, read in the reactor once it ends.
+        self._outcome = _Outcome()
+
+    def cancel(self, reason: str = "client disconnected") -> None:
+        """Stop this job's work at the next check. Idempotent."""
+        if self.cancelled or self.stage is Stage.DONE:
+            return
+        self.cancelled = True
+        self.cancel_reason = reason
+        if self._on_cancel is not None:
+            self._on_cancel(self)
+
+    # Called in the reactor by the worker.
+    def _set_stage(self, stage: Stage) -> None:
+        if self.stage is Stage.DONE or stage is self.stage:
+            return
+        self.stage = stage
+        self.listener.stage_changed(stage)
+
+    def _text(self, text: str) -> None:
+        if not self.cancelled:
+            self.listener.text(text)
+
+    def _succeed(self, finish: Finish) -> None:
+        self._set_stage(Stage.DONE)
+        self.deferred.callback(finish)
+
+    def _fail(self, failure: Failure) -> None:
+        self._set_stage(Stage.DONE)
+        self.deferred.errback(failure)
+
+    def _fail_cancelled(self, stage: Stage, reason: str) -> None:
+        self._outcome.cancelled_at = stage
+        # No stage_changed: a cancelled job has nobody left to tell.
+        self.stage = Stage.DONE
+        self.deferred.errback(Failure(JobCancelled(stage, reason)))
+
+
+class WorkerThreads(Protocol):
+    """
+    The thread boundary. L{PoolThreads} is the real one; tests use
+    L{ds4tw.testing.SteppedThreads}.
+    """
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def call(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """Run C{f} in the model thread; the result fires in the reactor."""
+
+    def run(self, steps: Iterator[None]) -> Deferred[None]:
+        """Exhaust C{steps} in the model thread; fires in the reactor."""
+
+    def offload(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """Run CPU work that needs no model context off the reactor thread."""
+
+    def to_reactor(self, f: Callable[..., object], *args: Any) -> None:
+        """From the model thread: call C{f} in the reactor thread."""
+
+
+class PoolThreads:
+    """One dedicated model thread plus the reactor's shared pool for offload."""
+
+    def __init__(self, reactor: Any, name: str = "ds4tw-model") -> None:
+        from twisted.python.threadpool import ThreadPool
+
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def stop(self) -> None:
+        self._pool.stop()
+
+    def call(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def run(self, steps: Iterator[None]) -> Deferred[None]:
+        return self.call(_exhaust, steps)
+
+    def offload(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
+
+    def to_reactor(self, f: Callable[..., object], *args: Any) -> None:
+        self._reactor.callFromThread(f, *args)
+
+
+def _exhaust(steps: Iterator[None]) -> None:
+    for _ in steps:
+        pass
+
+
+class Worker(Service):
+    """
+    Loads the engine at start-up, then runs jobs one at a time in FIFO
+    order from a queue of at most C{max_queue} waiting jobs.
+    """
+
+    name = "ds4tw-worker"
+
+    def __init__(self, engine: Engine, threads: WorkerThreads, max_queue: int = 128) -> None:
+        self.engine = engine
+        self.threads = threads
+        self.max_queue = max_queue
+        self.ready = False
+        self.load_error: Failure | None = None
+        self._queue: deque[Job] = deque()
+        self._current: Job | None = None
+        self._current_done: Deferred[None] | None = None
+        self.loaded: Deferred[None] = Deferred()
+        #: Called in the reactor after every job ends (for metrics and logs).
+        self.observers: list[Callable[[Job, Finish | Failure], None]] = []
+
+    # -- service ---------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.threads.start()
+        d = self.threads.call(self.engine.load)
+
+        def loaded(_: object) -> None:
+            self.ready = True
+            self.loaded.callback(None)
+
+        def failed(f: Failure) -> None:
+            self.load_error = f
+            log.failure("ds4tw: the model failed to load", f)
+            self.loaded.errback(f)
+
+        d.addCallbacks(loaded, failed)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.ready = False
+        while self._queue:
+            self._queue.popleft()._fail_cancelled(Stage.QUEUED, "server shutting down")
+        if self._current is not None:
+            self._current.cancel("server shutting down")
+        pending = self._current_done or succeed(None)
+
+        def close(_: object) -> Deferred[None]:
+            return self.threads.call(self.engine.close)
+
+        def stop(_: object) -> None:
+            self.threads.stop()
+
+        pending.addBoth(close)
+        pending.addBoth(stop)
+        return pending
+
+    # -- queue -----------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    def submit(self, job: Job) -> Deferred[Finish]:
+        """
+        Admit C{job}. Raises L{NotReady} or L{QueueFull} synchronously, so
+        that the caller can answer with an error before sending anything.
+        """
+        if not self.ready:
+            raise NotReady("the model is still loading" if self.load_error is None else "the model failed to load")
+        if self._current is not None and len(self._queue) >= self.max_queue:
+            raise QueueFull(len(self._queue))
+        job._on_cancel = self._cancelled
+        self._queue.append(job)
+        self._pump()
+        return job.deferred
+
+    def _cancelled(self, job: Job) -> None:
+        if job is not self._current:
+            # Still waiting: it leaves the queue and never costs compute.
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return
+            job._fail_cancelled(Stage.QUEUED, job.cancel_reason)
+            self._notify(job, job.deferred)
+        # A running job is stopped by the worker thread at its next check.
+
+    def _pump(self) -> None:
+        if self._current is not None or not self._queue or not self.running:
+            return
+        job = self._queue.popleft()
+        self._current = job
+        job.started_at = time.monotonic()
+        d = self.threads.run(_run_job(self.engine, self.threads, job))
+        self._current_done = d.addBoth(self._finished, job)
+
+    def _finished(self, result: object, job: Job) -> None:
+        self._current = None
+        self._current_done = None
+        if isinstance(result, Failure):
+            job._fail(result)
+        else:
+            outcome = job._outcome
+            if outcome.cancelled_at is not None:
+                job._fail_cancelled(outcome.cancelled_at, job.cancel_reason)
+            else:
+                assert outcome.finish is not None
+                job._succeed(outcome.finish)
+        self._notify(job, result)
+        self._pump()
+
+    def _notify(self, job: Job, result: object) -> None:
+        outcome: Finish | Failure
+        if isinstance(result, Failure):
+            outcome = result
+        elif job._outcome.finish is not None:
+            outcome = job._outcome.finish
+        else:
+            outcome = Failure(JobCancelled(job._outcome.cancelled_at or Stage.QUEUED, job.cancel_reason))
+        for observer in self.observers:
+            observer(job, outcome)
+
+
+def _run_job(engine: Engine, threads: WorkerThreads, job: Job) -> Iterator[None]:
+    """
+    The model-thread side of one job: pull engine events one at a time,
+    checking the cancel flag before each, and hand text to the reactor.
+    Each yield is one engine step, so L{ds4tw.testing.SteppedThreads} can
+    stop the world between any two.
+    """
+    outcome = job._outcome
+    started = time.monotonic()
+    timings = Timings(queued=started - job.submitted_at)
+    if job.cancelled:
+        outcome.cancelled_at = Stage.QUEUED
+        return
+    threads.to_reactor(job._set_stage, Stage.PREFILL)
+    stage = Stage.PREFILL
+    usage = Usage(prompt_tokens=len(job.prompt))
+    assembler = TextAssembler(job.params.stop)
+    gen = engine.generate(job.prompt, job.params)
+    reason: str = "stop"
+    stop_sequence: str | None = None
+    decode_started = started
+    try:
+        while True:
+            if job.cancelled:
+                outcome.cancelled_at = stage
+                return
+            try:
+                event = next(gen)
+            except StopIteration as done:
+                reason = done.value
+                break
+            if isinstance(event, PrefillProgress):
+                usage.cached_tokens = event.cached
+                if event.done >= event.total and stage is Stage.PREFILL:
+                    stage = Stage.DECODE
+                    decode_started = time.monotonic()
+                    timings.prefill = decode_started - started
+                    threads.to_reactor(job._set_stage, Stage.DECODE)
+            else:
+                usage.completion_tokens += 1
+                result = assembler.feed(event.piece)
+                if result.text:
+                    threads.to_reactor(job._text, result.text)
+                if result.stop is not None:
+                    reason, stop_sequence = "stop", result.stop
+                    break
+            yield
+        if stop_sequence is None:
+            tail = assembler.finish()
+            if tail:
+                threads.to_reactor(job._text, tail)
+    finally:
+        gen.close()
+    timings.decode = time.monotonic() - decode_started
+    outcome.finish = Finish(reason, usage, stop_sequence, timings)
