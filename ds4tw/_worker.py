@@ -103,6 +103,8 @@ class Finish:
 class _Outcome:
     finish: Finish | None = None
     cancelled_at: Stage | None = None
+    #: When the model thread saw the cancel flag and stopped (monotonic).
+    stopped_at: float | None = None
 
 
 class JobListener(Protocol):
@@ -146,10 +148,12 @@ class Job:
         #: Read by the worker thread before every engine step.
         self.cancelled = False
         self.cancel_reason = ""
-        self.deferred: Deferred[Finish] = Deferred()
+        # Cancelling the Deferred (Klein does, on disconnect) cancels the job.
+        self.deferred: Deferred[Finish] = Deferred(lambda _: self.cancel("request cancelled"))
         self._on_cancel: Callable[[Job], None] | None = None
         self.submitted_at = time.monotonic()
         self.started_at: float | None = None
+        self.cancel_requested_at: float | None = None
         #: Written by the worker thread, read in the reactor once it ends.
         self._outcome = _Outcome()
 
@@ -159,8 +163,16 @@ class Job:
             return
         self.cancelled = True
         self.cancel_reason = reason
+        self.cancel_requested_at = time.monotonic()
         if self._on_cancel is not None:
             self._on_cancel(self)
+
+    @property
+    def cancel_latency(self) -> float | None:
+        """Seconds from L{cancel} to the work actually stopping."""
+        if self.cancel_requested_at is None or self._outcome.stopped_at is None:
+            return None
+        return max(0.0, self._outcome.stopped_at - self.cancel_requested_at)
 
     # Called in the reactor by the worker.
     def _set_stage(self, stage: Stage) -> None:
@@ -291,7 +303,9 @@ class Worker(Service):
         super().stopService()
         self.ready = False
         while self._queue:
-            self._queue.popleft()._fail_cancelled(Stage.QUEUED, "server shutting down")
+            job = self._queue.popleft()
+            job.cancel_reason = "server shutting down"
+            job._fail_cancelled(Stage.QUEUED, job.cancel_reason)
         if self._current is not None:
             self._current.cancel("server shutting down")
         pending = self._current_done or succeed(None)
@@ -337,8 +351,9 @@ class Worker(Service):
                 self._queue.remove(job)
             except ValueError:
                 return
+            job._outcome.stopped_at = time.monotonic()
             job._fail_cancelled(Stage.QUEUED, job.cancel_reason)
-            self._notify(job, job.deferred)
+            self._notify(job, None)
         # A running job is stopped by the worker thread at its next check.
 
     def _pump(self) -> None:
@@ -402,6 +417,7 @@ def _run_job(engine: Engine, threads: WorkerThreads, job: Job) -> Iterator[None]
         while True:
             if job.cancelled:
                 outcome.cancelled_at = stage
+                outcome.stopped_at = time.monotonic()
                 return
             try:
                 event = next(gen)

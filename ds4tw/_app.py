@@ -1,0 +1,209 @@
+"""
+L{Server}: one model behind a Klein app. It is a Twisted service (start
+it, or give it a parent) and its L{Server.resource} mounts anywhere in a
+twisted.web tree, including under a Klein branch route of another app.
+
+This module owns what every route shares: auth, CORS, body limits, JSON
+parsing, health, metrics, the per-job log line. The dialects add their
+routes (C{_openai/routes.py}).
+
+Covered by tests/unit/test_app.py and tests/unit/test_embedding.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from klein import Klein
+from twisted.application.service import MultiService
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+
+from ._engine import Engine
+from ._errors import APIError, invalid, unauthorized
+from ._metrics import CONTENT_TYPE_LATEST, Metrics
+from ._worker import Finish, Job, JobCancelled, PoolThreads, Worker, WorkerThreads
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """
+    @param keepalive: seconds of silence before a keepalive frame; 0 disables.
+    @param max_queue: jobs allowed to wait for the model; more get 503.
+    @param api_key: when set, /v1 routes need C{Authorization: Bearer KEY}
+        or C{x-api-key: KEY}.
+    @param cors_origins: origins allowed by CORS (C{"*"} for any).
+    """
+
+    keepalive: float = 15.0
+    max_queue: int = 128
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 16 * 1024 * 1024
+
+
+def _json(request: IRequest, payload: Any, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(payload, ensure_ascii=False).encode()
+
+
+class Server(MultiService):
+    """
+    Serve C{engine} over the OpenAI API.
+
+    @param threads: the model-thread boundary; defaults to a real thread.
+        Tests pass L{ds4tw.testing.SteppedThreads}.
+    @param clock: time source for keepalives; defaults to the reactor.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: ServerConfig | None = None,
+        *,
+        clock: IReactorTime | None = None,
+        threads: WorkerThreads | None = None,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.engine = engine
+        self.config = config or ServerConfig()
+        self.clock: IReactorTime = clock or reactor
+        self.worker = Worker(engine, threads or PoolThreads(reactor), self.config.max_queue)
+        self.worker.setServiceParent(self)
+        self.metrics = Metrics()
+        self.metrics.watch(
+            lambda: self.worker.queue_depth, lambda: self.worker.busy, lambda: self.worker.ready
+        )
+        self.worker.observers += [self.metrics.job_ended, _log_job]
+        self.app = Klein()
+        self._routes()
+        from ._openai.routes import add_routes
+
+        add_routes(self)
+
+    def resource(self) -> IResource:
+        return self.app.resource()
+
+    # -- shared request handling -----------------------------------------
+
+    def request_id(self, prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+    def authorize(self, request: IRequest) -> None:
+        key = self.config.api_key
+        if not key:
+            return
+        bearer = request.getHeader(b"authorization") or ""
+        given = bearer[7:] if bearer.lower().startswith("bearer ") else request.getHeader(b"x-api-key")
+        if given != key:
+            raise unauthorized()
+
+    def cors(self, request: IRequest) -> None:
+        origins = self.config.cors_origins
+        if not origins:
+            return
+        origin = request.getHeader(b"origin")
+        if "*" in origins:
+            request.setHeader(b"access-control-allow-origin", b"*")
+        elif origin in origins:
+            request.setHeader(b"access-control-allow-origin", origin.encode())
+            request.setHeader(b"vary", b"Origin")
+
+    def read_json(self, request: IRequest) -> dict[str, Any]:
+        """The request body as a JSON object, or a 400/413 that says why not."""
+        content = request.content
+        body = content.read(self.config.max_body_bytes + 1) if content is not None else b""
+        if len(body) > self.config.max_body_bytes:
+            raise APIError(413, f"request body larger than {self.config.max_body_bytes} bytes")
+        if not body.strip():
+            raise invalid("the request body is empty; expected a JSON object")
+        try:
+            payload = json.loads(body)
+        except ValueError as e:
+            raise invalid(f"the request body is not valid JSON: {e}") from e
+        if not isinstance(payload, dict):
+            raise invalid("the request body must be a JSON object")
+        return payload
+
+    def _routes(self) -> None:
+        app = self.app
+
+        @app.route("/health", methods=["GET"])
+        def health(request: IRequest) -> bytes:
+            w = self.worker
+            status = "ok" if w.ready else ("error" if w.load_error else "loading")
+            payload = {
+                "status": status,
+                "model": self.engine.model_id,
+                "queue_depth": w.queue_depth,
+                "busy": w.busy,
+            }
+            if not w.ready:
+                request.setHeader(b"retry-after", b"5")
+            return _json(request, payload, 200 if w.ready else 503)
+
+        @app.route("/metrics", methods=["GET"])
+        def metrics(request: IRequest) -> bytes:
+            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+            return self.metrics.render()
+
+        @app.route("/v1/<path:rest>", methods=["OPTIONS"])
+        def preflight(request: IRequest, rest: str) -> bytes:
+            self.cors(request)
+            request.setHeader(b"access-control-allow-methods", b"GET, POST, OPTIONS")
+            request.setHeader(
+                b"access-control-allow-headers",
+                b"authorization, content-type, x-api-key, anthropic-version, openai-organization",
+            )
+            request.setHeader(b"access-control-max-age", b"600")
+            request.setResponseCode(204)
+            return b""
+
+
+def _log_job(job: Job, outcome: Finish | Failure) -> None:
+    """The one log line per generation job: outcome, tokens, timings."""
+    if isinstance(outcome, Finish):
+        u, t = outcome.usage, outcome.timings
+        rate = u.completion_tokens / t.decode if t.decode > 0 else 0.0
+        log.info(
+            "{label} done: finish={reason} prompt={prompt} cached={cached} "
+            "completion={completion} queued={queued:.3f}s prefill={prefill:.3f}s "
+            "decode={decode:.3f}s ({rate:.1f} tok/s)",
+            label=job.label,
+            reason=outcome.reason,
+            prompt=u.prompt_tokens,
+            cached=u.cached_tokens,
+            completion=u.completion_tokens,
+            queued=t.queued,
+            prefill=t.prefill,
+            decode=t.decode,
+            rate=rate,
+        )
+    elif outcome.check(JobCancelled):
+        latency = job.cancel_latency
+        log.info(
+            "{label} cancelled at {stage} ({reason}); stopped {latency} after the cancel, "
+            "{age:.3f}s after submission",
+            label=job.label,
+            stage=outcome.value.stage.value,
+            reason=outcome.value.reason,
+            latency="-" if latency is None else f"{latency * 1000:.2f}ms",
+            age=time.monotonic() - job.submitted_at,
+        )
+    else:
+        log.failure("{label} error", outcome, label=job.label)

@@ -1,0 +1,131 @@
+"""
+A scripted L{Engine}: replies and prefill batches under the caller's
+control, no model needed. Public as L{ds4tw.testing.ScriptedEngine}.
+
+Tokenization is one token per character, so prompt lengths are easy to
+reason about in tests; the chat template is ChatML.
+
+Every unit of work the engine "computes" is appended to L{computed}, so a
+test can assert exactly how much work ran before a cancel took effect.
+
+Covered by tests/unit/test_scripted.py and used by most unit tests.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._engine import ChatPrompt, EngineEvent, FinishReason, PrefillProgress, SamplingParams, Token
+
+
+@dataclass(frozen=True)
+class Reply:
+    """
+    One scripted answer: the raw byte pieces to emit, one per token, and
+    whether it ends with an end-of-generation token (C{"stop"}) or simply
+    runs out (then the engine pads with C{filler} up to max_tokens).
+    """
+
+    pieces: tuple[bytes, ...]
+    eos: bool = True
+    filler: bytes = b" x"
+
+    @classmethod
+    def of(cls, *pieces: str | bytes, eos: bool = True) -> Reply:
+        return cls(tuple(p.encode() if isinstance(p, str) else p for p in pieces), eos)
+
+    @classmethod
+    def words(cls, text: str, eos: bool = True) -> Reply:
+        """Split C{text} into word-sized pieces, keeping the spaces."""
+        parts: list[str] = []
+        for i, word in enumerate(text.split(" ")):
+            parts.append(word if i == 0 else " " + word)
+        return cls.of(*[p for p in parts if p], eos=eos)
+
+
+class ScriptedEngine:
+    """
+    An L{Engine} that plays back L{Reply}s in order (the last one repeats).
+
+    @param prefill_batch: prompt tokens per prefill step.
+    """
+
+    def __init__(
+        self,
+        replies: Iterable[Reply | str] = ("Hello from the scripted engine.",),
+        *,
+        n_ctx: int = 4096,
+        prefill_batch: int = 64,
+        model_id: str = "scripted",
+    ) -> None:
+        self.model_id = model_id
+        self._n_ctx = n_ctx
+        self.prefill_batch = prefill_batch
+        self._replies: deque[Reply] = deque(
+            r if isinstance(r, Reply) else Reply.words(r) for r in replies
+        )
+        self.loaded = False
+        self.closed = False
+        #: Work done, in order: ("prefill", tokens_done), ("token", index),
+        #: ("closed", None) when a generation is abandoned mid-way.
+        self.computed: list[tuple[str, int | None]] = []
+        #: Prompts and params of every generate() call.
+        self.calls: list[tuple[list[int], SamplingParams]] = []
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def add_reply(self, reply: Reply | str) -> None:
+        self._replies.append(reply if isinstance(reply, Reply) else Reply.words(reply))
+
+    def load(self) -> None:
+        self.loaded = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], **template_kwargs: Any
+    ) -> ChatPrompt:
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return ChatPrompt(text + "<|im_start|>assistant\n", ("<|im_end|>",))
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return ([1] if add_bos else []) + [ord(c) for c in text]
+
+    def _next_reply(self) -> Reply:
+        if len(self._replies) > 1:
+            return self._replies.popleft()
+        return self._replies[0]
+
+    def generate(
+        self, prompt: Sequence[int], params: SamplingParams
+    ) -> Generator[EngineEvent, None, FinishReason]:
+        self.calls.append((list(prompt), params))
+        reply = self._next_reply()
+        total = len(prompt)
+        finished = False
+        try:
+            for done in range(0, total, self.prefill_batch):
+                n = min(done + self.prefill_batch, total)
+                self.computed.append(("prefill", n))
+                yield PrefillProgress(n, total, 0)
+            for i in range(params.max_tokens):
+                if i < len(reply.pieces):
+                    piece = reply.pieces[i]
+                elif reply.eos and not params.ignore_eos:
+                    finished = True
+                    return "stop"
+                else:
+                    piece = reply.filler
+                self.computed.append(("token", i))
+                yield Token(1000 + i, piece)
+            finished = True
+            return "length"
+        finally:
+            if not finished:
+                self.computed.append(("closed", None))

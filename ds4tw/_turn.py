@@ -1,0 +1,215 @@
+"""
+The request lifecycle, shared by every API dialect:
+
+  1. prompt: chat template and tokenization off the reactor thread, then
+     the context check (400 before anything is queued);
+  2. admission: the bounded queue (503 + Retry-After when full);
+  3. streaming: headers at once, keepalive running, the dialect's
+     renderer turning job events into frames; or collecting: the whole
+     text for one JSON body;
+  4. the client going away at any point cancels the job (the cancel path
+     itself is in L{ds4tw._worker}).
+
+A dialect supplies only a L{StreamRenderer} and its request/response
+shapes.
+
+Covered by tests/unit/test_keepalive.py, tests/unit/test_cancel.py and
+tests/unit/test_openai_routes.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+
+from ._engine import SamplingParams
+from ._errors import APIError, busy, invalid, not_ready
+from ._sse import SSEStream
+from ._worker import Finish, Job, JobCancelled, NotReady, QueueFull, Stage
+
+if TYPE_CHECKING:
+    from ._app import Server
+
+
+@dataclass(frozen=True)
+class Prompt:
+    tokens: list[int]
+    #: Stop strings implied by the chat template (e.g. its end-of-turn text).
+    stops: tuple[str, ...] = ()
+
+
+def context_exceeded(prompt_tokens: int, n_ctx: int) -> APIError:
+    return invalid(
+        f"This model's maximum context length is {n_ctx} tokens, but the prompt is "
+        f"{prompt_tokens} tokens long (at least one token must be left to generate).",
+        param="messages",
+        code="context_length_exceeded",
+    )
+
+
+async def chat_prompt(
+    server: Server, messages: Sequence[dict[str, Any]], **template_kwargs: Any
+) -> Prompt:
+    engine = server.engine
+
+    def render() -> Prompt:
+        try:
+            chat = engine.apply_chat_template(messages, **template_kwargs)
+        except Exception as e:  # jinja's raise_exception and friends
+            raise invalid(f"the chat template rejected these messages: {e}", "messages") from e
+        # The template already carries BOS where the model wants one.
+        return Prompt(engine.tokenize(chat.text, add_bos=False), chat.stop)
+
+    prompt: Prompt = await _offload(server, render)
+    return checked(server, prompt)
+
+
+async def text_prompt(server: Server, prompt: str | list[int]) -> Prompt:
+    if isinstance(prompt, list):
+        return checked(server, Prompt(prompt))
+    tokens: list[int] = await _offload(server, server.engine.tokenize, prompt)
+    return checked(server, Prompt(tokens))
+
+
+def checked(server: Server, prompt: Prompt) -> Prompt:
+    if not prompt.tokens:
+        raise invalid("the prompt is empty", "prompt")
+    if len(prompt.tokens) >= server.engine.n_ctx:
+        raise context_exceeded(len(prompt.tokens), server.engine.n_ctx)
+    return prompt
+
+
+async def _offload(server: Server, f: Callable[..., Any], *args: Any) -> Any:
+    if not server.worker.ready:
+        _raise_admission(NotReady())
+    return await server.worker.threads.offload(f, *args)
+
+
+def max_tokens_for(server: Server, prompt: Prompt, requested: int | None) -> int:
+    """What is left of the context, capped by what the client asked for."""
+    room = server.engine.n_ctx - len(prompt.tokens)
+    return room if requested is None else min(requested, room)
+
+
+def _raise_admission(e: Exception) -> None:
+    if isinstance(e, QueueFull):
+        raise busy(str(e)) from e
+    if isinstance(e, NotReady):
+        raise not_ready(f"{e}; retry shortly") from e
+    raise e
+
+
+class StreamRenderer(Protocol):
+    """A dialect's frames for one streamed job."""
+
+    def opening(self) -> list[bytes]:
+        """Frames to send right after the headers (may be empty)."""
+
+    def stage(self, stage: Stage) -> list[bytes]: ...
+
+    def text(self, text: str) -> list[bytes]: ...
+
+    def finish(self, finish: Finish) -> list[bytes]: ...
+
+    def error(self, error: APIError) -> list[bytes]: ...
+
+
+def new_job(server: Server, prompt: Prompt, params: SamplingParams, label: str) -> Job:
+    return Job(prompt.tokens, params, label=label)
+
+
+def admit(server: Server, job: Job) -> None:
+    """Queue C{job} or raise the dialect-neutral L{APIError} for why not."""
+    try:
+        server.worker.submit(job)
+    except (QueueFull, NotReady) as e:
+        _raise_admission(e)
+
+
+def stream(
+    server: Server,
+    request: IRequest,
+    job: Job,
+    renderer: StreamRenderer,
+    keepalive_frame: Callable[[str], bytes] | None = None,
+) -> Deferred[None]:
+    """
+    Admit C{job} and stream it. Raises L{APIError} (nothing sent yet) if
+    it cannot be admitted; otherwise returns a Deferred that fires when
+    the response is complete, or is cancelled by Klein on disconnect.
+    """
+    done: Deferred[None] = Deferred(lambda _: job.cancel("client disconnected"))
+    sse = SSEStream(
+        request,
+        server.clock,
+        server.config.keepalive,
+        stage=lambda: (job.stage if job.stage is not Stage.DONE else Stage.DECODE).value,
+        on_lost=lambda: job.cancel("client disconnected"),
+        keepalive_frame=keepalive_frame,
+        on_keepalive=server.metrics.keepalive_sent,
+    )
+
+    def send(frames: list[bytes]) -> None:
+        for f in frames:
+            sse.write(f)
+
+    class Listener:
+        def stage_changed(self, stage: Stage) -> None:
+            send(renderer.stage(stage))
+
+        def text(self, text: str) -> None:
+            send(renderer.text(text))
+
+    job.listener = Listener()
+    admit(server, job)
+    sse.start()
+    send(renderer.opening())
+
+    def finished(finish: Finish) -> None:
+        send(renderer.finish(finish))
+        sse.close()
+        done.callback(None)
+
+    def failed(f: Failure) -> None:
+        if not f.check(JobCancelled):
+            # The headers are out: the error becomes the dialect's error
+            # event, never a stream that merely stops and looks complete.
+            send(renderer.error(engine_failure(f)))
+        sse.close()
+        done.callback(None)
+
+    job.deferred.addCallbacks(finished, failed)
+    return done
+
+
+def engine_failure(f: Failure) -> APIError:
+    if isinstance(f.value, APIError):
+        return f.value
+    return APIError(500, f"generation failed: {f.getErrorMessage()}", "server_error", code="engine_error")
+
+
+async def collect(server: Server, job: Job) -> tuple[str, Finish]:
+    """Admit C{job} and wait for all of its text (non-streaming)."""
+    parts: list[str] = []
+
+    class Listener:
+        def stage_changed(self, stage: Stage) -> None:
+            pass
+
+        def text(self, text: str) -> None:
+            parts.append(text)
+
+    job.listener = Listener()
+    admit(server, job)
+    try:
+        finish = await job.deferred
+    except JobCancelled:
+        raise
+    except Exception as e:
+        raise engine_failure(Failure(e)) from e
+    return "".join(parts), finish

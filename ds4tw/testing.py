@@ -1,0 +1,236 @@
+"""
+Test doubles for ds4tw and for applications that embed it (as
+C{treq.testing} is for treq): a scripted engine, a worker thread that a
+test advances one engine step at a time, and an in-memory HTTP exchange
+with a controllable clock.
+
+    engine = ScriptedEngine(["Hello there."])
+    threads = SteppedThreads()
+    clock = Clock()
+    server = Server(engine, ServerConfig(keepalive=15), clock=clock, threads=threads)
+    server.startService()
+    http = HTTPHarness(server.resource(), clock)
+    exchange = http.post("/v1/chat/completions", {...})
+    clock.advance(15)          # a ": queued" / ": prefill" / ": decode" frame
+    threads.step()             # one engine step (a prefill batch or a token)
+    exchange.disconnect()      # connectionLost: the job is cancelled
+
+Nothing here sleeps or opens a socket.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource
+from twisted.web.server import Site
+
+from ._scripted import Reply, ScriptedEngine
+
+__all__ = ["Exchange", "HTTPHarness", "Reply", "ScriptedEngine", "SteppedThreads"]
+
+_T = TypeVar("_T")
+
+
+class SteppedThreads:
+    """
+    A L{ds4tw._worker.WorkerThreads} with no threads: model-thread work
+    runs only when the test calls L{step}, one engine event per step, and
+    "from the model thread to the reactor" calls happen inline.
+    """
+
+    def __init__(self) -> None:
+        self._current: tuple[Iterator[None], Deferred[None]] | None = None
+        self.steps_taken = 0
+        self.stopped = False
+
+    def start(self) -> None:
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def call(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        try:
+            return succeed(f(*args))
+        except BaseException:
+            return fail(Failure())
+
+    offload = call
+
+    def run(self, steps: Iterator[None]) -> Deferred[None]:
+        assert self._current is None, "the model thread runs one job at a time"
+        d: Deferred[None] = Deferred()
+        self._current = (steps, d)
+        return d
+
+    def to_reactor(self, f: Callable[..., object], *args: Any) -> None:
+        f(*args)
+
+    @property
+    def busy(self) -> bool:
+        """A job is on the model thread."""
+        return self._current is not None
+
+    def step(self, n: int = 1) -> None:
+        """Let the model thread take C{n} engine steps (across jobs)."""
+        for _ in range(n):
+            if self._current is None:
+                return
+            steps, d = self._current
+            try:
+                next(steps)
+                self.steps_taken += 1
+            except StopIteration:
+                self._current = None
+                d.callback(None)
+            except BaseException:
+                self._current = None
+                d.errback(Failure())
+
+    def run_until_idle(self, limit: int = 100_000) -> None:
+        """Step until no job is on the model thread (including queued ones it picks up)."""
+        for _ in range(limit):
+            if self._current is None:
+                return
+            self.step()
+        raise AssertionError(f"still busy after {limit} steps")
+
+
+class Exchange:
+    """One HTTP request on its own in-memory connection."""
+
+    def __init__(self, site: Site, raw: bytes) -> None:
+        self.transport = StringTransport()
+        self.channel = site.buildProtocol(None)
+        self.channel.makeConnection(self.transport)
+        self.channel.dataReceived(raw)
+        self.lost = False
+
+    @property
+    def raw(self) -> bytes:
+        """Everything written so far, as on the wire."""
+        return bytes(self.transport.value())
+
+    def _split(self) -> tuple[bytes, bytes]:
+        raw = self.raw
+        head, sep, body = raw.partition(b"\r\n\r\n")
+        return (head, body) if sep else (raw, b"")
+
+    @property
+    def headers_sent(self) -> bool:
+        return b"\r\n\r\n" in self.raw
+
+    @property
+    def status(self) -> int:
+        head = self._split()[0]
+        return int(head.split(b" ", 2)[1]) if head else 0
+
+    def header(self, name: str) -> str | None:
+        for line in self._split()[0].split(b"\r\n")[1:]:
+            k, _, v = line.partition(b":")
+            if k.strip().lower() == name.lower().encode():
+                return v.strip().decode()
+        return None
+
+    @property
+    def body(self) -> bytes:
+        """The body so far, with chunked framing removed."""
+        head, data = self._split()
+        if b"transfer-encoding: chunked" not in head.lower():
+            return data
+        out = b""
+        while data:
+            size_line, sep, rest = data.partition(b"\r\n")
+            if not sep:
+                break
+            size = int(size_line, 16)
+            if size == 0 or len(rest) < size:
+                break
+            out += rest[:size]
+            data = rest[size + 2 :]
+        return out
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def finished(self) -> bool:
+        """The response is complete (last chunk or full body written)."""
+        head, data = self._split()
+        if b"transfer-encoding: chunked" in head.lower():
+            return data.endswith(b"0\r\n\r\n")
+        length = self.header("content-length")
+        return length is not None and len(data) >= int(length)
+
+    def events(self) -> list[tuple[str | None, str]]:
+        """The SSE frames so far: (event name or None, data); comments as ("comment", text)."""
+        frames = []
+        for block in self.body.decode().split("\n\n"):
+            if not block:
+                continue
+            event, data = None, []
+            for line in block.split("\n"):
+                if line.startswith(":"):
+                    frames.append(("comment", line[1:].strip()))
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+            if data:
+                frames.append((event, "\n".join(data)))
+        return frames
+
+    def comments(self) -> list[str]:
+        return [d for e, d in self.events() if e == "comment"]
+
+    def data(self) -> list[Any]:
+        """Decoded JSON of each data frame (C{[DONE]} as the string)."""
+        out = []
+        for e, d in self.events():
+            if e == "comment":
+                continue
+            out.append(d if d == "[DONE]" else json.loads(d))
+        return out
+
+    def disconnect(self) -> None:
+        """The client goes away (connectionLost)."""
+        self.lost = True
+        self.transport.loseConnection()
+        self.channel.connectionLost(Failure(ConnectionDone("client went away")))
+
+
+class HTTPHarness:
+    """Drives a resource through twisted.web's real HTTP parser, in memory."""
+
+    def __init__(self, resource: IResource, clock: Clock | None = None) -> None:
+        self.clock = clock or Clock()
+        self.site = Site(resource, reactor=self.clock)
+        self.site.timeOut = None  # type: ignore[assignment]
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+    ) -> Exchange:
+        lines = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        raw = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        return Exchange(self.site, raw)
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> Exchange:
+        return self.request("GET", path, headers=headers)
+
+    def post(self, path: str, payload: Any, headers: dict[str, str] | None = None) -> Exchange:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        h = {"Content-Type": "application/json", **(headers or {})}
+        return self.request("POST", path, body, h)
