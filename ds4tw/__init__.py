@@ -1,0 +1,39 @@
+"""
+ds4tw: a Twisted + Klein server for local GGUF models over the OpenAI
+API. No silent streams; no wasted compute.
+
+The public API is what this module exports; everything else is private
+and may change. Test doubles are in L{ds4tw.testing}.
+
+    from ds4tw import LlamaEngine, Server
+    server = Server(LlamaEngine("model.gguf"))
+    server.setServiceParent(application)      # or server.startService()
+    resource = server.resource()               # mount anywhere
+"""
+
+from ._app import Server, ServerConfig
+from ._engine import ChatPrompt, Engine, PrefillProgress, SamplingParams, Token
+from ._llama import LlamaEngine, demo_model_path
+from ._tap import Options, makeService
+from ._version import __version__
+from ._worker import Finish, Job, JobCancelled, Stage, Usage
+
+__all__ = [
+    "ChatPrompt",
+    "Engine",
+    "Finish",
+    "Job",
+    "JobCancelled",
+    "LlamaEngine",
+    "Options",
+    "PrefillProgress",
+    "SamplingParams",
+    "Server",
+    "ServerConfig",
+    "Stage",
+    "Token",
+    "Usage",
+    "__version__",
+    "demo_model_path",
+    "makeService",
+]

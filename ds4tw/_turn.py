@@ -170,18 +170,21 @@ def stream(
     sse.start()
     send(renderer.opening())
 
+    def end() -> None:
+        sse.close()
+        if not done.called:  # Klein may have cancelled it on disconnect
+            done.callback(None)
+
     def finished(finish: Finish) -> None:
         send(renderer.finish(finish))
-        sse.close()
-        done.callback(None)
+        end()
 
     def failed(f: Failure) -> None:
         if not f.check(JobCancelled):
             # The headers are out: the error becomes the dialect's error
             # event, never a stream that merely stops and looks complete.
             send(renderer.error(engine_failure(f)))
-        sse.close()
-        done.callback(None)
+        end()
 
     job.deferred.addCallbacks(finished, failed)
     return done

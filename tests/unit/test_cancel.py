@@ -1,0 +1,151 @@
+"""
+The cancel promise: a client that goes away stops its work at once, at
+every stage, streaming or not, and the model moves on to the next job.
+
+The scripted engine records every unit of work it does (engine.computed),
+so these tests assert exactly how much ran after the disconnect: none.
+
+Caveat: SteppedThreads makes "at once" mean "at the next engine step";
+the real-model test in tests/integration measures it on a real thread.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ds4tw import JobCancelled, SamplingParams, Stage
+from ds4tw._worker import Job, QueueFull
+
+from .conftest import make_rig
+
+
+def metric(rig, line: str) -> bool:  # type: ignore[no-untyped-def]
+    return line in rig.http.get("/metrics").body.decode()
+
+
+def test_disconnect_while_queued_removes_the_job_untouched() -> None:
+    rig = make_rig(["one two three", "second", "third"])
+    first = rig.stream()
+    rig.threads.step()
+    queued = rig.stream("queued prompt")
+    third = rig.stream("third prompt")
+    assert rig.server.worker.queue_depth == 2
+    queued.disconnect()
+    assert rig.server.worker.queue_depth == 1
+    rig.threads.run_until_idle()
+    # The engine never saw the cancelled prompt: two generate() calls,
+    # for the first and the third request.
+    prompts = ["".join(chr(t) for t in p[1:] if t > 1) for p, _ in rig.engine.calls]
+    assert len(prompts) == 2
+    assert "queued prompt" not in prompts[1] and "third prompt" in prompts[1]
+    assert first.finished and third.finished
+    assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="queued"} 1.0')
+
+
+def test_disconnect_during_prefill_stops_at_the_next_batch() -> None:
+    rig = make_rig(["never sent", "next"], prefill_batch=8)
+    ex = rig.stream("a prompt that needs many prefill batches to get through")
+    rig.threads.step(2)  # two prefill batches
+    assert rig.engine.computed == [("prefill", 8), ("prefill", 16)]
+    ex.disconnect()
+    rig.threads.step()  # the model thread's next check sees the flag
+    assert rig.engine.computed == [("prefill", 8), ("prefill", 16), ("closed", None)]
+    assert not rig.threads.busy
+    assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="prefill"} 1.0')
+    # The worker is free: the next request runs to completion.
+    nxt = rig.stream()
+    rig.threads.run_until_idle()
+    assert nxt.finished and nxt.data()[-1] == "[DONE]"
+
+
+def test_disconnect_during_decode_stops_before_the_next_token() -> None:
+    rig = make_rig(["a b c d e f g h i j"])
+    ex = rig.stream()
+    rig.threads.step(4)  # prefill + 3 tokens
+    ex.disconnect()
+    rig.threads.step()
+    tokens = [i for kind, i in rig.engine.computed if kind == "token"]
+    assert tokens == [0, 1, 2]
+    assert rig.engine.computed[-1] == ("closed", None)
+    assert not rig.threads.busy
+    assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="decode"} 1.0')
+
+
+def test_disconnect_of_a_non_streaming_request_cancels_it() -> None:
+    rig = make_rig(["a b c d e f g h i j", "next"])
+    ex = rig.chat()
+    rig.threads.step(3)
+    assert not ex.headers_sent
+    ex.disconnect()
+    rig.threads.step()
+    assert [k for k, _ in rig.engine.computed] == ["prefill", "token", "token", "closed"]
+    assert not rig.threads.busy
+    nxt = rig.chat()
+    rig.threads.run_until_idle()
+    assert nxt.json()["choices"][0]["message"]["content"] == "next"
+
+
+def test_disconnect_of_a_queued_non_streaming_request() -> None:
+    rig = make_rig(["a b c", "never", "third"])
+    rig.chat()
+    rig.threads.step()
+    queued = rig.chat()
+    assert rig.server.worker.queue_depth == 1
+    queued.disconnect()
+    assert rig.server.worker.queue_depth == 0
+    rig.threads.run_until_idle()
+    assert len(rig.engine.calls) == 1
+
+
+def test_next_job_starts_as_soon_as_the_cancelled_one_stops() -> None:
+    rig = make_rig(["a b c d e f", "second reply"])
+    first = rig.stream()
+    second = rig.stream()
+    rig.threads.step(3)
+    first.disconnect()
+    rig.threads.step()  # first stops
+    assert rig.threads.busy  # ...and second is already on the model thread
+    rig.threads.run_until_idle()
+    text = "".join(
+        c["choices"][0]["delta"].get("content", "") for c in second.data() if c != "[DONE]"
+    )
+    assert text == "second reply"
+
+
+def test_cancel_is_idempotent_and_late_cancel_is_harmless() -> None:
+    rig = make_rig(["ok"])
+    ex = rig.stream()
+    rig.threads.run_until_idle()
+    assert ex.finished
+    ex.disconnect()  # after the end: nothing to cancel
+    assert metric(rig, 'ds4tw_jobs_total{outcome="done"} 1.0')
+    assert not metric(rig, 'ds4tw_jobs_total{outcome="cancelled"}')
+
+
+def test_queue_is_bounded() -> None:
+    rig = make_rig(max_queue=1)
+    rig.stream()
+    rig.threads.step()
+    rig.stream()
+    full = rig.stream()
+    assert full.status == 503
+    assert full.header("retry-after") == "1"
+    assert full.json()["error"]["code"] == "server_busy"
+    with pytest.raises(QueueFull):
+        rig.server.worker.submit(Job([1, 2], SamplingParams()))
+
+
+def test_shutdown_cancels_everything_and_stops_the_thread() -> None:
+    rig = make_rig(["a b c d e f"])
+    running = Job([1, 2, 3], SamplingParams())
+    queued = Job([1, 2, 3], SamplingParams())
+    rig.server.worker.submit(running)
+    rig.server.worker.submit(queued)
+    rig.threads.step(2)
+    failures: list[JobCancelled] = []
+    queued.deferred.addErrback(lambda f: failures.append(f.value))
+    running.deferred.addErrback(lambda f: failures.append(f.value))
+    stopped = rig.server.stopService()
+    rig.threads.step()
+    assert [f.stage for f in failures] == [Stage.QUEUED, Stage.DECODE]
+    assert stopped.called and rig.threads.stopped and rig.engine.closed

@@ -1,0 +1,293 @@
+"""
+The OpenAI dialect on the scripted engine: wire shapes, sampling
+parameters reaching the engine, stop sequences and partial UTF-8 held
+back, and every invalid request answered with a 400 in OpenAI's shape
+before anything is queued.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ds4tw.testing import Reply
+
+from .conftest import make_rig
+
+
+def content(chunks: list[Any]) -> str:
+    return "".join(
+        c["choices"][0]["delta"].get("content") or ""
+        for c in chunks
+        if c != "[DONE]" and c["choices"]
+    )
+
+
+def test_chat_stream_shape() -> None:
+    rig = make_rig(["Hello there friend."])
+    ex = rig.stream(stream_options={"include_usage": True})
+    rig.threads.run_until_idle()
+    chunks = ex.data()
+    assert chunks[-1] == "[DONE]"
+    first, *middle, finish, usage, _ = chunks
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["delta"]["content"] for c in middle] == ["Hello", " there", " friend."]
+    assert finish["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    assert usage["choices"] == []
+    assert usage["usage"]["completion_tokens"] == 3
+    assert usage["usage"]["prompt_tokens"] == len(rig.engine.calls[0][0])
+    assert len({c["id"] for c in chunks[:-1]}) == 1
+    assert ex.finished
+
+
+def test_chat_stream_without_include_usage_has_no_usage_chunk() -> None:
+    rig = make_rig(["Hi."])
+    ex = rig.stream()
+    rig.threads.run_until_idle()
+    assert all("usage" not in c for c in ex.data()[:-1])
+
+
+def test_chat_non_streaming_shape() -> None:
+    rig = make_rig(["Hello there."])
+    ex = rig.chat()
+    rig.threads.run_until_idle()
+    assert ex.status == 200
+    body = ex.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello there."}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 2
+
+
+def test_max_tokens_gives_length() -> None:
+    rig = make_rig(["a b c d e f"])
+    ex = rig.chat(max_tokens=2)
+    rig.threads.run_until_idle()
+    assert ex.json()["choices"][0] == {
+        "index": 0,
+        "message": {"role": "assistant", "content": "a b"},
+        "logprobs": None,
+        "finish_reason": "length",
+    }
+
+
+def test_max_completion_tokens_is_honoured() -> None:
+    rig = make_rig(["a b c d e f"])
+    ex = rig.chat(max_completion_tokens=3)
+    rig.threads.run_until_idle()
+    assert ex.json()["usage"]["completion_tokens"] == 3
+
+
+def test_ignore_eos_generates_exactly_max_tokens() -> None:
+    rig = make_rig(["short"])
+    ex = rig.chat(max_tokens=7, ignore_eos=True)
+    rig.threads.run_until_idle()
+    assert ex.json()["usage"]["completion_tokens"] == 7
+    assert ex.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_sampling_parameters_reach_the_engine() -> None:
+    rig = make_rig()
+    rig.chat(
+        max_tokens=9,
+        temperature=0.3,
+        top_p=0.5,
+        top_k=7,
+        min_p=0.1,
+        seed=42,
+        repeat_penalty=1.2,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        stop="zz",
+    )
+    rig.threads.run_until_idle()
+    params = rig.engine.calls[0][1]
+    assert (params.max_tokens, params.temperature, params.top_p, params.top_k) == (9, 0.3, 0.5, 7)
+    assert (params.min_p, params.seed, params.repeat_penalty) == (0.1, 42, 1.2)
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -0.5)
+    assert "zz" in params.stop and "<|im_end|>" in params.stop
+
+
+def test_default_max_tokens_is_the_rest_of_the_context() -> None:
+    rig = make_rig(n_ctx=200)
+    rig.chat()
+    rig.threads.run_until_idle()
+    prompt, params = rig.engine.calls[0]
+    assert params.max_tokens == 200 - len(prompt)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_stop_sequence_split_across_tokens_is_never_sent(stream: bool) -> None:
+    rig = make_rig([Reply.of("The answer", " is 4", "2. ST", "O", "P and more", "never computed")])
+    ex = rig.chat(stop=["STOP"], stream=stream)
+    rig.threads.run_until_idle()
+    if stream:
+        text = content(ex.data())
+        finish = ex.data()[-2]["choices"][0]["finish_reason"]
+    else:
+        text = ex.json()["choices"][0]["message"]["content"]
+        finish = ex.json()["choices"][0]["finish_reason"]
+    assert text == "The answer is 42. "
+    assert finish == "stop"
+    # Decoding stopped at the match: the piece after it was never computed.
+    assert [k for k, _ in rig.engine.computed].count("token") == 5
+
+
+def test_prefix_of_a_stop_sequence_is_released_when_it_does_not_match() -> None:
+    rig = make_rig([Reply.of("ST", "ART", " end")])
+    ex = rig.stream(stop=["STOP"])
+    rig.threads.step(2)
+    assert content(ex.data()) == ""  # "ST" is held back
+    rig.threads.step()
+    assert content(ex.data()) == "START"
+    rig.threads.run_until_idle()
+    assert content(ex.data()) == "START end"
+
+
+def test_partial_utf8_is_never_sent() -> None:
+    euro = "€".encode()
+    rig = make_rig([Reply((b"price: ", euro[:1], euro[1:2], euro[2:], b"5"))])
+    ex = rig.stream()
+    rig.threads.step(3)
+    assert content(ex.data()) == "price: "
+    rig.threads.step()
+    assert content(ex.data()) == "price: "
+    rig.threads.step()
+    assert content(ex.data()) == "price: €"
+    rig.threads.run_until_idle()
+    assert content(ex.data()) == "price: €5"
+
+
+def test_completions_stream_and_non_stream() -> None:
+    rig = make_rig(["Once upon", "a time"])
+    ex = rig.http.post("/v1/completions", {"prompt": "Tell me", "stream": True, "max_tokens": 5})
+    rig.threads.run_until_idle()
+    chunks = ex.data()
+    assert chunks[-1] == "[DONE]"
+    assert chunks[0]["object"] == "text_completion"
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == "Once upon"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    ex = rig.http.post("/v1/completions", {"prompt": ["Tell me"], "max_tokens": 1})
+    rig.threads.run_until_idle()
+    body = ex.json()
+    assert body["choices"][0]["text"] == "a"
+    assert body["choices"][0]["finish_reason"] == "length"
+    # Completions add BOS (the scripted engine's token 1); chat relies on the template.
+    assert rig.engine.calls[1][0][0] == 1
+
+
+def test_completions_default_max_tokens_is_16() -> None:
+    rig = make_rig()
+    rig.http.post("/v1/completions", {"prompt": "x"})
+    rig.threads.run_until_idle()
+    assert rig.engine.calls[0][1].max_tokens == 16
+
+
+def test_models() -> None:
+    rig = make_rig()
+    body = rig.http.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["scripted"]
+    assert rig.http.get("/v1/models/scripted").json()["id"] == "scripted"
+    missing = rig.http.get("/v1/models/nope")
+    assert missing.status == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+BAD_REQUESTS: list[tuple[bytes | dict[str, Any], str | None, str]] = [
+    (b"{not json", None, "not valid JSON"),
+    (b"", None, "empty"),
+    (b"[1, 2]", None, "must be a JSON object"),
+    ({"messages": []}, "messages", "at least 1"),
+    ({"messages": "hi"}, "messages", "valid list"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "Input should be"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}, "max_tokens", "integer"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature", "less than or equal to 2"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, None, "n=1"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 17}, "stop", "at most"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        "messages.0.content.0.type",
+        "image_url",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        None,
+        "tool calling",
+    ),
+]
+
+
+@pytest.mark.parametrize(("payload", "param", "fragment"), BAD_REQUESTS)
+def test_invalid_requests_get_openai_400s_and_queue_nothing(
+    payload: bytes | dict[str, Any], param: str | None, fragment: str
+) -> None:
+    rig = make_rig()
+    ex = rig.http.post("/v1/chat/completions", payload)
+    assert ex.status == 400
+    error = ex.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert fragment in error["message"]
+    assert error["param"] == param
+    assert rig.engine.calls == [] and not rig.threads.busy
+
+
+def test_context_overflow_is_a_400_with_both_sizes() -> None:
+    rig = make_rig(n_ctx=100)
+    ex = rig.stream("x" * 200)
+    assert ex.status == 400
+    error = ex.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "100 tokens" in error["message"]
+    assert str(len(rig.engine.tokenize("x" * 200))) in error["message"] or "prompt is" in error["message"]
+    assert rig.engine.calls == [] and rig.server.worker.queue_depth == 0
+
+
+def test_invalid_completion_requests() -> None:
+    rig = make_rig()
+    for payload, fragment in [
+        ({}, "prompt"),
+        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": ["a", "b"]}, "one prompt"),
+        ({"prompt": "x", "logprobs": 3}, "logprobs"),
+    ]:
+        ex = rig.http.post("/v1/completions", payload)
+        assert ex.status == 400, payload
+        assert fragment in ex.json()["error"]["message"], payload
+    assert rig.engine.calls == []
+
+
+def test_503_while_the_model_loads() -> None:
+    rig = make_rig()
+    rig.server.worker.ready = False
+    ex = rig.chat()
+    assert ex.status == 503
+    assert ex.header("retry-after") == "5"
+    assert ex.json()["error"]["code"] == "model_not_ready"
+    health = rig.http.get("/health")
+    assert health.status == 503 and health.json()["status"] == "loading"
+
+
+def test_engine_failure_mid_stream_is_an_error_event() -> None:
+    rig = make_rig(["a b c"])
+
+    def broken(prompt, params):  # type: ignore[no-untyped-def]
+        yield from ()
+        raise RuntimeError("the GPU caught fire")
+
+    rig.engine.generate = broken  # type: ignore[method-assign]
+    ex = rig.stream()
+    rig.threads.run_until_idle()
+    events = ex.events()
+    assert events[-1][0] == "error"
+    assert "the GPU caught fire" in events[-1][1]
+    assert "[DONE]" not in ex.body.decode()
+    assert ex.finished

@@ -1,0 +1,10 @@
+"""twistd plugin: C{twistd -n ds4tw --help}. (No __init__.py here, on purpose.)"""
+
+from twisted.application.service import ServiceMaker
+
+ds4tw = ServiceMaker(
+    "ds4tw",
+    "ds4tw._tap",
+    "Serve a GGUF model over the OpenAI API, with keepalives and instant cancel.",
+    "ds4tw",
+)
