@@ -12,6 +12,7 @@ Covered by tests/unit/test_app.py and tests/unit/test_embedding.py.
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 import uuid
@@ -49,6 +50,11 @@ class ServerConfig:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 16 * 1024 * 1024
+
+
+def _header(request: IRequest, name: bytes) -> str:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if isinstance(value, bytes) else (value or "")
 
 
 def _json(request: IRequest, payload: Any, status: int = 200) -> bytes:
@@ -108,16 +114,16 @@ class Server(MultiService):
         key = self.config.api_key
         if not key:
             return
-        bearer = request.getHeader(b"authorization") or ""
-        given = bearer[7:] if bearer.lower().startswith("bearer ") else request.getHeader(b"x-api-key")
-        if given != key:
+        bearer = _header(request, b"authorization")
+        given = bearer[7:] if bearer.lower().startswith("bearer ") else _header(request, b"x-api-key")
+        if not hmac.compare_digest(given.encode(), key.encode()):
             raise unauthorized()
 
     def cors(self, request: IRequest) -> None:
         origins = self.config.cors_origins
         if not origins:
             return
-        origin = request.getHeader(b"origin")
+        origin = _header(request, b"origin")
         if "*" in origins:
             request.setHeader(b"access-control-allow-origin", b"*")
         elif origin in origins:

