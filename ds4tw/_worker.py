@@ -185,19 +185,25 @@ class Job:
         if not self.cancelled:
             self.listener.text(text)
 
+    # The Deferred may already have fired: cancelling it (Klein does, on
+    # disconnect) errbacks it with CancelledError before the model thread
+    # has even seen the flag.
     def _succeed(self, finish: Finish) -> None:
         self._set_stage(Stage.DONE)
-        self.deferred.callback(finish)
+        if not self.deferred.called:
+            self.deferred.callback(finish)
 
     def _fail(self, failure: Failure) -> None:
         self._set_stage(Stage.DONE)
-        self.deferred.errback(failure)
+        if not self.deferred.called:
+            self.deferred.errback(failure)
 
     def _fail_cancelled(self, stage: Stage, reason: str) -> None:
         self._outcome.cancelled_at = stage
         # No stage_changed: a cancelled job has nobody left to tell.
         self.stage = Stage.DONE
-        self.deferred.errback(Failure(JobCancelled(stage, reason)))
+        if not self.deferred.called:
+            self.deferred.errback(Failure(JobCancelled(stage, reason)))
 
 
 class WorkerThreads(Protocol):
@@ -368,17 +374,20 @@ class Worker(Service):
     def _finished(self, result: object, job: Job) -> None:
         self._current = None
         self._current_done = None
-        if isinstance(result, Failure):
-            job._fail(result)
-        else:
-            outcome = job._outcome
-            if outcome.cancelled_at is not None:
-                job._fail_cancelled(outcome.cancelled_at, job.cancel_reason)
+        try:
+            if isinstance(result, Failure):
+                job._fail(result)
             else:
-                assert outcome.finish is not None
-                job._succeed(outcome.finish)
-        self._notify(job, result)
-        self._pump()
+                outcome = job._outcome
+                if outcome.cancelled_at is not None:
+                    job._fail_cancelled(outcome.cancelled_at, job.cancel_reason)
+                else:
+                    assert outcome.finish is not None
+                    job._succeed(outcome.finish)
+        finally:
+            # Whatever a consumer's callback did, the queue moves on.
+            self._notify(job, result)
+            self._pump()
 
     def _notify(self, job: Job, result: object) -> None:
         outcome: Finish | Failure

@@ -6,11 +6,14 @@ here is synchronous and deterministic.
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 
 from ds4tw import Server, ServerConfig
 from ds4tw.testing import HTTPHarness, Reply, ScriptedEngine, SteppedThreads
@@ -47,6 +50,30 @@ def make_rig(replies: Any = ("Hello there friend.",), **config: Any) -> Rig:
 @pytest.fixture
 def rig() -> Rig:
     return make_rig()
+
+
+@pytest.fixture(autouse=True)
+def no_logged_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    """
+    Fail any test during which something logged a failure, including an
+    unhandled error in a Deferred (flushed by the gc.collect()): a swallowed
+    AlreadyCalledError once stopped the queue without failing a test.
+    """
+    errors: list[Any] = []
+
+    def observe(event: Any) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    if request.node.get_closest_marker("logs_engine_errors"):
+        errors = [e for e in errors if e.get("log_namespace") != "ds4tw._app"]
+    assert not errors, [formatEvent(e) + str(e.get("log_failure", "")) for e in errors]
 
 
 __all__ = ["Reply", "Rig", "make_rig"]

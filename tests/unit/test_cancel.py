@@ -80,6 +80,7 @@ def test_disconnect_of_a_non_streaming_request_cancels_it() -> None:
     rig.threads.step()
     assert [k for k, _ in rig.engine.computed] == ["prefill", "token", "token", "closed"]
     assert not rig.threads.busy
+    assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="decode"} 1.0')
     nxt = rig.chat()
     rig.threads.run_until_idle()
     assert nxt.json()["choices"][0]["message"]["content"] == "next"

@@ -276,6 +276,7 @@ def test_503_while_the_model_loads() -> None:
     assert health.status == 503 and health.json()["status"] == "loading"
 
 
+@pytest.mark.logs_engine_errors
 def test_engine_failure_mid_stream_is_an_error_event() -> None:
     rig = make_rig(["a b c"])
 

@@ -1,0 +1,124 @@
+"""
+The two promises end to end on the demo model over a real socket:
+keepalive frames while queued and prefilling, and a disconnect that
+frees the worker at once. The server runs with --keepalive 1.
+
+Timing assertions here are relative (to rates measured in the same
+test) or generous bounds on the keepalive interval, never absolute speed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from .conftest import Twistd, sse_lines, unique_words
+
+URL = "/v1/chat/completions"
+
+
+def content_lines(lines: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    return [(t, line) for t, line in lines if '"content":"' in line and '"content":""' not in line]
+
+
+def test_disconnect_mid_decode_frees_the_worker(twistd: Twistd) -> None:
+    twistd.wait_idle()
+    cancelled_before = twistd.metric("ds4tw_cancelled_jobs_total", stage="decode")
+    long_job = {
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    # Read 30 content chunks, then hang up.
+    first = sse_lines(twistd.url + URL, long_job, stop_after=lambda ls: len(content_lines(ls)) >= 30)
+    got = content_lines(first)
+    rate = (len(got) - 1) / (got[-1][0] - got[0][0])  # tokens/s, measured here
+    remaining = (3000 - len(got)) / rate
+    t0 = time.monotonic()
+    second = sse_lines(
+        twistd.url + URL,
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True},
+    )
+    ttft = content_lines(second)[0][0] if content_lines(second) else time.monotonic() - t0
+    # The second request's first token came long before the first request
+    # could have finished its 3000 tokens: the worker was freed.
+    assert ttft < remaining / 4, (ttft, remaining)
+    twistd.wait_idle()
+    assert twistd.metric("ds4tw_cancelled_jobs_total", stage="decode") == cancelled_before + 1
+
+
+def test_disconnect_of_non_streaming_request_frees_the_worker(twistd: Twistd) -> None:
+    twistd.wait_idle()
+    before = twistd.metric("ds4tw_jobs_total", outcome="cancelled")
+    payload = {
+        "messages": [{"role": "user", "content": "Write an essay."}],
+        "max_tokens": 3000,
+        "ignore_eos": True,
+    }
+    try:
+        httpx.post(twistd.url + URL, json=payload, timeout=1.5)
+    except httpx.TimeoutException:
+        pass  # the client gave up and closed the connection
+    deadline = time.monotonic() + 10
+    while twistd.metric("ds4tw_jobs_total", outcome="cancelled") == before:
+        assert time.monotonic() < deadline, "the abandoned non-streaming job was not cancelled"
+        time.sleep(0.05)
+    twistd.wait_idle(timeout=5)
+
+
+def test_long_prompt_gets_prefill_frames_and_prefill_cancel(twistd: Twistd) -> None:
+    twistd.wait_idle()
+    prompt = unique_words(1500, seed=1)
+    lines = sse_lines(
+        twistd.url + URL,
+        {"messages": [{"role": "user", "content": prompt}], "max_tokens": 5, "stream": True},
+        stop_after=lambda ls: sum(1 for _, line in ls if line == ": prefill") >= 3,
+    )
+    assert [line for _, line in lines] == [": prefill"] * 3
+    gaps = [b - a for (a, _), (b, _) in zip([(0.0, "")] + lines, lines, strict=False)]
+    assert max(gaps) < 1.0 + 0.75, gaps  # K = 1 s, plus scheduling slack
+    twistd.wait_idle(timeout=10)
+    assert twistd.metric("ds4tw_cancelled_jobs_total", stage="prefill") >= 1
+
+
+def test_queued_request_gets_queued_frames_then_its_answer(twistd: Twistd) -> None:
+    twistd.wait_idle()
+    hang_up = threading.Event()
+    blocker = {
+        "messages": [{"role": "user", "content": "Talk for a long time."}],
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    t = threading.Thread(
+        target=sse_lines, args=(twistd.url + URL, blocker), kwargs={"stop_after": lambda _: hang_up.is_set()}
+    )
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not httpx.get(twistd.url + "/health").json()["busy"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+        def stop(lines: list[tuple[float, str]]) -> bool:
+            if sum(1 for _, line in lines if line == ": queued") >= 3:
+                hang_up.set()  # free the model; this request should now run
+            return lines[-1][1] == "data: [DONE]"
+
+        lines = sse_lines(
+            twistd.url + URL,
+            {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True},
+            stop_after=stop,
+        )
+    finally:
+        hang_up.set()
+        t.join(60)
+    kinds = [line for _, line in lines]
+    assert kinds[:3] == [": queued"] * 3
+    assert kinds[-1] == "data: [DONE]"
+    assert any('"content"' in k for k in kinds[3:])
+    gaps = [b - a for (a, _), (b, _) in zip(lines, lines[1:], strict=False)]
+    assert max(gaps) < 1.0 + 0.75, gaps
