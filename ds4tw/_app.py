@@ -115,7 +115,9 @@ class Server(MultiService):
         if not key:
             return
         bearer = _header(request, b"authorization")
-        given = bearer[7:] if bearer.lower().startswith("bearer ") else _header(request, b"x-api-key")
+        given = (
+            bearer[7:] if bearer.lower().startswith("bearer ") else _header(request, b"x-api-key")
+        )
         if not hmac.compare_digest(given.encode(), key.encode()):
             raise unauthorized()
 
@@ -200,7 +202,7 @@ def _log_job(job: Job, outcome: Finish | Failure) -> None:
             decode=t.decode,
             rate=rate,
         )
-    elif outcome.check(JobCancelled):
+    elif isinstance(outcome.value, JobCancelled):
         latency = job.cancel_latency
         log.info(
             "{label} cancelled at {stage} ({reason}); stopped {latency} after the cancel, "

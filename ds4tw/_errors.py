@@ -39,7 +39,9 @@ def from_validation(error: ValidationError) -> APIError:
 
 
 def not_ready(message: str) -> APIError:
-    return APIError(503, message, "server_error", code="model_not_ready", headers={"Retry-After": "5"})
+    return APIError(
+        503, message, "server_error", code="model_not_ready", headers={"Retry-After": "5"}
+    )
 
 
 def busy(message: str) -> APIError:
@@ -47,4 +49,6 @@ def busy(message: str) -> APIError:
 
 
 def unauthorized() -> APIError:
-    return APIError(401, "Invalid or missing API key.", "authentication_error", code="invalid_api_key")
+    return APIError(
+        401, "Invalid or missing API key.", "authentication_error", code="invalid_api_key"
+    )

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 log = Logger()
 
@@ -61,7 +61,7 @@ class SSEStream:
 
     def __init__(
         self,
-        request: IRequest,
+        request: Request,
         clock: IReactorTime,
         keepalive: float,
         stage: Callable[[], str],

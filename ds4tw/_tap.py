@@ -39,8 +39,20 @@ class Options(usage.Options):
         ["model-id", None, None, "Model name in /v1/models (default: the file name)."],
         ["ctx", "c", 4096, "Context size in tokens.", int],
         ["threads", "t", None, "CPU threads for the model (default: all cores).", int],
-        ["batch", "b", 256, "Prefill batch size in tokens (also the prefill cancel granularity).", int],
-        ["keepalive", "k", 15.0, "Seconds of stream silence before a keepalive frame (0: off).", _positive_float],
+        [
+            "batch",
+            "b",
+            256,
+            "Prefill batch size in tokens (also the prefill cancel granularity).",
+            int,
+        ],
+        [
+            "keepalive",
+            "k",
+            15.0,
+            "Seconds of stream silence before a keepalive frame (0: off).",
+            _positive_float,
+        ],
         ["max-queue", "q", 128, "Requests allowed to wait for the model; more get 503.", int],
         ["api-key", None, None, "Require this key (Bearer or x-api-key); also $DS4TW_API_KEY."],
         ["chat-template", None, None, "A Jinja chat template file overriding the model's."],
@@ -52,7 +64,7 @@ class Options(usage.Options):
         self["cors"] = []
 
     def opt_listen(self, port: str) -> None:
-        """A strports description to listen on (repeatable; default tcp:8000:interface=127.0.0.1)."""
+        """Where to listen, as a strports description (repeatable; default: {DEFAULT_LISTEN})."""
         self["listen"].append(port)
 
     def opt_cors(self, origin: str) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from ._engine import SamplingParams
 from ._errors import APIError, busy, invalid, not_ready
@@ -133,7 +133,7 @@ def admit(server: Server, job: Job) -> None:
 
 def stream(
     server: Server,
-    request: IRequest,
+    request: Request,
     job: Job,
     renderer: StreamRenderer,
     keepalive_frame: Callable[[str], bytes] | None = None,
@@ -193,7 +193,9 @@ def stream(
 def engine_failure(f: Failure) -> APIError:
     if isinstance(f.value, APIError):
         return f.value
-    return APIError(500, f"generation failed: {f.getErrorMessage()}", "server_error", code="engine_error")
+    return APIError(
+        500, f"generation failed: {f.getErrorMessage()}", "server_error", code="engine_error"
+    )
 
 
 async def collect(server: Server, job: Job) -> tuple[str, Finish]:

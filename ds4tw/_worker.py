@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
@@ -43,7 +43,7 @@ _T = TypeVar("_T")
 log = Logger()
 
 
-class Stage(str, Enum):
+class Stage(StrEnum):
     QUEUED = "queued"
     PREFILL = "prefill"
     DECODE = "decode"
@@ -342,7 +342,11 @@ class Worker(Service):
         that the caller can answer with an error before sending anything.
         """
         if not self.ready:
-            raise NotReady("the model is still loading" if self.load_error is None else "the model failed to load")
+            raise NotReady(
+                "the model is still loading"
+                if self.load_error is None
+                else "the model failed to load"
+            )
         if self._current is not None and len(self._queue) >= self.max_queue:
             raise QueueFull(len(self._queue))
         job._on_cancel = self._cancelled
@@ -396,7 +400,9 @@ class Worker(Service):
         elif job._outcome.finish is not None:
             outcome = job._outcome.finish
         else:
-            outcome = Failure(JobCancelled(job._outcome.cancelled_at or Stage.QUEUED, job.cancel_reason))
+            outcome = Failure(
+                JobCancelled(job._outcome.cancelled_at or Stage.QUEUED, job.cancel_reason)
+            )
         for observer in self.observers:
             observer(job, outcome)
 

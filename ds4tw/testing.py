@@ -172,7 +172,7 @@ class Exchange:
 
     def events(self) -> list[tuple[str | None, str]]:
         """The SSE frames so far: (event name or None, data); comments as ("comment", text)."""
-        frames = []
+        frames: list[tuple[str | None, str]] = []
         for block in self.body.decode().split("\n\n"):
             if not block:
                 continue
@@ -213,7 +213,7 @@ class HTTPHarness:
     def __init__(self, resource: IResource, clock: Clock | None = None) -> None:
         self.clock = clock or Clock()
         self.site = Site(resource, reactor=self.clock)
-        self.site.timeOut = None  # type: ignore[assignment]
+        self.site.timeOut = None
 
     def request(
         self,

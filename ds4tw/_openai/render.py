@@ -149,9 +149,7 @@ def completion(request_id: str, model: str, text: str, finish: Finish) -> dict[s
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish.reason}
-        ],
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish.reason}],
         "usage": usage_body(finish.usage),
     }
 

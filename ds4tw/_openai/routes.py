@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from .. import _turn
 from .._errors import APIError, from_validation
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 Handler = Callable[..., Awaitable[bytes | None]]
 
 
-def error_response(request: IRequest, error: APIError) -> bytes:
+def error_response(request: Request, error: APIError) -> bytes:
     request.setResponseCode(error.status)
     request.setHeader(b"content-type", b"application/json")
     for k, v in error.headers.items():
@@ -45,7 +45,7 @@ def add_routes(server: Server) -> None:
     def api(handler: Handler) -> Handler:
         """Auth, CORS and OpenAI-shaped errors around a handler."""
 
-        async def wrapped(request: IRequest, **kwargs: Any) -> bytes | None:
+        async def wrapped(request: Request, **kwargs: Any) -> bytes | None:
             server.cors(request)
             try:
                 server.authorize(request)
@@ -58,7 +58,7 @@ def add_routes(server: Server) -> None:
         wrapped.__name__ = handler.__name__
         return wrapped
 
-    def parse(request: IRequest, model: type[BaseModel]) -> Any:
+    def parse(request: Request, model: type[BaseModel]) -> Any:
         payload = server.read_json(request)
         try:
             return model.model_validate(payload)
@@ -67,14 +67,14 @@ def add_routes(server: Server) -> None:
 
     @app.route("/v1/models", methods=["GET"])
     @api
-    async def models(request: IRequest) -> bytes:
+    async def models(request: Request) -> bytes:
         card = render.model_card(server.engine.model_id, created, server.engine.n_ctx)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"object": "list", "data": [card]}).encode()
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
     @api
-    async def model(request: IRequest, model_id: str) -> bytes:
+    async def model(request: Request, model_id: str) -> bytes:
         if model_id != server.engine.model_id:
             raise APIError(404, f"The model '{model_id}' does not exist", code="model_not_found")
         card = render.model_card(model_id, created, server.engine.n_ctx)
@@ -83,12 +83,17 @@ def add_routes(server: Server) -> None:
 
     @app.route("/v1/chat/completions", methods=["POST"])
     @api
-    async def chat_completions(request: IRequest) -> bytes | None:
+    async def chat_completions(request: Request) -> bytes | None:
         req: ChatCompletionRequest = parse(request, ChatCompletionRequest)
         prompt = await _turn.chat_prompt(server, req.template_messages())
         max_tokens = _turn.max_tokens_for(server, prompt, req.requested_max_tokens())
         rid = server.request_id("chatcmpl")
-        job = _turn.new_job(server, prompt, req.sampling(max_tokens, prompt.stops), f"{rid} chat stream={req.stream}")
+        job = _turn.new_job(
+            server,
+            prompt,
+            req.sampling(max_tokens, prompt.stops),
+            f"{rid} chat stream={req.stream}",
+        )
         model_name = req.model or server.engine.model_id
         if req.stream:
             renderer = render.ChatStream(rid, model_name, req.include_usage())
@@ -100,12 +105,14 @@ def add_routes(server: Server) -> None:
 
     @app.route("/v1/completions", methods=["POST"])
     @api
-    async def completions(request: IRequest) -> bytes | None:
+    async def completions(request: Request) -> bytes | None:
         req: CompletionRequest = parse(request, CompletionRequest)
         prompt = await _turn.text_prompt(server, req.prompt_text_or_tokens())
         max_tokens = _turn.max_tokens_for(server, prompt, req.requested_max_tokens() or 16)
         rid = server.request_id("cmpl")
-        job = _turn.new_job(server, prompt, req.sampling(max_tokens), f"{rid} completion stream={req.stream}")
+        job = _turn.new_job(
+            server, prompt, req.sampling(max_tokens), f"{rid} completion stream={req.stream}"
+        )
         model_name = req.model or server.engine.model_id
         if req.stream:
             renderer = render.CompletionStream(rid, model_name, req.include_usage())

@@ -167,9 +167,9 @@ class CompletionRequest(_Sampling):
             raise ValueError("suffix: not supported by this server")
         if self.best_of not in (None, 1):
             raise ValueError("best_of: only 1 is supported")
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            if len(self.prompt) != 1:
-                raise ValueError("prompt: only one prompt per request is supported")
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], str) and len(p) != 1:
+            raise ValueError("prompt: only one prompt per request is supported")
         return self
 
     def prompt_text_or_tokens(self) -> str | list[int]:

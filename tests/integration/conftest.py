@@ -44,7 +44,9 @@ class Twistd:
         text = httpx.get(self.url + "/metrics").text
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
                     return float(sample.value)
         return 0.0
 
@@ -73,7 +75,9 @@ def start_twistd(tmp: Path, *args: str) -> Twistd:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"twistd exited with {proc.returncode}:\n{log.read_text() if log.exists() else ''}")
+            raise AssertionError(
+                f"twistd exited with {proc.returncode}:\n{log.read_text() if log.exists() else ''}"
+            )
         try:
             if httpx.get(server.url + "/health", timeout=1).status_code == 200:
                 return server
@@ -129,5 +133,17 @@ def unique_words(n: int, seed: int) -> str:
     import random
 
     rng = random.Random(seed + time.time_ns())
-    vocab = "river stone cloud amber forest lantern copper meadow signal harbor violet engine".split()
+    vocab = [
+        "river",
+        "stone",
+        "cloud",
+        "amber",
+        "forest",
+        "lantern",
+        "copper",
+        "meadow",
+        "signal",
+        "harbor",
+        "violet",
+    ]
     return " ".join(rng.choice(vocab) for _ in range(n))

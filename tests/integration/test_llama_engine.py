@@ -48,7 +48,7 @@ def test_prefill_reports_every_batch(engine: LlamaEngine) -> None:
     prompt = engine.tokenize("one two three four five six seven " * 30)
     reason, events, _ = run(engine, prompt, max_tokens=1, temperature=0)
     progress = [e for e in events if isinstance(e, PrefillProgress)]
-    assert [p.done for p in progress] == list(range(64, len(prompt), 64)) + [len(prompt)]
+    assert [p.done for p in progress] == [*range(64, len(prompt), 64), len(prompt)]
     assert reason == "length"
 
 
@@ -68,9 +68,12 @@ def test_prefix_reuse(engine: LlamaEngine) -> None:
     run(engine, prompt, max_tokens=4, temperature=0)
     held = [int(t) for t in engine._llm.input_ids[: engine._llm.n_tokens]]
     follow = engine.apply_chat_template(
-        [{"role": "user", "content": "Tell me about rivers."}, {"role": "assistant", "content": "ok"},
-         {"role": "user", "content": "And lakes?"}]
-    )  # fmt: skip
+        [
+            {"role": "user", "content": "Tell me about rivers."},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "And lakes?"},
+        ]
+    )
     prompt2 = engine.tokenize(follow.text, add_bos=False)
     _, events, _ = run(engine, prompt2, max_tokens=2, temperature=0)
     first = next(e for e in events if isinstance(e, PrefillProgress))

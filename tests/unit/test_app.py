@@ -49,7 +49,9 @@ def test_cors() -> None:
     assert ex.header("access-control-allow-origin") == "https://app.example"
     other = rig.http.get("/v1/models", headers={"Origin": "https://evil.example"})
     assert other.header("access-control-allow-origin") is None
-    pre = rig.http.request("OPTIONS", "/v1/chat/completions", headers={"Origin": "https://app.example"})
+    pre = rig.http.request(
+        "OPTIONS", "/v1/chat/completions", headers={"Origin": "https://app.example"}
+    )
     assert pre.status == 204
     assert "authorization" in (pre.header("access-control-allow-headers") or "")
 

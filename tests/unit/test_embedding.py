@@ -15,7 +15,12 @@ from ds4tw.testing import HTTPHarness, ScriptedEngine, SteppedThreads
 
 def test_stream_through_a_klein_branch_mount() -> None:
     clock, threads = Clock(), SteppedThreads()
-    llm = Server(ScriptedEngine(["mounted and streaming"]), ServerConfig(keepalive=5), clock=clock, threads=threads)
+    llm = Server(
+        ScriptedEngine(["mounted and streaming"]),
+        ServerConfig(keepalive=5),
+        clock=clock,
+        threads=threads,
+    )
     llm.startService()
     outer = Klein()
 

@@ -9,6 +9,8 @@ tests in tests/integration prove the frames arrive on a real socket.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from ds4tw.testing import Exchange, Reply
 
 from .conftest import Rig, make_rig
@@ -110,7 +112,7 @@ def test_never_two_comments_within_k() -> None:
     timeline = frames_over(rig, ex, 10 * K, dt=0.25)
     times = [t for t, f in timeline]
     assert len(times) == 10
-    assert all(b - a >= K for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a >= K for a, b in pairwise(times))
 
 
 def test_no_comment_after_finish() -> None:

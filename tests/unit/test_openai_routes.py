@@ -207,9 +207,21 @@ BAD_REQUESTS: list[tuple[bytes | dict[str, Any], str | None, str]] = [
     ({"messages": []}, "messages", "at least 1"),
     ({"messages": "hi"}, "messages", "valid list"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "Input should be"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}, "max_tokens", "integer"),
-    ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature", "less than or equal to 2"),
+    (
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+        "max_tokens",
+        "greater than or equal to 1",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"},
+        "max_tokens",
+        "integer",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "x"}], "temperature": 3},
+        "temperature",
+        "less than or equal to 2",
+    ),
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, None, "n=1"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 17}, "stop", "at most"),
     (
@@ -247,7 +259,10 @@ def test_context_overflow_is_a_400_with_both_sizes() -> None:
     error = ex.json()["error"]
     assert error["code"] == "context_length_exceeded"
     assert "100 tokens" in error["message"]
-    assert str(len(rig.engine.tokenize("x" * 200))) in error["message"] or "prompt is" in error["message"]
+    assert (
+        str(len(rig.engine.tokenize("x" * 200))) in error["message"]
+        or "prompt is" in error["message"]
+    )
     assert rig.engine.calls == [] and rig.server.worker.queue_depth == 0
 
 

