@@ -30,6 +30,7 @@ from twisted.web.resource import IResource
 from ._engine import Engine
 from ._errors import APIError, invalid, unauthorized
 from ._metrics import CONTENT_TYPE_LATEST, Metrics
+from ._reasoning import reasoning_parser
 from ._worker import Finish, Job, JobCancelled, PoolThreads, Worker, WorkerThreads
 
 log = Logger()
@@ -43,6 +44,8 @@ class ServerConfig:
     @param api_key: when set, /v1 routes need C{Authorization: Bearer KEY}
         or C{x-api-key: KEY}.
     @param cors_origins: origins allowed by CORS (C{"*"} for any).
+    @param reasoning_parser: a name from L{ds4tw._reasoning.REASONING_PARSERS}
+        or C{"START,END"} tags.
     """
 
     keepalive: float = 15.0
@@ -50,6 +53,8 @@ class ServerConfig:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 16 * 1024 * 1024
+    #: How the model marks reasoning (L{ds4tw._reasoning.reasoning_parser}).
+    reasoning_parser: str = "think"
 
 
 def _header(request: IRequest, name: bytes) -> str:
@@ -88,6 +93,7 @@ class Server(MultiService):
             reactor = default_reactor
         self.engine = engine
         self.config = config or ServerConfig()
+        self.reasoning_parser = reasoning_parser(self.config.reasoning_parser)
         self.clock: IReactorTime = clock or reactor
         self.worker = Worker(engine, threads or PoolThreads(reactor), self.config.max_queue)
         self.worker.setServiceParent(self)

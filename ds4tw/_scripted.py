@@ -74,6 +74,11 @@ class ScriptedEngine:
         self.computed: list[tuple[str, int | None]] = []
         #: Prompts and params of every generate() call.
         self.calls: list[tuple[list[int], SamplingParams]] = []
+        #: Keyword arguments of every apply_chat_template() call.
+        self.template_kwargs: list[dict[str, Any]] = []
+        #: Appended to every rendered chat prompt (e.g. "<think>\n", as
+        #: templates that force thinking on do).
+        self.generation_prompt_suffix = ""
 
     @property
     def n_ctx(self) -> int:
@@ -91,8 +96,10 @@ class ScriptedEngine:
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], **template_kwargs: Any
     ) -> ChatPrompt:
+        self.template_kwargs.append(dict(template_kwargs))
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return ChatPrompt(text + "<|im_start|>assistant\n", ("<|im_end|>",))
+        text += "<|im_start|>assistant\n" + self.generation_prompt_suffix
+        return ChatPrompt(text, ("<|im_end|>",))
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         return ([1] if add_bos else []) + [ord(c) for c in text]

@@ -16,6 +16,7 @@ from twisted.web.server import Site
 
 from ._app import Server, ServerConfig
 from ._llama import LlamaEngine, ModelNotFound, resolve_model
+from ._reasoning import reasoning_parser
 
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
 
@@ -56,6 +57,12 @@ class Options(usage.Options):
         ["max-queue", "q", 128, "Requests allowed to wait for the model; more get 503.", int],
         ["api-key", None, None, "Require this key (Bearer or x-api-key); also $DS4TW_API_KEY."],
         ["chat-template", None, None, "A Jinja chat template file overriding the model's."],
+        [
+            "reasoning-parser",
+            None,
+            "think",
+            "How the model marks reasoning: think (<think>...</think>), none, or START,END tags.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -87,6 +94,10 @@ class Options(usage.Options):
             self["model-path"] = resolve_model(self["model"])
         except ModelNotFound as e:
             raise usage.UsageError(str(e)) from e
+        try:
+            reasoning_parser(self["reasoning-parser"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from e
         if self["chat-template"]:
             with open(self["chat-template"], encoding="utf-8") as f:
                 self["chat-template-text"] = f.read()
@@ -108,6 +119,7 @@ def makeService(options: Options) -> IService:
         max_queue=options["max-queue"],
         api_key=options["api-key"],
         cors_origins=tuple(options["cors"]),
+        reasoning_parser=options["reasoning-parser"],
     )
     top = MultiService()
     server = Server(engine, config)

@@ -1,13 +1,14 @@
 """
-Raw token bytes to sendable text.
+Raw token bytes to sendable, typed text.
 
 Two things make a token's bytes unsafe to send at once: they may be half
 of a UTF-8 character, or they may be the start of a stop sequence that
 the client must never see. L{TextAssembler} holds back exactly those bytes
 and no more, so everything else streams the moment it is decoded.
 
-It runs in the worker thread, so that a matched stop sequence ends
-decoding before the next token is computed.
+The reasoning splitter (L{ds4tw._reasoning}) then holds back what could
+be half of a reasoning tag. All of it runs in the worker thread, so that
+a matched stop sequence ends decoding before the next token is computed.
 
 Covered by tests/unit/test_text.py.
 """
@@ -17,9 +18,13 @@ from __future__ import annotations
 import codecs
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._reasoning import Delta, ReasoningSplitter
 
 
-def _held_suffix(text: str, stops: Sequence[str]) -> int:
+def held_suffix(text: str, stops: Sequence[str]) -> int:
     """
     Length of the longest suffix of C{text} that is a proper prefix of
     some stop string: the part that could still grow into a match.
@@ -59,7 +64,7 @@ class StopMatcher:
         if first is not None:
             self._held = ""
             return buf[: first[0]], first[1]
-        keep = _held_suffix(buf, self._stops)
+        keep = held_suffix(buf, self._stops)
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], None
 
@@ -73,29 +78,39 @@ class StopMatcher:
 class TextResult:
     """What one fed piece produced."""
 
-    text: str
+    deltas: list[Delta]
     stop: str | None = None
 
 
 class TextAssembler:
     """
-    Token bytes in, safe text out: incremental UTF-8 decoding followed by
-    stop-string matching.
+    Token bytes in, typed text out: incremental UTF-8 decoding, then
+    stop-string matching, then the reasoning splitter.
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], splitter: ReasoningSplitter) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = StopMatcher(stops)
+        self.splitter = splitter
 
     def feed(self, piece: bytes) -> TextResult:
         text = self._decoder.decode(piece)
         if not text:
-            return TextResult("")
+            return TextResult([])
         out, stop = self._stops.feed(text)
-        return TextResult(out, stop)
+        return TextResult(self.splitter.feed(out) if out else [], stop)
 
-    def finish(self) -> str:
-        """End of stream: release what was held (a broken character as U+FFFD)."""
-        tail = self._decoder.decode(b"", final=True)
-        out, stop = self._stops.feed(tail) if tail else ("", None)
-        return out if stop is not None else out + self._stops.flush()
+    def finish(self, stopped: bool) -> list[Delta]:
+        """
+        End of stream: release what was held (a broken character as
+        U+FFFD), unless a stop sequence ended it (then the held text was
+        the start of that match).
+        """
+        deltas: list[Delta] = []
+        if not stopped:
+            tail = self._decoder.decode(b"", final=True)
+            out, stop = self._stops.feed(tail) if tail else ("", None)
+            text = out if stop is not None else out + self._stops.flush()
+            if text:
+                deltas = self.splitter.feed(text)
+        return deltas + self.splitter.flush()

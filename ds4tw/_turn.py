@@ -29,6 +29,7 @@ from twisted.web.server import Request
 
 from ._engine import SamplingParams
 from ._errors import APIError, busy, invalid, not_ready
+from ._reasoning import Delta, PlainSplitter
 from ._sse import SSEStream
 from ._worker import Finish, Job, JobCancelled, NotReady, QueueFull, Stage
 
@@ -41,6 +42,9 @@ class Prompt:
     tokens: list[int]
     #: Stop strings implied by the chat template (e.g. its end-of-turn text).
     stops: tuple[str, ...] = ()
+    #: The rendered text, when there was one (the reasoning parser looks
+    #: at how it ends).
+    text: str = ""
 
 
 def context_exceeded(prompt_tokens: int, n_ctx: int) -> APIError:
@@ -63,7 +67,7 @@ async def chat_prompt(
         except Exception as e:  # jinja's raise_exception and friends
             raise invalid(f"the chat template rejected these messages: {e}", "messages") from e
         # The template already carries BOS where the model wants one.
-        return Prompt(engine.tokenize(chat.text, add_bos=False), chat.stop)
+        return Prompt(engine.tokenize(chat.text, add_bos=False), chat.stop, chat.text)
 
     prompt: Prompt = await _offload(server, render)
     return checked(server, prompt)
@@ -73,7 +77,7 @@ async def text_prompt(server: Server, prompt: str | list[int]) -> Prompt:
     if isinstance(prompt, list):
         return checked(server, Prompt(prompt))
     tokens: list[int] = await _offload(server, server.engine.tokenize, prompt)
-    return checked(server, Prompt(tokens))
+    return checked(server, Prompt(tokens, text=prompt))
 
 
 def checked(server: Server, prompt: Prompt) -> Prompt:
@@ -112,15 +116,25 @@ class StreamRenderer(Protocol):
 
     def stage(self, stage: Stage) -> list[bytes]: ...
 
-    def text(self, text: str) -> list[bytes]: ...
+    def reasoning(self, text: str) -> list[bytes]:
+        """Reasoning text; a dialect that hides it returns no frames."""
+
+    def content(self, text: str) -> list[bytes]: ...
 
     def finish(self, finish: Finish) -> list[bytes]: ...
 
     def error(self, error: APIError) -> list[bytes]: ...
 
 
-def new_job(server: Server, prompt: Prompt, params: SamplingParams, label: str) -> Job:
-    return Job(prompt.tokens, params, label=label)
+def new_job(
+    server: Server, prompt: Prompt, params: SamplingParams, label: str, reasoning: bool = True
+) -> Job:
+    """
+    @param reasoning: split reasoning from content with the server's
+        reasoning parser (chat routes); off for raw text completions.
+    """
+    splitter = server.reasoning_parser.splitter(prompt.text) if reasoning else PlainSplitter()
+    return Job(prompt.tokens, params, label=label, splitter=splitter)
 
 
 def admit(server: Server, job: Job) -> None:
@@ -162,8 +176,11 @@ def stream(
         def stage_changed(self, stage: Stage) -> None:
             send(renderer.stage(stage))
 
-        def text(self, text: str) -> None:
-            send(renderer.text(text))
+        def delta(self, delta: Delta) -> None:
+            if delta.kind == "reasoning":
+                send(renderer.reasoning(delta.text))
+            else:
+                send(renderer.content(delta.text))
 
     job.listener = Listener()
     admit(server, job)
@@ -198,16 +215,23 @@ def engine_failure(f: Failure) -> APIError:
     )
 
 
-async def collect(server: Server, job: Job) -> tuple[str, Finish]:
+@dataclass(frozen=True)
+class Collected:
+    content: str
+    reasoning: str
+    finish: Finish
+
+
+async def collect(server: Server, job: Job) -> Collected:
     """Admit C{job} and wait for all of its text (non-streaming)."""
-    parts: list[str] = []
+    parts: dict[str, list[str]] = {"content": [], "reasoning": []}
 
     class Listener:
         def stage_changed(self, stage: Stage) -> None:
             pass
 
-        def text(self, text: str) -> None:
-            parts.append(text)
+        def delta(self, delta: Delta) -> None:
+            parts[delta.kind].append(delta.text)
 
     job.listener = Listener()
     admit(server, job)
@@ -217,4 +241,4 @@ async def collect(server: Server, job: Job) -> tuple[str, Finish]:
         raise
     except Exception as e:
         raise engine_failure(Failure(e)) from e
-    return "".join(parts), finish
+    return Collected("".join(parts["content"]), "".join(parts["reasoning"]), finish)

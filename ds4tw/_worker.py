@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._engine import Engine, PrefillProgress, SamplingParams
+from ._reasoning import Delta, PlainSplitter, ReasoningSplitter
 from ._text import TextAssembler
 
 _T = TypeVar("_T")
@@ -76,6 +77,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    #: Completion tokens generated inside a reasoning block.
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -112,14 +115,14 @@ class JobListener(Protocol):
 
     def stage_changed(self, stage: Stage) -> None: ...
 
-    def text(self, text: str) -> None: ...
+    def delta(self, delta: Delta) -> None: ...
 
 
 class _NullListener:
     def stage_changed(self, stage: Stage) -> None:
         pass
 
-    def text(self, text: str) -> None:
+    def delta(self, delta: Delta) -> None:
         pass
 
 
@@ -139,9 +142,12 @@ class Job:
         params: SamplingParams,
         listener: JobListener | None = None,
         label: str = "",
+        splitter: ReasoningSplitter | None = None,
     ) -> None:
         self.prompt = prompt
         self.params = params
+        #: Splits reasoning from content; used only by the model thread.
+        self.splitter: ReasoningSplitter = splitter or PlainSplitter()
         self.listener: JobListener = listener or _NullListener()
         self.label = label
         self.stage = Stage.QUEUED
@@ -181,9 +187,10 @@ class Job:
         self.stage = stage
         self.listener.stage_changed(stage)
 
-    def _text(self, text: str) -> None:
+    def _deltas(self, deltas: list[Delta]) -> None:
         if not self.cancelled:
-            self.listener.text(text)
+            for delta in deltas:
+                self.listener.delta(delta)
 
     # The Deferred may already have fired: cancelling it (Klein does, on
     # disconnect) errbacks it with CancelledError before the model thread
@@ -423,7 +430,7 @@ def _run_job(engine: Engine, threads: WorkerThreads, job: Job) -> Iterator[None]
     threads.to_reactor(job._set_stage, Stage.PREFILL)
     stage = Stage.PREFILL
     usage = Usage(prompt_tokens=len(job.prompt))
-    assembler = TextAssembler(job.params.stop)
+    assembler = TextAssembler(job.params.stop, job.splitter)
     gen = engine.generate(job.prompt, job.params)
     reason: str = "stop"
     stop_sequence: str | None = None
@@ -448,17 +455,21 @@ def _run_job(engine: Engine, threads: WorkerThreads, job: Job) -> Iterator[None]
                     threads.to_reactor(job._set_stage, Stage.DECODE)
             else:
                 usage.completion_tokens += 1
+                thinking = job.splitter.in_reasoning
                 result = assembler.feed(event.piece)
-                if result.text:
-                    threads.to_reactor(job._text, result.text)
+                # Tags count as reasoning: the token was inside the block
+                # before or after it.
+                if thinking or job.splitter.in_reasoning:
+                    usage.reasoning_tokens += 1
+                if result.deltas:
+                    threads.to_reactor(job._deltas, result.deltas)
                 if result.stop is not None:
                     reason, stop_sequence = "stop", result.stop
                     break
             yield
-        if stop_sequence is None:
-            tail = assembler.finish()
-            if tail:
-                threads.to_reactor(job._text, tail)
+        tail = assembler.finish(stopped=stop_sequence is not None)
+        if tail:
+            threads.to_reactor(job._deltas, tail)
     finally:
         gen.close()
     timings.decode = time.monotonic() - decode_started

@@ -35,6 +35,7 @@ def usage_body(usage: Usage) -> dict[str, Any]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 
 
@@ -78,9 +79,12 @@ class ChatStream(_Base):
 
     object = "chat.completion.chunk"
 
-    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+    def __init__(
+        self, request_id: str, model: str, include_usage: bool, show_reasoning: bool = True
+    ) -> None:
         super().__init__(request_id, model, include_usage)
         self._role_sent = False
+        self._show_reasoning = show_reasoning
 
     def _delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         return self._chunk(
@@ -98,7 +102,13 @@ class ChatStream(_Base):
         # OpenAI's and ds4-server's streams.
         return self._role() if stage is Stage.DECODE else []
 
-    def text(self, text: str) -> list[bytes]:
+    def reasoning(self, text: str) -> list[bytes]:
+        # Hidden reasoning writes nothing: the keepalive covers the silence.
+        if not self._show_reasoning:
+            return []
+        return [*self._role(), self._delta({"reasoning_content": text})]
+
+    def content(self, text: str) -> list[bytes]:
         return [*self._role(), self._delta({"content": text})]
 
     def finish(self, finish: Finish) -> list[bytes]:
@@ -118,14 +128,22 @@ class CompletionStream(_Base):
     def stage(self, stage: Stage) -> list[bytes]:
         return []
 
-    def text(self, text: str) -> list[bytes]:
+    def reasoning(self, text: str) -> list[bytes]:
+        return []  # completions never split reasoning out (see routes)
+
+    def content(self, text: str) -> list[bytes]:
         return [self._choice(text)]
 
     def finish(self, finish: Finish) -> list[bytes]:
         return self._tail(finish, self._choice("", finish.reason))
 
 
-def chat_completion(request_id: str, model: str, text: str, finish: Finish) -> dict[str, Any]:
+def chat_completion(
+    request_id: str, model: str, text: str, reasoning: str | None, finish: Finish
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if reasoning:
+        message["reasoning_content"] = reasoning
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -134,7 +152,7 @@ def chat_completion(request_id: str, model: str, text: str, finish: Finish) -> d
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": finish.reason,
             }

@@ -85,7 +85,7 @@ def add_routes(server: Server) -> None:
     @api
     async def chat_completions(request: Request) -> bytes | None:
         req: ChatCompletionRequest = parse(request, ChatCompletionRequest)
-        prompt = await _turn.chat_prompt(server, req.template_messages())
+        prompt = await _turn.chat_prompt(server, req.template_messages(), **req.template_kwargs())
         max_tokens = _turn.max_tokens_for(server, prompt, req.requested_max_tokens())
         rid = server.request_id("chatcmpl")
         job = _turn.new_job(
@@ -96,12 +96,14 @@ def add_routes(server: Server) -> None:
         )
         model_name = req.model or server.engine.model_id
         if req.stream:
-            renderer = render.ChatStream(rid, model_name, req.include_usage())
+            renderer = render.ChatStream(rid, model_name, req.include_usage(), req.thinking())
             await _turn.stream(server, request, job, renderer)
             return None
-        text, finish = await _turn.collect(server, job)
+        got = await _turn.collect(server, job)
+        reasoning = got.reasoning if req.thinking() else None
+        body = render.chat_completion(rid, model_name, got.content, reasoning, got.finish)
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(render.chat_completion(rid, model_name, text, finish)).encode()
+        return json.dumps(body).encode()
 
     @app.route("/v1/completions", methods=["POST"])
     @api
@@ -110,14 +112,13 @@ def add_routes(server: Server) -> None:
         prompt = await _turn.text_prompt(server, req.prompt_text_or_tokens())
         max_tokens = _turn.max_tokens_for(server, prompt, req.requested_max_tokens() or 16)
         rid = server.request_id("cmpl")
-        job = _turn.new_job(
-            server, prompt, req.sampling(max_tokens), f"{rid} completion stream={req.stream}"
-        )
+        label = f"{rid} completion stream={req.stream}"
+        job = _turn.new_job(server, prompt, req.sampling(max_tokens), label, reasoning=False)
         model_name = req.model or server.engine.model_id
         if req.stream:
             renderer = render.CompletionStream(rid, model_name, req.include_usage())
             await _turn.stream(server, request, job, renderer)
             return None
-        text, finish = await _turn.collect(server, job)
+        got = await _turn.collect(server, job)
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(render.completion(rid, model_name, text, finish)).encode()
+        return json.dumps(render.completion(rid, model_name, got.content, got.finish)).encode()

@@ -125,6 +125,8 @@ class _Sampling(_Lenient):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -138,6 +140,18 @@ class ChatCompletionRequest(_Sampling):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def thinking(self) -> bool:
+        """Whether the client wants the model to think (and to see it)."""
+        return self.reasoning_effort != "none"
+
+    def template_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(self.chat_template_kwargs or {})
+        if not self.thinking():
+            # Qwen3-style templates switch thinking off with this flag;
+            # templates without it ignore it.
+            kwargs.setdefault("enable_thinking", False)
+        return kwargs
 
     def template_messages(self) -> list[dict[str, Any]]:
         out = []

@@ -41,6 +41,13 @@ def test_keepalive_zero_and_numbers() -> None:
         parse("--ctx", "0")
 
 
+def test_reasoning_parser_option() -> None:
+    assert parse()["reasoning-parser"] == "think"
+    assert parse("--reasoning-parser", "<a>,</a>")["reasoning-parser"] == "<a>,</a>"
+    with pytest.raises(usage.UsageError, match="unknown reasoning parser"):
+        parse("--reasoning-parser", "nope")
+
+
 def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DS4TW_API_KEY", "from-env")
     assert parse()["api-key"] == "from-env"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ds4tw._reasoning import Delta, PlainSplitter
 from ds4tw._text import StopMatcher, TextAssembler
 
 
@@ -35,16 +36,25 @@ def test_no_stops_passes_through() -> None:
 
 
 def test_utf8_split_across_pieces() -> None:
-    a = TextAssembler([])
+    a = TextAssembler([], PlainSplitter())
     euro = "€".encode()
-    assert a.feed(euro[:1]).text == ""
-    assert a.feed(euro[1:]).text == "€"
+    assert a.feed(euro[:1]).deltas == []
+    assert a.feed(euro[1:]).deltas == [Delta("content", "€")]
 
 
 def test_broken_utf8_at_the_end_is_replaced_not_dropped() -> None:
-    a = TextAssembler([])
-    assert a.feed(b"ok\xe2\x82").text == "ok"
-    assert a.finish() == "\ufffd"
+    a = TextAssembler([], PlainSplitter())
+    assert a.feed(b"ok\xe2\x82").deltas == [Delta("content", "ok")]
+    assert a.finish(stopped=False) == [Delta("content", "\ufffd")]
+
+
+def test_held_stop_prefix_is_dropped_when_the_stream_stopped() -> None:
+    a = TextAssembler(["STOP"], PlainSplitter())
+    assert a.feed(b"done ST").deltas == [Delta("content", "done ")]
+    assert a.finish(stopped=False) == [Delta("content", "ST")]
+    b = TextAssembler(["STOP"], PlainSplitter())
+    assert b.feed(b"done STOP").stop == "STOP"
+    assert b.finish(stopped=True) == []
 
 
 @given(

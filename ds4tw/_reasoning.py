@@ -1,0 +1,164 @@
+"""
+Reasoning parsers: split a model's raw text into reasoning and content.
+
+Thinking models wrap their reasoning in tags (C{<think>}...C{</think>} for
+DeepSeek R1 distills, Qwen3, SmolLM3 and most others); some chat templates
+open the tag in the generation prompt, so the model starts inside it. A
+parser is chosen by name (C{--reasoning-parser}); each job gets its own
+L{ReasoningSplitter} from it.
+
+The splitter is streaming: a tag split across tokens is recognised, and
+only the bytes that could still be the start of a tag are held back.
+
+Covered by tests/unit/test_reasoning.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from ._text import held_suffix
+
+DeltaKind = Literal["reasoning", "content"]
+
+
+@dataclass(frozen=True)
+class Delta:
+    kind: DeltaKind
+    text: str
+
+
+class ReasoningSplitter(Protocol):
+    """Per-job state of a reasoning parser."""
+
+    @property
+    def in_reasoning(self) -> bool: ...
+
+    def feed(self, text: str) -> list[Delta]: ...
+
+    def flush(self) -> list[Delta]: ...
+
+
+class ReasoningParser(Protocol):
+    """Makes a splitter for one generation, given the rendered prompt."""
+
+    @property
+    def name(self) -> str: ...
+
+    def splitter(self, prompt_text: str) -> ReasoningSplitter: ...
+
+
+class PlainSplitter:
+    """No reasoning syntax: everything is content."""
+
+    in_reasoning = False
+
+    def feed(self, text: str) -> list[Delta]:
+        return [Delta("content", text)] if text else []
+
+    def flush(self) -> list[Delta]:
+        return []
+
+
+class TagSplitter:
+    """
+    Text between C{start} and C{end} is reasoning, the rest content. A
+    C{start} after the first reasoning block is plain content (models do
+    not reopen it; quoting the tag in an answer must not hide the answer).
+    """
+
+    def __init__(self, start: str, end: str, in_reasoning: bool = False) -> None:
+        self._start, self._end = start, end
+        self.in_reasoning = in_reasoning
+        self._seen_block = in_reasoning
+        self._held = ""
+        self._at_content_start = False
+
+    def _tag(self) -> str | None:
+        if self.in_reasoning:
+            return self._end
+        return None if self._seen_block else self._start
+
+    def feed(self, text: str) -> list[Delta]:
+        out: list[Delta] = []
+        buf = self._held + text
+        self._held = ""
+        while buf:
+            tag = self._tag()
+            kind: DeltaKind = "reasoning" if self.in_reasoning else "content"
+            if tag is None:
+                self._emit(out, kind, buf)
+                return out
+            at = buf.find(tag)
+            if at == -1:
+                keep = held_suffix(buf, (tag,))
+                self._emit(out, kind, buf[: len(buf) - keep])
+                self._held = buf[len(buf) - keep :]
+                return out
+            self._emit(out, kind, buf[:at])
+            buf = buf[at + len(tag) :]
+            if self.in_reasoning:
+                self.in_reasoning = False
+                self._at_content_start = True
+            else:
+                self.in_reasoning = self._seen_block = True
+        return out
+
+    def _emit(self, out: list[Delta], kind: DeltaKind, text: str) -> None:
+        if kind == "content" and self._at_content_start:
+            # Templates put a newline or two after the closing tag.
+            text = text.lstrip("\n")
+            if not text:
+                return
+            self._at_content_start = False
+        if text:
+            out.append(Delta(kind, text))
+
+    def flush(self) -> list[Delta]:
+        held, self._held = self._held, ""
+        out: list[Delta] = []
+        self._emit(out, "reasoning" if self.in_reasoning else "content", held)
+        return out
+
+
+@dataclass(frozen=True)
+class TagReasoningParser:
+    name: str
+    start: str = "<think>"
+    end: str = "</think>"
+
+    def splitter(self, prompt_text: str) -> ReasoningSplitter:
+        # A template that opens the block in the generation prompt (R1,
+        # Qwen3 with thinking forced on) starts the model inside it.
+        opened = prompt_text.rstrip().endswith(self.start)
+        return TagSplitter(self.start, self.end, in_reasoning=opened)
+
+
+@dataclass(frozen=True)
+class NoReasoningParser:
+    name: str = "none"
+
+    def splitter(self, prompt_text: str) -> ReasoningSplitter:
+        return PlainSplitter()
+
+
+REASONING_PARSERS: dict[str, Callable[[], ReasoningParser]] = {
+    "think": lambda: TagReasoningParser("think"),
+    "none": NoReasoningParser,
+}
+
+
+def reasoning_parser(name: str) -> ReasoningParser:
+    """
+    A parser by name: a registered one, or C{"START,END"} for custom tags
+    (e.g. C{"<|begin_of_thought|>,<|end_of_thought|>"}).
+    """
+    if name in REASONING_PARSERS:
+        return REASONING_PARSERS[name]()
+    start, sep, end = name.partition(",")
+    if sep and start and end:
+        return TagReasoningParser(name, start, end)
+    known = ", ".join(sorted(REASONING_PARSERS))
+    raise ValueError(f"unknown reasoning parser {name!r} (known: {known}; or START,END tags)")
