@@ -55,6 +55,9 @@ class ServerConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     #: How the model marks reasoning (L{ds4tw._reasoning.reasoning_parser}).
     reasoning_parser: str = "think"
+    #: On /v1/messages, keep streams alive with Anthropic's own
+    #: C{event: ping} frame instead of an SSE comment.
+    anthropic_ping: bool = False
 
 
 def _header(request: IRequest, name: bytes) -> str:
@@ -104,9 +107,14 @@ class Server(MultiService):
         self.worker.observers += [self.metrics.job_ended, _log_job]
         self.app = Klein()
         self._routes()
-        from ._openai.routes import add_routes
+        # Each dialect owns its routes; imported here because they import
+        # this module's Server for typing.
+        from ._anthropic.routes import add_routes as anthropic_routes
+        from ._openai.routes import add_routes as openai_routes
+        from ._responses.routes import add_routes as responses_routes
 
-        add_routes(self)
+        for add_routes in (openai_routes, responses_routes, anthropic_routes):
+            add_routes(self)
 
     def resource(self) -> IResource:
         return self.app.resource()

@@ -65,6 +65,10 @@ class Options(usage.Options):
         ],
     ]
 
+    optFlags: list[list[Any]] = [
+        ["anthropic-ping", None, "Keep /v1/messages streams alive with `event: ping` frames."],
+    ]
+
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
@@ -120,6 +124,7 @@ def makeService(options: Options) -> IService:
         api_key=options["api-key"],
         cors_origins=tuple(options["cors"]),
         reasoning_parser=options["reasoning-parser"],
+        anthropic_ping=bool(options["anthropic-ping"]),
     )
     top = MultiService()
     server = Server(engine, config)
