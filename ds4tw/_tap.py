@@ -12,6 +12,7 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from ._app import Server, ServerConfig
@@ -132,4 +133,13 @@ def makeService(options: Options) -> IService:
     site = Site(server.resource())
     for description in options["listen"]:
         strports.service(description, site).setServiceParent(top)
+    server.worker.loaded.addErrback(_exit_on_load_failure)
     return top
+
+
+def _exit_on_load_failure(failure: Failure) -> None:
+    # A server that can never answer is worse than one that is not running:
+    # the supervisor sees the exit and the log says why (the worker logged it).
+    from twisted.internet import reactor
+
+    reactor.stop()

@@ -67,6 +67,17 @@ def test_missing_model_is_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr + r.stdout
 
 
+def test_a_model_that_fails_to_load_stops_twistd(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"GGUF" + bytes(4096))
+    log = tmp_path / "twistd.log"
+    cmd = [str(BIN / "twistd"), "-n", "--pidfile=", f"--logfile={log}", "ds4tw"]
+    cmd += ["--model", str(bogus), "--listen", "tcp:0:interface=127.0.0.1"]
+    subprocess.run(cmd, cwd=tmp_path, capture_output=True, timeout=120)
+    assert "the model failed to load" in log.read_text()
+    assert "Main loop terminated." in log.read_text()
+
+
 def test_sigterm_mid_decode_cancels_and_exits_promptly(tmp_path: Path) -> None:
     server = start_twistd(tmp_path, "--keepalive", "1")
     payload = {
