@@ -318,7 +318,7 @@ class Worker(Service):
         while self._queue:
             job = self._queue.popleft()
             job.cancel_reason = "server shutting down"
-            job._fail_cancelled(Stage.QUEUED, job.cancel_reason)
+            self._drop_queued(job)
         if self._current is not None:
             self._current.cancel("server shutting down")
         pending = self._current_done or succeed(None)
@@ -368,10 +368,13 @@ class Worker(Service):
                 self._queue.remove(job)
             except ValueError:
                 return
-            job._outcome.stopped_at = time.monotonic()
-            job._fail_cancelled(Stage.QUEUED, job.cancel_reason)
-            self._notify(job, None)
+            self._drop_queued(job)
         # A running job is stopped by the worker thread at its next check.
+
+    def _drop_queued(self, job: Job) -> None:
+        job._outcome.stopped_at = time.monotonic()
+        job._fail_cancelled(Stage.QUEUED, job.cancel_reason)
+        self._notify(job, Failure(JobCancelled(Stage.QUEUED, job.cancel_reason)))
 
     def _pump(self) -> None:
         if self._current is not None or not self._queue or not self.running:
@@ -385,31 +388,25 @@ class Worker(Service):
     def _finished(self, result: object, job: Job) -> None:
         self._current = None
         self._current_done = None
+        outcome: Finish | Failure
         try:
             if isinstance(result, Failure):
+                outcome = result
                 job._fail(result)
+            elif job._outcome.cancelled_at is not None:
+                stage = job._outcome.cancelled_at
+                outcome = Failure(JobCancelled(stage, job.cancel_reason))
+                job._fail_cancelled(stage, job.cancel_reason)
             else:
-                outcome = job._outcome
-                if outcome.cancelled_at is not None:
-                    job._fail_cancelled(outcome.cancelled_at, job.cancel_reason)
-                else:
-                    assert outcome.finish is not None
-                    job._succeed(outcome.finish)
+                assert job._outcome.finish is not None
+                outcome = job._outcome.finish
+                job._succeed(outcome)
         finally:
             # Whatever a consumer's callback did, the queue moves on.
-            self._notify(job, result)
+            self._notify(job, outcome)
             self._pump()
 
-    def _notify(self, job: Job, result: object) -> None:
-        outcome: Finish | Failure
-        if isinstance(result, Failure):
-            outcome = result
-        elif job._outcome.finish is not None:
-            outcome = job._outcome.finish
-        else:
-            outcome = Failure(
-                JobCancelled(job._outcome.cancelled_at or Stage.QUEUED, job.cancel_reason)
-            )
+    def _notify(self, job: Job, outcome: Finish | Failure) -> None:
         for observer in self.observers:
             observer(job, outcome)
 

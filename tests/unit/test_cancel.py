@@ -150,3 +150,6 @@ def test_shutdown_cancels_everything_and_stops_the_thread() -> None:
     rig.threads.step()
     assert [f.stage for f in failures] == [Stage.QUEUED, Stage.DECODE]
     assert stopped.called and rig.threads.stopped and rig.engine.closed
+    # Both are counted and logged, the queued one included.
+    assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="queued"} 1.0')
+    assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="decode"} 1.0')
