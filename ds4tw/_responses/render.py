@@ -16,7 +16,7 @@ server writes no summaries) while the model thinks and the client may see
 it, then a C{message} item for the answer. A response with no text at all
 still gets one empty message, so C{output} is never empty.
 
-Pure functions and state of engine results; no I/O.
+Pure data and state built from engine results; no I/O.
 
 Covered by tests/unit/test_responses.py and, against the official SDK,
 tests/integration/test_responses_sdk.py.
@@ -139,6 +139,11 @@ class ResponseBuilder:
         ]
 
     def text(self, kind: ItemKind, text: str) -> list[Event]:
+        """
+        More text of C{kind}. A change of kind closes the open item and
+        opens the next one (reasoning, then the answer), so every item is
+        announced, filled and finished in order, as the SDK requires.
+        """
         if not text or (kind == "reasoning" and not self._show_reasoning):
             return []
         events: list[Event] = []
@@ -157,6 +162,11 @@ class ResponseBuilder:
         return events
 
     def finish(self, finish: Finish) -> list[Event]:
+        """
+        Close the open item and end with C{response.completed}, or with
+        C{response.incomplete} when the token budget ran out (the open
+        item is then C{incomplete} too).
+        """
         incomplete = finish.reason == "length"
         status = "incomplete" if incomplete else "completed"
         events = self._close(status)
