@@ -30,7 +30,7 @@ from .._errors import APIError, from_validation, invalid
 from .._turn import Prompt
 from .._worker import JobCancelled
 from . import render
-from .schema import CountTokensRequest, MessagesRequest, _Conversation
+from .schema import Conversation, CountTokensRequest, MessagesRequest
 
 if TYPE_CHECKING:
     from .._app import Server
@@ -52,7 +52,7 @@ def message_id() -> str:
     return f"msg_{uuid.uuid4().hex[:24]}"
 
 
-async def conversation_prompt(server: Server, conv: _Conversation, check: bool = True) -> Prompt:
+async def conversation_prompt(server: Server, conv: Conversation, check: bool = True) -> Prompt:
     """
     Template and tokenize off the reactor, like L{_turn.chat_prompt}, with
     two differences Anthropic needs: a trailing assistant turn's text is

@@ -105,7 +105,7 @@ class OutputConfig(_Lenient):
     format: dict[str, Any] | None = None
 
 
-class _Conversation(_Lenient):
+class Conversation(_Lenient):
     """What both C{/v1/messages} and C{/v1/messages/count_tokens} take."""
 
     model: str
@@ -116,7 +116,7 @@ class _Conversation(_Lenient):
     tool_choice: Any = None
 
     @model_validator(mode="after")
-    def _no_tools(self) -> _Conversation:
+    def _no_tools(self) -> Conversation:
         if self.tools:
             raise ValueError("tools: tool use is not supported by this server yet")
         return self
@@ -172,11 +172,11 @@ class _Conversation(_Lenient):
         return "\n\n".join(_block_text(b, f"system.{j}") for j, b in enumerate(self.system))
 
 
-class CountTokensRequest(_Conversation):
+class CountTokensRequest(Conversation):
     """C{POST /v1/messages/count_tokens}."""
 
 
-class MessagesRequest(_Conversation):
+class MessagesRequest(Conversation):
     """C{POST /v1/messages}."""
 
     max_tokens: int = Field(ge=1)
