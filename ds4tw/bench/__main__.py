@@ -1,0 +1,325 @@
+"""
+C{ds4tw-bench [--quick] [--out DIR] [--clients N] [--engine llama|scripted]}
+
+One run, in this order:
+
+  1. throughput: raw llama-cpp-python in this process, ds4tw under
+     twistd and the peer (llama_cpp.server), all loaded at once and
+     measured interleaved prompt by prompt (L{ds4tw.bench._throughput});
+  2. cancel latency on the same ds4tw server, the peer stopped;
+  3. keepalive timing and many waiting clients on a second ds4tw server
+     with a small C{--keepalive} and a template that makes a silent decode.
+
+With C{--engine scripted} there is no model: ds4tw runs on a paced
+scripted engine (L{ds4tw.bench._scripted_server}), raw and peer are
+skipped (a note in the JSON says so), and everything else runs the same.
+
+A part that fails is recorded in the JSON's C{errors} and the run goes
+on; the exit status is 1 if any part failed, 0 otherwise. Targets are
+reported, never enforced by the exit status: speed depends on the
+machine.
+
+Covered by tests/integration/test_bench_smoke.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from . import _cancel, _keepalive, _many, _noise, _report, _servers, _throughput
+from ._settings import Settings, make_settings
+from ._workload import THINK_TEMPLATE, plan
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="ds4tw-bench",
+        description="Measure ds4tw against raw llama-cpp-python and llama_cpp.server.",
+    )
+    p.add_argument("--quick", action="store_true", help="a smaller run (under a minute)")
+    p.add_argument("--out", default="bench-results", help="directory for bench.json/bench.png")
+    p.add_argument("--clients", type=int, default=None, help="waiting clients (default 200)")
+    p.add_argument(
+        "--engine",
+        choices=("llama", "scripted"),
+        default="llama",
+        help="llama: the real model; scripted: no model (CI smoke), raw and peer skipped",
+    )
+    p.add_argument("--model", default=None, help="a .gguf file (default: the demo model)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("--ctx", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--keepalive", type=float, default=None, help="K for the keepalive parts")
+    p.add_argument("--no-peer", action="store_true", help="skip llama_cpp.server")
+    p.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args(argv)
+    if args.clients is not None and args.clients < 1:
+        p.error("--clients must be at least 1")
+    return args
+
+
+class Run:
+    """The document being filled, and the record of parts that failed."""
+
+    def __init__(self, settings: Settings, argv: Sequence[str]) -> None:
+        self.settings = settings
+        self.started = time.perf_counter()
+        self.noise = _noise.Monitor()
+        self.noise.start()
+        self.doc: dict[str, Any] = {
+            "schema": _report.SCHEMA,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": shlex.join(["ds4tw-bench", *argv]),
+            "engine": settings.engine,
+            "duration_s": 0.0,
+            "machine": _report.machine(),
+            "versions": _report.versions(),
+            "model": {},
+            "settings": settings.as_dict(),
+            "notes": [],
+            "errors": [],
+            "raw": None,
+            "ds4tw": None,
+            "peer": None,
+            "ratios": {},
+            "cancel": None,
+            "keepalive": None,
+            "many_clients": None,
+            "targets": [],
+        }
+
+    def part(self, name: str, f: Callable[[], Any]) -> Any:
+        """Run one part; a failure is recorded (with its traceback) and the run goes on."""
+        t0 = time.perf_counter()
+        self.noise.mark(name)
+        print(f"ds4tw-bench: {name} ...", flush=True)
+        try:
+            result = f()
+        except Exception as e:
+            self.doc["errors"].append(f"{name}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+            print(f"ds4tw-bench: {name} FAILED: {e}", flush=True)
+            return None
+        print(f"ds4tw-bench: {name} done in {time.perf_counter() - t0:.1f}s", flush=True)
+        return result
+
+    def finish(self, out: Path) -> int:
+        doc = self.doc
+        doc["ratios"] = _report.ratios(doc)
+        doc["targets"] = _report.targets(doc)
+        doc["machine"]["loadavg_end"] = list(os.getloadavg())
+        doc["machine"].update(self.noise.stop())
+        doc["duration_s"] = time.perf_counter() - self.started
+        problems = _report.validate(doc)
+        if problems:
+            doc["errors"].append("schema: " + "; ".join(problems))
+        _report.write_json(doc, out / "bench.json")
+        try:
+            _report.chart(doc, out / "bench.png")
+        except Exception as e:
+            doc["errors"].append(f"chart: {type(e).__name__}: {e}")
+            _report.write_json(doc, out / "bench.json")
+        print()
+        print(_report.table(doc))
+        print(f"\nresults: {out / 'bench.json'}, {out / 'bench.png'}")
+        return 1 if doc["errors"] else 0
+
+
+def _model_info(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    p = Path(path)
+    return {"path": str(p), "name": p.name, "size_bytes": p.stat().st_size}
+
+
+def _peer_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp.server") is not None and (
+        importlib.util.find_spec("uvicorn") is not None
+    )
+
+
+def run_llama(run: Run, args: argparse.Namespace, out: Path) -> None:
+    from ds4tw._llama import resolve_model
+
+    from . import _raw
+
+    doc = run.doc
+    model_path = str(resolve_model(run.settings.model))
+    s = dataclasses.replace(run.settings, model=model_path)
+    doc["model"] = _model_info(model_path)
+    work = out / "logs"
+    workload = plan(s)
+    use_peer = not args.no_peer and _peer_available()
+    if not use_peer:
+        doc["notes"].append(
+            "peer skipped: "
+            + ("--no-peer" if args.no_peer else "llama_cpp.server is not installed (bench extra)")
+        )
+
+    with ExitStack() as stack:
+        # Raw stays loaded through the cancel part: it is the paired
+        # reference for the prefill batch time.
+        raw = run.part("load raw llama-cpp-python", lambda: _raw.RawLlama(s))
+        if raw is not None:
+            stack.callback(raw.close)
+            doc["model"]["use_extra_bufts"] = raw.use_extra_bufts
+
+        def throughput() -> dict[str, dict[str, Any]]:
+            assert raw is not None
+            with ExitStack() as servers:
+                ds = servers.enter_context(
+                    _servers.running(_servers.ds4tw_twistd(s, work, "ds4tw"))
+                )
+                runners: dict[str, _throughput.Runner] = {
+                    "raw": raw.trial,
+                    "ds4tw": _throughput.http_runner(ds, "ds4tw"),
+                }
+                if use_peer:
+                    peer = servers.enter_context(
+                        _servers.running(_servers.peer(s, work, model_path))
+                    )
+                    runners["peer"] = _throughput.http_runner(peer, "peer", eog_ids=raw.eog_ids)
+                    runners["peer_natural"] = _throughput.http_runner(peer, "peer", fixed=False)
+                got = _throughput.measure(runners, s, workload, decode_only=["peer_natural"])
+                got["ds4tw"]["server_rss_bytes"] = ds.rss()
+                return got
+
+        got = run.part("throughput (raw, ds4tw, peer interleaved)", throughput) if raw else None
+        if got is not None and raw is not None:
+            doc["raw"] = {
+                **got["raw"],
+                "load_s": raw.load_s,
+                "eog_ids": raw.eog_ids,
+                "use_extra_bufts": raw.use_extra_bufts,
+            }
+            doc["ds4tw"] = got["ds4tw"]
+            if "peer" in got:
+                doc["peer"] = {"fixed": got["peer"], "natural": got["peer_natural"]}
+
+        def batch_reference(text: str) -> list[float]:
+            assert raw is not None
+            batches = raw.run(text, 1)["batches"]
+            return [t for n, t in batches if n == s.batch]
+
+        def cancel() -> dict[str, Any]:
+            server = _servers.ds4tw_twistd(
+                s, work, "ds4tw-cancel", keepalive=_cancel.CANCEL_KEEPALIVE
+            )
+            with _servers.running(server) as ds:
+                return _cancel.measure(
+                    ds, s, batch_reference=batch_reference if raw is not None else None
+                )
+
+        doc["cancel"] = run.part("cancel latency", cancel)
+    _keepalive_and_many(
+        run,
+        lambda: _servers.ds4tw_twistd(
+            s,
+            work,
+            "ds4tw-keepalive",
+            keepalive=s.keepalive,
+            max_queue=s.clients + 16,
+            chat_template=THINK_TEMPLATE,
+        ),
+    )
+
+
+def _keepalive_and_many(run: Run, start: Callable[[], _servers.ServerProcess]) -> None:
+    s = run.settings
+
+    def both() -> None:
+        with _servers.running(start()) as server:
+            run.doc["keepalive"] = run.part(
+                "keepalive timing", lambda: _keepalive.measure(server, s)
+            )
+            run.doc["many_clients"] = run.part(
+                f"{s.clients} waiting clients", lambda: _many.measure(server, s, s.clients)
+            )
+
+    run.part("keepalive server", both)
+
+
+def run_scripted(run: Run, out: Path) -> None:
+    s = run.settings
+    doc = run.doc
+    work = out / "logs"
+    doc["model"] = {
+        "name": "scripted",
+        "token_ms": s.scripted_token_ms,
+        "prefill_ms_per_batch": s.scripted_prefill_ms,
+        "prefill_batch": s.scripted_prefill_batch,
+    }
+    doc["notes"].append(
+        "scripted engine: raw llama-cpp-python and the peer server were skipped (no model); "
+        "ds4tw ran on a paced ScriptedEngine, so its numbers show the server layer only"
+    )
+    workload = plan(s)
+
+    def throughput() -> dict[str, Any]:
+        with _servers.running(_servers.ds4tw_scripted(s, work, "ds4tw")) as ds:
+            got = _throughput.measure({"ds4tw": _throughput.http_runner(ds, "ds4tw")}, s, workload)
+            return got["ds4tw"]
+
+    doc["ds4tw"] = run.part("throughput (ds4tw on the scripted engine)", throughput)
+
+    def cancel() -> dict[str, Any]:
+        server = _servers.ds4tw_scripted(
+            s, work, "ds4tw-cancel", keepalive=_cancel.CANCEL_KEEPALIVE
+        )
+        with _servers.running(server) as ds:
+            return _cancel.measure(
+                ds, s, batch_reference=None, fixed_batch_s=s.scripted_prefill_ms / 1000.0
+            )
+
+    doc["cancel"] = run.part("cancel latency", cancel)
+    _keepalive_and_many(
+        run,
+        lambda: _servers.ds4tw_scripted(
+            s,
+            work,
+            "ds4tw-keepalive",
+            keepalive=s.keepalive,
+            max_queue=s.clients + 16,
+            think=True,
+        ),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    settings = make_settings(
+        quick=args.quick,
+        engine=args.engine,
+        model=args.model,
+        clients=args.clients,
+        ctx=args.ctx,
+        threads=args.threads,
+        batch=args.batch,
+        keepalive=args.keepalive,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(settings, argv)
+    if settings.engine == "scripted":
+        run_scripted(run, out)
+    else:
+        run_llama(run, args, out)
+    return run.finish(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""
+Raw llama-cpp-python in the bench process: the physical limit of the
+stack every server is built on.
+
+The loop is the least a server could do per token with llama-cpp-python:
+C{eval} one token, sample with a native sampler chain, turn the token
+into bytes. It loads the model exactly as ds4tw does (same n_ctx,
+n_batch = n_ubatch, threads, and C{use_extra_bufts=False} on AMX CPUs),
+samples with the same chain ds4tw builds for a greedy request with
+C{ignore_eos} (end-of-generation logits at -inf in C, penalties at 1.0,
+greedy), and keeps the KV cache of the common prefix with the previous
+prompt as both servers do.
+
+Times: TTFT runs from holding the prompt text (tokenization included, as
+a server must tokenize) to the first token's bytes; the decode rate uses
+the time each token's bytes were ready (L{ds4tw.bench._stats.decode_rate}).
+
+Exercised by the full benchmark run (it needs the model); its arithmetic
+is in L{ds4tw.bench._stats}, which tests/unit/test_bench.py covers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import time
+from contextlib import nullcontext
+from typing import Any
+
+from ._settings import Settings
+from ._stats import decode_rate
+
+
+class RawLlama:
+    """One loaded model and the minimal generation loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        import llama_cpp
+        from llama_cpp import Llama
+
+        from ds4tw._llama import _cpu_has_amx, _no_extra_buffers, resolve_model
+
+        self.model_path = str(resolve_model(settings.model))
+        self.use_extra_bufts = not _cpu_has_amx()
+        t0 = time.perf_counter()
+        with nullcontext() if self.use_extra_bufts else _no_extra_buffers():
+            self.llm = Llama(
+                model_path=self.model_path,
+                n_ctx=settings.ctx,
+                n_batch=settings.batch,
+                n_ubatch=settings.batch,
+                n_threads=settings.threads,
+                n_threads_batch=settings.threads,
+                verbose=False,
+            )
+        self.load_s = time.perf_counter() - t0
+        self.n_batch = settings.batch
+        model = self.llm._model
+        self.eog_ids = [
+            t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, t)
+        ]
+        self._buf = ctypes.create_string_buffer(64)
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def _sampler(self) -> Any:
+        from llama_cpp._internals import LlamaSampler
+
+        n_vocab = self.llm.n_vocab()
+        sampler = LlamaSampler()
+        sampler.add_logit_bias(n_vocab, {t: float("-inf") for t in self.eog_ids})
+        sampler.add_penalties(
+            n_vocab=n_vocab,
+            penalty_last_n=64,
+            penalty_repeat=1.0,
+            penalty_freq=0.0,
+            penalty_present=0.0,
+        )
+        sampler.add_greedy()
+        return sampler
+
+    def _piece(self, token: int) -> bytes:
+        import llama_cpp
+
+        vocab = self.llm._model.vocab
+        n = llama_cpp.llama_token_to_piece(vocab, token, self._buf, len(self._buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buf, -n, 0, False)
+            return bytes(buf.raw[:n])
+        return bytes(self._buf.raw[:n])
+
+    def _reuse_prefix(self, prompt: list[int]) -> int:
+        llm = self.llm
+        held = llm.input_ids[: llm.n_tokens]
+        limit = min(len(held), len(prompt) - 1)
+        common = 0
+        while common < limit and held[common] == prompt[common]:
+            common += 1
+        if common > 0 and llm._ctx.kv_cache_seq_rm(-1, common, -1):
+            llm.n_tokens = common
+            return common
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        return 0
+
+    def run(self, text: str, max_tokens: int) -> dict[str, Any]:
+        """
+        One generation; returns the prompt size, per-batch prefill times,
+        the prefill time, TTFT and every token's time (seconds from start).
+        """
+        llm = self.llm
+        start = time.perf_counter()
+        tokens = list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+        cached = self._reuse_prefix(tokens)
+        sampler = self._sampler()
+        batches: list[tuple[int, float]] = []
+        for at in range(cached, len(tokens), self.n_batch):
+            chunk = tokens[at : at + self.n_batch]
+            t = time.perf_counter()
+            llm.eval(chunk)
+            batches.append((len(chunk), time.perf_counter() - t))
+        prefill_done = time.perf_counter()
+        times: list[float] = []
+        token = -1
+        for i in range(max_tokens):
+            if i:
+                llm.eval([token])
+            token = sampler.sample(llm._ctx, -1)
+            self._piece(token)
+            times.append(time.perf_counter() - start)
+        return {
+            "prompt_tokens": len(tokens),
+            "cached_tokens": cached,
+            "batches": batches,
+            "prefill_s": prefill_done - start,
+            "ttft_s": times[0] if times else None,
+            "times": times,
+        }
+
+    def trial(self, text: str, max_tokens: int) -> dict[str, Any]:
+        """One generation in the shape of L{ds4tw.bench._throughput.trial_numbers}."""
+        r = self.run(text, max_tokens)
+        times = r["times"]
+        return {
+            "status": 200,
+            "error": None,
+            "ttft_s": r["ttft_s"],
+            "tokens": len(times),
+            "text_events": len(times),
+            "decode_tps": decode_rate(times),
+            "finish_reason": "length",
+            "prompt_tokens": r["prompt_tokens"],
+            # Raw-only detail: the per-token intervals and prefill batches.
+            "intervals_s": [b - a for a, b in itertools.pairwise(times)],
+            "batches": r["batches"],
+            "prefill_eval_s": r["prefill_s"],
+            "cached_tokens": r["cached_tokens"],
+        }

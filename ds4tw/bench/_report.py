@@ -1,0 +1,489 @@
+"""
+The results: ratios to raw, the targets of issue 4, the JSON document
+(and a check of its shape), the printed summary table and the PNG chart.
+
+The JSON is the record; everything else is derived from it (the table
+and the chart are drawn from the document, so they can be redrawn from
+a committed file). L{validate} is the schema: the smoke test and the
+unit tests run it on real and synthetic documents.
+
+Covered by tests/unit/test_bench.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ._stats import ratio
+
+SCHEMA = "ds4tw-bench/1"
+
+#: Distributions whose versions are recorded (absent ones are recorded as None).
+DISTRIBUTIONS = (
+    "ds4tw",
+    "llama_cpp_python",
+    "twisted",
+    "klein",
+    "prometheus_client",
+    "pydantic",
+    "uvicorn",
+    "fastapi",
+    "sse-starlette",
+    "starlette",
+    "numpy",
+    "matplotlib",
+    "psutil",
+)
+
+# Issue 4's targets.
+DECODE_RATIO_TARGET = 0.97
+TTFT_OVERHEAD_TARGET_MS = 5.0
+
+
+def _median(section: Mapping[str, Any] | None, key: str) -> float | None:
+    if not section:
+        return None
+    value = (section.get(key) or {}).get("median")
+    return None if value is None else float(value)
+
+
+def ratios(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """Every stack's numbers against raw: throughput ratios and TTFT overheads (ms)."""
+    raw = doc.get("raw")
+    out: dict[str, Any] = {}
+    stacks = {"ds4tw": doc.get("ds4tw"), "peer": (doc.get("peer") or {}).get("fixed")}
+    natural = (doc.get("peer") or {}).get("natural")
+    for name, section in stacks.items():
+        for key in ("decode_tps", "prefill_tps"):
+            out[f"{name}_{key.split('_')[0]}"] = ratio(_median(section, key), _median(raw, key))
+        for key in ("ttft_short_s", "ttft_long_s"):
+            a, b = _median(section, key), _median(raw, key)
+            label = key.removesuffix("_s")
+            out[f"{name}_{label}_overhead_ms"] = None if a is None or b is None else (a - b) * 1e3
+    out["peer_natural_decode"] = ratio(_median(natural, "decode_tps"), _median(raw, "decode_tps"))
+    out["ds4tw_over_peer_decode"] = ratio(
+        _median(doc.get("ds4tw"), "decode_tps"), _median(stacks["peer"], "decode_tps")
+    )
+    return out
+
+
+def _target(
+    name: str, value: float | None, limit: float | None, unit: str, at_most: bool, note: str
+) -> dict[str, Any]:
+    met: bool | None
+    met = None if value is None or limit is None else value <= limit if at_most else value >= limit
+    rel = "<=" if at_most else ">="
+    return {
+        "name": name,
+        "value": value,
+        "limit": limit,
+        "unit": unit,
+        "rule": rel,
+        "met": met,
+        "note": note,
+    }
+
+
+def targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Issue 4's targets, each with its measured value and whether it is met."""
+    r = doc.get("ratios") or {}
+    cancel = doc.get("cancel") or {}
+    decode = cancel.get("decode") or {}
+    prefill = cancel.get("prefill") or {}
+    ka = doc.get("keepalive") or {}
+    many = doc.get("many_clients") or {}
+    return [
+        _target(
+            "ds4tw decode throughput / raw",
+            r.get("ds4tw_decode"),
+            DECODE_RATIO_TARGET if r.get("ds4tw_decode") is not None else None,
+            "ratio",
+            False,
+            "client-seen SSE tok/s over raw in-process tok/s (medians)",
+        ),
+        _target(
+            "ds4tw TTFT overhead over raw (short prompt)",
+            r.get("ds4tw_ttft_short_overhead_ms"),
+            TTFT_OVERHEAD_TARGET_MS if r.get("ds4tw_ttft_short_overhead_ms") is not None else None,
+            "ms",
+            True,
+            "median client TTFT minus median raw TTFT (tokenization included in both)",
+        ),
+        _target(
+            "cancel latency in decode, in token times (max)",
+            (decode.get("latency_in_units") or {}).get("max"),
+            1.0 if decode else None,
+            "tokens",
+            True,
+            "ds4tw's logged latency over the stream's own token interval just before the hang-up",
+        ),
+        _target(
+            "cancel latency in prefill, in prefill batches (max)",
+            (prefill.get("latency_in_units") or {}).get("max"),
+            1.0 if prefill else None,
+            "batches",
+            True,
+            "ds4tw's logged latency over the slowest full batch of a raw prefill of the same "
+            "prompt run just before (scripted: the fixed batch time)",
+        ),
+        _target(
+            "longest keepalive gap (queued, prefill, silent decode)",
+            ka.get("max_gap_s"),
+            ka.get("limit_s"),
+            "s",
+            True,
+            "every byte-arrival gap on the probe streams; limit K + 0.1 s",
+        ),
+        _target(
+            "longest silence of a waiting client",
+            (many.get("max_queued_gap_s") or {}).get("max"),
+            many.get("limit_s"),
+            "s",
+            True,
+            f"{many.get('clients')} clients queued behind one job; limit K + 0.1 s",
+        ),
+    ]
+
+
+# -- the document ----------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _memory_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:  # pragma: no cover - psutil is in the bench extra
+        return None
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def machine() -> dict[str, Any]:
+    from ds4tw._llama import _cpu_has_amx
+
+    return {
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "amx": _cpu_has_amx(),
+        "memory_bytes": _memory_bytes(),
+        "python": sys.version.split()[0],
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in DISTRIBUTIONS:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    out["ds4tw_git"] = _git_commit()
+    return out
+
+
+# -- schema ------------------------------------------------------------------
+
+_NUM = (int, float)
+_SUMMARY_KEYS = ("n", "median", "mean", "min", "max", "p90")
+
+#: Top-level keys and their types; None in a tuple allows null.
+_TOP: dict[str, tuple[type, ...]] = {
+    "schema": (str,),
+    "created": (str,),
+    "command": (str,),
+    "engine": (str,),
+    "duration_s": _NUM,
+    "machine": (dict,),
+    "versions": (dict,),
+    "model": (dict,),
+    "settings": (dict,),
+    "notes": (list,),
+    "errors": (list,),
+    "raw": (dict, type(None)),
+    "ds4tw": (dict, type(None)),
+    "peer": (dict, type(None)),
+    "ratios": (dict,),
+    "cancel": (dict, type(None)),
+    "keepalive": (dict, type(None)),
+    "many_clients": (dict, type(None)),
+    "targets": (list,),
+}
+
+
+def _check_summary(path: str, value: Any, errors: list[str]) -> None:
+    if not isinstance(value, dict):
+        errors.append(f"{path}: expected a summary object, got {type(value).__name__}")
+        return
+    for key in _SUMMARY_KEYS:
+        if key not in value:
+            errors.append(f"{path}.{key}: missing")
+        elif key != "n" and value[key] is not None and not isinstance(value[key], _NUM):
+            errors.append(f"{path}.{key}: not a number")
+
+
+def validate(doc: Any) -> list[str]:
+    """
+    Problems with the shape of a results document (empty when it is
+    well-formed). Checks types, the summary objects of every measured
+    section, and that the targets are complete; not the values.
+    """
+    errors: list[str] = []
+    if not isinstance(doc, dict):
+        return ["document: not an object"]
+    for key, types in _TOP.items():
+        if key not in doc:
+            errors.append(f"{key}: missing")
+        elif not isinstance(doc[key], types):
+            errors.append(f"{key}: {type(doc[key]).__name__} is not {types}")
+    if errors:
+        return errors
+    if doc["schema"] != SCHEMA:
+        errors.append(f"schema: {doc['schema']!r} is not {SCHEMA!r}")
+    stacks = {"raw": doc["raw"], "ds4tw": doc["ds4tw"]}
+    if doc["peer"] is not None:
+        stacks["peer.fixed"] = doc["peer"].get("fixed")
+    for name, section in stacks.items():
+        if section is None:
+            continue
+        for key in ("decode_tps", "ttft_short_s", "ttft_long_s", "prefill_tps"):
+            _check_summary(f"{name}.{key}", section.get(key), errors)
+    if doc["raw"] is None and not doc["notes"]:
+        errors.append("notes: raw was skipped without a note saying why")
+    if doc["cancel"] is not None:
+        for stage in ("decode", "prefill"):
+            part = doc["cancel"].get(stage)
+            if not isinstance(part, dict):
+                errors.append(f"cancel.{stage}: missing")
+                continue
+            _check_summary(f"cancel.{stage}.latency_ms", part.get("latency_ms"), errors)
+            if not isinstance(part.get("trials"), list):
+                errors.append(f"cancel.{stage}.trials: not a list")
+    if doc["keepalive"] is not None:
+        ka = doc["keepalive"]
+        _check_summary("keepalive.gaps_s", ka.get("gaps_s"), errors)
+        for key in ("keepalive_s", "limit_s"):
+            if not isinstance(ka.get(key), _NUM):
+                errors.append(f"keepalive.{key}: not a number")
+        if not isinstance(ka.get("probes"), list):
+            errors.append("keepalive.probes: not a list")
+    if doc["many_clients"] is not None:
+        many = doc["many_clients"]
+        for key in ("clients", "outcomes", "rss_per_waiting_client_bytes", "max_queued_gap_s"):
+            if key not in many:
+                errors.append(f"many_clients.{key}: missing")
+        outcomes = many.get("outcomes") or {}
+        if set(outcomes) != {"completed", "cancelled", "error"}:
+            errors.append("many_clients.outcomes: expected completed, cancelled, error")
+        elif sum(outcomes.values()) != many.get("clients"):
+            errors.append("many_clients.outcomes: do not add up to the number of clients")
+    for i, t in enumerate(doc["targets"]):
+        for key in ("name", "value", "limit", "unit", "rule", "met", "note"):
+            if not isinstance(t, dict) or key not in t:
+                errors.append(f"targets[{i}].{key}: missing")
+    return errors
+
+
+def write_json(doc: Mapping[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+
+
+# -- the table ---------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str = ".1f", scale: float = 1.0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return format(value * scale, spec)
+
+
+def table(doc: Mapping[str, Any]) -> str:
+    """The printed summary: throughput, TTFT, cancel, keepalive, many clients, targets."""
+    raw, ds, peer = doc.get("raw"), doc.get("ds4tw"), (doc.get("peer") or {}).get("fixed")
+    natural = (doc.get("peer") or {}).get("natural")
+    lines = [
+        f"ds4tw-bench ({doc.get('engine')}, {'quick' if doc['settings'].get('quick') else 'full'})",
+        "",
+        f"{'median':<28}{'raw':>10}{'ds4tw':>10}{'peer':>10}{'ds4tw/raw':>11}{'peer/raw':>10}",
+    ]
+
+    def row(label: str, key: str, scale: float, spec: str, higher_better: bool) -> None:
+        vals = [_median(s, key) for s in (raw, ds, peer)]
+        rels: list[str] = []
+        for v in vals[1:]:
+            if higher_better:
+                rels.append(_fmt(ratio(v, vals[0]), ".3f"))
+            else:
+                d = None if v is None or vals[0] is None else (v - vals[0]) * scale
+                rels.append("-" if d is None else f"{d:+.1f}")
+        lines.append(
+            f"{label:<28}"
+            + "".join(f"{_fmt(v, spec, scale):>10}" for v in vals)
+            + f"{rels[0]:>11}{rels[1]:>10}"
+        )
+
+    row("decode tok/s", "decode_tps", 1, ".1f", True)
+    row("prefill tok/s (prompt/TTFT)", "prefill_tps", 1, ".0f", True)
+    row("TTFT short ms (diff)", "ttft_short_s", 1e3, ".1f", False)
+    row("TTFT long ms (diff)", "ttft_long_s", 1e3, ".1f", False)
+    if natural:
+        lines.append(
+            f"{'peer decode, no logit_bias':<28}{'':>10}{'':>10}"
+            f"{_fmt(_median(natural, 'decode_tps')):>10}{'':>11}"
+            f"{_fmt(ratio(_median(natural, 'decode_tps'), _median(raw, 'decode_tps')), '.3f'):>10}"
+        )
+    cancel = doc.get("cancel") or {}
+    if cancel:
+        lines.append("")
+        for stage, unit, key in (
+            ("decode", "token", "token_time_ms"),
+            ("prefill", "batch", "batch_time_ms"),
+        ):
+            part = cancel.get(stage) or {}
+            lat, ref = part.get("latency_ms") or {}, part.get(key) or {}
+            units = part.get("latency_in_units") or {}
+            lines.append(
+                f"cancel in {stage + ':':<9} latency median {_fmt(lat.get('median'), '.2f')} ms, "
+                f"max {_fmt(lat.get('max'), '.2f')} ms (n={lat.get('n')}); one {unit} "
+                f"{_fmt(ref.get('median'), '.1f')} ms median; max {_fmt(units.get('max'), '.2f')} "
+                f"{unit}s"
+            )
+    ka = doc.get("keepalive") or {}
+    if ka:
+        lines.append(
+            f"keepalive K={ka.get('keepalive_s')} s: longest gap {_fmt(ka.get('max_gap_s'), '.3f')}"
+            f" s (limit {_fmt(ka.get('limit_s'), '.2f')} s); silent decode verified: "
+            f"{_fmt(ka.get('silent_decode_verified'))}; stages seen: "
+            f"{_fmt(ka.get('all_stages_seen'))}"
+        )
+    many = doc.get("many_clients") or {}
+    if many:
+        o = many.get("outcomes") or {}
+        per = many.get("rss_per_waiting_client_bytes")
+        lines.append(
+            f"{many.get('clients')} waiting clients: completed {o.get('completed')}, "
+            f"cancelled {o.get('cancelled')}, errors {o.get('error')}; longest silence "
+            f"{_fmt((many.get('max_queued_gap_s') or {}).get('max'), '.3f')} s; "
+            f"RSS/connection {_fmt(per, '.1f', 1 / 1024)} KiB; accounted: "
+            f"{_fmt(many.get('all_accounted'))}"
+        )
+    lines += ["", "targets:"]
+    for t in doc.get("targets") or []:
+        verdict = {True: "MET ", False: "MISS", None: "n/a "}[t["met"]]
+        lines.append(
+            f"  [{verdict}] {t['name']}: {_fmt(t['value'], '.3f')} {t['rule']} "
+            f"{_fmt(t['limit'], '.3f')} {t['unit']}"
+        )
+    for note in doc.get("notes") or []:
+        lines.append(f"note: {note}")
+    for error in doc.get("errors") or []:
+        lines.append(f"error: {error.splitlines()[0] if error else error}")
+    return "\n".join(lines)
+
+
+# -- the chart ---------------------------------------------------------------
+
+
+def chart(doc: Mapping[str, Any], path: Path) -> None:
+    """
+    Three panels: throughput ratios to raw, the keepalive gap histogram
+    against K and K + 0.1 s, and cancel latencies against their limits.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = doc.get("ratios") or {}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    ax = axes[0]
+    bars = [
+        ("ds4tw\ndecode", r.get("ds4tw_decode"), "tab:blue"),
+        ("peer\ndecode", r.get("peer_decode"), "tab:orange"),
+        ("peer decode\nno bias", r.get("peer_natural_decode"), "navajowhite"),
+        ("ds4tw\nprefill", r.get("ds4tw_prefill"), "tab:blue"),
+        ("peer\nprefill", r.get("peer_prefill"), "tab:orange"),
+    ]
+    shown = [(label, v, c) for label, v, c in bars if v is not None]
+    if shown:
+        ax.bar([b[0] for b in shown], [b[1] for b in shown], color=[b[2] for b in shown])
+        for i, (_, v, _) in enumerate(shown):
+            ax.text(i, v + 0.01, f"{v:.3f}", ha="center", va="bottom", fontsize=9)
+        ax.axhline(DECODE_RATIO_TARGET, color="green", linestyle="--", label="decode target 0.97")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.set_ylim(0, max(1.1, max(b[1] for b in shown) + 0.1))
+    else:
+        ax.text(0.5, 0.5, "no raw baseline\n(scripted engine)", ha="center", va="center")
+    ax.set_title("throughput / raw llama-cpp-python")
+    ax.set_ylabel("ratio (medians)")
+
+    ax = axes[1]
+    ka = doc.get("keepalive") or {}
+    gaps_ms = [g * 1e3 for p in ka.get("probes") or [] for g in p.get("gaps_s") or []]
+    if gaps_ms:
+        ax.hist(gaps_ms, bins=40, color="tab:blue")
+        k = float(ka["keepalive_s"]) * 1e3
+        ax.axvline(k, color="gray", linestyle=":", label=f"K = {k:.0f} ms")
+        ax.axvline(k + 100, color="red", linestyle="--", label=f"limit K+100 = {k + 100:.0f} ms")
+        ax.legend(fontsize=8)
+    ax.set_title("keepalive probe: gaps between bytes")
+    ax.set_xlabel("gap (ms)")
+    ax.set_ylabel("count")
+
+    ax = axes[2]
+    cancel = doc.get("cancel") or {}
+    for x, stage in enumerate(("decode", "prefill")):
+        part = cancel.get(stage) or {}
+        values = (part.get("latency_in_units") or {}).get("values") or []
+        ax.scatter([x] * len(values), values, color="tab:blue", zorder=3)
+    ax.axhline(1.0, color="red", linestyle="--", label="limit: 1 token / 1 batch")
+    ax.set_xticks([0, 1], ["decode\n(in token times)", "prefill\n(in prefill batches)"])
+    ax.set_xlim(-0.5, 1.5)
+    ax.set_ylim(0, 1.5)
+    ax.legend(fontsize=8)
+    ax.set_title("cancel latency (ds4tw log) / its limit")
+    ax.set_ylabel("latency / (one token or one batch)")
+    fig.suptitle(
+        f"ds4tw-bench: {doc.get('engine')} engine, {doc['machine'].get('cpus')} CPUs, "
+        f"{doc['model'].get('name', '')}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
