@@ -24,13 +24,14 @@ from twisted.application.service import MultiService
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
+from twisted.web.server import Request
 
 from ._engine import Engine
 from ._errors import APIError, invalid, unauthorized
 from ._metrics import CONTENT_TYPE_LATEST, Metrics
 from ._reasoning import reasoning_parser
+from ._routing import json_response
 from ._worker import Finish, Job, JobCancelled, PoolThreads, Worker, WorkerThreads
 
 log = Logger()
@@ -60,15 +61,9 @@ class ServerConfig:
     anthropic_ping: bool = False
 
 
-def _header(request: IRequest, name: bytes) -> str:
+def _header(request: Request, name: bytes) -> str:
     value = request.getHeader(name)
     return value.decode("latin-1") if isinstance(value, bytes) else (value or "")
-
-
-def _json(request: IRequest, payload: Any, status: int = 200) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps(payload, ensure_ascii=False).encode()
 
 
 class Server(MultiService):
@@ -124,7 +119,7 @@ class Server(MultiService):
     def request_id(self, prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
-    def authorize(self, request: IRequest) -> None:
+    def authorize(self, request: Request) -> None:
         key = self.config.api_key
         if not key:
             return
@@ -135,7 +130,7 @@ class Server(MultiService):
         if not hmac.compare_digest(given.encode(), key.encode()):
             raise unauthorized()
 
-    def cors(self, request: IRequest) -> None:
+    def cors(self, request: Request) -> None:
         origins = self.config.cors_origins
         if not origins:
             return
@@ -146,7 +141,7 @@ class Server(MultiService):
             request.setHeader(b"access-control-allow-origin", origin.encode())
             request.setHeader(b"vary", b"Origin")
 
-    def read_json(self, request: IRequest) -> dict[str, Any]:
+    def read_json(self, request: Request) -> dict[str, Any]:
         """The request body as a JSON object, or a 400/413 that says why not."""
         content = request.content
         body = content.read(self.config.max_body_bytes + 1) if content is not None else b""
@@ -166,7 +161,7 @@ class Server(MultiService):
         app = self.app
 
         @app.route("/health", methods=["GET"])
-        def health(request: IRequest) -> bytes:
+        def health(request: Request) -> bytes:
             w = self.worker
             status = "ok" if w.ready else ("error" if w.load_error else "loading")
             payload = {
@@ -177,15 +172,15 @@ class Server(MultiService):
             }
             if not w.ready:
                 request.setHeader(b"retry-after", b"5")
-            return _json(request, payload, 200 if w.ready else 503)
+            return json_response(request, payload, 200 if w.ready else 503)
 
         @app.route("/metrics", methods=["GET"])
-        def metrics(request: IRequest) -> bytes:
+        def metrics(request: Request) -> bytes:
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
             return self.metrics.render()
 
         @app.route("/v1/<path:rest>", methods=["OPTIONS"])
-        def preflight(request: IRequest, rest: str) -> bytes:
+        def preflight(request: Request, rest: str) -> bytes:
             self.cors(request)
             request.setHeader(b"access-control-allow-methods", b"GET, POST, OPTIONS")
             request.setHeader(

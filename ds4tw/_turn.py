@@ -19,7 +19,7 @@ tests/unit/test_openai_routes.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -47,44 +47,61 @@ class Prompt:
     text: str = ""
 
 
-def context_exceeded(prompt_tokens: int, n_ctx: int) -> APIError:
+def context_exceeded(prompt_tokens: int, n_ctx: int, param: str) -> APIError:
     return invalid(
         f"This model's maximum context length is {n_ctx} tokens, but the prompt is "
         f"{prompt_tokens} tokens long (at least one token must be left to generate).",
-        param="messages",
+        param=param,
         code="context_length_exceeded",
     )
 
 
 async def chat_prompt(
-    server: Server, messages: Sequence[dict[str, Any]], **template_kwargs: Any
+    server: Server,
+    messages: Sequence[dict[str, Any]],
+    template_kwargs: Mapping[str, Any] | None = None,
+    *,
+    continuation: str = "",
+    param: str = "messages",
+    check: bool = True,
 ) -> Prompt:
+    """
+    Render C{messages} with the chat template and tokenize, off the reactor.
+
+    @param continuation: text the model's reply starts with (Anthropic's
+        trailing assistant turn), appended after the generation prompt.
+    @param param: the request field the messages came from, for errors.
+    @param check: refuse a prompt that does not fit the context (off when
+        only counting tokens).
+    """
     engine = server.engine
+    kwargs = dict(template_kwargs or {})
 
     def render() -> Prompt:
         try:
-            chat = engine.apply_chat_template(messages, **template_kwargs)
+            chat = engine.apply_chat_template(messages, **kwargs)
         except Exception as e:  # jinja's raise_exception and friends
-            raise invalid(f"the chat template rejected these messages: {e}", "messages") from e
+            raise invalid(f"the chat template rejected these messages: {e}", param) from e
+        text = chat.text + continuation
         # The template already carries BOS where the model wants one.
-        return Prompt(engine.tokenize(chat.text, add_bos=False), chat.stop, chat.text)
+        return Prompt(engine.tokenize(text, add_bos=False), chat.stop, text)
 
     prompt: Prompt = await _offload(server, render)
-    return checked(server, prompt)
+    return checked(server, prompt, param) if check else prompt
 
 
 async def text_prompt(server: Server, prompt: str | list[int]) -> Prompt:
     if isinstance(prompt, list):
-        return checked(server, Prompt(prompt))
+        return checked(server, Prompt(prompt), "prompt")
     tokens: list[int] = await _offload(server, server.engine.tokenize, prompt)
-    return checked(server, Prompt(tokens, text=prompt))
+    return checked(server, Prompt(tokens, text=prompt), "prompt")
 
 
-def checked(server: Server, prompt: Prompt) -> Prompt:
+def checked(server: Server, prompt: Prompt, param: str) -> Prompt:
     if not prompt.tokens:
-        raise invalid("the prompt is empty", "prompt")
+        raise invalid("the prompt is empty", param)
     if len(prompt.tokens) >= server.engine.n_ctx:
-        raise context_exceeded(len(prompt.tokens), server.engine.n_ctx)
+        raise context_exceeded(len(prompt.tokens), server.engine.n_ctx, param)
     return prompt
 
 

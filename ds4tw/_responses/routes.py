@@ -10,17 +10,15 @@ tests/integration/test_responses_sdk.py.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import TYPE_CHECKING
 
 from twisted.web.server import Request
 
-from .. import _turn
-from .._errors import APIError
-from .._openai.routes import error_response
-from .._worker import JobCancelled
+from .. import _routing, _turn
+from .._openai.render import error_body
+from .._routing import json_response
 from . import render
 from .schema import ResponsesRequest
 
@@ -29,29 +27,19 @@ if TYPE_CHECKING:
 
 
 def add_routes(server: Server) -> None:
-    app = server.app
+    api = _routing.api(server, error_body)
 
-    @app.route("/v1/responses", methods=["POST"])
+    @server.app.route("/v1/responses", methods=["POST"])
+    @api
     async def responses(request: Request) -> bytes | None:
-        server.cors(request)
-        try:
-            server.authorize(request)
-            return await _respond(server, request)
-        except APIError as e:
-            return error_response(request, e)
-        except JobCancelled:
-            return None  # the client is gone; nothing to say
+        return await _respond(server, request)
 
 
 async def _respond(server: Server, request: Request) -> bytes | None:
     req = ResponsesRequest.parse(server.read_json(request))
-    try:
-        prompt = await _turn.chat_prompt(server, req.template_messages(), **req.template_kwargs())
-    except APIError as e:
-        # The shared lifecycle names chat's field; here it is "input".
-        if e.param == "messages":
-            e.param = "input"
-        raise
+    prompt = await _turn.chat_prompt(
+        server, req.template_messages(), req.template_kwargs(), param="input"
+    )
     max_tokens = _turn.max_tokens_for(server, prompt, req.max_output_tokens)
     params = req.sampling(max_tokens, prompt.stops)
     rid = f"resp_{uuid.uuid4().hex}"
@@ -62,5 +50,4 @@ async def _respond(server: Server, request: Request) -> bytes | None:
         await _turn.stream(server, request, job, render.ResponsesStream(builder))
         return None
     got = await _turn.collect(server, job)
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps(render.response_body(builder, got), ensure_ascii=False).encode()
+    return json_response(request, render.response_body(builder, got))
