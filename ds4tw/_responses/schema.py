@@ -150,8 +150,13 @@ class ResponsesRequest(_Lenient):
             raise no("text.format", f"only {{'type': 'text'}} is supported, not {fmt.type!r}")
         if self.text and self.text.verbosity not in (None, "medium"):
             raise no("text.verbosity", "only 'medium' is supported by this server")
-        if self.include:
-            raise no("include", f"extra output data ({', '.join(self.include)}) is not supported")
+        # Stateless agents (store=false) ask for encrypted reasoning so they
+        # can send it back next turn. With no server-side secret to protect,
+        # the reasoning item already carries its text in the clear and is
+        # accepted back as input, so that request is met as it stands.
+        extra = [i for i in self.include or () if i != "reasoning.encrypted_content"]
+        if extra:
+            raise no("include", f"extra output data ({', '.join(extra)}) is not supported")
         if self.top_logprobs:
             raise no("top_logprobs", "log probabilities are not supported by this server")
         if self.prompt is not None:

@@ -397,6 +397,18 @@ def test_input_items_become_the_chat_prompt() -> None:
     )
 
 
+def test_stateless_agents_asking_for_encrypted_reasoning_are_served() -> None:
+    """
+    Agents that keep no server state send include=[reasoning.encrypted_content]
+    and pass reasoning items back next turn; both are accepted.
+    """
+    rig = make_rig()
+    ex = post(rig, store=False, include=["reasoning.encrypted_content"])
+    rig.threads.run_until_idle()
+    assert ex.status == 200
+    assert ex.json()["status"] == "completed"
+
+
 def test_string_input_is_one_user_message() -> None:
     rig = make_rig()
     post(rig, input="Hello")
@@ -586,9 +598,9 @@ BAD_REQUESTS: list[tuple[bytes | dict[str, Any], str | None, str]] = [
     ),
     ({"input": "x", "text": {"verbosity": "low"}}, "text.verbosity", "only 'medium'"),
     (
-        {"input": "x", "include": ["reasoning.encrypted_content"]},
+        {"input": "x", "include": ["reasoning.encrypted_content", "message.output_text.logprobs"]},
         "include",
-        "reasoning.encrypted_content",
+        "(message.output_text.logprobs) is not supported",
     ),
     ({"input": "x", "top_logprobs": 3}, "top_logprobs", "log probabilities"),
     ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt", "prompt templates"),
