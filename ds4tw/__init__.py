@@ -1,6 +1,7 @@
 """
 ds4tw: a Twisted + Klein server for local GGUF models over the OpenAI
-API. No silent streams; no wasted compute.
+(chat completions, completions, responses) and Anthropic (messages) APIs.
+No silent streams; no wasted compute.
 
 The public API is what this module exports; everything else is private
 and may change. Test doubles are in L{ds4tw.testing}.
