@@ -1,0 +1,69 @@
+"""
+The CI smoke run of the benchmark: C{ds4tw-bench --quick --engine
+scripted} end to end (real subprocess servers on real ports, real SSE,
+the real log and metrics), checking that it exits 0 and writes a valid
+JSON document and a PNG chart.
+
+No speed is asserted: the scripted engine's pace is fixed and the machine
+is shared. What is asserted is that every part produced its numbers and
+that the qualitative facts hold (the silent decode really was silent,
+every waiting client is accounted for).
+
+Caveat: raw llama-cpp-python and the peer server are skipped on the
+scripted engine (the JSON says so); the full run on the demo model is
+what exercises them (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ds4tw.bench._report import validate
+
+#: The whole quick scripted run takes about 15 s; this bounds a hang.
+TIMEOUT_S = 240
+
+
+def bench_command() -> list[str]:
+    """The console script when installed beside this Python (it proves the entry point)."""
+    script = Path(sys.executable).parent / "ds4tw-bench"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ds4tw.bench"]
+
+
+def test_quick_scripted_run_writes_valid_results(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [*bench_command(), "--quick", "--engine", "scripted", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "targets:" in proc.stdout
+
+    doc = json.loads((out / "bench.json").read_text())
+    assert validate(doc) == []
+    assert doc["errors"] == []
+    assert doc["engine"] == "scripted"
+    assert doc["raw"] is None and doc["peer"] is None
+    assert any("skipped" in note for note in doc["notes"])
+
+    assert doc["ds4tw"]["decode_tps"]["n"] == doc["settings"]["decode_trials"]
+    assert doc["ds4tw"]["errors"] == []
+    assert doc["cancel"]["decode"]["latency_ms"]["n"] >= 1
+    assert doc["cancel"]["prefill"]["latency_ms"]["n"] >= 1
+    ka = doc["keepalive"]
+    assert ka["silent_decode_verified"] and ka["all_stages_seen"]
+    many = doc["many_clients"]
+    assert many["clients"] == doc["settings"]["clients"]
+    assert many["outcomes"]["error"] == 0 and many["all_accounted"]
+    assert many["rss_per_waiting_client_bytes"] is not None
+
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Every server the run started was stopped.
+    for log in (out / "logs").glob("*.log"):
+        assert "Traceback" not in log.read_text(errors="replace"), log

@@ -1,0 +1,566 @@
+"""
+The benchmark's own logic (ds4tw.bench), without sockets, servers or a
+model: HTTP/chunked/SSE parsing of timed reads, the timing extraction,
+rates, ratios and gaps, the cancel log and metrics parsing (on text
+produced by ds4tw's own log function and metrics registry, so a format
+change there fails here), the keepalive and many-clients analyses, and
+the results document's schema, table and chart.
+
+Caveat: these prove the arithmetic and the parsing; that the numbers are
+measured at the right moments over real sockets is what
+tests/integration/test_bench_smoke.py checks (without asserting speed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+
+from ds4tw._app import _log_job
+from ds4tw._engine import SamplingParams
+from ds4tw._metrics import Metrics
+from ds4tw._worker import Job, JobCancelled, Stage
+from ds4tw.bench import _noise, _report, _stats, _throughput
+from ds4tw.bench.__main__ import parse
+from ds4tw.bench._cancel import _stage_summary, parse_cancel_lines, parse_metrics
+from ds4tw.bench._client import Stream, request_bytes
+from ds4tw.bench._keepalive import analyse_probe, read_labels
+from ds4tw.bench._many import client_outcome
+from ds4tw.bench._settings import make_settings
+from ds4tw.bench._sse import (
+    ChunkedDecoder,
+    ResponseReader,
+    SSEParser,
+    delta_text,
+    finish_reason,
+    saw_done,
+    text_times,
+    usage,
+)
+from ds4tw.bench._workload import Prompts, completion_body, plan, silent_chat_body
+
+# -- helpers ---------------------------------------------------------------
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def sse(payload: Any) -> bytes:
+    text = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {text}\n\n".encode()
+
+
+def completion_chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+    return {"object": "text_completion", "choices": [{"text": text, "finish_reason": finish}]}
+
+
+def chat_chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {
+        "object": "chat.completion.chunk",
+        "choices": [{"delta": delta, "finish_reason": finish}],
+    }
+
+
+def usage_chunk(completion: int, reasoning: int = 0, prompt: int = 10) -> dict[str, Any]:
+    return {
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "completion_tokens_details": {"reasoning_tokens": reasoning},
+        },
+    }
+
+
+def fed(reads: list[tuple[float, bytes]], sent: float = 0.0, **kw: Any) -> Stream:
+    """A Stream as the client would have recorded these (time, bytes) reads."""
+    reader = ResponseReader()
+    for t, data in reads:
+        reader.feed(t, data)
+    return Stream(sent, reader, **kw)
+
+
+# -- HTTP, chunked, SSE ----------------------------------------------------
+
+
+def test_chunked_decoder_handles_any_split() -> None:
+    body = chunk(b"hello ") + chunk(b"world") + b"0\r\n\r\n"
+    for size in (1, 2, 3, 7, len(body)):
+        d = ChunkedDecoder()
+        out = b"".join(d.feed(body[i : i + size]) for i in range(0, len(body), size))
+        assert out == b"hello world"
+        assert d.done
+
+
+def test_chunked_decoder_not_done_before_last_chunk() -> None:
+    d = ChunkedDecoder()
+    assert d.feed(chunk(b"abc")) == b"abc"
+    assert not d.done
+    d.feed(b"0\r\n")
+    assert not d.done  # the empty line after the (empty) trailer is missing
+    d.feed(b"\r\n")
+    assert d.done
+
+
+def test_sse_parser_comments_at_once_data_at_blank_line() -> None:
+    p = SSEParser()
+    assert [(e.kind, e.text) for e in p.feed(1.0, b": queued\n")] == [("comment", "queued")]
+    assert p.feed(2.0, b'data: {"a"') == []
+    assert p.feed(2.5, b": 1}\n") == []
+    events = p.feed(3.0, b"\nevent: error\r\ndata: x\r\n\r\n")
+    assert [(e.t, e.kind, e.text, e.event) for e in events] == [
+        (3.0, "data", '{"a": 1}', None),
+        (3.0, "data", "x", "error"),
+    ]
+
+
+def test_response_reader_times_events_by_the_read_that_completed_them() -> None:
+    s = fed(
+        [
+            (0.1, HEAD[:20]),
+            (0.2, HEAD[20:]),
+            (0.5, chunk(b": queued\n\n")),
+            (0.9, chunk(sse(completion_chunk("Hel"))[:10])),
+            (1.0, chunk(sse(completion_chunk("Hel"))[10:]) + chunk(sse(completion_chunk("lo")))),
+            (1.2, chunk(sse(completion_chunk("", "length")) + sse("[DONE]")) + b"0\r\n\r\n"),
+        ]
+    )
+    r = s.reader
+    assert r.status == 200 and r.head_t == 0.2 and r.complete
+    assert [(e.t, e.kind) for e in r.events] == [
+        (0.5, "comment"),
+        (1.0, "data"),
+        (1.0, "data"),
+        (1.2, "data"),
+        (1.2, "data"),
+    ]
+    assert text_times(r.events) == [1.0, 1.0]
+    assert finish_reason(r.events) == "length"
+    assert saw_done(r.events)
+    assert len(r.reads) == 6
+
+
+def test_response_reader_content_length_and_eof() -> None:
+    r = ResponseReader()
+    r.feed(0.0, b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbu")
+    assert r.status == 503 and not r.complete
+    r.feed(0.1, b"sy")
+    assert r.complete and bytes(r.body) == b"busy"
+    raw = ResponseReader()
+    raw.feed(0.0, b"HTTP/1.0 200 OK\r\n\r\ndata: x\n\n")
+    assert not raw.complete
+    raw.eof()
+    assert raw.complete
+
+
+def test_delta_text_reads_completions_and_chat_chunks() -> None:
+    def ev(payload: Any) -> Any:
+        return SSEParser().feed(0.0, sse(payload))[0]
+
+    assert delta_text(ev(completion_chunk("hi"))) == ("content", "hi")
+    assert delta_text(ev(chat_chunk({"content": "yo"}))) == ("content", "yo")
+    assert delta_text(ev(chat_chunk({"reasoning_content": "hm"}))) == ("reasoning", "hm")
+    assert delta_text(ev(chat_chunk({"role": "assistant"}))) is None
+    assert delta_text(ev(completion_chunk("", "stop"))) is None
+    assert delta_text(ev("[DONE]")) is None
+    assert delta_text(ev(usage_chunk(3))) is None
+    assert usage([ev(usage_chunk(3))]) == usage_chunk(3)["usage"]
+
+
+def test_request_bytes_is_a_complete_http_request() -> None:
+    raw = request_bytes("POST", "/v1/completions", {"a": 1}, 8000)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /v1/completions HTTP/1.1\r\n")
+    assert b"Content-Length: 8" in head and body == b'{"a": 1}'
+
+
+# -- stats ---------------------------------------------------------------------
+
+
+def test_decode_rate_counts_intervals_after_the_first_token() -> None:
+    assert _stats.decode_rate([1.0, 1.1, 1.2, 1.3, 1.4]) == pytest.approx(10.0)
+    assert _stats.decode_rate([1.0]) is None
+    assert _stats.decode_rate([1.0, 1.0]) is None
+
+
+def test_gaps_include_the_wait_for_the_first_byte() -> None:
+    assert _stats.gaps([0.3, 0.5, 1.0], start=0.1) == pytest.approx([0.2, 0.2, 0.5])
+    assert _stats.gaps([0.5, 0.3]) == pytest.approx([0.2])
+    assert _stats.gaps([]) == []
+
+
+def test_ratio_and_summary() -> None:
+    assert _stats.ratio(97.0, 100.0) == pytest.approx(0.97)
+    assert _stats.ratio(None, 1.0) is None and _stats.ratio(1.0, 0.0) is None
+    s = _stats.summary([3.0, None, 1.0, 2.0])
+    assert (s["n"], s["median"], s["min"], s["max"]) == (3, 2.0, 1.0, 3.0)
+    assert s["values"] == [3.0, 1.0, 2.0]
+    assert _stats.summary([None])["median"] is None
+    assert _stats.percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+
+
+# -- throughput ------------------------------------------------------------
+
+
+def test_trial_numbers_uses_usage_for_the_token_count() -> None:
+    s = fed(
+        [
+            (0.0, HEAD),
+            (0.05, chunk(sse(completion_chunk("a")))),
+            (0.15, chunk(sse(completion_chunk("bc")))),  # two tokens in one event
+            (0.25, chunk(sse(completion_chunk("d")))),
+            (
+                0.26,
+                chunk(sse(completion_chunk("", "length")) + sse(usage_chunk(4)) + sse("[DONE]")),
+            ),
+        ]
+    )
+    n = _throughput.trial_numbers(s, expected_tokens=4)
+    assert n["ttft_s"] == pytest.approx(0.05)
+    assert n["tokens"] == 4 and n["text_events"] == 3
+    assert n["decode_tps"] == pytest.approx(3 / 0.2)
+    assert n["prompt_tokens"] == 10 and n["finish_reason"] == "length"
+
+
+def test_trial_numbers_without_usage_trusts_a_length_finish_only() -> None:
+    reads = [
+        (0.0, HEAD),
+        (0.1, chunk(sse(completion_chunk("a")))),
+        (0.2, chunk(sse(completion_chunk("b")))),
+    ]
+    length = fed([*reads, (0.3, chunk(sse(completion_chunk("", "length"))))])
+    stop = fed([*reads, (0.3, chunk(sse(completion_chunk("", "stop"))))])
+    assert _throughput.trial_numbers(length, expected_tokens=9)["tokens"] == 9
+    assert _throughput.trial_numbers(stop, expected_tokens=9)["tokens"] == 2
+
+
+def test_measure_interleaves_stacks_and_shares_prompt_sizes() -> None:
+    settings = make_settings(quick=True, engine="scripted")
+    workload = plan(settings)
+    calls: list[tuple[str, str, int]] = []
+
+    def runner(name: str, tps: float, knows_prompt: bool) -> _throughput.Runner:
+        def run(prompt: str, max_tokens: int) -> dict[str, Any]:
+            calls.append((name, prompt, max_tokens))
+            return {
+                "status": 200,
+                "error": None,
+                "ttft_s": 0.01 * len(prompt) / 10,
+                "tokens": max_tokens,
+                "text_events": max_tokens,
+                "decode_tps": tps,
+                "finish_reason": "length",
+                "prompt_tokens": len(prompt) if knows_prompt else None,
+            }
+
+        return run
+
+    got = _throughput.measure(
+        {
+            "a": runner("a", 100.0, True),
+            "b": runner("b", 90.0, False),
+            "c": runner("c", 80.0, False),
+        },
+        settings,
+        workload,
+        decode_only=["c"],
+    )
+    decode_calls = [c for c in calls if c[2] == settings.decode_tokens]
+    # Each prompt goes to every stack before the next; the order rotates.
+    assert [c[0] for c in decode_calls[:6]] == ["a", "b", "c", "b", "c", "a"]
+    assert {c[1] for c in calls if c[0] == "a"} == {c[1] for c in calls if c[0] == "b"}
+    assert "ttft_short_s" not in got["c"]
+    assert got["b"]["prefill_tps"]["median"] == pytest.approx(got["a"]["prefill_tps"]["median"])
+    assert got["a"]["decode_tps"]["median"] == 100.0
+
+
+def test_summarise_reports_raw_intervals_and_full_batches() -> None:
+    base = {"status": 200, "error": None, "finish_reason": "length", "tokens": 3}
+    decode = [{**base, "ttft_s": 0.05, "decode_tps": 100.0, "intervals_s": [0.01, 0.01]}]
+    long = [
+        {
+            **base,
+            "ttft_s": 1.0,
+            "decode_tps": None,
+            "prompt_tokens": 300,
+            "cached_tokens": 2,
+            "batches": [(256, 0.8), (42, 0.2)],
+            "prefill_eval_s": 0.9,
+        }
+    ]
+    s = _throughput.summarise({"decode": decode, "ttft": [], "long": long})
+    assert s["token_time_s"]["median"] == pytest.approx(0.01)
+    assert s["prefill_batch_s"]["values"] == [0.8]
+    assert s["prefill_tps"]["median"] == pytest.approx(300.0)
+    assert s["prefill_eval_tps"]["median"] == pytest.approx(298 / 0.9)
+
+
+# -- cancel ----------------------------------------------------------------
+
+
+def test_cancel_lines_parse_what_ds4tw_logs() -> None:
+    """The regex reads the line ds4tw's own _log_job writes (a format drift fails here)."""
+    events: list[Any] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        job = Job([1, 2], SamplingParams(), label="cmpl-abc completion stream=True")
+        job.cancel("client disconnected")
+        assert job.cancel_requested_at is not None
+        job._outcome.stopped_at = job.cancel_requested_at + 0.00321
+        _log_job(job, Failure(JobCancelled(Stage.DECODE, "client disconnected")))
+        queued = Job([1], SamplingParams(), label="cmpl-q completion stream=True")
+        _log_job(queued, Failure(JobCancelled(Stage.QUEUED, "client disconnected")))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    text = "\n".join("2026-01-01T00:00:00+0000 [ds4tw._app#info] " + formatEvent(e) for e in events)
+    lines = parse_cancel_lines(text)
+    assert lines == [
+        {"stage": "decode", "reason": "client disconnected", "latency_ms": pytest.approx(3.21)},
+        {"stage": "queued", "reason": "client disconnected", "latency_ms": None},
+    ]
+
+
+def test_parse_metrics_reads_ds4tw_metrics() -> None:
+    m = Metrics()
+    m.jobs.labels("done").inc(3)
+    m.jobs.labels("cancelled").inc(2)
+    m.cancelled.labels("queued").inc(2)
+    m.cancel_latency.labels("decode").observe(0.004)
+    m.cancel_latency.labels("decode").observe(0.006)
+    m.keepalive_sent("queued")
+    got = parse_metrics(m.render().decode())
+    assert got["jobs"] == {"done": 3.0, "cancelled": 2.0}
+    assert got["cancelled"] == {"queued": 2.0}
+    assert got["cancel_latency"]["decode"] == {"count": 2.0, "sum_s": pytest.approx(0.01)}
+    assert got["keepalive_frames"] == {"queued": 1.0}
+
+
+def test_stage_summary_measures_each_trial_in_its_own_units() -> None:
+    trials = [
+        {"stage": "decode", "latency_ms": 5.0, "token_time_ms": 10.0, "client_to_idle_ms": 6.0},
+        {"stage": "decode", "latency_ms": 9.0, "token_time_ms": 12.0, "client_to_idle_ms": 10.0},
+        {"stage": "done", "latency_ms": None, "token_time_ms": 10.0, "client_to_idle_ms": 1.0},
+    ]
+    s = _stage_summary(trials, "decode", "token_time_ms")
+    assert s["latency_ms"]["max"] == 9.0
+    assert s["latency_in_units"]["values"] == pytest.approx([0.5, 0.75])
+    assert s["missed_stage"] == 1
+
+
+# -- keepalive and many clients ---------------------------------------------
+
+
+def probe_reads(*, leak: bool = False) -> list[tuple[float, bytes]]:
+    role = chat_chunk({"role": "assistant", "content": ""})
+    tail = sse(chat_chunk({}, "length")) + sse(usage_chunk(5, reasoning=5)) + sse("[DONE]")
+    reads = [
+        (0.01, HEAD),
+        (0.31, chunk(b": queued\n\n")),
+        (0.61, chunk(b": queued\n\n")),
+        (0.91, chunk(b": prefill\n\n")),
+        (1.05, chunk(sse(role))),
+        (1.35, chunk(b": decode\n\n")),
+        (1.65, chunk(b": decode\n\n")),
+        (1.70, chunk(tail) + b"0\r\n\r\n"),
+    ]
+    if leak:
+        reads.insert(6, (1.4, chunk(sse(chat_chunk({"content": "oops"})))))
+    return reads
+
+
+def test_keepalive_probe_analysis() -> None:
+    s = fed(probe_reads(), sent=0.0)
+    labels = [label for _, label in read_labels(s.reader)]
+    assert labels == ["headers", "queued", "queued", "prefill", "data", "decode", "decode", "data"]
+    got = analyse_probe(s, keepalive=0.3, silent_tokens=5)
+    assert got["max_gap_s"] == pytest.approx(0.30)
+    assert got["late_gaps"] == 0
+    assert got["comment_frames"] == {"queued": 2, "prefill": 1, "decode": 2}
+    assert got["silent_decode_verified"] and got["all_stages_seen"]
+    assert got["max_gap_by_stage_s"]["queued"] == pytest.approx(0.30)
+    leaky = analyse_probe(fed(probe_reads(leak=True)), keepalive=0.3, silent_tokens=5)
+    assert not leaky["silent_decode_verified"]
+    late = analyse_probe(s, keepalive=0.1, silent_tokens=5)
+    assert late["late_gaps"] > 0
+
+
+def test_client_outcomes() -> None:
+    queued = [(0.01, HEAD), (0.51, chunk(b": queued\n\n")), (1.01, chunk(b": queued\n\n"))]
+    done = chunk(sse(completion_chunk("x")) + sse(completion_chunk("", "length")) + sse("[DONE]"))
+    completed = client_outcome(fed([*queued, (1.2, done + b"0\r\n\r\n")]), cancelled=False)
+    assert completed["outcome"] == "completed"
+    assert completed["max_queued_gap_s"] == pytest.approx(0.5)
+    assert completed["queued_frames"] == 2
+    hung = client_outcome(fed(queued, hung_up=1.8), cancelled=True)
+    assert hung["outcome"] == "cancelled"
+    assert hung["max_queued_gap_s"] == pytest.approx(0.79)  # silence up to the hang-up
+    assert client_outcome(fed(queued), cancelled=False)["outcome"] == "error"  # no [DONE]
+    busy = fed([(0.01, b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")])
+    assert client_outcome(busy, cancelled=False)["outcome"] == "error"
+
+
+def test_foreign_cores() -> None:
+    assert _noise.foreign_cores((10.0, 12.0), (5.0, 6.0), (0.0, 1.0)) == pytest.approx(1.0)
+    # A child that exited took its CPU time with it: never negative.
+    assert _noise.foreign_cores((10.0, 10.5), (5.0, 7.0), (0.0, 1.0)) == 0.0
+    assert _noise.foreign_cores((1.0, 2.0), (1.0, 1.0), (1.0, 1.0)) is None
+
+
+# -- workload and settings -----------------------------------------------------
+
+
+def test_prompts_are_seeded_and_never_start_alike() -> None:
+    a, b = Prompts(7), Prompts(7)
+    first = [a.words(10) for _ in range(5)]
+    assert first == [b.words(10) for _ in range(5)]
+    assert len({p.split(":")[0] for p in first}) == 5
+    assert plan(make_settings(quick=True)) == plan(make_settings(quick=True))
+
+
+def test_request_bodies_fix_the_length_each_stack_s_way() -> None:
+    ds = completion_body("ds4tw", "hi", 8)
+    peer = completion_body("peer", "hi", 8, eog_ids=[0, 2])
+    natural = completion_body("peer", "hi", 8, fixed_length=False, eog_ids=[0, 2])
+    assert ds["ignore_eos"] and ds["stream"] and ds["temperature"] == 0.0
+    assert "ignore_eos" not in peer and peer["logit_bias"] == {"0": -1e9, "2": -1e9}
+    assert "logit_bias" not in natural
+    assert ds["repeat_penalty"] == peer["repeat_penalty"] == 1.0
+    silent = silent_chat_body("hi", 5)
+    assert silent["reasoning_effort"] == "none" and silent["ignore_eos"]
+
+
+def test_settings_and_arguments() -> None:
+    quick, full = make_settings(quick=True), make_settings(quick=False)
+    assert quick.decode_tokens < full.decode_tokens and full.clients == 200
+    assert make_settings(quick=False, clients=1000).clients == 1000
+    args = parse(["--quick", "--engine", "scripted", "--out", "x", "--clients", "5"])
+    assert (args.quick, args.engine, args.out, args.clients) == (True, "scripted", "x", 5)
+    with pytest.raises(SystemExit):
+        parse(["--clients", "0"])
+
+
+# -- the document ----------------------------------------------------------
+
+
+def summary_of(*values: float) -> dict[str, Any]:
+    return _stats.summary(list(values))
+
+
+def synthetic_doc() -> dict[str, Any]:
+    """A complete document, built with the same functions the command uses."""
+    stack = {
+        "decode_tps": summary_of(100.0, 102.0),
+        "ttft_short_s": summary_of(0.050, 0.052),
+        "ttft_long_s": summary_of(2.0),
+        "prefill_tps": summary_of(360.0),
+    }
+    ds = {**stack, "decode_tps": summary_of(98.0, 99.0), "ttft_short_s": summary_of(0.053)}
+    peer = {**stack, "decode_tps": summary_of(85.0), "ttft_short_s": summary_of(0.060)}
+    units = {"decode": summary_of(0.4, 0.9), "prefill": summary_of(0.5)}
+    doc: dict[str, Any] = {
+        "schema": _report.SCHEMA,
+        "created": "2026-01-01T00:00:00+00:00",
+        "command": "ds4tw-bench",
+        "engine": "llama",
+        "duration_s": 100.0,
+        "machine": {"cpus": 2},
+        "versions": {"ds4tw": "0"},
+        "model": {"name": "m.gguf"},
+        "settings": make_settings(quick=False).as_dict(),
+        "notes": [],
+        "errors": [],
+        "raw": stack,
+        "ds4tw": ds,
+        "peer": {"fixed": peer, "natural": {"decode_tps": summary_of(90.0)}},
+        "ratios": {},
+        "cancel": {
+            stage: {
+                "trials": [],
+                "latency_ms": summary_of(4.0),
+                "latency_in_units": units[stage],
+            }
+            for stage in ("decode", "prefill")
+        },
+        "keepalive": {
+            "keepalive_s": 0.5,
+            "limit_s": 0.6,
+            "gaps_s": summary_of(0.1, 0.5),
+            "max_gap_s": 0.5,
+            "probes": [{"gaps_s": [0.1, 0.5]}],
+        },
+        "many_clients": {
+            "clients": 4,
+            "limit_s": 0.6,
+            "outcomes": {"completed": 3, "cancelled": 1, "error": 0},
+            "rss_per_waiting_client_bytes": 20000.0,
+            "max_queued_gap_s": summary_of(0.5, 0.7),
+        },
+        "targets": [],
+    }
+    doc["ratios"] = _report.ratios(doc)
+    doc["targets"] = _report.targets(doc)
+    return doc
+
+
+def test_ratios_and_targets() -> None:
+    doc = synthetic_doc()
+    r = doc["ratios"]
+    assert r["ds4tw_decode"] == pytest.approx(98.5 / 101.0)
+    assert r["peer_decode"] == pytest.approx(85.0 / 101.0)
+    assert r["peer_natural_decode"] == pytest.approx(90.0 / 101.0)
+    assert r["ds4tw_ttft_short_overhead_ms"] == pytest.approx(2.0)
+    assert r["ds4tw_over_peer_decode"] == pytest.approx(98.5 / 85.0)
+    met = {t["name"].split(",")[0]: t["met"] for t in doc["targets"]}
+    assert met == {
+        "ds4tw decode throughput / raw": True,
+        "ds4tw TTFT overhead over raw (short prompt)": True,
+        "cancel latency in decode": True,
+        "cancel latency in prefill": True,
+        "longest keepalive gap (queued": True,
+        "longest silence of a waiting client": False,  # 0.7 > 0.6
+    }
+
+
+def test_validate_accepts_a_complete_document_and_its_json() -> None:
+    doc = synthetic_doc()
+    assert _report.validate(doc) == []
+    assert _report.validate(json.loads(json.dumps(doc))) == []
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (lambda d: d.pop("machine"), "machine: missing"),
+        (lambda d: d.update(schema="other"), "schema:"),
+        (lambda d: d["raw"].pop("decode_tps"), "raw.decode_tps"),
+        (lambda d: d["ds4tw"]["ttft_short_s"].update(median="fast"), "ds4tw.ttft_short_s.median"),
+        (lambda d: d["cancel"]["prefill"].pop("trials"), "cancel.prefill.trials"),
+        (lambda d: d["keepalive"].update(limit_s=None), "keepalive.limit_s"),
+        (lambda d: d["many_clients"]["outcomes"].update(error=1), "do not add up"),
+        (lambda d: d["targets"][0].pop("met"), "targets[0].met"),
+        (lambda d: d.update(raw=None), "notes: raw was skipped"),
+    ],
+)
+def test_validate_names_what_is_wrong(breakage: Any, expected: str) -> None:
+    doc = synthetic_doc()
+    breakage(doc)
+    problems = _report.validate(doc)
+    assert any(expected in p for p in problems), problems
+
+
+def test_table_and_chart(tmp_path: Path) -> None:
+    doc = synthetic_doc()
+    text = _report.table(doc)
+    assert "decode tok/s" in text and "0.975" in text  # ds4tw/raw
+    assert "[MISS] longest silence of a waiting client" in text
+    path = tmp_path / "bench.png"
+    _report.chart(doc, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
