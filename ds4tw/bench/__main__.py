@@ -62,6 +62,13 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--keepalive", type=float, default=None, help="K for the keepalive parts")
     p.add_argument("--no-peer", action="store_true", help="skip llama_cpp.server")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait (at most this long) until other processes use < 0.25 cores for 5 s",
+    )
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
     if args.clients is not None and args.clients < 1:
@@ -186,13 +193,17 @@ def run_llama(run: Run, args: argparse.Namespace, out: Path) -> None:
                     "raw": raw.trial,
                     "ds4tw": _throughput.http_runner(ds, "ds4tw"),
                 }
+                pids = {"raw": os.getpid(), "ds4tw": ds.pid}
                 if use_peer:
                     peer = servers.enter_context(
                         _servers.running(_servers.peer(s, work, model_path))
                     )
                     runners["peer"] = _throughput.http_runner(peer, "peer", eog_ids=raw.eog_ids)
                     runners["peer_natural"] = _throughput.http_runner(peer, "peer", fixed=False)
-                got = _throughput.measure(runners, s, workload, decode_only=["peer_natural"])
+                    pids["peer"] = peer.pid
+                got = _throughput.measure(
+                    runners, s, workload, decode_only=["peer_natural"], pids=pids
+                )
                 got["ds4tw"]["server_rss_bytes"] = ds.rss()
                 return got
 
@@ -269,7 +280,9 @@ def run_scripted(run: Run, out: Path) -> None:
 
     def throughput() -> dict[str, Any]:
         with _servers.running(_servers.ds4tw_scripted(s, work, "ds4tw")) as ds:
-            got = _throughput.measure({"ds4tw": _throughput.http_runner(ds, "ds4tw")}, s, workload)
+            got = _throughput.measure(
+                {"ds4tw": _throughput.http_runner(ds, "ds4tw")}, s, workload, pids={"ds4tw": ds.pid}
+            )
             return got["ds4tw"]
 
     doc["ds4tw"] = run.part("throughput (ds4tw on the scripted engine)", throughput)
@@ -313,7 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.wait_quiet > 0:
+        print(f"ds4tw-bench: waiting up to {args.wait_quiet:.0f}s for a quiet machine", flush=True)
+        quiet = _noise.wait_quiet(args.wait_quiet)
+        print(f"ds4tw-bench: {quiet}", flush=True)
+    else:
+        quiet = {"waited_s": 0.0, "quiet": None}
     run = Run(settings, argv)
+    run.doc["machine"]["wait_quiet"] = quiet
     if settings.engine == "scripted":
         run_scripted(run, out)
     else:

@@ -27,6 +27,7 @@ import contextlib
 import http.client
 import json
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,10 +103,36 @@ def stream(
     deadline = sent + timeout
     leave = None if hang_up_after is None else sent + hang_up_after
     result = Stream(sent, reader, connect_s=connect_s)
+    # Without a hang-up rule nothing needs parsing until the end: the
+    # reads are only timestamped (the server closes the connection after
+    # the response: the request says Connection: close).
+    lazy = hang_up is None and leave is None
+    reads: list[tuple[float, bytes]] = []
+    clock = time.perf_counter
     try:
         sock.sendall(raw)
-        while not reader.complete:
-            now = time.perf_counter()
+        if lazy:
+            # Blocking reads bounded by the kernel (SO_RCVTIMEO) rather than
+            # a Python timeout, which would poll() before every recv().
+            sock.settimeout(None)
+            sec = int(timeout)
+            usec = int((timeout - sec) * 1e6)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, usec))
+            while True:
+                try:
+                    data = sock.recv(_READ)
+                except BlockingIOError:
+                    result.error = f"timed out after {timeout:.0f}s"
+                    break
+                t = clock()
+                if not data:
+                    break
+                reads.append((t, data))
+                if t > deadline:
+                    result.error = f"timed out after {timeout:.0f}s"
+                    break
+        while not lazy and not reader.complete:
+            now = clock()
             if leave is not None and now >= leave:
                 result.hung_up = now
                 break
@@ -118,18 +145,22 @@ def stream(
                 data = sock.recv(_READ)
             except TimeoutError:
                 continue  # the loop decides: hang up, or the overall timeout
-            t = time.perf_counter()
+            t = clock()
             if not data:
                 reader.eof()
                 break
             reader.feed(t, data)
             if hang_up is not None and hang_up(reader):
-                result.hung_up = time.perf_counter()
+                result.hung_up = clock()
                 break
     except OSError as e:
         result.error = f"{type(e).__name__}: {e}"
     finally:
         _hang_up(sock)
+        for t, data in reads:
+            reader.feed(t, data)
+        if lazy and not result.error:
+            reader.eof()
     return result
 
 

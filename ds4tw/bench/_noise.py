@@ -115,3 +115,32 @@ class Monitor:
             if value is not None:
                 self._samples.append((self._part, value))
             busy, own, wall = b, o, w
+
+
+def wait_quiet(
+    max_s: float, threshold: float = 0.25, window_s: float = 5.0, interval: float = INTERVAL
+) -> dict[str, Any]:
+    """
+    Wait until other processes have used less than C{threshold} cores for
+    C{window_s} seconds in a row, at most C{max_s} seconds. Returns how
+    long it waited and whether the machine was quiet in the end.
+    """
+    start = time.perf_counter()
+    quiet_since: float | None = None
+    busy, own, wall = busy_seconds(), own_seconds(), start
+    if busy is None:
+        return {"waited_s": 0.0, "quiet": None}
+    while time.perf_counter() - start < max_s:
+        time.sleep(interval)
+        b, o, w = busy_seconds(), own_seconds(), time.perf_counter()
+        if b is None:
+            break
+        load = foreign_cores((busy, b), (own, o), (wall, w))
+        busy, own, wall = b, o, w
+        if load is not None and load < threshold:
+            quiet_since = quiet_since if quiet_since is not None else w - interval
+            if w - quiet_since >= window_s:
+                return {"waited_s": w - start, "quiet": True}
+        else:
+            quiet_since = None
+    return {"waited_s": time.perf_counter() - start, "quiet": False}

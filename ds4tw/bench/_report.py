@@ -362,6 +362,15 @@ def table(doc: Mapping[str, Any]) -> str:
     row("prefill tok/s (prompt/TTFT)", "prefill_tps", 1, ".0f", True)
     row("TTFT short ms (diff)", "ttft_short_s", 1e3, ".1f", False)
     row("TTFT long ms (diff)", "ttft_long_s", 1e3, ".1f", False)
+
+    def cpu(label: str, key: str) -> None:
+        vals = [((sec or {}).get("cpu_per_token") or {}).get(key) for sec in (raw, ds, peer)]
+        if any(v is not None for v in vals):
+            lines.append(f"{label:<28}" + "".join(f"{_fmt(v, '.3f'):>10}" for v in vals))
+
+    cpu("CPU ms/token, main thread", "main_ms")
+    cpu("CPU ms/token, all threads", "total_ms")
+    cpu("CPU ms/token, bench client", "client_ms")
     if natural:
         lines.append(
             f"{'peer decode, no logit_bias':<28}{'':>10}{'':>10}"

@@ -23,10 +23,12 @@ Covered by tests/unit/test_bench.py (L{trial_numbers}, L{summarise}).
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from . import _client
+from . import _client, _cpu
 from ._servers import ServerProcess
 from ._settings import Settings
 from ._sse import finish_reason, text_times, usage
@@ -96,22 +98,38 @@ def measure(
     workload: Plan,
     *,
     decode_only: Sequence[str] = (),
+    pids: Mapping[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """
     Every runner on every prompt of C{workload}, interleaved; C{decode_only}
     runners skip the TTFT and long-prompt trials. Returns a summary per
-    runner (L{summarise}).
+    runner (L{summarise}). C{pids}: the process of each runner, whose
+    per-thread CPU time is accounted over its decode trials
+    (L{ds4tw.bench._cpu}); for a server, the client's own thread time is
+    accounted too.
     """
     names = list(runners)
+    pids = pids or {}
     trials: dict[str, dict[str, list[dict[str, Any]]]] = {
         n: {"decode": [], "ttft": [], "long": []} for n in names
+    }
+    cpu: dict[str, dict[str, float]] = {
+        n: {"main_s": 0.0, "other_s": 0.0, "client_s": 0.0} for n in pids
     }
     for name in names:
         runners[name](workload.warmup, 8)
     k = 0
     for prompt in workload.decode:
         for name in _rotate(names, k):
+            pid = pids.get(name)
+            before = _cpu.thread_times(pid) if pid is not None else {}
+            client = time.thread_time()
             trials[name]["decode"].append(runners[name](prompt, settings.decode_tokens))
+            if pid is not None:
+                client = time.thread_time() - client
+                for key, value in _cpu.split(pid, before, _cpu.thread_times(pid)).items():
+                    cpu[name][key] += value
+                cpu[name]["client_s"] += client if pid != os.getpid() else 0.0
         k += 1
     timed = [n for n in names if n not in decode_only]
     for kind, prompts in (("ttft", workload.ttft), ("long", workload.long)):
@@ -120,7 +138,13 @@ def measure(
                 trials[name][kind].append(runners[name](prompt, 1))
             k += 1
     _fill_prompt_tokens(trials)
-    return {name: summarise(trials[name]) for name in names}
+    out = {name: summarise(trials[name]) for name in names}
+    for name, totals in cpu.items():
+        tokens = sum(t["tokens"] for t in trials[name]["decode"] if t["status"] == 200)
+        if pids[name] == os.getpid():
+            totals.pop("client_s")  # raw: there is no client
+        out[name]["cpu_per_token"] = _cpu.per_token(totals, tokens)
+    return out
 
 
 def _fill_prompt_tokens(trials: dict[str, dict[str, list[dict[str, Any]]]]) -> None:

@@ -25,7 +25,7 @@ from ds4tw._app import _log_job
 from ds4tw._engine import SamplingParams
 from ds4tw._metrics import Metrics
 from ds4tw._worker import Job, JobCancelled, Stage
-from ds4tw.bench import _noise, _report, _stats, _throughput
+from ds4tw.bench import _cpu, _noise, _report, _stats, _throughput
 from ds4tw.bench.__main__ import parse
 from ds4tw.bench._cancel import _stage_summary, parse_cancel_lines, parse_metrics
 from ds4tw.bench._client import Stream, request_bytes
@@ -564,3 +564,16 @@ def test_table_and_chart(tmp_path: Path) -> None:
     path = tmp_path / "bench.png"
     _report.chart(doc, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_accounting() -> None:
+    # A command name with spaces and parentheses; utime=150, stime=50 ticks.
+    fields = ["S"] + ["0"] * 10 + ["150", "50"] + ["0"] * 30
+    line = "1234 (python3 (x) y) " + " ".join(fields)
+    assert _cpu.parse_stat(line) == pytest.approx(200 / _cpu._TICK)
+    got = _cpu.split(10, {10: 1.0, 11: 2.0}, {10: 1.5, 11: 3.0, 12: 0.25})
+    assert got == {"main_s": pytest.approx(0.5), "other_s": pytest.approx(1.25)}
+    per = _cpu.per_token({"main_s": 0.1, "other_s": 1.9, "client_s": 0.05}, 100)
+    assert per["main_ms"] == pytest.approx(1.0) and per["total_ms"] == pytest.approx(20.0)
+    assert per["client_ms"] == pytest.approx(0.5)
+    assert _cpu.per_token({}, 0)["main_ms"] is None
