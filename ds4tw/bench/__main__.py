@@ -202,7 +202,7 @@ def run_llama(run: Run, args: argparse.Namespace, out: Path) -> None:
                     runners["peer_natural"] = _throughput.http_runner(peer, "peer", fixed=False)
                     pids["peer"] = peer.pid
                 got = _throughput.measure(
-                    runners, s, workload, decode_only=["peer_natural"], pids=pids
+                    runners, s, workload, decode_only=["peer_natural"], pids=pids, reference="raw"
                 )
                 got["ds4tw"]["server_rss_bytes"] = ds.rss()
                 return got

@@ -54,20 +54,38 @@ def _median(section: Mapping[str, Any] | None, key: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _paired(section: Mapping[str, Any] | None, key: str) -> float | None:
+    value = (((section or {}).get("vs_reference") or {}).get(key) or {}).get("median")
+    return None if value is None else float(value)
+
+
 def ratios(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """Every stack's numbers against raw: throughput ratios and TTFT overheads (ms)."""
+    """
+    Every stack against raw. The headline numbers are paired: the median
+    over prompts of (stack / raw) for rates and (stack - raw) for TTFT,
+    each pair measured moments apart on the same prompt. The ratios of
+    medians (C{*_of_medians}) are kept beside them as a cross-check.
+    """
     raw = doc.get("raw")
     out: dict[str, Any] = {}
-    stacks = {"ds4tw": doc.get("ds4tw"), "peer": (doc.get("peer") or {}).get("fixed")}
-    natural = (doc.get("peer") or {}).get("natural")
+    stacks = {
+        "ds4tw": doc.get("ds4tw"),
+        "peer": (doc.get("peer") or {}).get("fixed"),
+        "peer_natural": (doc.get("peer") or {}).get("natural"),
+    }
     for name, section in stacks.items():
-        for key in ("decode_tps", "prefill_tps"):
-            out[f"{name}_{key.split('_')[0]}"] = ratio(_median(section, key), _median(raw, key))
-        for key in ("ttft_short_s", "ttft_long_s"):
-            a, b = _median(section, key), _median(raw, key)
-            label = key.removesuffix("_s")
-            out[f"{name}_{label}_overhead_ms"] = None if a is None or b is None else (a - b) * 1e3
-    out["peer_natural_decode"] = ratio(_median(natural, "decode_tps"), _median(raw, "decode_tps"))
+        for key, paired_key in (("decode_tps", "decode_ratio"), ("prefill_tps", "prefill_ratio")):
+            label = f"{name}_{key.split('_')[0]}"
+            of_medians = ratio(_median(section, key), _median(raw, key))
+            paired = _paired(section, paired_key)
+            out[label] = paired if paired is not None else of_medians
+            out[label + "_of_medians"] = of_medians
+        for key in ("ttft_short", "ttft_long"):
+            a, b = _median(section, key + "_s"), _median(raw, key + "_s")
+            of_medians = None if a is None or b is None else (a - b) * 1e3
+            paired = _paired(section, key + "_diff_ms")
+            out[f"{name}_{key}_overhead_ms"] = paired if paired is not None else of_medians
+            out[f"{name}_{key}_overhead_ms_of_medians"] = of_medians
     out["ds4tw_over_peer_decode"] = ratio(
         _median(doc.get("ds4tw"), "decode_tps"), _median(stacks["peer"], "decode_tps")
     )
@@ -343,25 +361,22 @@ def table(doc: Mapping[str, Any]) -> str:
         f"{'median':<28}{'raw':>10}{'ds4tw':>10}{'peer':>10}{'ds4tw/raw':>11}{'peer/raw':>10}",
     ]
 
-    def row(label: str, key: str, scale: float, spec: str, higher_better: bool) -> None:
+    r = doc.get("ratios") or {}
+
+    def row(label: str, key: str, scale: float, spec: str, rel: str) -> None:
         vals = [_median(s, key) for s in (raw, ds, peer)]
-        rels: list[str] = []
-        for v in vals[1:]:
-            if higher_better:
-                rels.append(_fmt(ratio(v, vals[0]), ".3f"))
-            else:
-                d = None if v is None or vals[0] is None else (v - vals[0]) * scale
-                rels.append("-" if d is None else f"{d:+.1f}")
+        rels = [r.get(f"{name}_{rel}") for name in ("ds4tw", "peer")]
+        rel_spec = ".3f" if "overhead" not in rel else "+.1f"
         lines.append(
             f"{label:<28}"
             + "".join(f"{_fmt(v, spec, scale):>10}" for v in vals)
-            + f"{rels[0]:>11}{rels[1]:>10}"
+            + f"{_fmt(rels[0], rel_spec):>11}{_fmt(rels[1], rel_spec):>10}"
         )
 
-    row("decode tok/s", "decode_tps", 1, ".1f", True)
-    row("prefill tok/s (prompt/TTFT)", "prefill_tps", 1, ".0f", True)
-    row("TTFT short ms (diff)", "ttft_short_s", 1e3, ".1f", False)
-    row("TTFT long ms (diff)", "ttft_long_s", 1e3, ".1f", False)
+    row("decode tok/s", "decode_tps", 1, ".1f", "decode")
+    row("prefill tok/s (prompt/TTFT)", "prefill_tps", 1, ".0f", "prefill")
+    row("TTFT short ms (+ms)", "ttft_short_s", 1e3, ".1f", "ttft_short_overhead_ms")
+    row("TTFT long ms (+ms)", "ttft_long_s", 1e3, ".1f", "ttft_long_overhead_ms")
 
     def cpu(label: str, key: str) -> None:
         vals = [((sec or {}).get("cpu_per_token") or {}).get(key) for sec in (raw, ds, peer)]
@@ -375,8 +390,9 @@ def table(doc: Mapping[str, Any]) -> str:
         lines.append(
             f"{'peer decode, no logit_bias':<28}{'':>10}{'':>10}"
             f"{_fmt(_median(natural, 'decode_tps')):>10}{'':>11}"
-            f"{_fmt(ratio(_median(natural, 'decode_tps'), _median(raw, 'decode_tps')), '.3f'):>10}"
+            f"{_fmt(r.get('peer_natural_decode'), '.3f'):>10}"
         )
+    lines.append("(ratios and +ms: medians of per-prompt pairs, each pair measured back to back)")
     cancel = doc.get("cancel") or {}
     if cancel:
         lines.append("")

@@ -99,6 +99,7 @@ def measure(
     *,
     decode_only: Sequence[str] = (),
     pids: Mapping[str, int] | None = None,
+    reference: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """
     Every runner on every prompt of C{workload}, interleaved; C{decode_only}
@@ -106,7 +107,8 @@ def measure(
     runner (L{summarise}). C{pids}: the process of each runner, whose
     per-thread CPU time is accounted over its decode trials
     (L{ds4tw.bench._cpu}); for a server, the client's own thread time is
-    accounted too.
+    accounted too. C{reference} (raw): every other runner also gets
+    C{vs_reference}, its numbers compared prompt by prompt (L{paired}).
     """
     names = list(runners)
     pids = pids or {}
@@ -144,7 +146,49 @@ def measure(
         if pids[name] == os.getpid():
             totals.pop("client_s")  # raw: there is no client
         out[name]["cpu_per_token"] = _cpu.per_token(totals, tokens)
+    if reference is not None and reference in trials:
+        for name in names:
+            if name != reference:
+                out[name]["vs_reference"] = paired(trials[name], trials[reference])
     return out
+
+
+def paired(
+    stack: Mapping[str, Sequence[dict[str, Any]]], ref: Mapping[str, Sequence[dict[str, Any]]]
+) -> dict[str, Any]:
+    """
+    A stack against the reference prompt by prompt: the ratio of decode
+    and prefill rates, and the TTFT difference (ms), for each prompt both
+    measured. Prompts differ in length (so in prefill time); pairing takes
+    that variance out of the comparison, and interleaving means each pair
+    was measured moments apart.
+    """
+
+    def pairs(kinds: Sequence[str]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        return [
+            (a, b)
+            for kind in kinds
+            for a, b in zip(stack.get(kind, []), ref.get(kind, []), strict=False)
+        ]
+
+    def rate_ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+        return a[key] / b[key] if a.get(key) and b.get(key) else None
+
+    def ttft_diff(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+        if a.get("ttft_s") is None or b.get("ttft_s") is None:
+            return None
+        return (a["ttft_s"] - b["ttft_s"]) * 1e3
+
+    def prefill_ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+        return b["ttft_s"] / a["ttft_s"] if a.get("ttft_s") and b.get("ttft_s") else None
+
+    return {
+        "decode_ratio": summary([rate_ratio(a, b, "decode_tps") for a, b in pairs(["decode"])]),
+        "ttft_short_diff_ms": summary([ttft_diff(a, b) for a, b in pairs(["decode", "ttft"])]),
+        "ttft_long_diff_ms": summary([ttft_diff(a, b) for a, b in pairs(["long"])]),
+        # Same prompt, so the prefill-rate ratio is the inverse TTFT ratio.
+        "prefill_ratio": summary([prefill_ratio(a, b) for a, b in pairs(["long"])]),
+    }
 
 
 def _fill_prompt_tokens(trials: dict[str, dict[str, list[dict[str, Any]]]]) -> None:

@@ -577,3 +577,31 @@ def test_cpu_accounting() -> None:
     assert per["main_ms"] == pytest.approx(1.0) and per["total_ms"] == pytest.approx(20.0)
     assert per["client_ms"] == pytest.approx(0.5)
     assert _cpu.per_token({}, 0)["main_ms"] is None
+
+
+def test_paired_compares_prompt_by_prompt() -> None:
+    def t(tps: float | None, ttft: float) -> dict[str, Any]:
+        return {"decode_tps": tps, "ttft_s": ttft}
+
+    ref = {
+        "decode": [t(100, 0.050), t(50, 0.080)],
+        "ttft": [t(None, 0.040)],
+        "long": [t(None, 2.0)],
+    }
+    stack = {
+        "decode": [t(99, 0.052), t(49, 0.083)],
+        "ttft": [t(None, 0.041)],
+        "long": [t(None, 2.5)],
+    }
+    p = _throughput.paired(stack, ref)
+    assert p["decode_ratio"]["values"] == pytest.approx([0.99, 0.98])
+    assert p["ttft_short_diff_ms"]["values"] == pytest.approx([2.0, 3.0, 1.0])
+    assert p["ttft_long_diff_ms"]["median"] == pytest.approx(500.0)
+    assert p["prefill_ratio"]["median"] == pytest.approx(0.8)
+    # The document's ratios prefer the paired medians to the ratio of medians.
+    doc = synthetic_doc()
+    doc["ds4tw"]["vs_reference"] = p
+    r = _report.ratios(doc)
+    assert r["ds4tw_decode"] == pytest.approx(0.985)
+    assert r["ds4tw_decode_of_medians"] == pytest.approx(98.5 / 101.0)
+    assert r["ds4tw_ttft_short_overhead_ms"] == pytest.approx(2.0)
