@@ -182,15 +182,23 @@ def measure(
     points of the prefill whatever the machine's speed.
     """
     prompts = Prompts(settings.seed + 7)
+    long_body = completion_body("ds4tw", "x", min(2000, settings.ctx // 2))
+    # A first cancel, not counted: the first time a server cancels, its
+    # reactor runs code paths (and imports) it had not run yet.
+    _trial(
+        server,
+        {**long_body, "prompt": prompts.words(settings.short_words)},
+        after_tokens=settings.cancel_after_tokens,
+    )
     before = metrics(server)
     decode = []
     n = settings.cancel_decode_trials
     for i in range(n):
-        text = prompts.words(settings.short_words)
-        body = completion_body("ds4tw", text, min(2000, settings.ctx // 2))
-        # Phases 0, 1/n, 2/n, ...: the first is the worst case.
-        trial = _trial(server, body, after_tokens=settings.cancel_after_tokens, phase=i / n)
-        trial["phase"] = i / n
+        # Phases 1/n, 2/n, ..., then 0 (right after a token: the worst case).
+        phase = ((i + 1) % n) / n
+        body = {**long_body, "prompt": prompts.words(settings.short_words)}
+        trial = _trial(server, body, after_tokens=settings.cancel_after_tokens, phase=phase)
+        trial["phase"] = phase
         decode.append(trial)
     prefill = []
     for i in range(settings.cancel_prefill_trials):

@@ -53,6 +53,8 @@ def client_outcome(stream: _client.Stream, cancelled: bool) -> dict[str, Any]:
     if stream.hung_up is not None:
         waiting.append(stream.hung_up)  # silence up to the hang-up counts too
     silences = gaps(waiting, start=stream.sent)
+    points = [stream.sent, *sorted(waiting)]
+    worst = max(range(len(silences)), key=silences.__getitem__) if silences else None
     if stream.error is not None or stream.status != 200:
         outcome = "error"
     elif cancelled:
@@ -64,6 +66,9 @@ def client_outcome(stream: _client.Stream, cancelled: bool) -> dict[str, Any]:
     return {
         "outcome": outcome,
         "max_queued_gap_s": max(silences) if silences else None,
+        #: When the longest silence ended (perf_counter), to tell which
+        #: phase of the run caused it.
+        "max_gap_end_t": None if worst is None else points[worst + 1],
         "queued_frames": comments(reader.events).count("queued"),
         "connect_s": stream.connect_s,
         "status": stream.status,
@@ -139,6 +144,7 @@ async def _run(server: ServerProcess, settings: Settings, n: int) -> dict[str, A
     await asyncio.sleep(settings.clients_hold_s)
     rss_waiting = await off(server.rss)
     health = await off(_client.get_json, port, "/health")
+    t_hang = time.perf_counter()
     for event in hang.values():
         event.set()
     # Let the hang-ups reach the server before the queue starts moving.
@@ -164,6 +170,19 @@ async def _run(server: ServerProcess, settings: Settings, n: int) -> dict[str, A
         return float(metrics_after[kind].get(key, 0) - metrics_before[kind].get(key, 0))
 
     limit_s = settings.keepalive + SLACK_S
+    phases = {"connecting": t0, "holding": t0 + (all_queued_s or 0.0), "hang_ups": t_hang}
+    phases["draining"] = drain_start
+
+    def phase_of(t: float | None) -> str | None:
+        if t is None:
+            return None
+        return max((p for p in phases.items() if p[1] <= t), key=lambda p: p[1])[0]
+
+    worst_by_phase: dict[str, float] = {}
+    for o in outcomes:
+        name = phase_of(o.get("max_gap_end_t"))
+        if name is not None and o["max_queued_gap_s"] is not None:
+            worst_by_phase[name] = max(worst_by_phase.get(name, 0.0), o["max_queued_gap_s"])
     queued_gaps = [o["max_queued_gap_s"] for o in outcomes if o["max_queued_gap_s"] is not None]
     counts = {k: sum(1 for o in outcomes if o["outcome"] == k) for k in ("completed", "cancelled")}
     counts["error"] = n - counts["completed"] - counts["cancelled"]
@@ -186,6 +205,10 @@ async def _run(server: ServerProcess, settings: Settings, n: int) -> dict[str, A
         "all_queued_after_s": all_queued_s,
         "max_queued_gap_s": summary(queued_gaps),
         "late_clients": sum(1 for g in queued_gaps if g > limit_s),
+        # Where the longest silences happened: connecting (requests still
+        # arriving), holding (all queued), hang_ups (a quarter leaving),
+        # draining (the queue moving).
+        "max_gap_by_phase_s": worst_by_phase,
         "queued_frames_per_client": summary([o.get("queued_frames", 0) for o in outcomes]),
         "connect_s": summary([o.get("connect_s") for o in outcomes]),
         "rss_before_bytes": rss_before,

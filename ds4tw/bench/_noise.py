@@ -43,19 +43,24 @@ def busy_seconds() -> float | None:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def own_seconds() -> float:
-    """CPU-seconds used by this process and all its live descendants."""
+def own_seconds(seen: dict[int, float] | None = None) -> float:
+    """
+    CPU-seconds used by this process and its descendants. With C{seen}
+    (pid -> last CPU time, kept by the caller) a descendant that has
+    exited still counts with its last known time, so the total never goes
+    down when a server stops.
+    """
     try:
         import psutil
     except ImportError:  # pragma: no cover - psutil is in the bench extra
         t = os.times()
         return t.user + t.system + t.children_user + t.children_system
+    seen = {} if seen is None else seen
     me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
-    for child in me.children(recursive=True):
+    for proc in [me, *me.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
-            total += sum(child.cpu_times()[:2])
-    return total
+            seen[proc.pid] = max(seen.get(proc.pid, 0.0), sum(proc.cpu_times()[:2]))
+    return sum(seen.values())
 
 
 def foreign_cores(
@@ -63,8 +68,7 @@ def foreign_cores(
 ) -> float | None:
     """
     Cores used by other processes between two samples: (machine busy -
-    own busy) / wall time. A child that exited between the samples takes
-    its CPU time with it, so the value is clamped at 0.
+    own busy) / wall time, clamped at 0 (the two clocks tick separately).
     """
     dt = wall[1] - wall[0]
     if dt <= 0:
@@ -104,11 +108,12 @@ class Monitor:
         return {"foreign_cores_by_part": out, "foreign_cores": every}
 
     def _run(self) -> None:
-        busy, own, wall = busy_seconds(), own_seconds(), time.perf_counter()
+        seen: dict[int, float] = {}
+        busy, own, wall = busy_seconds(), own_seconds(seen), time.perf_counter()
         if busy is None:
             return
         while not self._stop.wait(self._interval):
-            b, o, w = busy_seconds(), own_seconds(), time.perf_counter()
+            b, o, w = busy_seconds(), own_seconds(seen), time.perf_counter()
             if b is None:
                 return
             value = foreign_cores((busy, b), (own, o), (wall, w))
@@ -127,12 +132,13 @@ def wait_quiet(
     """
     start = time.perf_counter()
     quiet_since: float | None = None
-    busy, own, wall = busy_seconds(), own_seconds(), start
+    seen: dict[int, float] = {}
+    busy, own, wall = busy_seconds(), own_seconds(seen), start
     if busy is None:
         return {"waited_s": 0.0, "quiet": None}
     while time.perf_counter() - start < max_s:
         time.sleep(interval)
-        b, o, w = busy_seconds(), own_seconds(), time.perf_counter()
+        b, o, w = busy_seconds(), own_seconds(seen), time.perf_counter()
         if b is None:
             break
         load = foreign_cores((busy, b), (own, o), (wall, w))

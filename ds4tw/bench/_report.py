@@ -476,18 +476,28 @@ def chart(doc: Mapping[str, Any], path: Path) -> None:
     else:
         ax.text(0.5, 0.5, "no raw baseline\n(scripted engine)", ha="center", va="center")
     ax.set_title("throughput / raw llama-cpp-python")
-    ax.set_ylabel("ratio (medians)")
+    ax.set_ylabel("ratio (median of per-prompt pairs)")
 
     ax = axes[1]
     ka = doc.get("keepalive") or {}
     gaps_ms = [g * 1e3 for p in ka.get("probes") or [] for g in p.get("gaps_s") or []]
+    many = doc.get("many_clients") or {}
+    silences_ms = [g * 1e3 for g in (many.get("max_queued_gap_s") or {}).get("values") or []]
     if gaps_ms:
-        ax.hist(gaps_ms, bins=40, color="tab:blue")
+        ax.hist(gaps_ms, bins=40, color="tab:blue", label="probe: every gap")
+        if silences_ms:
+            ax.hist(
+                silences_ms,
+                bins=40,
+                color="tab:orange",
+                alpha=0.6,
+                label=f"{many.get('clients')} waiting clients: longest gap each",
+            )
         k = float(ka["keepalive_s"]) * 1e3
         ax.axvline(k, color="gray", linestyle=":", label=f"K = {k:.0f} ms")
         ax.axvline(k + 100, color="red", linestyle="--", label=f"limit K+100 = {k + 100:.0f} ms")
         ax.legend(fontsize=8)
-    ax.set_title("keepalive probe: gaps between bytes")
+    ax.set_title("keepalive: gaps between bytes on a stream")
     ax.set_xlabel("gap (ms)")
     ax.set_ylabel("count")
 
@@ -499,8 +509,13 @@ def chart(doc: Mapping[str, Any], path: Path) -> None:
         ax.scatter([x] * len(values), values, color="tab:blue", zorder=3)
     ax.axhline(1.0, color="red", linestyle="--", label="limit: 1 token / 1 batch")
     ax.set_xticks([0, 1], ["decode\n(in token times)", "prefill\n(in prefill batches)"])
+    shown_units = [
+        v
+        for stage in ("decode", "prefill")
+        for v in ((cancel.get(stage) or {}).get("latency_in_units") or {}).get("values") or []
+    ]
     ax.set_xlim(-0.5, 1.5)
-    ax.set_ylim(0, 1.5)
+    ax.set_ylim(0, max([1.5, *[v + 0.1 for v in shown_units]]))
     ax.legend(fontsize=8)
     ax.set_title("cancel latency (ds4tw log) / its limit")
     ax.set_ylabel("latency / (one token or one batch)")

@@ -103,7 +103,7 @@ def make_settings(
     else:
         sizes = dict(
             decode_tokens=256,
-            decode_trials=5,
+            decode_trials=8,
             ttft_trials=10,
             short_words=16,
             long_words=1000 // words_scale,
