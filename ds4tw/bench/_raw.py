@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import statistics
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -143,6 +144,7 @@ class RawLlama:
         """One generation in the shape of L{ds4tw.bench._throughput.trial_numbers}."""
         r = self.run(text, max_tokens)
         times = r["times"]
+        intervals = [b - a for a, b in itertools.pairwise(times)]
         return {
             "status": 200,
             "error": None,
@@ -150,10 +152,11 @@ class RawLlama:
             "tokens": len(times),
             "text_events": len(times),
             "decode_tps": decode_rate(times),
+            "steady_tps": 1.0 / statistics.median(intervals) if intervals else None,
             "finish_reason": "length",
             "prompt_tokens": r["prompt_tokens"],
             # Raw-only detail: the per-token intervals and prefill batches.
-            "intervals_s": [b - a for a, b in itertools.pairwise(times)],
+            "intervals_s": intervals,
             "batches": r["batches"],
             "prefill_eval_s": r["prefill_s"],
             "cached_tokens": r["cached_tokens"],

@@ -86,6 +86,8 @@ def ratios(doc: Mapping[str, Any]) -> dict[str, Any]:
             paired = _paired(section, key + "_diff_ms")
             out[f"{name}_{key}_overhead_ms"] = paired if paired is not None else of_medians
             out[f"{name}_{key}_overhead_ms_of_medians"] = of_medians
+    for name, section in stacks.items():
+        out[f"{name}_steady_decode"] = _paired(section, "steady_decode_ratio")
     out["ds4tw_over_peer_decode"] = ratio(
         _median(doc.get("ds4tw"), "decode_tps"), _median(stacks["peer"], "decode_tps")
     )
@@ -374,6 +376,7 @@ def table(doc: Mapping[str, Any]) -> str:
         )
 
     row("decode tok/s", "decode_tps", 1, ".1f", "decode")
+    row("decode tok/s, steady", "steady_tps", 1, ".1f", "steady_decode")
     row("prefill tok/s (prompt/TTFT)", "prefill_tps", 1, ".0f", "prefill")
     row("TTFT short ms (+ms)", "ttft_short_s", 1e3, ".1f", "ttft_short_overhead_ms")
     row("TTFT long ms (+ms)", "ttft_long_s", 1e3, ".1f", "ttft_long_overhead_ms")

@@ -23,7 +23,9 @@ Covered by tests/unit/test_bench.py (L{trial_numbers}, L{summarise}).
 
 from __future__ import annotations
 
+import itertools
 import os
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -59,6 +61,8 @@ def trial_numbers(stream: _client.Stream, expected_tokens: int | None) -> dict[s
     else:
         tokens = len(times)
     span = times[-1] - times[0] if len(times) >= 2 else 0.0
+    intervals = [b - a for a, b in itertools.pairwise(times)]
+    typical = statistics.median(intervals) if intervals else 0.0
     return {
         "status": stream.status,
         "error": stream.error,
@@ -66,6 +70,9 @@ def trial_numbers(stream: _client.Stream, expected_tokens: int | None) -> dict[s
         "tokens": tokens,
         "text_events": len(times),
         "decode_tps": (tokens - 1) / span if span > 0 and tokens >= 2 else None,
+        # 1 / the median interval between text events: the steady rate,
+        # unmoved by a burst of outside load in one part of the stream.
+        "steady_tps": 1.0 / typical if typical > 0 else None,
         "finish_reason": reason,
         "prompt_tokens": None if u is None else u.get("prompt_tokens"),
     }
@@ -184,6 +191,9 @@ def paired(
 
     return {
         "decode_ratio": summary([rate_ratio(a, b, "decode_tps") for a, b in pairs(["decode"])]),
+        "steady_decode_ratio": summary(
+            [rate_ratio(a, b, "steady_tps") for a, b in pairs(["decode"])]
+        ),
         "ttft_short_diff_ms": summary([ttft_diff(a, b) for a, b in pairs(["decode", "ttft"])]),
         "ttft_long_diff_ms": summary([ttft_diff(a, b) for a, b in pairs(["long"])]),
         # Same prompt, so the prefill-rate ratio is the inverse TTFT ratio.
@@ -211,6 +221,7 @@ def summarise(trials: Mapping[str, Sequence[dict[str, Any]]]) -> dict[str, Any]:
     every = [*decode, *ttft, *long]
     out: dict[str, Any] = {
         "decode_tps": summary([t["decode_tps"] for t in decode]),
+        "steady_tps": summary([t.get("steady_tps") for t in decode]),
         "tokens": [t["tokens"] for t in decode],
         "finish_reasons": [t["finish_reason"] for t in decode],
         "errors": [
