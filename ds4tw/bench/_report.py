@@ -410,7 +410,7 @@ def table(doc: Mapping[str, Any]) -> str:
                 f"cancel in {stage + ':':<9} latency median {_fmt(lat.get('median'), '.2f')} ms, "
                 f"max {_fmt(lat.get('max'), '.2f')} ms (n={lat.get('n')}); one {unit} "
                 f"{_fmt(ref.get('median'), '.1f')} ms median; max {_fmt(units.get('max'), '.2f')} "
-                f"{unit}s"
+                f"{'tokens' if unit == 'token' else 'batches'}"
             )
     ka = doc.get("keepalive") or {}
     if ka:
