@@ -12,8 +12,8 @@ whole process and then runs the server's own C{main}.
 
     python -m ds4tw.bench._peer --model M.gguf --port 8001 ...
 
-Covered by tests/integration/test_bench_smoke.py (import only: CI has no
-peer server; the full run exercises it).
+Covered by tests/unit/test_bench.py (the patch; CI has no peer server,
+the full run on the demo model exercises the launcher).
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from __future__ import annotations
 from typing import Any
 
 
-def patch_default_params() -> bool:
+def patch_default_params(amx: bool | None = None) -> bool:
     """
     Make every model load without extra buffer types when the CPU has AMX
-    (the condition ds4tw itself uses). Returns whether it patched.
+    (the condition ds4tw itself uses; C{amx} overrides the detection).
+    Returns whether it patched.
     """
     from ds4tw._llama import _cpu_has_amx
 
-    if not _cpu_has_amx():
+    if not (_cpu_has_amx() if amx is None else amx):
         return False
     import llama_cpp.llama_cpp as C
 

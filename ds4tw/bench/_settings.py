@@ -3,7 +3,8 @@ What one benchmark run measures: sizes, trial counts and intervals, for
 the full run and for C{--quick}, on the real model or the scripted one.
 
 The full run's sizes are chosen for the demo model on 2 cores (about
-100 tok/s decode, 360 tok/s prefill with the AMX workaround): long enough
+90-105 tok/s decode, 280-360 tok/s prefill with the AMX workaround, a
+256-token batch taking about a second): long enough
 that one noisy trial does not decide a median, short enough that the
 whole run takes a few minutes. C{--quick} keeps every measurement but
 shrinks each so the run fits in under a minute.

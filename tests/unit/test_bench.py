@@ -605,3 +605,19 @@ def test_paired_compares_prompt_by_prompt() -> None:
     assert r["ds4tw_decode"] == pytest.approx(0.985)
     assert r["ds4tw_decode_of_medians"] == pytest.approx(98.5 / 101.0)
     assert r["ds4tw_ttft_short_overhead_ms"] == pytest.approx(2.0)
+
+
+def test_peer_launcher_loads_without_extra_buffers() -> None:
+    """The peer gets ds4tw's AMX workaround: default model params say use_extra_bufts=False."""
+    import llama_cpp.llama_cpp as C
+
+    from ds4tw.bench import _peer
+
+    original = C.llama_model_default_params
+    try:
+        assert not _peer.patch_default_params(amx=False)
+        assert C.llama_model_default_params is original
+        assert _peer.patch_default_params(amx=True)
+        assert C.llama_model_default_params().use_extra_bufts is False
+    finally:
+        C.llama_model_default_params = original
