@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService
@@ -67,8 +68,13 @@ def test_missing_model_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
         parse()
 
 
-def test_make_service_builds_the_server_and_listeners() -> None:
+def test_make_service_builds_the_server_and_listeners(monkeypatch: pytest.MonkeyPatch) -> None:
+    # makeService shortens the GIL switch interval (faster decode cancel);
+    # keep that from leaking into other tests.
+    monkeypatch.setattr(sys, "setswitchinterval", lambda v: intervals.append(v))
+    intervals: list[float] = []
     service = makeService(parse("--listen", "tcp:0", "--listen", "tcp:0:interface=127.0.0.2"))
+    assert intervals == [0.0005]
     children = list(service)
     assert sum(isinstance(c, Server) for c in children) == 1
     assert sum(isinstance(c, StreamServerEndpointService) for c in children) == 2
