@@ -107,6 +107,67 @@ def resolve_model(path: str | None) -> Path:
     return demo
 
 
+def open_llama(path: str, *, n_ctx: int, n_batch: int, n_threads: int) -> Any:
+    """
+    A C{llama_cpp.Llama} loaded as ds4tw loads it (the benchmark's raw
+    baseline loads through here too, so both measure the same thing).
+    """
+    from llama_cpp import Llama
+
+    with _no_extra_buffers() if _cpu_has_amx() else nullcontext():
+        return Llama(
+            model_path=path,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_ubatch=n_batch,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            verbose=False,
+        )
+
+
+def eog_tokens(llm: Any) -> list[int]:
+    """Every end-of-generation token of the model's vocabulary."""
+    import llama_cpp
+
+    model = llm._model
+    return [t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, t)]
+
+
+def token_piece(llm: Any, token: int, buf: Any) -> bytes:
+    """
+    The raw bytes of one token. (llama-cpp-python's own token_to_piece
+    returns the whole buffer, trailing NULs included.)
+    """
+    import llama_cpp
+
+    vocab = llm._model.vocab
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+    if n < 0:  # the buffer was too small; -n is the size needed
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, -n, 0, False)
+    return bytes(buf.raw[:n])
+
+
+def reuse_prefix(llm: Any, prompt: Sequence[int]) -> int:
+    """
+    Keep the KV entries shared with C{prompt}; return how many. At least
+    one prompt token is always left to evaluate, because sampling needs
+    fresh logits.
+    """
+    held = llm.input_ids[: llm.n_tokens]
+    limit = min(len(held), len(prompt) - 1)
+    common = 0
+    while common < limit and held[common] == prompt[common]:
+        common += 1
+    if common > 0 and llm._ctx.kv_cache_seq_rm(-1, common, -1):
+        llm.n_tokens = common
+        return common
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+    return 0
+
+
 class LlamaEngine:
     """
     A GGUF model through llama-cpp-python.
@@ -140,19 +201,14 @@ class LlamaEngine:
         return self._n_ctx
 
     def load(self) -> None:
-        from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        with _no_extra_buffers() if _cpu_has_amx() else nullcontext():
-            llm = Llama(
-                model_path=str(self.model_path),
-                n_ctx=self._n_ctx,
-                n_batch=self._n_batch,
-                n_ubatch=self._n_batch,
-                n_threads=self._n_threads,
-                n_threads_batch=self._n_threads,
-                verbose=False,
-            )
+        llm = open_llama(
+            str(self.model_path),
+            n_ctx=self._n_ctx,
+            n_batch=self._n_batch,
+            n_threads=self._n_threads,
+        )
         self._n_ctx = llm.n_ctx()
         model = llm._model
         eos = model.token_eos()
@@ -167,11 +223,7 @@ class LlamaEngine:
         self._formatter = Jinja2ChatFormatter(
             template=template, eos_token=eos_text, bos_token=bos_text
         )
-        import llama_cpp
-
-        self._eog_ids = [
-            t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, t)
-        ]
+        self._eog_ids = eog_tokens(llm)
         self._llm = llm
         log.info(
             "ds4tw: loaded {path} (n_ctx={n_ctx}, n_batch={n_batch}, threads={threads})",
@@ -228,41 +280,13 @@ class LlamaEngine:
             sampler.add_dist(seed)
         return sampler
 
-    def _piece(self, token: int, buf: Any) -> bytes:
-        import llama_cpp
-
-        n = llama_cpp.llama_token_to_piece(self._llm._model.vocab, token, buf, len(buf), 0, False)
-        if n < 0:  # the buffer was too small; -n is the size needed
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._llm._model.vocab, token, buf, -n, 0, False)
-        return bytes(buf.raw[:n])
-
-    def _reuse_prefix(self, prompt: list[int]) -> int:
-        """
-        Keep the KV entries shared with C{prompt}; return how many. At
-        least one prompt token is always left to evaluate, because sampling
-        needs fresh logits.
-        """
-        llm = self._llm
-        held = llm.input_ids[: llm.n_tokens]
-        limit = min(len(held), len(prompt) - 1)
-        common = 0
-        while common < limit and held[common] == prompt[common]:
-            common += 1
-        if common > 0 and llm._ctx.kv_cache_seq_rm(-1, common, -1):
-            llm.n_tokens = common
-            return common
-        llm.reset()
-        llm._ctx.kv_cache_clear()
-        return 0
-
     def generate(
         self, prompt: Sequence[int], params: SamplingParams
     ) -> Generator[EngineEvent, None, FinishReason]:
         llm = self._llm
         tokens = list(prompt)
         total = len(tokens)
-        cached = self._reuse_prefix(tokens)
+        cached = reuse_prefix(llm, tokens)
         sampler = self._sampler(params)
         n_batch = self._n_batch
         # Prefill: one eval per batch, a yield (cancel point) after each.
@@ -283,5 +307,5 @@ class LlamaEngine:
                 return "stop"
             # The consumer checks for cancel before pulling again, that is,
             # before the next token is computed.
-            yield Token(token, self._piece(token, buf))
+            yield Token(token, token_piece(llm, token, buf))
         return "length"

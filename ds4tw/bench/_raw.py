@@ -25,8 +25,16 @@ import ctypes
 import itertools
 import statistics
 import time
-from contextlib import nullcontext
 from typing import Any
+
+from ds4tw._llama import (
+    _cpu_has_amx,
+    eog_tokens,
+    open_llama,
+    resolve_model,
+    reuse_prefix,
+    token_piece,
+)
 
 from ._settings import Settings
 from ._stats import decode_rate
@@ -36,30 +44,15 @@ class RawLlama:
     """One loaded model and the minimal generation loop."""
 
     def __init__(self, settings: Settings) -> None:
-        import llama_cpp
-        from llama_cpp import Llama
-
-        from ds4tw._llama import _cpu_has_amx, _no_extra_buffers, resolve_model
-
         self.model_path = str(resolve_model(settings.model))
         self.use_extra_bufts = not _cpu_has_amx()
         t0 = time.perf_counter()
-        with nullcontext() if self.use_extra_bufts else _no_extra_buffers():
-            self.llm = Llama(
-                model_path=self.model_path,
-                n_ctx=settings.ctx,
-                n_batch=settings.batch,
-                n_ubatch=settings.batch,
-                n_threads=settings.threads,
-                n_threads_batch=settings.threads,
-                verbose=False,
-            )
+        self.llm = open_llama(
+            self.model_path, n_ctx=settings.ctx, n_batch=settings.batch, n_threads=settings.threads
+        )
         self.load_s = time.perf_counter() - t0
         self.n_batch = settings.batch
-        model = self.llm._model
-        self.eog_ids = [
-            t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, t)
-        ]
+        self.eog_ids = eog_tokens(self.llm)
         self._buf = ctypes.create_string_buffer(64)
 
     def close(self) -> None:
@@ -81,31 +74,6 @@ class RawLlama:
         sampler.add_greedy()
         return sampler
 
-    def _piece(self, token: int) -> bytes:
-        import llama_cpp
-
-        vocab = self.llm._model.vocab
-        n = llama_cpp.llama_token_to_piece(vocab, token, self._buf, len(self._buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(vocab, token, buf, -n, 0, False)
-            return bytes(buf.raw[:n])
-        return bytes(self._buf.raw[:n])
-
-    def _reuse_prefix(self, prompt: list[int]) -> int:
-        llm = self.llm
-        held = llm.input_ids[: llm.n_tokens]
-        limit = min(len(held), len(prompt) - 1)
-        common = 0
-        while common < limit and held[common] == prompt[common]:
-            common += 1
-        if common > 0 and llm._ctx.kv_cache_seq_rm(-1, common, -1):
-            llm.n_tokens = common
-            return common
-        llm.reset()
-        llm._ctx.kv_cache_clear()
-        return 0
-
     def run(self, text: str, max_tokens: int) -> dict[str, Any]:
         """
         One generation; returns the prompt size, per-batch prefill times,
@@ -114,7 +82,7 @@ class RawLlama:
         llm = self.llm
         start = time.perf_counter()
         tokens = list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
-        cached = self._reuse_prefix(tokens)
+        cached = reuse_prefix(llm, tokens)
         sampler = self._sampler()
         batches: list[tuple[int, float]] = []
         for at in range(cached, len(tokens), self.n_batch):
@@ -129,7 +97,7 @@ class RawLlama:
             if i:
                 llm.eval([token])
             token = sampler.sample(llm._ctx, -1)
-            self._piece(token)
+            token_piece(llm, token, self._buf)
             times.append(time.perf_counter() - start)
         return {
             "prompt_tokens": len(tokens),
