@@ -77,18 +77,6 @@ class ChatPrompt:
     stop: tuple[str, ...] = field(default=())
 
 
-class PromptTooLong(ValueError):
-    """The prompt does not fit in the context with room for one token."""
-
-    def __init__(self, prompt_tokens: int, n_ctx: int) -> None:
-        super().__init__(
-            f"This model's maximum context length is {n_ctx} tokens, "
-            f"but the prompt is {prompt_tokens} tokens long."
-        )
-        self.prompt_tokens = prompt_tokens
-        self.n_ctx = n_ctx
-
-
 @runtime_checkable
 class Engine(Protocol):
     """

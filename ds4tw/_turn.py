@@ -106,8 +106,10 @@ def checked(server: Server, prompt: Prompt, param: str) -> Prompt:
 
 
 async def _offload(server: Server, f: Callable[..., Any], *args: Any) -> Any:
-    if not server.worker.ready:
-        _raise_admission(NotReady())
+    try:
+        server.worker.check_ready()
+    except NotReady as e:
+        raise _admission_error(e) from e
     return await server.worker.threads.offload(f, *args)
 
 
@@ -117,12 +119,10 @@ def max_tokens_for(server: Server, prompt: Prompt, requested: int | None) -> int
     return room if requested is None else min(requested, room)
 
 
-def _raise_admission(e: Exception) -> None:
+def _admission_error(e: QueueFull | NotReady) -> APIError:
     if isinstance(e, QueueFull):
-        raise busy(str(e)) from e
-    if isinstance(e, NotReady):
-        raise not_ready(f"{e}; retry shortly") from e
-    raise e
+        return busy(str(e))
+    return not_ready(f"{e}; retry shortly")
 
 
 class StreamRenderer(Protocol):
@@ -159,7 +159,7 @@ def admit(server: Server, job: Job) -> None:
     try:
         server.worker.submit(job)
     except (QueueFull, NotReady) as e:
-        _raise_admission(e)
+        raise _admission_error(e) from e
 
 
 def stream(

@@ -343,17 +343,21 @@ class Worker(Service):
     def busy(self) -> bool:
         return self._current is not None
 
+    def check_ready(self) -> None:
+        """Raise L{NotReady}, saying why, unless jobs can be admitted."""
+        if self.load_error is not None:
+            raise NotReady("the model failed to load")
+        if not self.running:
+            raise NotReady("the server is shutting down")
+        if not self.ready:
+            raise NotReady("the model is still loading")
+
     def submit(self, job: Job) -> Deferred[Finish]:
         """
         Admit C{job}. Raises L{NotReady} or L{QueueFull} synchronously, so
         that the caller can answer with an error before sending anything.
         """
-        if not self.ready:
-            raise NotReady(
-                "the model is still loading"
-                if self.load_error is None
-                else "the model failed to load"
-            )
+        self.check_ready()
         if self._current is not None and len(self._queue) >= self.max_queue:
             raise QueueFull(len(self._queue))
         job._on_cancel = self._cancelled

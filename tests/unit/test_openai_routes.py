@@ -287,6 +287,7 @@ def test_503_while_the_model_loads() -> None:
     assert ex.status == 503
     assert ex.header("retry-after") == "5"
     assert ex.json()["error"]["code"] == "model_not_ready"
+    assert ex.json()["error"]["message"] == "the model is still loading; retry shortly"
     health = rig.http.get("/health")
     assert health.status == 503 and health.json()["status"] == "loading"
 
