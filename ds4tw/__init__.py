@@ -13,7 +13,7 @@ and may change. Test doubles are in L{ds4tw.testing}.
 """
 
 from ._app import Server, ServerConfig
-from ._engine import ChatPrompt, Engine, PrefillProgress, SamplingParams, Token
+from ._engine import ChatPrompt, Engine, Grammar, PrefillProgress, SamplingParams, Token
 from ._llama import LlamaEngine, demo_model_path
 from ._tap import Options, makeService
 from ._version import __version__
@@ -23,6 +23,7 @@ __all__ = [
     "ChatPrompt",
     "Engine",
     "Finish",
+    "Grammar",
     "Job",
     "JobCancelled",
     "LlamaEngine",

@@ -25,6 +25,24 @@ FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """
+    A GBNF grammar that constrains sampling (llama.cpp's grammar syntax).
+
+    With no C{triggers} it applies from the first sampled token. With
+    triggers it is lazy: sampling is free until the generated text matches
+    one of the regular expressions, and from then on the grammar applies,
+    fed the text from the start of the pattern's first capture group (or
+    of the whole match) onwards, so its root must accept that text too.
+    That is how a tool call is constrained only once the model opens one.
+    """
+
+    gbnf: str
+    root: str = "root"
+    triggers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """
     What a request asks of the sampler. Defaults follow llama.cpp's server.
@@ -41,6 +59,11 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    #: Constrain sampling (forced tool calls, structured output).
+    grammar: Grammar | None = None
+    #: Report log probabilities: None for none, 0 for the sampled token's
+    #: only, N for it and the N most likely tokens at that position.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,10 +83,18 @@ class Token:
     """
     One sampled token and its raw bytes (possibly part of a UTF-8
     character; the text layer reassembles).
+
+    When L{SamplingParams.logprobs} is set, C{logprob} is the token's log
+    probability under the model's own distribution at that position
+    (log-softmax of the logits, before any sampler or grammar changed
+    them), and C{top_logprobs} the most likely tokens there as
+    C{(id, piece, logprob)}, most likely first.
     """
 
     id: int
     piece: bytes
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, bytes, float], ...] = ()
 
 
 EngineEvent = PrefillProgress | Token
