@@ -16,8 +16,9 @@ from ._app import Server, ServerConfig
 from ._engine import ChatPrompt, Engine, Grammar, PrefillProgress, SamplingParams, Token
 from ._llama import LlamaEngine, demo_model_path
 from ._tap import Options, makeService
+from ._types import Finish, Stage, Usage
 from ._version import __version__
-from ._worker import Finish, Job, JobCancelled, Stage, Usage
+from ._worker import Job, JobCancelled
 
 __all__ = [
     "ChatPrompt",

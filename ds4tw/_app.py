@@ -32,7 +32,10 @@ from ._errors import APIError, invalid, unauthorized
 from ._metrics import CONTENT_TYPE_LATEST, Metrics
 from ._reasoning import reasoning_parser
 from ._routing import json_response
-from ._worker import Finish, Job, JobCancelled, PoolThreads, Worker, WorkerThreads
+from ._template import ChatTemplate
+from ._tools.parsers import ToolCallParser, tool_call_parser
+from ._types import Finish
+from ._worker import Job, JobCancelled, PoolThreads, Worker, WorkerThreads
 
 log = Logger()
 
@@ -59,6 +62,9 @@ class ServerConfig:
     #: On /v1/messages, keep streams alive with Anthropic's own
     #: C{event: ping} frame instead of an SSE comment.
     anthropic_ping: bool = False
+    #: How the model writes tool calls (L{ds4tw._tools.parsers}); C{"auto"}
+    #: reads it from the chat template.
+    tool_call_parser: str = "auto"
 
 
 def _header(request: Request, name: bytes) -> str:
@@ -92,6 +98,9 @@ class Server(MultiService):
         self.engine = engine
         self.config = config or ServerConfig()
         self.reasoning_parser = reasoning_parser(self.config.reasoning_parser)
+        tool_call_parser(self.config.tool_call_parser)  # a bad name fails here, not per request
+        self._template: ChatTemplate | None = None
+        self._tool_parser: ToolCallParser | None = None
         self.clock: IReactorTime = clock or reactor
         self.worker = Worker(engine, threads or PoolThreads(reactor), self.config.max_queue)
         self.worker.setServiceParent(self)
@@ -113,6 +122,20 @@ class Server(MultiService):
 
     def resource(self) -> IResource:
         return self.app.resource()
+
+    def chat_template(self) -> ChatTemplate:
+        """The engine's chat template, for what it can render (after load)."""
+        if self._template is None:
+            self._template = ChatTemplate(self.engine.chat_template)
+        return self._template
+
+    def tool_parser(self) -> ToolCallParser:
+        """The tool-call parser: configured, or chosen from the template (after load)."""
+        if self._tool_parser is None:
+            self._tool_parser = tool_call_parser(
+                self.config.tool_call_parser, self.engine.chat_template
+            )
+        return self._tool_parser
 
     # -- shared request handling -----------------------------------------
 

@@ -21,6 +21,8 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+#: Why generation ended, as the engine sees it (the worker adds
+#: C{"tool_calls"} when the text held complete calls).
 FinishReason = Literal["stop", "length"]
 
 
@@ -121,13 +123,24 @@ class Engine(Protocol):
     def n_ctx(self) -> int:
         """Context size in tokens (valid after L{load})."""
 
+    @property
+    def chat_template(self) -> str:
+        """
+        The Jinja source of the chat template in use (valid after L{load});
+        tool calling reads it to learn what the template can render.
+        """
+
     def load(self) -> None:
         """Load the model (worker thread; may take seconds)."""
 
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], **template_kwargs: Any
     ) -> ChatPrompt:
-        """Render messages with the model's chat template (any thread)."""
+        """
+        Render messages with the model's chat template (any thread). The
+        keyword arguments are template variables (C{tools},
+        C{enable_thinking}, ...).
+        """
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Tokenize, parsing special tokens (any thread, after L{load})."""

@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.python.failure import Failure
 
-from ._worker import Finish, Job, JobCancelled
+from ._types import Finish
+from ._worker import Job, JobCancelled
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 

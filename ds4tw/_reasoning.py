@@ -20,14 +20,10 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from ._text import held_suffix
+from ._types import ContentText, ReasoningText
 
 DeltaKind = Literal["reasoning", "content"]
-
-
-@dataclass(frozen=True)
-class Delta:
-    kind: DeltaKind
-    text: str
+Delta = ReasoningText | ContentText
 
 
 class ReasoningSplitter(Protocol):
@@ -49,6 +45,10 @@ class ReasoningParser(Protocol):
 
     def splitter(self, prompt_text: str) -> ReasoningSplitter: ...
 
+    @property
+    def tags(self) -> tuple[str, str] | None:
+        """The start and end tags, if the syntax has them."""
+
 
 class PlainSplitter:
     """No reasoning syntax: everything is content."""
@@ -56,7 +56,7 @@ class PlainSplitter:
     in_reasoning = False
 
     def feed(self, text: str) -> list[Delta]:
-        return [Delta("content", text)] if text else []
+        return [ContentText(text)] if text else []
 
     def flush(self) -> list[Delta]:
         return []
@@ -114,7 +114,7 @@ class TagSplitter:
                 return
             self._at_content_start = False
         if text:
-            out.append(Delta(kind, text))
+            out.append(ReasoningText(text) if kind == "reasoning" else ContentText(text))
 
     def flush(self) -> list[Delta]:
         held, self._held = self._held, ""
@@ -129,6 +129,10 @@ class TagReasoningParser:
     start: str = "<think>"
     end: str = "</think>"
 
+    @property
+    def tags(self) -> tuple[str, str] | None:
+        return (self.start, self.end)
+
     def splitter(self, prompt_text: str) -> ReasoningSplitter:
         # A template that opens the block in the generation prompt (R1,
         # Qwen3 with thinking forced on) starts the model inside it.
@@ -139,6 +143,7 @@ class TagReasoningParser:
 @dataclass(frozen=True)
 class NoReasoningParser:
     name: str = "none"
+    tags: tuple[str, str] | None = None
 
     def splitter(self, prompt_text: str) -> ReasoningSplitter:
         return PlainSplitter()

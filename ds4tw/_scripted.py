@@ -3,7 +3,11 @@ A scripted L{Engine}: replies and prefill batches under the caller's
 control, no model needed. Public as L{ds4tw.testing.ScriptedEngine}.
 
 Tokenization is one token per character, so prompt lengths are easy to
-reason about in tests; the chat template is ChatML.
+reason about in tests; the chat template is ChatML unless another Jinja
+template is given, and it is rendered exactly as the real engine renders
+its own (L{ds4tw._template.ChatTemplate}). With C{logprobs} asked for,
+every token reports a log probability of L{TOKEN_LOGPROB} and
+alternatives below it.
 
 Every unit of work the engine "computes" is appended to L{computed}, so a
 test can assert exactly how much work ran before a cancel took effect.
@@ -19,6 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._engine import ChatPrompt, EngineEvent, FinishReason, PrefillProgress, SamplingParams, Token
+from ._template import CHATML_TEMPLATE, ChatTemplate
+
+#: The log probability of every scripted token, when logprobs are asked.
+TOKEN_LOGPROB = -0.25
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,7 @@ class ScriptedEngine:
         n_ctx: int = 4096,
         prefill_batch: int = 64,
         model_id: str = "scripted",
+        chat_template: str = CHATML_TEMPLATE,
     ) -> None:
         self.model_id = model_id
         self._n_ctx = n_ctx
@@ -67,6 +76,7 @@ class ScriptedEngine:
         self._replies: deque[Reply] = deque(
             r if isinstance(r, Reply) else Reply.words(r) for r in replies
         )
+        self._template = ChatTemplate(chat_template, eos_token="<|im_end|>")
         self.loaded = False
         self.closed = False
         #: Work done, in order: ("prefill", tokens_done), ("token", index),
@@ -76,6 +86,8 @@ class ScriptedEngine:
         self.calls: list[tuple[list[int], SamplingParams]] = []
         #: Keyword arguments of every apply_chat_template() call.
         self.template_kwargs: list[dict[str, Any]] = []
+        #: Messages of every apply_chat_template() call.
+        self.template_messages: list[list[dict[str, Any]]] = []
         #: Appended to every rendered chat prompt (e.g. "<think>\n", as
         #: templates that force thinking on do).
         self.generation_prompt_suffix = ""
@@ -83,6 +95,10 @@ class ScriptedEngine:
     @property
     def n_ctx(self) -> int:
         return self._n_ctx
+
+    @property
+    def chat_template(self) -> str:
+        return self._template.source
 
     def add_reply(self, reply: Reply | str) -> None:
         self._replies.append(reply if isinstance(reply, Reply) else Reply.words(reply))
@@ -97,9 +113,9 @@ class ScriptedEngine:
         self, messages: Sequence[dict[str, Any]], **template_kwargs: Any
     ) -> ChatPrompt:
         self.template_kwargs.append(dict(template_kwargs))
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        text += "<|im_start|>assistant\n" + self.generation_prompt_suffix
-        return ChatPrompt(text, ("<|im_end|>",))
+        self.template_messages.append([dict(m) for m in messages])
+        chat = self._template.render(messages, **template_kwargs)
+        return ChatPrompt(chat.text + self.generation_prompt_suffix, chat.stop)
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         return ([1] if add_bos else []) + [ord(c) for c in text]
@@ -108,6 +124,14 @@ class ScriptedEngine:
         if len(self._replies) > 1:
             return self._replies.popleft()
         return self._replies[0]
+
+    @staticmethod
+    def _token(token_id: int, piece: bytes, logprobs: int | None) -> Token:
+        if logprobs is None:
+            return Token(token_id, piece)
+        top = [(token_id, piece, TOKEN_LOGPROB)]
+        top += [(i, f" alt{i}".encode(), TOKEN_LOGPROB - i) for i in range(1, logprobs)]
+        return Token(token_id, piece, TOKEN_LOGPROB, tuple(top[:logprobs]))
 
     def generate(
         self, prompt: Sequence[int], params: SamplingParams
@@ -130,7 +154,7 @@ class ScriptedEngine:
                 else:
                     piece = reply.filler
                 self.computed.append(("token", i))
-                yield Token(1000 + i, piece)
+                yield self._token(1000 + i, piece, params.logprobs)
             finished = True
             return "length"
         finally:

@@ -6,8 +6,8 @@ of a UTF-8 character, or they may be the start of a stop sequence that
 the client must never see. L{TextAssembler} holds back exactly those bytes
 and no more, so everything else streams the moment it is decoded.
 
-The reasoning splitter (L{ds4tw._reasoning}) then holds back what could
-be half of a reasoning tag. All of it runs in the worker thread, so that
+The reasoning and tool-call parsers then hold back what could be half of
+a tag (L{ds4tw._pipeline}). All of it runs in the worker thread, so that
 a matched stop sequence ends decoding before the next token is computed.
 
 Covered by tests/unit/test_text.py.
@@ -17,11 +17,6 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ._reasoning import Delta, ReasoningSplitter
 
 
 def held_suffix(text: str, stops: Sequence[str]) -> int:
@@ -74,43 +69,31 @@ class StopMatcher:
         return held
 
 
-@dataclass(frozen=True)
-class TextResult:
-    """What one fed piece produced."""
-
-    deltas: list[Delta]
-    stop: str | None = None
-
-
 class TextAssembler:
     """
-    Token bytes in, typed text out: incremental UTF-8 decoding, then
-    stop-string matching, then the reasoning splitter.
+    Token bytes in, sendable text out: incremental UTF-8 decoding, then
+    stop-string matching.
     """
 
-    def __init__(self, stops: Sequence[str], splitter: ReasoningSplitter) -> None:
+    def __init__(self, stops: Sequence[str]) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = StopMatcher(stops)
-        self.splitter = splitter
 
-    def feed(self, piece: bytes) -> TextResult:
+    def feed(self, piece: bytes) -> tuple[str, str | None]:
+        """(text safe to send, the stop string matched or None)."""
         text = self._decoder.decode(piece)
         if not text:
-            return TextResult([])
-        out, stop = self._stops.feed(text)
-        return TextResult(self.splitter.feed(out) if out else [], stop)
+            return "", None
+        return self._stops.feed(text)
 
-    def finish(self, stopped: bool) -> list[Delta]:
+    def finish(self, stopped: bool) -> str:
         """
         End of stream: release what was held (a broken character as
         U+FFFD), unless a stop sequence ended it (then the held text was
         the start of that match).
         """
-        deltas: list[Delta] = []
-        if not stopped:
-            tail = self._decoder.decode(b"", final=True)
-            out, stop = self._stops.feed(tail) if tail else ("", None)
-            text = out if stop is not None else out + self._stops.flush()
-            if text:
-                deltas = self.splitter.feed(text)
-        return deltas + self.splitter.flush()
+        if stopped:
+            return ""
+        tail = self._decoder.decode(b"", final=True)
+        out, stop = self._stops.feed(tail) if tail else ("", None)
+        return out if stop is not None else out + self._stops.flush()

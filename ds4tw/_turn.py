@@ -19,19 +19,34 @@ tests/unit/test_openai_routes.py.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from ._engine import SamplingParams
+from ._engine import Grammar, SamplingParams
 from ._errors import APIError, busy, invalid, not_ready
-from ._reasoning import Delta, PlainSplitter
+from ._grammar import GrammarError, json_grammar
+from ._pipeline import OutputPipeline
+from ._reasoning import PlainSplitter
 from ._sse import SSEStream
-from ._worker import Finish, Job, JobCancelled, NotReady, QueueFull, Stage
+from ._tools.prompt import template_inputs
+from ._tools.spec import ResponseFormat, Tooling
+from ._types import (
+    Collected,
+    Collector,
+    ContentText,
+    Finish,
+    Output,
+    ReasoningText,
+    Stage,
+    StreamRenderer,
+)
+from ._worker import Job, JobCancelled, NotReady, QueueFull
 
 if TYPE_CHECKING:
     from ._app import Server
@@ -45,6 +60,8 @@ class Prompt:
     #: The rendered text, when there was one (the reasoning parser looks
     #: at how it ends).
     text: str = ""
+    #: What constrains sampling: forced or lazy tool calls, structured output.
+    grammar: Grammar | None = None
 
 
 def context_exceeded(prompt_tokens: int, n_ctx: int, param: str) -> APIError:
@@ -61,30 +78,52 @@ async def chat_prompt(
     messages: Sequence[dict[str, Any]],
     template_kwargs: Mapping[str, Any] | None = None,
     *,
+    tooling: Tooling | None = None,
+    response_format: ResponseFormat | None = None,
     continuation: str = "",
     param: str = "messages",
+    tools_param: str = "tools",
+    format_param: str = "response_format",
     check: bool = True,
 ) -> Prompt:
     """
-    Render C{messages} with the chat template and tokenize, off the reactor.
+    Render C{messages} with the chat template and tokenize, and build the
+    grammar the request needs, all off the reactor.
 
+    @param messages: Hugging Face chat messages (L{ds4tw._tools.prompt}
+        says how calls and results are shaped).
+    @param tooling: the request's tools; they reach the template (or the
+        fallback system text), and constrain sampling as the choice says.
+    @param response_format: structured output, constrained by a grammar.
     @param continuation: text the model's reply starts with (Anthropic's
         trailing assistant turn), appended after the generation prompt.
-    @param param: the request field the messages came from, for errors.
+    @param param: the request field the messages came from, for errors;
+        C{tools_param} and C{format_param} likewise.
     @param check: refuse a prompt that does not fit the context (off when
         only counting tokens).
     """
     engine = server.engine
-    kwargs = dict(template_kwargs or {})
+    reasoning_tags = server.reasoning_parser.tags
 
     def render() -> Prompt:
+        parser = server.tool_parser()
+        msgs, extra = template_inputs(messages, tooling, server.chat_template(), parser)
         try:
-            chat = engine.apply_chat_template(messages, **kwargs)
+            chat = engine.apply_chat_template(msgs, **{**extra, **(template_kwargs or {})})
         except Exception as e:  # jinja's raise_exception and friends
             raise invalid(f"the chat template rejected these messages: {e}", param) from e
         text = chat.text + continuation
+        grammar = None
+        try:
+            if tooling is not None and tooling.active:
+                grammar = parser.grammar(tooling, reasoning_tags)
+            elif response_format is not None:
+                grammar = json_grammar(response_format.schema)
+        except GrammarError as e:
+            where = tools_param if tooling is not None and tooling.active else format_param
+            raise invalid(f"{where}: {e}", where) from e
         # The template already carries BOS where the model wants one.
-        return Prompt(engine.tokenize(text, add_bos=False), chat.stop, text)
+        return Prompt(engine.tokenize(text, add_bos=False), chat.stop, text, grammar)
 
     prompt: Prompt = await _offload(server, render)
     return checked(server, prompt, param) if check else prompt
@@ -125,33 +164,29 @@ def _admission_error(e: QueueFull | NotReady) -> APIError:
     return not_ready(f"{e}; retry shortly")
 
 
-class StreamRenderer(Protocol):
-    """A dialect's frames for one streamed job."""
-
-    def opening(self) -> list[bytes]:
-        """Frames to send right after the headers (may be empty)."""
-
-    def stage(self, stage: Stage) -> list[bytes]: ...
-
-    def reasoning(self, text: str) -> list[bytes]:
-        """Reasoning text; a dialect that hides it returns no frames."""
-
-    def content(self, text: str) -> list[bytes]: ...
-
-    def finish(self, finish: Finish) -> list[bytes]: ...
-
-    def error(self, error: APIError) -> list[bytes]: ...
-
-
 def new_job(
-    server: Server, prompt: Prompt, params: SamplingParams, label: str, reasoning: bool = True
+    server: Server,
+    prompt: Prompt,
+    params: SamplingParams,
+    label: str,
+    reasoning: bool = True,
+    tooling: Tooling | None = None,
 ) -> Job:
     """
     @param reasoning: split reasoning from content with the server's
         reasoning parser (chat routes); off for raw text completions.
+    @param tooling: parse tool calls out of the content with the server's
+        tool-call parser, when the request offers tools.
     """
     splitter = server.reasoning_parser.splitter(prompt.text) if reasoning else PlainSplitter()
-    return Job(prompt.tokens, params, label=label, splitter=splitter)
+    tools = None
+    if tooling is not None and tooling.active:
+        tools = server.tool_parser().splitter(tooling)
+    single = tooling is not None and tooling.active and not tooling.parallel
+    pipeline = OutputPipeline(params.stop, splitter, tools, single_call=single)
+    if prompt.grammar is not None:
+        params = dataclasses.replace(params, grammar=prompt.grammar)
+    return Job(prompt.tokens, params, label=label, pipeline=pipeline)
 
 
 def admit(server: Server, job: Job) -> None:
@@ -193,11 +228,8 @@ def stream(
         def stage_changed(self, stage: Stage) -> None:
             send(renderer.stage(stage))
 
-        def delta(self, delta: Delta) -> None:
-            if delta.kind == "reasoning":
-                send(renderer.reasoning(delta.text))
-            else:
-                send(renderer.content(delta.text))
+        def output(self, event: Output) -> None:
+            send(render_output(renderer, event))
 
     job.listener = Listener()
     admit(server, job)
@@ -232,23 +264,24 @@ def engine_failure(f: Failure) -> APIError:
     )
 
 
-@dataclass(frozen=True)
-class Collected:
-    content: str
-    reasoning: str
-    finish: Finish
+def render_output(renderer: StreamRenderer, event: Output) -> list[bytes]:
+    if isinstance(event, ReasoningText):
+        return renderer.reasoning(event.text)
+    if isinstance(event, ContentText):
+        return renderer.content(event)
+    return renderer.tool_call(event)
 
 
 async def collect(server: Server, job: Job) -> Collected:
-    """Admit C{job} and wait for all of its text (non-streaming)."""
-    parts: dict[str, list[str]] = {"content": [], "reasoning": []}
+    """Admit C{job} and wait for all of its output (non-streaming)."""
+    collector = Collector()
 
     class Listener:
         def stage_changed(self, stage: Stage) -> None:
             pass
 
-        def delta(self, delta: Delta) -> None:
-            parts[delta.kind].append(delta.text)
+        def output(self, event: Output) -> None:
+            collector.add(event)
 
     job.listener = Listener()
     admit(server, job)
@@ -258,4 +291,4 @@ async def collect(server: Server, job: Job) -> Collected:
         raise
     except Exception as e:
         raise engine_failure(Failure(e)) from e
-    return Collected("".join(parts["content"]), "".join(parts["reasoning"]), finish)
+    return collector.collected(finish)

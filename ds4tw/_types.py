@@ -70,7 +70,7 @@ class TokenLogprob:
     """One content token's log probability and the most likely alternatives."""
 
     token: str
-    bytes: bytes
+    piece: bytes
     logprob: float
     #: C{(token, bytes, logprob)}, most likely first.
     top: tuple[tuple[str, bytes, float], ...] = ()

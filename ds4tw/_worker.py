@@ -26,8 +26,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
@@ -35,20 +34,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._engine import Engine, PrefillProgress, SamplingParams
-from ._reasoning import Delta, PlainSplitter, ReasoningSplitter
-from ._text import TextAssembler
+from ._engine import Engine, PrefillProgress, SamplingParams, Token
+from ._pipeline import OutputPipeline
+from ._types import Finish, Output, Stage, Timings, Usage
 
 _T = TypeVar("_T")
 
 log = Logger()
-
-
-class Stage(StrEnum):
-    QUEUED = "queued"
-    PREFILL = "prefill"
-    DECODE = "decode"
-    DONE = "done"
 
 
 class QueueFull(Exception):
@@ -73,36 +65,6 @@ class JobCancelled(Exception):
 
 
 @dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    #: Completion tokens generated inside a reasoning block.
-    reasoning_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass
-class Timings:
-    """Seconds, measured where the work happens (monotonic clock)."""
-
-    queued: float = 0.0
-    prefill: float = 0.0
-    decode: float = 0.0
-
-
-@dataclass
-class Finish:
-    reason: str  # "stop" | "length"
-    usage: Usage
-    stop_sequence: str | None = None
-    timings: Timings = field(default_factory=Timings)
-
-
-@dataclass
 class _Outcome:
     finish: Finish | None = None
     cancelled_at: Stage | None = None
@@ -115,14 +77,14 @@ class JobListener(Protocol):
 
     def stage_changed(self, stage: Stage) -> None: ...
 
-    def delta(self, delta: Delta) -> None: ...
+    def output(self, event: Output) -> None: ...
 
 
 class _NullListener:
     def stage_changed(self, stage: Stage) -> None:
         pass
 
-    def delta(self, delta: Delta) -> None:
+    def output(self, event: Output) -> None:
         pass
 
 
@@ -142,12 +104,12 @@ class Job:
         params: SamplingParams,
         listener: JobListener | None = None,
         label: str = "",
-        splitter: ReasoningSplitter | None = None,
+        pipeline: OutputPipeline | None = None,
     ) -> None:
         self.prompt = prompt
         self.params = params
-        #: Splits reasoning from content; used only by the model thread.
-        self.splitter: ReasoningSplitter = splitter or PlainSplitter()
+        #: Token bytes to output events; used only by the model thread.
+        self.pipeline = pipeline or OutputPipeline(params.stop)
         self.listener: JobListener = listener or _NullListener()
         self.label = label
         self.stage = Stage.QUEUED
@@ -187,10 +149,10 @@ class Job:
         self.stage = stage
         self.listener.stage_changed(stage)
 
-    def _deltas(self, deltas: list[Delta]) -> None:
+    def _outputs(self, events: list[Output]) -> None:
         if not self.cancelled:
-            for delta in deltas:
-                self.listener.delta(delta)
+            for event in events:
+                self.listener.output(event)
 
     # The Deferred may already have fired: cancelling it (Klein does, on
     # disconnect) errbacks it with CancelledError before the model thread
@@ -431,7 +393,7 @@ def _run_job(engine: Engine, threads: WorkerThreads, job: Job) -> Iterator[None]
     threads.to_reactor(job._set_stage, Stage.PREFILL)
     stage = Stage.PREFILL
     usage = Usage(prompt_tokens=len(job.prompt))
-    assembler = TextAssembler(job.params.stop, job.splitter)
+    pipeline = job.pipeline
     gen = engine.generate(job.prompt, job.params)
     reason: str = "stop"
     stop_sequence: str | None = None
@@ -455,23 +417,28 @@ def _run_job(engine: Engine, threads: WorkerThreads, job: Job) -> Iterator[None]
                     timings.prefill = decode_started - started
                     threads.to_reactor(job._set_stage, Stage.DECODE)
             else:
+                assert isinstance(event, Token)
                 usage.completion_tokens += 1
-                thinking = job.splitter.in_reasoning
-                result = assembler.feed(event.piece)
+                thinking = pipeline.in_reasoning
+                fed = pipeline.feed(event)
                 # Tags count as reasoning: the token was inside the block
                 # before or after it.
-                if thinking or job.splitter.in_reasoning:
+                if thinking or pipeline.in_reasoning:
                     usage.reasoning_tokens += 1
-                if result.deltas:
-                    threads.to_reactor(job._deltas, result.deltas)
-                if result.stop is not None:
-                    reason, stop_sequence = "stop", result.stop
+                if fed.outputs:
+                    threads.to_reactor(job._outputs, fed.outputs)
+                if fed.stop is not None:
+                    reason, stop_sequence = "stop", fed.stop
                     break
+                if fed.call_done:
+                    break  # the one call this request allowed is complete
             yield
-        tail = assembler.finish(stopped=stop_sequence is not None)
+        tail = pipeline.finish(stopped=stop_sequence is not None)
         if tail:
-            threads.to_reactor(job._deltas, tail)
+            threads.to_reactor(job._outputs, tail)
     finally:
         gen.close()
+    if reason == "stop" and pipeline.calls:
+        reason = "tool_calls"
     timings.decode = time.monotonic() - decode_started
     outcome.finish = Finish(reason, usage, stop_sequence, timings)

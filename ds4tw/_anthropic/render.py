@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from .._errors import APIError
 from .._sse import json_frame
-from .._worker import Finish, Stage, Usage
+from .._types import ContentText, Finish, Stage, ToolCallEvent, Usage
 from .schema import ThinkingDisplay
 
 #: Anthropic's own keepalive event (the SDK skips it), offered instead of
@@ -206,8 +206,11 @@ class MessageStream:
             frames.append(self._delta({"type": "thinking_delta", "thinking": text}))
         return frames
 
-    def content(self, text: str) -> list[bytes]:
-        return [*self._enter("text"), self._delta({"type": "text_delta", "text": text})]
+    def content(self, delta: ContentText) -> list[bytes]:
+        return [*self._enter("text"), self._delta({"type": "text_delta", "text": delta.text})]
+
+    def tool_call(self, event: ToolCallEvent) -> list[bytes]:
+        return []
 
     def finish(self, finish: Finish) -> list[bytes]:
         stop_reason, stop_sequence = self._stop(finish)

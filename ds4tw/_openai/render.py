@@ -9,13 +9,59 @@ SDK, tests/integration/test_openai_sdk.py.
 from __future__ import annotations
 
 import time
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from .._errors import APIError
 from .._sse import frame, json_frame
-from .._worker import Finish, Stage, Usage
+from .._types import (
+    Collected,
+    ContentText,
+    Finish,
+    Stage,
+    TokenLogprob,
+    ToolCallArgs,
+    ToolCallEvent,
+    ToolCallStart,
+    Usage,
+)
 
 DONE = frame("[DONE]")
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def logprob_entry(t: TokenLogprob) -> dict[str, Any]:
+    """One token of C{choices[].logprobs.content}, OpenAI's chat shape."""
+    return {
+        "token": t.token,
+        "logprob": t.logprob,
+        "bytes": list(t.piece),
+        "top_logprobs": [
+            {"token": tok, "logprob": lp, "bytes": list(piece)} for tok, piece, lp in t.top
+        ],
+    }
+
+
+def chat_logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
+    return {"content": [logprob_entry(t) for t in tokens], "refusal": None}
+
+
+def completion_logprobs(tokens: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists, alternatives as a mapping."""
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{tok: lp for tok, _, lp in t.top} for t in tokens],
+        "text_offset": offsets,
+    }
 
 
 def error_body(error: APIError) -> dict[str, Any]:
@@ -80,15 +126,27 @@ class ChatStream(_Base):
     object = "chat.completion.chunk"
 
     def __init__(
-        self, request_id: str, model: str, include_usage: bool, show_reasoning: bool = True
+        self,
+        request_id: str,
+        model: str,
+        include_usage: bool,
+        show_reasoning: bool = True,
+        logprobs: bool = False,
     ) -> None:
         super().__init__(request_id, model, include_usage)
         self._role_sent = False
         self._show_reasoning = show_reasoning
+        self._logprobs = logprobs
+        self._call_ids: dict[int, str] = {}
 
-    def _delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+    def _delta(
+        self,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> bytes:
         return self._chunk(
-            [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+            [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
         )
 
     def _role(self) -> list[bytes]:
@@ -108,8 +166,28 @@ class ChatStream(_Base):
             return []
         return [*self._role(), self._delta({"reasoning_content": text})]
 
-    def content(self, text: str) -> list[bytes]:
-        return [*self._role(), self._delta({"content": text})]
+    def content(self, delta: ContentText) -> list[bytes]:
+        logprobs = chat_logprobs(delta.logprobs) if self._logprobs else None
+        return [*self._role(), self._delta({"content": delta.text}, logprobs=logprobs)]
+
+    def tool_call(self, event: ToolCallEvent) -> list[bytes]:
+        """
+        The call's id, type and name go out first, then its arguments as
+        the model writes them, in OpenAI's C{delta.tool_calls} shape.
+        """
+        if isinstance(event, ToolCallStart):
+            cid = self._call_ids[event.index] = call_id()
+            head = {
+                "index": event.index,
+                "id": cid,
+                "type": "function",
+                "function": {"name": event.name, "arguments": ""},
+            }
+            return [*self._role(), self._delta({"tool_calls": [head]})]
+        if isinstance(event, ToolCallArgs):
+            part = {"index": event.index, "function": {"arguments": event.text}}
+            return [self._delta({"tool_calls": [part]})]
+        return []
 
     def finish(self, finish: Finish) -> list[bytes]:
         return self._role() + self._tail(finish, self._delta({}, finish.reason))
@@ -120,9 +198,21 @@ class CompletionStream(_Base):
 
     object = "text_completion"
 
-    def _choice(self, text: str, finish_reason: str | None = None) -> bytes:
+    def __init__(
+        self, request_id: str, model: str, include_usage: bool, logprobs: bool = False
+    ) -> None:
+        super().__init__(request_id, model, include_usage)
+        self._logprobs = logprobs
+        self._offset = 0
+
+    def _choice(
+        self,
+        text: str,
+        finish_reason: str | None = None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> bytes:
         return self._chunk(
-            [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+            [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]
         )
 
     def stage(self, stage: Stage) -> list[bytes]:
@@ -131,19 +221,40 @@ class CompletionStream(_Base):
     def reasoning(self, text: str) -> list[bytes]:
         return []  # completions never split reasoning out (see routes)
 
-    def content(self, text: str) -> list[bytes]:
-        return [self._choice(text)]
+    def content(self, delta: ContentText) -> list[bytes]:
+        logprobs = None
+        if self._logprobs:
+            logprobs = completion_logprobs(delta.logprobs, self._offset)
+        self._offset += len(delta.text)
+        return [self._choice(delta.text, logprobs=logprobs)]
+
+    def tool_call(self, event: ToolCallEvent) -> list[bytes]:
+        return []  # completions offer no tools
 
     def finish(self, finish: Finish) -> list[bytes]:
         return self._tail(finish, self._choice("", finish.reason))
 
 
 def chat_completion(
-    request_id: str, model: str, text: str, reasoning: str | None, finish: Finish
+    request_id: str,
+    model: str,
+    got: Collected,
+    show_reasoning: bool,
+    logprobs: bool = False,
 ) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    if reasoning:
-        message["reasoning_content"] = reasoning
+    message: dict[str, Any] = {"role": "assistant", "content": got.content}
+    if got.reasoning and show_reasoning:
+        message["reasoning_content"] = got.reasoning
+    if got.tool_calls:
+        message["content"] = got.content or None
+        message["tool_calls"] = [
+            {
+                "id": call_id(),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            }
+            for c in got.tool_calls
+        ]
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -153,22 +264,31 @@ def chat_completion(
             {
                 "index": 0,
                 "message": message,
-                "logprobs": None,
-                "finish_reason": finish.reason,
+                "logprobs": chat_logprobs(got.logprobs) if logprobs else None,
+                "finish_reason": got.finish.reason,
             }
         ],
-        "usage": usage_body(finish.usage),
+        "usage": usage_body(got.finish.usage),
     }
 
 
-def completion(request_id: str, model: str, text: str, finish: Finish) -> dict[str, Any]:
+def completion(
+    request_id: str, model: str, got: Collected, logprobs: bool = False
+) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish.reason}],
-        "usage": usage_body(finish.usage),
+        "choices": [
+            {
+                "index": 0,
+                "text": got.content,
+                "logprobs": completion_logprobs(got.logprobs) if logprobs else None,
+                "finish_reason": got.finish.reason,
+            }
+        ],
+        "usage": usage_body(got.finish.usage),
     }
 
 

@@ -47,7 +47,14 @@ def add_routes(server: Server) -> None:
     @api
     async def chat_completions(request: Request) -> bytes | None:
         req = parse(server, request, ChatCompletionRequest)
-        prompt = await _turn.chat_prompt(server, req.template_messages(), req.template_kwargs())
+        tooling = req.tooling()
+        prompt = await _turn.chat_prompt(
+            server,
+            req.template_messages(),
+            req.template_kwargs(),
+            tooling=tooling,
+            response_format=req.structured(),
+        )
         max_tokens = _turn.max_tokens_for(server, prompt, req.requested_max_tokens())
         rid = server.request_id("chatcmpl")
         job = _turn.new_job(
@@ -55,15 +62,17 @@ def add_routes(server: Server) -> None:
             prompt,
             req.sampling(max_tokens, prompt.stops),
             f"{rid} chat stream={req.stream}",
+            tooling=tooling,
         )
         model_name = req.model or server.engine.model_id
         if req.stream:
-            renderer = render.ChatStream(rid, model_name, req.include_usage(), req.thinking())
+            renderer = render.ChatStream(
+                rid, model_name, req.include_usage(), req.thinking(), req.logprobs
+            )
             await _turn.stream(server, request, job, renderer)
             return None
         got = await _turn.collect(server, job)
-        reasoning = got.reasoning if req.thinking() else None
-        body = render.chat_completion(rid, model_name, got.content, reasoning, got.finish)
+        body = render.chat_completion(rid, model_name, got, req.thinking(), req.logprobs)
         return json_response(request, body)
 
     @app.route("/v1/completions", methods=["POST"])
@@ -76,9 +85,10 @@ def add_routes(server: Server) -> None:
         label = f"{rid} completion stream={req.stream}"
         job = _turn.new_job(server, prompt, req.sampling(max_tokens), label, reasoning=False)
         model_name = req.model or server.engine.model_id
+        logprobs = req.logprobs is not None
         if req.stream:
-            renderer = render.CompletionStream(rid, model_name, req.include_usage())
+            renderer = render.CompletionStream(rid, model_name, req.include_usage(), logprobs)
             await _turn.stream(server, request, job, renderer)
             return None
         got = await _turn.collect(server, job)
-        return json_response(request, render.completion(rid, model_name, got.content, got.finish))
+        return json_response(request, render.completion(rid, model_name, got, logprobs))

@@ -9,14 +9,28 @@ Covered by tests/unit/test_openai_schema.py.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .._engine import SamplingParams
 from .._errors import invalid
+from .._tools.spec import (
+    ANY_OBJECT,
+    CallLedger,
+    ResponseFormat,
+    ToolChoice,
+    Tooling,
+    ToolSpec,
+    check_choice,
+    check_schema,
+    check_tools,
+)
 
 MAX_STOP = 16
+#: OpenAI allows 20 alternatives per token in chat, 5 in completions;
+#: both are served up to 20.
+MAX_TOP_LOGPROBS = 20
 
 
 class _Lenient(BaseModel):
@@ -33,10 +47,26 @@ class ContentPart(_Lenient):
     text: str | None = None
 
 
+class FunctionCall(_Lenient):
+    name: str
+    #: JSON text, as OpenAI sends it.
+    arguments: str = "{}"
+
+
+class ToolCallIn(_Lenient):
+    """A call an earlier assistant turn made."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -75,7 +105,6 @@ class _Sampling(_Lenient):
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     n: int | None = None
-    logprobs: Any = None
     user: str | None = None
 
     @field_validator("stop")
@@ -89,8 +118,6 @@ class _Sampling(_Lenient):
     def _unsupported(self) -> _Sampling:
         if self.n not in (None, 1):
             raise ValueError("n: only n=1 is supported")
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs: log probabilities are not supported by this server")
         return self
 
     def stops(self) -> tuple[str, ...]:
@@ -100,6 +127,10 @@ class _Sampling(_Lenient):
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def logprobs_count(self) -> int | None:
+        """L{SamplingParams.logprobs}: None, or how many alternatives per token."""
+        return None
 
     def sampling(self, max_tokens: int, extra_stops: tuple[str, ...] = ()) -> SamplingParams:
         defaults = SamplingParams()
@@ -116,10 +147,58 @@ class _Sampling(_Lenient):
             seed=self.seed,
             ignore_eos=self.ignore_eos,
             stop=self.stops() + extra_stops,
+            logprobs=self.logprobs_count(),
         )
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+class FunctionDef(_Lenient):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.:-]+$")
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Lenient):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    #: OpenAI's field is named "schema" (a BaseModel attribute name).
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(_Lenient):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Lenient):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(_Lenient):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ChatResponseFormat = Annotated[
+    TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")
+]
 
 
 class ChatCompletionRequest(_Sampling):
@@ -127,16 +206,63 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ChatResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @model_validator(mode="after")
-    def _chat_unsupported(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools: tool calling is not supported by this server yet")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format: only {'type': 'text'} is supported")
+    def _chat_checks(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs set to true")
         return self
+
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def tooling(self) -> Tooling | None:
+        """The request's tools, checked (400s name the field), or None."""
+        tools = tuple(
+            ToolSpec(
+                t.function.name,
+                t.function.description,
+                t.function.parameters if t.function.parameters is not None else ANY_OBJECT,
+            )
+            for t in self.tools or ()
+        )
+        check_tools(tools, (f"tools.{i}.function" for i in range(len(tools))))
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            picked = ToolChoice("required", choice.function.name)
+        else:
+            # OpenAI's default: "auto" with tools, "none" without.
+            picked = ToolChoice(choice or ("auto" if tools else "none"))
+        tooling = Tooling(tools, picked, self.parallel_tool_calls is not False)
+        check_choice(tooling, "tool_choice")
+        if not tools:
+            return None
+        fmt = self.response_format
+        if tooling.active and fmt is not None and not isinstance(fmt, TextFormat):
+            raise invalid(
+                "response_format: structured output cannot be combined with tool calls "
+                'in one request (set tool_choice to "none")',
+                "response_format",
+            )
+        return tooling
+
+    def structured(self) -> ResponseFormat | None:
+        fmt = self.response_format
+        if isinstance(fmt, JSONObjectFormat):
+            return ResponseFormat("json_object")
+        if isinstance(fmt, JSONSchemaResponseFormat):
+            schema = fmt.json_schema.schema_
+            if schema is None:
+                return ResponseFormat("json_object", name=fmt.json_schema.name)
+            check_schema(schema, "response_format.json_schema.schema")
+            return ResponseFormat("json_schema", schema, fmt.json_schema.name)
+        return None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -154,16 +280,35 @@ class ChatCompletionRequest(_Sampling):
         return kwargs
 
     def template_messages(self) -> list[dict[str, Any]]:
+        """
+        The conversation as Hugging Face chat messages; a C{tool} message
+        must answer a call an earlier assistant turn made.
+        """
         out = []
+        ledger = CallLedger()
         for i, m in enumerate(self.messages):
-            if m.role == "tool":
-                raise invalid(
-                    f"messages[{i}]: role 'tool' needs tool calling, which this server "
-                    "does not support yet",
-                    param=f"messages.{i}.role",
-                )
             role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": m.text(i)})
+            message: dict[str, Any] = {"role": role, "content": m.text(i)}
+            if m.role == "assistant" and m.tool_calls:
+                message["tool_calls"] = []
+                for call in m.tool_calls:
+                    ledger.called(call.id)
+                    message["tool_calls"].append(
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {
+                                "name": call.function.name,
+                                "arguments": call.function.arguments,
+                            },
+                        }
+                    )
+            if m.role == "tool":
+                ledger.answered(m.tool_call_id, f"messages.{i}.tool_call_id")
+                message["tool_call_id"] = m.tool_call_id
+                if m.name:
+                    message["name"] = m.name
+            out.append(message)
         return out
 
 
@@ -172,6 +317,11 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    #: How many alternatives per token (0: only the sampled token's).
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
     @model_validator(mode="after")
     def _completion_unsupported(self) -> CompletionRequest:

@@ -30,8 +30,7 @@ from typing import Any, Literal
 
 from .._errors import APIError
 from .._sse import json_frame
-from .._turn import Collected
-from .._worker import Finish, Stage, Usage
+from .._types import Collected, ContentText, Finish, Stage, ToolCallEvent, Usage
 
 ItemKind = Literal["reasoning", "message"]
 Event = dict[str, Any]
@@ -281,8 +280,11 @@ class ResponsesStream:
     def reasoning(self, text: str) -> list[bytes]:
         return self._frames(self.builder.text("reasoning", text))
 
-    def content(self, text: str) -> list[bytes]:
-        return self._frames(self.builder.text("message", text))
+    def content(self, delta: ContentText) -> list[bytes]:
+        return self._frames(self.builder.text("message", delta.text))
+
+    def tool_call(self, event: ToolCallEvent) -> list[bytes]:
+        return []
 
     def finish(self, finish: Finish) -> list[bytes]:
         return self._frames(self.builder.finish(finish))

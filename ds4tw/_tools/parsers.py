@@ -42,7 +42,7 @@ from .._grammar import RuleSet, call_schema, literal
 from .._text import held_suffix
 from .._types import ContentText, ToolCallArgs, ToolCallEnd, ToolCallEvent, ToolCallStart
 from .scan import WHITESPACE, Args, CallScanner, Malformed, Name, ObjectEnd, ValueScanner
-from .spec import ToolSpec, Tooling
+from .spec import Tooling, ToolSpec
 
 log = Logger()
 
@@ -139,9 +139,10 @@ class _Call:
             raise Malformed("the arguments must be a JSON object")
         out: list[Event] = []
         if self.spec.kind == "custom":
-            text = value.get("input")
-            if not isinstance(text, str):
+            given = value.get("input")
+            if not isinstance(given, str):
                 raise Malformed("a free-form tool's input must be a string")
+            text = given
         if not self.committed:
             out.append(self._commit())
         if self.spec.kind == "custom" or self.scanner.args_is_string:
@@ -619,8 +620,8 @@ class MistralParser:
             root = _repeat(tooling, call, "")
         else:
             call = _call_rules(rules, tooling)
-            calls = _repeat(tooling, call, '"," space')
-            root = f'{marker} "[" {calls} "]"'
+            listed = _repeat(tooling, call, '"," space')
+            root = f'{marker} "[" {listed} "]"'
         triggers = () if tooling.forced else (_trigger(MistralSplitter.MARKER, reasoning),)
         return rules.grammar(root, triggers)
 

@@ -108,10 +108,7 @@ class Tooling:
     def key(self) -> str:
         """A stable key for caches of what is built from these tools."""
         return json.dumps(
-            [
-                [t.name, t.kind, t.description, t.arguments_schema()]
-                for t in self.callable()
-            ]
+            [[t.name, t.kind, t.description, t.arguments_schema()] for t in self.callable()]
             + [self.choice.mode, self.parallel],
             sort_keys=True,
         )
@@ -152,9 +149,8 @@ def check_tools(tools: Sequence[ToolSpec], params: Iterable[str]) -> None:
 
 def check_choice(tooling: Tooling, param: str) -> None:
     name = tooling.choice.name
-    if tooling.choice.mode != "none" and not tooling.tools:
-        if tooling.choice.mode == "required":
-            raise invalid(f"{param}: a tool call is required but no tools are defined", param)
+    if tooling.choice.mode == "required" and not tooling.tools:
+        raise invalid(f"{param}: a tool call is required but no tools are defined", param)
     if name is not None and tooling.spec(name) is None:
         known = ", ".join(repr(t.name) for t in tooling.tools) or "none"
         raise invalid(f"{param}: no tool named {name!r} is defined (tools: {known})", param)

@@ -74,19 +74,19 @@ def pieces() -> list[tuple[str, float]]:
     from twisted.internet import reactor
     from twisted.internet.task import LoopingCall
 
+    from ds4tw._engine import Token
     from ds4tw._openai.render import ChatStream, CompletionStream
-    from ds4tw._reasoning import PlainSplitter
+    from ds4tw._pipeline import OutputPipeline
     from ds4tw._sse import SSEStream
-    from ds4tw._text import TextAssembler
+    from ds4tw._types import ContentText
 
     out: list[tuple[str, float]] = []
+    hi = ContentText(" hi")
     completion = CompletionStream("cmpl-0123456789abcdef01234567", "SmolLM2", False)
     chat = ChatStream("chatcmpl-0123456789abcdef01234567", "SmolLM2", False)
-    chat.content("warm")  # the role chunk goes out once
-    out.append(
-        ("render: completion chunk (json.dumps)", cost_us(lambda: completion.content(" hi")))
-    )
-    out.append(("render: chat chunk (json.dumps)", cost_us(lambda: chat.content(" hi"))))
+    chat.content(ContentText("warm"))  # the role chunk goes out once
+    out.append(("render: completion chunk (json.dumps)", cost_us(lambda: completion.content(hi))))
+    out.append(("render: chat chunk (json.dumps)", cost_us(lambda: chat.content(hi))))
     head = completion._chunk([{"text": "\x00", "index": 0}]).split(b'"\\u0000"')
     out.append(
         (
@@ -96,7 +96,7 @@ def pieces() -> list[tuple[str, float]]:
     )
 
     request, transport = _request()
-    frame = completion.content(" hi")[0]
+    frame = completion.content(hi)[0]
 
     def write() -> None:
         request.write(frame)
@@ -138,9 +138,10 @@ def pieces() -> list[tuple[str, float]]:
     finally:
         sse.close()
 
-    assembler = TextAssembler((), PlainSplitter())
+    pipeline = OutputPipeline()
+    token = Token(1, b" hi")
     out.append(
-        ("model thread: TextAssembler.feed (no stops)", cost_us(lambda: assembler.feed(b" hi")))
+        ("model thread: OutputPipeline.feed (no stops)", cost_us(lambda: pipeline.feed(token)))
     )
     out.append(("callFromThread wake-up, reactor side", _wakeup_us()))
     return out

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import ds4tw
 import ds4tw.testing
-from ds4tw import _app, _engine, _llama, _scripted, _tap, _worker
+from ds4tw import _app, _engine, _llama, _scripted, _tap, _types, _worker
 
 
 def test_public_names() -> None:
     assert sorted(ds4tw.__all__) == sorted(
         [
-            "ChatPrompt", "Engine", "Finish", "Job", "JobCancelled", "LlamaEngine", "Options",
-            "PrefillProgress", "SamplingParams", "Server", "ServerConfig", "Stage", "Token",
+            "ChatPrompt", "Engine", "Finish", "Grammar", "Job", "JobCancelled", "LlamaEngine",
+            "Options", "PrefillProgress", "SamplingParams", "Server", "ServerConfig", "Stage",
+            "Token",
             "Usage", "__version__", "demo_model_path", "makeService",
         ]
     )  # fmt: skip
     assert ds4tw.Server is _app.Server
     assert ds4tw.Engine is _engine.Engine
+    assert ds4tw.Grammar is _engine.Grammar
+    assert ds4tw.Finish is _types.Finish
+    assert ds4tw.Stage is _types.Stage
     assert ds4tw.LlamaEngine is _llama.LlamaEngine
     assert ds4tw.Options is _tap.Options
     assert ds4tw.Job is _worker.Job

@@ -231,8 +231,8 @@ BAD_REQUESTS: list[tuple[bytes | dict[str, Any], str | None, str]] = [
     ),
     (
         {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-        None,
-        "tool calling",
+        "tools.0.function",
+        "Field required",
     ),
 ]
 
@@ -272,7 +272,7 @@ def test_invalid_completion_requests() -> None:
         ({}, "prompt"),
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": ["a", "b"]}, "one prompt"),
-        ({"prompt": "x", "logprobs": 3}, "logprobs"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
     ]:
         ex = rig.http.post("/v1/completions", payload)
         assert ex.status == 400, payload

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ds4tw._reasoning import Delta, TagSplitter, reasoning_parser
+from ds4tw._types import ContentText, ReasoningText
 from ds4tw.testing import Reply
 
 from .conftest import make_rig
@@ -25,8 +26,8 @@ def run(splitter: TagSplitter, pieces: list[str]) -> list[Delta]:
 
 
 def joined(deltas: list[Delta]) -> tuple[str, str]:
-    r = "".join(d.text for d in deltas if d.kind == "reasoning")
-    c = "".join(d.text for d in deltas if d.kind == "content")
+    r = "".join(d.text for d in deltas if isinstance(d, ReasoningText))
+    c = "".join(d.text for d in deltas if isinstance(d, ContentText))
     return r, c
 
 
@@ -52,8 +53,8 @@ def test_think_block_token_by_token() -> None:
 
 def test_only_what_could_be_a_tag_is_held_back() -> None:
     s = TagSplitter("<think>", "</think>", in_reasoning=True)
-    assert s.feed("step one </th") == [Delta("reasoning", "step one ")]
-    assert s.feed("ink>Answer") == [Delta("content", "Answer")]
+    assert s.feed("step one </th") == [ReasoningText("step one ")]
+    assert s.feed("ink>Answer") == [ContentText("Answer")]
     assert joined(run(TagSplitter("<think>", "</think>"), ["a <", " b"])) == ("", "a < b")
 
 

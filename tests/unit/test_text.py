@@ -5,7 +5,6 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ds4tw._reasoning import Delta, PlainSplitter
 from ds4tw._text import StopMatcher, TextAssembler
 
 
@@ -36,25 +35,25 @@ def test_no_stops_passes_through() -> None:
 
 
 def test_utf8_split_across_pieces() -> None:
-    a = TextAssembler([], PlainSplitter())
+    a = TextAssembler([])
     euro = "€".encode()
-    assert a.feed(euro[:1]).deltas == []
-    assert a.feed(euro[1:]).deltas == [Delta("content", "€")]
+    assert a.feed(euro[:1]) == ("", None)
+    assert a.feed(euro[1:]) == ("€", None)
 
 
 def test_broken_utf8_at_the_end_is_replaced_not_dropped() -> None:
-    a = TextAssembler([], PlainSplitter())
-    assert a.feed(b"ok\xe2\x82").deltas == [Delta("content", "ok")]
-    assert a.finish(stopped=False) == [Delta("content", "\ufffd")]
+    a = TextAssembler([])
+    assert a.feed(b"ok\xe2\x82") == ("ok", None)
+    assert a.finish(stopped=False) == "\ufffd"
 
 
 def test_held_stop_prefix_is_dropped_when_the_stream_stopped() -> None:
-    a = TextAssembler(["STOP"], PlainSplitter())
-    assert a.feed(b"done ST").deltas == [Delta("content", "done ")]
-    assert a.finish(stopped=False) == [Delta("content", "ST")]
-    b = TextAssembler(["STOP"], PlainSplitter())
-    assert b.feed(b"done STOP").stop == "STOP"
-    assert b.finish(stopped=True) == []
+    a = TextAssembler(["STOP"])
+    assert a.feed(b"done ST") == ("done ", None)
+    assert a.finish(stopped=False) == "ST"
+    b = TextAssembler(["STOP"])
+    assert b.feed(b"done STOP") == ("done ", "STOP")
+    assert b.finish(stopped=True) == ""
 
 
 @given(

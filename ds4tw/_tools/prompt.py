@@ -1,0 +1,99 @@
+"""
+How tools, earlier calls and their results reach the chat template.
+
+Every dialect hands over its conversation as Hugging Face chat messages
+(the shape chat templates are written for):
+
+  - C{{"role": "assistant", "content": str, "tool_calls": [{"id", "type":
+    "function", "function": {"name", "arguments"}}]}} with the arguments
+    as JSON text (the OpenAI wire shape);
+  - C{{"role": "tool", "tool_call_id", "name", "content": str}} for results.
+
+A template that takes C{tools} gets them as its C{tools} variable, and
+the calls and results as messages, arguments parsed into mappings (as
+Hugging Face templates expect). A template without tool support (the demo
+model's) gets the documented fallback: the tool-call parser's own
+instructions added to the system message, earlier calls written into the
+assistant's text in the parser's syntax, and results as user turns in
+C{<tool_response>} tags; so the one parser reads what the model writes
+either way. See docs/tools.md.
+
+Covered by tests/unit/test_tools.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .._template import ChatTemplate
+from .parsers import ToolCallParser
+from .spec import Tooling, arguments_value
+
+
+def template_inputs(
+    messages: Sequence[Mapping[str, Any]],
+    tooling: Tooling | None,
+    template: ChatTemplate,
+    parser: ToolCallParser,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The messages and extra template variables for this conversation."""
+    offered = tooling is not None and tooling.active
+    kwargs: dict[str, Any] = {}
+    out: list[dict[str, Any]] = []
+    fallback_calls = not template.renders_tool_calls
+    fallback_results = not template.renders_tool_results
+    for m in messages:
+        message = dict(m)
+        calls = message.pop("tool_calls", None) or []
+        if calls:
+            pairs = [
+                (c["function"]["name"], arguments_value(c["function"]["arguments"])) for c in calls
+            ]
+            if fallback_calls:
+                text = message.get("content") or ""
+                written = parser.format_calls(pairs)
+                message["content"] = f"{text}\n{written}" if text else written
+            else:
+                message["content"] = message.get("content") or ""
+                message["tool_calls"] = [
+                    {**c, "function": {"name": n, "arguments": a}}
+                    for c, (n, a) in zip(calls, pairs, strict=True)
+                ]
+        if message.get("role") == "tool" and fallback_results:
+            message = {
+                "role": "user",
+                "content": f"<tool_response>\n{message.get('content', '')}\n</tool_response>",
+            }
+        _append(out, message, merge=fallback_results)
+    if offered:
+        assert tooling is not None
+        if template.takes_tools:
+            kwargs["tools"] = [t.template_entry() for t in tooling.tools]
+        else:
+            _add_system(out, parser.instructions(tooling.tools))
+    return out, kwargs
+
+
+def _append(out: list[dict[str, Any]], message: dict[str, Any], merge: bool) -> None:
+    # Results turned into user turns must not make two user turns in a row:
+    # many templates insist that roles alternate.
+    last = out[-1] if out else None
+    if (
+        merge
+        and last is not None
+        and last["role"] == message["role"] == "user"
+        and isinstance(last.get("content"), str)
+        and isinstance(message.get("content"), str)
+    ):
+        last["content"] = f"{last['content']}\n{message['content']}"
+        return
+    out.append(message)
+
+
+def _add_system(out: list[dict[str, Any]], text: str) -> None:
+    if out and out[0]["role"] == "system":
+        first = out[0].get("content") or ""
+        out[0] = {**out[0], "content": f"{first}\n\n{text}" if first else text}
+    else:
+        out.insert(0, {"role": "system", "content": text})
