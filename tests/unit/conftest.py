@@ -37,7 +37,9 @@ class Rig:
 
 
 def make_rig(replies: Any = ("Hello there friend.",), **config: Any) -> Rig:
-    engine_kw = {k: config.pop(k) for k in ("n_ctx", "prefill_batch") if k in config}
+    engine_kw = {
+        k: config.pop(k) for k in ("n_ctx", "prefill_batch", "chat_template") if k in config
+    }
     engine = ScriptedEngine(replies, **engine_kw)
     threads = SteppedThreads()
     clock = Clock()
