@@ -1,16 +1,20 @@
 """
 LlamaEngine on the demo model, called directly as the worker thread would
 (no server): chunked prefill that can be abandoned between batches,
-decode that computes nothing after the consumer stops, prefix reuse.
+decode that computes nothing after the consumer stops, prefix reuse,
+grammar-constrained sampling (full and lazy) and log probabilities.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections.abc import Iterator
 
 import pytest
 
-from ds4tw import LlamaEngine, PrefillProgress, SamplingParams, Token, demo_model_path
+from ds4tw import Grammar, LlamaEngine, PrefillProgress, SamplingParams, Token, demo_model_path
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +123,148 @@ def test_context_full_ends_with_length(engine: LlamaEngine) -> None:
     reason, events, _ = run(engine, prompt, max_tokens=100, ignore_eos=True)
     assert reason == "length"
     assert sum(isinstance(e, Token) for e in events) == 2048 - 2040 + 1
+
+
+# -- constrained sampling ----------------------------------------------------
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+
+
+def chat(engine: LlamaEngine, text: str) -> list[int]:
+    prompt = engine.apply_chat_template([{"role": "user", "content": text}])
+    return engine.tokenize(prompt.text, add_bos=False)
+
+
+def test_full_grammar_forces_schema_valid_json(engine: LlamaEngine) -> None:
+    import jsonschema
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    prompt = chat(engine, "Describe a person.")
+    free = run(engine, prompt, max_tokens=60, temperature=0)[2]
+    with pytest.raises(ValueError):
+        json.loads(free)  # the model on its own does not write this JSON
+    grammar = Grammar(json_schema_to_gbnf(json.dumps(PERSON_SCHEMA)))
+    reason, _, text = run(engine, prompt, max_tokens=200, temperature=0, grammar=grammar)
+    # The grammar is complete, so it allowed end-of-generation.
+    assert reason == "stop"
+    jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+
+
+def test_sampled_grammar_output_is_valid_too(engine: LlamaEngine) -> None:
+    import jsonschema
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    grammar = Grammar(json_schema_to_gbnf(json.dumps(PERSON_SCHEMA)))
+    prompt = chat(engine, "Describe a person as JSON.")
+    for seed in (1, 2, 3):
+        reason, _, text = run(
+            engine, prompt, max_tokens=200, temperature=1.0, seed=seed, grammar=grammar
+        )
+        assert reason == "stop"
+        jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+
+
+def test_finished_grammar_stops_even_with_ignore_eos(engine: LlamaEngine) -> None:
+    # Nothing may follow "yes": with end-of-generation banned as well, the
+    # only honest outcome is to stop (not to sample a token the grammar
+    # rejects, which would abort inside llama.cpp).
+    grammar = Grammar('root ::= "yes"')
+    reason, _, text = run(
+        engine, chat(engine, "Say hi."), max_tokens=20, ignore_eos=True, grammar=grammar
+    )
+    assert text == b"yes" and reason == "stop"
+
+
+def test_grammar_that_does_not_parse_fails_before_prefill(engine: LlamaEngine) -> None:
+    gen = engine.generate(
+        engine.tokenize("Hi"), SamplingParams(grammar=Grammar("root ::= ( unclosed"))
+    )
+    with pytest.raises(ValueError):
+        next(gen)
+
+
+LAZY = Grammar('root ::= "Nation" " is number " [0-9] [0-9] "."', triggers=("Nation",))
+
+
+def test_lazy_grammar_is_free_until_the_trigger_then_constrains(engine: LlamaEngine) -> None:
+    prompt = chat(engine, "What is the capital of France?")
+    _, _, free = run(engine, prompt, max_tokens=40, temperature=0)
+    # The greedy text writes the trigger, then something the grammar forbids.
+    at = free.index(b"Nation")
+    assert not re.fullmatch(rb"Nation is number [0-9]{2}\.", free[at:])
+    reason, _, text = run(engine, prompt, max_tokens=40, temperature=0, grammar=LAZY)
+    assert text[:at] == free[:at]  # free before the trigger: the same greedy text
+    assert re.fullmatch(rb"Nation is number [0-9]{2}\.", text[at:]), text
+    assert reason == "stop"
+
+
+def test_lazy_grammar_never_triggered_changes_nothing(engine: LlamaEngine) -> None:
+    grammar = Grammar('root ::= "Zebra" [0-9]', triggers=("Zebra",))
+    prompt = chat(engine, "What is the capital of France?")
+    free = run(engine, prompt, max_tokens=30, temperature=0)
+    lazy = run(engine, prompt, max_tokens=30, temperature=0, grammar=grammar)
+    assert b"Zebra" not in free[2]
+    assert (lazy[0], lazy[2]) == (free[0], free[2])
+
+
+# -- logprobs ----------------------------------------------------------------
+
+
+def tokens_of(events: list[object]) -> list[Token]:
+    return [e for e in events if isinstance(e, Token)]
+
+
+def test_logprobs_of_greedy_tokens(engine: LlamaEngine) -> None:
+    _, events, _ = run(
+        engine, chat(engine, "Name three rivers."), max_tokens=12, temperature=0, logprobs=5
+    )
+    tokens = tokens_of(events)
+    assert len(tokens) == 12
+    for t in tokens:
+        assert t.logprob is not None and t.logprob <= 0.0
+        assert len(t.top_logprobs) == 5
+        values = [lp for _, _, lp in t.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert all(lp <= 0.0 for lp in values)
+        assert sum(math.exp(lp) for lp in values) <= 1.0 + 1e-6
+        # Greedy takes the most likely token: its logprob is the top one.
+        assert t.logprob == pytest.approx(values[0], abs=1e-6)
+        top_id, top_piece, _ = t.top_logprobs[0]
+        if top_id == t.id:
+            assert top_piece == t.piece
+    # A real distribution, not a constant: some token was not certain.
+    assert any(t.logprob < -0.01 for t in tokens)
+
+
+def test_logprobs_zero_reports_only_the_sampled_token(engine: LlamaEngine) -> None:
+    _, events, _ = run(engine, engine.tokenize("The sky is"), max_tokens=4, logprobs=0, seed=3)
+    tokens = tokens_of(events)
+    assert tokens and all(t.logprob is not None and t.logprob <= 0 for t in tokens)
+    assert all(t.top_logprobs == () for t in tokens)
+
+
+def test_logprobs_are_the_raw_distribution_under_a_grammar(engine: LlamaEngine) -> None:
+    # The grammar forces a token the model finds unlikely: its logprob is
+    # still the model's own (low), not the renormalised certainty.
+    prompt = chat(engine, "Say hi.")
+    _, events, _ = run(
+        engine, prompt, max_tokens=3, temperature=0, logprobs=1, grammar=Grammar('root ::= "Q"')
+    )
+    (t,) = tokens_of(events)
+    assert t.piece == b"Q"
+    assert t.logprob is not None and t.logprob < t.top_logprobs[0][2]
+
+
+def test_no_logprobs_unless_asked(engine: LlamaEngine) -> None:
+    _, events, _ = run(engine, engine.tokenize("The sky is"), max_tokens=4, temperature=0)
+    tokens = tokens_of(events)
+    assert tokens and all(t.logprob is None and t.top_logprobs == () for t in tokens)
