@@ -216,7 +216,8 @@ class ChatCompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs: needs logprobs set to true")
+            # Not a ValueError: pydantic would lose which field it was.
+            raise invalid("top_logprobs: needs logprobs set to true", "top_logprobs")
         return self
 
     def logprobs_count(self) -> int | None:
