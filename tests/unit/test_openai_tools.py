@@ -236,7 +236,7 @@ def test_fallback_prompt_describes_tools_and_rewrites_history() -> None:
                     "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
                 }
             ],
-        },  # fmt: skip
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "12 C, rain"},
     ]
     ex = rig.http.post(
