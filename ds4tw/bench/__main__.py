@@ -7,12 +7,16 @@ One run, in this order:
      twistd and the peer (llama_cpp.server), all loaded at once and
      measured interleaved prompt by prompt (L{ds4tw.bench._throughput});
   2. cancel latency on the same ds4tw server, the peer stopped;
-  3. keepalive timing and many waiting clients on a second ds4tw server
+  3. constrained decode: unconstrained, JSON-schema and forced-tool-call
+     grammars on a LlamaEngine in this process
+     (L{ds4tw.bench._constrained});
+  4. keepalive timing and many waiting clients on a second ds4tw server
      with a small C{--keepalive} and a template that makes a silent decode.
 
 With C{--engine scripted} there is no model: ds4tw runs on a paced
-scripted engine (L{ds4tw.bench._scripted_server}), raw and peer are
-skipped (a note in the JSON says so), and everything else runs the same.
+scripted engine (L{ds4tw.bench._scripted_server}), raw, peer and the
+constrained decode are skipped (notes in the JSON say so), and everything
+else runs the same.
 
 A part that fails is recorded in the JSON's C{errors} and the run goes
 on; the exit status is 1 if any part failed, 0 otherwise. Targets are
@@ -37,7 +41,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from . import _cancel, _keepalive, _many, _noise, _report, _servers, _throughput
+from . import _cancel, _constrained, _keepalive, _many, _noise, _report, _servers, _throughput
 from ._settings import Settings, make_settings
 from ._workload import THINK_TEMPLATE, plan
 
@@ -103,6 +107,7 @@ class Run:
             "cancel": None,
             "keepalive": None,
             "many_clients": None,
+            "constrained": None,
             "targets": [],
         }
 
@@ -234,6 +239,17 @@ def run_llama(run: Run, args: argparse.Namespace, out: Path) -> None:
                 )
 
         doc["cancel"] = run.part("cancel latency", cancel)
+
+    def load_engine() -> Any:
+        from ds4tw import LlamaEngine
+
+        engine = LlamaEngine(model_path, n_ctx=s.ctx, n_threads=s.threads, n_batch=s.batch)
+        engine.load()
+        return engine
+
+    doc["constrained"] = run.part(
+        "constrained decode (in-process engine)", lambda: _constrained.measure(s, load_engine)
+    )
     _keepalive_and_many(
         run,
         lambda: _servers.ds4tw_twistd(
@@ -276,6 +292,7 @@ def run_scripted(run: Run, out: Path) -> None:
         "scripted engine: raw llama-cpp-python and the peer server were skipped (no model); "
         "ds4tw ran on a paced ScriptedEngine, so its numbers show the server layer only"
     )
+    doc["notes"].append("constrained decode skipped: it measures the real sampler (no model)")
     workload = plan(s)
 
     def throughput() -> dict[str, Any]:

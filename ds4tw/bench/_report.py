@@ -45,6 +45,8 @@ DISTRIBUTIONS = (
 # Issue 4's targets.
 DECODE_RATIO_TARGET = 0.97
 TTFT_OVERHEAD_TARGET_MS = 5.0
+#: Constrained decode over unconstrained decode, same prompts.
+CONSTRAINED_RATIO_TARGET = 0.90
 
 
 def _median(section: Mapping[str, Any] | None, key: str) -> float | None:
@@ -91,6 +93,10 @@ def ratios(doc: Mapping[str, Any]) -> dict[str, Any]:
     out["ds4tw_over_peer_decode"] = ratio(
         _median(doc.get("ds4tw"), "decode_tps"), _median(stacks["peer"], "decode_tps")
     )
+    constrained = doc.get("constrained")
+    if constrained:
+        for name in ("json_schema", "tool_call"):
+            out[f"constrained_{name}_decode"] = _median(constrained, f"{name}_ratio")
     return out
 
 
@@ -119,6 +125,21 @@ def targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     prefill = cancel.get("prefill") or {}
     ka = doc.get("keepalive") or {}
     many = doc.get("many_clients") or {}
+    constrained = (
+        [
+            _target(
+                f"constrained decode / unconstrained ({label})",
+                r.get(f"constrained_{name}_decode"),
+                CONSTRAINED_RATIO_TARGET,
+                "ratio",
+                False,
+                "in-process LlamaEngine, greedy, median of per-prompt ratios",
+            )
+            for name, label in (("json_schema", "JSON schema"), ("tool_call", "forced tool call"))
+        ]
+        if doc.get("constrained")
+        else []
+    )
     return [
         _target(
             "ds4tw decode throughput / raw",
@@ -169,6 +190,7 @@ def targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             True,
             f"{many.get('clients')} clients queued behind one job; limit K + 0.1 s",
         ),
+        *constrained,
     ]
 
 
@@ -331,6 +353,24 @@ def validate(doc: Any) -> list[str]:
             errors.append("many_clients.outcomes: expected completed, cancelled, error")
         elif sum(outcomes.values()) != many.get("clients"):
             errors.append("many_clients.outcomes: do not add up to the number of clients")
+    constrained = doc.get("constrained")
+    if constrained is not None:
+        if not isinstance(constrained, dict):
+            errors.append("constrained: not an object")
+        else:
+            for name in ("unconstrained", "json_schema", "tool_call"):
+                _check_summary(
+                    f"constrained.{name}.decode_tps",
+                    (constrained.get(name) or {}).get("decode_tps"),
+                    errors,
+                )
+            for key in ("json_schema_ratio", "tool_call_ratio"):
+                _check_summary(f"constrained.{key}", constrained.get(key), errors)
+            _check_summary(
+                "constrained.tool_call.args_first_byte_s",
+                (constrained.get("tool_call") or {}).get("args_first_byte_s"),
+                errors,
+            )
     for i, t in enumerate(doc["targets"]):
         for key in ("name", "value", "limit", "unit", "rule", "met", "note"):
             if not isinstance(t, dict) or key not in t:
@@ -412,6 +452,21 @@ def table(doc: Mapping[str, Any]) -> str:
                 f"{_fmt(ref.get('median'), '.1f')} ms median; max {_fmt(units.get('max'), '.2f')} "
                 f"{'tokens' if unit == 'token' else 'batches'}"
             )
+    con = doc.get("constrained") or {}
+    if con:
+        lines.append("")
+        lines.append(
+            f"constrained decode ({con.get('where')}, {con.get('prompts')} prompts): "
+            f"unconstrained {_fmt(_median(con.get('unconstrained'), 'decode_tps'))} tok/s, "
+            f"JSON schema {_fmt(_median(con.get('json_schema'), 'decode_tps'))} tok/s "
+            f"(x{_fmt(_median(con, 'json_schema_ratio'), '.3f')}), forced tool call "
+            f"{_fmt(_median(con.get('tool_call'), 'decode_tps'))} tok/s "
+            f"(x{_fmt(_median(con, 'tool_call_ratio'), '.3f')}); steady-rate ratios "
+            f"x{_fmt(_median(con, 'json_schema_steady_ratio'), '.3f')}, "
+            f"x{_fmt(_median(con, 'tool_call_steady_ratio'), '.3f')}; first argument byte "
+            f"{_fmt(_median(con.get('tool_call'), 'args_first_byte_s'), '.1f', 1e3)} ms "
+            "from the prompt text"
+        )
     ka = doc.get("keepalive") or {}
     if ka:
         lines.append(

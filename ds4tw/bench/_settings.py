@@ -61,6 +61,9 @@ class Settings:
     scripted_token_ms: float = 4.0
     scripted_prefill_ms: float = 25.0
     scripted_prefill_batch: int = 64
+    #: Constrained decode: prompts, and the token limit of each trial.
+    constrained_trials: int = 6
+    constrained_tokens: int = 128
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +103,8 @@ def make_settings(
             silent_tokens=90 if not scripted else 250,
             clients=20,
             clients_hold_s=0.8,
+            constrained_trials=2,
+            constrained_tokens=96,
         )
     else:
         sizes = dict(
@@ -119,6 +124,8 @@ def make_settings(
             silent_tokens=300,
             clients=200,
             clients_hold_s=1.6,
+            constrained_trials=6,
+            constrained_tokens=128,
         )
     if clients is not None:
         sizes["clients"] = clients
