@@ -13,12 +13,25 @@ tests/integration/test_anthropic_sdk.py.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
+from pydantic_core import from_json
+
 from .._errors import APIError
 from .._sse import json_frame
-from .._types import ContentText, Finish, Stage, ToolCallEvent, Usage
+from .._types import (
+    Collected,
+    ContentText,
+    Finish,
+    Stage,
+    ToolCall,
+    ToolCallArgs,
+    ToolCallEvent,
+    ToolCallStart,
+    Usage,
+)
 from .schema import ThinkingDisplay
 
 #: Anthropic's own keepalive event (the SDK skips it), offered instead of
@@ -53,7 +66,13 @@ def error_body(error: APIError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": error_type(error), "message": error.message}}
 
 
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "model_context_window_exceeded"]
+StopReason = Literal[
+    "end_turn", "max_tokens", "stop_sequence", "tool_use", "model_context_window_exceeded"
+]
+
+
+def tool_use_id() -> str:
+    return f"toolu_{uuid.uuid4().hex[:24]}"
 
 
 def stop_reason(
@@ -66,10 +85,13 @@ def stop_reason(
     client's; the chat template's end-of-turn string is the model ending
     its turn (C{end_turn}), as an end-of-generation token is. Running out
     of tokens is C{max_tokens}, unless the limit was the context window
-    rather than the client's C{max_tokens} (C{context_capped}).
+    rather than the client's C{max_tokens} (C{context_capped}). A turn
+    that ended after complete tool calls is C{tool_use}.
     """
     if finish.reason == "length":
         return ("model_context_window_exceeded" if context_capped else "max_tokens"), None
+    if finish.reason == "tool_calls":
+        return "tool_use", None
     if finish.stop_sequence is not None and finish.stop_sequence in stop_sequences:
         return "stop_sequence", finish.stop_sequence
     return "end_turn", None
@@ -104,20 +126,46 @@ def thinking_block(thinking: str, display: ThinkingDisplay) -> dict[str, Any]:
     return {"type": "thinking", "thinking": shown, "signature": signature(thinking)}
 
 
+def tool_input(arguments: str) -> dict[str, Any]:
+    """
+    A call's C{input} object. A call cut short (by C{max_tokens}) has
+    incomplete JSON: what of it parses is kept, as Anthropic's SDK does
+    with a partial C{input_json_delta} stream.
+    """
+    try:
+        value = from_json(arguments, allow_partial=True) if arguments.strip() else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def tool_use_block(call: ToolCall) -> dict[str, Any]:
+    return {
+        "type": "tool_use",
+        "id": tool_use_id(),
+        "name": call.name,
+        "input": tool_input(call.arguments),
+    }
+
+
 def message(
     message_id: str,
     model: str,
-    text: str,
-    thinking: str,
+    got: Collected,
     display: ThinkingDisplay,
-    finish: Finish,
     stop: tuple[StopReason, str | None],
 ) -> dict[str, Any]:
-    """The non-streaming response body."""
+    """
+    The non-streaming response body: thinking, text, then one
+    C{tool_use} block per call. A reply that is only tool calls has no
+    text block, as Anthropic's has none; any other has one, even empty.
+    """
     content: list[dict[str, Any]] = []
-    if thinking and display != "none":
-        content.append(thinking_block(thinking, display))
-    content.append({"type": "text", "text": text})
+    if got.reasoning and display != "none":
+        content.append(thinking_block(got.reasoning, display))
+    if got.content or not got.tool_calls:
+        content.append({"type": "text", "text": got.content})
+    content += [tool_use_block(c) for c in got.tool_calls]
     return {
         "id": message_id,
         "type": "message",
@@ -126,7 +174,7 @@ def message(
         "content": content,
         "stop_reason": stop[0],
         "stop_sequence": stop[1],
-        "usage": usage_body(finish.usage),
+        "usage": usage_body(got.finish.usage),
     }
 
 
@@ -148,9 +196,15 @@ class MessageStream:
 
     Blocks are opened as text arrives: a C{thinking} block for reasoning
     (its C{signature_delta} goes out just before its C{content_block_stop}),
-    then a C{text} block. Every message has a text block, empty if the
-    model said nothing, so C{text_stream} and C{get_final_text} always
-    have one to read.
+    then a C{text} block, and a C{tool_use} block per tool call: its
+    C{content_block_start} carries the id, the name and an empty
+    C{input}, each L{ToolCallArgs} fragment is an C{input_json_delta} as
+    the model wrote it, and C{content_block_stop} goes out when the call
+    ends (also when C{max_tokens} cut it). A block open before a call is
+    closed first. A message with neither text nor a tool call gets an
+    empty text block, so C{text_stream} and C{get_final_text} always
+    have one to read; one with tool calls and no text has none, as
+    Anthropic's own has none.
 
     @param stop: maps the job's L{Finish} to C{(stop_reason, stop_sequence)}.
     """
@@ -168,9 +222,10 @@ class MessageStream:
         self.input_tokens = input_tokens
         self.display = display
         self._stop = stop
-        self._open: Literal["thinking", "text"] | None = None
+        self._open: Literal["thinking", "text", "tool_use"] | None = None
         self._index = -1
         self._text_seen = False
+        self._calls_seen = False
         self._thinking: list[str] = []
 
     def opening(self) -> list[bytes]:
@@ -210,11 +265,25 @@ class MessageStream:
         return [*self._enter("text"), self._delta({"type": "text_delta", "text": delta.text})]
 
     def tool_call(self, event: ToolCallEvent) -> list[bytes]:
-        return []
+        if isinstance(event, ToolCallStart):
+            self._calls_seen = True
+            frames = self._close()
+            self._index += 1
+            self._open = "tool_use"
+            block = {"type": "tool_use", "id": tool_use_id(), "name": event.name, "input": {}}
+            frames.append(
+                _event(
+                    {"type": "content_block_start", "index": self._index, "content_block": block}
+                )
+            )
+            return frames
+        if isinstance(event, ToolCallArgs):
+            return [self._delta({"type": "input_json_delta", "partial_json": event.text})]
+        return self._close()
 
     def finish(self, finish: Finish) -> list[bytes]:
         stop_reason, stop_sequence = self._stop(finish)
-        frames = [] if self._text_seen else self._enter("text")
+        frames = [] if self._text_seen or self._calls_seen else self._enter("text")
         frames += self._close()
         frames.append(
             _event(

@@ -25,6 +25,7 @@ from twisted.web.server import Request
 from .. import _routing, _turn
 from .._errors import APIError
 from .._routing import json_response, parse
+from .._tools.spec import ResponseFormat, Tooling
 from .._turn import Prompt
 from . import render
 from .schema import Conversation, CountTokensRequest, MessagesRequest
@@ -39,16 +40,30 @@ def message_id() -> str:
     return f"msg_{uuid.uuid4().hex[:24]}"
 
 
-async def conversation_prompt(server: Server, conv: Conversation, check: bool = True) -> Prompt:
+async def conversation_prompt(
+    server: Server,
+    conv: Conversation,
+    tooling: Tooling | None,
+    response_format: ResponseFormat | None = None,
+    check: bool = True,
+) -> Prompt:
     """
-    The prompt of an Anthropic conversation. A trailing assistant turn's
-    text is appended after the generation prompt (the model continues
-    it); C{check=False} counts a prompt even when it would not fit the
-    context (count_tokens is how a client learns how much to cut).
+    The prompt of an Anthropic conversation, with its tools (which count
+    towards its size). A trailing assistant turn's text is appended after
+    the generation prompt (the model continues it); C{check=False}
+    counts a prompt even when it would not fit the context (count_tokens
+    is how a client learns how much to cut).
     """
     messages, prefill = conv.template_messages()
     return await _turn.chat_prompt(
-        server, messages, conv.template_kwargs(), continuation=prefill, check=check
+        server,
+        messages,
+        conv.template_kwargs(),
+        tooling=tooling,
+        response_format=response_format,
+        continuation=prefill,
+        format_param="output_config.format",
+        check=check,
     )
 
 
@@ -62,7 +77,8 @@ def add_routes(server: Server) -> None:
     @api
     async def messages(request: Request) -> bytes | None:
         req = parse(server, request, MessagesRequest)
-        prompt = await conversation_prompt(server, req)
+        tooling = req.tooling()
+        prompt = await conversation_prompt(server, req, tooling, req.structured(tooling))
         max_tokens = _turn.max_tokens_for(server, prompt, req.max_tokens)
         mid = message_id()
         job = _turn.new_job(
@@ -70,6 +86,7 @@ def add_routes(server: Server) -> None:
             prompt,
             req.sampling(max_tokens, prompt.stops),
             f"{mid} messages stream={req.stream}",
+            tooling=tooling,
         )
         stop = partial(
             render.stop_reason,
@@ -82,16 +99,14 @@ def add_routes(server: Server) -> None:
             await _turn.stream(server, request, job, renderer, keepalive_frame)
             return None
         got = await _turn.collect(server, job)
-        body = render.message(
-            mid, req.model, got.content, got.reasoning, display, got.finish, stop(got.finish)
-        )
+        body = render.message(mid, req.model, got, display, stop(got.finish))
         return json_response(request, body)
 
     @app.route("/v1/messages/count_tokens", methods=["POST"])
     @api
     async def count_tokens(request: Request) -> bytes:
         req = parse(server, request, CountTokensRequest)
-        prompt = await conversation_prompt(server, req, check=False)
+        prompt = await conversation_prompt(server, req, req.tooling(), check=False)
         return json_response(request, {"input_tokens": len(prompt.tokens)})
 
     @app.route("/v1/messages", methods=_OTHER_METHODS)

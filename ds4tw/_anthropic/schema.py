@@ -1,27 +1,51 @@
 """
 Anthropic Messages request schemas (pydantic v2) and their translation to
-engine terms: template messages, template kwargs, sampling parameters and
-how much of the model's reasoning the client sees.
+engine terms: template messages, template kwargs, tools, structured
+output, sampling parameters and how much of the model's reasoning the
+client sees.
 
 Unknown fields are ignored (clients send C{metadata}, C{cache_control},
 C{service_tier} and more that change nothing here); known fields the
-server cannot honour (tools, images, documents, structured output) are
-rejected with a 400 that names them, never silently dropped.
+server cannot honour (images, documents, Anthropic's own server and
+client tools) are rejected with a 400 that names them, never silently
+dropped.
 
-Covered by tests/unit/test_anthropic.py and, through the official SDK,
-tests/integration/test_anthropic_sdk.py.
+Tool use: custom tools (C{name}, C{description}, C{input_schema}) and
+C{tool_choice} become a L{Tooling}; an assistant turn's C{tool_use}
+blocks become Hugging Face C{tool_calls}, and a user turn's
+C{tool_result} blocks become C{tool} messages, placed before the rest of
+that turn's text (L{ds4tw._tools.prompt} says how both reach the
+template). A result with C{is_error} reaches the model as its text with
+L{ERROR_PREFIX} in front: chat templates have no field for it.
+
+Covered by tests/unit/test_anthropic.py, tests/unit/test_anthropic_tools.py
+and, through the official SDK, tests/integration/test_anthropic_sdk.py.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .._engine import SamplingParams
 from .._errors import invalid
+from .._tools.spec import (
+    CallLedger,
+    ResponseFormat,
+    ToolChoice,
+    Tooling,
+    ToolSpec,
+    check_choice,
+    check_schema,
+    check_tools,
+)
 
 MAX_STOP_SEQUENCES = 16
+
+#: What an error result's text starts with in the prompt (C{is_error}).
+ERROR_PREFIX = "Error: "
 
 #: How much of the model's reasoning a client sees:
 #: C{"full"}: thinking blocks with the text; C{"omitted"}: thinking blocks
@@ -31,8 +55,15 @@ ThinkingDisplay = Literal["full", "omitted", "none"]
 
 #: Block types Anthropic defines that this server cannot take as input,
 #: and why, for the 400's message.
-_TOOLS = "tool use is not supported yet"
-_UNSUPPORTED_BLOCKS = {"tool_use": _TOOLS, "tool_result": _TOOLS, "server_tool_use": _TOOLS}
+_SERVER_TOOLS = "Anthropic's server tools are not available on a local model"
+_UNSUPPORTED_BLOCKS = {
+    "server_tool_use": _SERVER_TOOLS,
+    "web_search_tool_result": _SERVER_TOOLS,
+    "web_fetch_tool_result": _SERVER_TOOLS,
+    "code_execution_tool_result": _SERVER_TOOLS,
+    "mcp_tool_use": _SERVER_TOOLS,
+    "mcp_tool_result": _SERVER_TOOLS,
+}
 
 
 class _Lenient(BaseModel):
@@ -40,30 +71,26 @@ class _Lenient(BaseModel):
 
 
 class ContentBlock(_Lenient):
-    """Any input block; only text (and, from the assistant, thinking) is used."""
+    """
+    Any input block; text, thinking (from the assistant), C{tool_use}
+    (from the assistant) and C{tool_result} (from the user) are used.
+    """
 
     type: str
     text: str | None = None
+    # tool_use
+    id: str | None = None
+    name: str | None = None
+    input: Any = None
+    # tool_result
+    tool_use_id: str | None = None
+    content: str | list[ContentBlock] | None = None
+    is_error: bool = False
 
 
 class InputMessage(_Lenient):
     role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlock]
-
-    def text(self, where: str) -> str:
-        """
-        The message's text. Thinking blocks that a client passes back in
-        an assistant turn are dropped, as Anthropic drops earlier turns'
-        thinking from the context; any other non-text block is a 400.
-        """
-        if isinstance(self.content, str):
-            return self.content
-        out = []
-        for j, block in enumerate(self.content):
-            if block.type in ("thinking", "redacted_thinking") and self.role == "assistant":
-                continue
-            out.append(_block_text(block, f"{where}.content.{j}"))
-        return "".join(out)
 
 
 def _block_text(block: ContentBlock, where: str) -> str:
@@ -71,11 +98,115 @@ def _block_text(block: ContentBlock, where: str) -> str:
         if block.text is None:
             raise invalid(f"{where}.text: a text block needs a 'text' field", f"{where}.text")
         return block.text
-    why = _UNSUPPORTED_BLOCKS.get(block.type, "it takes text blocks only")
+    why = _UNSUPPORTED_BLOCKS.get(block.type, "it takes text blocks only here")
     raise invalid(
         f"{where}: content blocks of type {block.type!r} are not supported by this server ({why})",
         f"{where}.type",
     )
+
+
+class _Turn:
+    """One Hugging Face message being built from Anthropic blocks."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.texts: list[str] = []
+        self.calls: list[dict[str, Any]] = []
+
+    def message(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": "".join(self.texts)}
+        if self.calls:
+            out["tool_calls"] = self.calls
+        return out
+
+
+class _Conversation:
+    """
+    Walks the messages in order, building template messages: a
+    C{tool_result} must answer a C{tool_use} of an earlier assistant turn.
+    """
+
+    def __init__(self) -> None:
+        self.out: list[dict[str, Any]] = []
+        self._ledger = CallLedger()
+        self._names: dict[str, str] = {}
+
+    def add(self, m: InputMessage, where: str) -> None:
+        if isinstance(m.content, str):
+            self._append({"role": m.role, "content": m.content})
+            return
+        turn = _Turn(m.role)
+        results: list[dict[str, Any]] = []
+        for j, block in enumerate(m.content):
+            at = f"{where}.content.{j}"
+            if block.type in ("thinking", "redacted_thinking") and m.role == "assistant":
+                # Dropped, as Anthropic drops earlier turns' thinking from the context.
+                continue
+            if block.type == "tool_use" and m.role == "assistant":
+                turn.calls.append(self._call(block, at))
+            elif block.type == "tool_result" and m.role == "user":
+                results.append(self._result(block, at))
+            elif block.type in ("tool_use", "tool_result"):
+                raise invalid(
+                    f"{at}: a {block.type} block cannot appear in a {m.role} turn",
+                    f"{at}.type",
+                )
+            else:
+                turn.texts.append(_block_text(block, at))
+        # Results answer the calls just made, so they come before the
+        # turn's own text (Anthropic requires them first in the turn).
+        for r in results:
+            self.out.append(r)
+        if turn.texts or turn.calls or not results:
+            self._append(turn.message())
+
+    def _call(self, block: ContentBlock, at: str) -> dict[str, Any]:
+        if not block.id:
+            raise invalid(f"{at}.id: a tool_use block needs an 'id'", f"{at}.id")
+        if not block.name:
+            raise invalid(f"{at}.name: a tool_use block needs a 'name'", f"{at}.name")
+        if not isinstance(block.input, dict):
+            raise invalid(f"{at}.input: a tool_use block needs an 'input' object", f"{at}.input")
+        self._ledger.called(block.id)
+        self._names[block.id] = block.name
+        return {
+            "id": block.id,
+            "type": "function",
+            "function": {"name": block.name, "arguments": json.dumps(block.input)},
+        }
+
+    def _result(self, block: ContentBlock, at: str) -> dict[str, Any]:
+        self._ledger.answered(block.tool_use_id, f"{at}.tool_use_id")
+        assert block.tool_use_id is not None
+        if block.content is None:
+            text = ""
+        elif isinstance(block.content, str):
+            text = block.content
+        else:
+            text = "\n".join(
+                _block_text(b, f"{at}.content.{k}") for k, b in enumerate(block.content)
+            )
+        if block.is_error:
+            text = ERROR_PREFIX + text
+        return {
+            "role": "tool",
+            "tool_call_id": block.tool_use_id,
+            "name": self._names[block.tool_use_id],
+            "content": text,
+        }
+
+    def _append(self, message: dict[str, Any]) -> None:
+        # Consecutive turns of one role are joined into one, as Anthropic
+        # does (and as templates that insist on alternation need); tool
+        # messages are never joined.
+        last = self.out[-1] if self.out else None
+        if last is None or last["role"] != message["role"] or message["role"] == "tool":
+            self.out.append(message)
+            return
+        texts = [t for t in (last["content"], message["content"]) if t]
+        last["content"] = "\n\n".join(texts)
+        if message.get("tool_calls"):
+            last["tool_calls"] = [*last.get("tool_calls", []), *message["tool_calls"]]
 
 
 class ThinkingEnabled(_Lenient):
@@ -100,9 +231,54 @@ Thinking = Annotated[
 ]
 
 
+class ToolDef(_Lenient):
+    """
+    A tool as sent. Everything is optional here so that an Anthropic
+    tool type (which has no C{input_schema}) is refused by its type, not
+    by a missing field; L{Conversation.tooling} does the checks.
+    """
+
+    type: str | None = None
+    name: str = ""
+    description: str = ""
+    input_schema: Any = None
+
+
+class ToolChoiceAuto(_Lenient):
+    type: Literal["auto"]
+    disable_parallel_tool_use: bool = False
+
+
+class ToolChoiceAny(_Lenient):
+    type: Literal["any"]
+    disable_parallel_tool_use: bool = False
+
+
+class ToolChoiceTool(_Lenient):
+    type: Literal["tool"]
+    name: str
+    disable_parallel_tool_use: bool = False
+
+
+class ToolChoiceNone(_Lenient):
+    type: Literal["none"]
+
+
+AnthropicToolChoice = Annotated[
+    ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool | ToolChoiceNone,
+    Field(discriminator="type"),
+]
+
+
+class JSONSchemaOutput(_Lenient):
+    type: Literal["json_schema"]
+    #: Anthropic's field is named "schema" (a BaseModel attribute name).
+    schema_: Any = Field(alias="schema")
+
+
 class OutputConfig(_Lenient):
     effort: str | None = None  # accepted and ignored: no effort knob on a local model
-    format: dict[str, Any] | None = None
+    format: JSONSchemaOutput | None = None
 
 
 class Conversation(_Lenient):
@@ -112,14 +288,8 @@ class Conversation(_Lenient):
     messages: list[InputMessage] = Field(min_length=1)
     system: str | list[ContentBlock] | None = None
     thinking: Thinking | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-
-    @model_validator(mode="after")
-    def _no_tools(self) -> Conversation:
-        if self.tools:
-            raise ValueError("tools: tool use is not supported by this server yet")
-        return self
+    tools: list[ToolDef] | None = None
+    tool_choice: AnthropicToolChoice | None = None
 
     def thinking_display(self) -> ThinkingDisplay:
         """
@@ -143,27 +313,77 @@ class Conversation(_Lenient):
             return {"enable_thinking": True}
         return {}
 
+    def tooling(self) -> Tooling | None:
+        """
+        The request's tools and choice, checked (400s name the field), or
+        None without tools. C{any} is a required call of any tool, C{tool}
+        a required call of the named one; C{disable_parallel_tool_use}
+        ends the turn after the first call.
+        """
+        specs = []
+        for i, t in enumerate(self.tools or ()):
+            where = f"tools.{i}"
+            if t.type not in (None, "custom"):
+                raise invalid(
+                    f"{where}.type: tools of type {t.type!r} are not supported by this server "
+                    "(Anthropic's server and client tools run on Anthropic's platform; define "
+                    "a custom tool with name, description and input_schema)",
+                    f"{where}.type",
+                )
+            if t.input_schema is None:
+                raise invalid(f"{where}.input_schema: Field required", f"{where}.input_schema")
+            check_schema(t.input_schema, f"{where}.input_schema")
+            if t.input_schema.get("type") != "object":
+                raise invalid(
+                    f"{where}.input_schema.type: a tool's input_schema must have type 'object'",
+                    f"{where}.input_schema.type",
+                )
+            specs.append(ToolSpec(t.name, t.description, t.input_schema))
+        tools = tuple(specs)
+        check_tools(tools, (f"tools.{i}" for i in range(len(tools))))
+        choice = self.tool_choice
+        match choice:
+            case None | ToolChoiceAuto():
+                picked = ToolChoice("auto")
+            case ToolChoiceAny():
+                picked = ToolChoice("required")
+            case ToolChoiceTool():
+                picked = ToolChoice("required", choice.name)
+            case ToolChoiceNone():
+                picked = ToolChoice("none")
+        parallel = not getattr(choice, "disable_parallel_tool_use", False)
+        tooling = Tooling(tools, picked, parallel)
+        check_choice(tooling, "tool_choice")
+        return tooling if tools else None
+
     def template_messages(self) -> tuple[list[dict[str, Any]], str]:
         """
-        The chat template's messages, and the text of a trailing assistant
-        turn: Anthropic continues that turn ("prefill") rather than answer
-        after it, so it goes after the generation prompt, not into the
-        template. Consecutive turns of one role are joined into one, as
-        Anthropic does (and as templates that insist on alternation need).
+        The chat template's messages (Hugging Face shape, with
+        C{tool_calls} and C{tool} messages), and the text of a trailing
+        assistant turn: Anthropic continues that turn ("prefill") rather
+        than answer after it, so it goes after the generation prompt, not
+        into the template. Consecutive turns of one role are joined.
         """
-        turns: list[tuple[str, str]] = []
+        conv = _Conversation()
         if self.system is not None:
-            turns.append(("system", self._system_text()))
+            conv.out.append({"role": "system", "content": self._system_text()})
         for i, m in enumerate(self.messages):
-            text = m.text(f"messages.{i}")
-            if turns and turns[-1][0] == m.role:
-                turns[-1] = (m.role, turns[-1][1] + "\n\n" + text)
-            else:
-                turns.append((m.role, text))
+            conv.add(m, f"messages.{i}")
+        turns = conv.out
         prefill = ""
-        if len(turns) > 1 and turns[-1][0] == "assistant":
-            prefill = turns.pop()[1]
-        return [{"role": r, "content": c} for r, c in turns], prefill
+        if len(turns) > 1 and turns[-1]["role"] == "assistant":
+            last = turns[-1]
+            if last.get("tool_calls"):
+                i = len(self.messages) - 1
+                ids = ", ".join(c["id"] for c in last["tool_calls"])
+                raise invalid(
+                    f"messages.{i}: tool_use ids were found without tool_result blocks "
+                    f"after them: {ids}. Each tool_use block must have a corresponding "
+                    "tool_result block in the next message.",
+                    f"messages.{i}",
+                )
+            prefill = turns.pop()["content"]
+        return turns, prefill
 
     def _system_text(self) -> str:
         if isinstance(self.system, str):
@@ -195,13 +415,24 @@ class MessagesRequest(Conversation):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are supported")
         return v
 
-    @model_validator(mode="after")
-    def _no_structured_output(self) -> MessagesRequest:
-        if self.output_config is not None and self.output_config.format is not None:
-            raise ValueError(
-                "output_config.format: structured output is not supported by this server"
+    def structured(self, tooling: Tooling | None) -> ResponseFormat | None:
+        """
+        C{output_config.format}: the reply is JSON valid against the
+        schema, constrained by a grammar. One grammar constrains a turn,
+        so it cannot be combined with tools the model may call.
+        """
+        fmt = self.output_config.format if self.output_config is not None else None
+        if fmt is None:
+            return None
+        param = "output_config.format.schema"
+        check_schema(fmt.schema_, param)
+        if tooling is not None and tooling.active:
+            raise invalid(
+                "output_config.format: structured output cannot be combined with tool use "
+                'in one request on this server (set tool_choice to {"type": "none"})',
+                "output_config.format",
             )
-        return self
+        return ResponseFormat("json_schema", fmt.schema_)
 
     def stops(self) -> tuple[str, ...]:
         """The client's own stop sequences (the only ones it may be told matched)."""
