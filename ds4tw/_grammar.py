@@ -11,7 +11,7 @@ an agent's tool set, so it runs off the reactor (with the chat template)
 and is cached by the tool set's key: agents send the same tools every
 turn.
 
-Covered by tests/unit/test_grammar.py and, with the real sampler,
+Covered by tests/unit/test_tool_parsers.py (every grammar parses) and, with the real sampler,
 tests/integration/test_tools_sdk.py.
 """
 

@@ -19,6 +19,7 @@ from twisted.web.server import Site
 from ._app import Server, ServerConfig
 from ._llama import LlamaEngine, ModelNotFound, resolve_model
 from ._reasoning import reasoning_parser
+from ._tools.parsers import tool_call_parser
 
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
 
@@ -73,6 +74,13 @@ class Options(usage.Options):
             "think",
             "How the model marks reasoning: think (<think>...</think>), none, or START,END tags.",
         ],
+        [
+            "tool-call-parser",
+            None,
+            "auto",
+            "How the model writes tool calls: auto (from the chat template), hermes, "
+            "llama3_json or mistral.",
+        ],
     ]
 
     optFlags: list[list[Any]] = [
@@ -110,6 +118,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from e
         try:
             reasoning_parser(self["reasoning-parser"])
+            tool_call_parser(self["tool-call-parser"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from e
         if self["chat-template"]:
@@ -136,6 +145,7 @@ def makeService(options: Options) -> IService:
         cors_origins=tuple(options["cors"]),
         reasoning_parser=options["reasoning-parser"],
         anthropic_ping=bool(options["anthropic-ping"]),
+        tool_call_parser=options["tool-call-parser"],
     )
     top = MultiService()
     server = Server(engine, config)

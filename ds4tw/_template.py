@@ -7,7 +7,7 @@ tools.
 Both engines render through L{ChatTemplate}, so the scripted engine used
 by the unit tests renders a template exactly as the real one does.
 
-Covered by tests/unit/test_tools.py and tests/integration/test_llama_engine.py.
+Covered by tests/unit/test_openai_tools.py and tests/integration/test_llama_engine.py.
 """
 
 from __future__ import annotations

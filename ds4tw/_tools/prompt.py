@@ -18,7 +18,7 @@ assistant's text in the parser's syntax, and results as user turns in
 C{<tool_response>} tags; so the one parser reads what the model writes
 either way. See docs/tools.md.
 
-Covered by tests/unit/test_tools.py.
+Covered by tests/unit/test_openai_tools.py (through the chat route).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ tools, which of them the model may or must call, and whether several
 calls may come in one turn) and a L{ResponseFormat}; the checks here
 raise L{APIError} 400s that name the dialect's own field.
 
-Covered by tests/unit/test_tools.py.
+Covered by tests/unit/test_openai_tools.py (through the chat route).
 """
 
 from __future__ import annotations

@@ -49,6 +49,16 @@ def test_reasoning_parser_option() -> None:
         parse("--reasoning-parser", "nope")
 
 
+def test_tool_call_parser_option() -> None:
+    assert parse()["tool-call-parser"] == "auto"
+    assert parse("--tool-call-parser", "mistral")["tool-call-parser"] == "mistral"
+    with pytest.raises(usage.UsageError, match="unknown tool-call parser"):
+        parse("--tool-call-parser", "nope")
+    service = makeService(parse("--tool-call-parser", "llama3_json"))
+    (server,) = [s for s in service if isinstance(s, Server)]  # type: ignore[attr-defined]
+    assert server.config.tool_call_parser == "llama3_json"
+
+
 def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DS4TW_API_KEY", "from-env")
     assert parse()["api-key"] == "from-env"
