@@ -4,36 +4,65 @@ the stream events that build it, in the shapes the official C{openai} SDK
 parses (C{openai.types.responses}).
 
 One L{ResponseBuilder} serves both modes, so a streamed response and a
-non-streamed one cannot disagree: it keeps the output items as text
+non-streamed one cannot disagree: it keeps the output items as output
 arrives and returns, for every change, the stream events announcing it.
 L{ResponsesStream} numbers and frames those events for a stream (every
 event carries C{sequence_number}, from 0, with no gaps); the non-streaming
-route feeds the builder the collected text and discards the events.
+route feeds the builder the collected output and discards the events.
 
-Output items appear as their text arrives: a C{reasoning} item (its
+Output items appear as their output arrives: a C{reasoning} item (its
 C{content} is the reasoning text; C{summary} is always empty, as this
 server writes no summaries) while the model thinks and the client may see
-it, then a C{message} item for the answer. A response with no text at all
-still gets one empty message, so C{output} is never empty.
+it, a C{message} item for the answer, and one item per tool call: a
+C{function_call} (its arguments streamed as the model writes them) or a
+C{custom_tool_call} (a free-form tool: its input is announced whole, once
+decoded). An open item is finished before the next one opens. A response
+with no output at all still gets one empty message, so C{output} is never
+empty.
+
+Logprobs, when the request includes C{message.output_text.logprobs}: each
+C{response.output_text.delta} carries its tokens' entries, and the
+message's C{output_text} part all of them.
 
 Pure data and state built from engine results; no I/O.
 
-Covered by tests/unit/test_responses.py and, against the official SDK,
-tests/integration/test_responses_sdk.py.
+Covered by tests/unit/test_responses.py, tests/unit/test_responses_tools.py
+and, against the official SDK, tests/integration/test_responses_sdk.py.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .._errors import APIError
+from .._openai.render import logprob_entry
 from .._sse import json_frame
-from .._types import Collected, ContentText, Finish, Stage, ToolCallEvent, Usage
+from .._types import (
+    Collected,
+    ContentText,
+    Finish,
+    Stage,
+    TokenLogprob,
+    ToolCallArgs,
+    ToolCallEnd,
+    ToolCallEvent,
+    ToolCallStart,
+    Usage,
+)
 
-ItemKind = Literal["reasoning", "message"]
+TextKind = Literal["reasoning", "message"]
+ItemKind = Literal["reasoning", "message", "function_call", "custom_tool_call"]
 Event = dict[str, Any]
+
+_PREFIX: dict[ItemKind, str] = {
+    "reasoning": "rs",
+    "message": "msg",
+    "function_call": "fc",
+    "custom_tool_call": "ctc",
+}
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:
@@ -47,10 +76,24 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     }
 
 
-def text_part(kind: ItemKind, text: str) -> dict[str, Any]:
+def delta_logprob(t: TokenLogprob) -> dict[str, Any]:
+    """One token in a C{response.output_text.delta} (the SDK's shape has no bytes)."""
+    return {
+        "token": t.token,
+        "logprob": t.logprob,
+        "top_logprobs": [{"token": tok, "logprob": lp} for tok, _, lp in t.top],
+    }
+
+
+def text_part(kind: TextKind, text: str, logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
     if kind == "reasoning":
         return {"type": "reasoning_text", "text": text}
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {
+        "type": "output_text",
+        "text": text,
+        "annotations": [],
+        "logprobs": [logprob_entry(t) for t in logprobs],
+    }
 
 
 @dataclass
@@ -59,32 +102,47 @@ class _Item:
     id: str
     output_index: int
     parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     status: str = "in_progress"
+    #: A call's tool name and call id.
+    name: str = ""
+    call_id: str = ""
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
 
+    @property
+    def is_call(self) -> bool:
+        return self.kind in ("function_call", "custom_tool_call")
+
+    def part(self) -> dict[str, Any]:
+        assert self.kind in ("reasoning", "message")
+        kind: TextKind = "reasoning" if self.kind == "reasoning" else "message"
+        return text_part(kind, self.text, self.logprobs)
+
     def body(self, with_content: bool = True) -> dict[str, Any]:
-        content = [text_part(self.kind, self.text)] if with_content else []
-        if self.kind == "reasoning":
+        head = {"type": self.kind, "id": self.id}
+        if self.kind == "function_call":
             return {
-                "type": "reasoning",
-                "id": self.id,
-                "summary": [],
-                "content": content,
+                **head,
+                "call_id": self.call_id,
+                "name": self.name,
+                "arguments": self.text,
                 "status": self.status,
             }
-        return {
-            "type": "message",
-            "id": self.id,
-            "status": self.status,
-            "role": "assistant",
-            "content": content,
-        }
+        if self.kind == "custom_tool_call":
+            # The SDK's custom_tool_call item has no status field.
+            return {**head, "call_id": self.call_id, "name": self.name, "input": self.text}
+        content = [self.part()] if with_content else []
+        if self.kind == "reasoning":
+            return {**head, "summary": [], "content": content, "status": self.status}
+        return {**head, "status": self.status, "role": "assistant", "content": content}
 
     def where(self) -> dict[str, Any]:
-        """The fields locating this item's (only) content part."""
+        """The fields locating this item (and its only content part, if it has one)."""
+        if self.is_call:
+            return {"item_id": self.id, "output_index": self.output_index}
         return {"item_id": self.id, "output_index": self.output_index, "content_index": 0}
 
 
@@ -98,18 +156,30 @@ class ResponseBuilder:
     @param show_reasoning: whether reasoning becomes an output item; when
         it does not, reasoning text changes nothing (and a stream stays
         silent but for its keepalive).
+    @param tool_kinds: each offered tool's kind by name (C{"function"} or
+        C{"custom"}): which item its calls become.
+    @param logprobs: whether the request included the output's logprobs.
     """
 
     def __init__(
-        self, response_id: str, created_at: int, echo: dict[str, Any], show_reasoning: bool
+        self,
+        response_id: str,
+        created_at: int,
+        echo: dict[str, Any],
+        show_reasoning: bool,
+        tool_kinds: Mapping[str, str] | None = None,
+        logprobs: bool = False,
     ) -> None:
         self.id = response_id
         self._suffix = response_id.removeprefix("resp_")
         self.created_at = created_at
         self._echo = echo
         self._show_reasoning = show_reasoning
+        self._tool_kinds = dict(tool_kinds or {})
+        self._logprobs = logprobs
         self.items: list[_Item] = []
         self._open: _Item | None = None
+        self._calls: dict[int, _Item] = {}
         self.status = "in_progress"
         self._usage: Usage | None = None
         self._incomplete: dict[str, str] | None = None
@@ -137,7 +207,7 @@ class ResponseBuilder:
             {"type": "response.in_progress", "response": self.response()},
         ]
 
-    def text(self, kind: ItemKind, text: str) -> list[Event]:
+    def text(self, kind: TextKind, text: str, logprobs: Sequence[TokenLogprob] = ()) -> list[Event]:
         """
         More text of C{kind}. A change of kind closes the open item and
         opens the next one (reasoning, then the answer), so every item is
@@ -153,12 +223,47 @@ class ResponseBuilder:
         assert item is not None
         item.parts.append(text)
         if kind == "message":
+            shown = list(logprobs) if self._logprobs else []
+            item.logprobs += shown
             delta: Event = {"type": "response.output_text.delta", **item.where(), "delta": text}
-            delta["logprobs"] = []
+            delta["logprobs"] = [delta_logprob(t) for t in shown]
         else:
             delta = {"type": "response.reasoning_text.delta", **item.where(), "delta": text}
         events.append(delta)
         return events
+
+    def tool_call(self, event: ToolCallEvent) -> list[Event]:
+        """
+        A call opens its own item (closing any open text item), streams its
+        arguments (a function's, as the model writes them) and is finished
+        when it ends.
+        """
+        match event:
+            case ToolCallStart(index, name):
+                events = self._close("completed")
+                custom = self._tool_kinds.get(name) == "custom"
+                events += self._start("custom_tool_call" if custom else "function_call")
+                item = self._open
+                assert item is not None
+                item.name, item.call_id = name, f"call_{self._suffix[:20]}_{index}"
+                self._calls[index] = item
+                return events
+            case ToolCallArgs(index, text):
+                item = self._calls[index]
+                item.parts.append(text)
+                kind = (
+                    "function_call_arguments"
+                    if item.kind == "function_call"
+                    else ("custom_tool_call_input")
+                )
+                return [{"type": f"response.{kind}.delta", **item.where(), "delta": text}]
+            case ToolCallEnd(index, arguments):
+                item = self._calls[index]
+                # The end carries the whole text (a call broken off by the
+                # token budget ends with what was written).
+                item.parts = [arguments]
+                return self._close("completed")
+        return []
 
     def finish(self, finish: Finish) -> list[Event]:
         """
@@ -209,46 +314,41 @@ class ResponseBuilder:
 
     def _start(self, kind: ItemKind) -> list[Event]:
         index = len(self.items)
-        prefix = "rs" if kind == "reasoning" else "msg"
-        item = _Item(kind, f"{prefix}_{self._suffix}_{index}", index)
+        item = _Item(kind, f"{_PREFIX[kind]}_{self._suffix}_{index}", index)
         self.items.append(item)
         self._open = item
-        return [
-            {
-                "type": "response.output_item.added",
-                "output_index": index,
-                "item": item.body(with_content=False),
-            },
-            {"type": "response.content_part.added", **item.where(), "part": text_part(kind, "")},
-        ]
+        added: Event = {
+            "type": "response.output_item.added",
+            "output_index": index,
+            "item": item.body(with_content=False),
+        }
+        if item.is_call:
+            return [added]
+        return [added, {"type": "response.content_part.added", **item.where(), "part": item.part()}]
 
     def _close(self, status: str) -> list[Event]:
         item, self._open = self._open, None
         if item is None:
             return []
         item.status = status
+        done_item: Event = {
+            "type": "response.output_item.done",
+            "output_index": item.output_index,
+            "item": item.body(),
+        }
+        if item.kind == "function_call":
+            done = {"type": "response.function_call_arguments.done", **item.where()}
+            return [{**done, "arguments": item.text}, done_item]
+        if item.kind == "custom_tool_call":
+            done = {"type": "response.custom_tool_call_input.done", **item.where()}
+            return [{**done, "input": item.text}, done_item]
         if item.kind == "message":
-            done: Event = {
-                "type": "response.output_text.done",
-                **item.where(),
-                "text": item.text,
-                "logprobs": [],
-            }
+            done = {"type": "response.output_text.done", **item.where(), "text": item.text}
+            done["logprobs"] = [logprob_entry(t) for t in item.logprobs]
         else:
             done = {"type": "response.reasoning_text.done", **item.where(), "text": item.text}
-        return [
-            done,
-            {
-                "type": "response.content_part.done",
-                **item.where(),
-                "part": text_part(item.kind, item.text),
-            },
-            {
-                "type": "response.output_item.done",
-                "output_index": item.output_index,
-                "item": item.body(),
-            },
-        ]
+        part_done = {"type": "response.content_part.done", **item.where(), "part": item.part()}
+        return [done, part_done, done_item]
 
 
 class ResponsesStream:
@@ -281,10 +381,10 @@ class ResponsesStream:
         return self._frames(self.builder.text("reasoning", text))
 
     def content(self, delta: ContentText) -> list[bytes]:
-        return self._frames(self.builder.text("message", delta.text))
+        return self._frames(self.builder.text("message", delta.text, delta.logprobs))
 
     def tool_call(self, event: ToolCallEvent) -> list[bytes]:
-        return []
+        return self._frames(self.builder.tool_call(event))
 
     def finish(self, finish: Finish) -> list[bytes]:
         return self._frames(self.builder.finish(finish))
@@ -294,8 +394,14 @@ class ResponsesStream:
 
 
 def response_body(builder: ResponseBuilder, got: Collected) -> dict[str, Any]:
-    """The non-streamed response: the builder fed the collected text."""
+    """
+    The non-streamed response: the builder fed the collected output in
+    the order a stream produces it (reasoning, answer, then the calls).
+    """
     builder.text("reasoning", got.reasoning)
-    builder.text("message", got.content)
+    builder.text("message", got.content, got.logprobs)
+    for call in got.tool_calls:
+        builder.tool_call(ToolCallStart(call.index, call.name))
+        builder.tool_call(ToolCallEnd(call.index, call.arguments))
     builder.finish(got.finish)
     return builder.response()

@@ -37,15 +37,31 @@ def add_routes(server: Server) -> None:
 
 async def _respond(server: Server, request: Request) -> bytes | None:
     req = ResponsesRequest.parse(server.read_json(request))
+    tooling = req.tooling()
     prompt = await _turn.chat_prompt(
-        server, req.template_messages(), req.template_kwargs(), param="input"
+        server,
+        req.template_messages(),
+        req.template_kwargs(),
+        tooling=tooling,
+        response_format=req.structured(),
+        param="input",
+        tools_param="tools",
+        format_param="text.format",
     )
     max_tokens = _turn.max_tokens_for(server, prompt, req.max_output_tokens)
     params = req.sampling(max_tokens, prompt.stops)
     rid = f"resp_{uuid.uuid4().hex}"
-    job = _turn.new_job(server, prompt, params, f"{rid} responses stream={req.stream}")
+    label = f"{rid} responses stream={req.stream}"
+    job = _turn.new_job(server, prompt, params, label, tooling=tooling)
     model = req.model or server.engine.model_id
-    builder = render.ResponseBuilder(rid, int(time.time()), req.echo(model, params), req.thinking())
+    builder = render.ResponseBuilder(
+        rid,
+        int(time.time()),
+        req.echo(model, params),
+        req.thinking(),
+        tool_kinds=req.tool_kinds(),
+        logprobs=req.logprobs_wanted(),
+    )
     if req.stream:
         await _turn.stream(server, request, job, render.ResponsesStream(builder))
         return None

@@ -1,12 +1,12 @@
 """
 The OpenAI Responses request (C{POST /v1/responses}) in pydantic v2, and
-its translation to engine terms: chat messages, template arguments,
+its translation to engine terms: chat messages, tools, structured output,
 sampling parameters, and the request fields a response object echoes.
 
 Unknown fields are ignored, as OpenAI-compatible servers do. Known fields
 that this server cannot honour are refused with a 400 that names them,
-never dropped: a client that asks for stored state, tools or structured
-output must learn at once that it will not get them.
+never dropped: a client that asks for stored state, hosted tools or
+images must learn at once that it will not get them.
 
 Choices worth knowing:
 
@@ -15,10 +15,22 @@ Choices worth knowing:
     as "not stored" (nothing the client can do later depends on it, since
     C{previous_response_id} is refused) and every response says
     C{"store": false}. An explicit C{store: true} is refused.
-  - reasoning items in C{input} (a previous turn's output sent back, the
-    stateless multi-turn pattern) are accepted and left out of the
-    prompt, as thinking models' chat templates drop earlier turns'
-    reasoning themselves.
+  - input items are one discriminated union on C{type} (a message may
+    omit it): messages, reasoning (an earlier turn's, left out of the
+    prompt, as thinking models' chat templates drop earlier reasoning
+    themselves), C{function_call} / C{custom_tool_call} (an earlier turn's
+    calls) and their C{*_output} items. Consecutive calls, with the
+    assistant text right before them, form one assistant turn; outputs
+    become C{tool} messages and must answer an earlier call. Other item
+    types (images, files, hosted tools' calls, item references) are 400s
+    naming the type.
+  - C{tools}: C{function} and C{custom} (free-form) tools. A custom tool's
+    C{format} grammar (Codex's C{apply_patch} sends a Lark grammar) is not
+    enforced by the sampler; its definition is added to the tool's
+    description so that the model can follow it. Hosted tools are 400s.
+  - C{text.format} (structured output) together with tools the model may
+    call is refused, as in chat completions: one grammar constrains a
+    turn, and the format would otherwise be silently unenforced.
   - C{reasoning.summary}: summaries are never generated; the reasoning
     item carries the model's whole reasoning text instead (its C{summary}
     list is empty).
@@ -26,33 +38,338 @@ Choices worth knowing:
     and one that does not gets the usual C{context_length_exceeded} 400
     (ds4tw never drops input silently).
 
-Covered by tests/unit/test_responses.py.
+Covered by tests/unit/test_responses.py and tests/unit/test_responses_tools.py.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
+    TypeAdapter,
     ValidationError,
     field_validator,
 )
 
 from .._engine import SamplingParams
 from .._errors import APIError, from_validation, invalid
+from .._tools.spec import (
+    ANY_OBJECT,
+    CallLedger,
+    ResponseFormat,
+    ToolChoice,
+    Tooling,
+    ToolSpec,
+    check_choice,
+    check_schema,
+    check_tools,
+)
 
 ROLES = ("user", "assistant", "system", "developer")
 #: Efforts that switch thinking off (and hide whatever thinking remains).
 NO_THINKING = ("none", "minimal")
 TEXT_PARTS = ("input_text", "output_text")
+#: What C{include} may ask for.
+INCLUDABLE = ("reasoning.encrypted_content", "message.output_text.logprobs")
+LOGPROBS = "message.output_text.logprobs"
+MAX_TOP_LOGPROBS = 20
+#: Hosted tools: OpenAI runs them; a local server cannot.
+HOSTED_TOOLS = (
+    "web_search",
+    "web_search_preview",
+    "web_search_preview_2025_03_11",
+    "web_search_2025_08_26",
+    "file_search",
+    "computer",
+    "computer_use_preview",
+    "code_interpreter",
+    "image_generation",
+    "mcp",
+    "local_shell",
+    "shell",
+    "apply_patch",
+    "tool_search",
+    "namespace",
+    "programmatic_tool_calling",
+)
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+# -- input items -------------------------------------------------------------
+#
+# Discriminator tags start with "~" so that they can be dropped from an
+# error's location (pydantic puts the tag in it): "input.3.call_id", not
+# "input.3.~function_call.call_id".
+
+
+class TextPart(_Lenient):
+    type: str
+    text: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        if v not in TEXT_PARTS:
+            raise ValueError(f"content of type {v!r} is not supported by this server (text only)")
+        return v
+
+
+def _content_tag(v: Any) -> str | None:
+    return "~str" if isinstance(v, str) else "~list" if isinstance(v, list) else None
+
+
+Content = Annotated[
+    Annotated[str, Tag("~str")] | Annotated[list[TextPart], Tag("~list")],
+    Discriminator(
+        _content_tag,
+        custom_error_type="content_shape",
+        custom_error_message="expected a string or a list of text parts",
+    ),
+]
+
+
+def content_text(content: str | list[TextPart]) -> str:
+    return content if isinstance(content, str) else "".join(p.text for p in content)
+
+
+class MessageItem(_Lenient):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Content
+
+
+class ReasoningItem(_Lenient):
+    type: Literal["reasoning"]
+
+
+class FunctionCallItem(_Lenient):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    #: JSON text, as the Responses API sends it.
+    arguments: str
+
+
+class FunctionCallOutputItem(_Lenient):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: Content
+
+
+class CustomToolCallItem(_Lenient):
+    type: Literal["custom_tool_call"]
+    call_id: str
+    name: str
+    input: str
+
+
+class CustomToolCallOutputItem(_Lenient):
+    type: Literal["custom_tool_call_output"]
+    call_id: str
+    output: Content
+
+
+InputItem = (
+    MessageItem
+    | ReasoningItem
+    | FunctionCallItem
+    | FunctionCallOutputItem
+    | CustomToolCallItem
+    | CustomToolCallOutputItem
+)
+ITEM_TYPES: dict[str, type[InputItem]] = {
+    "message": MessageItem,
+    "reasoning": ReasoningItem,
+    "function_call": FunctionCallItem,
+    "function_call_output": FunctionCallOutputItem,
+    "custom_tool_call": CustomToolCallItem,
+    "custom_tool_call_output": CustomToolCallOutputItem,
+}
+
+
+def _item_tag(v: Any) -> str | None:
+    return f"~{v.get('type', 'message')}" if isinstance(v, dict) else None
+
+
+_ITEM = TypeAdapter[InputItem](
+    Annotated[
+        Annotated[MessageItem, Tag("~message")]
+        | Annotated[ReasoningItem, Tag("~reasoning")]
+        | Annotated[FunctionCallItem, Tag("~function_call")]
+        | Annotated[FunctionCallOutputItem, Tag("~function_call_output")]
+        | Annotated[CustomToolCallItem, Tag("~custom_tool_call")]
+        | Annotated[CustomToolCallOutputItem, Tag("~custom_tool_call_output")],
+        Discriminator(_item_tag),
+    ]
+)
+
+
+def _validated(adapter: TypeAdapter[Any], value: Any, where: tuple[str | int, ...]) -> Any:
+    """C{value} through C{adapter}; the first error is a 400 located at C{where}."""
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        loc = [*where, *(p for p in first["loc"] if not str(p).startswith("~"))]
+        param = ".".join(str(p) for p in loc)
+        raise invalid(f"{param}: {first['msg'].removeprefix('Value error, ')}", param) from e
+
+
+def input_item(i: int, raw: Any) -> InputItem:
+    if not isinstance(raw, dict):
+        raise invalid(f"input.{i}: expected an input item object", f"input.{i}")
+    kind = raw.get("type", "message")
+    if kind not in ITEM_TYPES:
+        supported = ", ".join(ITEM_TYPES)
+        raise invalid(
+            f"input.{i}.type: input items of type {kind!r} are not supported by this server "
+            f"(supported: {supported})",
+            f"input.{i}.type",
+        )
+    item: InputItem = _validated(_ITEM, raw, ("input", i))
+    return item
+
+
+# -- tools ---------------------------------------------------------------------
+
+
+class FunctionToolDef(_Lenient):
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def spec(self) -> ToolSpec:
+        params = self.parameters if self.parameters is not None else ANY_OBJECT
+        return ToolSpec(self.name, self.description or "", params)
+
+    def echo(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "name": self.name,
+            "description": self.description,
+            "parameters": self.parameters,
+            "strict": self.strict,
+        }
+
+
+class TextInputFormat(_Lenient):
+    type: Literal["text"]
+
+
+class GrammarInputFormat(_Lenient):
+    type: Literal["grammar"]
+    syntax: Literal["lark", "regex"]
+    definition: str
+
+
+class CustomToolDef(_Lenient):
+    type: Literal["custom"]
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.:-]+$")
+    description: str | None = None
+    format: Annotated[TextInputFormat | GrammarInputFormat, Field(discriminator="type")] | None = (
+        None
+    )
+
+    def spec(self) -> ToolSpec:
+        description = self.description or ""
+        fmt = self.format
+        if isinstance(fmt, GrammarInputFormat):
+            # Not enforced by the sampler (no Lark or regex to GBNF here);
+            # without it in the prompt the model could not know the syntax.
+            grammar = f"The input must match this {fmt.syntax} grammar:\n{fmt.definition}"
+            description = f"{description}\n\n{grammar}" if description else grammar
+        return ToolSpec(self.name, description, kind="custom")
+
+    def echo(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "custom", "name": self.name}
+        if self.description is not None:
+            out["description"] = self.description
+        if self.format is not None:
+            out["format"] = self.format.model_dump()
+        return out
+
+
+ToolDef = FunctionToolDef | CustomToolDef
+_TOOL = TypeAdapter[ToolDef](
+    Annotated[FunctionToolDef | CustomToolDef, Field(discriminator="type")]
+)
+
+
+def tool_def(i: int, raw: Any) -> ToolDef:
+    where = f"tools.{i}"
+    if not isinstance(raw, dict):
+        raise invalid(f"{where}: expected a tool object", where)
+    kind = raw.get("type")
+    if kind in HOSTED_TOOLS:
+        raise invalid(
+            f"{where}.type: {kind!r} is a tool OpenAI hosts; this server runs a local model "
+            "and cannot provide it (only 'function' and 'custom' tools)",
+            f"{where}.type",
+        )
+    if kind not in ("function", "custom"):
+        raise invalid(
+            f"{where}.type: tools of type {kind!r} are not supported by this server "
+            "(only 'function' and 'custom' tools)",
+            f"{where}.type",
+        )
+    tool: ToolDef = _validated(_TOOL, raw, ("tools", i))
+    return tool
+
+
+class NamedChoice(_Lenient):
+    type: Literal["function", "custom"]
+    name: str
+
+
+class AllowedToolRef(_Lenient):
+    type: Literal["function", "custom"]
+    name: str
+
+
+class AllowedTools(_Lenient):
+    type: Literal["allowed_tools"]
+    mode: Literal["auto", "required"]
+    tools: list[AllowedToolRef] = Field(min_length=1)
+
+
+# -- structured output ---------------------------------------------------------
+
+
+class TextFormat(_Lenient):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Lenient):
+    type: Literal["json_object"]
+
+
+class JSONSchemaFormat(_Lenient):
+    type: Literal["json_schema"]
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    #: OpenAI's field is named "schema" (a BaseModel attribute name).
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+    def echo(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "json_schema", "name": self.name, "schema": self.schema_}
+        if self.description is not None:
+            out["description"] = self.description
+        if self.strict is not None:
+            out["strict"] = self.strict
+        return out
 
 
 class ReasoningConfig(_Lenient):
@@ -61,13 +378,23 @@ class ReasoningConfig(_Lenient):
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
 
 
-class TextFormat(_Lenient):
-    type: str = "text"
-
-
 class TextConfig(_Lenient):
-    format: TextFormat | None = None
+    format: (
+        Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")]
+        | None
+    ) = None
     verbosity: Literal["low", "medium", "high"] | None = None
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _known_format(cls, v: Any) -> Any:
+        # Said once, instead of pydantic's one error per union member.
+        if isinstance(v, dict) and v.get("type") not in ("text", "json_object", "json_schema"):
+            raise ValueError(
+                f"a format of type {v.get('type')!r} is not supported "
+                "(only 'text', 'json_object' or 'json_schema')"
+            )
+        return v
 
 
 class ResponsesRequest(_Lenient):
@@ -87,21 +414,25 @@ class ResponsesRequest(_Lenient):
     parallel_tool_calls: bool | None = None
     max_tool_calls: int | None = Field(default=None, ge=1)
     text: TextConfig | None = None
+    #: Checked tool by tool in L{parse}, like C{input}.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     # Known, and refused when used (see _refuse_unsupported).
     store: bool | None = None
     previous_response_id: str | None = None
     conversation: Any = None
     background: bool | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    include: list[str] | None = None
-    top_logprobs: int | None = None
     prompt: Any = None
     context_management: list[Any] | None = None
     moderation: Any = None
 
-    _messages: list[dict[str, str]] = PrivateAttr(default_factory=list)
+    _messages: list[dict[str, Any]] = PrivateAttr(default_factory=list)
+    _tools: list[ToolDef] = PrivateAttr(default_factory=list)
+    _tooling: Tooling | None = PrivateAttr(default=None)
+    _format: ResponseFormat | None = PrivateAttr(default=None)
 
     @field_validator("input", mode="before")
     @classmethod
@@ -114,15 +445,19 @@ class ResponsesRequest(_Lenient):
     @classmethod
     def parse(cls, payload: dict[str, Any]) -> ResponsesRequest:
         """
-        Validate C{payload} completely: schema, unsupported features and
-        every input item. Raises L{APIError} (a 400) for the first problem,
-        so that nothing is queued for a request that cannot be served.
+        Validate C{payload} completely: schema, unsupported features, every
+        input item and tool. Raises L{APIError} (a 400) for the first
+        problem, so that nothing is queued for a request that cannot be
+        served.
         """
         try:
             req = cls.model_validate(payload)
         except ValidationError as e:
             raise from_validation(e) from e
         req._refuse_unsupported()
+        req._tools = [tool_def(i, t) for i, t in enumerate(req.tools or ())]
+        req._tooling = req._build_tooling()
+        req._format = req._build_format()
         req._messages = req._translate()
         return req
 
@@ -141,24 +476,17 @@ class ResponsesRequest(_Lenient):
             raise no("conversation", "conversations are not supported by this server")
         if self.background:
             raise no("background", "background responses are not supported by this server")
-        if self.tools:
-            raise no("tools", "tools (function or hosted) are not supported by this server")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise no("tool_choice", "only 'none' or 'auto' (there are no tools to choose)")
-        fmt = self.text.format if self.text else None
-        if fmt is not None and fmt.type != "text":
-            raise no("text.format", f"only {{'type': 'text'}} is supported, not {fmt.type!r}")
         if self.text and self.text.verbosity not in (None, "medium"):
             raise no("text.verbosity", "only 'medium' is supported by this server")
         # Stateless agents (store=false) ask for encrypted reasoning so they
         # can send it back next turn. With no server-side secret to protect,
         # the reasoning item already carries its text in the clear and is
         # accepted back as input, so that request is met as it stands.
-        extra = [i for i in self.include or () if i != "reasoning.encrypted_content"]
+        extra = [i for i in self.include or () if i not in INCLUDABLE]
         if extra:
             raise no("include", f"extra output data ({', '.join(extra)}) is not supported")
-        if self.top_logprobs:
-            raise no("top_logprobs", "log probabilities are not supported by this server")
+        if self.top_logprobs and not self.logprobs_wanted():
+            raise no("top_logprobs", f"needs include=[{LOGPROBS!r}]")
         if self.prompt is not None:
             raise no("prompt", "prompt templates are not supported by this server")
         if self.context_management:
@@ -166,24 +494,138 @@ class ResponsesRequest(_Lenient):
         if self.moderation is not None:
             raise no("moderation", "moderation is not supported by this server")
 
-    def _translate(self) -> list[dict[str, str]]:
-        messages = []
+    # -- tools and formats -----------------------------------------------
+
+    def _choice(self) -> tuple[ToolChoice, tuple[str, ...] | None]:
+        """The choice, and the names C{allowed_tools} narrows the tools to."""
+        raw = self.tool_choice
+        if raw is None:
+            return ToolChoice("auto" if self._tools else "none"), None
+        if raw in ("auto", "none", "required"):
+            return ToolChoice(raw), None
+        if not isinstance(raw, dict):
+            raise invalid(
+                "tool_choice: expected 'auto', 'none', 'required' or a tool choice object",
+                "tool_choice",
+            )
+        kind = raw.get("type")
+        if kind == "allowed_tools":
+            allowed: AllowedTools = _validated(TypeAdapter(AllowedTools), raw, ("tool_choice",))
+            return ToolChoice(allowed.mode), tuple(t.name for t in allowed.tools)
+        if kind not in ("function", "custom"):
+            raise invalid(
+                f"tool_choice.type: {kind!r} is not supported by this server (only 'function', "
+                "'custom' or 'allowed_tools' objects)",
+                "tool_choice.type",
+            )
+        named: NamedChoice = _validated(TypeAdapter(NamedChoice), raw, ("tool_choice",))
+        return ToolChoice("required", named.name), None
+
+    def _build_tooling(self) -> Tooling | None:
+        specs = tuple(t.spec() for t in self._tools)
+        check_tools(specs, (f"tools.{i}" for i in range(len(specs))))
+        choice, allowed = self._choice()
+        if allowed is not None:
+            known = {t.name for t in specs}
+            for j, name in enumerate(allowed):
+                if name not in known:
+                    raise invalid(
+                        f"tool_choice.tools.{j}: no tool named {name!r} is defined",
+                        f"tool_choice.tools.{j}",
+                    )
+            # Only the allowed tools are offered: the model cannot call what
+            # it is not shown.
+            specs = tuple(t for t in specs if t.name in allowed)
+        tooling = Tooling(specs, choice, self.parallel_tool_calls is not False)
+        check_choice(tooling, "tool_choice")
+        if isinstance(self.tool_choice, dict) and self.tool_choice.get("type") in (
+            "function",
+            "custom",
+        ):
+            spec = tooling.spec(str(choice.name))
+            if spec is not None and spec.kind != self.tool_choice["type"]:
+                raise invalid(
+                    f"tool_choice: {choice.name!r} is a {spec.kind} tool, not a "
+                    f"{self.tool_choice['type']} tool",
+                    "tool_choice",
+                )
+        return tooling if specs else None
+
+    def _build_format(self) -> ResponseFormat | None:
+        fmt = self.text.format if self.text else None
+        if fmt is None or isinstance(fmt, TextFormat):
+            return None
+        if self._tooling is not None and self._tooling.active:
+            raise invalid(
+                "text.format: structured output cannot be combined with tool calls in one "
+                'request (set tool_choice to "none")',
+                "text.format",
+            )
+        if isinstance(fmt, JSONObjectFormat):
+            return ResponseFormat("json_object")
+        check_schema(fmt.schema_, "text.format.schema")
+        return ResponseFormat("json_schema", fmt.schema_, fmt.name)
+
+    def tooling(self) -> Tooling | None:
+        """The request's tools, checked in L{parse}; None without tools."""
+        return self._tooling
+
+    def structured(self) -> ResponseFormat | None:
+        return self._format
+
+    def tool_kinds(self) -> dict[str, str]:
+        """Each tool's kind by name: which output item a call of it becomes."""
+        return {t.name: t.type for t in self._tools}
+
+    def logprobs_wanted(self) -> bool:
+        return LOGPROBS in (self.include or ())
+
+    # -- the conversation --------------------------------------------------
+
+    def _translate(self) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = []
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
         if isinstance(self.input, str):
             return [*messages, {"role": "user", "content": self.input}]
         if not self.input:
             raise invalid("input: at least one input item is required", param="input")
-        for i, item in enumerate(self.input):
-            message = _message(i, item)
-            if message is not None:
+        ledger = CallLedger()
+        names: dict[str, str] = {}
+        # The assistant turn calls may still join: the last message, if it
+        # is the assistant's and nothing but reasoning came after it.
+        turn: dict[str, Any] | None = None
+        for i, raw in enumerate(self.input):
+            item = input_item(i, raw)
+            if isinstance(item, ReasoningItem):
+                continue  # an earlier turn's reasoning: templates drop it anyway
+            if isinstance(item, FunctionCallItem | CustomToolCallItem):
+                if turn is None:
+                    turn = {"role": "assistant", "content": ""}
+                    messages.append(turn)
+                ledger.called(item.call_id)
+                names[item.call_id] = item.name
+                turn.setdefault("tool_calls", []).append(_call(item))
+                continue
+            if isinstance(item, FunctionCallOutputItem | CustomToolCallOutputItem):
+                ledger.answered(item.call_id, f"input.{i}.call_id")
+                message = {
+                    "role": "tool",
+                    "tool_call_id": item.call_id,
+                    "name": names[item.call_id],
+                    "content": content_text(item.output),
+                }
                 messages.append(message)
+                turn = None
+                continue
+            role = "system" if item.role == "developer" else item.role
+            message = {"role": role, "content": content_text(item.content)}
+            messages.append(message)
+            turn = message if role == "assistant" else None
         return messages
 
-    # -- translation, used by the route ----------------------------------
-
-    def template_messages(self) -> list[dict[str, str]]:
-        """The conversation as chat-template messages (validated in L{parse})."""
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The conversation as Hugging Face chat messages (validated in L{parse})."""
         return self._messages
 
     def thinking(self) -> bool:
@@ -203,6 +645,7 @@ class ResponsesRequest(_Lenient):
             temperature=defaults.temperature if self.temperature is None else self.temperature,
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             stop=stops,
+            logprobs=(self.top_logprobs or 0) if self.logprobs_wanted() else None,
         )
 
     def echo(self, model: str, params: SamplingParams) -> dict[str, Any]:
@@ -212,6 +655,13 @@ class ResponsesRequest(_Lenient):
         actually used.
         """
         reasoning = self.reasoning or ReasoningConfig()
+        fmt = self.text.format if self.text else None
+        if isinstance(fmt, JSONSchemaFormat):
+            text_format: dict[str, Any] = fmt.echo()
+        else:
+            text_format = {"type": fmt.type if fmt is not None else "text"}
+        # OpenAI says "auto" when the field was left out, tools or not.
+        choice = self.tool_choice if self.tool_choice is not None else "auto"
         return {
             "background": False,
             "instructions": self.instructions,
@@ -219,66 +669,32 @@ class ResponsesRequest(_Lenient):
             "max_tool_calls": self.max_tool_calls,
             "metadata": self.metadata or {},
             "model": model,
-            "parallel_tool_calls": True
-            if self.parallel_tool_calls is None
-            else self.parallel_tool_calls,
+            "parallel_tool_calls": self.parallel_tool_calls is not False,
             "previous_response_id": None,
             "reasoning": {"effort": reasoning.effort, "summary": reasoning.summary},
             "store": False,
             "temperature": params.temperature,
-            "text": {"format": {"type": "text"}, "verbosity": "medium"},
-            "tool_choice": self.tool_choice or "auto",
-            "tools": [],
+            "text": {"format": text_format, "verbosity": "medium"},
+            "tool_choice": choice,
+            "tools": [t.echo() for t in self._tools],
+            "top_logprobs": self.top_logprobs,
             "top_p": params.top_p,
             "truncation": self.truncation or "disabled",
             "user": self.user,
         }
 
 
-def _message(i: int, item: Any) -> dict[str, str] | None:
-    """One input item as a chat message; None for items left out."""
-    where = f"input[{i}]"
-    if not isinstance(item, dict):
-        raise invalid(f"{where}: expected an input item object", param=f"input.{i}")
-    kind = item.get("type", "message")
-    if kind == "reasoning":
-        return None  # an earlier turn's reasoning: templates drop it anyway
-    if kind != "message":
-        raise invalid(
-            f"{where}: input items of type {kind!r} are not supported by this server "
-            "(only messages: no tools, files or images)",
-            param=f"input.{i}.type",
-        )
-    role = item.get("role")
-    if role not in ROLES:
-        raise invalid(
-            f"{where}.role: expected one of {', '.join(map(repr, ROLES))}, got {role!r}",
-            param=f"input.{i}.role",
-        )
-    content = item.get("content")
-    if isinstance(content, str):
-        text = content
-    elif isinstance(content, list):
-        text = "".join(_part_text(i, j, part) for j, part in enumerate(content))
-    else:
-        raise invalid(
-            f"{where}.content: expected a string or a list of text parts",
-            param=f"input.{i}.content",
-        )
-    return {"role": "system" if role == "developer" else role, "content": text}
+def custom_arguments(text: str) -> str:
+    """A free-form call's input as the arguments object the model writes it as."""
+    return json.dumps({"input": text}, ensure_ascii=False)
 
 
-def _part_text(i: int, j: int, part: Any) -> str:
-    where, param = f"input[{i}].content[{j}]", f"input.{i}.content.{j}"
-    if not isinstance(part, dict):
-        raise invalid(f"{where}: expected a content part object", param=param)
-    kind = part.get("type")
-    if kind not in TEXT_PARTS:
-        raise invalid(
-            f"{where}: content of type {kind!r} is not supported by this server (text only)",
-            param=f"{param}.type",
-        )
-    text = part.get("text")
-    if not isinstance(text, str):
-        raise invalid(f"{where}.text: expected a string", param=f"{param}.text")
-    return text
+def _call(item: FunctionCallItem | CustomToolCallItem) -> dict[str, Any]:
+    arguments = (
+        item.arguments if isinstance(item, FunctionCallItem) else custom_arguments(item.input)
+    )
+    return {
+        "id": item.call_id,
+        "type": "function",
+        "function": {"name": item.name, "arguments": arguments},
+    }
