@@ -34,6 +34,7 @@ from ._grammar import GrammarError, json_grammar
 from ._pipeline import OutputPipeline
 from ._reasoning import PlainSplitter
 from ._sse import SSEStream
+from ._tools.parsers import GrammarCache
 from ._tools.prompt import template_inputs
 from ._tools.spec import ResponseFormat, Tooling
 from ._types import (
@@ -50,6 +51,9 @@ from ._worker import Job, JobCancelled, NotReady, QueueFull
 
 if TYPE_CHECKING:
     from ._app import Server
+
+
+_GRAMMARS = GrammarCache()
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ async def chat_prompt(
         grammar = None
         try:
             if tooling is not None and tooling.active:
-                grammar = parser.grammar(tooling, reasoning_tags)
+                grammar = _GRAMMARS.get(parser, tooling, reasoning_tags)
             elif response_format is not None:
                 grammar = json_grammar(response_format.schema)
         except GrammarError as e:

