@@ -199,3 +199,50 @@ def measure(settings: Settings, load: Callable[[], Any]) -> dict[str, Any]:
     out["json_schema_steady_ratio"] = ratios("json_schema", "steady_tps")
     out["tool_call_steady_ratio"] = ratios("tool_call", "steady_tps")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    C{python -m ds4tw.bench._constrained [--quick] [--wait-quiet S] [--out FILE]}:
+    this part alone, without the servers of a whole run.
+    """
+    import argparse
+    import sys
+
+    from ds4tw import LlamaEngine
+    from ds4tw._llama import resolve_model
+
+    from . import _noise, _report
+    from ._settings import make_settings
+
+    p = argparse.ArgumentParser(prog="python -m ds4tw.bench._constrained")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--model", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--out", default=None, help="write the part's JSON here")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    s = make_settings(quick=args.quick, model=args.model, threads=args.threads)
+    if args.wait_quiet > 0:
+        print(f"waited: {_noise.wait_quiet(args.wait_quiet)}", flush=True)
+
+    def load() -> Any:
+        engine = LlamaEngine(
+            resolve_model(s.model), n_ctx=s.ctx, n_threads=s.threads, n_batch=s.batch
+        )
+        engine.load()
+        return engine
+
+    out = measure(s, load)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+    doc: dict[str, Any] = {"constrained": out, "settings": s.as_dict()}
+    doc["ratios"] = _report.ratios(doc)
+    table = _report.table(doc)
+    print(next(line for line in table.splitlines() if line.startswith("constrained decode")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
