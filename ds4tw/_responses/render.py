@@ -242,21 +242,21 @@ class ResponseBuilder:
             case ToolCallStart(index, name):
                 events = self._close("completed")
                 custom = self._tool_kinds.get(name) == "custom"
-                events += self._start("custom_tool_call" if custom else "function_call")
-                item = self._open
-                assert item is not None
-                item.name, item.call_id = name, f"call_{self._suffix[:20]}_{index}"
-                self._calls[index] = item
+                kind: ItemKind = "custom_tool_call" if custom else "function_call"
+                call_id = f"call_{self._suffix[:20]}_{index}"
+                events += self._start(kind, name, call_id)
+                assert self._open is not None
+                self._calls[index] = self._open
                 return events
             case ToolCallArgs(index, text):
                 item = self._calls[index]
                 item.parts.append(text)
-                kind = (
+                field = (
                     "function_call_arguments"
                     if item.kind == "function_call"
                     else ("custom_tool_call_input")
                 )
-                return [{"type": f"response.{kind}.delta", **item.where(), "delta": text}]
+                return [{"type": f"response.{field}.delta", **item.where(), "delta": text}]
             case ToolCallEnd(index, arguments):
                 item = self._calls[index]
                 # The end carries the whole text (a call broken off by the
@@ -312,9 +312,10 @@ class ResponseBuilder:
 
     # -- items -----------------------------------------------------------
 
-    def _start(self, kind: ItemKind) -> list[Event]:
+    def _start(self, kind: ItemKind, name: str = "", call_id: str = "") -> list[Event]:
         index = len(self.items)
-        item = _Item(kind, f"{_PREFIX[kind]}_{self._suffix}_{index}", index)
+        item_id = f"{_PREFIX[kind]}_{self._suffix}_{index}"
+        item = _Item(kind, item_id, index, name=name, call_id=call_id)
         self.items.append(item)
         self._open = item
         added: Event = {

@@ -59,7 +59,7 @@ from pydantic import (
 )
 
 from .._engine import SamplingParams
-from .._errors import APIError, from_validation, invalid
+from .._errors import APIError, invalid
 from .._tools.spec import (
     ANY_OBJECT,
     CallLedger,
@@ -214,15 +214,21 @@ _ITEM = TypeAdapter[InputItem](
 )
 
 
+def validation_error(e: ValidationError, where: tuple[str | int, ...] = ()) -> APIError:
+    """The first error, said plainly, located at C{where} (union tags left out)."""
+    first = e.errors(include_url=False)[0]
+    loc = [*where, *(p for p in first["loc"] if not str(p).startswith(("~", "function-")))]
+    param = ".".join(str(p) for p in loc)
+    msg = first["msg"].removeprefix("Value error, ")
+    return invalid(f"{param}: {msg}" if param else msg, param or None)
+
+
 def _validated(adapter: TypeAdapter[Any], value: Any, where: tuple[str | int, ...]) -> Any:
     """C{value} through C{adapter}; the first error is a 400 located at C{where}."""
     try:
         return adapter.validate_python(value)
     except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        loc = [*where, *(p for p in first["loc"] if not str(p).startswith("~"))]
-        param = ".".join(str(p) for p in loc)
-        raise invalid(f"{param}: {first['msg'].removeprefix('Value error, ')}", param) from e
+        raise validation_error(e, where) from e
 
 
 def input_item(i: int, raw: Any) -> InputItem:
@@ -274,13 +280,22 @@ class GrammarInputFormat(_Lenient):
     definition: str
 
 
+def _type_tag(v: Any) -> str | None:
+    return f"~{v.get('type')}" if isinstance(v, dict) else None
+
+
 class CustomToolDef(_Lenient):
     type: Literal["custom"]
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.:-]+$")
     description: str | None = None
-    format: Annotated[TextInputFormat | GrammarInputFormat, Field(discriminator="type")] | None = (
-        None
-    )
+    format: (
+        Annotated[
+            Annotated[TextInputFormat, Tag("~text")]
+            | Annotated[GrammarInputFormat, Tag("~grammar")],
+            Discriminator(_type_tag),
+        ]
+        | None
+    ) = None
 
     def spec(self) -> ToolSpec:
         description = self.description or ""
@@ -303,7 +318,10 @@ class CustomToolDef(_Lenient):
 
 ToolDef = FunctionToolDef | CustomToolDef
 _TOOL = TypeAdapter[ToolDef](
-    Annotated[FunctionToolDef | CustomToolDef, Field(discriminator="type")]
+    Annotated[
+        Annotated[FunctionToolDef, Tag("~function")] | Annotated[CustomToolDef, Tag("~custom")],
+        Discriminator(_type_tag),
+    ]
 )
 
 
@@ -380,7 +398,12 @@ class ReasoningConfig(_Lenient):
 
 class TextConfig(_Lenient):
     format: (
-        Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")]
+        Annotated[
+            Annotated[TextFormat, Tag("~text")]
+            | Annotated[JSONObjectFormat, Tag("~json_object")]
+            | Annotated[JSONSchemaFormat, Tag("~json_schema")],
+            Discriminator(_type_tag),
+        ]
         | None
     ) = None
     verbosity: Literal["low", "medium", "high"] | None = None
@@ -453,7 +476,7 @@ class ResponsesRequest(_Lenient):
         try:
             req = cls.model_validate(payload)
         except ValidationError as e:
-            raise from_validation(e) from e
+            raise validation_error(e) from e
         req._refuse_unsupported()
         req._tools = [tool_def(i, t) for i, t in enumerate(req.tools or ())]
         req._tooling = req._build_tooling()

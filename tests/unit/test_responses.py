@@ -26,8 +26,12 @@ from openai.types.responses import (
     ResponseContentPartAddedEvent,
     ResponseContentPartDoneEvent,
     ResponseCreatedEvent,
+    ResponseCustomToolCallInputDeltaEvent,
+    ResponseCustomToolCallInputDoneEvent,
     ResponseErrorEvent,
     ResponseFailedEvent,
+    ResponseFunctionCallArgumentsDeltaEvent,
+    ResponseFunctionCallArgumentsDoneEvent,
     ResponseIncompleteEvent,
     ResponseInProgressEvent,
     ResponseOutputItemAddedEvent,
@@ -58,6 +62,10 @@ SDK_EVENTS: dict[str, type[SDKModel]] = {
     "response.output_text.done": ResponseTextDoneEvent,
     "response.reasoning_text.delta": ResponseReasoningTextDeltaEvent,
     "response.reasoning_text.done": ResponseReasoningTextDoneEvent,
+    "response.function_call_arguments.delta": ResponseFunctionCallArgumentsDeltaEvent,
+    "response.function_call_arguments.done": ResponseFunctionCallArgumentsDoneEvent,
+    "response.custom_tool_call_input.delta": ResponseCustomToolCallInputDeltaEvent,
+    "response.custom_tool_call_input.done": ResponseCustomToolCallInputDoneEvent,
 }
 
 THINKING = Reply.of("<think>", "Two", " plus", " two", ".", "</think>", "\n\n", "It is", " 4.")
