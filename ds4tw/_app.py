@@ -16,7 +16,6 @@ import hmac
 import json
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from klein import Klein
@@ -29,6 +28,7 @@ from twisted.web.server import Request
 
 from ._engine import Engine
 from ._errors import APIError, invalid, unauthorized
+from ._host import ServerConfig
 from ._metrics import CONTENT_TYPE_LATEST, Metrics
 from ._reasoning import reasoning_parser
 from ._routing import json_response
@@ -38,33 +38,6 @@ from ._types import Finish
 from ._worker import Job, JobCancelled, PoolThreads, Worker, WorkerThreads
 
 log = Logger()
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """
-    @param keepalive: seconds of silence before a keepalive frame; 0 disables.
-    @param max_queue: jobs allowed to wait for the model; more get 503.
-    @param api_key: when set, /v1 routes need C{Authorization: Bearer KEY}
-        or C{x-api-key: KEY}.
-    @param cors_origins: origins allowed by CORS (C{"*"} for any).
-    @param reasoning_parser: a name from L{ds4tw._reasoning.REASONING_PARSERS}
-        or C{"START,END"} tags.
-    """
-
-    keepalive: float = 15.0
-    max_queue: int = 128
-    api_key: str | None = None
-    cors_origins: tuple[str, ...] = ()
-    max_body_bytes: int = 16 * 1024 * 1024
-    #: How the model marks reasoning (L{ds4tw._reasoning.reasoning_parser}).
-    reasoning_parser: str = "think"
-    #: On /v1/messages, keep streams alive with Anthropic's own
-    #: C{event: ping} frame instead of an SSE comment.
-    anthropic_ping: bool = False
-    #: How the model writes tool calls (L{ds4tw._tools.parsers}); C{"auto"}
-    #: reads it from the chat template.
-    tool_call_parser: str = "auto"
 
 
 def _header(request: Request, name: bytes) -> str:

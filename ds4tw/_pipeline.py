@@ -26,15 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from ._engine import Token
 from ._reasoning import PlainSplitter, ReasoningSplitter
 from ._text import TextAssembler
+from ._tools.parsers import ToolCallSplitter
 from ._types import ContentText, Output, TokenLogprob
-
-if TYPE_CHECKING:
-    from ._tools.parsers import ToolCallSplitter
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from twisted.web.server import Request
 
 from ._errors import APIError, from_validation
+from ._host import Host
 from ._worker import JobCancelled
-
-if TYPE_CHECKING:
-    from ._app import Server
 
 Handler = Callable[..., Awaitable[bytes | None]]
 ErrorBody = Callable[[APIError], dict[str, Any]]
@@ -40,7 +38,7 @@ def error_response(request: Request, error: APIError, body: ErrorBody) -> bytes:
     return json_response(request, body(error), error.status)
 
 
-def api(server: Server, body: ErrorBody) -> Callable[[Handler], Handler]:
+def api(server: Host, body: ErrorBody) -> Callable[[Handler], Handler]:
     """A decorator for a dialect's handlers: CORS, auth, errors in C{body}'s shape."""
 
     def decorate(handler: Handler) -> Handler:
@@ -60,7 +58,7 @@ def api(server: Server, body: ErrorBody) -> Callable[[Handler], Handler]:
     return decorate
 
 
-def parse(server: Server, request: Request, model: type[_M]) -> _M:
+def parse(server: Host, request: Request, model: type[_M]) -> _M:
     """The body as C{model}, or a 400 naming the first bad field."""
     payload = server.read_json(request)
     try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -31,6 +31,7 @@ from twisted.web.server import Request
 from ._engine import Grammar, SamplingParams
 from ._errors import APIError, busy, invalid, not_ready
 from ._grammar import GrammarError, json_grammar
+from ._host import Host
 from ._pipeline import OutputPipeline
 from ._reasoning import PlainSplitter
 from ._sse import SSEStream
@@ -48,10 +49,6 @@ from ._types import (
     StreamRenderer,
 )
 from ._worker import Job, JobCancelled, NotReady, QueueFull
-
-if TYPE_CHECKING:
-    from ._app import Server
-
 
 _GRAMMARS = GrammarCache()
 
@@ -78,7 +75,7 @@ def context_exceeded(prompt_tokens: int, n_ctx: int, param: str) -> APIError:
 
 
 async def chat_prompt(
-    server: Server,
+    server: Host,
     messages: Sequence[dict[str, Any]],
     template_kwargs: Mapping[str, Any] | None = None,
     *,
@@ -133,14 +130,14 @@ async def chat_prompt(
     return checked(server, prompt, param) if check else prompt
 
 
-async def text_prompt(server: Server, prompt: str | list[int]) -> Prompt:
+async def text_prompt(server: Host, prompt: str | list[int]) -> Prompt:
     if isinstance(prompt, list):
         return checked(server, Prompt(prompt), "prompt")
     tokens: list[int] = await _offload(server, server.engine.tokenize, prompt)
     return checked(server, Prompt(tokens, text=prompt), "prompt")
 
 
-def checked(server: Server, prompt: Prompt, param: str) -> Prompt:
+def checked(server: Host, prompt: Prompt, param: str) -> Prompt:
     if not prompt.tokens:
         raise invalid("the prompt is empty", param)
     if len(prompt.tokens) >= server.engine.n_ctx:
@@ -148,7 +145,7 @@ def checked(server: Server, prompt: Prompt, param: str) -> Prompt:
     return prompt
 
 
-async def _offload(server: Server, f: Callable[..., Any], *args: Any) -> Any:
+async def _offload(server: Host, f: Callable[..., Any], *args: Any) -> Any:
     try:
         server.worker.check_ready()
     except NotReady as e:
@@ -156,7 +153,7 @@ async def _offload(server: Server, f: Callable[..., Any], *args: Any) -> Any:
     return await server.worker.threads.offload(f, *args)
 
 
-def max_tokens_for(server: Server, prompt: Prompt, requested: int | None) -> int:
+def max_tokens_for(server: Host, prompt: Prompt, requested: int | None) -> int:
     """What is left of the context, capped by what the client asked for."""
     room = server.engine.n_ctx - len(prompt.tokens)
     return room if requested is None else min(requested, room)
@@ -169,7 +166,7 @@ def _admission_error(e: QueueFull | NotReady) -> APIError:
 
 
 def new_job(
-    server: Server,
+    server: Host,
     prompt: Prompt,
     params: SamplingParams,
     label: str,
@@ -193,7 +190,7 @@ def new_job(
     return Job(prompt.tokens, params, label=label, pipeline=pipeline)
 
 
-def admit(server: Server, job: Job) -> None:
+def admit(server: Host, job: Job) -> None:
     """Queue C{job} or raise the dialect-neutral L{APIError} for why not."""
     try:
         server.worker.submit(job)
@@ -202,7 +199,7 @@ def admit(server: Server, job: Job) -> None:
 
 
 def stream(
-    server: Server,
+    server: Host,
     request: Request,
     job: Job,
     renderer: StreamRenderer,
@@ -276,7 +273,7 @@ def render_output(renderer: StreamRenderer, event: Output) -> list[bytes]:
     return renderer.tool_call(event)
 
 
-async def collect(server: Server, job: Job) -> Collected:
+async def collect(server: Host, job: Job) -> Collected:
     """Admit C{job} and wait for all of its output (non-streaming)."""
     collector = Collector()
 

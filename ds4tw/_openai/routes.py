@@ -11,21 +11,18 @@ tests/integration/test_openai_sdk.py.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from twisted.web.server import Request
 
 from .. import _routing, _turn
 from .._errors import APIError
+from .._host import Host
 from .._routing import json_response, parse
 from . import render
 from .schema import ChatCompletionRequest, CompletionRequest
 
-if TYPE_CHECKING:
-    from .._app import Server
 
-
-def add_routes(server: Server) -> None:
+def add_routes(server: Host) -> None:
     app = server.app
     created = int(time.time())
     api = _routing.api(server, render.error_body)

@@ -1,0 +1,77 @@
+"""
+What the API dialects and the request lifecycle see of the server: its
+configuration (L{ServerConfig}) and the L{Host} protocol that
+L{ds4tw._app.Server} satisfies. The dialects and L{ds4tw._turn} are typed
+against L{Host}, so nothing below L{ds4tw._app} imports it, and
+L{ds4tw._app} imports the dialects' routes like any other module.
+
+Covered by tests/unit/test_app.py and every dialect's route tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from klein import Klein
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.web.server import Request
+
+    from ._engine import Engine
+    from ._metrics import Metrics
+    from ._reasoning import ReasoningParser
+    from ._template import ChatTemplate
+    from ._tools.parsers import ToolCallParser
+    from ._worker import Worker
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """
+    @param keepalive: seconds of silence before a keepalive frame; 0 disables.
+    @param max_queue: jobs allowed to wait for the model; more get 503.
+    @param api_key: when set, /v1 routes need C{Authorization: Bearer KEY}
+        or C{x-api-key: KEY}.
+    @param cors_origins: origins allowed by CORS (C{"*"} for any).
+    @param reasoning_parser: a name from L{ds4tw._reasoning.REASONING_PARSERS}
+        or C{"START,END"} tags.
+    """
+
+    keepalive: float = 15.0
+    max_queue: int = 128
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 16 * 1024 * 1024
+    #: How the model marks reasoning (L{ds4tw._reasoning.reasoning_parser}).
+    reasoning_parser: str = "think"
+    #: On /v1/messages, keep streams alive with Anthropic's own
+    #: C{event: ping} frame instead of an SSE comment.
+    anthropic_ping: bool = False
+    #: How the model writes tool calls (L{ds4tw._tools.parsers}); C{"auto"}
+    #: reads it from the chat template.
+    tool_call_parser: str = "auto"
+
+
+class Host(Protocol):
+    """The server as a dialect's routes and the request lifecycle use it."""
+
+    app: Klein
+    engine: Engine
+    config: ServerConfig
+    worker: Worker
+    metrics: Metrics
+    clock: IReactorTime
+    reasoning_parser: ReasoningParser
+
+    def chat_template(self) -> ChatTemplate: ...
+
+    def tool_parser(self) -> ToolCallParser: ...
+
+    def request_id(self, prefix: str) -> str: ...
+
+    def authorize(self, request: Request) -> None: ...
+
+    def cors(self, request: Request) -> None: ...
+
+    def read_json(self, request: Request) -> dict[str, Any]: ...
