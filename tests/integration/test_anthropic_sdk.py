@@ -9,6 +9,13 @@ The demo model (SmolLM2, ChatML) does not think, so thinking blocks are
 covered by tests/unit/test_anthropic.py on the scripted engine; here a
 thinking request is only shown to be accepted. Greedy decoding
 (temperature 0, see GREEDY) makes the streamed and non-streamed answers comparable.
+
+Tool use runs the documented fallback (the demo template has no tool
+support: tools in the system message, Hermes `<tool_call>` syntax) under
+the real sampler's grammar: a forced call's input must validate against
+the tool's input_schema even from a 135M model. What the model says in
+its final answer is not asserted; that the agent loop completes, in the
+right shapes, is.
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import pytest
+from jsonschema import validate
 
 from .conftest import Twistd, sse_lines, start_twistd, stop_twistd, unique_words
 
@@ -27,6 +36,27 @@ from .conftest import Twistd, sse_lines, start_twistd, stop_twistd, unique_words
 # server honours them, so they go in the body.
 GREEDY = {"temperature": 0}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+WEATHER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+WEATHER: Any = {
+    "name": "get_weather",
+    "description": "Get the current weather in a city.",
+    "input_schema": WEATHER_SCHEMA,
+}
+TIME: Any = {
+    "name": "get_time",
+    "description": "Get the current time in a time zone.",
+    "input_schema": {"type": "object", "properties": {"zone": {"type": "string"}}},
+}
+ASK: Any = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+FORCED: Any = {"type": "tool", "name": "get_weather"}
 
 
 @pytest.fixture
@@ -112,14 +142,103 @@ def test_context_overflow_is_a_bad_request(client: anthropic.Anthropic) -> None:
     assert "4096" in e.value.message
 
 
-def test_tools_are_a_bad_request_not_ignored(client: anthropic.Anthropic) -> None:
-    with pytest.raises(anthropic.BadRequestError, match="tool use"):
+def test_anthropic_tool_types_are_a_bad_request_not_ignored(client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.BadRequestError, match="web_search_20250305") as e:
         client.messages.create(
             model="demo",
             max_tokens=5,
             messages=QUESTION,
-            tools=[{"name": "f", "input_schema": {"type": "object"}}],
+            tools=[WEATHER, {"type": "web_search_20250305", "name": "web_search"}],
         )
+    assert e.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert "tools.1.type" in e.value.message
+
+
+def test_forced_tool_call_validates_against_the_schema(client: anthropic.Anthropic) -> None:
+    m = client.messages.create(
+        model="demo", max_tokens=120, extra_body=GREEDY, messages=ASK,
+        tools=[WEATHER, TIME], tool_choice=FORCED,
+    )  # fmt: skip
+    assert m.stop_reason == "tool_use"
+    calls = [b for b in m.content if b.type == "tool_use"]
+    assert calls, "a forced call always comes"
+    # Parallel calls are allowed: each must validate. No text beside a forced call.
+    assert [b.type for b in m.content] == ["tool_use"] * len(calls)
+    for call in calls:
+        assert call.name == "get_weather" and call.id.startswith("toolu_")
+        validate(call.input, WEATHER_SCHEMA)
+
+
+def test_forced_tool_call_streams_its_input_live(client: anthropic.Anthropic) -> None:
+    fragments: list[str] = []
+    kinds: list[str] = []
+    with client.messages.stream(
+        model="demo", max_tokens=120, extra_body=GREEDY, messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice={**FORCED, "disable_parallel_tool_use": True},
+    ) as s:  # fmt: skip
+        for event in s:
+            kinds.append(event.type)
+            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+                fragments.append(event.delta.partial_json)
+        final = s.get_final_message()
+    assert final.stop_reason == "tool_use"
+    (call,) = final.content
+    assert call.type == "tool_use" and call.name == "get_weather"
+    assert len(fragments) > 1, "the input arrives in pieces, as it is decoded"
+    assert json.loads("".join(fragments)) == call.input
+    validate(call.input, WEATHER_SCHEMA)
+    assert "text" not in kinds
+
+
+def test_agent_loop(client: anthropic.Anthropic) -> None:
+    messages: list[Any] = list(ASK)
+    first = client.messages.create(
+        model="demo", max_tokens=120, extra_body=GREEDY, messages=messages,
+        tools=[WEATHER], tool_choice={"type": "any"},
+    )  # fmt: skip
+    assert first.stop_reason == "tool_use"
+    calls = [b for b in first.content if b.type == "tool_use"]
+    assert calls
+    messages.append({"role": "assistant", "content": [b.model_dump() for b in first.content]})
+    results = []
+    for call in calls:  # the test runs the tool
+        args: Any = call.input
+        result = {"city": args["city"], "temperature": 18, "unit": args["unit"]}
+        results.append(
+            {"type": "tool_result", "tool_use_id": call.id, "content": json.dumps(result)}
+        )
+    messages.append({"role": "user", "content": results})
+    counted = client.messages.count_tokens(model="demo", messages=messages, tools=[WEATHER])
+    final = client.messages.create(
+        model="demo", max_tokens=40, extra_body=GREEDY, messages=messages,
+        tools=[WEATHER], tool_choice={"type": "none"},
+    )  # fmt: skip
+    assert final.stop_reason in ("end_turn", "max_tokens")
+    assert [b.type for b in final.content] == ["text"]
+    assert final.content[0].text  # type: ignore[union-attr]
+    # tool_choice none leaves the tools out of the prompt: fewer tokens.
+    prompt = final.usage.input_tokens + (final.usage.cache_read_input_tokens or 0)
+    assert 0 < prompt < counted.input_tokens
+
+
+def test_structured_output(client: anthropic.Anthropic) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+        "required": ["country", "capital"],
+        "additionalProperties": False,
+    }
+    m = client.messages.create(
+        model="demo", max_tokens=60, extra_body=GREEDY,
+        messages=[{"role": "user", "content": "Tell me about France as JSON."}],
+        output_config={"format": {"type": "json_schema", "schema": schema}},
+    )  # fmt: skip
+    assert m.content[0].type == "text"
+    if m.stop_reason == "end_turn":
+        validate(json.loads(m.content[0].text), schema)
+    else:  # cut by max_tokens: still the start of an object
+        assert m.content[0].text.lstrip().startswith("{")
 
 
 def test_raw_stream_starts_with_message_start_and_ends_with_message_stop(twistd: Twistd) -> None:
