@@ -3,7 +3,16 @@ The official openai SDK's Responses API (C{client.responses}) against
 `twistd -n ds4tw` on the demo model: streaming (raw events, and the SDK's
 own C{responses.stream()} accumulator, which checks event order and item
 identity), non-streaming, a max_output_tokens stop, and refused features
-surfacing as the SDK's C{BadRequestError}.
+surfacing as the SDK's C{BadRequestError}. Then tools, structured output
+and logprobs: a forced function call (streamed and not) whose arguments
+validate against the tool's schema, a whole agent loop (call, the test
+runs the tool, function_call_output, final answer), C{text.format} through
+the SDK's C{responses.parse(text_format=...)}, and logprobs via C{include}.
+
+The demo model's template has no tool support, so tools run the
+documented fallback (Hermes C{<tool_call>} syntax) under the real
+sampler's grammar. What the 135M model says in its answers is not
+asserted; that the shapes are right and the loop completes is.
 
 Caveat: the demo model does not think, so reasoning items are covered by
 the scripted-engine tests (tests/unit/test_responses.py) only.
@@ -11,8 +20,15 @@ the scripted-engine tests (tests/unit/test_responses.py) only.
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any
+
 import openai
 import pytest
+from jsonschema import validate
+from openai.types.responses import ResponseOutputMessage, ResponseOutputText
+from pydantic import BaseModel
 
 from .conftest import Twistd
 
@@ -123,7 +139,7 @@ def test_hosted_tools_and_stored_responses_are_refused(client: openai.OpenAI) ->
         client.responses.create(
             model="demo", input="Search the web.", tools=[{"type": "web_search"}]
         )
-    assert e.value.body["param"] == "tools"  # type: ignore[index]
+    assert e.value.body["param"] == "tools.0.type"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model="demo", input="hi", store=True)
     assert "stored responses are not supported" in e.value.message
@@ -134,3 +150,144 @@ def test_context_overflow_is_a_clear_400(client: openai.OpenAI) -> None:
         client.responses.create(model="demo", input="word " * 5000, max_output_tokens=5)
     assert e.value.code == "context_length_exceeded"
     assert "4096" in e.value.message
+
+
+# -- tools, structured output, logprobs -----------------------------------------
+
+WEATHER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+WEATHER: Any = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Get the current weather in a city.",
+    "parameters": WEATHER_SCHEMA,
+    "strict": True,
+}
+TIME: Any = {
+    "type": "function",
+    "name": "get_time",
+    "description": "Get the current time in a time zone.",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}},
+}
+ASK = "What is the weather in Paris right now?"
+FORCED: Any = {"type": "function", "name": "get_weather"}
+
+
+def test_forced_function_call_validates_against_the_schema(client: openai.OpenAI) -> None:
+    r = client.responses.create(
+        model="demo", input=ASK, tools=[WEATHER, TIME], tool_choice=FORCED,
+        max_output_tokens=120, temperature=0,
+    )  # fmt: skip
+    assert r.status == "completed"
+    calls = [item for item in r.output if item.type == "function_call"]
+    assert calls, "a forced call always comes"
+    for call in calls:  # parallel calls are allowed: each must validate
+        assert call.name == "get_weather" and call.call_id.startswith("call_")
+        assert call.status == "completed"
+        validate(json.loads(call.arguments), WEATHER_SCHEMA)
+    assert r.tool_choice.type == "function"  # type: ignore[union-attr]
+    assert [t.name for t in r.tools] == ["get_weather", "get_time"]  # type: ignore[union-attr]
+
+
+def test_forced_function_call_streams_through_the_sdk_accumulator(
+    client: openai.OpenAI,
+) -> None:
+    with client.responses.stream(
+        model="demo", input=ASK, tools=[WEATHER, TIME], tool_choice="required",
+        parallel_tool_calls=False, max_output_tokens=120, temperature=0,
+    ) as stream:  # fmt: skip
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in kinds
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and done[0].arguments == deltas
+    calls = [item for item in final.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].arguments == deltas
+    validate(json.loads(deltas), WEATHER_SCHEMA)
+    assert kinds[-1] == "response.completed"
+
+
+def test_agent_loop(client: openai.OpenAI) -> None:
+    """Call, run the tool, send its output back, get a final text answer."""
+    history: list[Any] = [{"role": "user", "content": ASK}]
+    first = client.responses.create(
+        model="demo", input=history, tools=[WEATHER], tool_choice=FORCED,
+        parallel_tool_calls=False, max_output_tokens=120, temperature=0,
+    )  # fmt: skip
+    call = next(item for item in first.output if item.type == "function_call")
+    args = json.loads(call.arguments)
+    validate(args, WEATHER_SCHEMA)
+    result = json.dumps({"city": args["city"], "temperature": 21, "unit": args["unit"]})
+    # The stateless pattern: the previous output goes back as input.
+    history += [item.model_dump(exclude_none=True) for item in first.output]
+    history.append({"type": "function_call_output", "call_id": call.call_id, "output": result})
+    with client.responses.stream(
+        model="demo", input=history, tools=[WEATHER], tool_choice="none",
+        max_output_tokens=60, temperature=0,
+    ) as stream:  # fmt: skip
+        events = list(stream)
+        final = stream.get_final_response()
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert [item.type for item in final.output] == ["message"]
+    assert final.output_text
+
+
+class Capital(BaseModel):
+    country: str
+    capital: str
+
+
+def test_structured_output_with_the_sdks_parse_helper(client: openai.OpenAI) -> None:
+    r = client.responses.parse(
+        model="demo",
+        input="Give the capital of France as JSON.",
+        text_format=Capital,
+        max_output_tokens=80,
+        temperature=0,
+    )
+    assert r.status == "completed"
+    parsed = r.output_parsed
+    assert isinstance(parsed, Capital)
+    assert r.text is not None and r.text.format is not None
+    assert r.text.format.type == "json_schema"
+
+
+def text_part(r: Any) -> ResponseOutputText:
+    message = r.output[0]
+    assert isinstance(message, ResponseOutputMessage)
+    part = message.content[0]
+    assert isinstance(part, ResponseOutputText)
+    return part
+
+
+def test_logprobs_via_include(client: openai.OpenAI) -> None:
+    r = client.responses.create(
+        model="demo", input="Say hello.", include=["message.output_text.logprobs"],
+        top_logprobs=3, max_output_tokens=12, temperature=0,
+    )  # fmt: skip
+    part = text_part(r)
+    assert part.logprobs
+    for lp in part.logprobs:
+        assert lp.logprob <= 0 and math.isfinite(lp.logprob)
+        tops = [t.logprob for t in lp.top_logprobs]
+        assert 1 <= len(tops) <= 3 and tops == sorted(tops, reverse=True)
+        assert all(t <= 0 for t in tops)
+    assert "".join(lp.token for lp in part.logprobs) == part.text
+    assert r.top_logprobs == 3
+    stream = client.responses.create(
+        model="demo", input="Say hello.", include=["message.output_text.logprobs"],
+        top_logprobs=3, max_output_tokens=12, temperature=0, stream=True,
+    )  # fmt: skip
+    streamed = [lp for e in stream if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert [lp.token for lp in streamed] == [lp.token for lp in part.logprobs]
+    plain = client.responses.create(model="demo", input="Say hello.", max_output_tokens=4)
+    assert text_part(plain).logprobs == []
