@@ -28,6 +28,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from ._engine import (
+    TRIGGER_WINDOW,
     ChatPrompt,
     EngineEvent,
     FinishReason,
@@ -202,15 +203,15 @@ def logprobs(logits: Any, token: int, top: int) -> tuple[float, list[tuple[int, 
     return float(logits[token]) - lse, best
 
 
-def _trigger_start(patterns: Sequence[re.Pattern[str]], text: str) -> int | None:
+def _trigger_start(patterns: Sequence[re.Pattern[str]], text: str, pos: int = 0) -> int | None:
     """
-    Where the constrained text starts if C{text} matches a trigger: the
-    first non-empty capture group of the first matching pattern, else
-    the whole match (llama.cpp's lazy grammar rule, with search instead
-    of full-match semantics).
+    Where the constrained text starts if C{text} matches a trigger at or
+    after C{pos}: the first non-empty capture group of the first matching
+    pattern, else the whole match (llama.cpp's lazy grammar rule, with
+    search instead of full-match semantics).
     """
     for pattern in patterns:
-        m = pattern.search(text)
+        m = pattern.search(text, pos)
         if m is None:
             continue
         for g in range(1, (pattern.groups or 0) + 1):
@@ -327,7 +328,11 @@ class _ConstrainedSampler:
         self._bytes = vocab_bytes
         self._grammar: Any = None
         self._triggers = [re.compile(p) for p in grammar.triggers]
+        self._armed = grammar.armed
         self._text = bytearray()
+        #: No trigger may start before this character: the text up to
+        #: here was written while the trigger was disarmed.
+        self._floor = 0
         self._buf = ctypes.create_string_buffer(64)
         # Grammar first when it is not lazy: a bad grammar fails here,
         # before any prefill.
@@ -490,7 +495,14 @@ class _ConstrainedSampler:
         breaks the grammar, None if no trigger matched.
         """
         text = (bytes(self._text) + piece).decode("utf-8", "surrogateescape")
-        start = _trigger_start(self._triggers, text)
+        if self._armed is not None and not self._armed():
+            # Nothing written while disarmed may ever start a match.
+            self._floor = len(text)
+            return None
+        # Only this piece can complete a match: search just before it
+        # (its length in bytes bounds its length in characters).
+        pos = max(self._floor, len(text) - len(piece) - TRIGGER_WINDOW)
+        start = _trigger_start(self._triggers, text, pos)
         if start is None:
             return None
         tail = text[start:].encode("utf-8", "surrogateescape")

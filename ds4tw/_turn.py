@@ -185,8 +185,13 @@ def new_job(
         tools = server.tool_parser().splitter(tooling)
     single = tooling is not None and tooling.active and not tooling.parallel
     pipeline = OutputPipeline(params.stop, splitter, tools, single_call=single)
-    if prompt.grammar is not None:
-        params = dataclasses.replace(params, grammar=prompt.grammar)
+    grammar = prompt.grammar
+    if grammar is not None and grammar.triggers:
+        # A call marker quoted inside the reasoning block is not a call:
+        # the lazy grammar's trigger is disarmed there.
+        grammar = dataclasses.replace(grammar, armed=lambda: not pipeline.in_reasoning)
+    if grammar is not None:
+        params = dataclasses.replace(params, grammar=grammar)
     return Job(prompt.tokens, params, label=label, pipeline=pipeline)
 
 

@@ -72,8 +72,8 @@ class ToolCallParser(Protocol):
         """
         The grammar for this turn: forced calls from the first token when
         the choice is C{required}, else lazy from the call's opening.
-        C{reasoning} is the reasoning parser's tags: a lazy trigger does not
-        fire on a marker quoted inside the reasoning block.
+        C{reasoning} is the reasoning parser's tags, for syntaxes whose
+        grammar must allow a reasoning block (none of these so far).
         """
 
     def instructions(self, tools: Sequence[ToolSpec]) -> str: ...
@@ -497,18 +497,14 @@ class MistralSplitter(_Splitter):
 # -- the parsers ------------------------------------------------------------------
 
 
-def _trigger(marker: str, reasoning: tuple[str, str] | None) -> str:
+def _trigger(marker: str) -> str:
     """
-    A lazy-grammar trigger: the whole generated text must match (llama.cpp
-    matches it against everything so far), group 1 is where the grammar
-    starts. With reasoning tags, a marker inside the reasoning block does
-    not count.
+    A lazy-grammar trigger: the marker itself (the engine searches only
+    near the end of the text; see L{Grammar}); the grammar starts at it.
+    A marker inside a reasoning block does not count: L{ds4tw._turn}
+    disarms the trigger there (L{Grammar.armed}).
     """
-    m = re.escape(marker)
-    if reasoning is None:
-        return f"[\\s\\S]*?({m})[\\s\\S]*"
-    start, end = (re.escape(t) for t in reasoning)
-    return f"(?:[\\s\\S]*?{end})?(?:(?!{start})[\\s\\S])*?({m})[\\s\\S]*"
+    return re.escape(marker)
 
 
 def _call_rules(rules: RuleSet, tooling: Tooling, args_key: str = "arguments") -> str:
@@ -542,7 +538,7 @@ class HermesParser:
             "tool-call", f'{literal(self.START)} "\\n"? {call} "\\n"? {literal(self.END)}'
         )
         root = _repeat(tooling, one, '"\\n"*')
-        triggers = () if tooling.forced else (_trigger(self.START, reasoning),)
+        triggers = () if tooling.forced else (_trigger(self.START),)
         return rules.grammar(root, triggers)
 
     def instructions(self, tools: Sequence[ToolSpec]) -> str:
@@ -578,8 +574,9 @@ class Llama3JSONParser:
         root = _repeat(tooling, call, '";" space')
         if tooling.forced:
             return rules.grammar(root)
-        # The call must open the reply: the grammar starts at its brace.
-        return rules.grammar(root, ('[\\s]*(?:<\\|python_tag\\|>)?(\\{)\\s*"name"[\\s\\S]*',))
+        # The call must open the reply (C{^} matches only at the start of
+        # the text, whatever the search window): the grammar starts at its brace.
+        return rules.grammar(root, ('^\\s*(?:<\\|python_tag\\|>)?(\\{)\\s*"name"',))
 
     def instructions(self, tools: Sequence[ToolSpec]) -> str:
         listed = "\n\n".join(json.dumps(t.template_entry(), ensure_ascii=False) for t in tools)
@@ -624,7 +621,7 @@ class MistralParser:
             call = _call_rules(rules, tooling)
             listed = _repeat(tooling, call, '"," space')
             root = f'{marker} "[" {listed} "]"'
-        triggers = () if tooling.forced else (_trigger(MistralSplitter.MARKER, reasoning),)
+        triggers = () if tooling.forced else (_trigger(MistralSplitter.MARKER),)
         return rules.grammar(root, triggers)
 
     def instructions(self, tools: Sequence[ToolSpec]) -> str:

@@ -216,6 +216,23 @@ def test_tool_choice_builds_the_grammar_it_needs() -> None:
     assert "get_weather" not in json.dumps(rig.engine.template_messages[-1])
 
 
+def test_the_lazy_trigger_is_disarmed_inside_reasoning() -> None:
+    rig = make_rig([Reply.of("<think>", "hmm", "</think>", "ok")], prefill_batch=100_000)
+    ex = rig.stream("weather?", tools=[WEATHER])
+    armed: list[bool] = []
+    rig.threads.step(1)  # prefill, in one batch
+    grammar = rig.engine.calls[0][1].grammar
+    assert grammar is not None and grammar.armed is not None
+    for _ in range(4):
+        armed.append(grammar.armed())
+        rig.threads.step()
+    # Asked before each token is sampled: armed until "<think>" opens the
+    # block, disarmed inside it, armed again once it is closed.
+    assert armed == [True, False, False, True]
+    rig.threads.run_until_idle()
+    assert text_of(ex) == "ok"
+
+
 def test_tool_choice_none_leaves_call_markup_as_text() -> None:
     ex = ask(make_rig([Reply.of(CALL)]), tool_choice="none")
     assert calls_of(ex) == {} and text_of(ex) == CALL

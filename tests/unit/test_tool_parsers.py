@@ -209,16 +209,20 @@ def test_grammars_parse(parser: ToolCallParser, choice: str, parallel: bool) -> 
     assert bool(grammar.triggers) == (choice == "auto")
 
 
-def test_lazy_trigger_ignores_a_marker_inside_reasoning() -> None:
+def test_lazy_triggers_are_the_markers() -> None:
     import re
 
-    (trigger,) = HermesParser().grammar(TOOLS, ("<think>", "</think>")).triggers
-    pattern = re.compile(trigger, re.DOTALL)
-    assert pattern.fullmatch("Sure. <tool_call>{")
-    assert pattern.fullmatch("<think>plan</think>\n<tool_call>")
-    assert not pattern.fullmatch("<think>I could write <tool_call>")
-    m = pattern.fullmatch("text <tool_call>{...")
-    assert m is not None and m.start(1) == len("text ")
+    # Searched in a short window at the end of the text, so no full-text
+    # wrapper; the grammar starts at the match.
+    (hermes,) = HermesParser().grammar(TOOLS).triggers
+    m = re.compile(hermes).search("Sure. <tool_call>{")
+    assert m is not None and m.start() == len("Sure. ")
+    (mistral,) = MistralParser().grammar(TOOLS).triggers
+    assert re.compile(mistral).search("ok [TOOL_CALLS][")
+    (llama,) = Llama3JSONParser().grammar(TOOLS).triggers
+    m = re.compile(llama).search('  {"name": "f"', 0)
+    assert m is not None and m.start(1) == 2
+    assert not re.compile(llama).search('Well: {"name": "f"', 0)  # must open the reply
 
 
 def test_fallback_instructions_and_history_use_the_parsers_syntax() -> None:
