@@ -117,7 +117,9 @@ async def chat_prompt(
         grammar = None
         try:
             if tooling is not None and tooling.active:
-                grammar = _GRAMMARS.get(parser, tooling, reasoning_tags)
+                # With structured output too: calls, or an answer in the format.
+                answer = None if response_format is None else response_format.json_schema()
+                grammar = _GRAMMARS.get(parser, tooling, reasoning_tags, answer)
             elif response_format is not None:
                 grammar = json_grammar(response_format.schema)
         except GrammarError as e:

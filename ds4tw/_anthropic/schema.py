@@ -418,20 +418,14 @@ class MessagesRequest(Conversation):
     def structured(self, tooling: Tooling | None) -> ResponseFormat | None:
         """
         C{output_config.format}: the reply is JSON valid against the
-        schema, constrained by a grammar. One grammar constrains a turn,
-        so it cannot be combined with tools the model may call.
+        schema, constrained by a grammar. Beside tools the model may call,
+        the reply is either tool calls or such JSON (L{ds4tw._tools.parsers}).
         """
         fmt = self.output_config.format if self.output_config is not None else None
         if fmt is None:
             return None
         param = "output_config.format.schema"
         check_schema(fmt.schema_, param)
-        if tooling is not None and tooling.active:
-            raise invalid(
-                "output_config.format: structured output cannot be combined with tool use "
-                'in one request on this server (set tool_choice to {"type": "none"})',
-                "output_config.format",
-            )
         return ResponseFormat("json_schema", fmt.schema_)
 
     def stops(self) -> tuple[str, ...]:

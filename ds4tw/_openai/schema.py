@@ -244,13 +244,6 @@ class ChatCompletionRequest(_Sampling):
         check_choice(tooling, "tool_choice")
         if not tools:
             return None
-        fmt = self.response_format
-        if tooling.active and fmt is not None and not isinstance(fmt, TextFormat):
-            raise invalid(
-                "response_format: structured output cannot be combined with tool calls "
-                'in one request (set tool_choice to "none")',
-                "response_format",
-            )
         return tooling
 
     def structured(self) -> ResponseFormat | None:

@@ -578,12 +578,6 @@ class ResponsesRequest(_Lenient):
         fmt = self.text.format if self.text else None
         if fmt is None or isinstance(fmt, TextFormat):
             return None
-        if self._tooling is not None and self._tooling.active:
-            raise invalid(
-                "text.format: structured output cannot be combined with tool calls in one "
-                'request (set tool_choice to "none")',
-                "text.format",
-            )
         if isinstance(fmt, JSONObjectFormat):
             return ResponseFormat("json_object")
         check_schema(fmt.schema_, "text.format.schema")

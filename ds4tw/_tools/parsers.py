@@ -34,7 +34,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from twisted.logger import Logger
@@ -68,10 +68,17 @@ class ToolCallParser(Protocol):
 
     def splitter(self, tooling: Tooling) -> ToolCallSplitter: ...
 
-    def grammar(self, tooling: Tooling, reasoning: tuple[str, str] | None = None) -> Grammar:
+    def grammar(
+        self,
+        tooling: Tooling,
+        reasoning: tuple[str, str] | None = None,
+        answer: Mapping[str, Any] | None = None,
+    ) -> Grammar:
         """
         The grammar for this turn: forced calls from the first token when
-        the choice is C{required}, else lazy from the call's opening.
+        the choice is C{required}, else lazy from the call's opening; with
+        C{answer} (structured output beside tools), the reply is either
+        calls or JSON valid against that schema, from the first token.
         C{reasoning} is the reasoning parser's tags, for syntaxes whose
         grammar must allow a reasoning block (none of these so far).
         """
@@ -519,6 +526,26 @@ def _repeat(tooling: Tooling, one: str, sep: str) -> str:
     return f"{one} ({sep} {one})*" if tooling.parallel else one
 
 
+def _complete(
+    rules: RuleSet,
+    tooling: Tooling,
+    calls: str,
+    trigger: str,
+    answer: Mapping[str, Any] | None,
+) -> Grammar:
+    """
+    The root: the calls alone when forced; calls or the structured answer
+    when there is one (a grammar from the first token: the reply cannot be
+    free text); else the calls, lazily from the C{trigger}.
+    """
+    if tooling.forced:
+        return rules.grammar(calls)
+    if answer is not None:
+        value = rules.schema(answer, "answer")
+        return rules.grammar(f"{calls} | [ \\t\\n]* {value}")
+    return rules.grammar(calls, (trigger,))
+
+
 class HermesParser:
     """
     Hermes / Qwen: C{<tool_call>{"name": ..., "arguments": {...}}</tool_call>},
@@ -531,15 +558,19 @@ class HermesParser:
     def splitter(self, tooling: Tooling) -> ToolCallSplitter:
         return MarkedSplitter(tooling, self.START, self.END)
 
-    def grammar(self, tooling: Tooling, reasoning: tuple[str, str] | None = None) -> Grammar:
+    def grammar(
+        self,
+        tooling: Tooling,
+        reasoning: tuple[str, str] | None = None,
+        answer: Mapping[str, Any] | None = None,
+    ) -> Grammar:
         rules = RuleSet()
         call = _call_rules(rules, tooling)
         one = rules.rule(
             "tool-call", f'{literal(self.START)} "\\n"? {call} "\\n"? {literal(self.END)}'
         )
-        root = _repeat(tooling, one, '"\\n"*')
-        triggers = () if tooling.forced else (_trigger(self.START),)
-        return rules.grammar(root, triggers)
+        calls = rules.rule("calls", _repeat(tooling, one, '"\\n"*'))
+        return _complete(rules, tooling, calls, _trigger(self.START), answer)
 
     def instructions(self, tools: Sequence[ToolSpec]) -> str:
         listed = "\n".join(json.dumps(t.template_entry(), ensure_ascii=False) for t in tools)
@@ -568,15 +599,19 @@ class Llama3JSONParser:
     def splitter(self, tooling: Tooling) -> ToolCallSplitter:
         return LeadingJSONSplitter(tooling)
 
-    def grammar(self, tooling: Tooling, reasoning: tuple[str, str] | None = None) -> Grammar:
+    def grammar(
+        self,
+        tooling: Tooling,
+        reasoning: tuple[str, str] | None = None,
+        answer: Mapping[str, Any] | None = None,
+    ) -> Grammar:
         rules = RuleSet()
         call = _call_rules(rules, tooling, "parameters")
-        root = _repeat(tooling, call, '";" space')
-        if tooling.forced:
-            return rules.grammar(root)
+        calls = rules.rule("calls", _repeat(tooling, call, '";" space'))
         # The call must open the reply (C{^} matches only at the start of
         # the text, whatever the search window): the grammar starts at its brace.
-        return rules.grammar(root, ('^\\s*(?:<\\|python_tag\\|>)?(\\{)\\s*"name"',))
+        trigger = '^\\s*(?:<\\|python_tag\\|>)?(\\{)\\s*"name"'
+        return _complete(rules, tooling, calls, trigger, answer)
 
     def instructions(self, tools: Sequence[ToolSpec]) -> str:
         listed = "\n\n".join(json.dumps(t.template_entry(), ensure_ascii=False) for t in tools)
@@ -607,22 +642,28 @@ class MistralParser:
     def splitter(self, tooling: Tooling) -> ToolCallSplitter:
         return MistralSplitter(tooling)
 
-    def grammar(self, tooling: Tooling, reasoning: tuple[str, str] | None = None) -> Grammar:
+    def grammar(
+        self,
+        tooling: Tooling,
+        reasoning: tuple[str, str] | None = None,
+        answer: Mapping[str, Any] | None = None,
+    ) -> Grammar:
         rules = RuleSet()
         marker = literal(MistralSplitter.MARKER)
         if self.args_marker:
-            calls = []
+            each = []
             for i, tool in enumerate(tooling.callable()):
                 args = rules.schema(tool.arguments_schema(), f"args-{i}")
-                calls.append(f"{marker} {literal(tool.name)} {literal('[ARGS]')} {args}")
-            call = rules.rule("call", " | ".join(calls))
+                each.append(f"{marker} {literal(tool.name)} {literal('[ARGS]')} {args}")
+            call = rules.rule("call", " | ".join(each))
             root = _repeat(tooling, call, "")
         else:
             call = _call_rules(rules, tooling)
             listed = _repeat(tooling, call, '"," space')
             root = f'{marker} "[" {listed} "]"'
-        triggers = () if tooling.forced else (_trigger(MistralSplitter.MARKER),)
-        return rules.grammar(root, triggers)
+        return _complete(
+            rules, tooling, rules.rule("calls", root), _trigger(MistralSplitter.MARKER), answer
+        )
 
     def instructions(self, tools: Sequence[ToolSpec]) -> str:
         listed = json.dumps([t.template_entry() for t in tools], ensure_ascii=False)
@@ -658,18 +699,19 @@ class GrammarCache:
         self._lock = threading.Lock()
 
     def get(
-        self, parser: ToolCallParser, tooling: Tooling, reasoning: tuple[str, str] | None
+        self,
+        parser: ToolCallParser,
+        tooling: Tooling,
+        reasoning: tuple[str, str] | None,
+        answer: Mapping[str, Any] | None = None,
     ) -> Grammar:
-        key = (
-            f"{parser.name}:{getattr(parser, 'args_marker', '')}",
-            tooling.key(),
-            repr(reasoning),
-        )
+        syntax = f"{parser.name}:{getattr(parser, 'args_marker', '')}"
+        key = (syntax, tooling.key(), json.dumps([reasoning, answer], sort_keys=True))
         with self._lock:
             if key in self._grammars:
                 self._grammars.move_to_end(key)
                 return self._grammars[key]
-        grammar = parser.grammar(tooling, reasoning)
+        grammar = parser.grammar(tooling, reasoning, answer)
         with self._lock:
             self._grammars[key] = grammar
             while len(self._grammars) > self._size:

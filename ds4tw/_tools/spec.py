@@ -122,6 +122,9 @@ class ResponseFormat:
     schema: Mapping[str, Any] | None = None
     name: str = ""
 
+    def json_schema(self) -> Mapping[str, Any]:
+        return self.schema if self.schema is not None else ANY_OBJECT
+
 
 def check_schema(schema: Any, param: str) -> None:
     """A 400 naming C{param} unless C{schema} is a valid JSON Schema."""

@@ -833,10 +833,6 @@ BAD_TOOL_REQUESTS: list[tuple[dict[str, Any], str]] = [
         _req(output_config={"format": {"type": "xml"}}),
         "output_config.format.type: Input should be 'json_schema'",
     ),
-    (
-        _req(tools=TOOLS, output_config={"format": {"type": "json_schema", "schema": SCHEMA}}),
-        "output_config.format: structured output cannot be combined with tool use",
-    ),
 ]
 
 

@@ -337,6 +337,16 @@ def test_response_format_builds_a_json_grammar() -> None:
     assert rig.engine.calls[-1][1].grammar is None
 
 
+def test_structured_output_beside_tools_is_calls_or_the_answer() -> None:
+    rig = make_rig(['{"a": 1}'])
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    ask(rig, response_format={"type": "json_schema", "json_schema": {"schema": schema}})
+    grammar = rig.engine.calls[-1][1].grammar
+    assert grammar is not None and grammar.triggers == ()  # from the first token
+    root = next(line for line in grammar.gbnf.splitlines() if line.startswith("root ::="))
+    assert root.startswith("root ::= calls |") and "answer" in root
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_chat_logprobs(stream: bool) -> None:
     rig = make_rig([Reply.of("Hel", "lo", "STO", "P", " x")])

@@ -596,11 +596,6 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ),
     ({"text": {"format": {"type": "json_schema", "name": "n"}}}, "text.format.schema", "required"),
     (
-        {"tools": [WEATHER], "text": {"format": {"type": "json_object"}}},
-        "text.format",
-        "cannot be combined with tool calls",
-    ),
-    (
         {"include": ["message.output_text.logprobs"], "top_logprobs": 21},
         "top_logprobs",
         "less than or equal to 20",

@@ -200,13 +200,21 @@ def test_value_scanner_finds_the_end() -> None:
 )
 @pytest.mark.parametrize("choice", ["auto", "required"])
 @pytest.mark.parametrize("parallel", [True, False])
-def test_grammars_parse(parser: ToolCallParser, choice: str, parallel: bool) -> None:
+@pytest.mark.parametrize(
+    "answer", [None, {"type": "object", "properties": {"n": {"type": "integer"}}}]
+)
+def test_grammars_parse(
+    parser: ToolCallParser, choice: str, parallel: bool, answer: dict[str, object] | None
+) -> None:
     from llama_cpp.llama_grammar import LlamaGrammar
 
     tooling = Tooling(TOOLS.tools, ToolChoice(choice), parallel)  # type: ignore[arg-type]
-    grammar = parser.grammar(tooling, ("<think>", "</think>"))
+    grammar = parser.grammar(tooling, ("<think>", "</think>"), answer)
     LlamaGrammar.from_string(grammar.gbnf, verbose=False)  # raises on a bad grammar
-    assert bool(grammar.triggers) == (choice == "auto")
+    # Lazy only for auto without structured output: with it, the reply is
+    # calls or the answer from the first token.
+    assert bool(grammar.triggers) == (choice == "auto" and answer is None)
+    assert ("answer" in grammar.gbnf) == (choice == "auto" and answer is not None)
 
 
 def test_lazy_triggers_are_the_markers() -> None:
