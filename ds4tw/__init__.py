@@ -12,8 +12,9 @@ and may change. Test doubles are in L{ds4tw.testing}.
     resource = server.resource()               # mount anywhere
 """
 
-from ._app import Server, ServerConfig
+from ._app import Server
 from ._engine import ChatPrompt, Engine, Grammar, PrefillProgress, SamplingParams, Token
+from ._host import ServerConfig
 from ._llama import LlamaEngine, demo_model_path
 from ._tap import Options, makeService
 from ._types import Finish, Stage, Usage

@@ -26,11 +26,14 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 
+from ._anthropic.routes import add_routes as anthropic_routes
 from ._engine import Engine
 from ._errors import APIError, invalid, unauthorized
 from ._host import ServerConfig
 from ._metrics import CONTENT_TYPE_LATEST, Metrics
+from ._openai.routes import add_routes as openai_routes
 from ._reasoning import reasoning_parser
+from ._responses.routes import add_routes as responses_routes
 from ._routing import json_response
 from ._template import ChatTemplate
 from ._tools.parsers import ToolCallParser, tool_call_parser
@@ -84,12 +87,8 @@ class Server(MultiService):
         self.worker.observers += [self.metrics.job_ended, _log_job]
         self.app = Klein()
         self._routes()
-        # Each dialect owns its routes; imported here because they import
-        # this module's Server for typing.
-        from ._anthropic.routes import add_routes as anthropic_routes
-        from ._openai.routes import add_routes as openai_routes
-        from ._responses.routes import add_routes as responses_routes
-
+        # Each dialect owns its routes (typed against _host.Host, so none
+        # of them imports this module).
         for add_routes in (openai_routes, responses_routes, anthropic_routes):
             add_routes(self)
 

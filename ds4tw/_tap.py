@@ -16,7 +16,8 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from ._app import Server, ServerConfig
+from ._app import Server
+from ._host import ServerConfig
 from ._llama import LlamaEngine, ModelNotFound, resolve_model
 from ._reasoning import reasoning_parser
 from ._tools.parsers import tool_call_parser

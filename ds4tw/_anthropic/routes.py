@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import uuid
 from functools import partial
-from typing import TYPE_CHECKING
 
 from twisted.web.server import Request
 
 from .. import _routing, _turn
 from .._errors import APIError
+from .._host import Host
 from .._routing import json_response, parse
 from .._tools.spec import ResponseFormat, Tooling
 from .._turn import Prompt
 from . import render
 from .schema import Conversation, CountTokensRequest, MessagesRequest
-
-if TYPE_CHECKING:
-    from .._app import Server
 
 _OTHER_METHODS = ["GET", "PUT", "PATCH", "DELETE"]
 
@@ -41,7 +38,7 @@ def message_id() -> str:
 
 
 async def conversation_prompt(
-    server: Server,
+    server: Host,
     conv: Conversation,
     tooling: Tooling | None,
     response_format: ResponseFormat | None = None,
@@ -67,7 +64,7 @@ async def conversation_prompt(
     )
 
 
-def add_routes(server: Server) -> None:
+def add_routes(server: Host) -> None:
     app = server.app
     # Anthropic's own keepalive event, when asked for; else SSE comments.
     keepalive_frame = (lambda _stage: render.PING) if server.config.anthropic_ping else None

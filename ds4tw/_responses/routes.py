@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING
 
 from twisted.web.server import Request
 
 from .. import _routing, _turn
+from .._host import Host
 from .._openai.render import error_body
 from .._routing import json_response
 from . import render
 from .schema import ResponsesRequest
 
-if TYPE_CHECKING:
-    from .._app import Server
 
-
-def add_routes(server: Server) -> None:
+def add_routes(server: Host) -> None:
     api = _routing.api(server, error_body)
 
     @server.app.route("/v1/responses", methods=["POST"])
@@ -35,7 +32,7 @@ def add_routes(server: Server) -> None:
         return await _respond(server, request)
 
 
-async def _respond(server: Server, request: Request) -> bytes | None:
+async def _respond(server: Host, request: Request) -> bytes | None:
     req = ResponsesRequest.parse(server.read_json(request))
     tooling = req.tooling()
     prompt = await _turn.chat_prompt(

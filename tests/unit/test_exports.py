@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ds4tw
 import ds4tw.testing
-from ds4tw import _app, _engine, _llama, _scripted, _tap, _types, _worker
+from ds4tw import _app, _engine, _host, _llama, _scripted, _tap, _types, _worker
 
 
 def test_public_names() -> None:
@@ -17,6 +17,7 @@ def test_public_names() -> None:
         ]
     )  # fmt: skip
     assert ds4tw.Server is _app.Server
+    assert ds4tw.ServerConfig is _host.ServerConfig
     assert ds4tw.Engine is _engine.Engine
     assert ds4tw.Grammar is _engine.Grammar
     assert ds4tw.Finish is _types.Finish
