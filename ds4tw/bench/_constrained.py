@@ -3,7 +3,7 @@ Constrained decode: what a grammar costs per token, in this process on a
 L{ds4tw.LlamaEngine} through C{generate()} (the path the worker drives),
 so the numbers are the engine's, not the HTTP layer's.
 
-Every prompt is run three ways, back to back in rotating order (as the
+Every prompt is run four ways, back to back in rotating order (as the
 throughput part interleaves stacks): (a) unconstrained, greedy with
 C{ignore_eos} and a fixed length; (b) a JSON-schema grammar; (c) a forced
 tool call, C{<tool_call>\\n{"name": "get_weather", "arguments": {...}}\\n</tool_call>}
@@ -14,7 +14,11 @@ lengths differ from (a)'s: the comparison is of decode rates
 of per-prompt ratios (b)/(a) and (c)/(a). For (c) it also records the
 time from holding the prompt text (templating, tokenization and a full
 prefill included: no trial reuses another's KV cache) to the token that
-carries the first byte of the C{arguments} value.
+carries the first byte of the C{arguments} value. (d) is C{auto}: the
+lazy grammar ds4tw builds for C{tool_choice: auto} with the same tool
+(L{ds4tw._tools.parsers.HermesParser}), greedy with C{ignore_eos} and
+(a)'s length, so whatever the model writes, the trigger is searched at
+every token (and fires if it opens a call).
 
 Exercised by the full benchmark run (it needs the model); the arithmetic
 is L{ds4tw.bench._stats}'s.
@@ -66,6 +70,15 @@ CALL_SCHEMA: dict[str, Any] = {
 
 _CITIES = ["Paris", "Lagos", "Osaka", "Quito", "Oslo", "Perth", "Cairo", "Lima", "Turin", "Hanoi"]
 _ARGS = re.compile(rb'"arguments"\s*:\s*')
+
+
+def auto_grammar() -> Any:
+    """(d): ds4tw's own lazy grammar for the tool of (c) under C{auto}."""
+    from ds4tw._tools.parsers import HermesParser
+    from ds4tw._tools.spec import Tooling, ToolSpec
+
+    tool = ToolSpec("get_weather", "", CALL_SCHEMA["properties"]["arguments"])
+    return HermesParser().grammar(Tooling((tool,)))
 
 
 def grammars() -> dict[str, str]:
@@ -154,6 +167,9 @@ def measure(settings: Settings, load: Callable[[], Any]) -> dict[str, Any]:
             "tool_call": SamplingParams(
                 max_tokens=n, temperature=0.0, grammar=Grammar(gbnf["tool_call"])
             ),
+            "tool_auto": SamplingParams(
+                max_tokens=n, temperature=0.0, ignore_eos=True, grammar=auto_grammar()
+            ),
         }
         names = list(variants)
         all_prompts = prompts(settings.constrained_trials + 1)
@@ -161,7 +177,8 @@ def measure(settings: Settings, load: Callable[[], Any]) -> dict[str, Any]:
             _trial(engine, all_prompts[0], variants[name])
         trials: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for k, messages in enumerate(all_prompts[1:]):
-            for name in names[k % 3 :] + names[: k % 3]:
+            turn = k % len(names)
+            for name in names[turn:] + names[:turn]:
                 trials[name].append(_trial(engine, messages, variants[name]))
     finally:
         engine.close()
@@ -194,10 +211,12 @@ def measure(settings: Settings, load: Callable[[], Any]) -> dict[str, Any]:
     )
     out["json_schema_ratio"] = ratios("json_schema")
     out["tool_call_ratio"] = ratios("tool_call")
+    out["tool_auto_ratio"] = ratios("tool_auto")
     # Cross-checks: a rejected token costs a grammar pass, so constrained
     # intervals are uneven and the steady ratio reads a little higher.
     out["json_schema_steady_ratio"] = ratios("json_schema", "steady_tps")
     out["tool_call_steady_ratio"] = ratios("tool_call", "steady_tps")
+    out["tool_auto_steady_ratio"] = ratios("tool_auto", "steady_tps")
     return out
 
 

@@ -95,7 +95,7 @@ def ratios(doc: Mapping[str, Any]) -> dict[str, Any]:
     )
     constrained = doc.get("constrained")
     if constrained:
-        for name in ("json_schema", "tool_call"):
+        for name in ("json_schema", "tool_call", "tool_auto"):
             out[f"constrained_{name}_decode"] = _median(constrained, f"{name}_ratio")
     return out
 
@@ -135,7 +135,11 @@ def targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
                 False,
                 "in-process LlamaEngine, greedy, median of per-prompt ratios",
             )
-            for name, label in (("json_schema", "JSON schema"), ("tool_call", "forced tool call"))
+            for name, label in (
+                ("json_schema", "JSON schema"),
+                ("tool_call", "forced tool call"),
+                ("tool_auto", "tool_choice auto, lazy grammar"),
+            )
         ]
         if doc.get("constrained")
         else []
@@ -461,7 +465,9 @@ def table(doc: Mapping[str, Any]) -> str:
             f"JSON schema {_fmt(_median(con.get('json_schema'), 'decode_tps'))} tok/s "
             f"(x{_fmt(_median(con, 'json_schema_ratio'), '.3f')}), forced tool call "
             f"{_fmt(_median(con.get('tool_call'), 'decode_tps'))} tok/s "
-            f"(x{_fmt(_median(con, 'tool_call_ratio'), '.3f')}); steady-rate ratios "
+            f"(x{_fmt(_median(con, 'tool_call_ratio'), '.3f')}), auto (lazy) "
+            f"{_fmt(_median(con.get('tool_auto'), 'decode_tps'))} tok/s "
+            f"(x{_fmt(_median(con, 'tool_auto_ratio'), '.3f')}); steady-rate ratios "
             f"x{_fmt(_median(con, 'json_schema_steady_ratio'), '.3f')}, "
             f"x{_fmt(_median(con, 'tool_call_steady_ratio'), '.3f')}; first argument byte "
             f"{_fmt(_median(con.get('tool_call'), 'args_first_byte_s'), '.1f', 1e3)} ms "

@@ -63,7 +63,7 @@ class Settings:
     scripted_prefill_batch: int = 64
     #: Constrained decode: prompts, and the token limit of each trial.
     constrained_trials: int = 6
-    constrained_tokens: int = 128
+    constrained_tokens: int = 256
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,7 +125,7 @@ def make_settings(
             clients=200,
             clients_hold_s=1.6,
             constrained_trials=6,
-            constrained_tokens=128,
+            constrained_tokens=256,
         )
     if clients is not None:
         sizes["clients"] = clients
