@@ -23,6 +23,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 BIN = Path(sys.executable).parent
 
+#: The arguments of the get_weather tool every dialect's tool tests offer:
+#: bounded strings, so a greedy small model finishes its call.
+WEATHER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -29,22 +29,13 @@ import anthropic
 import pytest
 from jsonschema import validate
 
-from .conftest import Twistd, sse_lines, start_twistd, stop_twistd, unique_words
+from .conftest import WEATHER_SCHEMA, Twistd, sse_lines, start_twistd, stop_twistd, unique_words
 
 # This SDK version no longer has sampling arguments (newer Claude models
 # dropped them); older SDKs and other clients still send them, and the
 # server honours them, so they go in the body.
 GREEDY = {"temperature": 0}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-WEATHER_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 40},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
 WEATHER: Any = {
     "name": "get_weather",
     "description": "Get the current weather in a city.",

@@ -30,7 +30,7 @@ from jsonschema import validate
 from openai.types.responses import ResponseOutputMessage, ResponseOutputText
 from pydantic import BaseModel
 
-from .conftest import Twistd
+from .conftest import WEATHER_SCHEMA, Twistd
 
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
 
@@ -154,15 +154,6 @@ def test_context_overflow_is_a_clear_400(client: openai.OpenAI) -> None:
 
 # -- tools, structured output, logprobs -----------------------------------------
 
-WEATHER_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 40},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
 WEATHER: Any = {
     "type": "function",
     "name": "get_weather",

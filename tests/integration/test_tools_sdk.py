@@ -21,17 +21,8 @@ import pytest
 from jsonschema import validate
 from pydantic import BaseModel
 
-from .conftest import Twistd
+from .conftest import WEATHER_SCHEMA, Twistd
 
-WEATHER_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 40},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
 WEATHER: Any = {
     "type": "function",
     "function": {
