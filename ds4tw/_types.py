@@ -14,7 +14,6 @@ Covered by tests/unit/test_pipeline.py and every dialect's route tests.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -153,10 +152,6 @@ class ToolCall:
     index: int
     name: str
     arguments: str
-
-    def arguments_object(self) -> object:
-        """The arguments parsed (they were checked to parse when the call ended)."""
-        return json.loads(self.arguments) if self.arguments.strip() else {}
 
 
 @dataclass(frozen=True)

@@ -340,7 +340,7 @@ class Conversation(_Lenient):
                 )
             specs.append(ToolSpec(t.name, t.description, t.input_schema))
         tools = tuple(specs)
-        check_tools(tools, (f"tools.{i}" for i in range(len(tools))))
+        check_tools(tools, (f"tools.{i}" for i in range(len(tools))), "input_schema")
         choice = self.tool_choice
         match choice:
             case None | ToolChoiceAuto():

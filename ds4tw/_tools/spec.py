@@ -138,8 +138,13 @@ def check_schema(schema: Any, param: str) -> None:
         raise invalid(f"{param}: not a valid JSON Schema{at}: {e.message}", param) from e
 
 
-def check_tools(tools: Sequence[ToolSpec], params: Iterable[str]) -> None:
-    """Names present and unique, schemas valid; C{params} names each tool's field."""
+def check_tools(
+    tools: Sequence[ToolSpec], params: Iterable[str], schema_field: str = "parameters"
+) -> None:
+    """
+    Names present and unique, schemas valid; C{params} names each tool's
+    field, C{schema_field} the schema's field within it.
+    """
     seen: set[str] = set()
     for tool, param in zip(tools, params, strict=True):
         if not tool.name:
@@ -147,7 +152,7 @@ def check_tools(tools: Sequence[ToolSpec], params: Iterable[str]) -> None:
         if tool.name in seen:
             raise invalid(f"{param}: the tool name {tool.name!r} is defined twice", param)
         seen.add(tool.name)
-        check_schema(tool.parameters, f"{param}.parameters" if "." in param else param)
+        check_schema(tool.parameters, f"{param}.{schema_field}")
 
 
 def check_choice(tooling: Tooling, param: str) -> None:
