@@ -10,11 +10,13 @@ and may change. Test doubles are in L{ds4tw.testing}.
     server = Server(LlamaEngine("model.gguf"))
     server.setServiceParent(application)      # or server.startService()
     resource = server.resource()               # mount anywhere
+    site = LimitedSite(resource)               # or serve it with twistd's limits
 """
 
 from ._app import Server
 from ._engine import ChatPrompt, Engine, Grammar, PrefillProgress, SamplingParams, Token
 from ._host import ServerConfig
+from ._http import LimitedSite
 from ._llama import LlamaEngine, demo_model_path
 from ._tap import Options, makeService
 from ._types import Finish, Stage, Usage
@@ -28,6 +30,7 @@ __all__ = [
     "Grammar",
     "Job",
     "JobCancelled",
+    "LimitedSite",
     "LlamaEngine",
     "Options",
     "PrefillProgress",

@@ -14,10 +14,10 @@ from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 
 from ._app import Server
 from ._host import ServerConfig
+from ._http import LimitedSite
 from ._llama import LlamaEngine, ModelNotFound, resolve_model
 from ._reasoning import reasoning_parser
 from ._tools.parsers import tool_call_parser
@@ -67,6 +67,30 @@ class Options(usage.Options):
             _positive_float,
         ],
         ["max-queue", "q", 128, "Requests allowed to wait for the model; more get 503.", int],
+        [
+            "max-body",
+            None,
+            16 * 1024 * 1024,
+            "Largest request body in bytes; a larger Content-Length gets 413 before the body "
+            "is read.",
+            int,
+        ],
+        [
+            "request-timeout",
+            None,
+            60.0,
+            "Seconds for a whole request (headers and body) to arrive (0: twisted's idle "
+            "timeout only). Never applies to a response being streamed.",
+            _positive_float,
+        ],
+        [
+            "max-unsent",
+            None,
+            1024 * 1024,
+            "Bytes a stream may hold for a client that stopped reading before its job is "
+            "cancelled.",
+            int,
+        ],
         ["api-key", None, None, "Require this key (Bearer or x-api-key); also $DS4TW_API_KEY."],
         ["chat-template", None, None, "A Jinja chat template file overriding the model's."],
         [
@@ -109,6 +133,9 @@ class Options(usage.Options):
         for name in ("ctx", "batch"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
+        for name in ("max-body", "max-unsent"):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
         if self["max-queue"] < 0:
             raise usage.UsageError("--max-queue must be >= 0")
         if self["threads"] is not None and self["threads"] < 1:
@@ -147,11 +174,18 @@ def makeService(options: Options) -> IService:
         reasoning_parser=options["reasoning-parser"],
         anthropic_ping=bool(options["anthropic-ping"]),
         tool_call_parser=options["tool-call-parser"],
+        max_body_bytes=options["max-body"],
+        request_timeout=options["request-timeout"],
+        max_unsent_bytes=options["max-unsent"],
     )
     top = MultiService()
     server = Server(engine, config)
     server.setServiceParent(top)
-    site = Site(server.resource())
+    site = LimitedSite(
+        server.resource(),
+        max_body_bytes=config.max_body_bytes,
+        request_timeout=config.request_timeout,
+    )
     for description in options["listen"]:
         strports.service(description, site).setServiceParent(top)
     server.worker.loaded.addErrback(_exit_on_load_failure)

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from ._http import DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT, LimitedSite
 from ._scripted import Reply, ScriptedEngine
 
 __all__ = ["Exchange", "HTTPHarness", "Reply", "ScriptedEngine", "SteppedThreads"]
@@ -111,8 +112,26 @@ class Exchange:
         self.transport = StringTransport()
         self.channel = site.buildProtocol(None)
         self.channel.makeConnection(self.transport)
-        self.channel.dataReceived(raw)
+        if raw:
+            self.channel.dataReceived(raw)
         self.lost = False
+
+    def send(self, data: bytes) -> None:
+        """More bytes from the client (the rest of a body, say)."""
+        self.channel.dataReceived(data)
+
+    @property
+    def closed(self) -> bool:
+        """The server closed (or is closing) the connection."""
+        return bool(self.transport.disconnecting)
+
+    def pause(self) -> None:
+        """The client stops reading: the transport's buffer is full."""
+        self.channel.pauseProducing()
+
+    def resume(self) -> None:
+        """The client reads again: the transport's buffer drained."""
+        self.channel.resumeProducing()
 
     @property
     def raw(self) -> bytes:
@@ -208,12 +227,38 @@ class Exchange:
 
 
 class HTTPHarness:
-    """Drives a resource through twisted.web's real HTTP parser, in memory."""
+    """
+    Drives a resource through twisted.web's real HTTP parser, in memory.
 
-    def __init__(self, resource: IResource, clock: Clock | None = None) -> None:
+    With C{max_body_bytes} or C{request_timeout}, the site is a
+    L{ds4tw._http.LimitedSite} (as C{twistd ds4tw} serves), the other limit
+    at its default; otherwise a plain L{Site} with no timeout.
+    """
+
+    def __init__(
+        self,
+        resource: IResource,
+        clock: Clock | None = None,
+        *,
+        max_body_bytes: int | None = None,
+        request_timeout: float | None = None,
+    ) -> None:
         self.clock = clock or Clock()
-        self.site = Site(resource, reactor=self.clock)
-        self.site.timeOut = None
+        self.site: Site
+        if max_body_bytes is None and request_timeout is None:
+            self.site = Site(resource, reactor=self.clock)
+            self.site.timeOut = None
+        else:
+            self.site = LimitedSite(
+                resource,
+                max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+                request_timeout=request_timeout or DEFAULT_REQUEST_TIMEOUT,
+                reactor=self.clock,
+            )
+
+    def connect(self, raw: bytes = b"") -> Exchange:
+        """A connection that has sent C{raw} so far (send more with L{Exchange.send})."""
+        return Exchange(self.site, raw)
 
     def request(
         self,

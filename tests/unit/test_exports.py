@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ds4tw
 import ds4tw.testing
-from ds4tw import _app, _engine, _host, _llama, _scripted, _tap, _types, _worker
+from ds4tw import _app, _engine, _host, _http, _llama, _scripted, _tap, _types, _worker
 
 
 def test_public_names() -> None:
     assert sorted(ds4tw.__all__) == sorted(
         [
-            "ChatPrompt", "Engine", "Finish", "Grammar", "Job", "JobCancelled", "LlamaEngine",
+            "ChatPrompt", "Engine", "Finish", "Grammar", "Job", "JobCancelled", "LimitedSite",
+            "LlamaEngine",
             "Options", "PrefillProgress", "SamplingParams", "Server", "ServerConfig", "Stage",
             "Token",
             "Usage", "__version__", "demo_model_path", "makeService",
@@ -25,6 +26,7 @@ def test_public_names() -> None:
     assert ds4tw.LlamaEngine is _llama.LlamaEngine
     assert ds4tw.Options is _tap.Options
     assert ds4tw.Job is _worker.Job
+    assert ds4tw.LimitedSite is _http.LimitedSite
 
 
 def test_testing_module() -> None:

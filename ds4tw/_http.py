@@ -1,0 +1,206 @@
+"""
+Limits that twisted.web cannot apply from inside a resource: it reads the
+whole request body before any resource sees the request, and its idle
+timeout resets on every byte, so a client that announces a huge body, or
+dribbles its headers a byte at a time, is waited for. L{LimitedSite} is a
+L{twisted.web.server.Site} whose connections refuse such requests at the
+transport level:
+
+  - a C{Content-Length} over C{max_body_bytes} gets 413 as soon as the
+    headers are parsed, before a byte of the body is read (and before any
+    C{100 Continue}); a chunked body is cut off with 413 at the same bound;
+  - a request must arrive whole (request line, headers, body) within
+    C{request_timeout} seconds of the connection opening or of the
+    previous response ending, or the connection is closed (408 if part of
+    a request had arrived). The clock stops while a request is being
+    handled, so a long stream is never touched by it.
+
+The refusals are written by the connection, not by a dialect, so their
+JSON body satisfies both error shapes: OpenAI's C{error.message/type/code}
+and Anthropic's C{type: "error"} with C{error.type/message}.
+
+C{twistd ds4tw} serves through it; an embedder can too:
+
+    site = LimitedSite(resource, max_body_bytes=1 << 20, request_timeout=30)
+
+Connections speak HTTP/1.1 only (no HTTP/2 negotiation over TLS ALPN,
+which plain twisted.web offers when the C{h2} package is installed).
+
+Covered by tests/unit/test_limits.py and tests/integration/test_limits.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.main import CONNECTION_DONE
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+log = Logger()
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_REQUEST_TIMEOUT = 60.0
+
+_REASONS = {408: b"Request Timeout", 413: b"Content Too Large"}
+_KINDS = {408: "request_timeout", 413: "request_too_large"}
+
+
+def refusal(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection, with a JSON error body."""
+    kind = _KINDS[status]
+    body = json.dumps(
+        {
+            "type": "error",
+            "error": {"message": message, "type": kind, "param": None, "code": kind},
+        }
+    ).encode()
+    head = (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body))
+    )
+    return head + body
+
+
+class LimitedChannel(HTTPChannel):
+    """An HTTP/1.1 connection that applies its L{LimitedSite}'s limits."""
+
+    _deadline: IDelayedCall | None = None
+    #: Bytes of the next request have arrived since the deadline was armed.
+    _partial = False
+    #: A refusal was written; everything else the client sends is dropped.
+    refused = False
+
+    def _limit(self, name: str, default: Any) -> Any:
+        return getattr(getattr(self, "site", None), name, default)
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self._deadline is not None and data:
+            self._partial = True
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        limit = self._limit("max_body_bytes", None)
+        if limit is not None and self.length is not None and self.length > limit:
+            # Before gotLength (which would open a temporary file for the
+            # body) and before any 100 Continue: not a byte of it is read.
+            self.refuse(413, f"request body of {self.length} bytes is larger than {limit} bytes")
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if self.refused:
+            return
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        # The next request's clock starts when this response ends (requests
+        # the client pipelined are replayed inside requestDone, and disarm
+        # it again when they are complete).
+        if self.persistent:
+            self._arm()
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:  # type: ignore[assignment]
+        self._disarm()
+        super().connectionLost(reason)
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answer C{status} before the request reaches any resource, and close."""
+        if self.refused:
+            return
+        self.refused = True
+        self._disarm()
+        log.info(
+            "ds4tw: refused {peer} with {status}: {message}",
+            peer=str(self.transport.getPeer()) if self.transport else "?",
+            status=status,
+            message=message,
+        )
+        if self.transport is not None:
+            self.transport.write(refusal(status, message))
+        self.loseConnection()
+
+    def _arm(self) -> None:
+        timeout = self._limit("request_timeout", None)
+        self._disarm()
+        self._partial = False
+        if timeout:
+            self._deadline = self.callLater(timeout, lambda: self._expired(timeout))
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self, timeout: float) -> None:
+        self._deadline = None
+        if self._partial:
+            self.refuse(408, f"the request did not arrive whole within {timeout:g} seconds")
+        else:
+            # An idle keep-alive connection: close it without a word (an
+            # unsolicited 408 could be read as the next request's answer).
+            self.loseConnection()
+
+
+class LimitedRequest(Request):
+    """Counts a chunked body as it arrives and has the connection refuse it past the bound."""
+
+    _received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        channel = self.channel
+        if getattr(channel, "refused", False):
+            return
+        limit = getattr(getattr(channel, "site", None), "max_body_bytes", None)
+        self._received += len(data)
+        if limit is not None and self._received > limit and isinstance(channel, LimitedChannel):
+            channel.refuse(413, f"request body larger than {limit} bytes")
+            return
+        super().handleContentChunk(data)
+
+
+class LimitedSite(Site):
+    """
+    A L{Site} whose connections refuse bodies over C{max_body_bytes} before
+    reading them and close connections that do not deliver a whole request
+    within C{request_timeout} seconds.
+
+    @param max_body_bytes: the largest request body accepted; C{None} for
+        no limit.
+    @param request_timeout: seconds for a whole request to arrive; C{None}
+        or 0 to keep twisted.web's idle timeout instead.
+    @param kwargs: as for L{Site} (C{reactor}, C{logPath}, ...).
+    """
+
+    protocol = LimitedChannel  # type: ignore[assignment]
+    requestFactory = LimitedRequest
+
+    def __init__(
+        self,
+        resource: IResource,
+        *,
+        max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
+        request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(resource, **kwargs)
+        self.max_body_bytes = max_body_bytes
+        self.request_timeout = request_timeout
+        if request_timeout:
+            # The deadline covers what the idle timeout would (an idle
+            # keep-alive connection) and the dribble that resets it.
+            self.timeOut = None
