@@ -42,7 +42,14 @@ class ServerConfig:
     max_queue: int = 128
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
+    #: The largest request body accepted (413 before it is read, with
+    #: L{ds4tw.LimitedSite}; 413 after, with a plain twisted.web Site).
     max_body_bytes: int = 16 * 1024 * 1024
+    #: Seconds for a whole request to arrive (L{ds4tw.LimitedSite}).
+    request_timeout: float = 60.0
+    #: Bytes a stream holds for a client that stopped reading; past this
+    #: the job is cancelled ("client not reading") and the connection closed.
+    max_unsent_bytes: int = 1024 * 1024
     #: How the model marks reasoning (L{ds4tw._reasoning.reasoning_parser}).
     reasoning_parser: str = "think"
     #: On /v1/messages, keep streams alive with Anthropic's own
