@@ -20,6 +20,7 @@ from typing import Any
 
 from klein import Klein
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -78,7 +79,13 @@ class Server(MultiService):
         self._template: ChatTemplate | None = None
         self._tool_parser: ToolCallParser | None = None
         self.clock: IReactorTime = clock or reactor
-        self.worker = Worker(engine, threads or PoolThreads(reactor), self.config.max_queue)
+        self.worker = Worker(
+            engine,
+            threads or PoolThreads(reactor),
+            self.config.max_queue,
+            drain_timeout=self.config.drain_timeout,
+            clock=self.clock,
+        )
         self.worker.setServiceParent(self)
         self.metrics = Metrics()
         self.metrics.watch(
@@ -91,6 +98,33 @@ class Server(MultiService):
         # of them imports this module).
         for add_routes in (openai_routes, responses_routes, anthropic_routes):
             add_routes(self)
+
+    def stopService(self) -> Deferred[None]:
+        """Drain the worker (L{Worker.stopService}) and log how that went."""
+        w = self.worker
+        log.info(
+            "ds4tw: shutting down: draining {running} running and {queued} queued jobs "
+            "for up to {timeout}s",
+            running=int(w.busy),
+            queued=w.queue_depth,
+            timeout=w.drain_timeout,
+        )
+        d: Deferred[None] = super().stopService()
+
+        def done(result: object) -> object:
+            r = w.drain_result
+            if r is not None:
+                log.info(
+                    "ds4tw: shut down after {seconds:.1f}s: {drained} drained, {cancelled} "
+                    "cancelled at the drain timeout, {other} ended otherwise",
+                    seconds=r.seconds,
+                    drained=r.drained,
+                    cancelled=r.cancelled,
+                    other=r.other,
+                )
+            return result
+
+        return d.addBoth(done)
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -158,16 +192,21 @@ class Server(MultiService):
         @app.route("/health", methods=["GET"])
         def health(request: Request) -> bytes:
             w = self.worker
-            status = "ok" if w.ready else ("error" if w.load_error else "loading")
+            if w.draining:
+                # From the first moment of a shutdown: load balancers stop sending.
+                status = "draining"
+            else:
+                status = "ok" if w.ready else ("error" if w.load_error else "loading")
             payload = {
                 "status": status,
                 "model": self.engine.model_id,
                 "queue_depth": w.queue_depth,
                 "busy": w.busy,
             }
-            if not w.ready:
+            ok = w.ready and not w.draining
+            if not ok:
                 request.setHeader(b"retry-after", b"5")
-            return json_response(request, payload, 200 if w.ready else 503)
+            return json_response(request, payload, 200 if ok else 503)
 
         @app.route("/metrics", methods=["GET"])
         def metrics(request: Request) -> bytes:

@@ -48,6 +48,18 @@ def busy(message: str) -> APIError:
     return APIError(503, message, "server_error", code="server_busy", headers={"Retry-After": "1"})
 
 
+def shutting_down(message: str = "the server is shutting down; retry shortly") -> APIError:
+    """The server is draining: new requests, and jobs cut off at the drain timeout."""
+    return APIError(
+        503, message, "server_error", code="server_shutting_down", headers={"Retry-After": "5"}
+    )
+
+
+def cut_off_by_shutdown() -> APIError:
+    """For a job still running or queued at the shutdown's drain timeout."""
+    return shutting_down("the server shut down before this response was complete; retry")
+
+
 def unauthorized() -> APIError:
     return APIError(
         401, "Invalid or missing API key.", "authentication_error", code="invalid_api_key"

@@ -58,6 +58,9 @@ class ServerConfig:
     #: How the model writes tool calls (L{ds4tw._tools.parsers}); C{"auto"}
     #: reads it from the chat template.
     tool_call_parser: str = "auto"
+    #: Seconds a shutdown (SIGTERM) gives the running and queued jobs to
+    #: finish before cancelling them; 0 cancels at once (docs/operations.md).
+    drain_timeout: float = 30.0
 
 
 class Host(Protocol):

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from twisted.web.server import Request
 
-from ._errors import APIError, from_validation
+from ._errors import APIError, cut_off_by_shutdown, from_validation
 from ._host import Host
 from ._worker import JobCancelled
 
@@ -49,7 +49,10 @@ def api(server: Host, body: ErrorBody) -> Callable[[Handler], Handler]:
                 return await handler(request, **kwargs)
             except APIError as e:
                 return error_response(request, e, body)
-            except JobCancelled:
+            except JobCancelled as e:
+                if e.by_shutdown:
+                    # Cut off at the drain timeout: the client is still waiting.
+                    return error_response(request, cut_off_by_shutdown(), body)
                 return None  # the client is gone; nothing to say
 
         wrapped.__name__ = handler.__name__

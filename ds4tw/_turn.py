@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from ._engine import Grammar, SamplingParams
-from ._errors import APIError, busy, invalid, not_ready
+from ._errors import APIError, busy, cut_off_by_shutdown, invalid, not_ready, shutting_down
 from ._grammar import GrammarError, json_grammar
 from ._host import Host
 from ._pipeline import OutputPipeline
@@ -48,7 +48,7 @@ from ._types import (
     Stage,
     StreamRenderer,
 )
-from ._worker import Job, JobCancelled, NotReady, QueueFull
+from ._worker import Job, JobCancelled, NotReady, QueueFull, ShuttingDown
 
 _GRAMMARS = GrammarCache()
 
@@ -164,6 +164,8 @@ def max_tokens_for(server: Host, prompt: Prompt, requested: int | None) -> int:
 def _admission_error(e: QueueFull | NotReady) -> APIError:
     if isinstance(e, QueueFull):
         return busy(str(e))
+    if isinstance(e, ShuttingDown):
+        return shutting_down()
     return not_ready(f"{e}; retry shortly")
 
 
@@ -254,10 +256,14 @@ def stream(
         end()
 
     def failed(f: Failure) -> None:
-        if not f.check(JobCancelled):
-            # The headers are out: the error becomes the dialect's error
-            # event, never a stream that merely stops and looks complete.
+        # The headers are out: the error becomes the dialect's error
+        # event, never a stream that merely stops and looks complete. A
+        # client that disconnected is owed nothing; one whose job the
+        # shutdown cut off is owed the dialect's final error frame.
+        if not isinstance(f.value, JobCancelled):
             send(renderer.error(engine_failure(f)))
+        elif f.value.by_shutdown:
+            send(renderer.error(cut_off_by_shutdown()))
         end()
 
     job.deferred.addCallbacks(finished, failed)

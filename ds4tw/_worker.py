@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -55,6 +56,14 @@ class NotReady(Exception):
     """The model is still loading (or failed to load)."""
 
 
+#: The cancel reason of every job the shutdown stops (L{Worker.stopService}).
+SHUTTING_DOWN = "server shutting down"
+
+
+class ShuttingDown(NotReady):
+    """The server is draining for shutdown and admits no new work."""
+
+
 class JobCancelled(Exception):
     """The job was cancelled; C{stage} is where its work stopped."""
 
@@ -62,6 +71,14 @@ class JobCancelled(Exception):
         super().__init__(f"cancelled during {stage.value}: {reason}")
         self.stage = stage
         self.reason = reason
+
+    @property
+    def by_shutdown(self) -> bool:
+        """
+        The server stopped it at the drain timeout: somebody may still be
+        listening (unlike a client disconnect) and is owed an error.
+        """
+        return self.reason == SHUTTING_DOWN
 
 
 @dataclass
@@ -235,19 +252,64 @@ def _exhaust(steps: Iterator[None]) -> None:
         pass
 
 
+@dataclass
+class DrainResult:
+    """How the shutdown drain went (L{Worker.stopService})."""
+
+    #: Jobs, running or queued when it began, that finished normally.
+    drained: int = 0
+    #: Jobs still running or queued at the drain timeout, cancelled then.
+    cancelled: int = 0
+    #: Jobs that ended otherwise meanwhile (their client left, or an error).
+    other: int = 0
+    #: Seconds from the SIGTERM (L{Worker.stopService}) to an idle worker.
+    seconds: float = 0.0
+    timed_out: bool = False
+
+
 class Worker(Service):
     """
     Loads the engine at start-up, then runs jobs one at a time in FIFO
     order from a queue of at most C{max_queue} waiting jobs.
+
+    Stopping it drains: no new job is admitted (L{ShuttingDown}), the
+    running job and the queued ones keep going for up to
+    C{drain_timeout} seconds of C{clock}, and whatever is left then is
+    cancelled with the reason L{SHUTTING_DOWN} (so that its consumer can
+    tell its client, unlike a disconnect). Queued jobs are drained too:
+    the load balancer has already stopped sending, the queue is bounded,
+    and a client that waited in it is better served by its answer within
+    the window than by an immediate 503 that sends it to the back of
+    another server's queue; the timeout still bounds the whole shutdown.
     """
 
     name = "ds4tw-worker"
 
-    def __init__(self, engine: Engine, threads: WorkerThreads, max_queue: int = 128) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        threads: WorkerThreads,
+        max_queue: int = 128,
+        *,
+        drain_timeout: float = 0.0,
+        clock: IReactorTime | None = None,
+    ) -> None:
         self.engine = engine
         self.threads = threads
         self.max_queue = max_queue
+        self.drain_timeout = drain_timeout
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor
+        self.clock: IReactorTime = clock
         self.ready = False
+        #: Set from the moment L{stopService} begins.
+        self.draining = False
+        self.drain_result: DrainResult | None = None
+        self._drained: Deferred[None] | None = None
+        self._drain_timer: IDelayedCall | None = None
+        self._drain_started = 0.0
         self.load_error: Failure | None = None
         self._queue: deque[Job] = deque()
         self._current: Job | None = None
@@ -275,15 +337,22 @@ class Worker(Service):
         d.addCallbacks(loaded, failed)
 
     def stopService(self) -> Deferred[None]:
+        """
+        Drain (see the class docstring), then close the engine and stop
+        the model thread. L{drain_result} says how it went.
+        """
         super().stopService()
-        self.ready = False
-        while self._queue:
-            job = self._queue.popleft()
-            job.cancel_reason = "server shutting down"
-            self._drop_queued(job)
-        if self._current is not None:
-            self._current.cancel("server shutting down")
-        pending = self._current_done or succeed(None)
+        self.draining = True
+        self.drain_result = DrainResult()
+        self._drain_started = self.clock.seconds()
+        self.observers.append(self._count_drained)
+        pending: Deferred[None] = Deferred()
+        self._drained = pending
+        if self.drain_timeout > 0:
+            self._drain_timer = self.clock.callLater(self.drain_timeout, self._drain_expired)
+        else:
+            self._drain_expired()
+        self._check_drained()
 
         def close(_: object) -> Deferred[None]:
             return self.threads.call(self.engine.close)
@@ -294,6 +363,38 @@ class Worker(Service):
         pending.addBoth(close)
         pending.addBoth(stop)
         return pending
+
+    def _count_drained(self, job: Job, outcome: Finish | Failure) -> None:
+        result = self.drain_result
+        assert result is not None
+        if isinstance(outcome, Finish):
+            result.drained += 1
+        elif isinstance(outcome.value, JobCancelled) and outcome.value.by_shutdown:
+            result.cancelled += 1
+        else:
+            result.other += 1
+
+    def _drain_expired(self) -> None:
+        """The drain timeout: cancel the queued jobs, then the running one."""
+        self._drain_timer = None
+        if self.drain_result is not None:
+            self.drain_result.timed_out = bool(self._queue or self._current)
+        for job in list(self._queue):
+            job.cancel(SHUTTING_DOWN)
+        if self._current is not None:
+            # Stopped by the model thread at its next check, like a disconnect.
+            self._current.cancel(SHUTTING_DOWN)
+
+    def _check_drained(self) -> None:
+        if self._drained is None or self._current is not None or self._queue:
+            return
+        drained, self._drained = self._drained, None
+        if self._drain_timer is not None and self._drain_timer.active():
+            self._drain_timer.cancel()
+        self._drain_timer = None
+        assert self.drain_result is not None
+        self.drain_result.seconds = self.clock.seconds() - self._drain_started
+        drained.callback(None)
 
     # -- queue -----------------------------------------------------------
 
@@ -309,8 +410,8 @@ class Worker(Service):
         """Raise L{NotReady}, saying why, unless jobs can be admitted."""
         if self.load_error is not None:
             raise NotReady("the model failed to load")
-        if not self.running:
-            raise NotReady("the server is shutting down")
+        if self.draining or not self.running:
+            raise ShuttingDown("the server is shutting down")
         if not self.ready:
             raise NotReady("the model is still loading")
 
@@ -335,6 +436,7 @@ class Worker(Service):
             except ValueError:
                 return
             self._drop_queued(job)
+            self._check_drained()
         # A running job is stopped by the worker thread at its next check.
 
     def _drop_queued(self, job: Job) -> None:
@@ -343,7 +445,9 @@ class Worker(Service):
         self._notify(job, Failure(JobCancelled(Stage.QUEUED, job.cancel_reason)))
 
     def _pump(self) -> None:
-        if self._current is not None or not self._queue or not self.running:
+        if self._current is not None or not self._queue:
+            return
+        if not self.running and not self.draining:
             return
         job = self._queue.popleft()
         self._current = job
@@ -371,6 +475,7 @@ class Worker(Service):
             # Whatever a consumer's callback did, the queue moves on.
             self._notify(job, outcome)
             self._pump()
+            self._check_drained()
 
     def _notify(self, job: Job, outcome: Finish | Failure) -> None:
         for observer in self.observers:

@@ -51,11 +51,11 @@ _ERROR_TYPES = {
 
 def error_type(error: APIError) -> str:
     """
-    Anthropic's error type for an L{APIError}. A full queue and a model
-    still loading are both "try again shortly": Anthropic calls that
-    C{overloaded_error}. Any other server-side failure is C{api_error}.
+    Anthropic's error type for an L{APIError}. A full queue, a model
+    still loading and a server shutting down all mean "try again shortly":
+    Anthropic calls that C{overloaded_error}. Any other server-side failure is C{api_error}.
     """
-    if error.code in ("server_busy", "model_not_ready"):
+    if error.code in ("server_busy", "model_not_ready", "server_shutting_down"):
         return "overloaded_error"
     if error.status >= 500:
         return "api_error"

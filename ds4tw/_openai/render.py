@@ -110,7 +110,9 @@ class _Base:
         return []
 
     def error(self, error: APIError) -> list[bytes]:
-        return [json_frame(error_body(error), event="error")]
+        # The stream's last frames: the error, then [DONE], so that a
+        # client reading to [DONE] ends too (the SDK raises at the error).
+        return [json_frame(error_body(error), event="error"), DONE]
 
     def _tail(self, finish: Finish, last: bytes) -> list[bytes]:
         frames = [last]

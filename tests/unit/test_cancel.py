@@ -137,7 +137,7 @@ def test_queue_is_bounded() -> None:
 
 
 def test_shutdown_cancels_everything_and_stops_the_thread() -> None:
-    rig = make_rig(["a b c d e f"])
+    rig = make_rig(["a b c d e f"], drain_timeout=0)  # no drain: tests/unit/test_shutdown.py
     running = Job([1, 2, 3], SamplingParams())
     queued = Job([1, 2, 3], SamplingParams())
     rig.server.worker.submit(running)
