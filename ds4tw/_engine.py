@@ -11,12 +11,19 @@ every pull, so an engine gets cancellation for free at every prefill
 batch and before every token, simply by yielding there. Closing the
 generator (C{GeneratorExit}) is the cancel signal an engine sees.
 
+Inside a step, an engine may also watch the job's L{AbortFlag}: a byte
+in C memory that the reactor sets on cancel and native code can read
+without the GIL. L{LlamaEngine} hands it to llama.cpp's abort callback,
+so a disconnect stops a prefill batch or a decode step within
+milliseconds; the engine then raises L{Aborted} from the generator.
+
 Covered by tests/unit/test_worker.py (through the scripted engine) and
 tests/integration/test_llama_engine.py (the real one).
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -24,6 +31,48 @@ from typing import Any, Literal, Protocol, runtime_checkable
 #: Why generation ended, as the engine sees it (the worker adds
 #: C{"tool_calls"} when the text held complete calls).
 FinishReason = Literal["stop", "length"]
+
+
+class Aborted(Exception):
+    """
+    Raised from L{Engine.generate} when its L{AbortFlag} stopped a step
+    in the middle (the step's work is undone: the engine is ready for the
+    next request as if the step had never started).
+    """
+
+
+class AbortFlag:
+    """
+    A cancel flag that native code can read without Python: a 2-byte C
+    buffer, C{b"\\0\\0"} when clear and C{b"\\1\\0"} when set, so
+    C{strlen(address)} is exactly the flag (0 or 1). That is how
+    L{ds4tw._llama} checks it from ggml's thread between graph nodes
+    (libc's C{strlen} as llama.cpp's abort callback; see its
+    C{_abort_callback}).
+
+    L{set} is called in the reactor thread; the model thread (and C)
+    only read it. A single byte store: no lock is needed.
+    """
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = ctypes.create_string_buffer(2)
+
+    def set(self) -> None:
+        self._buf[0] = b"\x01"
+
+    def clear(self) -> None:
+        self._buf[0] = b"\x00"
+
+    @property
+    def is_set(self) -> bool:
+        return self._buf.raw[0] != 0
+
+    @property
+    def address(self) -> int:
+        """The buffer's address (valid as long as this object lives)."""
+        return ctypes.addressof(self._buf)
 
 
 @dataclass(frozen=True)
@@ -164,10 +213,14 @@ class Engine(Protocol):
         """Tokenize, parsing special tokens (any thread, after L{load})."""
 
     def generate(
-        self, prompt: Sequence[int], params: SamplingParams
+        self, prompt: Sequence[int], params: SamplingParams, abort: AbortFlag | None = None
     ) -> Generator[EngineEvent, None, FinishReason]:
         """
         Prefill C{prompt} and decode up to C{params.max_tokens} tokens.
+
+        C{abort}, when given, may be watched inside a step: once it is set
+        the engine may stop the step it is in and raise L{Aborted} (it
+        never raises L{Aborted} while the flag is clear).
 
         Yields L{PrefillProgress} after every prefill batch and a L{Token}
         for every sampled token; returns C{"stop"} at an end-of-generation

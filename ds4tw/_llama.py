@@ -10,6 +10,12 @@ yields every token before computing the next.
 The KV cache of the previous request is reused for the longest common
 token prefix (a multi-turn chat re-sends its history every turn).
 
+Inside a step, the job's L{AbortFlag} is llama.cpp's abort callback
+data, checked between graph nodes with no Python on the way (see
+L{abort_callback}): a disconnect stops a prefill batch or a decode step
+within milliseconds, the aborted batch's KV cells are dropped, and the
+generator raises L{Aborted}.
+
 Covered by tests/integration/test_llama_engine.py.
 """
 
@@ -19,6 +25,7 @@ import ctypes
 import importlib.util
 import math
 import os
+import platform
 import re
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -29,6 +36,8 @@ from twisted.logger import Logger
 
 from ._engine import (
     TRIGGER_WINDOW,
+    Aborted,
+    AbortFlag,
     ChatPrompt,
     EngineEvent,
     FinishReason,
@@ -77,6 +86,53 @@ def _no_extra_buffers() -> Iterator[None]:
         yield
     finally:
         C.llama_model_default_params = original
+
+
+#: Where a C function returning C{size_t} can stand in for one returning
+#: C{bool}: the value is in the same register (x86-64 SysV and Windows:
+#: rax, of which a C{bool} return is al; AArch64: x0 / w0), and
+#: C{strlen} of an L{AbortFlag} is 0 or 1, so the wider register holds the
+#: same 0 or 1 as its low byte.
+_STRLEN_AS_BOOL_OK = {"x86_64", "amd64", "aarch64", "arm64"}
+
+
+def abort_callback() -> Any | None:
+    """
+    llama.cpp's abort callback (C{bool (*)(void *data)}) as a pointer to
+    libc's C{strlen}, or None where that is not known to be safe.
+
+    ggml calls the callback on its own thread before every graph node
+    (~500 times per token on the demo model). A ctypes callback there
+    would take the GIL every time, and with the reactor busy beside it
+    that cut decode from 32.8 to 5.2 tok/s (docs/performance.md). With
+    C{data} an L{AbortFlag}'s buffer (C{"\\0\\0"} or C{"\\1\\0"}),
+    C{strlen(data)} is the flag, read in a few nanoseconds by code that
+    already exists: nothing to compile, no Python, no GIL.
+    """
+    import llama_cpp
+
+    if platform.machine().lower() not in _STRLEN_AS_BOOL_OK:
+        return None
+    try:
+        libc = ctypes.CDLL(None) if os.name != "nt" else ctypes.cdll.msvcrt
+        address = ctypes.cast(libc.strlen, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+    if not address:
+        return None
+    # A function pointer object made from an address: calling through it
+    # from C never enters Python.
+    return llama_cpp.ggml_abort_callback(address)
+
+
+def _decode_code(error: RuntimeError) -> int | None:
+    """The return code in llama-cpp-python's C{"llama_decode returned N"}."""
+    m = re.fullmatch(r"llama_decode returned (-?\d+)", str(error))
+    return int(m.group(1)) if m else None
+
+
+#: llama_decode's return code for a batch stopped by the abort callback.
+DECODE_ABORTED = 2
 
 
 class ModelNotFound(Exception):
@@ -603,6 +659,14 @@ class LlamaEngine:
         self._template: ChatTemplate | None = None
         self._eog_ids: list[int] = []
         self._bytes: _VocabBytes | None = None
+        #: Never set: the callback's data between jobs, so that no job's
+        #: flag can stop another job's work.
+        self._idle_flag = AbortFlag()
+        self._abort_cb: Any = None
+        #: The flag llama.cpp watches now (kept alive while it does).
+        self._watched: AbortFlag | None = None
+        #: False to measure decode without the abort callback (benchmark).
+        self.abort_in_step = True
 
     @property
     def n_ctx(self) -> int:
@@ -636,6 +700,8 @@ class LlamaEngine:
         self._template = ChatTemplate(template, eos_token=eos_text, bos_token=bos_text)
         self._eog_ids = eog_tokens(llm)
         self._llm = llm
+        self._abort_cb = abort_callback()
+        self._watch(None)
         log.info(
             "ds4tw: loaded {path} (n_ctx={n_ctx}, n_batch={n_batch}, threads={threads})",
             path=str(self.model_path),
@@ -648,6 +714,45 @@ class LlamaEngine:
         if self._llm is not None:
             self._llm.close()
             self._llm = None
+            self._watched = None
+
+    def _watch(self, abort: AbortFlag | None) -> None:
+        """
+        Make C{abort} the flag llama.cpp checks between graph nodes (None:
+        a flag that is never set). Model thread only, between decodes.
+        """
+        import llama_cpp
+
+        if self._abort_cb is None or self._llm is None:
+            return
+        if not self.abort_in_step:
+            llama_cpp.llama_set_abort_callback(
+                self._llm._ctx.ctx, llama_cpp.ggml_abort_callback(), None
+            )
+            self._watched = None
+            return
+        flag = abort if abort is not None else self._idle_flag
+        llama_cpp.llama_set_abort_callback(self._llm._ctx.ctx, self._abort_cb, flag.address)
+        self._watched = flag
+
+    def _eval(self, tokens: list[int]) -> None:
+        """
+        C{llm.eval} of one batch; an abort undoes the batch (its KV cells
+        go, C{n_tokens} stays) and raises L{Aborted}, so the next
+        request's prefix reuse sees exactly the tokens in the cache.
+        """
+        llm = self._llm
+        before = llm.n_tokens
+        try:
+            llm.eval(tokens)
+        except RuntimeError as e:
+            if _decode_code(e) != DECODE_ABORTED:
+                raise
+            # llama.cpp removes the aborted ubatch's cells itself; this
+            # makes sure, and keeps llama-cpp-python's view the same.
+            llm._ctx.kv_cache_seq_rm(-1, before, -1)
+            llm.n_tokens = before
+            raise Aborted from None
 
     # -- any thread ------------------------------------------------------
 
@@ -720,13 +825,16 @@ class LlamaEngine:
         )
 
     def generate(
-        self, prompt: Sequence[int], params: SamplingParams
+        self, prompt: Sequence[int], params: SamplingParams, abort: AbortFlag | None = None
     ) -> Generator[EngineEvent, None, FinishReason]:
         llm = self._llm
         tokens = list(prompt)
         total = len(tokens)
         # Before the prefill: a grammar that does not parse fails here.
         constrained = self._constrained(params) if params.grammar is not None else None
+        # This job's flag from here on, and never anyone's after: a stale
+        # flag cannot stop the next job.
+        self._watch(abort)
         try:
             cached = reuse_prefix(llm, tokens)
             sampler: Any = self._sampler(params) if constrained is None else None
@@ -734,7 +842,7 @@ class LlamaEngine:
             # Prefill: one eval per batch, a yield (cancel point) after each.
             for start in range(cached, total, n_batch):
                 chunk = tokens[start : start + n_batch]
-                llm.eval(chunk)
+                self._eval(chunk)
                 yield PrefillProgress(start + len(chunk), total, cached)
             eog = set(self._eog_ids)
             buf = ctypes.create_string_buffer(64)
@@ -745,7 +853,7 @@ class LlamaEngine:
                 if i:
                     if llm.n_tokens >= self._n_ctx:
                         return "length"
-                    llm.eval([token])
+                    self._eval([token])
                 if constrained is None:
                     token = sampler.sample(ctx, -1)
                 else:
@@ -765,6 +873,7 @@ class LlamaEngine:
                 # is, before the next token is computed.
             return "length"
         finally:
+            self._watch(None)
             if constrained is not None:
                 constrained.close()
 

@@ -11,6 +11,10 @@ alternatives below it.
 
 Every unit of work the engine "computes" is appended to L{computed}, so a
 test can assert exactly how much work ran before a cancel took effect.
+The job's L{AbortFlag} is checked at the start of every step (a step
+found aborted is not computed and raises L{Aborted}), and L{step_hook},
+when set, is called there first, so a test can set the flag "in the
+middle" of a step, as the reactor does beside a real engine.
 
 Covered by tests/unit/test_scripted.py and used by most unit tests.
 """
@@ -18,11 +22,20 @@ Covered by tests/unit/test_scripted.py and used by most unit tests.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._engine import ChatPrompt, EngineEvent, FinishReason, PrefillProgress, SamplingParams, Token
+from ._engine import (
+    Aborted,
+    AbortFlag,
+    ChatPrompt,
+    EngineEvent,
+    FinishReason,
+    PrefillProgress,
+    SamplingParams,
+    Token,
+)
 from ._template import CHATML_TEMPLATE, ChatTemplate
 
 #: The log probability of every scripted token, when logprobs are asked.
@@ -82,6 +95,9 @@ class ScriptedEngine:
         #: Work done, in order: ("prefill", tokens_done), ("token", index),
         #: ("closed", None) when a generation is abandoned mid-way.
         self.computed: list[tuple[str, int | None]] = []
+        #: Called with the step about to be computed (C{("prefill", done)}
+        #: or C{("token", index)}) before the abort check.
+        self.step_hook: Callable[[tuple[str, int]], None] | None = None
         #: Prompts and params of every generate() call.
         self.calls: list[tuple[list[int], SamplingParams]] = []
         #: Keyword arguments of every apply_chat_template() call.
@@ -133,8 +149,15 @@ class ScriptedEngine:
         top += [(i, f" alt{i}".encode(), TOKEN_LOGPROB - i) for i in range(1, logprobs)]
         return Token(token_id, piece, TOKEN_LOGPROB, tuple(top[:logprobs]))
 
+    def _step(self, step: tuple[str, int], abort: AbortFlag | None) -> None:
+        if self.step_hook is not None:
+            self.step_hook(step)
+        if abort is not None and abort.is_set:
+            raise Aborted
+        self.computed.append(step)
+
     def generate(
-        self, prompt: Sequence[int], params: SamplingParams
+        self, prompt: Sequence[int], params: SamplingParams, abort: AbortFlag | None = None
     ) -> Generator[EngineEvent, None, FinishReason]:
         self.calls.append((list(prompt), params))
         reply = self._next_reply()
@@ -143,7 +166,7 @@ class ScriptedEngine:
         try:
             for done in range(0, total, self.prefill_batch):
                 n = min(done + self.prefill_batch, total)
-                self.computed.append(("prefill", n))
+                self._step(("prefill", n), abort)
                 yield PrefillProgress(n, total, 0)
             for i in range(params.max_tokens):
                 if i < len(reply.pieces):
@@ -153,7 +176,7 @@ class ScriptedEngine:
                     return "stop"
                 else:
                     piece = reply.filler
-                self.computed.append(("token", i))
+                self._step(("token", i), abort)
                 yield self._token(1000 + i, piece, params.logprobs)
             finished = True
             return "length"

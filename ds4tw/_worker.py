@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._engine import Engine, PrefillProgress, SamplingParams, Token
+from ._engine import Aborted, AbortFlag, Engine, PrefillProgress, SamplingParams, Token
 from ._pipeline import OutputPipeline
 from ._types import Finish, Output, Stage, Timings, Usage
 
@@ -132,6 +132,9 @@ class Job:
         self.stage = Stage.QUEUED
         #: Read by the worker thread before every engine step.
         self.cancelled = False
+        #: The same, for native code inside a step (the engine's abort
+        #: callback): set by L{cancel} in the reactor, only read elsewhere.
+        self.abort = AbortFlag()
         self.cancel_reason = ""
         # Cancelling the Deferred (Klein does, on disconnect) cancels the job.
         self.deferred: Deferred[Finish] = Deferred(lambda _: self.cancel("request cancelled"))
@@ -146,9 +149,10 @@ class Job:
         """Stop this job's work at the next check. Idempotent."""
         if self.cancelled or self.stage is Stage.DONE:
             return
+        self.cancel_requested_at = time.monotonic()
         self.cancelled = True
         self.cancel_reason = reason
-        self.cancel_requested_at = time.monotonic()
+        self.abort.set()
         if self._on_cancel is not None:
             self._on_cancel(self)
 
@@ -486,6 +490,8 @@ def _run_job(engine: Engine, threads: WorkerThreads, job: Job) -> Iterator[None]
     """
     The model-thread side of one job: pull engine events one at a time,
     checking the cancel flag before each, and hand text to the reactor.
+    The engine also gets the job's L{AbortFlag}, and an L{Aborted} it
+    raises from inside a step counts as the cancel seen at that stage.
     Each yield is one engine step, so L{ds4tw.testing.SteppedThreads} can
     stop the world between any two.
     """
@@ -499,7 +505,7 @@ def _run_job(engine: Engine, threads: WorkerThreads, job: Job) -> Iterator[None]
     stage = Stage.PREFILL
     usage = Usage(prompt_tokens=len(job.prompt))
     pipeline = job.pipeline
-    gen = engine.generate(job.prompt, job.params)
+    gen = engine.generate(job.prompt, job.params, job.abort)
     reason: str = "stop"
     stop_sequence: str | None = None
     decode_started = started
@@ -514,6 +520,11 @@ def _run_job(engine: Engine, threads: WorkerThreads, job: Job) -> Iterator[None]
             except StopIteration as done:
                 reason = done.value
                 break
+            except Aborted:
+                # The engine stopped inside this step: a cancel seen here.
+                outcome.cancelled_at = stage
+                outcome.stopped_at = time.monotonic()
+                return
             if isinstance(event, PrefillProgress):
                 usage.cached_tokens = event.cached
                 if event.done >= event.total and stage is Stage.PREFILL:

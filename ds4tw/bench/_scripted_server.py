@@ -21,7 +21,14 @@ import time
 from collections.abc import Generator, Sequence
 from typing import Any
 
-from ds4tw._engine import EngineEvent, FinishReason, PrefillProgress, SamplingParams
+from ds4tw._engine import (
+    Aborted,
+    AbortFlag,
+    EngineEvent,
+    FinishReason,
+    PrefillProgress,
+    SamplingParams,
+)
 from ds4tw.testing import Reply, ScriptedEngine
 
 
@@ -36,10 +43,21 @@ class PacedEngine(ScriptedEngine):
         self.token_s = token_s
         self.prefill_s = prefill_s
 
+    #: The paced "compute" checks the abort flag this often, as llama.cpp
+    #: checks it between graph nodes.
+    ABORT_SLICE_S = 0.001
+
+    def _compute(self, seconds: float, abort: AbortFlag | None) -> None:
+        end = time.perf_counter() + seconds
+        while (left := end - time.perf_counter()) > 0:
+            if abort is not None and abort.is_set:
+                raise Aborted
+            time.sleep(min(left, self.ABORT_SLICE_S))
+
     def generate(
-        self, prompt: Sequence[int], params: SamplingParams
+        self, prompt: Sequence[int], params: SamplingParams, abort: AbortFlag | None = None
     ) -> Generator[EngineEvent, None, FinishReason]:
-        inner = super().generate(prompt, params)
+        inner = super().generate(prompt, params, abort)
         try:
             while True:
                 try:
@@ -47,7 +65,9 @@ class PacedEngine(ScriptedEngine):
                 except StopIteration as done:
                     return done.value
                 # The "compute" of this event, before handing it over.
-                time.sleep(self.prefill_s if isinstance(event, PrefillProgress) else self.token_s)
+                self._compute(
+                    self.prefill_s if isinstance(event, PrefillProgress) else self.token_s, abort
+                )
                 yield event
         finally:
             inner.close()

@@ -803,7 +803,7 @@ def test_other_methods_and_paths_are_anthropic_shaped() -> None:
 
 
 def _broken(rig: Rig) -> None:
-    def generate(prompt, params):  # type: ignore[no-untyped-def]
+    def generate(prompt, params, abort=None):  # type: ignore[no-untyped-def]
         yield from ()
         raise RuntimeError("the GPU caught fire")
 

@@ -153,3 +153,65 @@ def test_shutdown_cancels_everything_and_stops_the_thread() -> None:
     # Both are counted and logged, the queued one included.
     assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="queued"} 1.0')
     assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="decode"} 1.0')
+
+
+def test_cancel_sets_the_jobs_abort_flag() -> None:
+    job = Job([1, 2, 3], SamplingParams())
+    assert not job.abort.is_set and job.abort.address
+    job.cancel()
+    assert job.abort.is_set
+    job.abort.clear()
+    assert not job.abort.is_set
+
+
+def _disconnect_inside(rig, ex, step: tuple[str, int]) -> None:  # type: ignore[no-untyped-def]
+    """Hang up while the engine computes C{step} (as the reactor can, beside a real engine)."""
+
+    def hook(now: tuple[str, int]) -> None:
+        if now == step:
+            ex.disconnect()
+
+    rig.engine.step_hook = hook
+
+
+def test_an_abort_inside_a_prefill_batch_is_a_cancel_at_prefill() -> None:
+    rig = make_rig(["never sent", "next"], prefill_batch=8)
+    ex = rig.stream("a prompt that needs many prefill batches to get through")
+    _disconnect_inside(rig, ex, ("prefill", 16))
+    rig.threads.step(2)
+    # The second batch was stopped inside: never computed, no step after it.
+    assert rig.engine.computed == [("prefill", 8), ("closed", None)]
+    assert not rig.threads.busy
+    assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="prefill"} 1.0')
+    assert metric(rig, 'ds4tw_cancel_latency_seconds_count{stage="prefill"} 1.0')
+    assert not metric(rig, 'ds4tw_jobs_total{outcome="error"}')
+    rig.engine.step_hook = None
+    nxt = rig.stream()
+    rig.threads.run_until_idle()
+    assert nxt.finished and nxt.data()[-1] == "[DONE]"
+
+
+def test_an_abort_inside_a_decode_step_is_a_cancel_at_decode() -> None:
+    rig = make_rig(["a b c d e f g h i j"])
+    ex = rig.stream()
+    _disconnect_inside(rig, ex, ("token", 3))
+    rig.threads.run_until_idle()
+    tokens = [i for kind, i in rig.engine.computed if kind == "token"]
+    assert tokens == [0, 1, 2]
+    assert rig.engine.computed[-1] == ("closed", None)
+    assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="decode"} 1.0')
+    assert not metric(rig, 'ds4tw_jobs_total{outcome="error"}')
+
+
+def test_an_abort_of_a_job_object_is_recorded_at_its_stage() -> None:
+    rig = make_rig(["a b c d e f"], prefill_batch=4)
+    job = Job([1, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams())
+    rig.engine.step_hook = lambda step: job.cancel() if step == ("prefill", 8) else None
+    failures: list[JobCancelled] = []
+    job.deferred.addErrback(lambda f: failures.append(f.value))
+    rig.server.worker.submit(job)
+    rig.threads.run_until_idle()
+    assert [(f.stage, f.reason) for f in failures] == [(Stage.PREFILL, "client disconnected")]
+    assert job._outcome.cancelled_at is Stage.PREFILL
+    assert job.cancel_latency is not None
+    assert rig.engine.computed == [("prefill", 4), ("closed", None)]

@@ -296,7 +296,7 @@ def test_503_while_the_model_loads() -> None:
 def test_engine_failure_mid_stream_is_an_error_event() -> None:
     rig = make_rig(["a b c"])
 
-    def broken(prompt, params):  # type: ignore[no-untyped-def]
+    def broken(prompt, params, abort=None):  # type: ignore[no-untyped-def]
         yield from ()
         raise RuntimeError("the GPU caught fire")
 

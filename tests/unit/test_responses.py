@@ -708,7 +708,7 @@ def test_api_key_is_required_when_set() -> None:
 def broken_engine(rig: Rig) -> None:
     """The engine dies after two tokens of an answer."""
 
-    def generate(prompt: Any, params: Any) -> Iterator[Any]:
+    def generate(prompt: Any, params: Any, abort: Any = None) -> Iterator[Any]:
         yield PrefillProgress(len(prompt), len(prompt), 0)
         yield Token(1, b"Half")
         yield Token(2, b" an answer")
