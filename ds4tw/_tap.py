@@ -7,11 +7,13 @@ Covered by tests/unit/test_tap.py and tests/integration/test_twistd.py.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
 from twisted.application import strports
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -67,6 +69,14 @@ class Options(usage.Options):
             _positive_float,
         ],
         ["max-queue", "q", 128, "Requests allowed to wait for the model; more get 503.", int],
+        [
+            "drain-timeout",
+            None,
+            30.0,
+            "Seconds a shutdown (SIGTERM) gives running and queued requests to finish "
+            "before cancelling them (0: at once).",
+            _positive_float,
+        ],
         [
             "max-body",
             None,
@@ -177,9 +187,10 @@ def makeService(options: Options) -> IService:
         max_body_bytes=options["max-body"],
         request_timeout=options["request-timeout"],
         max_unsent_bytes=options["max-unsent"],
+        drain_timeout=options["drain-timeout"],
     )
-    top = MultiService()
     server = Server(engine, config)
+    top = _DrainFirst(server)
     server.setServiceParent(top)
     site = LimitedSite(
         server.resource(),
@@ -190,6 +201,43 @@ def makeService(options: Options) -> IService:
         strports.service(description, site).setServiceParent(top)
     server.worker.loaded.addErrback(_exit_on_load_failure)
     return top
+
+
+class _DrainFirst(MultiService):
+    """
+    The service tree of C{twistd ds4tw}. On SIGTERM the server drains
+    first while the ports keep listening, so that C{/health} answers 503
+    C{draining} and a new request gets a 503 with C{Retry-After} rather
+    than a refused connection; the ports close once the drain is over.
+    A shutdown that drained and cancelled as designed is a clean exit:
+    status 0, not twistd's re-raised SIGTERM.
+    """
+
+    def __init__(self, server: Server) -> None:
+        super().__init__()
+        self.server = server
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        d: Deferred[Any] = maybeDeferred(self.server.stopService)
+
+        def the_rest(_: object) -> Deferred[Any]:
+            rest = [s for s in reversed(list(self)) if s is not self.server]
+            return DeferredList([maybeDeferred(s.stopService) for s in rest])
+
+        d.addBoth(the_rest)
+        d.addCallback(_exit_cleanly)
+        return d
+
+
+def _exit_cleanly(_: object) -> None:
+    from twisted.internet import reactor
+
+    # twistd re-raises the signal that stopped the reactor once it has shut
+    # down (twisted.application.app._exitWithSignal); the drain has already
+    # handled the SIGTERM, so the exit is a normal one.
+    if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+        reactor._exitSignal = None  # type: ignore[attr-defined]
 
 
 def _exit_on_load_failure(failure: Failure) -> None:

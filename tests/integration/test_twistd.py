@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
+import json
+import signal
 import subprocess
 import sys
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from .conftest import BIN, sse_lines, start_twistd, stop_twistd
+from .conftest import BIN, sse_lines, start_twistd
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,32 +81,90 @@ def test_a_model_that_fails_to_load_stops_twistd(tmp_path: Path) -> None:
     assert "Main loop terminated." in log.read_text()
 
 
-def test_sigterm_mid_decode_cancels_and_exits_promptly(tmp_path: Path) -> None:
-    server = start_twistd(tmp_path, "--keepalive", "1")
-    payload = {
-        "messages": [{"role": "user", "content": "Go on forever."}],
-        "max_tokens": 3000,
-        "ignore_eos": True,
-        "stream": True,
-    }
+def test_sigterm_drains_then_ends_every_client_with_its_dialects_final_frame(
+    tmp_path: Path,
+) -> None:
+    """
+    SIGTERM with a chat stream in decode, an Anthropic stream queued and a
+    non-streaming Responses request queued: /health says draining at once,
+    a new request gets 503 + Retry-After, and at the drain timeout each
+    client gets its dialect's last word; twistd exits 0.
+    """
+    server = start_twistd(tmp_path, "--keepalive", "1", "--drain-timeout", "3")
+    forever = {"max_tokens": 3000, "ignore_eos": True}
+    got: dict[str, object] = {}
 
-    def client() -> None:
-        # The server hangs up on it mid-stream; that is the point.
-        with contextlib.suppress(Exception):
-            sse_lines(server.url + "/v1/chat/completions", payload)
+    def chat() -> None:
+        payload = {"messages": [{"role": "user", "content": "Go on forever."}], "stream": True}
+        got["chat"] = sse_lines(server.url + "/v1/chat/completions", {**payload, **forever})
 
-    t = threading.Thread(target=client)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not httpx.get(server.url + "/health").json()["busy"]:
+    def messages() -> None:
+        payload = {
+            "model": "demo",
+            "max_tokens": 3000,
+            "messages": [{"role": "user", "content": "Go on forever."}],
+            "stream": True,
+        }
+        got["messages"] = sse_lines(server.url + "/v1/messages", payload)
+
+    def responses() -> None:
+        payload = {"model": "demo", "input": "Go on forever.", "max_output_tokens": 3000}
+        got["responses"] = httpx.post(server.url + "/v1/responses", json=payload, timeout=60)
+
+    def until(check: Callable[[dict[str, Any]], bool]) -> None:
+        deadline = time.monotonic() + 30
+        while not check(httpx.get(server.url + "/health").json()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=chat)]
+    threads[0].start()
+    until(lambda h: h["busy"])
+    for f in (messages, responses):
+        threads.append(threading.Thread(target=f))
+        threads[-1].start()
+    until(lambda h: h["queue_depth"] == 2)
+
+    t0 = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 2
+    while (health := httpx.get(server.url + "/health")).status_code == 200:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    t0 = time.monotonic()
-    stop_twistd(server)  # SIGTERM
+    assert health.status_code == 503 and health.json()["status"] == "draining"
+    late = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
+    assert late.status_code == 503 and late.headers["retry-after"]
+    assert late.json()["error"]["code"] == "server_shutting_down"
+
+    server.proc.wait(timeout=30)
     elapsed = time.monotonic() - t0
-    t.join(30)
+    for t in threads:
+        t.join(30)
     log = server.log_text()
+    assert server.proc.returncode == 0, log[-3000:]
+    # 3000 tokens would take far longer than this on any machine we run on.
+    assert 2.5 < elapsed < 15, elapsed
+
+    chat_lines = [line for _, line in got["chat"]]  # type: ignore[attr-defined]
+    assert chat_lines[-2].startswith("event: error") or chat_lines[-3].startswith("event: error")
+    error = json.loads(next(x for x in reversed(chat_lines) if x.startswith("data: {"))[6:])
+    assert error["error"]["code"] == "server_shutting_down"
+    assert chat_lines[-1] == "data: [DONE]"
+
+    anthropic_lines = [line for _, line in got["messages"]]  # type: ignore[attr-defined]
+    assert anthropic_lines[-2] == "event: error"
+    body = json.loads(anthropic_lines[-1][6:])
+    assert body["type"] == "error" and body["error"]["type"] == "overloaded_error"
+    assert "event: message_start" in anthropic_lines  # it was admitted before the SIGTERM
+
+    waiting = got["responses"]
+    assert isinstance(waiting, httpx.Response) and waiting.status_code == 503
+    assert waiting.json()["error"]["code"] == "server_shutting_down"
+
+    assert "0 drained, 3 cancelled at the drain timeout" in log
     assert "cancelled at decode (server shutting down)" in log
     assert "Server Shut Down." in log
-    # 3000 tokens would take far longer than this on any machine we run on.
-    assert elapsed < 10, elapsed
+    assert "Traceback" not in log, log[-3000:]
