@@ -10,6 +10,7 @@ test) or generous bounds on the keepalive interval, never absolute speed.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from itertools import pairwise
@@ -127,3 +128,53 @@ def test_queued_request_gets_queued_frames_then_its_answer(twistd: Twistd) -> No
     assert any('"content"' in k for k in kinds[3:])
     gaps = [b - a for (a, _), (b, _) in pairwise(lines)]
     assert max(gaps) < 1.0 + 0.75, gaps
+
+
+DONE_LINE = re.compile(r"done: finish=\w+ prompt=(\d+) cached=(\d+) .*? prefill=([0-9.]+)s")
+CANCEL_LINE = re.compile(r"cancelled at (\w+) \([^)]*\); stopped ([0-9.]+)ms after the cancel")
+
+
+def test_prefill_cancel_stops_inside_the_batch(twistd: Twistd) -> None:
+    """
+    The abort flag reaches llama.cpp between graph nodes: a hang-up in
+    the middle of a prefill batch stops it within milliseconds, not at
+    the batch's end (before issue 8: up to one whole batch).
+    """
+    twistd.wait_idle()
+    # This machine's batch time, now: a long prompt prefilled to the end.
+    offset = len(twistd.log_text())
+    sse_lines(
+        twistd.url + URL,
+        {
+            "messages": [{"role": "user", "content": unique_words(1200, seed=11)}],
+            "max_tokens": 1,
+            "stream": True,
+        },
+    )
+    twistd.wait_idle()
+    done = DONE_LINE.findall(twistd.log_text()[offset:])
+    assert done, twistd.log_text()[offset:]
+    prompt, cached, prefill_s = int(done[-1][0]), int(done[-1][1]), float(done[-1][2])
+    batches = -(-(prompt - cached) // 256)  # twistd's default --batch
+    batch_ms = prefill_s / batches * 1000
+    # Hang up on the first ": prefill" frame (K = 1 s into the prefill,
+    # anywhere inside a batch).
+    offset = len(twistd.log_text())
+    sse_lines(
+        twistd.url + URL,
+        {
+            "messages": [{"role": "user", "content": unique_words(1500, seed=12)}],
+            "max_tokens": 5,
+            "stream": True,
+        },
+        stop_after=lambda ls: any(line == ": prefill" for _, line in ls),
+    )
+    twistd.wait_idle(timeout=10)
+    deadline = time.monotonic() + 10
+    while not (lines := CANCEL_LINE.findall(twistd.log_text()[offset:])):
+        assert time.monotonic() < deadline, twistd.log_text()[offset:]
+        time.sleep(0.05)
+    stage, latency_ms = lines[-1][0], float(lines[-1][1])
+    assert stage == "prefill"
+    # Generous: a quarter of a batch (measured: a few ms against ~1 s).
+    assert latency_ms < 0.25 * batch_ms, (latency_ms, batch_ms)

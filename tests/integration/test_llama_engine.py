@@ -2,7 +2,9 @@
 LlamaEngine on the demo model, called directly as the worker thread would
 (no server): chunked prefill that can be abandoned between batches,
 decode that computes nothing after the consumer stops, prefix reuse,
-grammar-constrained sampling (full and lazy) and log probabilities.
+grammar-constrained sampling (full and lazy) and log probabilities; an
+abort flag set from another thread stops a prefill batch or a decode step
+inside it, and leaves the KV cache exactly as before the step.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from ds4tw import Grammar, LlamaEngine, PrefillProgress, SamplingParams, Token, demo_model_path
+from ds4tw._engine import Aborted, AbortFlag
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +44,111 @@ def run(engine: LlamaEngine, prompt: list[int], **kw: object) -> tuple[str, list
         events.append(ev)
         if isinstance(ev, Token):
             text += ev.piece
+
+
+def greedy(
+    engine: LlamaEngine, prompt: list[int], n: int = 8, abort: AbortFlag | None = None
+) -> tuple[bytes, int, float]:
+    """Greedy text, the tokens reused from the cache, and the first prefill batch's time."""
+    gen = engine.generate(prompt, SamplingParams(max_tokens=n, temperature=0), abort)
+    text = b""
+    cached = -1
+    first_batch = 0.0
+    t = time.perf_counter()
+    while True:
+        try:
+            ev = next(gen)
+        except StopIteration:
+            return text, cached, first_batch
+        if isinstance(ev, PrefillProgress) and cached < 0:
+            cached, first_batch = ev.cached, time.perf_counter() - t
+        elif isinstance(ev, Token):
+            text += ev.piece
+
+
+def clear(engine: LlamaEngine) -> None:
+    engine._llm.reset()
+    engine._llm._ctx.kv_cache_clear()
+
+
+@pytest.fixture(scope="module")
+def big_batch() -> Iterator[LlamaEngine]:
+    """One prefill batch of up to 1024 tokens: a long step to abort inside."""
+    path = demo_model_path()
+    assert path is not None
+    e = LlamaEngine(path, n_ctx=2048, n_batch=1024, n_threads=2)
+    e.load()
+    yield e
+    e.close()
+
+
+def test_abort_inside_a_prefill_batch(big_batch: LlamaEngine) -> None:
+    engine = big_batch
+    head = engine.tokenize("Rivers and lakes of the north. " * 25)  # ~200 tokens
+    long = head + engine.tokenize(" the tide came in over the flats" * 110, add_bos=False)
+    long = long[:1000]
+    assert len(long) - len(head) > 600  # the rest is one long batch
+    # Reference: head, then long (its rest in one batch, timed).
+    clear(engine)
+    greedy(engine, head)
+    want, want_cached, batch_s = greedy(engine, long)
+    # Again, with an aborted attempt at long in between.
+    clear(engine)
+    greedy(engine, head)
+    held = engine._llm.n_tokens
+    flag = AbortFlag()
+    gen = engine.generate(long, SamplingParams(max_tokens=8, temperature=0), flag)
+    timer = threading.Timer(0.05, flag.set)
+    t = time.perf_counter()
+    timer.start()
+    with pytest.raises(Aborted):
+        next(gen)
+    aborted_s = time.perf_counter() - t
+    timer.join()
+    # Stopped inside the batch, long before it would have ended (the
+    # machine's speed varies: the bound is relative to the batch itself).
+    assert aborted_s < 0.5 * batch_s, (aborted_s, batch_s)
+    # The batch left nothing behind: the cache is the reused prefix.
+    assert want_cached <= engine._llm.n_tokens <= held
+    assert engine._llm.n_tokens == want_cached
+    # The flag stays set (it is the cancelled job's), and does not stop
+    # the next request: exact prefix reuse, same greedy output.
+    assert flag.is_set
+    got, got_cached, _ = greedy(engine, long)
+    assert (got, got_cached) == (want, want_cached)
+
+
+def test_abort_inside_a_decode_step(engine: LlamaEngine) -> None:
+    prompt = engine.tokenize("Once upon a time, in a quiet village,")
+    clear(engine)
+    want, _, _ = greedy(engine, prompt, n=12)
+    clear(engine)
+    flag = AbortFlag()
+    gen = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0), flag)
+    text = b""
+    times = []
+    while len(times) < 6:
+        t = time.perf_counter()
+        ev = next(gen)
+        if isinstance(ev, Token):
+            times.append(time.perf_counter() - t)
+            text += ev.piece
+    before = engine._llm.n_tokens
+    # Set while the worker is between steps: the next step is the decode
+    # of token 6, which llama.cpp stops at its first graph node.
+    flag.set()
+    t = time.perf_counter()
+    with pytest.raises(Aborted):
+        next(gen)
+    stopped = time.perf_counter() - t
+    assert stopped < 0.5 * sorted(times[1:])[len(times[1:]) // 2], (stopped, times)
+    assert engine._llm.n_tokens == before  # the aborted token left no KV cell
+    # The same prompt plus what was generated continues exactly as the
+    # uninterrupted run did.
+    assert want.startswith(text)
+    # The cache after the abort serves the next request as it is.
+    again, cached, _ = greedy(engine, prompt, n=12)
+    assert (again, cached) == (want, len(prompt) - 1)
 
 
 def test_chat_template_comes_from_the_gguf(engine: LlamaEngine) -> None:
