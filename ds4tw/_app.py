@@ -13,7 +13,7 @@ Covered by tests/unit/test_app.py and tests/unit/test_embedding.py.
 from __future__ import annotations
 
 import hmac
-import json
+import re
 import time
 import uuid
 from typing import Any
@@ -24,18 +24,28 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from ._anthropic.render import error_body as anthropic_error_body
 from ._anthropic.routes import add_routes as anthropic_routes
 from ._engine import Engine
-from ._errors import APIError, invalid, unauthorized
+from ._errors import APIError, method_not_allowed, not_found, unauthorized
 from ._host import ServerConfig
 from ._metrics import CONTENT_TYPE_LATEST, Metrics
+from ._openai.render import error_body as openai_error_body
 from ._openai.routes import add_routes as openai_routes
 from ._reasoning import reasoning_parser
 from ._responses.routes import add_routes as responses_routes
-from ._routing import json_response
+from ._routing import (
+    ErrorBody,
+    error_response,
+    json_response,
+    load_json_object,
+    request_id,
+    unexpected,
+)
 from ._template import ChatTemplate
 from ._tools.parsers import ToolCallParser, tool_call_parser
 from ._types import Finish
@@ -127,7 +137,7 @@ class Server(MultiService):
         return d.addBoth(done)
 
     def resource(self) -> IResource:
-        return self.app.resource()
+        return _Tagged(self.app.resource())
 
     def chat_template(self) -> ChatTemplate:
         """The engine's chat template, for what it can render (after load)."""
@@ -176,15 +186,7 @@ class Server(MultiService):
         body = content.read(self.config.max_body_bytes + 1) if content is not None else b""
         if len(body) > self.config.max_body_bytes:
             raise APIError(413, f"request body larger than {self.config.max_body_bytes} bytes")
-        if not body.strip():
-            raise invalid("the request body is empty; expected a JSON object")
-        try:
-            payload = json.loads(body)
-        except ValueError as e:
-            raise invalid(f"the request body is not valid JSON: {e}") from e
-        if not isinstance(payload, dict):
-            raise invalid("the request body must be a JSON object")
-        return payload
+        return load_json_object(body)
 
     def _routes(self) -> None:
         app = self.app
@@ -213,6 +215,26 @@ class Server(MultiService):
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
             return self.metrics.render()
 
+        # Routing misses and unhandled errors outside a dialect's handlers
+        # (which catch their own): JSON in the path's dialect, never
+        # twisted.web's or werkzeug's HTML.
+        @app.handle_errors(NotFound, MethodNotAllowed)
+        def no_route(request: Any, failure: Failure) -> bytes:
+            self.cors(request)
+            path = request.path.decode("latin-1")
+            method = request.method.decode("latin-1")
+            valid = getattr(failure.value, "valid_methods", None) or []
+            allowed = sorted(m for m in valid if m not in ("OPTIONS", "HEAD"))
+            if failure.check(MethodNotAllowed) and allowed:
+                error = method_not_allowed(method, path, allowed)
+            else:  # no route; or only the CORS preflight's catch-all matched
+                error = not_found(path)
+            return error_response(request, error, _error_body_for(path))
+
+        @app.handle_errors(Exception)
+        def failed(request: Any, failure: Failure) -> bytes | None:
+            return unexpected(request, failure, _error_body_for(request.path.decode("latin-1")))
+
         @app.route("/v1/<path:rest>", methods=["OPTIONS"])
         def preflight(request: Request, rest: str) -> bytes:
             self.cors(request)
@@ -224,6 +246,33 @@ class Server(MultiService):
             request.setHeader(b"access-control-max-age", b"600")
             request.setResponseCode(204)
             return b""
+
+
+_ANTHROPIC_PATH = re.compile(r"/v1/messages(/|$)")
+
+
+def _error_body_for(path: str) -> ErrorBody:
+    """
+    The error shape of the dialect that owns C{path}: Anthropic under
+    /v1/messages (wherever the app is mounted), else OpenAI.
+    """
+    if _ANTHROPIC_PATH.search(path):
+        return anthropic_error_body
+    return openai_error_body
+
+
+class _Tagged(Resource):
+    """The app's resource, with an C{X-Request-Id} on every response."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request: Request) -> Any:
+        request_id(request)
+        return self._inner.render(request)
 
 
 def _log_job(job: Job, outcome: Finish | Failure) -> None:

@@ -3,7 +3,8 @@ API errors, independent of dialect. Each dialect renders an L{APIError}
 in its own shape (see C{_openai/render.py} and, later, the Anthropic
 renderer); routes raise, never format.
 
-Covered by tests/unit/test_openai_errors.py.
+Covered by tests/unit/test_app.py, tests/unit/test_fuzz.py and each dialect's
+route tests.
 """
 
 from __future__ import annotations
@@ -58,6 +59,30 @@ def shutting_down(message: str = "the server is shutting down; retry shortly") -
 def cut_off_by_shutdown() -> APIError:
     """For a job still running or queued at the shutdown's drain timeout."""
     return shutting_down("the server shut down before this response was complete; retry")
+
+
+def internal_error(request_id: str) -> APIError:
+    """A bug on our side (the log line names C{request_id})."""
+    return APIError(
+        500,
+        f"internal server error (request id {request_id}); the server log has the details",
+        "server_error",
+        code="internal_error",
+    )
+
+
+def not_found(path: str) -> APIError:
+    return APIError(404, f"{path} is not a route of this server", code="not_found")
+
+
+def method_not_allowed(method: str, path: str, allowed: list[str]) -> APIError:
+    use = ", ".join(allowed)
+    return APIError(
+        405,
+        f"{method} {path}: use {use}",
+        code="method_not_allowed",
+        headers={"Allow": use},
+    )
 
 
 def unauthorized() -> APIError:

@@ -11,19 +11,27 @@ test_anthropic.py, test_responses.py) and tests/unit/test_app.py.
 from __future__ import annotations
 
 import json
+import math
+import re
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from ._errors import APIError, cut_off_by_shutdown, from_validation
+from ._errors import APIError, cut_off_by_shutdown, from_validation, internal_error, invalid
 from ._host import Host
 from ._worker import JobCancelled
 
 Handler = Callable[..., Awaitable[bytes | None]]
 ErrorBody = Callable[[APIError], dict[str, Any]]
 _M = TypeVar("_M", bound=BaseModel)
+
+log = Logger()
 
 
 def json_response(request: Request, payload: Any, status: int = 200) -> bytes:
@@ -38,11 +46,54 @@ def error_response(request: Request, error: APIError, body: ErrorBody) -> bytes:
     return json_response(request, body(error), error.status)
 
 
+# -- request ids ---------------------------------------------------------
+
+_SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_ID_ATTR = "_ds4tw_request_id"
+
+
+def request_id(request: Request) -> str:
+    """
+    This request's id, made on first use and sent back as C{X-Request-Id}:
+    the client's own C{X-Request-Id} when it is sane (1-128 characters of
+    C{[A-Za-z0-9._:@/+=-]}), else a fresh one. Error log lines name it.
+    """
+    rid: str | None = getattr(request, _ID_ATTR, None)
+    if rid is None:
+        given = request.getHeader(b"x-request-id")
+        text = given.decode("latin-1") if isinstance(given, bytes) else (given or "")
+        rid = text if _SANE_ID.fullmatch(text) else f"req_{uuid.uuid4().hex[:24]}"
+        setattr(request, _ID_ATTR, rid)
+        request.setHeader(b"x-request-id", rid.encode())
+    return rid
+
+
+def unexpected(request: Request, failure: Any, body: ErrorBody) -> bytes | None:
+    """
+    A bug, not bad input: log it with the request id and answer a 500 in
+    C{body}'s shape; or, if the response has begun (a stream), drop the
+    connection, since no status can be sent any more.
+    """
+    rid = request_id(request)
+    log.failure(
+        "{rid} {method} {path}: unhandled error",
+        failure,
+        rid=rid,
+        method=request.method.decode("latin-1"),
+        path=request.path.decode("latin-1"),
+    )
+    if request.startedWriting:
+        request.loseConnection()
+        return None
+    return error_response(request, internal_error(rid), body)
+
+
 def api(server: Host, body: ErrorBody) -> Callable[[Handler], Handler]:
     """A decorator for a dialect's handlers: CORS, auth, errors in C{body}'s shape."""
 
     def decorate(handler: Handler) -> Handler:
         async def wrapped(request: Request, **kwargs: Any) -> bytes | None:
+            request_id(request)
             server.cors(request)
             try:
                 server.authorize(request)
@@ -54,11 +105,91 @@ def api(server: Host, body: ErrorBody) -> Callable[[Handler], Handler]:
                     # Cut off at the drain timeout: the client is still waiting.
                     return error_response(request, cut_off_by_shutdown(), body)
                 return None  # the client is gone; nothing to say
+            except CancelledError:
+                # Klein cancelled the route: the client left before a job
+                # was queued (while the prompt was built) or while one ran
+                # without streaming (the job's own log line says so).
+                log.info(
+                    "{method} {path} cancelled: client disconnected",
+                    method=request.method.decode("latin-1"),
+                    path=request.path.decode("latin-1"),
+                )
+                return None
+            except Exception:
+                return unexpected(request, Failure(), body)
 
         wrapped.__name__ = handler.__name__
         return wrapped
 
     return decorate
+
+
+# -- JSON bodies ----------------------------------------------------------
+
+MAX_JSON_DEPTH = 64
+MAX_INT_DIGITS = 100
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS + 1:
+        raise ValueError(f"an integer has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _parse_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _check_tree(payload: Any) -> None:
+    """No lone surrogates in any string, no deeper than L{MAX_JSON_DEPTH} (iteratively)."""
+    stack: list[tuple[Any, int]] = [(payload, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise invalid("the request body has a string with an unpaired surrogate")
+        elif isinstance(value, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                raise invalid(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                stack.append((k, depth + 1))
+                stack.append((v, depth + 1))
+
+
+def load_json_object(body: bytes) -> dict[str, Any]:
+    """
+    C{body} as a JSON object, or a 400 that says why not: not JSON (or not
+    UTF-8), not an object, NaN or infinite numbers, integers of more than
+    L{MAX_INT_DIGITS} digits, lone surrogates, nesting deeper than
+    L{MAX_JSON_DEPTH}. What passes is safe for every later stage to walk,
+    encode and re-serialize.
+    """
+    if not body.strip():
+        raise invalid("the request body is empty; expected a JSON object")
+    try:
+        payload = json.loads(
+            body,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_parse_constant,
+        )
+    except RecursionError as e:
+        raise invalid(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels") from e
+    except ValueError as e:  # includes UnicodeDecodeError and JSONDecodeError
+        raise invalid(f"the request body is not valid JSON: {e}") from e
+    if not isinstance(payload, dict):
+        raise invalid("the request body must be a JSON object")
+    _check_tree(payload)
+    return payload
 
 
 def parse(server: Host, request: Request, model: type[_M]) -> _M:

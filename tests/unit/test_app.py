@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+import pytest
+from twisted.logger import formatEvent, globalLogPublisher
+
 from .conftest import make_rig
 
 
@@ -67,3 +73,143 @@ def test_body_size_limit() -> None:
     ex = rig.chat("x" * 200)
     assert ex.status == 413
     assert "larger than 100 bytes" in ex.json()["error"]["message"]
+
+
+# -- no HTML, no 500 for bad input; request ids ------------------------------
+
+OPENAI_POSTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+ANTHROPIC_POSTS = ("/v1/messages", "/v1/messages/count_tokens")
+
+
+def assert_openai_error(ex: Any, status: int) -> dict[str, Any]:
+    assert ex.status == status, ex.raw
+    assert ex.header("content-type") == "application/json"
+    err = ex.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+def assert_anthropic_error(ex: Any, status: int) -> dict[str, Any]:
+    assert ex.status == status, ex.raw
+    assert ex.header("content-type") == "application/json"
+    body = ex.json()
+    assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
+    return body["error"]
+
+
+BAD_BODIES = [
+    b"{",
+    b"\xff\xfe\x00",
+    b'{"model": "x", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    b'{"model": "x", "prompt": "\\udc00x", "input": "\\udfff"}',
+    b"[" * 50_000 + b"]" * 50_000,
+    b'{"a":' * 70 + b"1" + b"}" * 70,
+    b'{"max_tokens": ' + b"9" * 5000 + b"}",
+    b'{"temperature": 1e999, "max_tokens": 5}',
+    b'{"temperature": NaN}',
+    b'{"temperature": -Infinity}',
+    b"[]",
+    b'"text"',
+    b"null",
+    b"",
+]
+
+
+@pytest.mark.parametrize("body", BAD_BODIES, ids=range(len(BAD_BODIES)))
+def test_malformed_bodies_get_a_400_in_the_dialect_shape(body: bytes) -> None:
+    rig = make_rig()
+    for path in OPENAI_POSTS:
+        err = assert_openai_error(rig.http.request("POST", path, body), 400)
+        assert err["type"] == "invalid_request_error"
+    for path in ANTHROPIC_POSTS:
+        err = assert_anthropic_error(rig.http.request("POST", path, body), 400)
+        assert err["type"] == "invalid_request_error"
+    assert rig.engine.calls == []
+    ok = rig.chat()
+    rig.threads.run_until_idle()
+    assert ok.status == 200
+
+
+def test_any_content_type_is_read_as_json() -> None:
+    """curl -d sends form-urlencoded; the body is what counts."""
+    rig = make_rig()
+    body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+    ok = rig.http.request(
+        "POST", "/v1/chat/completions", body.encode(), {"Content-Type": "text/plain"}
+    )
+    bad = rig.http.request(
+        "POST", "/v1/messages", b"a=1&b=2", {"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    rig.threads.run_until_idle()
+    assert ok.status == 200
+    assert_anthropic_error(bad, 400)
+
+
+def test_unknown_paths_and_wrong_methods_are_json() -> None:
+    rig = make_rig()
+    err = assert_openai_error(rig.http.get("/v1/nope"), 404)
+    assert err["code"] == "not_found"
+    assert_openai_error(rig.http.request("POST", "/v1/chat/nope", b"{}"), 404)
+    assert_openai_error(rig.http.get("/nope"), 404)
+    wrong = rig.http.get("/v1/chat/completions")
+    assert assert_openai_error(wrong, 405)["code"] == "method_not_allowed"
+    assert wrong.header("allow") == "POST"
+    assert rig.http.request("POST", "/v1/models", b"{}").header("allow") == "GET"
+    assert_openai_error(rig.http.request("DELETE", "/v1/responses"), 405)
+    assert_openai_error(rig.http.request("POST", "/health"), 405)
+    # Anthropic's paths answer in Anthropic's shape.
+    assert assert_anthropic_error(rig.http.get("/v1/messages"), 405)["type"] == (
+        "invalid_request_error"
+    )
+    assert_anthropic_error(rig.http.get("/v1/messages/count_tokens"), 405)
+    assert assert_anthropic_error(rig.http.get("/v1/messages/batches"), 404)["type"] == (
+        "not_found_error"
+    )
+
+
+def test_every_response_has_a_request_id() -> None:
+    rig = make_rig()
+    ids = {
+        rig.http.get("/health").header("x-request-id"),
+        rig.http.get("/v1/nope").header("x-request-id"),
+        rig.http.request("POST", "/v1/messages", b"{").header("x-request-id"),
+        rig.http.get("/v1/models").header("x-request-id"),
+    }
+    assert None not in ids and len(ids) == 4
+    mine = rig.http.get("/v1/models", headers={"X-Request-Id": "client-42.a:b"})
+    assert mine.header("x-request-id") == "client-42.a:b"
+    for insane in ("has space", "x" * 129, "<script>"):
+        other = rig.http.get("/v1/models", headers={"X-Request-Id": insane})
+        assert (other.header("x-request-id") or "").startswith("req_")
+
+
+@pytest.mark.logs_unhandled_errors
+def test_an_unhandled_error_is_a_500_in_the_dialect_shape_and_logged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rig = make_rig()
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+
+        def boom(request: Any) -> Any:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(rig.server, "read_json", boom)
+        for path in OPENAI_POSTS:
+            ex = rig.http.post(path, {}, headers={"X-Request-Id": "bug-1"})
+            err = assert_openai_error(ex, 500)
+            assert err["type"] == "server_error" and "bug-1" in err["message"]
+            assert "a bug" not in err["message"]
+        for path in ANTHROPIC_POSTS:
+            err = assert_anthropic_error(rig.http.post(path, {}), 500)
+            assert err["type"] == "api_error"
+        # Outside the dialects' handlers too (here, /health).
+        monkeypatch.setattr(rig.server.worker.__class__, "busy", property(lambda _: 1 / 0))
+        assert_openai_error(rig.http.get("/health"), 500)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    failures = [e for e in logged if e.get("log_failure") is not None]
+    assert len(failures) == 6
+    assert "bug-1" in formatEvent(failures[0])
+    assert b"Processing Failed" not in rig.http.get("/v1/models").raw
