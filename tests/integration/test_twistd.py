@@ -39,6 +39,7 @@ def test_twistd_help_lists_the_plugin(tmp_path: Path) -> None:
         "--threads",
         "--keepalive",
         "--max-queue",
+        "--drain-timeout",
         "--api-key",
         "--cors",
     ):

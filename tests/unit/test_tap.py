@@ -88,3 +88,12 @@ def test_make_service_builds_the_server_and_listeners(monkeypatch: pytest.Monkey
     children = list(service)
     assert sum(isinstance(c, Server) for c in children) == 1
     assert sum(isinstance(c, StreamServerEndpointService) for c in children) == 2
+
+
+def test_drain_timeout_option() -> None:
+    assert parse()["drain-timeout"] == 30.0
+    with pytest.raises(usage.UsageError):
+        parse("--drain-timeout", "-1")
+    service = makeService(parse("--drain-timeout", "2.5"))
+    (server,) = [s for s in service if isinstance(s, Server)]  # type: ignore[attr-defined]
+    assert server.config.drain_timeout == 2.5 and server.worker.drain_timeout == 2.5
