@@ -4,15 +4,18 @@ it, or give it a parent) and its L{Server.resource} mounts anywhere in a
 twisted.web tree, including under a Klein branch route of another app.
 
 This module owns what every route shares: auth, CORS, body limits, JSON
-parsing, health, metrics, the per-job log line. The dialects add their
+parsing, health, metrics, C{/openapi.json} (L{ds4tw._openapi}), JSON
+404/405/500 in the path's dialect, the per-job log line. The dialects add their
 routes (C{_openai/routes.py}).
 
-Covered by tests/unit/test_app.py and tests/unit/test_embedding.py.
+Covered by tests/unit/test_app.py, tests/unit/test_openapi.py and
+tests/unit/test_embedding.py.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import re
 import time
 import uuid
@@ -36,6 +39,7 @@ from ._host import ServerConfig
 from ._metrics import CONTENT_TYPE_LATEST, Metrics
 from ._openai.render import error_body as openai_error_body
 from ._openai.routes import add_routes as openai_routes
+from ._openapi import openapi_document
 from ._reasoning import reasoning_parser
 from ._responses.routes import add_routes as responses_routes
 from ._routing import (
@@ -88,6 +92,7 @@ class Server(MultiService):
         tool_call_parser(self.config.tool_call_parser)  # a bad name fails here, not per request
         self._template: ChatTemplate | None = None
         self._tool_parser: ToolCallParser | None = None
+        self._openapi: bytes | None = None
         self.clock: IReactorTime = clock or reactor
         self.worker = Worker(
             engine,
@@ -214,6 +219,14 @@ class Server(MultiService):
         def metrics(request: Request) -> bytes:
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
             return self.metrics.render()
+
+        @app.route("/openapi.json", methods=["GET"])
+        def openapi(request: Request) -> bytes:
+            self.cors(request)
+            if self._openapi is None:
+                self._openapi = json.dumps(openapi_document(bool(self.config.api_key))).encode()
+            request.setHeader(b"content-type", b"application/json")
+            return self._openapi
 
         # Routing misses and unhandled errors outside a dialect's handlers
         # (which catch their own): JSON in the path's dialect, never

@@ -1,0 +1,223 @@
+"""
+C{GET /openapi.json}: an OpenAPI 3.1 document for every route, with the
+request bodies generated from the dialects' pydantic models (so the
+document cannot drift from what is validated), both auth schemes, and the
+error responses in each dialect's shape.
+
+Success bodies are described, not modelled: they are the wire shapes of
+each dialect's C{render.py}, which follow the OpenAI and Anthropic APIs.
+
+Covered by tests/unit/test_openapi.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from ._anthropic.schema import CountTokensRequest, MessagesRequest
+from ._openai.schema import ChatCompletionRequest, CompletionRequest
+from ._responses.schema import ResponsesRequest
+from ._version import __version__
+
+_REF = "#/components/schemas/{model}"
+
+_OPENAI_ERROR = {
+    "type": "object",
+    "description": "An OpenAI-shaped error.",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+_ANTHROPIC_ERROR = {
+    "type": "object",
+    "description": "An Anthropic-shaped error.",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+
+_ERRORS = {
+    "400": "The request is malformed or invalid (the message names the field).",
+    "401": "The API key is missing or wrong (only when the server has one).",
+    "404": "No such route, or no such model.",
+    "405": "The route exists but not with this method (see the Allow header).",
+    "413": "The request body is larger than the server accepts.",
+    "500": "A bug in the server; the message carries the request id of the log line.",
+    "503": "The model is loading, the queue is full, or the server is shutting down "
+    "(see Retry-After).",
+}
+
+# (path, model, summary, dialect's error schema)
+_POSTS: list[tuple[str, type[BaseModel], str, str]] = [
+    ("/v1/chat/completions", ChatCompletionRequest, "OpenAI chat completion", "OpenAIError"),
+    ("/v1/completions", CompletionRequest, "OpenAI text completion", "OpenAIError"),
+    ("/v1/responses", ResponsesRequest, "OpenAI Responses (stateless)", "OpenAIError"),
+    ("/v1/messages", MessagesRequest, "Anthropic Messages", "AnthropicError"),
+    (
+        "/v1/messages/count_tokens",
+        CountTokensRequest,
+        "Anthropic token count of a Messages request",
+        "AnthropicError",
+    ),
+]
+
+
+def _errors(schema: str, statuses: list[str]) -> dict[str, Any]:
+    ref = {"$ref": _REF.format(model=schema)}
+    return {
+        s: {"description": _ERRORS[s], "content": {"application/json": {"schema": ref}}}
+        for s in statuses
+    }
+
+
+def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema or {"type": "object"}}},
+    }
+
+
+def openapi_document(api_key: bool) -> dict[str, Any]:
+    """
+    The OpenAPI 3.1 document. With C{api_key}, the C{/v1} operations
+    require one of the two declared security schemes (both are always
+    declared); C{/health}, C{/metrics} and this document stay open.
+    """
+    models: list[tuple[type[BaseModel], Literal["validation"]]] = [
+        (model, "validation") for _, model, _, _ in _POSTS
+    ]
+    names, defs = models_json_schema(models, ref_template=_REF)
+    schemas: dict[str, Any] = dict(defs.get("$defs", {}))
+    schemas["OpenAIError"] = _OPENAI_ERROR
+    schemas["AnthropicError"] = _ANTHROPIC_ERROR
+    security: list[dict[str, list[str]]] = (
+        [{"bearerAuth": []}, {"apiKeyHeader": []}] if api_key else []
+    )
+    auth_errors = ["401"] if api_key else []
+
+    paths: dict[str, Any] = {}
+    for path, model, summary, error in _POSTS:
+        body_schema = names[(model, "validation")]
+        paths[path] = {
+            "post": {
+                "summary": summary,
+                "operationId": path.strip("/").replace("/", "_"),
+                "security": security,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": body_schema}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "The result; with stream set to true, server-sent events "
+                        "(kept alive with comment frames while the model is busy).",
+                        "content": {
+                            "application/json": {"schema": {"type": "object"}},
+                            "text/event-stream": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_errors(error, ["400", *auth_errors, "405", "413", "500", "503"]),
+                },
+            }
+        }
+    get_errors = _errors("OpenAIError", [*auth_errors, "405", "500"])
+    paths["/v1/models"] = {
+        "get": {
+            "summary": "The one loaded model",
+            "operationId": "v1_models",
+            "security": security,
+            "responses": {"200": _json("An OpenAI model list."), **get_errors},
+        }
+    }
+    paths["/v1/models/{model_id}"] = {
+        "get": {
+            "summary": "The loaded model, by name",
+            "operationId": "v1_model",
+            "security": security,
+            "parameters": [
+                {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": _json("An OpenAI model card."),
+                **_errors("OpenAIError", ["404"]),
+                **get_errors,
+            },
+        }
+    }
+    paths["/health"] = {
+        "get": {
+            "summary": "Readiness",
+            "operationId": "health",
+            "responses": {
+                "200": _json("Ready.", _HEALTH),
+                "503": _json("Loading, failed to load, or draining (see Retry-After).", _HEALTH),
+            },
+        }
+    }
+    paths["/metrics"] = {
+        "get": {
+            "summary": "Prometheus metrics",
+            "operationId": "metrics",
+            "responses": {
+                "200": {
+                    "description": "Prometheus text exposition format.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    }
+    paths["/openapi.json"] = {
+        "get": {
+            "summary": "This document",
+            "operationId": "openapi",
+            "responses": {"200": _json("OpenAPI 3.1.")},
+        }
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ds4tw",
+            "version": __version__,
+            "description": "A local GGUF model over the OpenAI (chat completions, completions, "
+            "responses) and Anthropic (messages) APIs. Every response carries an X-Request-Id.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            },
+        },
+    }
+
+
+_HEALTH = {
+    "type": "object",
+    "required": ["status", "model", "queue_depth", "busy"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "loading", "error", "draining"]},
+        "model": {"type": "string"},
+        "queue_depth": {"type": "integer"},
+        "busy": {"type": "boolean"},
+    },
+}
