@@ -1,5 +1,6 @@
 """
-Server-sent events on a twisted.web request, and the keepalive.
+Server-sent events on a twisted.web request, the keepalive, and the
+stream's end, whichever way it comes.
 
 The keepalive is a per-stream L{LoopingCall} with interval K that writes
 an SSE comment frame naming what the server is doing (C{: queued},
@@ -9,10 +10,27 @@ stream carries no comments at all and an idle one is never silent longer
 than K, whatever the reason for the silence (waiting in the queue, a long
 prefill, hidden reasoning, held-back stop-sequence bytes).
 
-A write to a connection that is gone ends the turn: the stream marks
-itself closed and calls C{on_lost}, which cancels the job.
+Every way a stream can be left meets in L{SSEStream.lost}, which stops
+the keepalive and calls C{on_lost} (which cancels the job) once: the
+connection closing (C{notifyFinish} errbacks, or the channel calls
+C{stopProducing}), Klein cancelling the route's Deferred (the turn's
+canceller calls L{SSEStream.lost}), and a client that stopped reading
+while more than C{max_unsent} bytes piled up. A write to a connection
+that is gone is dropped by twisted.web and followed by its connectionLost
+(the first signal); a write after the stream finished is a bug, and
+raises.
 
-Covered by tests/unit/test_keepalive.py.
+Back-pressure: the stream is a push producer registered with the request.
+When the transport's buffer is full twisted.web calls L{pauseProducing};
+frames are then held here (the model thread is never paused: there is one,
+and other requests share it) up to C{max_unsent} bytes, and sent on
+L{resumeProducing}. Past the bound the job is cancelled
+(C{client not reading}) and the connection aborted. No keepalive is
+written while paused: the client is not reading what is already buffered,
+so one more frame would only add to it, and the TCP connection itself is
+alive.
+
+Covered by tests/unit/test_keepalive.py and tests/unit/test_cancel.py.
 """
 
 from __future__ import annotations
@@ -21,13 +39,17 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.server import Request
+from zope.interface import implementer
 
 log = Logger()
+
+DEFAULT_MAX_UNSENT = 1024 * 1024
+NOT_READING = "client not reading"
+DISCONNECTED = "client disconnected"
 
 SSE_HEADERS: dict[bytes, bytes] = {
     b"content-type": b"text/event-stream; charset=utf-8",
@@ -48,15 +70,19 @@ def json_frame(payload: Any, event: str | None = None) -> bytes:
     return frame(json.dumps(payload, ensure_ascii=False, separators=(",", ":")), event)
 
 
+@implementer(IPushProducer)
 class SSEStream:
     """
     An open SSE response: headers out at once, frames as they come, a
     keepalive while nothing else is written.
 
     @param stage: names the current stage for the comment frame.
+    @param on_lost: called once if the stream ends before L{close}
+        (L{lost_reason} says why).
     @param keepalive_frame: builds the keepalive bytes from the stage name;
         the default is the SSE comment C{": <stage>\\n\\n"}. (Anthropic's
         dialect can send C{event: ping} instead.)
+    @param max_unsent: bytes held for a paused client before giving up on it.
     """
 
     def __init__(
@@ -68,6 +94,7 @@ class SSEStream:
         on_lost: Callable[[], None],
         keepalive_frame: Callable[[str], bytes] | None = None,
         on_keepalive: Callable[[str], None] | None = None,
+        max_unsent: int = DEFAULT_MAX_UNSENT,
     ) -> None:
         self._request = request
         self._stage = stage
@@ -79,53 +106,126 @@ class SSEStream:
             self._keepalive = LoopingCall(self._beat)
             self._keepalive.clock = clock
         self._interval = keepalive
+        self._max_unsent = max_unsent
+        self._held: list[bytes] = []
+        self.held_bytes = 0
+        self._registered = False
+        #: Started, and neither closed nor lost.
         self.open = False
+        #: L{close} was called: a later write is a bug.
+        self.finished = False
+        #: Why the stream was lost (None while it was not).
+        self.lost_reason: str | None = None
+        self.paused = False
         self.bytes_written = 0
 
     def start(self) -> None:
         """Send the status line and headers now, and start the keepalive."""
         for name, value in SSE_HEADERS.items():
             self._request.setHeader(name, value)
-        self._request.notifyFinish().addErrback(self._lost)
+        self._request.notifyFinish().addErrback(lambda _: self.lost(DISCONNECTED))
         self.open = True
+        self._request.registerProducer(self, True)
+        self._registered = True
         # An empty write flushes the headers without writing a chunk.
         self._request.write(b"")
         if self._keepalive is not None:
             self._keepalive.start(self._interval, now=False)
 
     def write(self, data: bytes) -> None:
-        """A real write: send it and restart the idle interval."""
+        """A real write: send it (or hold it while paused) and restart the idle interval."""
+        if self.finished:
+            raise RuntimeError("SSEStream.write after the stream finished")
+        if self.lost_reason is not None:
+            return  # frames still in flight for a cancelled job
         if not self.open:
+            raise RuntimeError("SSEStream.write before start")
+        if self.paused:
+            self._held.append(data)
+            self.held_bytes += len(data)
+            if self.held_bytes > self._max_unsent:
+                log.info(
+                    "ds4tw: {n} bytes unsent to a client that stopped reading "
+                    "(more than {bound}); cancelling",
+                    n=self.held_bytes,
+                    bound=self._max_unsent,
+                )
+                self.lost(NOT_READING)
             return
         self._send(data)
+        self._reset()
+
+    def close(self) -> None:
+        """The stream is complete: send what is held, stop the keepalive. Idempotent."""
+        if self.open:
+            self._flush()
+            self.open = False
+        self.finished = True
+        self._stop()
+        self._unregister()
+
+    def lost(self, reason: str) -> None:
+        """
+        The stream ends before it is complete: the one place every way of
+        leaving meets. Calls C{on_lost} once; a no-op after L{close}.
+        """
+        if self.finished or self.lost_reason is not None:
+            return
+        self.lost_reason = reason
+        self.open = False
+        self._held, self.held_bytes = [], 0
+        self._stop()
+        self._unregister()
+        if reason == NOT_READING:
+            channel = self._request.channel
+            if channel is not None and channel.transport is not None:
+                channel.transport.abortConnection()  # type: ignore[attr-defined]
+        self._on_lost()
+
+    # IPushProducer, called by twisted.web as the transport's buffer fills and drains.
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.open and self._held:
+            self._flush()
+            self._reset()
+
+    def stopProducing(self) -> None:
+        self.lost(DISCONNECTED)
+
+    def _flush(self) -> None:
+        held, self._held, self.held_bytes = self._held, [], 0
+        for data in held:
+            self._send(data)
+
+    def _reset(self) -> None:
         if self._keepalive is not None and self._keepalive.running:
             self._keepalive.reset()
 
-    def close(self) -> None:
-        """The stream is complete; stop the keepalive. Idempotent."""
-        self.open = False
+    def _stop(self) -> None:
         if self._keepalive is not None and self._keepalive.running:
             self._keepalive.stop()
 
+    def _unregister(self) -> None:
+        # After a disconnect the request has no channel left to unregister from.
+        if self._registered and self._request.channel is not None:
+            self._request.unregisterProducer()
+        self._registered = False
+
     def _beat(self) -> None:
+        if self.paused:
+            return
         stage = self._stage()
         self._send(self._frame(stage))
         if self._on_keepalive is not None:
             self._on_keepalive(stage)
 
     def _send(self, data: bytes) -> None:
-        try:
-            self._request.write(data)
-        except Exception:
-            # twisted.web raises once the request is gone; that is a
-            # disconnect, whatever the stage.
-            log.debug("ds4tw: write failed; ending the stream")
-            self._lost(Failure())
-            return
+        # No try/except: twisted.web drops writes to a connection that is
+        # gone (its connectionLost follows), and raises for a write after
+        # finish, which is a bug to see, not a disconnect.
+        self._request.write(data)
         self.bytes_written += len(data)
-
-    def _lost(self, reason: Failure) -> None:
-        if not self.open:
-            return
-        self.close()
-        self._on_lost()

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
@@ -34,7 +34,7 @@ from ._grammar import GrammarError, json_grammar
 from ._host import Host
 from ._pipeline import OutputPipeline
 from ._reasoning import PlainSplitter
-from ._sse import SSEStream
+from ._sse import DISCONNECTED, SSEStream
 from ._tools.parsers import GrammarCache
 from ._tools.prompt import template_inputs
 from ._tools.spec import ResponseFormat, Tooling
@@ -219,16 +219,19 @@ def stream(
     it cannot be admitted; otherwise returns a Deferred that fires when
     the response is complete, or is cancelled by Klein on disconnect.
     """
-    done: Deferred[None] = Deferred(lambda _: job.cancel("client disconnected"))
     sse = SSEStream(
         request,
         server.clock,
         server.config.keepalive,
         stage=lambda: (job.stage if job.stage is not Stage.DONE else Stage.DECODE).value,
-        on_lost=lambda: job.cancel("client disconnected"),
+        on_lost=lambda: job.cancel(sse.lost_reason or DISCONNECTED),
         keepalive_frame=keepalive_frame,
         on_keepalive=server.metrics.keepalive_sent,
+        max_unsent=server.config.max_unsent_bytes,
     )
+    # Klein cancels the route's Deferred when the client goes: the same
+    # path as the stream's own signals (SSEStream.lost).
+    done: Deferred[None] = Deferred(lambda _: sse.lost(DISCONNECTED))
 
     def send(frames: list[bytes]) -> None:
         for f in frames:
@@ -301,7 +304,9 @@ async def collect(server: Host, job: Job) -> Collected:
     admit(server, job)
     try:
         finish = await job.deferred
-    except JobCancelled:
+    except (JobCancelled, CancelledError):
+        # Klein cancelled the route (the client left): a cancel, never a
+        # 500 rendered to nobody.
         raise
     except Exception as e:
         raise engine_failure(Failure(e)) from e

@@ -51,6 +51,10 @@ class SteppedThreads:
         self._current: tuple[Iterator[None], Deferred[None]] | None = None
         self.steps_taken = 0
         self.stopped = False
+        #: While True, L{offload} work (chat templating, tokenization) waits
+        #: in L{offloaded} until L{release}; otherwise it runs inline.
+        self.hold_offload = False
+        self.offloaded: list[tuple[Callable[[], Any], Deferred[Any]]] = []
 
     def start(self) -> None:
         self.stopped = False
@@ -64,7 +68,20 @@ class SteppedThreads:
         except BaseException:
             return fail(Failure())
 
-    offload = call
+    def offload(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        if not self.hold_offload:
+            return self.call(f, *args)
+        # Like deferToThreadPool's Deferred: no canceller (the work cannot
+        # be stopped; a cancelled caller just stops waiting for it).
+        d: Deferred[_T] = Deferred()
+        self.offloaded.append((lambda: f(*args), d))
+        return d
+
+    def release(self) -> None:
+        """Run the held offload work, in order, and fire each caller's Deferred."""
+        held, self.offloaded = self.offloaded, []
+        for work, d in held:
+            self.call(work).chainDeferred(d)
 
     def run(self, steps: Iterator[None]) -> Deferred[None]:
         assert self._current is None, "the model thread runs one job at a time"
@@ -127,11 +144,13 @@ class Exchange:
 
     def pause(self) -> None:
         """The client stops reading: the transport's buffer is full."""
-        self.channel.pauseProducing()
+        producer: Any = self.transport.producer
+        producer.pauseProducing()
 
     def resume(self) -> None:
         """The client reads again: the transport's buffer drained."""
-        self.channel.resumeProducing()
+        producer: Any = self.transport.producer
+        producer.resumeProducing()
 
     @property
     def raw(self) -> bytes:

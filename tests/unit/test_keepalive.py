@@ -11,6 +11,15 @@ from __future__ import annotations
 
 from itertools import pairwise
 
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from ds4tw._sse import SSEStream
 from ds4tw.testing import Exchange, Reply
 
 from .conftest import Rig, make_rig
@@ -163,3 +172,129 @@ def test_keepalive_frames_are_counted_in_metrics() -> None:
     rig.clock.advance(5)
     text = rig.http.get("/metrics").body.decode()
     assert 'ds4tw_keepalive_frames_total{stage="queued"} 2.0' in text
+
+
+# -- the stream's end, and back-pressure -------------------------------------
+
+
+def bare_stream(clock: Clock, max_unsent: int = 1 << 20) -> tuple[SSEStream, StringTransport, list]:  # type: ignore[type-arg]
+    """An SSEStream on a real twisted.web request over an in-memory connection."""
+    site = Site(Resource(), reactor=clock)
+    channel = HTTPChannel()
+    channel.site = site
+    channel.timeOut = None
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    request = Request(channel)
+    request.clientproto = b"HTTP/1.1"
+    request.method = b"GET"
+    lost: list[str | None] = []
+    sse = SSEStream(
+        request,
+        clock,
+        K,
+        stage=lambda: "decode",
+        on_lost=lambda: lost.append(sse.lost_reason),
+        max_unsent=max_unsent,
+    )
+    sse.start()
+    return sse, transport, lost
+
+
+def test_write_after_finish_raises() -> None:
+    sse, _, lost = bare_stream(Clock())
+    sse.write(b"data: 1\n\n")
+    sse.close()
+    with pytest.raises(RuntimeError, match="after the stream finished"):
+        sse.write(b"data: 2\n\n")
+    assert lost == []
+
+
+def test_write_after_a_disconnect_is_dropped_and_lost_is_reported_once() -> None:
+    sse, transport, lost = bare_stream(Clock())
+    sse.lost("client disconnected")
+    sse.stopProducing()  # another signal of the same departure
+    before = transport.value()
+    sse.write(b"data: late\n\n")  # a frame still in flight for the cancelled job
+    assert transport.value() == before
+    sse.close()
+    assert lost == ["client disconnected"]
+
+
+def test_paused_stream_holds_frames_and_resume_sends_them() -> None:
+    clock = Clock()
+    sse, transport, lost = bare_stream(clock)
+    transport.clear()
+    sse.pauseProducing()
+    sse.write(b"data: a\n\n")
+    sse.write(b"data: b\n\n")
+    assert transport.value() == b"" and sse.held_bytes == 18
+    # No keepalive while paused: it would only add to what is unread.
+    clock.advance(3 * K)
+    assert transport.value() == b""
+    sse.resumeProducing()
+    assert transport.value() == b"9\r\ndata: a\n\n\r\n9\r\ndata: b\n\n\r\n"
+    assert sse.held_bytes == 0 and lost == []
+    # The flush was a real write: the next keepalive is K after it.
+    clock.advance(K - 1)
+    assert b": decode" not in transport.value()
+    clock.advance(1)
+    assert b": decode" in transport.value()
+
+
+def test_twisted_pauses_the_stream_through_the_channel() -> None:
+    rig = make_rig(["one two three four five six"])
+    ex = rig.stream()
+    rig.threads.step(2)
+    sent = ex.data()
+    ex.pause()  # the transport's buffer is full
+    rig.threads.step(3)
+    assert ex.data() == sent  # held, and the model thread went on
+    ex.resume()
+    rig.threads.run_until_idle()
+    assert ex.finished and ex.data()[-1] == "[DONE]"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in ex.data()[:-1])
+    assert text == "one two three four five six"
+
+
+def test_finishing_while_paused_sends_what_was_held() -> None:
+    rig = make_rig(["one two"])
+    ex = rig.stream()
+    ex.pause()
+    rig.threads.run_until_idle()
+    # The model is free; the held frames went to the transport with the end.
+    assert not rig.threads.busy
+    assert ex.finished and ex.data()[-1] == "[DONE]"
+
+
+def test_a_client_that_stops_reading_is_cancelled_past_the_bound() -> None:
+    rig = make_rig(["w " * 200, "next"], max_unsent_bytes=2000)
+    logged: list[str] = []
+
+    def observe(event: dict) -> None:  # type: ignore[type-arg]
+        logged.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        ex = rig.stream(max_tokens=200)
+        rig.threads.step(3)
+        ex.pause()
+        steps = 0
+        while rig.threads.busy and steps < 200:
+            rig.threads.step()
+            steps += 1
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    # Each chunk is ~150 bytes: the bound is passed within a few dozen tokens.
+    assert steps < 30
+    assert ex.transport.disconnected  # aborted: nothing more will be sent
+    assert rig.engine.computed[-1] == ("closed", None)
+    assert any("cancelled at decode (client not reading)" in line for line in logged)
+    assert any("stopped reading" in line for line in logged)
+    assert (
+        'ds4tw_cancelled_jobs_total{stage="decode"} 1.0' in rig.http.get("/metrics").body.decode()
+    )
+    ex.disconnect()  # the abort's connectionLost: the same path, already taken
+    nxt = rig.stream()
+    rig.threads.run_until_idle()
+    assert nxt.finished

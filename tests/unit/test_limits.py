@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from twisted.logger import formatEvent, globalLogPublisher
+
 from ds4tw.testing import HTTPHarness
 
 from .conftest import Rig, make_rig
@@ -92,3 +95,101 @@ def test_twistd_options_reach_the_site() -> None:
     site = port.factory
     assert isinstance(site, LimitedSite)
     assert (site.max_body_bytes, site.request_timeout) == (2048, 5.0)
+
+
+# -- leaving before the job is queued, or without a stream -------------------
+
+
+class Logs:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __enter__(self) -> Logs:
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        globalLogPublisher.removeObserver(self)
+
+    def __call__(self, event: dict) -> None:  # type: ignore[type-arg]
+        self.lines.append(formatEvent(event))
+
+    def any(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_during_templating_queues_nothing(stream: bool) -> None:
+    rig = make_rig(["never"])
+    rig.threads.hold_offload = True
+    with Logs() as logs:
+        ex = rig.stream() if stream else rig.chat()
+        assert len(rig.threads.offloaded) == 1  # the chat template is being rendered
+        ex.disconnect()
+        rig.threads.release()  # the thread pool's work ends after the client left
+    assert rig.server.worker.queue_depth == 0 and not rig.threads.busy
+    assert rig.engine.calls == []
+    assert ex.raw == b""
+    assert logs.any("POST /v1/chat/completions cancelled: client disconnected")
+
+
+def test_non_streaming_disconnect_is_a_logged_cancel_not_an_error() -> None:
+    rig = make_rig(["a b c d e f"])
+    with Logs() as logs:
+        ex = rig.chat()
+        rig.threads.step(2)
+        ex.disconnect()
+        rig.threads.step()
+    assert ex.raw == b""  # no 500 rendered to nobody
+    assert logs.any("cancelled at decode")
+    assert logs.any("cancelled: client disconnected")
+    # (the conftest fails the test if anything logged an error)
+
+
+# -- the request timeout ------------------------------------------------------
+
+
+def test_dribbled_headers_are_timed_out() -> None:
+    rig = make_rig()
+    http = limited(rig, request_timeout=60)
+    ex = http.connect(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    for i in range(11):  # a header line every 5 s: an idle timeout would never fire
+        rig.clock.advance(5)
+        ex.send(f"X-Dribble-{i}: y\r\n".encode())
+    assert not ex.closed
+    rig.clock.advance(5)
+    assert ex.status == 408 and ex.closed
+    assert ex.json()["error"]["code"] == "request_timeout"
+
+
+def test_a_slow_body_is_timed_out() -> None:
+    rig = make_rig()
+    http = limited(rig, request_timeout=10)
+    ex = http.connect(head("/v1/chat/completions", "Content-Length: 100") + b"{")
+    rig.clock.advance(10)
+    assert ex.status == 408 and ex.closed
+    assert rig.engine.calls == []
+
+
+def test_an_idle_keepalive_connection_is_closed_without_a_response() -> None:
+    rig = make_rig()
+    ex = limited(rig, request_timeout=10).connect()
+    rig.clock.advance(10)
+    assert ex.closed and ex.raw == b""
+
+
+def test_a_long_stream_is_not_timed_out() -> None:
+    rig = make_rig(["one two three"], keepalive=15)
+    http = limited(rig, request_timeout=60)
+    first = http.post("/v1/chat/completions", {"model": "m", "messages": [], "stream": True})
+    # (an empty messages list is the app's to judge: it answers 400 at once)
+    payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    blocker = http.post("/v1/chat/completions", payload)
+    rig.threads.step()
+    ex = http.post("/v1/chat/completions", payload)
+    for _ in range(40):  # ten minutes queued behind the first: keepalives only
+        rig.clock.advance(15)
+    assert not ex.closed and ex.comments() == ["queued"] * 40
+    rig.threads.run_until_idle()
+    assert blocker.finished and ex.finished and not ex.closed
+    assert first.status == 400
