@@ -665,8 +665,10 @@ class LlamaEngine:
         self._abort_cb: Any = None
         #: The flag llama.cpp watches now (kept alive while it does).
         self._watched: AbortFlag | None = None
-        #: False to measure decode without the abort callback (benchmark).
-        self.abort_in_step = True
+        #: False: no abort callback, cancel only between steps (how ds4tw
+        #: was before issue 8; the benchmark's comparison). The
+        #: environment's C{DS4TW_ABORT_IN_STEP=0} sets it for a server.
+        self.abort_in_step = os.environ.get("DS4TW_ABORT_IN_STEP", "1") != "0"
 
     @property
     def n_ctx(self) -> int:

@@ -74,6 +74,13 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         help="first wait (at most this long) until other processes use < 0.25 cores for 5 s",
     )
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument(
+        "--only",
+        choices=("cancel",),
+        default=None,
+        help="cancel: only the cancel latency (in-step abort, then between steps only, "
+        "as before issue 8) and the abort check's cost",
+    )
     args = p.parse_args(argv)
     if args.clients is not None and args.clients < 1:
         p.error("--clients must be at least 1")
@@ -108,6 +115,8 @@ class Run:
             "keepalive": None,
             "many_clients": None,
             "constrained": None,
+            "cancel_between_steps": None,
+            "abort_check": None,
             "targets": [],
         }
 
@@ -327,6 +336,66 @@ def run_scripted(run: Run, out: Path) -> None:
     )
 
 
+def run_cancel_only(run: Run, out: Path) -> None:
+    """
+    Issue 8's numbers, same run: cancel latency with the abort flag
+    checked inside a step, then with the check between steps only
+    (C{DS4TW_ABORT_IN_STEP=0}, ds4tw before issue 8), then decode
+    throughput with and without the abort callback.
+    """
+    from ds4tw._llama import resolve_model
+
+    from . import _abort, _raw
+
+    model_path = str(resolve_model(run.settings.model))
+    s = dataclasses.replace(run.settings, model=model_path)
+    run.doc["model"] = _model_info(model_path)
+    work = out / "logs"
+    raw = run.part("load raw llama-cpp-python", lambda: _raw.RawLlama(s))
+
+    def batch_reference(text: str) -> list[float]:
+        assert raw is not None
+        batches = raw.run(text, 1)["batches"]
+        return [t for n, t in batches if n == s.batch]
+
+    def cancel(name: str, in_step: bool) -> dict[str, Any]:
+        previous = os.environ.get("DS4TW_ABORT_IN_STEP")
+        os.environ["DS4TW_ABORT_IN_STEP"] = "1" if in_step else "0"
+        try:
+            server = _servers.ds4tw_twistd(s, work, name, keepalive=_cancel.CANCEL_KEEPALIVE)
+        finally:
+            if previous is None:
+                del os.environ["DS4TW_ABORT_IN_STEP"]
+            else:
+                os.environ["DS4TW_ABORT_IN_STEP"] = previous
+        with _servers.running(server) as ds:
+            return _cancel.measure(
+                ds, s, batch_reference=batch_reference if raw is not None else None
+            )
+
+    run.doc["cancel"] = run.part(
+        "cancel latency (abort inside a step)", lambda: cancel("ds4tw-cancel", True)
+    )
+    run.doc["cancel_between_steps"] = run.part(
+        "cancel latency (between steps only, as before)",
+        lambda: cancel("ds4tw-cancel-old", False),
+    )
+    if raw is not None:
+        raw.close()
+
+    def load_engine() -> Any:
+        from ds4tw import LlamaEngine
+
+        engine = LlamaEngine(model_path, n_ctx=s.ctx, n_threads=s.threads, n_batch=s.batch)
+        engine.load()
+        return engine
+
+    run.doc["abort_check"] = run.part(
+        "abort check cost (decode with / without the callback)",
+        lambda: _abort.measure(s, load_engine),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
@@ -351,7 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet = {"waited_s": 0.0, "quiet": None}
     run = Run(settings, argv)
     run.doc["machine"]["wait_quiet"] = quiet
-    if settings.engine == "scripted":
+    if args.only == "cancel":
+        run_cancel_only(run, out)
+    elif settings.engine == "scripted":
         run_scripted(run, out)
     else:
         run_llama(run, args, out)

@@ -48,6 +48,11 @@ TTFT_OVERHEAD_TARGET_MS = 5.0
 #: Constrained decode over unconstrained decode, same prompts.
 CONSTRAINED_RATIO_TARGET = 0.90
 
+#: Issue 8: the median cancel latency inside a step, whatever the batch or
+#: token time (llama.cpp checks the abort flag between graph nodes).
+CANCEL_PREFILL_MEDIAN_MS = 20.0
+CANCEL_DECODE_MEDIAN_MS = 5.0
+
 
 def _median(section: Mapping[str, Any] | None, key: str) -> float | None:
     if not section:
@@ -90,6 +95,7 @@ def ratios(doc: Mapping[str, Any]) -> dict[str, Any]:
             out[f"{name}_{key}_overhead_ms_of_medians"] = of_medians
     for name, section in stacks.items():
         out[f"{name}_steady_decode"] = _paired(section, "steady_decode_ratio")
+    out["abort_callback_decode"] = (doc.get("abort_check") or {}).get("ratio")
     out["ds4tw_over_peer_decode"] = ratio(
         _median(doc.get("ds4tw"), "decode_tps"), _median(stacks["peer"], "decode_tps")
     )
@@ -177,6 +183,30 @@ def targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             True,
             "ds4tw's logged latency over the slowest full batch of a raw prefill of the same "
             "prompt run just before (scripted: the fixed batch time)",
+        ),
+        _target(
+            "median cancel latency in decode",
+            (decode.get("latency_ms") or {}).get("median"),
+            CANCEL_DECODE_MEDIAN_MS if decode else None,
+            "ms",
+            True,
+            "issue 8: the abort flag stops a decode step between graph nodes",
+        ),
+        _target(
+            "median cancel latency in prefill",
+            (prefill.get("latency_ms") or {}).get("median"),
+            CANCEL_PREFILL_MEDIAN_MS if prefill else None,
+            "ms",
+            True,
+            "issue 8: the abort flag stops a prefill batch between graph nodes",
+        ),
+        _target(
+            "decode with the abort callback / without",
+            r.get("abort_callback_decode"),
+            DECODE_RATIO_TARGET if r.get("abort_callback_decode") is not None else None,
+            "ratio",
+            False,
+            "in-process LlamaEngine, a busy Python thread beside, median of paired ratios",
         ),
         _target(
             "longest keepalive gap (queued, prefill, silent decode)",

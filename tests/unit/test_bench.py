@@ -524,9 +524,31 @@ def test_ratios_and_targets() -> None:
         "ds4tw TTFT overhead over raw (short prompt)": True,
         "cancel latency in decode": True,
         "cancel latency in prefill": True,
+        "median cancel latency in decode": True,  # 4.0 <= 5 ms
+        "median cancel latency in prefill": True,  # 4.0 <= 20 ms
+        "decode with the abort callback / without": None,  # not measured here
         "longest keepalive gap (queued": True,
         "longest silence of a waiting client": False,  # 0.7 > 0.6
     }
+
+
+def test_abort_check_ratio_and_target() -> None:
+    from ds4tw.bench._abort import summarize
+
+    got = summarize([100.0, 96.0, 99.0], [100.0, 100.0, 100.0])
+    assert got["ratio"] == pytest.approx(0.99)
+    assert got["with_callback_median_tps"] == 99.0
+    doc = synthetic_doc()
+    doc["abort_check"] = got
+    doc["ratios"] = _report.ratios(doc)
+    assert doc["ratios"]["abort_callback_decode"] == pytest.approx(0.99)
+    target = next(t for t in _report.targets(doc) if t["name"].startswith("decode with the abort"))
+    assert target["met"] is True
+
+
+def test_only_cancel_is_an_option() -> None:
+    assert parse(["--only", "cancel"]).only == "cancel"
+    assert parse([]).only is None
 
 
 def test_validate_accepts_a_complete_document_and_its_json() -> None:
