@@ -4,7 +4,8 @@ ds4tw: a Twisted + Klein server for local GGUF models over the OpenAI
 No silent streams; no wasted compute.
 
 The public API is what this module exports; everything else is private
-and may change. Test doubles are in L{ds4tw.testing}.
+and may change. Test doubles are in L{ds4tw.testing}. Every type in a
+public signature is exported (pinned by tests/unit/test_exports.py).
 
     from ds4tw import LlamaEngine, Server
     server = Server(LlamaEngine("model.gguf"))
@@ -14,16 +15,27 @@ and may change. Test doubles are in L{ds4tw.testing}.
 """
 
 from ._app import Server
-from ._engine import ChatPrompt, Engine, Grammar, PrefillProgress, SamplingParams, Token
+from ._engine import (
+    Aborted,
+    AbortFlag,
+    ChatPrompt,
+    Engine,
+    Grammar,
+    PrefillProgress,
+    SamplingParams,
+    Token,
+)
 from ._host import ServerConfig
 from ._http import LimitedSite
 from ._llama import LlamaEngine, demo_model_path
 from ._tap import Options, makeService
-from ._types import Finish, Stage, Usage
+from ._types import Finish, Stage, Timings, Usage
 from ._version import __version__
-from ._worker import Job, JobCancelled
+from ._worker import Job, JobCancelled, WorkerThreads
 
 __all__ = [
+    "AbortFlag",
+    "Aborted",
     "ChatPrompt",
     "Engine",
     "Finish",
@@ -38,8 +50,10 @@ __all__ = [
     "Server",
     "ServerConfig",
     "Stage",
+    "Timings",
     "Token",
     "Usage",
+    "WorkerThreads",
     "__version__",
     "demo_model_path",
     "makeService",

@@ -17,7 +17,7 @@ without the GIL. L{LlamaEngine} hands it to llama.cpp's abort callback,
 so a disconnect stops a prefill batch or a decode step within
 milliseconds; the engine then raises L{Aborted} from the generator.
 
-Covered by tests/unit/test_worker.py (through the scripted engine) and
+Covered by tests/unit/test_cancel.py (through the scripted engine) and
 tests/integration/test_llama_engine.py (the real one).
 """
 

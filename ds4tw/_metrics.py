@@ -2,7 +2,8 @@
 Prometheus metrics, one registry per L{ds4tw.Server} (so that several
 servers, or tests, can live in one process).
 
-Covered by tests/unit/test_metrics.py.
+Covered by tests/unit/test_app.py, tests/unit/test_cancel.py and
+tests/unit/test_keepalive.py (through /metrics).
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """
-What every dialect's routes share: the wrapper that applies CORS and auth
-and turns an L{APIError} into that dialect's error body, request parsing
-with pydantic, and JSON responses. A dialect supplies only its error
-shape.
+What every dialect's routes share: the wrapper that applies CORS and auth,
+gives the request its id, and turns an L{APIError} (or a bug: a 500) into
+that dialect's error body; JSON bodies checked before pydantic sees them,
+request parsing with pydantic, and JSON responses. A dialect supplies only
+its error shape.
 
 Covered through each dialect's route tests (tests/unit/test_openai_routes.py,
-test_anthropic.py, test_responses.py) and tests/unit/test_app.py.
+test_anthropic.py, test_responses.py), tests/unit/test_app.py (bad bodies,
+404/405/500, request ids) and tests/unit/test_fuzz.py.
 """
 
 from __future__ import annotations

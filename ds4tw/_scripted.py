@@ -16,7 +16,8 @@ found aborted is not computed and raises L{Aborted}), and L{step_hook},
 when set, is called there first, so a test can set the flag "in the
 middle" of a step, as the reactor does beside a real engine.
 
-Covered by tests/unit/test_scripted.py and used by most unit tests.
+Covered by tests/unit/test_exports.py (the Engine protocol) and used by most
+unit tests (tests/unit/conftest.py).
 """
 
 from __future__ import annotations

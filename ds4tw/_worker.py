@@ -18,7 +18,8 @@ L{WorkerThreads.to_reactor}.
 The thread boundary itself is an interface (L{WorkerThreads}) so that tests
 can drive the worker one engine event at a time (L{ds4tw.testing.SteppedThreads}).
 
-Covered by tests/unit/test_worker.py and tests/unit/test_cancel.py.
+Covered by tests/unit/test_cancel.py, tests/unit/test_shutdown.py and
+tests/unit/test_openai_routes.py (a model still loading).
 """
 
 from __future__ import annotations

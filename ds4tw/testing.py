@@ -16,6 +16,9 @@ with a controllable clock.
     exchange.disconnect()      # connectionLost: the job is cancelled
 
 Nothing here sleeps or opens a socket.
+
+Covered by every unit test (through tests/unit/conftest.py) and, for its
+public names, tests/unit/test_exports.py.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ terms. Unknown fields are ignored, as OpenAI-compatible servers do;
 known fields the server cannot honour are rejected with a clear 400
 rather than silently dropped.
 
-Covered by tests/unit/test_openai_schema.py.
+Covered by tests/unit/test_openai_routes.py and tests/unit/test_openai_tools.py.
 """
 
 from __future__ import annotations
