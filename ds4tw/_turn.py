@@ -9,6 +9,10 @@ The request lifecycle, shared by every API dialect:
      text for one JSON body;
   4. the client going away at any point cancels the job (the cancel path
      itself is in L{ds4tw._worker}).
+  5. a job the shutdown cuts off (L{JobCancelled.by_shutdown}, at the
+     drain timeout) still has a listener: a stream ends with the
+     dialect's error frame, a non-streaming request gets a 503
+     (L{ds4tw._routing.api}); docs/operations.md.
 
 A dialect supplies only a L{StreamRenderer} and its request/response
 shapes.
