@@ -245,7 +245,7 @@ class Server(MultiService):
             return error_response(request, error, _error_body_for(path))
 
         @app.handle_errors(Exception)
-        def failed(request: Any, failure: Failure) -> bytes | None:
+        def failed(request: Any, failure: Failure) -> bytes | Deferred[None]:
             return unexpected(request, failure, _error_body_for(request.path.decode("latin-1")))
 
         @app.route("/v1/<path:rest>", methods=["OPTIONS"])

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -70,11 +70,13 @@ def request_id(request: Request) -> str:
     return rid
 
 
-def unexpected(request: Request, failure: Any, body: ErrorBody) -> bytes | None:
+def unexpected(request: Request, failure: Any, body: ErrorBody) -> bytes | Deferred[None]:
     """
     A bug, not bad input: log it with the request id and answer a 500 in
-    C{body}'s shape; or, if the response has begun (a stream), drop the
-    connection, since no status can be sent any more.
+    C{body}'s shape. If the response has begun (a stream), no status can be
+    sent any more: abort the connection (a clean close would end a chunked
+    stream as if it were complete) and return a Deferred that fires once
+    it is gone, so that nothing finishes the request before then.
     """
     rid = request_id(request)
     log.failure(
@@ -84,10 +86,14 @@ def unexpected(request: Request, failure: Any, body: ErrorBody) -> bytes | None:
         method=request.method.decode("latin-1"),
         path=request.path.decode("latin-1"),
     )
-    if request.startedWriting:
-        request.loseConnection()
-        return None
-    return error_response(request, internal_error(rid), body)
+    if not request.startedWriting:
+        return error_response(request, internal_error(rid), body)
+    gone: Deferred[None] = request.notifyFinish()
+    gone.addErrback(lambda _: None)
+    transport = getattr(request.channel, "transport", None)
+    if transport is not None:
+        transport.abortConnection()
+    return gone
 
 
 def api(server: Host, body: ErrorBody) -> Callable[[Handler], Handler]:
@@ -118,7 +124,11 @@ def api(server: Host, body: ErrorBody) -> Callable[[Handler], Handler]:
                 )
                 return None
             except Exception:
-                return unexpected(request, Failure(), body)
+                answer = unexpected(request, Failure(), body)
+                if isinstance(answer, Deferred):
+                    await answer
+                    return None
+                return answer
 
         wrapped.__name__ = handler.__name__
         return wrapped

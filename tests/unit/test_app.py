@@ -213,3 +213,27 @@ def test_an_unhandled_error_is_a_500_in_the_dialect_shape_and_logged(
     assert len(failures) == 6
     assert "bug-1" in formatEvent(failures[0])
     assert b"Processing Failed" not in rig.http.get("/v1/models").raw
+
+
+@pytest.mark.logs_unhandled_errors
+def test_an_unhandled_error_mid_stream_aborts_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the status is sent no 500 can be: the client must not see a clean end."""
+    from ds4tw import _turn
+
+    async def broken_stream(server: Any, request: Any, *args: Any, **kw: Any) -> None:
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.write(b"data: {}\n\n")
+        raise RuntimeError("a bug mid-stream")
+
+    rig = make_rig()
+    monkeypatch.setattr(_turn, "stream", broken_stream)
+    ex = rig.stream()
+    assert ex.status == 200
+    assert ex.transport.disconnected  # aborted
+    ex.disconnect()
+    monkeypatch.undo()
+    ok = rig.stream()
+    rig.threads.run_until_idle()
+    assert ok.finished and ok.data()[-1] == "[DONE]"
