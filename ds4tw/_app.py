@@ -34,7 +34,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from ._anthropic.render import error_body as anthropic_error_body
 from ._anthropic.routes import add_routes as anthropic_routes
 from ._engine import Engine
-from ._errors import APIError, method_not_allowed, not_found, unauthorized
+from ._errors import APIError, invalid, method_not_allowed, not_found, unauthorized
 from ._host import ServerConfig
 from ._metrics import CONTENT_TYPE_LATEST, Metrics
 from ._openai.render import error_body as openai_error_body
@@ -275,7 +275,11 @@ def _error_body_for(path: str) -> ErrorBody:
 
 
 class _Tagged(Resource):
-    """The app's resource, with an C{X-Request-Id} on every response."""
+    """
+    The app's resource, with an C{X-Request-Id} on every response, and a
+    JSON 400 for a path that is not UTF-8 once unquoted (Klein would log
+    an error and answer in plain text).
+    """
 
     isLeaf = True
 
@@ -285,6 +289,13 @@ class _Tagged(Resource):
 
     def render(self, request: Request) -> Any:
         request_id(request)
+        try:
+            for segment in list(request.prepath or ()) + list(request.postpath or ()):
+                segment.decode("utf-8")
+        except UnicodeDecodeError:
+            path = request.path.decode("latin-1")
+            error = invalid("the request path is not UTF-8 once percent-decoded")
+            return error_response(request, error, _error_body_for(path))
         return self._inner.render(request)
 
 

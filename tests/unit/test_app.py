@@ -237,3 +237,10 @@ def test_an_unhandled_error_mid_stream_aborts_the_connection(
     ok = rig.stream()
     rig.threads.run_until_idle()
     assert ok.finished and ok.data()[-1] == "[DONE]"
+
+
+def test_a_path_that_is_not_utf8_is_a_json_400() -> None:
+    rig = make_rig()
+    assert_openai_error(rig.http.get("/v1/models/%ff"), 400)
+    assert_openai_error(rig.http.request("POST", "/v1/chat/completions%ff", b"{}"), 400)
+    assert_anthropic_error(rig.http.request("POST", "/v1/messages/%c3", b"{}"), 400)
