@@ -244,3 +244,20 @@ def test_a_path_that_is_not_utf8_is_a_json_400() -> None:
     assert_openai_error(rig.http.get("/v1/models/%ff"), 400)
     assert_openai_error(rig.http.request("POST", "/v1/chat/completions%ff", b"{}"), 400)
     assert_anthropic_error(rig.http.request("POST", "/v1/messages/%c3", b"{}"), 400)
+
+
+def test_schemas_as_deep_as_the_nesting_limit_allows_still_serve() -> None:
+    """The limit is what keeps recursive schema walkers (grammars, checks) inside the stack."""
+    rig = make_rig()
+    objects: dict[str, Any] = {"type": "string"}
+    arrays: dict[str, Any] = {"type": "string"}
+    for _ in range(29):
+        objects = {"type": "object", "properties": {"a": objects}, "required": ["a"]}
+    for _ in range(58):
+        arrays = {"type": "array", "items": arrays}
+    for schema in (objects, arrays):
+        fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}
+        tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+        done = [rig.chat(response_format=fmt), rig.chat(tools=[tool], tool_choice="required")]
+        rig.threads.run_until_idle()
+        assert [ex.status for ex in done] == [200, 200], [ex.body for ex in done]
