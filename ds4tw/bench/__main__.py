@@ -350,6 +350,10 @@ def run_cancel_only(run: Run, out: Path) -> None:
     model_path = str(resolve_model(run.settings.model))
     s = dataclasses.replace(run.settings, model=model_path)
     run.doc["model"] = _model_info(model_path)
+    run.doc["notes"].append(
+        "--only cancel: no throughput part (raw, ds4tw, peer sections empty); raw "
+        "llama-cpp-python is loaded only to time prefill batches for the cancel reference"
+    )
     work = out / "logs"
     raw = run.part("load raw llama-cpp-python", lambda: _raw.RawLlama(s))
 

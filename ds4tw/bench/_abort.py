@@ -53,7 +53,32 @@ def summarize(with_cb: list[float], without: list[float]) -> dict[str, Any]:
     }
 
 
+def _pairs(
+    engine: Any, prompt: list[int], tokens: int, trials: int
+) -> tuple[list[float], list[float]]:
+    with_cb: list[float] = []
+    without: list[float] = []
+    for i in range(trials):
+        # Alternate which goes first, so drift hits both alike.
+        order = (True, False) if i % 2 == 0 else (False, True)
+        for on in order:
+            engine.abort_in_step = on
+            # A fresh cache each trial: the same work every time.
+            engine._llm.reset()
+            engine._llm._ctx.kv_cache_clear()
+            (with_cb if on else without).append(_decode_tps(engine, prompt, tokens))
+    engine.abort_in_step = True
+    return with_cb, without
+
+
 def measure(settings: Settings, load_engine: Callable[[], Any], trials: int = 7) -> dict[str, Any]:
+    """
+    Two phases, each of interleaved pairs: alone (the check's own cost:
+    the headline C{ratio}), and beside a busy Python thread (C{busy}: a
+    check that took the GIL would collapse here, as a ctypes callback
+    does, 32.8 -> 5.2 tok/s in DESIGN.md; the GIL contention itself makes
+    these numbers noisy, so they are evidence, not the target).
+    """
     engine = load_engine()
     try:
         from ds4tw._llama import abort_callback
@@ -62,30 +87,20 @@ def measure(settings: Settings, load_engine: Callable[[], Any], trials: int = 7)
         prompt = engine.tokenize("Write a long story about a lighthouse keeper.")
         tokens = 64 if settings.quick else 128
         _decode_tps(engine, prompt, 8)  # warm-up
+        alone = _pairs(engine, prompt, tokens, trials)
         stop = threading.Event()
         busy = threading.Thread(target=_busy, args=(stop,), daemon=True)
         busy.start()
-        with_cb: list[float] = []
-        without: list[float] = []
         try:
-            for i in range(trials):
-                # Alternate which goes first, so drift hits both alike.
-                order = (True, False) if i % 2 == 0 else (False, True)
-                for on in order:
-                    engine.abort_in_step = on
-                    # A fresh cache each trial: the same work every time.
-                    engine._llm.reset()
-                    engine._llm._ctx.kv_cache_clear()
-                    (with_cb if on else without).append(_decode_tps(engine, prompt, tokens))
+            beside = _pairs(engine, prompt, tokens, trials)
         finally:
             stop.set()
             busy.join()
-            engine.abort_in_step = True
         return {
-            **summarize(with_cb, without),
+            **summarize(*alone),
+            "busy": summarize(*beside),
             "callback": "libc strlen on the job's AbortFlag" if installed else None,
             "tokens_per_trial": tokens,
-            "busy_python_thread": True,
             "where": "in-process LlamaEngine.generate(), greedy, trials interleaved",
         }
     finally:
