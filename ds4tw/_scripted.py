@@ -9,6 +9,19 @@ its own (L{ds4tw._template.ChatTemplate}). With C{logprobs} asked for,
 every token reports a log probability of L{TOKEN_LOGPROB} and
 alternatives below it.
 
+With C{prefix_cache=True}, like L{ds4tw.LlamaEngine}'s single live
+context, the engine remembers the prompt tokens it last prefilled: a
+prompt sharing a prefix with them reports that prefix as
+C{PrefillProgress.cached} (at most all but one token) and prefills only
+the rest. Off by default, so that every prompt is prefilled whole.
+
+By default every step is instant. With C{tps} (decode tokens per second)
+or C{prefill_tps} (prompt tokens per second) each step takes that much
+real time in the model thread, checking the abort flag every millisecond
+as llama.cpp checks it between graph nodes, so queueing, keepalives and
+cancels behave as beside a model (C{twistd ds4tw --model scripted:...},
+the benchmark's scripted server).
+
 Every unit of work the engine "computes" is appended to L{computed}, so a
 test can assert exactly how much work ran before a cancel took effect.
 The job's L{AbortFlag} is checked at the start of every step (a step
@@ -22,6 +35,10 @@ unit tests (tests/unit/conftest.py).
 
 from __future__ import annotations
 
+import json
+import math
+import re
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
@@ -73,7 +90,13 @@ class ScriptedEngine:
     An L{Engine} that plays back L{Reply}s in order (the last one repeats).
 
     @param prefill_batch: prompt tokens per prefill step.
+    @param tps: decode speed in tokens per second (0: instant).
+    @param prefill_tps: prefill speed in prompt tokens per second (0: instant).
+    @param prefix_cache: reuse the prefix shared with the last prompt.
     """
+
+    #: A paced step checks the abort flag this often (seconds).
+    ABORT_SLICE_S = 0.001
 
     def __init__(
         self,
@@ -83,8 +106,19 @@ class ScriptedEngine:
         prefill_batch: int = 64,
         model_id: str = "scripted",
         chat_template: str = CHATML_TEMPLATE,
+        tps: float = 0.0,
+        prefill_tps: float = 0.0,
+        prefix_cache: bool = False,
     ) -> None:
+        if tps < 0 or prefill_tps < 0:
+            raise ValueError("tps and prefill_tps must be >= 0")
         self.model_id = model_id
+        self.tps = tps
+        self.prefill_tps = prefill_tps
+        self.prefix_cache = prefix_cache
+        #: The prompt tokens in the "KV cache": what the last generation
+        #: prefilled (only what it got through, if it was cancelled).
+        self.held: list[int] = []
         self._n_ctx = n_ctx
         self.prefill_batch = prefill_batch
         self._replies: deque[Reply] = deque(
@@ -150,25 +184,45 @@ class ScriptedEngine:
         top += [(i, f" alt{i}".encode(), TOKEN_LOGPROB - i) for i in range(1, logprobs)]
         return Token(token_id, piece, TOKEN_LOGPROB, tuple(top[:logprobs]))
 
-    def _step(self, step: tuple[str, int], abort: AbortFlag | None) -> None:
+    def _step(self, step: tuple[str, int], abort: AbortFlag | None, seconds: float = 0.0) -> None:
         if self.step_hook is not None:
             self.step_hook(step)
         if abort is not None and abort.is_set:
             raise Aborted
+        if seconds > 0:
+            end = time.perf_counter() + seconds
+            while (left := end - time.perf_counter()) > 0:
+                if abort is not None and abort.is_set:
+                    raise Aborted
+                time.sleep(min(left, self.ABORT_SLICE_S))
         self.computed.append(step)
+
+    def _reuse_prefix(self, prompt: list[int]) -> int:
+        """The held tokens shared with C{prompt}, leaving at least one to prefill."""
+        limit = min(len(self.held), len(prompt) - 1) if self.prefix_cache else 0
+        common = 0
+        while common < limit and self.held[common] == prompt[common]:
+            common += 1
+        del self.held[common:]
+        return common
 
     def generate(
         self, prompt: Sequence[int], params: SamplingParams, abort: AbortFlag | None = None
     ) -> Generator[EngineEvent, None, FinishReason]:
         self.calls.append((list(prompt), params))
         reply = self._next_reply()
-        total = len(prompt)
+        tokens = list(prompt)
+        total = len(tokens)
+        cached = self._reuse_prefix(tokens)
+        prefill_s = 1.0 / self.prefill_tps if self.prefill_tps else 0.0
+        token_s = 1.0 / self.tps if self.tps else 0.0
         finished = False
         try:
-            for done in range(0, total, self.prefill_batch):
+            for done in range(cached, total, self.prefill_batch):
                 n = min(done + self.prefill_batch, total)
-                self._step(("prefill", n), abort)
-                yield PrefillProgress(n, total, 0)
+                self._step(("prefill", n), abort, (n - done) * prefill_s)
+                self.held[done:] = tokens[done:n]
+                yield PrefillProgress(n, total, cached)
             for i in range(params.max_tokens):
                 if i < len(reply.pieces):
                     piece = reply.pieces[i]
@@ -177,10 +231,146 @@ class ScriptedEngine:
                     return "stop"
                 else:
                     piece = reply.filler
-                self._step(("token", i), abort)
+                self._step(("token", i), abort, token_s)
                 yield self._token(1000 + i, piece, params.logprobs)
             finished = True
             return "length"
         finally:
             if not finished:
                 self.computed.append(("closed", None))
+
+
+# -- twistd ds4tw --model scripted:SPEC -----------------------------------
+
+#: What C{--model scripted:SPEC} means, for the option's help and errors.
+SPEC_HELP = (
+    "scripted:KEY=VALUE,... (or ;-separated) with keys tps (decode tokens/s, 0: instant), "
+    "prefill_tps (prompt tokens/s, 0: instant), think (reasoning tokens before the answer), "
+    "eos (1: the reply ends; 0: it pads to max_tokens) and reply (the answer text; last, it "
+    "takes the rest of the spec verbatim, commas included); or scripted:FILE.json, an object "
+    'with the same keys ("reply" may be a list of replies played in turn)'
+)
+
+
+@dataclass(frozen=True)
+class ScriptedSpec:
+    """The scripted engine C{twistd ds4tw --model scripted:SPEC} serves."""
+
+    replies: tuple[str, ...] = ("Hello from the scripted engine.",)
+    tps: float = 0.0
+    prefill_tps: float = 0.0
+    think: int = 0
+    eos: bool = True
+
+    def engine(
+        self,
+        *,
+        n_ctx: int = 4096,
+        prefill_batch: int = 64,
+        model_id: str | None = None,
+        chat_template: str | None = None,
+    ) -> ScriptedEngine:
+        """A paced engine with a prefix cache, as a model would be."""
+        thinking = ("<think>", *[" thinking"] * self.think, "</think>\n\n") if self.think else ()
+        replies = [
+            Reply(tuple(p.encode() for p in thinking) + Reply.words(r).pieces, eos=self.eos)
+            for r in self.replies
+        ]
+        return ScriptedEngine(
+            replies,
+            n_ctx=n_ctx,
+            prefill_batch=prefill_batch,
+            model_id=model_id or "scripted",
+            chat_template=chat_template or CHATML_TEMPLATE,
+            tps=self.tps,
+            prefill_tps=self.prefill_tps,
+            prefix_cache=True,
+        )
+
+
+_SPEC_KEYS = ("reply", "tps", "prefill_tps", "think", "eos")
+
+
+def parse_spec(text: str) -> ScriptedSpec:
+    """
+    Parse the part of C{--model} after C{scripted:}: C{KEY=VALUE} pairs
+    separated by C{,} or C{;} (C{reply=} takes the rest of the text), or,
+    without any C{=}, the path of a JSON file with the same keys. Raises
+    L{ValueError} naming what is wrong.
+    """
+    if text and "=" not in text:
+        try:
+            with open(text, encoding="utf-8") as f:
+                data = json.load(f)
+        except OSError as e:
+            raise ValueError(
+                f"cannot read the scripted spec file {text!r} ({e.strerror}); "
+                f"a spec without '=' names a JSON file ({SPEC_HELP})"
+            ) from e
+        except ValueError as e:
+            raise ValueError(f"the scripted spec file {text!r} is not JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"the scripted spec file {text!r} must hold a JSON object")
+        return _spec_from(data, f"in {text!r}")
+    values: dict[str, Any] = {}
+    rest = text
+    while rest := rest.lstrip(",;"):
+        key, eq, after = rest.partition("=")
+        key = key.strip()
+        if not eq or not key or re.search(r"[,;]", key):
+            bad = re.split(r"[,;]", rest, maxsplit=1)[0]
+            raise ValueError(f"scripted spec: expected KEY=VALUE, got {bad!r} ({SPEC_HELP})")
+        if key in values:
+            raise ValueError(f"scripted spec: {key!r} given twice")
+        if key == "reply":
+            values[key], rest = after, ""
+        else:
+            m = re.search(r"[,;]", after)
+            values[key], rest = (after[: m.start()], after[m.end() :]) if m else (after, "")
+            values[key] = values[key].strip()
+    return _spec_from(values, "")
+
+
+def _spec_from(values: dict[str, Any], where: str) -> ScriptedSpec:
+    where = f" {where}" if where else ""
+    unknown = sorted(set(values) - set(_SPEC_KEYS))
+    if unknown:
+        raise ValueError(
+            f"scripted spec: unknown key {unknown[0]!r}{where}; known keys: {', '.join(_SPEC_KEYS)}"
+        )
+
+    def number(key: str, kind: type[float] | type[int]) -> Any:
+        raw = values.get(key, 0)
+        try:
+            if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+                raise ValueError
+            v = kind(raw)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(
+                f"scripted spec: {key} must be {what} >= 0{where}, got {raw!r}"
+            ) from None
+        return v
+
+    tps, prefill_tps, think = (
+        number("tps", float),
+        number("prefill_tps", float),
+        number("think", int),
+    )
+    eos_raw = values.get("eos", True)
+    eos = {"1": True, "0": False, True: True, False: False}.get(eos_raw)
+    if eos is None:
+        raise ValueError(f"scripted spec: eos must be 1 or 0{where}, got {eos_raw!r}")
+    reply = values.get("reply", ScriptedSpec.replies)
+    replies = (reply,) if isinstance(reply, str) else reply
+    if (
+        not isinstance(replies, list | tuple)
+        or not replies
+        or not all(isinstance(r, str) and r.strip() for r in replies)
+    ):
+        raise ValueError(
+            f"scripted spec: reply must be non-empty text (or a list of them in a file){where}"
+        )
+    return ScriptedSpec(tuple(replies), tps, prefill_tps, think, eos)

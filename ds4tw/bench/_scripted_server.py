@@ -2,10 +2,11 @@
 A ds4tw server on a paced scripted engine, on a real port: the
 benchmark's stand-in for C{twistd -n ds4tw} when there is no model (CI).
 
-L{ds4tw.testing.ScriptedEngine} computes instantly; L{PacedEngine}
-sleeps in the model thread for every prefill batch and every token, so
-that queueing, keepalives and cancel latency behave as they would on a
-model (a fixed, known token time). Everything else is the real server:
+The L{ds4tw.testing.ScriptedEngine} here is paced (its C{tps} and
+C{prefill_tps}): it sleeps in the model thread for every prefill batch
+and every token, so that queueing, keepalives and cancel latency behave
+as they would on a model (a fixed, known token time). C{twistd ds4tw
+--model scripted:...} serves the same engine. Everything else is the real server:
 the same L{ds4tw.Server}, Klein app, worker thread, SSE and log line.
 
     python -m ds4tw.bench._scripted_server --port 8000 --log server.log
@@ -17,60 +18,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from ds4tw._engine import (
-    Aborted,
-    AbortFlag,
-    EngineEvent,
-    FinishReason,
-    PrefillProgress,
-    SamplingParams,
-)
 from ds4tw.testing import Reply, ScriptedEngine
-
-
-class PacedEngine(ScriptedEngine):
-    """
-    A L{ScriptedEngine} that takes C{token_s} per token and C{prefill_s}
-    per prefill batch, like a (very small, very regular) model.
-    """
-
-    def __init__(self, *, token_s: float, prefill_s: float, **kw: object) -> None:
-        super().__init__(**kw)  # type: ignore[arg-type]
-        self.token_s = token_s
-        self.prefill_s = prefill_s
-
-    #: The paced "compute" checks the abort flag this often, as llama.cpp
-    #: checks it between graph nodes.
-    ABORT_SLICE_S = 0.001
-
-    def _compute(self, seconds: float, abort: AbortFlag | None) -> None:
-        end = time.perf_counter() + seconds
-        while (left := end - time.perf_counter()) > 0:
-            if abort is not None and abort.is_set:
-                raise Aborted
-            time.sleep(min(left, self.ABORT_SLICE_S))
-
-    def generate(
-        self, prompt: Sequence[int], params: SamplingParams, abort: AbortFlag | None = None
-    ) -> Generator[EngineEvent, None, FinishReason]:
-        inner = super().generate(prompt, params, abort)
-        try:
-            while True:
-                try:
-                    event = next(inner)
-                except StopIteration as done:
-                    return done.value
-                # The "compute" of this event, before handing it over.
-                self._compute(
-                    self.prefill_s if isinstance(event, PrefillProgress) else self.token_s, abort
-                )
-                yield event
-        finally:
-            inner.close()
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -103,12 +54,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
     # A reply that never ends by itself: every request uses ignore_eos or
     # max_tokens, as the benchmark's do.
-    engine = PacedEngine(
-        replies=[Reply.words("The scripted engine speaks at a steady pace.", eos=False)],
+    engine = ScriptedEngine(
+        [Reply.words("The scripted engine speaks at a steady pace.", eos=False)],
         n_ctx=args.ctx,
         prefill_batch=args.prefill_batch,
-        token_s=args.token_ms / 1000.0,
-        prefill_s=args.prefill_ms / 1000.0,
+        tps=1000.0 / args.token_ms if args.token_ms > 0 else 0.0,
+        prefill_tps=args.prefill_batch * 1000.0 / args.prefill_ms if args.prefill_ms > 0 else 0.0,
     )
     if args.think:
         engine.generation_prompt_suffix = "<think>\n"
