@@ -1,9 +1,9 @@
 """
 What every dialect's routes share: the wrapper that applies CORS and auth,
-gives the request its id, and turns an L{APIError} (or a bug: a 500) into
-that dialect's error body; JSON bodies checked before pydantic sees them,
-request parsing with pydantic, and JSON responses. A dialect supplies only
-its error shape.
+gives the request its id (and echoes its session id), and turns an
+L{APIError} (or a bug: a 500) into that dialect's error body; JSON bodies
+checked before pydantic sees them, request parsing with pydantic, and JSON
+responses. A dialect supplies only its error shape.
 
 Covered through each dialect's route tests (tests/unit/test_openai_routes.py,
 test_anthropic.py, test_responses.py), tests/unit/test_app.py (bad bodies,
@@ -67,7 +67,22 @@ def request_id(request: Request) -> str:
         rid = text if _SANE_ID.fullmatch(text) else f"req_{uuid.uuid4().hex[:24]}"
         setattr(request, _ID_ATTR, rid)
         request.setHeader(b"x-request-id", rid.encode())
+        session = session_id(request)
+        if session is not None:
+            request.setHeader(b"x-session-id", session.encode())
     return rid
+
+
+def session_id(request: Request) -> str | None:
+    """
+    The client's C{X-Session-Id}, when sane (as a request id): a stable
+    key per conversation for a balancer's session affinity. ds4tw only
+    names it in the job's log line and echoes it back (every response,
+    with the request id); an insane one is ignored.
+    """
+    given = request.getHeader(b"x-session-id")
+    text = given.decode("latin-1") if isinstance(given, bytes) else (given or "")
+    return text if _SANE_ID.fullmatch(text) else None
 
 
 def unexpected(request: Request, failure: Any, body: ErrorBody) -> bytes | Deferred[None]:

@@ -180,13 +180,19 @@ def new_job(
     label: str,
     reasoning: bool = True,
     tooling: Tooling | None = None,
+    session: str | None = None,
 ) -> Job:
     """
+    @param label: what the job's log line calls it.
     @param reasoning: split reasoning from content with the server's
         reasoning parser (chat routes); off for raw text completions.
     @param tooling: parse tool calls out of the content with the server's
         tool-call parser, when the request offers tools.
+    @param session: the client's session id (C{X-Session-Id}), added to
+        the label.
     """
+    if session is not None:
+        label = f"{label} session={session}"
     splitter = server.reasoning_parser.splitter(prompt.text) if reasoning else PlainSplitter()
     tools = None
     if tooling is not None and tooling.active:

@@ -84,6 +84,7 @@ def add_routes(server: Host) -> None:
             req.sampling(max_tokens, prompt.stops),
             f"{mid} messages stream={req.stream}",
             tooling=tooling,
+            session=_routing.session_id(request),
         )
         stop = partial(
             render.stop_reason,

@@ -60,6 +60,7 @@ def add_routes(server: Host) -> None:
             req.sampling(max_tokens, prompt.stops),
             f"{rid} chat stream={req.stream}",
             tooling=tooling,
+            session=_routing.session_id(request),
         )
         model_name = req.model or server.engine.model_id
         if req.stream:
@@ -80,7 +81,14 @@ def add_routes(server: Host) -> None:
         max_tokens = _turn.max_tokens_for(server, prompt, req.requested_max_tokens() or 16)
         rid = server.request_id("cmpl")
         label = f"{rid} completion stream={req.stream}"
-        job = _turn.new_job(server, prompt, req.sampling(max_tokens), label, reasoning=False)
+        job = _turn.new_job(
+            server,
+            prompt,
+            req.sampling(max_tokens),
+            label,
+            reasoning=False,
+            session=_routing.session_id(request),
+        )
         model_name = req.model or server.engine.model_id
         logprobs = req.logprobs is not None
         if req.stream:

@@ -49,7 +49,9 @@ async def _respond(server: Host, request: Request) -> bytes | None:
     params = req.sampling(max_tokens, prompt.stops)
     rid = f"resp_{uuid.uuid4().hex}"
     label = f"{rid} responses stream={req.stream}"
-    job = _turn.new_job(server, prompt, params, label, tooling=tooling)
+    job = _turn.new_job(
+        server, prompt, params, label, tooling=tooling, session=_routing.session_id(request)
+    )
     model = req.model or server.engine.model_id
     builder = render.ResponseBuilder(
         rid,
