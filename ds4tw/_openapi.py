@@ -198,7 +198,9 @@ def openapi_document(api_key: bool) -> dict[str, Any]:
             "title": "ds4tw",
             "version": __version__,
             "description": "A local GGUF model over the OpenAI (chat completions, completions, "
-            "responses) and Anthropic (messages) APIs. Every response carries an X-Request-Id.",
+            "responses) and Anthropic (messages) APIs. Every response carries an X-Request-Id, "
+            "and echoes the client's X-Session-Id (a per-conversation key for a balancer's "
+            "session affinity).",
         },
         "paths": paths,
         "components": {
