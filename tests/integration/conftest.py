@@ -75,8 +75,9 @@ class Twistd:
         return self.log.read_text(errors="replace")
 
 
-def start_twistd(tmp: Path, *args: str) -> Twistd:
-    port = free_port()
+def start_twistd(tmp: Path, *args: str, port: int | None = None) -> Twistd:
+    """A twistd -n ds4tw on C{port} (default: a free one), once healthy."""
+    port = free_port() if port is None else port
     log = tmp / "twistd.log"
     cmd = [
         str(BIN / "twistd"), "--nodaemon", "--pidfile=", f"--logfile={log}",

@@ -1,0 +1,164 @@
+"""
+Several replicas behind each proxy: a rolling restart with no failed
+request, and conversation affinity on X-Session-Id. The replicas serve
+the scripted engine (`--model scripted:...`, paced like a model but using
+no CPU to speak of): two real model processes on this machine's cores
+would only measure their collapse (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import KINDS, Proxy, Twistd, start_twistd, stop_twistd
+
+URL = "/v1/chat/completions"
+#: 50 tokens/s; replies pad to max_tokens (eos=0), so a stream lasts as long as asked.
+SCRIPTED = "scripted:tps=50,prefill_tps=5000,eos=0,reply=Hello from a replica."
+ARGS = ("--model", SCRIPTED, "--keepalive", "1", "--drain-timeout", "20")
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[list[Twistd]]:
+    started: list[Twistd] = []
+    for i in range(2):
+        (tmp_path / f"r{i}").mkdir()
+        started.append(start_twistd(tmp_path / f"r{i}", *ARGS))
+    yield started
+    for s in started:
+        if s.proc.poll() is None:
+            stop_twistd(s)
+
+
+def jobs_done(server: Twistd) -> float:
+    return server.metric("ds4tw_jobs_total", outcome="done")
+
+
+def restart(server: Twistd, tmp: Path) -> Twistd:
+    """SIGTERM (drain), wait for the exit, start again on the same port."""
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(timeout=60)
+    assert server.proc.returncode in (0, -signal.SIGTERM), server.log_text()[-2000:]
+    tmp.mkdir()
+    return start_twistd(tmp, *ARGS, port=server.port)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rolling_restart_fails_no_request(
+    kind: str, tmp_path: Path, replicas: list[Twistd], proxies: Callable[..., Proxy]
+) -> None:
+    proxy = proxies(kind, 30.0, [r.port for r in replicas])
+    # A stream in flight when its replica gets SIGTERM: 4 s at 50 tokens/s.
+    in_flight: list[list[str]] = []
+
+    def long_stream() -> None:
+        payload = {
+            "messages": [{"role": "user", "content": "A long answer, please."}],
+            "max_tokens": 200,
+            "stream": True,
+        }
+        with httpx.stream("POST", proxy.url + URL, json=payload, timeout=60) as r:
+            assert r.status_code == 200
+            in_flight.append([line for line in r.iter_lines() if line])
+
+    streamer = threading.Thread(target=long_stream)
+    streamer.start()
+    deadline = time.monotonic() + 10
+    while not any(httpx.get(r.url + "/health").json()["busy"] for r in replicas):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    busy = next(i for i, r in enumerate(replicas) if httpx.get(r.url + "/health").json()["busy"])
+
+    # New requests all along, one after another: none may fail.
+    stop = threading.Event()
+    results: list[tuple[int, str]] = []
+
+    def client() -> None:
+        i = 0
+        while not stop.is_set() and i < 2000:
+            i += 1
+            try:
+                r = httpx.post(
+                    proxy.url + URL,
+                    json={"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 2},
+                    timeout=30,
+                )
+                results.append((r.status_code, r.text[:200]))
+            except httpx.HTTPError as e:
+                results.append((0, f"{type(e).__name__}: {e}"))
+            time.sleep(0.02)
+
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    for c in clients:
+        c.start()
+    try:
+        for n, i in enumerate([busy, 1 - busy]):
+            replicas[i] = restart(replicas[i], tmp_path / f"restart{n}")
+            if n == 0:
+                streamer.join(30)
+                # The in-flight stream was drained: it ended with its final frame.
+                assert in_flight and in_flight[0][-1] == "data: [DONE]", in_flight
+                assert sum(1 for line in in_flight[0] if '"content":"' in line) >= 200
+            # Back in rotation before the next one goes: HAProxy after `rise 2`
+            # checks 1 s apart, nginx once its fail_timeout (5 s) is over.
+            time.sleep(3 if kind == "haproxy" else 6)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(60)
+    failed = [r for r in results if r[0] != 200]
+    print(f"{kind}: rolling restart of 2 replicas, {len(results)} requests, {len(failed)} failed")
+    assert len(results) > 50
+    assert not failed, failed[:5]
+    # Both restarted replicas serve again.
+    assert all(jobs_done(r) > 0 for r in replicas)
+
+
+def chat(proxy: Proxy, messages: list[dict[str, Any]], session: str) -> dict[str, Any]:
+    r = httpx.post(
+        proxy.url + URL,
+        json={"messages": messages, "max_tokens": 4},
+        headers={"X-Session-Id": session},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_session_affinity(kind: str, replicas: list[Twistd], proxies: Callable[..., Proxy]) -> None:
+    proxy = proxies(kind, 30.0, [r.port for r in replicas])
+    landed: list[int] = []
+    for key in range(16):
+        session = f"conversation-{key}"
+        before = [jobs_done(r) for r in replicas]
+        messages: list[dict[str, Any]] = [
+            {"role": "user", "content": f"Conversation {key}: tell me about rivers."}
+        ]
+        first = chat(proxy, messages, session)
+        messages += [first["choices"][0]["message"], {"role": "user", "content": "And lakes?"}]
+        second = chat(proxy, messages, session)
+        after = [jobs_done(r) for r in replicas]
+        # Both turns on the same replica, and the second reuses the first's
+        # KV cache: everything up to the new user turn.
+        (where,) = [i for i in range(len(replicas)) if after[i] - before[i] == 2]
+        landed.append(where)
+        cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached >= first["usage"]["prompt_tokens"], (first["usage"], second["usage"])
+    # Different keys spread over the replicas.
+    counts = [landed.count(i) for i in range(len(replicas))]
+    print(f"{kind}: 16 sessions landed {counts}")
+    assert min(counts) >= 2, counts
+    # The same key again lands where it did.
+    again = [jobs_done(r) for r in replicas]
+    chat(proxy, [{"role": "user", "content": "hi"}], "conversation-0")
+    assert jobs_done(replicas[landed[0]]) == again[landed[0]] + 1
