@@ -5,6 +5,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# tests/infra runs the real HAProxy and nginx (Debian's packages) in front of
+# ds4tw; install them once, quietly, where we can (root with apt). Never
+# started as system services: the tests run them as their own foreground
+# processes on loopback ports.
+if ! command -v haproxy >/dev/null || ! command -v nginx >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >/dev/null
+        apt-get install -y -qq --no-install-recommends haproxy nginx >/dev/null
+        # The packages' postinst may start the system services; stop them.
+        service nginx stop >/dev/null 2>&1 || true
+        service haproxy stop >/dev/null 2>&1 || true
+    else
+        echo "tests/infra needs haproxy and nginx: install them (e.g. sudo apt-get install haproxy nginx)" >&2
+    fi
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # compat mode: a regular editable install hides twisted/plugins/ds4tw_plugin.py
 # from twistd's plugin discovery.
