@@ -45,10 +45,6 @@ class ReasoningParser(Protocol):
 
     def splitter(self, prompt_text: str) -> ReasoningSplitter: ...
 
-    @property
-    def tags(self) -> tuple[str, str] | None:
-        """The start and end tags, if the syntax has them."""
-
 
 class PlainSplitter:
     """No reasoning syntax: everything is content."""
@@ -129,10 +125,6 @@ class TagReasoningParser:
     start: str = "<think>"
     end: str = "</think>"
 
-    @property
-    def tags(self) -> tuple[str, str] | None:
-        return (self.start, self.end)
-
     def splitter(self, prompt_text: str) -> ReasoningSplitter:
         # A template that opens the block in the generation prompt (R1,
         # Qwen3 with thinking forced on) starts the model inside it.
@@ -143,7 +135,6 @@ class TagReasoningParser:
 @dataclass(frozen=True)
 class NoReasoningParser:
     name: str = "none"
-    tags: tuple[str, str] | None = None
 
     def splitter(self, prompt_text: str) -> ReasoningSplitter:
         return PlainSplitter()

@@ -108,7 +108,6 @@ async def chat_prompt(
         only counting tokens).
     """
     engine = server.engine
-    reasoning_tags = server.reasoning_parser.tags
 
     def render() -> Prompt:
         parser = server.tool_parser()
@@ -123,7 +122,7 @@ async def chat_prompt(
             if tooling is not None and tooling.active:
                 # With structured output too: calls, or an answer in the format.
                 answer = None if response_format is None else response_format.json_schema()
-                grammar = _GRAMMARS.get(parser, tooling, reasoning_tags, answer)
+                grammar = _GRAMMARS.get(parser, tooling, answer)
             elif response_format is not None:
                 grammar = json_grammar(response_format.schema)
         except GrammarError as e:

@@ -68,19 +68,12 @@ class ToolCallParser(Protocol):
 
     def splitter(self, tooling: Tooling) -> ToolCallSplitter: ...
 
-    def grammar(
-        self,
-        tooling: Tooling,
-        reasoning: tuple[str, str] | None = None,
-        answer: Mapping[str, Any] | None = None,
-    ) -> Grammar:
+    def grammar(self, tooling: Tooling, answer: Mapping[str, Any] | None = None) -> Grammar:
         """
         The grammar for this turn: forced calls from the first token when
         the choice is C{required}, else lazy from the call's opening; with
         C{answer} (structured output beside tools), the reply is either
         calls or JSON valid against that schema, from the first token.
-        C{reasoning} is the reasoning parser's tags, for syntaxes whose
-        grammar must allow a reasoning block (none of these so far).
         """
 
     def instructions(self, tools: Sequence[ToolSpec]) -> str: ...
@@ -230,7 +223,6 @@ class _Splitter:
         call, self._call = self._call, None
         if call is None:
             return
-        call.scanner.feed("")
         if call.committed:
             out += call.abandon()
         else:
@@ -558,12 +550,7 @@ class HermesParser:
     def splitter(self, tooling: Tooling) -> ToolCallSplitter:
         return MarkedSplitter(tooling, self.START, self.END)
 
-    def grammar(
-        self,
-        tooling: Tooling,
-        reasoning: tuple[str, str] | None = None,
-        answer: Mapping[str, Any] | None = None,
-    ) -> Grammar:
+    def grammar(self, tooling: Tooling, answer: Mapping[str, Any] | None = None) -> Grammar:
         rules = RuleSet()
         call = _call_rules(rules, tooling)
         one = rules.rule(
@@ -599,12 +586,7 @@ class Llama3JSONParser:
     def splitter(self, tooling: Tooling) -> ToolCallSplitter:
         return LeadingJSONSplitter(tooling)
 
-    def grammar(
-        self,
-        tooling: Tooling,
-        reasoning: tuple[str, str] | None = None,
-        answer: Mapping[str, Any] | None = None,
-    ) -> Grammar:
+    def grammar(self, tooling: Tooling, answer: Mapping[str, Any] | None = None) -> Grammar:
         rules = RuleSet()
         call = _call_rules(rules, tooling, "parameters")
         calls = rules.rule("calls", _repeat(tooling, call, '";" space'))
@@ -642,12 +624,7 @@ class MistralParser:
     def splitter(self, tooling: Tooling) -> ToolCallSplitter:
         return MistralSplitter(tooling)
 
-    def grammar(
-        self,
-        tooling: Tooling,
-        reasoning: tuple[str, str] | None = None,
-        answer: Mapping[str, Any] | None = None,
-    ) -> Grammar:
+    def grammar(self, tooling: Tooling, answer: Mapping[str, Any] | None = None) -> Grammar:
         rules = RuleSet()
         marker = literal(MistralSplitter.MARKER)
         if self.args_marker:
@@ -702,16 +679,15 @@ class GrammarCache:
         self,
         parser: ToolCallParser,
         tooling: Tooling,
-        reasoning: tuple[str, str] | None,
         answer: Mapping[str, Any] | None = None,
     ) -> Grammar:
         syntax = f"{parser.name}:{getattr(parser, 'args_marker', '')}"
-        key = (syntax, tooling.key(), json.dumps([reasoning, answer], sort_keys=True))
+        key = (syntax, tooling.key(), json.dumps(answer, sort_keys=True))
         with self._lock:
             if key in self._grammars:
                 self._grammars.move_to_end(key)
                 return self._grammars[key]
-        grammar = parser.grammar(tooling, reasoning, answer)
+        grammar = parser.grammar(tooling, answer)
         with self._lock:
             self._grammars[key] = grammar
             while len(self._grammars) > self._size:

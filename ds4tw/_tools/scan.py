@@ -99,12 +99,6 @@ class ValueScanner:
             raise Malformed(f"unexpected {c!r}")
         return True
 
-    def end(self) -> None:
-        """The text ended: a pending scalar is complete, anything else is not."""
-        if self._scalar and not self._stack:
-            self._scalar = False
-            self.done = True
-
 
 #: Keys a call object may name its arguments by (Llama 3 says "parameters").
 ARGUMENT_KEYS = ("arguments", "parameters")

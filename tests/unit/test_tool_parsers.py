@@ -209,7 +209,7 @@ def test_grammars_parse(
     from llama_cpp.llama_grammar import LlamaGrammar
 
     tooling = Tooling(TOOLS.tools, ToolChoice(choice), parallel)  # type: ignore[arg-type]
-    grammar = parser.grammar(tooling, ("<think>", "</think>"), answer)
+    grammar = parser.grammar(tooling, answer)
     LlamaGrammar.from_string(grammar.gbnf, verbose=False)  # raises on a bad grammar
     # Lazy only for auto without structured output: with it, the reply is
     # calls or the answer from the first token.
@@ -269,9 +269,9 @@ def test_grammars_are_cached_by_tool_set() -> None:
 
     cache = GrammarCache(size=2)
     hermes = HermesParser()
-    first = cache.get(hermes, TOOLS, None)
-    assert cache.get(hermes, Tooling(TOOLS.tools), None) is first  # equal tools: a hit
-    assert cache.get(MistralParser(), TOOLS, None) is not first  # another syntax
-    forced = cache.get(hermes, Tooling(TOOLS.tools, ToolChoice("required")), None)
+    first = cache.get(hermes, TOOLS)
+    assert cache.get(hermes, Tooling(TOOLS.tools)) is first  # equal tools: a hit
+    assert cache.get(MistralParser(), TOOLS) is not first  # another syntax
+    forced = cache.get(hermes, Tooling(TOOLS.tools, ToolChoice("required")))
     assert forced.triggers == () and first.triggers
-    assert cache.get(hermes, TOOLS, None) is not first  # evicted (size 2): rebuilt
+    assert cache.get(hermes, TOOLS) is not first  # evicted (size 2): rebuilt
