@@ -20,10 +20,14 @@ from ._engine import (
     AbortFlag,
     ChatPrompt,
     Engine,
+    Failed,
+    Finished,
     Grammar,
     PrefillProgress,
     SamplingParams,
+    StepResult,
     Token,
+    generate,
 )
 from ._host import ServerConfig
 from ._http import LimitedSite
@@ -38,7 +42,9 @@ __all__ = [
     "Aborted",
     "ChatPrompt",
     "Engine",
+    "Failed",
     "Finish",
+    "Finished",
     "Grammar",
     "Job",
     "JobCancelled",
@@ -50,11 +56,13 @@ __all__ = [
     "Server",
     "ServerConfig",
     "Stage",
+    "StepResult",
     "Timings",
     "Token",
     "Usage",
     "WorkerThreads",
     "__version__",
     "demo_model_path",
+    "generate",
     "makeService",
 ]

@@ -104,9 +104,14 @@ class Server(MultiService):
         self.worker.setServiceParent(self)
         self.metrics = Metrics()
         self.metrics.watch(
-            lambda: self.worker.queue_depth, lambda: self.worker.busy, lambda: self.worker.ready
+            lambda: self.worker.queue_depth,
+            lambda: self.worker.busy,
+            lambda: self.worker.ready,
+            lambda: self.worker.slots_busy,
+            lambda: self.worker.slots,
         )
         self.worker.observers += [self.metrics.job_ended, _log_job]
+        self.worker.step_observers.append(self.metrics.step_done)
         self.app = Klein()
         self._routes()
         # Each dialect owns its routes (typed against _host.Host, so none
@@ -120,7 +125,7 @@ class Server(MultiService):
         log.info(
             "ds4tw: shutting down: draining {running} running and {queued} queued jobs "
             "for up to {timeout}s",
-            running=int(w.busy),
+            running=w.slots_busy,
             queued=w.queue_depth,
             timeout=w.drain_timeout,
         )
@@ -209,6 +214,8 @@ class Server(MultiService):
                 "model": self.engine.model_id,
                 "queue_depth": w.queue_depth,
                 "busy": w.busy,
+                "slots": w.slots,
+                "slots_busy": w.slots_busy,
             }
             ok = w.ready and not w.draining
             if not ok:
@@ -307,7 +314,7 @@ def _log_job(job: Job, outcome: Finish | Failure) -> None:
         log.info(
             "{label} done: finish={reason} prompt={prompt} cached={cached} "
             "completion={completion} queued={queued:.3f}s prefill={prefill:.3f}s "
-            "decode={decode:.3f}s ({rate:.1f} tok/s)",
+            "decode={decode:.3f}s ({rate:.1f} tok/s) shared steps with {peers} other requests",
             label=job.label,
             reason=outcome.reason,
             prompt=u.prompt_tokens,
@@ -317,17 +324,19 @@ def _log_job(job: Job, outcome: Finish | Failure) -> None:
             prefill=t.prefill,
             decode=t.decode,
             rate=rate,
+            peers=job.peers,
         )
     elif isinstance(outcome.value, JobCancelled):
         latency = job.cancel_latency
         log.info(
             "{label} cancelled at {stage} ({reason}); stopped {latency} after the cancel, "
-            "{age:.3f}s after submission",
+            "{age:.3f}s after submission; shared steps with {peers} other requests",
             label=job.label,
             stage=outcome.value.stage.value,
             reason=outcome.value.reason,
             latency="-" if latency is None else f"{latency * 1000:.2f}ms",
             age=time.monotonic() - job.submitted_at,
+            peers=job.peers,
         )
     else:
         log.failure("{label} error", outcome, label=job.label)

@@ -1,24 +1,35 @@
 """
 The engine interface: what the worker asks of a model.
 
-An engine owns one model and its context. Everything here except
-L{Engine.apply_chat_template} and L{Engine.tokenize} runs only in the
-model's worker thread, so an implementation needs no locking of its own.
+An engine owns one model and one context holding up to L{Engine.slots}
+sequences at once. Everything here except L{Engine.apply_chat_template}
+and L{Engine.tokenize} runs only in the model's worker thread, so an
+implementation needs no locking of its own.
 
-Generation is a generator of L{PrefillProgress} and L{Token} events: the
-worker pulls one event at a time and checks the job's cancel flag before
-every pull, so an engine gets cancellation for free at every prefill
-batch and before every token, simply by yielding there. Closing the
-generator (C{GeneratorExit}) is the cancel signal an engine sees.
+The worker schedules steps, not requests (L{ds4tw._scheduler}): it
+L{Engine.open}s a sequence for each admitted request, calls
+L{Engine.step} again and again, and L{Engine.release}s a sequence when its
+request ends (finished, stopped by a stop string, cancelled or failed).
+One step is one forward pass over a batch that holds one token for every
+decoding sequence and a bounded chunk of prompt for the prefilling ones
+(continuous batching); it returns what each sequence got out of it
+(L{PrefillProgress}, a L{Token}, L{Finished} or L{Failed}). Between two
+steps is where a cancelled request leaves: the worker simply releases its
+sequence.
 
-Inside a step, an engine may also watch the job's L{AbortFlag}: a byte
-in C memory that the reactor sets on cancel and native code can read
-without the GIL. L{LlamaEngine} hands it to llama.cpp's abort callback,
-so a disconnect stops a prefill batch or a decode step within
-milliseconds; the engine then raises L{Aborted} from the generator.
+Inside a step, an engine may also watch an L{AbortFlag}: a byte in C
+memory that the reactor sets when every request in the running step has
+been cancelled, which native code reads without the GIL. L{LlamaEngine}
+hands it to llama.cpp's abort callback, so a lone disconnect stops a
+prefill batch or a decode step within milliseconds; the engine then
+undoes the step and raises L{Aborted}.
 
-Covered by tests/unit/test_cancel.py (through the scripted engine) and
-tests/integration/test_llama_engine.py (the real one).
+L{generate} runs one request alone on any engine (tests, benchmarks,
+embedders that want one answer without a worker).
+
+Covered by tests/unit/test_scheduler.py and tests/unit/test_cancel.py
+(through the scripted engine) and tests/integration/test_llama_engine.py
+and tests/integration/test_batching.py (the real one).
 """
 
 from __future__ import annotations
@@ -170,6 +181,44 @@ EngineEvent = PrefillProgress | Token
 
 
 @dataclass(frozen=True)
+class Finished:
+    """
+    The sequence is done: C{"stop"} at an end-of-generation token (which
+    is not yielded), C{"length"} at max_tokens or the per-request context
+    limit. Stop strings are the worker's business, not the engine's.
+    """
+
+    reason: FinishReason
+
+
+@dataclass(frozen=True)
+class Failed:
+    """This sequence failed (a sampler error, say); the others go on."""
+
+    error: BaseException
+
+
+StepEvent = PrefillProgress | Token | Finished | Failed
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """
+    What one L{Engine.step} did: each sequence's events in order (a
+    sequence whose prefill ends in the step gets its L{PrefillProgress}
+    and then its first L{Token}), and the batch's shape.
+    """
+
+    events: tuple[tuple[int, StepEvent], ...] = ()
+    #: The sequences whose tokens were in the batch.
+    sequences: tuple[int, ...] = ()
+    #: Tokens decoded (one per decoding sequence) and prompt tokens
+    #: prefilled in this step.
+    decode_tokens: int = 0
+    prefill_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class ChatPrompt:
     """A rendered chat prompt: the text and any extra stop strings."""
 
@@ -212,21 +261,69 @@ class Engine(Protocol):
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Tokenize, parsing special tokens (any thread, after L{load})."""
 
-    def generate(
-        self, prompt: Sequence[int], params: SamplingParams, abort: AbortFlag | None = None
-    ) -> Generator[EngineEvent, None, FinishReason]:
+    @property
+    def slots(self) -> int:
+        """How many sequences the context holds, so requests at once."""
+
+    def open(self, prompt: Sequence[int], params: SamplingParams) -> int:
         """
-        Prefill C{prompt} and decode up to C{params.max_tokens} tokens.
+        Start a sequence for C{prompt}; return its id (its slot). The
+        engine reuses the longest cached prefix it holds (retained slots
+        first). Nothing is computed until the next L{step}. Raises, before
+        anything is allocated, if C{params} cannot be served (a grammar
+        that does not parse). The caller never opens more than L{slots}.
+        """
 
-        C{abort}, when given, may be watched inside a step: once it is set
-        the engine may stop the step it is in and raise L{Aborted} (it
-        never raises L{Aborted} while the flag is clear).
+    def step(self, abort: AbortFlag | None = None) -> StepResult:
+        """
+        One forward pass for every open, unfinished sequence (continuous
+        batching): one token for each decoding sequence, then prompt
+        chunks, shortest remaining prompt first, up to the step budget.
 
-        Yields L{PrefillProgress} after every prefill batch and a L{Token}
-        for every sampled token; returns C{"stop"} at an end-of-generation
-        token (which is not yielded) and C{"length"} at max_tokens or a
-        full context. Stop strings are the worker's business, not this.
+        C{abort}, when given, may be watched inside the step: once it is
+        set the engine may stop, undo the step (no sequence advances) and
+        raise L{Aborted}; it never raises L{Aborted} while it is clear.
+        """
+
+    def release(self, seq: int, *, keep_output: bool = True) -> None:
+        """
+        End sequence C{seq}. Its prompt's cells stay as a cache of that
+        prefix (a retained slot, evicted least recently used when a new
+        sequence needs the slot), and so do the generated tokens' cells
+        when C{keep_output} (a finished answer, which the next turn of the
+        conversation resends); otherwise they are freed at once.
         """
 
     def close(self) -> None:
         """Free the model (worker thread)."""
+
+
+def generate(
+    engine: Engine,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    abort: AbortFlag | None = None,
+) -> Generator[EngineEvent, None, FinishReason]:
+    """
+    Run one request alone on C{engine}, as a generator of its
+    L{PrefillProgress} and L{Token} events returning the finish reason.
+    Closing the generator early releases the sequence (its output's cells
+    freed); L{Aborted} propagates. Model thread only, with no other
+    sequence open (they would be stepped too).
+    """
+    seq = engine.open(prompt, params)
+    finished = False
+    try:
+        while True:
+            result = engine.step(abort)
+            for s, event in result.events:
+                if s != seq:
+                    continue
+                if isinstance(event, Finished):
+                    finished = True
+                    return event.reason
+                if isinstance(event, Failed):
+                    raise event.error
+                yield event
+    finally:
+        engine.release(seq, keep_output=finished)

@@ -29,6 +29,7 @@ import platform
 import re
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,18 @@ from ._engine import (
     AbortFlag,
     ChatPrompt,
     EngineEvent,
+    Failed,
+    Finished,
     FinishReason,
     Grammar,
     PrefillProgress,
     SamplingParams,
+    StepEvent,
+    StepResult,
     Token,
+    generate,
 )
+from ._slots import SlotTable
 from ._template import CHATML_TEMPLATE, ChatTemplate
 
 log = Logger()
@@ -167,17 +174,54 @@ def resolve_model(path: str | None) -> Path:
     return demo
 
 
-def open_llama(path: str, *, n_ctx: int, n_batch: int, n_threads: int) -> Any:
+@contextmanager
+def _sequences(n_seq: int) -> Iterator[None]:
+    """
+    Make the context with C{n_seq} sequences, each with its own KV stream
+    of C{n_ctx / n_seq} cells: C{Llama()} has no argument for either (it
+    only sets them for embeddings), so the default context params are
+    patched for the call.
+
+    Not llama.cpp's unified KV cache (one pool of cells for all
+    sequences): with llama-cpp-python 0.3.36's llama.cpp it computes wrong
+    attention once sequences' cells interleave in some layouts. Measured
+    on the demo model, max abs logit error against the same prompt alone:
+    up to 0.83 (flash attention off) after a prefix copy, up to 0.86 (on)
+    with two fresh prompts in one batch; per-sequence streams: 0.0 in
+    every layout tried (docs/performance.md, "Slots").
+    """
+    import llama_cpp.llama_cpp as C
+
+    original = C.llama_context_default_params
+
+    def params() -> Any:
+        p = original()
+        p.n_seq_max = n_seq
+        p.kv_unified = False
+        return p
+
+    C.llama_context_default_params = params
+    try:
+        yield
+    finally:
+        C.llama_context_default_params = original
+
+
+def open_llama(path: str, *, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1) -> Any:
     """
     A C{llama_cpp.Llama} loaded as ds4tw loads it (the benchmark's raw
     baseline loads through here too, so both measure the same thing).
+    With C{n_seq} sequences the context has C{n_seq * n_ctx} cells.
     """
     from llama_cpp import Llama
 
-    with _no_extra_buffers() if _cpu_has_amx() else nullcontext():
+    with (
+        _no_extra_buffers() if _cpu_has_amx() else nullcontext(),
+        _sequences(n_seq) if n_seq > 1 else nullcontext(),
+    ):
         return Llama(
             model_path=path,
-            n_ctx=n_ctx,
+            n_ctx=n_ctx * n_seq,
             n_batch=n_batch,
             n_ubatch=n_batch,
             n_threads=n_threads,
@@ -600,15 +644,16 @@ class _ConstrainedSampler:
 
     # -- the step ----------------------------------------------------------
 
-    def sample(self, ctx: Any, eog: set[int]) -> int | None:
+    def sample(self, ctx: Any, eog: set[int], idx: int = -1) -> int | None:
         """
-        The next token, accepted by every sampler; None when the grammar
-        is complete and end-of-generation is not allowed (C{ignore_eos}).
+        The next token from the logits of batch position C{idx}, accepted
+        by every sampler; None when the grammar is complete and
+        end-of-generation is not allowed (C{ignore_eos}).
         """
         import numpy as np
 
         C = self._C
-        logits = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, -1), shape=(self._n_vocab,))
+        logits = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, idx), shape=(self._n_vocab,))
         self._last = self._fill(logits)
         chosen = self._choose(self._cur)
         # The token that completes a trigger is already in the new
@@ -631,12 +676,77 @@ class _ConstrainedSampler:
         return chosen
 
 
+class _Batch:
+    """A native C{llama_batch} of up to C{size} tokens, one sequence each."""
+
+    def __init__(self, size: int) -> None:
+        import llama_cpp
+
+        self._C = llama_cpp
+        self.size = size
+        self.batch = llama_cpp.llama_batch_init(size, 0, 1)
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Add one token; return its index in the batch (for its logits)."""
+        b, i = self.batch, self.n
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+        self.n += 1
+        return i
+
+    def decode(self, ctx: Any) -> int:
+        self.batch.n_tokens = self.n
+        return int(self._C.llama_decode(ctx, self.batch))
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self._C.llama_batch_free(self.batch)
+            self.batch = None
+
+
+@dataclass
+class _Seq:
+    """One open sequence of L{LlamaEngine}."""
+
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    cached: int
+    #: Tokens of this sequence in the KV cache (the next position).
+    n_past: int
+    sampler: Any = None
+    constrained: _ConstrainedSampler | None = None
+    #: Sampled and reported, not yet in the KV cache (decoded next step).
+    pending: int | None = None
+    emitted: int = 0
+    finished: bool = False
+    #: This step: where its logits are in the batch, how many tokens it added.
+    idx: int = -1
+    added: int = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_past < len(self.prompt)
+
+
 class LlamaEngine:
     """
-    A GGUF model through llama-cpp-python.
+    A GGUF model through llama-cpp-python, with C{slots} sequences in one
+    context (a KV stream of C{n_ctx} cells per slot, so each request may
+    use up to C{n_ctx} and all of them fit at once: C{slots * n_ctx}
+    cells in all).
 
-    @param n_batch: prefill chunk size; also the cancel granularity of a
-        prefill (one chunk is the most work a disconnect can waste).
+    @param n_batch: the step budget in tokens (one per decoding sequence,
+        the rest for prompt chunks); also the cancel granularity of a
+        prefill (one step is the most work a disconnect can waste) and the
+        longest a decoding stream waits while another request prefills.
     """
 
     def __init__(
@@ -648,7 +758,10 @@ class LlamaEngine:
         n_batch: int = 256,
         model_id: str | None = None,
         chat_template: str | None = None,
+        slots: int = 1,
     ) -> None:
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
         self.model_path = Path(model_path)
         self.model_id = model_id or self.model_path.stem
         self._n_ctx = n_ctx
@@ -658,9 +771,14 @@ class LlamaEngine:
         self._llm: Any = None
         self._template: ChatTemplate | None = None
         self._eog_ids: list[int] = []
+        self._eog: set[int] = set()
         self._bytes: _VocabBytes | None = None
-        #: Never set: the callback's data between jobs, so that no job's
-        #: flag can stop another job's work.
+        self._table = SlotTable(slots)
+        self._seqs: dict[int, _Seq] = {}
+        self._batch: _Batch | None = None
+        self._buf = ctypes.create_string_buffer(64)
+        #: Never set: the callback's data between steps, so that no stale
+        #: flag can stop later work.
         self._idle_flag = AbortFlag()
         self._abort_cb: Any = None
         #: The flag llama.cpp watches now (kept alive while it does).
@@ -675,6 +793,15 @@ class LlamaEngine:
         return self._n_ctx
 
     @property
+    def slots(self) -> int:
+        return self._table.n
+
+    @property
+    def table(self) -> SlotTable:
+        """What each slot holds (read-only outside the model thread)."""
+        return self._table
+
+    @property
     def chat_template(self) -> str:
         # Before load() only an override is known; the GGUF's comes with the model.
         if self._template is None:
@@ -687,8 +814,8 @@ class LlamaEngine:
             n_ctx=self._n_ctx,
             n_batch=self._n_batch,
             n_threads=self._n_threads,
+            n_seq=self.slots,
         )
-        self._n_ctx = llm.n_ctx()
         model = llm._model
         eos = model.token_eos()
         bos = model.token_bos()
@@ -701,18 +828,29 @@ class LlamaEngine:
         )
         self._template = ChatTemplate(template, eos_token=eos_text, bos_token=bos_text)
         self._eog_ids = eog_tokens(llm)
+        self._eog = set(self._eog_ids)
         self._llm = llm
+        self._batch = _Batch(self._n_batch)
         self._abort_cb = abort_callback()
         self._watch(None)
         log.info(
-            "ds4tw: loaded {path} (n_ctx={n_ctx}, n_batch={n_batch}, threads={threads})",
+            "ds4tw: loaded {path} (slots={slots} x n_ctx={n_ctx}: {cells} KV cells, "
+            "~{mib:.0f} MiB; n_batch={n_batch}, threads={threads})",
             path=str(self.model_path),
+            slots=self.slots,
             n_ctx=self._n_ctx,
+            cells=llm.n_ctx(),
+            mib=kv_bytes_per_token(llm) * llm.n_ctx() / 2**20,
             n_batch=self._n_batch,
             threads=self._n_threads,
         )
 
     def close(self) -> None:
+        for seq in list(self._seqs):
+            self.release(seq, keep_output=False)
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
         if self._llm is not None:
             self._llm.close()
             self._llm = None
@@ -734,27 +872,10 @@ class LlamaEngine:
             self._watched = None
             return
         flag = abort if abort is not None else self._idle_flag
+        if flag is self._watched:
+            return
         llama_cpp.llama_set_abort_callback(self._llm._ctx.ctx, self._abort_cb, flag.address)
         self._watched = flag
-
-    def _eval(self, tokens: list[int]) -> None:
-        """
-        C{llm.eval} of one batch; an abort undoes the batch (its KV cells
-        go, C{n_tokens} stays) and raises L{Aborted}, so the next
-        request's prefix reuse sees exactly the tokens in the cache.
-        """
-        llm = self._llm
-        before = llm.n_tokens
-        try:
-            llm.eval(tokens)
-        except RuntimeError as e:
-            if _decode_code(e) != DECODE_ABORTED:
-                raise
-            # llama.cpp removes the aborted ubatch's cells itself; this
-            # makes sure, and keeps llama-cpp-python's view the same.
-            llm._ctx.kv_cache_seq_rm(-1, before, -1)
-            llm.n_tokens = before
-            raise Aborted from None
 
     # -- any thread ------------------------------------------------------
 
@@ -826,73 +947,201 @@ class LlamaEngine:
             self._vocab_bytes(),
         )
 
-    def generate(
-        self, prompt: Sequence[int], params: SamplingParams, abort: AbortFlag | None = None
-    ) -> Generator[EngineEvent, None, FinishReason]:
-        llm = self._llm
+    def open(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        import llama_cpp
+
         tokens = list(prompt)
-        total = len(tokens)
-        # Before the prefill: a grammar that does not parse fails here.
+        if not tokens:
+            raise ValueError("an empty prompt")
+        # Before anything is allocated: a grammar that does not parse fails here.
         constrained = self._constrained(params) if params.grammar is not None else None
-        # This job's flag from here on, and never anyone's after: a stale
-        # flag cannot stop the next job.
+        sampler = self._sampler(params) if constrained is None else None
+        claim = self._table.claim(tokens)
+        mem = llama_cpp.llama_get_memory(self._llm._ctx.ctx)
+        cached = claim.cached
+        if claim.source is not None and claim.source != claim.slot:
+            # The prefix lives in another sequence (a parallel subagent with
+            # the same system prompt and tools): copy its cells over.
+            if not self._copy_prefix(claim.source, claim.slot, cached):
+                cached = 0
+                self._table.slots[claim.slot].tokens.clear()
+        elif not llama_cpp.llama_memory_seq_rm(mem, claim.slot, cached, -1):
+            # A cache that cannot drop a tail (recurrent, SWA): start over.
+            llama_cpp.llama_memory_seq_rm(mem, claim.slot, -1, -1)
+            cached = 0
+            self._table.slots[claim.slot].tokens.clear()
+        self._seqs[claim.slot] = _Seq(
+            claim.slot, tokens, params, cached, cached, sampler, constrained
+        )
+        return claim.slot
+
+    def _copy_prefix(self, source: int, target: int, n: int) -> bool:
+        """
+        Copy sequence C{source}'s first C{n} cells into C{target}, through
+        llama.cpp's per-sequence state (a memcpy of the cells, about 1 ms
+        per 1,000 tokens of the demo model, where computing them again
+        costs seconds). Separate KV streams cannot share cells.
+        """
+        import llama_cpp
+
+        ctx = self._llm._ctx.ctx
+        mem = llama_cpp.llama_get_memory(ctx)
+        size = llama_cpp.llama_state_seq_get_size(ctx, source)
+        buf = (ctypes.c_uint8 * size)()
+        got = llama_cpp.llama_state_seq_get_data(ctx, buf, size, source)
+        llama_cpp.llama_memory_seq_rm(mem, target, -1, -1)
+        if not got or not llama_cpp.llama_state_seq_set_data(ctx, buf, got, target):
+            log.warn("ds4tw: copying slot {source}'s prefix failed; computing it", source=source)
+            llama_cpp.llama_memory_seq_rm(mem, target, -1, -1)
+            return False
+        llama_cpp.llama_memory_seq_rm(mem, target, n, -1)
+        return True
+
+    def release(self, seq: int, *, keep_output: bool = True) -> None:
+        import llama_cpp
+
+        s = self._seqs.pop(seq)
+        if s.constrained is not None:
+            s.constrained.close()
+        if s.sampler is not None:
+            s.sampler.close()
+        self._table.release(seq, None if keep_output else min(s.n_past, len(s.prompt)))
+        if self._llm is not None:
+            mem = llama_cpp.llama_get_memory(self._llm._ctx.ctx)
+            kept = len(self._table.slots[seq].tokens)
+            if not llama_cpp.llama_memory_seq_rm(mem, seq, kept, -1):
+                llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
+                self._table.slots[seq].tokens.clear()
+
+    def step(self, abort: AbortFlag | None = None) -> StepResult:
+        import llama_cpp
+
+        batch = self._batch
+        assert batch is not None, "load() first"
+        batch.clear()
+        live = [s for s in self._seqs.values() if not s.finished]
+        decoding = [s for s in live if s.pending is not None]
+        for s in decoding:
+            assert s.pending is not None
+            s.idx = batch.add(s.pending, s.n_past, s.id, True)
+            s.added = 1
+        budget = batch.size - batch.n
+        filling = sorted(
+            (s for s in live if s.prefilling), key=lambda s: (len(s.prompt) - s.n_past, s.id)
+        )
+        prefilled: list[_Seq] = []
+        for s in filling:
+            if budget <= 0:
+                break
+            end = min(len(s.prompt), s.n_past + budget)
+            for pos in range(s.n_past, end):
+                idx = batch.add(s.prompt[pos], pos, s.id, pos == len(s.prompt) - 1)
+            s.idx, s.added = idx, end - s.n_past
+            budget -= s.added
+            prefilled.append(s)
+        if batch.n == 0:
+            return StepResult()
+        ctx = self._llm._ctx.ctx
         self._watch(abort)
         try:
-            cached = reuse_prefix(llm, tokens)
-            sampler: Any = self._sampler(params) if constrained is None else None
-            n_batch = self._n_batch
-            # Prefill: one eval per batch, a yield (cancel point) after each.
-            for start in range(cached, total, n_batch):
-                chunk = tokens[start : start + n_batch]
-                self._eval(chunk)
-                yield PrefillProgress(start + len(chunk), total, cached)
-            eog = set(self._eog_ids)
-            buf = ctypes.create_string_buffer(64)
-            ctx = llm._ctx
-            want = params.logprobs
-            token = -1
-            for i in range(params.max_tokens):
-                if i:
-                    if llm.n_tokens >= self._n_ctx:
-                        return "length"
-                    self._eval([token])
-                if constrained is None:
-                    token = sampler.sample(ctx, -1)
-                else:
-                    chosen = constrained.sample(ctx.ctx, eog)
-                    if chosen is None:  # the grammar is done and EOG is banned
-                        return "stop"
-                    token = chosen
-                if token in eog and not params.ignore_eos:
-                    return "stop"
-                piece = token_piece(llm, token, buf)
-                if want is None:
-                    # The throughput baseline: nothing more per token.
-                    yield Token(token, piece)
-                else:
-                    yield self._with_logprobs(token, piece, want, buf)
-                # The consumer checks for cancel before pulling again, that
-                # is, before the next token is computed.
-            return "length"
+            rc = batch.decode(ctx)
         finally:
             self._watch(None)
-            if constrained is not None:
-                constrained.close()
+        if rc != 0:
+            mem = llama_cpp.llama_get_memory(ctx)
+            # Undo the step: no sequence keeps a cell of it, so each one
+            # is exactly where it was (and its cache still exact).
+            for s in (*decoding, *prefilled):
+                llama_cpp.llama_memory_seq_rm(mem, s.id, s.n_past, -1)
+            if rc == DECODE_ABORTED:
+                raise Aborted
+            raise RuntimeError(f"llama_decode returned {rc}")
+        events: list[tuple[int, StepEvent]] = []
+        for s in decoding:
+            assert s.pending is not None
+            self._table.slots[s.id].tokens.append(s.pending)
+            s.n_past += 1
+            s.pending = None
+            events += [(s.id, e) for e in self._sample(s)]
+        for s in prefilled:
+            start = s.n_past
+            s.n_past += s.added
+            self._table.slots[s.id].tokens.extend(s.prompt[start : s.n_past])
+            events.append((s.id, PrefillProgress(s.n_past, len(s.prompt), s.cached)))
+            if not s.prefilling:
+                events += [(s.id, e) for e in self._sample(s)]
+        return StepResult(
+            tuple(events),
+            tuple(s.id for s in (*decoding, *prefilled)),
+            len(decoding),
+            sum(s.added for s in prefilled),
+        )
 
-    def _with_logprobs(self, token: int, piece: bytes, top: int, buf: Any) -> Token:
+    def _sample(self, s: _Seq) -> list[StepEvent]:
+        """Sample C{s}'s next token from its logits of this step."""
+        try:
+            ctx = self._llm._ctx
+            if s.constrained is None:
+                token = s.sampler.sample(ctx, s.idx)
+            else:
+                chosen = s.constrained.sample(ctx.ctx, self._eog, s.idx)
+                if chosen is None:  # the grammar is done and EOG is banned
+                    s.finished = True
+                    return [Finished("stop")]
+                token = chosen
+            if token in self._eog and not s.params.ignore_eos:
+                s.finished = True
+                return [Finished("stop")]
+            piece = token_piece(self._llm, token, self._buf)
+            want = s.params.logprobs
+            # No logprobs: the throughput baseline, nothing more per token.
+            event = Token(token, piece) if want is None else self._with_logprobs(s, token, piece)
+        except Exception as e:
+            s.finished = True
+            return [Failed(e)]
+        s.emitted += 1
+        if s.emitted >= s.params.max_tokens or s.n_past >= self._n_ctx:
+            s.finished = True
+            return [event, Finished("length")]
+        s.pending = token
+        return [event]
+
+    def _with_logprobs(self, s: _Seq, token: int, piece: bytes) -> Token:
         import llama_cpp
         import numpy as np
 
         llm = self._llm
+        assert s.params.logprobs is not None
         # The raw logits of the position just sampled: the samplers work
         # on copies, so these are the model's own.
         logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),)
+            llama_cpp.llama_get_logits_ith(llm._ctx.ctx, s.idx), shape=(llm.n_vocab(),)
         )
-        lp, best = logprobs(logits, token, min(top, 20))
+        lp, best = logprobs(logits, token, min(s.params.logprobs, 20))
         return Token(
             token,
             piece,
             lp,
-            tuple((t, token_piece(llm, t, buf), v) for t, v in best),
+            tuple((t, token_piece(llm, t, self._buf), v) for t, v in best),
         )
+
+    def generate(
+        self, prompt: Sequence[int], params: SamplingParams, abort: AbortFlag | None = None
+    ) -> Generator[EngineEvent, None, FinishReason]:
+        """One request alone (L{ds4tw._engine.generate})."""
+        return generate(self, prompt, params, abort)
+
+
+def kv_bytes_per_token(llm: Any) -> int:
+    """
+    KV cache bytes per token (all layers, K and V, f16), from the model's
+    shape: what one cell costs, so C{slots * n_ctx} of them is the cache.
+    """
+    import llama_cpp
+
+    model = llm._model.model
+    n_layer = llama_cpp.llama_model_n_layer(model)
+    n_embd = llama_cpp.llama_model_n_embd(model)
+    n_head = max(1, llama_cpp.llama_model_n_head(model))
+    n_head_kv = llama_cpp.llama_model_n_head_kv(model)
+    return 2 * n_layer * (n_embd // n_head) * n_head_kv * 2

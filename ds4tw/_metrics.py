@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.python.failure import Failure
 
+from ._scheduler import StepStats
 from ._types import Finish
 from ._worker import Job, JobCancelled
 
@@ -21,6 +22,9 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_COUNT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+_TOKEN_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class Metrics:
@@ -73,15 +77,58 @@ class Metrics:
             "ds4tw_decode_seconds", "Token generation time.", buckets=_DURATION_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("ds4tw_queue_depth", "Jobs waiting for the model.", registry=r)
-        self.busy = Gauge("ds4tw_model_busy", "1 while the model thread runs a job.", registry=r)
+        self.busy = Gauge(
+            "ds4tw_model_busy", "1 while the model runs at least one request.", registry=r
+        )
         self.ready = Gauge("ds4tw_model_ready", "1 once the model is loaded.", registry=r)
+        self.slots = Gauge("ds4tw_slots", "Requests the model decodes at once.", registry=r)
+        self.slots_busy = Gauge("ds4tw_slots_busy", "Slots running a request now.", registry=r)
+        self.step_seconds = Histogram(
+            "ds4tw_step_seconds",
+            "Wall time of one engine step (one batched forward pass).",
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        )
+        self.step_sequences = Histogram(
+            "ds4tw_step_batch_size",
+            "Requests (sequences) in one engine step.",
+            buckets=_COUNT_BUCKETS,
+            registry=r,
+        )
+        self.step_tokens = Histogram(
+            "ds4tw_step_tokens",
+            "Tokens in one engine step (decoded plus prefilled).",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.step_prefill_tokens = Histogram(
+            "ds4tw_step_prefill_tokens",
+            "Prompt tokens prefilled in one engine step.",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
 
     def watch(
-        self, depth: Callable[[], int], busy: Callable[[], bool], ready: Callable[[], bool]
+        self,
+        depth: Callable[[], int],
+        busy: Callable[[], bool],
+        ready: Callable[[], bool],
+        slots_busy: Callable[[], int] | None = None,
+        slots: Callable[[], int] | None = None,
     ) -> None:
         self.queue_depth.set_function(lambda: float(depth()))
         self.busy.set_function(lambda: float(busy()))
         self.ready.set_function(lambda: float(ready()))
+        if slots_busy is not None:
+            self.slots_busy.set_function(lambda: float(slots_busy()))
+        if slots is not None:
+            self.slots.set_function(lambda: float(slots()))
+
+    def step_done(self, stats: StepStats) -> None:
+        self.step_seconds.observe(stats.seconds)
+        self.step_sequences.observe(stats.sequences)
+        self.step_tokens.observe(stats.decode_tokens + stats.prefill_tokens)
+        self.step_prefill_tokens.observe(stats.prefill_tokens)
 
     def keepalive_sent(self, stage: str) -> None:
         self.keepalives.labels(stage).inc()

@@ -215,11 +215,13 @@ def openapi_document(api_key: bool) -> dict[str, Any]:
 
 _HEALTH = {
     "type": "object",
-    "required": ["status", "model", "queue_depth", "busy"],
+    "required": ["status", "model", "queue_depth", "busy", "slots", "slots_busy"],
     "properties": {
         "status": {"type": "string", "enum": ["ok", "loading", "error", "draining"]},
         "model": {"type": "string"},
         "queue_depth": {"type": "integer"},
         "busy": {"type": "boolean"},
+        "slots": {"type": "integer", "description": "Requests decoded at once (--parallel)."},
+        "slots_busy": {"type": "integer", "description": "Slots running a request now."},
     },
 }

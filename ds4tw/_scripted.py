@@ -9,9 +9,15 @@ its own (L{ds4tw._template.ChatTemplate}). With C{logprobs} asked for,
 every token reports a log probability of L{TOKEN_LOGPROB} and
 alternatives below it.
 
-With C{prefix_cache=True}, like L{ds4tw.LlamaEngine}'s single live
-context, the engine remembers the prompt tokens it last prefilled: a
-prompt sharing a prefix with them reports that prefix as
+It runs C{slots} sequences at once (one by default) in steps shaped like
+L{ds4tw.LlamaEngine}'s: each step emits a token for every decoding
+sequence and prefills prompt chunks, shortest remaining first, within a
+budget of C{prefill_batch} tokens; the step that completes a prompt also
+emits its first token. L{steps} records every step's units by slot.
+
+With C{prefix_cache=True}, like L{ds4tw.LlamaEngine}'s retained slots,
+the engine remembers what each slot holds (L{ds4tw._slots.SlotTable}): a
+prompt sharing a prefix with any of them reports that prefix as
 C{PrefillProgress.cached} (at most all but one token) and prefills only
 the rest. Off by default, so that every prompt is prefilled whole.
 
@@ -49,11 +55,16 @@ from ._engine import (
     AbortFlag,
     ChatPrompt,
     EngineEvent,
+    Finished,
     FinishReason,
     PrefillProgress,
     SamplingParams,
+    StepEvent,
+    StepResult,
     Token,
+    generate,
 )
+from ._slots import SlotTable
 from ._template import CHATML_TEMPLATE, ChatTemplate
 
 #: The log probability of every scripted token, when logprobs are asked.
@@ -85,14 +96,32 @@ class Reply:
         return cls.of(*[p for p in parts if p], eos=eos)
 
 
+@dataclass
+class _Seq:
+    """One open sequence of the scripted engine."""
+
+    prompt: list[int]
+    params: SamplingParams
+    reply: Reply
+    cached: int
+    done: int
+    #: Tokens emitted so far.
+    emitted: int = 0
+    finished: bool = False
+
+
 class ScriptedEngine:
     """
-    An L{Engine} that plays back L{Reply}s in order (the last one repeats).
+    An L{Engine} that plays back L{Reply}s in order (the last one repeats),
+    one per opened sequence.
 
-    @param prefill_batch: prompt tokens per prefill step.
-    @param tps: decode speed in tokens per second (0: instant).
+    @param prefill_batch: the step budget: tokens per step, one for each
+        decoding sequence and the rest for prompt chunks.
+    @param tps: decode speed in steps per second (0: instant); a step
+        decodes every decoding sequence at once.
     @param prefill_tps: prefill speed in prompt tokens per second (0: instant).
-    @param prefix_cache: reuse the prefix shared with the last prompt.
+    @param prefix_cache: reuse the longest prefix a slot holds.
+    @param slots: sequences at once.
     """
 
     #: A paced step checks the abort flag this often (seconds).
@@ -109,31 +138,33 @@ class ScriptedEngine:
         tps: float = 0.0,
         prefill_tps: float = 0.0,
         prefix_cache: bool = False,
+        slots: int = 1,
     ) -> None:
         if tps < 0 or prefill_tps < 0:
             raise ValueError("tps and prefill_tps must be >= 0")
         self.model_id = model_id
         self.tps = tps
         self.prefill_tps = prefill_tps
-        self.prefix_cache = prefix_cache
-        #: The prompt tokens in the "KV cache": what the last generation
-        #: prefilled (only what it got through, if it was cancelled).
-        self.held: list[int] = []
+        #: What each slot's "KV cache" holds (L{ds4tw._slots.SlotTable}).
+        self.table = SlotTable(slots, reuse=prefix_cache)
         self._n_ctx = n_ctx
         self.prefill_batch = prefill_batch
         self._replies: deque[Reply] = deque(
             r if isinstance(r, Reply) else Reply.words(r) for r in replies
         )
         self._template = ChatTemplate(chat_template, eos_token="<|im_end|>")
+        self._open: dict[int, _Seq] = {}
         self.loaded = False
         self.closed = False
         #: Work done, in order: ("prefill", tokens_done), ("token", index),
-        #: ("closed", None) when a generation is abandoned mid-way.
+        #: ("closed", None) when a sequence is released unfinished.
         self.computed: list[tuple[str, int | None]] = []
-        #: Called with the step about to be computed (C{("prefill", done)}
-        #: or C{("token", index)}) before the abort check.
+        #: Every computed step: the (slot, kind, n) units it held.
+        self.steps: list[tuple[tuple[int, str, int], ...]] = []
+        #: Called with each unit about to be computed (C{("prefill", done)}
+        #: or C{("token", index)}) before the step's abort check.
         self.step_hook: Callable[[tuple[str, int]], None] | None = None
-        #: Prompts and params of every generate() call.
+        #: Prompts and params of every open() call.
         self.calls: list[tuple[list[int], SamplingParams]] = []
         #: Keyword arguments of every apply_chat_template() call.
         self.template_kwargs: list[dict[str, Any]] = []
@@ -148,8 +179,26 @@ class ScriptedEngine:
         return self._n_ctx
 
     @property
+    def slots(self) -> int:
+        return self.table.n
+
+    @property
     def chat_template(self) -> str:
         return self._template.source
+
+    @property
+    def prefix_cache(self) -> bool:
+        """Reuse the longest prefix a slot holds (settable at any time)."""
+        return self.table.reuse
+
+    @prefix_cache.setter
+    def prefix_cache(self, on: bool) -> None:
+        self.table.reuse = on
+
+    @property
+    def held(self) -> list[int]:
+        """The tokens of the slot used last (a one-slot engine's cache)."""
+        return max(self.table.slots, key=lambda s: s.used).tokens
 
     def add_reply(self, reply: Reply | str) -> None:
         self._replies.append(reply if isinstance(reply, Reply) else Reply.words(reply))
@@ -184,60 +233,130 @@ class ScriptedEngine:
         top += [(i, f" alt{i}".encode(), TOKEN_LOGPROB - i) for i in range(1, logprobs)]
         return Token(token_id, piece, TOKEN_LOGPROB, tuple(top[:logprobs]))
 
-    def _step(self, step: tuple[str, int], abort: AbortFlag | None, seconds: float = 0.0) -> None:
-        if self.step_hook is not None:
-            self.step_hook(step)
-        if abort is not None and abort.is_set:
-            raise Aborted
-        if seconds > 0:
-            end = time.perf_counter() + seconds
-            while (left := end - time.perf_counter()) > 0:
-                if abort is not None and abort.is_set:
-                    raise Aborted
-                time.sleep(min(left, self.ABORT_SLICE_S))
-        self.computed.append(step)
+    # -- sequences ---------------------------------------------------------
 
-    def _reuse_prefix(self, prompt: list[int]) -> int:
-        """The held tokens shared with C{prompt}, leaving at least one to prefill."""
-        limit = min(len(self.held), len(prompt) - 1) if self.prefix_cache else 0
-        common = 0
-        while common < limit and self.held[common] == prompt[common]:
-            common += 1
-        del self.held[common:]
-        return common
+    def open(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        self.calls.append((list(prompt), params))
+        claim = self.table.claim(prompt)
+        self._open[claim.slot] = _Seq(
+            list(prompt), params, self._next_reply(), claim.cached, claim.cached
+        )
+        return claim.slot
+
+    def release(self, seq: int, *, keep_output: bool = True) -> None:
+        s = self._open.pop(seq)
+        if not s.finished:
+            self.computed.append(("closed", None))
+        self.table.release(seq, None if keep_output else s.done)
+
+    def _piece(self, s: _Seq) -> bytes | None:
+        """The next piece of C{s}'s reply, None at its end-of-generation."""
+        if s.emitted < len(s.reply.pieces):
+            return s.reply.pieces[s.emitted]
+        if s.reply.eos and not s.params.ignore_eos:
+            return None
+        return s.reply.filler
+
+    def _plan(self) -> list[tuple[int, str, int]]:
+        """This step's units: a token per decoding sequence, then prompt chunks."""
+        live = [(i, s) for i, s in self._open.items() if not s.finished]
+        units = [(i, "token", s.emitted) for i, s in live if s.done >= len(s.prompt)]
+        budget = max(1, self.prefill_batch - len(units))
+        filling = sorted(
+            ((i, s) for i, s in live if s.done < len(s.prompt)),
+            key=lambda x: (len(x[1].prompt) - x[1].done, x[0]),
+        )
+        for i, s in filling:
+            if budget <= 0:
+                break
+            n = min(budget, len(s.prompt) - s.done)
+            budget -= n
+            units.append((i, "prefill", s.done + n))
+        return units
+
+    def _pace(self, seconds: float, abort: AbortFlag | None) -> None:
+        end = time.perf_counter() + seconds
+        while (left := end - time.perf_counter()) > 0:
+            if abort is not None and abort.is_set:
+                raise Aborted
+            time.sleep(min(left, self.ABORT_SLICE_S))
+
+    def step(self, abort: AbortFlag | None = None) -> StepResult:
+        units = self._plan()
+        if not units:
+            return StepResult()
+        # What ends now needs no compute: a reply at its end-of-generation.
+        events: list[tuple[int, StepEvent]] = []
+        work: list[tuple[int, str, int]] = []
+        for unit in units:
+            i, kind, _ = unit
+            if kind == "token" and self._piece(self._open[i]) is None:
+                self._open[i].finished = True
+                events.append((i, Finished("stop")))
+            else:
+                work.append(unit)
+        for _, kind, n in work:
+            if self.step_hook is not None:
+                self.step_hook((kind, n))
+        if abort is not None and abort.is_set:
+            for i, _e in events:
+                self._open[i].finished = False
+            raise Aborted
+        prefilled = 0
+        for i, kind, n in work:
+            if kind == "prefill":
+                prefilled += n - self._open[i].done
+        decoding = sum(1 for _, kind, _ in work if kind == "token")
+        seconds = prefilled / self.prefill_tps if self.prefill_tps else 0.0
+        if decoding and self.tps:
+            seconds += 1.0 / self.tps
+        if seconds > 0:
+            try:
+                self._pace(seconds, abort)
+            except Aborted:
+                for i, _e in events:
+                    self._open[i].finished = False
+                raise
+        for i, kind, n in work:
+            s = self._open[i]
+            if kind == "prefill":
+                self.computed.append(("prefill", n))
+                self.table.slots[i].tokens[s.done :] = s.prompt[s.done : n]
+                s.done = n
+                events.append((i, PrefillProgress(n, len(s.prompt), s.cached)))
+                if n < len(s.prompt):
+                    continue
+            events.extend((i, e) for e in self._emit(i, s))
+        self.steps.append(tuple(work))
+        return StepResult(
+            tuple(events),
+            tuple(dict.fromkeys(i for i, _, _ in work)),
+            decoding,
+            prefilled,
+        )
+
+    def _emit(self, i: int, s: _Seq) -> list[StepEvent]:
+        """Sample C{s}'s next token (its logits are fresh after this step)."""
+        piece = self._piece(s)
+        if piece is None:
+            s.finished = True
+            return [Finished("stop")]
+        index = s.emitted
+        self.computed.append(("token", index))
+        s.emitted += 1
+        # The token's cell, as the real engine has it after the next step.
+        self.table.slots[i].tokens.append(1000 + index)
+        out: list[StepEvent] = [self._token(1000 + index, piece, s.params.logprobs)]
+        if s.emitted >= s.params.max_tokens or len(s.prompt) + s.emitted >= self._n_ctx:
+            s.finished = True
+            out.append(Finished("length"))
+        return out
 
     def generate(
         self, prompt: Sequence[int], params: SamplingParams, abort: AbortFlag | None = None
     ) -> Generator[EngineEvent, None, FinishReason]:
-        self.calls.append((list(prompt), params))
-        reply = self._next_reply()
-        tokens = list(prompt)
-        total = len(tokens)
-        cached = self._reuse_prefix(tokens)
-        prefill_s = 1.0 / self.prefill_tps if self.prefill_tps else 0.0
-        token_s = 1.0 / self.tps if self.tps else 0.0
-        finished = False
-        try:
-            for done in range(cached, total, self.prefill_batch):
-                n = min(done + self.prefill_batch, total)
-                self._step(("prefill", n), abort, (n - done) * prefill_s)
-                self.held[done:] = tokens[done:n]
-                yield PrefillProgress(n, total, cached)
-            for i in range(params.max_tokens):
-                if i < len(reply.pieces):
-                    piece = reply.pieces[i]
-                elif reply.eos and not params.ignore_eos:
-                    finished = True
-                    return "stop"
-                else:
-                    piece = reply.filler
-                self._step(("token", i), abort, token_s)
-                yield self._token(1000 + i, piece, params.logprobs)
-            finished = True
-            return "length"
-        finally:
-            if not finished:
-                self.computed.append(("closed", None))
+        """One request alone (L{ds4tw._engine.generate})."""
+        return generate(self, prompt, params, abort)
 
 
 # -- twistd ds4tw --model scripted:SPEC -----------------------------------
@@ -269,6 +388,7 @@ class ScriptedSpec:
         prefill_batch: int = 64,
         model_id: str | None = None,
         chat_template: str | None = None,
+        slots: int = 1,
     ) -> ScriptedEngine:
         """A paced engine with a prefix cache, as a model would be."""
         thinking = ("<think>", *[" thinking"] * self.think, "</think>\n\n") if self.think else ()
@@ -285,6 +405,7 @@ class ScriptedSpec:
             tps=self.tps,
             prefill_tps=self.prefill_tps,
             prefix_cache=True,
+            slots=slots,
         )
 
 

@@ -1,25 +1,28 @@
 """
-The single-model scheduler and the cancel path.
+The reactor side of the model: its queue, its slots, and the cancel path.
 
-One model means one worker thread (a llama context is not thread-safe),
-fed from a bounded FIFO of L{Job}s that lives in the reactor. A job moves
-through the stages C{queued -> prefill -> decode}; L{Job.cancel} at any
-stage stops its work at once:
+One model means one model thread (a llama context is not thread-safe, and
+a second thread calling ggml makes libgomp throttle decode about 3x:
+docs/performance.md), running the batch loop of L{ds4tw._scheduler}. The
+worker admits up to C{engine.slots} jobs at once into that loop; more
+wait in a bounded FIFO here in the reactor. A job moves through the
+stages C{queued -> prefill -> decode}; L{Job.cancel} at any stage stops
+its work at once:
 
-  - queued: the job leaves the queue and never reaches the engine;
-  - prefill: the worker stops before the next prefill batch;
-  - decode: the worker stops before the next token.
-
-The worker thread pulls engine events one at a time and checks the job's
-cancel flag before every pull (L{_run_job}); that loop is the only place
-cancellation is enforced. Events reach the reactor through
-L{WorkerThreads.to_reactor}.
+  - queued (here or in the loop's inbox): the job leaves and never
+    reaches the engine;
+  - running: its sequence leaves before the next step (the others in the
+    batch go on untouched); and when every running job is cancelled,
+    the worker's step flag stops the step in progress from inside
+    (L{ds4tw._engine.AbortFlag}).
 
 The thread boundary itself is an interface (L{WorkerThreads}) so that tests
-can drive the worker one engine event at a time (L{ds4tw.testing.SteppedThreads}).
+can drive the model thread one engine step at a time
+(L{ds4tw.testing.SteppedThreads}).
 
-Covered by tests/unit/test_cancel.py, tests/unit/test_shutdown.py and
-tests/unit/test_openai_routes.py (a model still loading).
+Covered by tests/unit/test_cancel.py, tests/unit/test_scheduler.py,
+tests/unit/test_shutdown.py and tests/unit/test_openai_routes.py (a model
+still loading).
 """
 
 from __future__ import annotations
@@ -36,9 +39,25 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._engine import Aborted, AbortFlag, Engine, PrefillProgress, SamplingParams, Token
-from ._pipeline import OutputPipeline
-from ._types import Finish, Output, Stage, Timings, Usage
+from ._engine import AbortFlag, Engine
+from ._job import SHUTTING_DOWN, Job, JobCancelled, JobListener
+from ._scheduler import BatchLoop, StepStats
+from ._types import Finish, Stage
+
+__all__ = [
+    "SHUTTING_DOWN",
+    "DrainResult",
+    "Job",
+    "JobCancelled",
+    "JobListener",
+    "NotReady",
+    "PoolThreads",
+    "QueueFull",
+    "ShuttingDown",
+    "StepStats",
+    "Worker",
+    "WorkerThreads",
+]
 
 _T = TypeVar("_T")
 
@@ -57,144 +76,8 @@ class NotReady(Exception):
     """The model is still loading (or failed to load)."""
 
 
-#: The cancel reason of every job the shutdown stops (L{Worker.stopService}).
-SHUTTING_DOWN = "server shutting down"
-
-
 class ShuttingDown(NotReady):
     """The server is draining for shutdown and admits no new work."""
-
-
-class JobCancelled(Exception):
-    """The job was cancelled; C{stage} is where its work stopped."""
-
-    def __init__(self, stage: Stage, reason: str) -> None:
-        super().__init__(f"cancelled during {stage.value}: {reason}")
-        self.stage = stage
-        self.reason = reason
-
-    @property
-    def by_shutdown(self) -> bool:
-        """
-        The server stopped it at the drain timeout: somebody may still be
-        listening (unlike a client disconnect) and is owed an error.
-        """
-        return self.reason == SHUTTING_DOWN
-
-
-@dataclass
-class _Outcome:
-    finish: Finish | None = None
-    cancelled_at: Stage | None = None
-    #: When the model thread saw the cancel flag and stopped (monotonic).
-    stopped_at: float | None = None
-
-
-class JobListener(Protocol):
-    """What a job tells its consumer, always in the reactor thread."""
-
-    def stage_changed(self, stage: Stage) -> None: ...
-
-    def output(self, event: Output) -> None: ...
-
-
-class _NullListener:
-    def stage_changed(self, stage: Stage) -> None:
-        pass
-
-    def output(self, event: Output) -> None:
-        pass
-
-
-class Job:
-    """
-    One generation request. Created and consumed in the reactor; the
-    worker thread only reads L{cancelled} and reports through
-    L{WorkerThreads.to_reactor}.
-
-    L{deferred} fires with a L{Finish}, or fails with L{JobCancelled} or
-    the engine's exception.
-    """
-
-    def __init__(
-        self,
-        prompt: list[int],
-        params: SamplingParams,
-        listener: JobListener | None = None,
-        label: str = "",
-        pipeline: OutputPipeline | None = None,
-    ) -> None:
-        self.prompt = prompt
-        self.params = params
-        #: Token bytes to output events; used only by the model thread.
-        self.pipeline = pipeline or OutputPipeline(params.stop)
-        self.listener: JobListener = listener or _NullListener()
-        self.label = label
-        self.stage = Stage.QUEUED
-        #: Read by the worker thread before every engine step.
-        self.cancelled = False
-        #: The same, for native code inside a step (the engine's abort
-        #: callback): set by L{cancel} in the reactor, only read elsewhere.
-        self.abort = AbortFlag()
-        self.cancel_reason = ""
-        # Cancelling the Deferred (Klein does, on disconnect) cancels the job.
-        self.deferred: Deferred[Finish] = Deferred(lambda _: self.cancel("request cancelled"))
-        self._on_cancel: Callable[[Job], None] | None = None
-        self.submitted_at = time.monotonic()
-        self.started_at: float | None = None
-        self.cancel_requested_at: float | None = None
-        #: Written by the worker thread, read in the reactor once it ends.
-        self._outcome = _Outcome()
-
-    def cancel(self, reason: str = "client disconnected") -> None:
-        """Stop this job's work at the next check. Idempotent."""
-        if self.cancelled or self.stage is Stage.DONE:
-            return
-        self.cancel_requested_at = time.monotonic()
-        self.cancelled = True
-        self.cancel_reason = reason
-        self.abort.set()
-        if self._on_cancel is not None:
-            self._on_cancel(self)
-
-    @property
-    def cancel_latency(self) -> float | None:
-        """Seconds from L{cancel} to the work actually stopping."""
-        if self.cancel_requested_at is None or self._outcome.stopped_at is None:
-            return None
-        return max(0.0, self._outcome.stopped_at - self.cancel_requested_at)
-
-    # Called in the reactor by the worker.
-    def _set_stage(self, stage: Stage) -> None:
-        if self.stage is Stage.DONE or stage is self.stage:
-            return
-        self.stage = stage
-        self.listener.stage_changed(stage)
-
-    def _outputs(self, events: list[Output]) -> None:
-        if not self.cancelled:
-            for event in events:
-                self.listener.output(event)
-
-    # The Deferred may already have fired: cancelling it (Klein does, on
-    # disconnect) errbacks it with CancelledError before the model thread
-    # has even seen the flag.
-    def _succeed(self, finish: Finish) -> None:
-        self._set_stage(Stage.DONE)
-        if not self.deferred.called:
-            self.deferred.callback(finish)
-
-    def _fail(self, failure: Failure) -> None:
-        self._set_stage(Stage.DONE)
-        if not self.deferred.called:
-            self.deferred.errback(failure)
-
-    def _fail_cancelled(self, stage: Stage, reason: str) -> None:
-        self._outcome.cancelled_at = stage
-        # No stage_changed: a cancelled job has nobody left to tell.
-        self.stage = Stage.DONE
-        if not self.deferred.called:
-            self.deferred.errback(Failure(JobCancelled(stage, reason)))
 
 
 class WorkerThreads(Protocol):
@@ -274,11 +157,12 @@ class DrainResult:
 
 class Worker(Service):
     """
-    Loads the engine at start-up, then runs jobs one at a time in FIFO
-    order from a queue of at most C{max_queue} waiting jobs.
+    Loads the engine at start-up, then runs up to C{engine.slots} jobs at
+    once, taking waiting ones in FIFO order from a queue of at most
+    C{max_queue}.
 
     Stopping it drains: no new job is admitted (L{ShuttingDown}), the
-    running job and the queued ones keep going for up to
+    running jobs and the queued ones keep going for up to
     C{drain_timeout} seconds of C{clock}, and whatever is left then is
     cancelled with the reason L{SHUTTING_DOWN} (so that its consumer can
     tell its client, unlike a disconnect). Queued jobs are drained too:
@@ -317,11 +201,19 @@ class Worker(Service):
         self._drain_started = 0.0
         self.load_error: Failure | None = None
         self._queue: deque[Job] = deque()
-        self._current: Job | None = None
-        self._current_done: Deferred[None] | None = None
+        #: Jobs admitted to the model thread and not yet ended.
+        self._running: list[Job] = []
+        #: Admitted jobs the batch loop has not taken yet (shared with it).
+        self._inbox: deque[Job] = deque()
+        #: Watched by the engine inside a step; set only while every
+        #: running job is cancelled, so it never stops anyone's work.
+        self._step_abort = AbortFlag()
+        self._loop: Deferred[None] | None = None
         self.loaded: Deferred[None] = Deferred()
         #: Called in the reactor after every job ends (for metrics and logs).
         self.observers: list[Callable[[Job, Finish | Failure], None]] = []
+        #: Called in the reactor after every engine step.
+        self.step_observers: list[Callable[[StepStats], None]] = []
 
     # -- service ---------------------------------------------------------
 
@@ -380,18 +272,18 @@ class Worker(Service):
             result.other += 1
 
     def _drain_expired(self) -> None:
-        """The drain timeout: cancel the queued jobs, then the running one."""
+        """The drain timeout: cancel the queued jobs, then the running ones."""
         self._drain_timer = None
         if self.drain_result is not None:
-            self.drain_result.timed_out = bool(self._queue or self._current)
+            self.drain_result.timed_out = bool(self._queue or self._running)
         for job in list(self._queue):
             job.cancel(SHUTTING_DOWN)
-        if self._current is not None:
+        for job in list(self._running):
             # Stopped by the model thread at its next check, like a disconnect.
-            self._current.cancel(SHUTTING_DOWN)
+            job.cancel(SHUTTING_DOWN)
 
     def _check_drained(self) -> None:
-        if self._drained is None or self._current is not None or self._queue:
+        if self._drained is None or self._running or self._queue:
             return
         drained, self._drained = self._drained, None
         if self._drain_timer is not None and self._drain_timer.active():
@@ -401,15 +293,23 @@ class Worker(Service):
         self.drain_result.seconds = self.clock.seconds() - self._drain_started
         drained.callback(None)
 
-    # -- queue -----------------------------------------------------------
+    # -- queue and slots ---------------------------------------------------
 
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
 
     @property
+    def slots(self) -> int:
+        return self.engine.slots
+
+    @property
+    def slots_busy(self) -> int:
+        return len(self._running)
+
+    @property
     def busy(self) -> bool:
-        return self._current is not None
+        return bool(self._running)
 
     def check_ready(self) -> None:
         """Raise L{NotReady}, saying why, unless jobs can be admitted."""
@@ -426,7 +326,7 @@ class Worker(Service):
         that the caller can answer with an error before sending anything.
         """
         self.check_ready()
-        if self._current is not None and len(self._queue) >= self.max_queue:
+        if len(self._running) >= self.slots and len(self._queue) >= self.max_queue:
             raise QueueFull(len(self._queue))
         job._on_cancel = self._cancelled
         self._queue.append(job)
@@ -434,15 +334,29 @@ class Worker(Service):
         return job.deferred
 
     def _cancelled(self, job: Job) -> None:
-        if job is not self._current:
+        if job in self._queue:
             # Still waiting: it leaves the queue and never costs compute.
-            try:
-                self._queue.remove(job)
-            except ValueError:
-                return
+            self._queue.remove(job)
             self._drop_queued(job)
             self._check_drained()
-        # A running job is stopped by the worker thread at its next check.
+            return
+        if job not in self._running:
+            return
+        try:
+            # Admitted but not yet taken by the model thread.
+            self._inbox.remove(job)
+        except ValueError:
+            pass
+        else:
+            self._running.remove(job)
+            self._drop_queued(job)
+            self._pump()
+            self._check_drained()
+            return
+        # Running: its sequence leaves before the next step. When nobody
+        # else in the step still wants it, stop the step itself.
+        if all(j.cancelled for j in self._running):
+            self._step_abort.set()
 
     def _drop_queued(self, job: Job) -> None:
         job._outcome.stopped_at = time.monotonic()
@@ -450,24 +364,53 @@ class Worker(Service):
         self._notify(job, Failure(JobCancelled(Stage.QUEUED, job.cancel_reason)))
 
     def _pump(self) -> None:
-        if self._current is not None or not self._queue:
-            return
+        """Admit waiting jobs into free slots and make sure the loop runs."""
         if not self.running and not self.draining:
             return
-        job = self._queue.popleft()
-        self._current = job
-        job.started_at = time.monotonic()
-        d = self.threads.run(_run_job(self.engine, self.threads, job))
-        self._current_done = d.addBoth(self._finished, job)
+        while self._queue and len(self._running) < self.slots:
+            job = self._queue.popleft()
+            self._running.append(job)
+            # Before the job is visible to the model thread: the flag is
+            # set only while every running job is cancelled.
+            self._step_abort.clear()
+            self._inbox.append(job)
+        self._start_loop()
 
-    def _finished(self, result: object, job: Job) -> None:
-        self._current = None
-        self._current_done = None
+    def _start_loop(self) -> None:
+        if self._loop is not None or not self._inbox:
+            return
+        loop = BatchLoop(
+            self.engine,
+            self.threads.to_reactor,
+            self._inbox,
+            self._step_abort,
+            self._ended,
+            self._stepped,
+        )
+        self._loop = self.threads.run(loop.steps())
+        self._loop.addBoth(self._loop_ended)
+
+    def _loop_ended(self, result: object) -> None:
+        self._loop = None
+        if isinstance(result, Failure):
+            # A bug in the loop itself: fail whoever it held, never hang them.
+            log.failure("ds4tw: the batch loop failed", result)
+            for job in list(self._running):
+                if job not in self._inbox:
+                    job._outcome.failure = result
+                    self._ended(job)
+        # A job admitted while the loop was on its way out.
+        self._start_loop()
+
+    def _ended(self, job: Job) -> None:
+        """A job ended in the model thread (in the reactor now)."""
+        if job in self._running:
+            self._running.remove(job)
         outcome: Finish | Failure
         try:
-            if isinstance(result, Failure):
-                outcome = result
-                job._fail(result)
+            if job._outcome.failure is not None:
+                outcome = job._outcome.failure
+                job._fail(outcome)
             elif job._outcome.cancelled_at is not None:
                 stage = job._outcome.cancelled_at
                 outcome = Failure(JobCancelled(stage, job.cancel_reason))
@@ -482,80 +425,10 @@ class Worker(Service):
             self._pump()
             self._check_drained()
 
+    def _stepped(self, stats: StepStats) -> None:
+        for observer in self.step_observers:
+            observer(stats)
+
     def _notify(self, job: Job, outcome: Finish | Failure) -> None:
         for observer in self.observers:
             observer(job, outcome)
-
-
-def _run_job(engine: Engine, threads: WorkerThreads, job: Job) -> Iterator[None]:
-    """
-    The model-thread side of one job: pull engine events one at a time,
-    checking the cancel flag before each, and hand text to the reactor.
-    The engine also gets the job's L{AbortFlag}, and an L{Aborted} it
-    raises from inside a step counts as the cancel seen at that stage.
-    Each yield is one engine step, so L{ds4tw.testing.SteppedThreads} can
-    stop the world between any two.
-    """
-    outcome = job._outcome
-    started = time.monotonic()
-    timings = Timings(queued=started - job.submitted_at)
-    if job.cancelled:
-        outcome.cancelled_at = Stage.QUEUED
-        return
-    threads.to_reactor(job._set_stage, Stage.PREFILL)
-    stage = Stage.PREFILL
-    usage = Usage(prompt_tokens=len(job.prompt))
-    pipeline = job.pipeline
-    gen = engine.generate(job.prompt, job.params, job.abort)
-    reason: str = "stop"
-    stop_sequence: str | None = None
-    decode_started = started
-    try:
-        while True:
-            if job.cancelled:
-                outcome.cancelled_at = stage
-                outcome.stopped_at = time.monotonic()
-                return
-            try:
-                event = next(gen)
-            except StopIteration as done:
-                reason = done.value
-                break
-            except Aborted:
-                # The engine stopped inside this step: a cancel seen here.
-                outcome.cancelled_at = stage
-                outcome.stopped_at = time.monotonic()
-                return
-            if isinstance(event, PrefillProgress):
-                usage.cached_tokens = event.cached
-                if event.done >= event.total and stage is Stage.PREFILL:
-                    stage = Stage.DECODE
-                    decode_started = time.monotonic()
-                    timings.prefill = decode_started - started
-                    threads.to_reactor(job._set_stage, Stage.DECODE)
-            else:
-                assert isinstance(event, Token)
-                usage.completion_tokens += 1
-                thinking = pipeline.in_reasoning
-                fed = pipeline.feed(event)
-                # Tags count as reasoning: the token was inside the block
-                # before or after it.
-                if thinking or pipeline.in_reasoning:
-                    usage.reasoning_tokens += 1
-                if fed.outputs:
-                    threads.to_reactor(job._outputs, fed.outputs)
-                if fed.stop is not None:
-                    reason, stop_sequence = "stop", fed.stop
-                    break
-                if fed.call_done:
-                    break  # the one call this request allowed is complete
-            yield
-        tail = pipeline.finish(stopped=stop_sequence is not None)
-        if tail:
-            threads.to_reactor(job._outputs, tail)
-    finally:
-        gen.close()
-    if reason == "stop" and pipeline.calls:
-        reason = "tool_calls"
-    timings.decode = time.monotonic() - decode_started
-    outcome.finish = Finish(reason, usage, stop_sequence, timings)

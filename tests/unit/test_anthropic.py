@@ -26,6 +26,7 @@ import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
+from ds4tw import AbortFlag, StepResult
 from ds4tw.testing import Exchange, Reply
 
 from .conftest import Rig, make_rig
@@ -353,7 +354,7 @@ def test_think_block_token_by_token_with_split_tags() -> None:
     pieces = ("<", "think", ">", "Let me", " think.", "</", "think", ">", "\n\n", "The answer", ".")
     rig = make_rig([Reply.of(*pieces)])
     ex = stream(rig, thinking=ENABLED)
-    rig.threads.step(4)  # prefill, "<", "think", ">": a whole tag, nothing to send yet
+    rig.threads.step(3)  # prefill and "<", "think", ">": a whole tag, nothing to send yet
     assert sequence(ex) == ["message_start"]
     rig.threads.step(2)
     assert streamed(ex, "thinking_delta") == "Let me think."
@@ -393,7 +394,7 @@ def test_split_stop_sequence_is_held_back_and_never_sent() -> None:
 def test_a_stop_sequence_prefix_that_does_not_match_is_released() -> None:
     rig = make_rig([Reply.of("ST", "ART", " end")])
     ex = stream(rig, stop_sequences=["STOP"])
-    rig.threads.step(2)
+    rig.threads.step()  # prefill and "ST": a prefix of STOP, held back
     assert streamed(ex, "text_delta") == ""
     rig.threads.step()
     assert streamed(ex, "text_delta") == "START"
@@ -406,7 +407,7 @@ def test_split_multibyte_characters_are_never_sent_in_halves() -> None:
     pieces = (b"<think>", *(euro[i : i + 1] for i in range(3)), b"</think>", b"caf")
     rig = make_rig([Reply((*pieces, e_acute[:1], e_acute[1:], b"!"))])
     ex = stream(rig, thinking=ENABLED)
-    rig.threads.step(4)  # prefill, <think>, two bytes of three
+    rig.threads.step(3)  # prefill and <think>, two bytes of three
     assert streamed(ex, "thinking_delta") == ""
     rig.threads.step()
     assert streamed(ex, "thinking_delta") == "€"
@@ -520,7 +521,7 @@ def test_disconnect_during_prefill_stops_at_the_next_batch() -> None:
 def test_disconnect_during_decode_stops_before_the_next_token() -> None:
     rig = make_rig(["a b c d e f g h i j", "next"])
     ex = stream(rig, thinking=ENABLED)
-    rig.threads.step(4)  # prefill + 3 tokens
+    rig.threads.step(3)  # prefill and token 0, tokens 1 and 2
     ex.disconnect()
     rig.threads.step()
     assert [i for kind, i in rig.engine.computed if kind == "token"] == [0, 1, 2]
@@ -534,7 +535,7 @@ def test_disconnect_during_decode_stops_before_the_next_token() -> None:
 def test_disconnect_of_a_non_streaming_request_cancels_it() -> None:
     rig = make_rig(["a b c d e f g h i j", "next"])
     ex = post(rig)
-    rig.threads.step(3)
+    rig.threads.step(2)  # prefill and token 0, token 1
     assert not ex.headers_sent
     ex.disconnect()
     rig.threads.step()
@@ -803,11 +804,10 @@ def test_other_methods_and_paths_are_anthropic_shaped() -> None:
 
 
 def _broken(rig: Rig) -> None:
-    def generate(prompt, params, abort=None):  # type: ignore[no-untyped-def]
-        yield from ()
+    def step(abort: AbortFlag | None = None) -> StepResult:
         raise RuntimeError("the GPU caught fire")
 
-    rig.engine.generate = generate  # type: ignore[method-assign]
+    rig.engine.step = step  # type: ignore[method-assign]
 
 
 @pytest.mark.logs_engine_errors

@@ -61,7 +61,7 @@ def test_disconnect_during_prefill_stops_at_the_next_batch() -> None:
 def test_disconnect_during_decode_stops_before_the_next_token() -> None:
     rig = make_rig(["a b c d e f g h i j"])
     ex = rig.stream()
-    rig.threads.step(4)  # prefill + 3 tokens
+    rig.threads.step(3)  # prefill and token 0, tokens 1 and 2
     ex.disconnect()
     rig.threads.step()
     tokens = [i for kind, i in rig.engine.computed if kind == "token"]
@@ -74,7 +74,7 @@ def test_disconnect_during_decode_stops_before_the_next_token() -> None:
 def test_disconnect_of_a_non_streaming_request_cancels_it() -> None:
     rig = make_rig(["a b c d e f g h i j", "next"])
     ex = rig.chat()
-    rig.threads.step(3)
+    rig.threads.step(2)  # prefill and token 0, token 1
     assert not ex.headers_sent
     ex.disconnect()
     rig.threads.step()
@@ -179,8 +179,12 @@ def test_an_abort_inside_a_prefill_batch_is_a_cancel_at_prefill() -> None:
     ex = rig.stream("a prompt that needs many prefill batches to get through")
     _disconnect_inside(rig, ex, ("prefill", 16))
     rig.threads.step(2)
-    # The second batch was stopped inside: never computed, no step after it.
+    # The second batch was stopped inside: never computed...
     assert rig.engine.computed == [("prefill", 8), ("closed", None)]
+    # ...and no step after it: the loop's next turn finds nothing to run.
+    rig.threads.step()
+    assert rig.engine.computed == [("prefill", 8), ("closed", None)]
+    assert len(rig.engine.steps) == 1
     assert not rig.threads.busy
     assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="prefill"} 1.0')
     assert metric(rig, 'ds4tw_cancel_latency_seconds_count{stage="prefill"} 1.0')

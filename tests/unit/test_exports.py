@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_public_names() -> None:
     assert sorted(ds4tw.__all__) == sorted(
         [
-            "AbortFlag", "Aborted", "ChatPrompt", "Engine", "Finish", "Grammar", "Job",
-            "JobCancelled", "LimitedSite", "LlamaEngine", "Options", "PrefillProgress",
-            "SamplingParams", "Server", "ServerConfig", "Stage", "Timings", "Token", "Usage",
-            "WorkerThreads", "__version__", "demo_model_path", "makeService",
+            "AbortFlag", "Aborted", "ChatPrompt", "Engine", "Failed", "Finish", "Finished",
+            "Grammar", "Job", "JobCancelled", "LimitedSite", "LlamaEngine", "Options",
+            "PrefillProgress", "SamplingParams", "Server", "ServerConfig", "Stage",
+            "StepResult", "Timings", "Token", "Usage", "WorkerThreads", "__version__",
+            "demo_model_path", "generate", "makeService",
         ]
     )  # fmt: skip
     assert ds4tw.Server is _app.Server
@@ -35,6 +36,10 @@ def test_public_names() -> None:
     assert ds4tw.Engine is _engine.Engine
     assert ds4tw.AbortFlag is _engine.AbortFlag
     assert ds4tw.Grammar is _engine.Grammar
+    assert ds4tw.Failed is _engine.Failed
+    assert ds4tw.Finished is _engine.Finished
+    assert ds4tw.StepResult is _engine.StepResult
+    assert ds4tw.generate is _engine.generate
     assert ds4tw.Finish is _types.Finish
     assert ds4tw.Stage is _types.Stage
     assert ds4tw.LlamaEngine is _llama.LlamaEngine
@@ -75,7 +80,9 @@ PRIVATE_ON_PURPOSE = {
     # Jobs are made by the dialects (ds4tw._turn.new_job); the public side of
     # a Job is what observers and cancels see: its label, stage, deferred, cancel().
     ("Job.__init__", "ds4tw._pipeline.OutputPipeline"),
-    ("Job.__init__", "ds4tw._worker.JobListener"),
+    ("Job.__init__", "ds4tw._job.JobListener"),
+    # The engine's slot bookkeeping, shown for tests and diagnostics: internal plumbing.
+    ("LlamaEngine.table", "ds4tw._slots.SlotTable"),
     # What the dialects use through ds4tw._host.Host: internal plumbing.
     ("Server.chat_template", "ds4tw._template.ChatTemplate"),
     ("Server.tool_parser", "ds4tw._tools.parsers.ToolCallParser"),

@@ -85,7 +85,7 @@ def test_decode_comment_while_tokens_are_held_back() -> None:
     pieces = [b"ok", b"\xe2", b"\x82", b"\xac", b"EN", b"D", b" tail"]
     rig = make_rig([Reply(tuple(pieces))])
     ex = rig.stream(stop=["ENDX"])
-    rig.threads.step(2)  # prefill, then "ok"
+    rig.threads.step()  # prefill, which samples "ok"
     assert [d for d in ex.data()][-1]["choices"][0]["delta"] == {"content": "ok"}
     start = rig.clock.seconds()
     watch = Watch(rig, ex)
@@ -95,7 +95,8 @@ def test_decode_comment_while_tokens_are_held_back() -> None:
     timeline = watch.timeline
     comments = [(t - start, f) for t, f in timeline if f != "data"]
     # b"\xe2" (t=0) b"\x82" (10) b"\xac" -> sends the euro sign at 20,
-    # b"EN" (30) b"D" (40): the keepalive fires 15 s after the last write.
+    # b"EN" (30), then nothing until 40: the keepalive fires 15 s after the
+    # last write.
     data_times = [t - start for t, f in timeline if f == "data"]
     assert data_times == [20.0]
     assert comments == [(15.0, "decode"), (35.0, "decode")]
@@ -109,7 +110,9 @@ def test_no_comment_while_tokens_flow() -> None:
         rig.threads.step()
         rig.clock.advance(K - 1)
         steps += 1
-    assert steps == 42  # prefill, 40 tokens, finish: 41 * 14 s with no comment
+    # Prefill with token 0, tokens 1 to 39 (the last one with the finish at
+    # max_tokens), then the loop's end: steps 14 s apart, never a comment.
+    assert steps == 41
     assert ex.comments() == []
     assert ex.finished
 

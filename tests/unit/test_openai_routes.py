@@ -7,10 +7,12 @@ before anything is queued.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from ds4tw import AbortFlag, Failed, StepResult
 from ds4tw.testing import Reply
 
 from .conftest import make_rig
@@ -143,7 +145,7 @@ def test_stop_sequence_split_across_tokens_is_never_sent(stream: bool) -> None:
 def test_prefix_of_a_stop_sequence_is_released_when_it_does_not_match() -> None:
     rig = make_rig([Reply.of("ST", "ART", " end")])
     ex = rig.stream(stop=["STOP"])
-    rig.threads.step(2)
+    rig.threads.step()  # prefill, which samples "ST"
     assert content(ex.data()) == ""  # "ST" is held back
     rig.threads.step()
     assert content(ex.data()) == "START"
@@ -155,7 +157,7 @@ def test_partial_utf8_is_never_sent() -> None:
     euro = "€".encode()
     rig = make_rig([Reply((b"price: ", euro[:1], euro[1:2], euro[2:], b"5"))])
     ex = rig.stream()
-    rig.threads.step(3)
+    rig.threads.step(2)  # prefill and "price: ", the euro sign's first byte
     assert content(ex.data()) == "price: "
     rig.threads.step()
     assert content(ex.data()) == "price: "
@@ -295,12 +297,15 @@ def test_503_while_the_model_loads() -> None:
 @pytest.mark.logs_engine_errors
 def test_engine_failure_mid_stream_is_an_error_event() -> None:
     rig = make_rig(["a b c"])
+    step = rig.engine.step
 
-    def broken(prompt, params, abort=None):  # type: ignore[no-untyped-def]
-        yield from ()
-        raise RuntimeError("the GPU caught fire")
+    def broken(abort: AbortFlag | None = None) -> StepResult:
+        # The step runs, but every sequence in it fails (as a sampler error would).
+        result = step(abort)
+        error = RuntimeError("the GPU caught fire")
+        return replace(result, events=tuple((seq, Failed(error)) for seq in result.sequences))
 
-    rig.engine.generate = broken  # type: ignore[method-assign]
+    rig.engine.step = broken  # type: ignore[method-assign]
     ex = rig.stream()
     rig.threads.run_until_idle()
     events = ex.events()

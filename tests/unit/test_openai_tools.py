@@ -219,17 +219,19 @@ def test_tool_choice_builds_the_grammar_it_needs() -> None:
 def test_the_lazy_trigger_is_disarmed_inside_reasoning() -> None:
     rig = make_rig([Reply.of("<think>", "hmm", "</think>", "ok")], prefill_batch=100_000)
     ex = rig.stream("weather?", tools=[WEATHER])
-    armed: list[bool] = []
-    rig.threads.step(1)  # prefill, in one batch
-    grammar = rig.engine.calls[0][1].grammar
-    assert grammar is not None and grammar.armed is not None
-    for _ in range(4):
-        armed.append(grammar.armed())
-        rig.threads.step()
-    # Asked before each token is sampled: armed until "<think>" opens the
-    # block, disarmed inside it, armed again once it is closed.
-    assert armed == [True, False, False, True]
+    armed: list[tuple[str, bool]] = []
+
+    def before(unit: tuple[str, int]) -> None:
+        grammar = rig.engine.calls[0][1].grammar
+        assert grammar is not None and grammar.armed is not None
+        armed.append((unit[0], grammar.armed()))
+
+    rig.engine.step_hook = before
     rig.threads.run_until_idle()
+    # Asked before each token is sampled (the first by the prefill, in one
+    # batch): armed until "<think>" opens the block, disarmed inside it,
+    # armed again once it is closed.
+    assert armed == [("prefill", True), ("token", False), ("token", False), ("token", True)]
     assert text_of(ex) == "ok"
 
 
@@ -298,8 +300,8 @@ def test_arguments_written_as_a_string_are_held_and_the_keepalive_covers_them() 
               ': \\"Paris\\"}', '"}', "</tool_call>"]  # fmt: skip
     rig = make_rig([Reply.of(*pieces)], keepalive=5, prefill_batch=100_000)
     ex = rig.stream("weather?", tools=[WEATHER])
-    rig.threads.step(1)  # prefill, in one batch
-    rig.threads.step(4)  # the head and the string-encoded arguments
+    rig.threads.step(1)  # prefill, in one batch, which samples "<tool_call>"
+    rig.threads.step(3)  # the head and the string-encoded arguments
     assert tool_deltas(ex) == []  # they must be decoded before they can go out
     before = len(ex.comments())
     rig.clock.advance(5)
@@ -312,7 +314,8 @@ def test_disconnect_mid_call_cancels_the_decode() -> None:
     rig = make_rig([chars(CALL, eos=False)], prefill_batch=100_000)
     ex = rig.stream("weather?", tools=[WEATHER], max_tokens=500)
     into_arguments = CALL.index('{"city') + 3
-    rig.threads.step(1 + into_arguments)  # prefill in one batch, then into the arguments
+    # Prefill in one batch (which samples the first token), then into the arguments.
+    rig.threads.step(into_arguments)
     assert calls_of(ex)[0]["arguments"] == '{"c'
     ex.disconnect()
     rig.threads.run_until_idle()

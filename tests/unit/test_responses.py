@@ -15,7 +15,6 @@ those.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -42,7 +41,7 @@ from openai.types.responses import (
     ResponseTextDoneEvent,
 )
 
-from ds4tw import PrefillProgress, Token
+from ds4tw import AbortFlag, StepResult
 from ds4tw.testing import Exchange, Reply
 
 from .conftest import Rig, make_rig
@@ -439,9 +438,8 @@ def test_default_max_output_tokens_is_the_rest_of_the_context() -> None:
 def test_think_block_token_by_token_with_split_tags() -> None:
     rig = make_rig([Reply.of("<th", "ink>", "Let", " me", "</th", "ink>", "\n\nIt", " is 4.")])
     ex = post(rig, stream=True)
-    rig.threads.step()  # prefill
     seen = []
-    for _ in range(8):
+    for _ in range(8):  # one token a step, the first with the prefill
         rig.threads.step()
         seen.append(texts(ex))
     assert seen == [
@@ -463,9 +461,8 @@ def test_split_multibyte_characters_are_never_sent_in_halves() -> None:
     pieces = (b"<think>caf", e_acute[:1], e_acute[1:], b"</think>", euro[:2], euro[2:] + b"5")
     rig = make_rig([Reply(pieces)])
     ex = post(rig, stream=True)
-    rig.threads.step()  # prefill
     seen = []
-    for _ in range(len(pieces)):
+    for _ in range(len(pieces)):  # one piece a step, the first with the prefill
         rig.threads.step()
         seen.append(texts(ex))
     assert seen == [
@@ -554,7 +551,7 @@ def test_disconnect_during_prefill_stops_at_the_next_batch() -> None:
 def test_disconnect_during_decode_stops_before_the_next_token() -> None:
     rig = make_rig(["a b c d e f g h i j", "next"])
     ex = post(rig, stream=True)
-    rig.threads.step(4)  # prefill + 3 tokens
+    rig.threads.step(3)  # prefill and token 0, tokens 1 and 2
     assert texts(ex) == ("", "a b c")
     ex.disconnect()
     rig.threads.step()
@@ -569,7 +566,7 @@ def test_disconnect_during_decode_stops_before_the_next_token() -> None:
 def test_disconnect_of_a_non_streaming_request_cancels_it() -> None:
     rig = make_rig(["a b c d e f g h i j", "next"])
     ex = post(rig)
-    rig.threads.step(3)
+    rig.threads.step(2)  # prefill and token 0, token 1
     assert not ex.headers_sent
     ex.disconnect()
     rig.threads.step()
@@ -705,21 +702,24 @@ def test_api_key_is_required_when_set() -> None:
     assert body(ok).status == "completed"
 
 
+HALF = Reply.of("Half", " an answer", " never sent")
+
+
 def broken_engine(rig: Rig) -> None:
     """The engine dies after two tokens of an answer."""
+    step = rig.engine.step
 
-    def generate(prompt: Any, params: Any, abort: Any = None) -> Iterator[Any]:
-        yield PrefillProgress(len(prompt), len(prompt), 0)
-        yield Token(1, b"Half")
-        yield Token(2, b" an answer")
-        raise RuntimeError("the GPU caught fire")
+    def broken(abort: AbortFlag | None = None) -> StepResult:
+        if [kind for kind, _ in rig.engine.computed].count("token") >= 2:
+            raise RuntimeError("the GPU caught fire")
+        return step(abort)
 
-    rig.engine.generate = generate  # type: ignore[assignment]
+    rig.engine.step = broken  # type: ignore[method-assign]
 
 
 @pytest.mark.logs_engine_errors
 def test_engine_failure_mid_stream_is_error_then_response_failed() -> None:
-    rig = make_rig()
+    rig = make_rig([HALF])
     broken_engine(rig)
     ex = post(rig, stream=True)
     rig.threads.run_until_idle()
@@ -741,7 +741,7 @@ def test_engine_failure_mid_stream_is_error_then_response_failed() -> None:
     assert response.output[0].status == "incomplete"  # type: ignore[union-attr]
     assert ex.finished
     # The worker moves on.
-    rig.engine.generate = type(rig.engine).generate.__get__(rig.engine)  # type: ignore[method-assign]
+    rig.engine.step = type(rig.engine).step.__get__(rig.engine)  # type: ignore[method-assign]
     nxt = post(rig)
     rig.threads.run_until_idle()
     assert body(nxt).status == "completed"
@@ -749,7 +749,7 @@ def test_engine_failure_mid_stream_is_error_then_response_failed() -> None:
 
 @pytest.mark.logs_engine_errors
 def test_engine_failure_without_streaming_is_a_500() -> None:
-    rig = make_rig()
+    rig = make_rig([HALF])
     broken_engine(rig)
     ex = post(rig)
     rig.threads.run_until_idle()

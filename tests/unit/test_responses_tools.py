@@ -234,8 +234,8 @@ def test_golden_custom_tool_call_is_held_until_decoded_under_the_keepalive() -> 
     pieces = [head, encoded[:20], encoded[20:], '"}}\n', "</tool_call>"]
     rig = make_rig([Reply.of(*pieces)], keepalive=5, prefill_batch=100_000)
     ex = post(rig, stream=True, input="add hello.txt", tools=TOOLS)
-    rig.threads.step(1)  # prefill, in one batch
-    rig.threads.step(3)  # the head and the encoded patch
+    rig.threads.step(1)  # prefill, in one batch, which samples the head
+    rig.threads.step(2)  # the encoded patch
     assert types(ex) == OPEN  # nothing of the call yet
     before = len(ex.comments())
     rig.clock.advance(5)
@@ -321,7 +321,8 @@ def test_disconnect_mid_call_cancels_the_job() -> None:
     rig = make_rig([chars(CALL, eos=False)], prefill_batch=100_000)
     ex = post(rig, stream=True, input="weather?", tools=[WEATHER], max_output_tokens=500)
     into_arguments = CALL.index('{"city') + 3
-    rig.threads.step(1 + into_arguments)
+    # Prefill in one batch (which samples the first token), then into the arguments.
+    rig.threads.step(into_arguments)
     assert "".join(e["delta"] for e in events(ex) if e["type"].endswith("arguments.delta")) == (
         '{"c'
     )

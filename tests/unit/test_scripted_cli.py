@@ -203,7 +203,8 @@ def test_prefill_pacing_costs_only_the_uncached_tokens() -> None:
 
 def test_second_turn_reports_cached_tokens_over_http() -> None:
     rig = make_rig()
-    rig.engine.prefix_cache = True
+    # The engine was built without a prefix cache: turn its slot table's reuse on.
+    rig.engine.table.reuse = True
     first = rig.chat("Hi")
     rig.threads.run_until_idle()
     assert first.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0

@@ -1,0 +1,263 @@
+"""
+The model thread's batch loop: steps, not jobs.
+
+The worker (L{ds4tw._worker}, in the reactor) admits at most
+C{engine.slots} jobs and hands each to this loop through a thread-safe
+inbox. The loop runs in the model thread, one engine step per iteration:
+
+  1. take new jobs from the inbox and L{Engine.open} a sequence for each;
+  2. release the sequence of every job whose cancel flag is set: a
+     cancelled request leaves before the next step, the others go on;
+  3. L{Engine.step} once: a token for every decoding sequence and prompt
+     chunks for the prefilling ones (continuous batching);
+  4. feed each sequence's events to its L{Run} (its text pipeline, stop
+     strings, tool-call parsing, usage) and end the runs that are done;
+  5. hand everything the step produced to the reactor in one call.
+
+Step 2 is where cancellation is enforced between steps; inside a step the
+engine watches the worker's step flag, which the reactor sets only when
+every running job is cancelled (L{ds4tw._worker.Worker}), so an
+L{Aborted} step always holds cancelled jobs only.
+
+The loop ends when it has nothing to run; the worker starts it again when
+the next job arrives. Each iteration is one engine step, so
+L{ds4tw.testing.SteppedThreads} can stop the world between any two.
+
+Covered by tests/unit/test_scheduler.py and tests/unit/test_cancel.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from twisted.python.failure import Failure
+
+from ._engine import (
+    Aborted,
+    AbortFlag,
+    Engine,
+    Failed,
+    Finished,
+    PrefillProgress,
+    StepEvent,
+    Token,
+)
+from ._job import Job
+from ._types import Finish, Stage, Timings, Usage
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One engine step, as /metrics shows it."""
+
+    sequences: int
+    decode_tokens: int
+    prefill_tokens: int
+    seconds: float
+
+
+class Delivery:
+    """Everything one step has for the reactor, delivered in one call."""
+
+    def __init__(self) -> None:
+        self.calls: list[Callable[[], object]] = []
+
+    def add(self, f: Callable[..., object], *args: object) -> None:
+        self.calls.append(functools.partial(f, *args))
+
+    def __call__(self) -> None:
+        for call in self.calls:
+            call()
+
+
+@dataclass
+class Run:
+    """One job on the model thread: its sequence, usage and timings."""
+
+    job: Job
+    seq: int
+    started: float
+    stage: Stage = Stage.PREFILL
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+    decode_started: float = 0.0
+    peers: set[int] = field(default_factory=set)
+
+    @property
+    def job_id(self) -> int:
+        return id(self.job)
+
+
+class BatchLoop:
+    """
+    @param inbox: jobs admitted by the worker, not yet seen here.
+    @param abort: the worker's step flag, watched inside each step.
+    @param ended: called in the reactor with each job that ended here.
+    @param stepped: called in the reactor with each step's L{StepStats}.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        to_reactor: Callable[..., None],
+        inbox: deque[Job],
+        abort: AbortFlag,
+        ended: Callable[[Job], None],
+        stepped: Callable[[StepStats], None],
+    ) -> None:
+        self.engine = engine
+        self.to_reactor = to_reactor
+        self.inbox = inbox
+        self.abort = abort
+        self.ended = ended
+        self.stepped = stepped
+        self.runs: dict[int, Run] = {}
+
+    def steps(self) -> Iterator[None]:
+        while True:
+            out = Delivery()
+            self._admit(out)
+            self._drop_cancelled(out)
+            if not self.runs:
+                self._deliver(out)
+                return
+            self._step(out)
+            self._deliver(out)
+            yield
+
+    def _deliver(self, out: Delivery) -> None:
+        if out.calls:
+            self.to_reactor(out)
+
+    # -- the ends of a run ---------------------------------------------------
+
+    def _admit(self, out: Delivery) -> None:
+        while self.inbox:
+            try:
+                job = self.inbox.popleft()
+            except IndexError:  # the reactor took it back (cancelled)
+                break
+            now = time.monotonic()
+            if job.cancelled:
+                job._outcome.cancelled_at = Stage.QUEUED
+                job._outcome.stopped_at = now
+                out.add(self.ended, job)
+                continue
+            try:
+                seq = self.engine.open(job.prompt, job.params)
+            except Exception:
+                job._outcome.failure = Failure()
+                out.add(self.ended, job)
+                continue
+            run = Run(job, seq, now, usage=Usage(prompt_tokens=len(job.prompt)))
+            run.timings.queued = now - job.submitted_at
+            job.started_at = now
+            self.runs[seq] = run
+            out.add(job._set_stage, Stage.PREFILL)
+
+    def _drop_cancelled(self, out: Delivery) -> None:
+        for _seq, run in list(self.runs.items()):
+            if run.job.cancelled:
+                self._cancelled(run, out)
+
+    def _cancelled(self, run: Run, out: Delivery) -> None:
+        outcome = run.job._outcome
+        outcome.cancelled_at = run.stage
+        outcome.stopped_at = time.monotonic()
+        self._close(run, out, keep_output=False)
+
+    def _close(self, run: Run, out: Delivery, *, keep_output: bool) -> None:
+        del self.runs[run.seq]
+        run.job._outcome.peers = len(run.peers)
+        self.engine.release(run.seq, keep_output=keep_output)
+        out.add(self.ended, run.job)
+
+    def _fail(self, run: Run, out: Delivery, failure: Failure) -> None:
+        run.job._outcome.failure = failure
+        self._close(run, out, keep_output=False)
+
+    def _finish(self, run: Run, out: Delivery, reason: str, stop: str | None) -> None:
+        pipeline = run.job.pipeline
+        tail = pipeline.finish(stopped=stop is not None)
+        if tail:
+            out.add(run.job._outputs, tail)
+        if reason == "stop" and pipeline.calls:
+            reason = "tool_calls"
+        if run.stage is Stage.DECODE:
+            run.timings.decode = time.monotonic() - run.decode_started
+        run.job._outcome.finish = Finish(reason, run.usage, stop, run.timings)
+        self._close(run, out, keep_output=True)
+
+    # -- one step --------------------------------------------------------------
+
+    def _step(self, out: Delivery) -> None:
+        started = time.monotonic()
+        try:
+            result = self.engine.step(self.abort)
+        except Aborted:
+            # The step flag is set only when every running job is
+            # cancelled: all of them stopped inside this step.
+            for run in list(self.runs.values()):
+                if run.job.cancelled:
+                    self._cancelled(run, out)
+            return
+        except Exception:
+            failure = Failure()
+            for run in list(self.runs.values()):
+                self._fail(run, out, failure)
+            return
+        seconds = time.monotonic() - started
+        if result.sequences:
+            out.add(
+                self.stepped,
+                StepStats(
+                    len(result.sequences), result.decode_tokens, result.prefill_tokens, seconds
+                ),
+            )
+            if len(result.sequences) > 1:
+                shared = {self.runs[s].job_id for s in result.sequences if s in self.runs}
+                for s in result.sequences:
+                    if s in self.runs:
+                        self.runs[s].peers |= shared - {self.runs[s].job_id}
+        for seq, event in result.events:
+            target = self.runs.get(seq)
+            if target is None:
+                continue  # ended earlier in this step
+            try:
+                self._event(target, event, out)
+            except Exception:
+                self._fail(target, out, Failure())
+
+    def _event(self, run: Run, event: StepEvent, out: Delivery) -> None:
+        job = run.job
+        if isinstance(event, PrefillProgress):
+            run.usage.cached_tokens = event.cached
+            if event.done >= event.total and run.stage is Stage.PREFILL:
+                run.stage = Stage.DECODE
+                run.decode_started = time.monotonic()
+                run.timings.prefill = run.decode_started - run.started
+                out.add(job._set_stage, Stage.DECODE)
+        elif isinstance(event, Token):
+            run.usage.completion_tokens += 1
+            pipeline = job.pipeline
+            thinking = pipeline.in_reasoning
+            fed = pipeline.feed(event)
+            # Tags count as reasoning: the token was inside the block
+            # before or after it.
+            if thinking or pipeline.in_reasoning:
+                run.usage.reasoning_tokens += 1
+            if fed.outputs:
+                out.add(job._outputs, fed.outputs)
+            if fed.stop is not None:
+                self._finish(run, out, "stop", fed.stop)
+            elif fed.call_done:
+                # The one call this request allowed is complete.
+                self._finish(run, out, "stop", None)
+        elif isinstance(event, Finished):
+            self._finish(run, out, event.reason, None)
+        elif isinstance(event, Failed):
+            self._fail(run, out, Failure(event.error))
