@@ -46,7 +46,7 @@ _T = TypeVar("_T")
 class SteppedThreads:
     """
     A L{ds4tw._worker.WorkerThreads} with no threads: model-thread work
-    runs only when the test calls L{step}, one engine event per step, and
+    runs only when the test calls L{step}, one engine step of the batch loop per step, and
     "from the model thread to the reactor" calls happen inline.
     """
 
@@ -87,7 +87,7 @@ class SteppedThreads:
             self.call(work).chainDeferred(d)
 
     def run(self, steps: Iterator[None]) -> Deferred[None]:
-        assert self._current is None, "the model thread runs one job at a time"
+        assert self._current is None, "the model thread runs one batch loop at a time"
         d: Deferred[None] = Deferred()
         self._current = (steps, d)
         return d

@@ -5,7 +5,7 @@ What each piece of ds4tw's per-token path costs, in CPU microseconds.
 
 The per-token path of a streamed token, after the model thread has it:
 
-  1. model thread: L{ds4tw._worker._run_job}'s loop body (text assembly,
+  1. model thread: L{ds4tw._scheduler.BatchLoop}'s per-token work (text assembly,
      reasoning split, counting) and C{reactor.callFromThread} (a write
      to the reactor's waker pipe);
   2. reactor thread, first wake-up: the waker, the thread-call queue,

@@ -67,8 +67,22 @@ def greedy(
 
 
 def clear(engine: LlamaEngine) -> None:
-    engine._llm.reset()
-    engine._llm._ctx.kv_cache_clear()
+    import llama_cpp
+
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(engine._llm._ctx.ctx), True)
+    for slot in engine.table.slots:
+        slot.tokens.clear()
+
+
+def cells(engine: LlamaEngine) -> int:
+    """Tokens in the (one) slot's KV cells, as the engine accounts them."""
+    import llama_cpp
+
+    n = len(engine.table.slots[0].tokens)
+    # llama.cpp agrees: the sequence's last position is n - 1.
+    mem = llama_cpp.llama_get_memory(engine._llm._ctx.ctx)
+    assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == n - 1
+    return n
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +109,7 @@ def test_abort_inside_a_prefill_batch(big_batch: LlamaEngine) -> None:
     # Again, with an aborted attempt at long in between.
     clear(engine)
     greedy(engine, head)
-    held = engine._llm.n_tokens
+    held = cells(engine)
     flag = AbortFlag()
     gen = engine.generate(long, SamplingParams(max_tokens=8, temperature=0), flag)
     timer = threading.Timer(0.05, flag.set)
@@ -109,8 +123,8 @@ def test_abort_inside_a_prefill_batch(big_batch: LlamaEngine) -> None:
     # machine's speed varies: the bound is relative to the batch itself).
     assert aborted_s < 0.5 * batch_s, (aborted_s, batch_s)
     # The batch left nothing behind: the cache is the reused prefix.
-    assert want_cached <= engine._llm.n_tokens <= held
-    assert engine._llm.n_tokens == want_cached
+    assert want_cached <= cells(engine) <= held
+    assert cells(engine) == want_cached
     # The flag stays set (it is the cancelled job's), and does not stop
     # the next request: exact prefix reuse, same greedy output.
     assert flag.is_set
@@ -133,7 +147,9 @@ def test_abort_inside_a_decode_step(engine: LlamaEngine) -> None:
         if isinstance(ev, Token):
             times.append(time.perf_counter() - t)
             text += ev.piece
-    before = engine._llm.n_tokens
+    # The prompt and tokens 1-5 are in the cache (token 6 is sampled, not
+    # yet decoded).
+    assert cells(engine) == len(prompt) + 5
     # Set while the worker is between steps: the next step is the decode
     # of token 6, which llama.cpp stops at its first graph node.
     flag.set()
@@ -142,7 +158,9 @@ def test_abort_inside_a_decode_step(engine: LlamaEngine) -> None:
         next(gen)
     stopped = time.perf_counter() - t
     assert stopped < 0.5 * sorted(times[1:])[len(times[1:]) // 2], (stopped, times)
-    assert engine._llm.n_tokens == before  # the aborted token left no KV cell
+    # The aborted step left no KV cell, and the cancelled request's
+    # generated cells are freed: its prompt stays cached.
+    assert cells(engine) == len(prompt)
     # The same prompt plus what was generated continues exactly as the
     # uninterrupted run did.
     assert want.startswith(text)
@@ -173,14 +191,14 @@ def test_abandoning_prefill_stops_between_batches(engine: LlamaEngine) -> None:
     assert isinstance(first, PrefillProgress) and first.done == 64
     gen.close()  # what the worker does when the cancel flag is set
     # Only the first batch reached the KV cache.
-    assert engine._llm.n_tokens == 64
+    assert cells(engine) == 64
 
 
 def test_prefix_reuse(engine: LlamaEngine) -> None:
     base = engine.apply_chat_template([{"role": "user", "content": "Tell me about rivers."}])
     prompt = engine.tokenize(base.text, add_bos=False)
     run(engine, prompt, max_tokens=4, temperature=0)
-    held = [int(t) for t in engine._llm.input_ids[: engine._llm.n_tokens]]
+    held = list(engine.table.slots[0].tokens)
     follow = engine.apply_chat_template(
         [
             {"role": "user", "content": "Tell me about rivers."},
@@ -223,9 +241,11 @@ def test_stopping_the_consumer_stops_decode(engine: LlamaEngine) -> None:
             tokens += 1
             if tokens == 5:
                 break
-    gen.close()
     # Prompt, plus the 4 tokens evaluated to sample tokens 2..5: nothing more.
-    assert engine._llm.n_tokens == len(prompt) + 4
+    assert cells(engine) == len(prompt) + 4
+    gen.close()
+    # Closed early, as a cancel: the generated cells are freed, the prompt kept.
+    assert cells(engine) == len(prompt)
 
 
 def test_context_full_ends_with_length(engine: LlamaEngine) -> None:
