@@ -160,8 +160,12 @@ def ds4tw_twistd(
     keepalive: float = 15.0,
     max_queue: int = 128,
     chat_template: str | None = None,
+    parallel: int | None = None,
 ) -> ServerProcess:
-    """C{twistd -n ds4tw} on the real model, as a user would run it."""
+    """
+    C{twistd -n ds4tw} on the real model, as a user would run it
+    (C{parallel}: its C{--parallel}; None for the server's default).
+    """
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"{name}.log"
@@ -175,6 +179,8 @@ def ds4tw_twistd(
     ]  # fmt: skip
     if settings.model:
         args += ["--model", settings.model]
+    if parallel is not None:
+        args += ["--parallel", str(parallel)]
     if chat_template is not None:
         template = workdir / f"{name}.jinja"
         template.write_text(chat_template, encoding="utf-8")

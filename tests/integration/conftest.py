@@ -111,8 +111,14 @@ def stop_twistd(server: Twistd) -> None:
 
 
 @pytest.fixture(scope="module")
-def twistd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Twistd]:
-    server = start_twistd(tmp_path_factory.mktemp("twistd"), "--keepalive", "1", "--ctx", "4096")
+def twistd(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Twistd]:
+    # A module may add options (TWISTD_ARGS), e.g. one slot to test queueing.
+    extra = getattr(request.module, "TWISTD_ARGS", ())
+    server = start_twistd(
+        tmp_path_factory.mktemp("twistd"), "--keepalive", "1", "--ctx", "4096", *extra
+    )
     yield server
     stop_twistd(server)
     # twistd re-raises the signal it stopped on, once shut down cleanly.

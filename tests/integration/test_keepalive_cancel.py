@@ -21,6 +21,10 @@ from .conftest import Twistd, sse_lines, unique_words
 
 URL = "/v1/chat/completions"
 
+#: One slot: a second request must queue behind a running one (with more
+#: slots it would run beside it; tests/integration/test_batching.py).
+TWISTD_ARGS = ("--parallel", "1")
+
 
 def content_lines(lines: list[tuple[float, str]]) -> list[tuple[float, str]]:
     return [(t, line) for t, line in lines if '"content":"' in line and '"content":""' not in line]

@@ -91,7 +91,8 @@ def test_sigterm_drains_then_ends_every_client_with_its_dialects_final_frame(
     a new request gets 503 + Retry-After, and at the drain timeout each
     client gets its dialect's last word; twistd exits 0.
     """
-    server = start_twistd(tmp_path, "--keepalive", "1", "--drain-timeout", "3")
+    # One slot, so that the second and third requests queue behind the first.
+    server = start_twistd(tmp_path, "--keepalive", "1", "--drain-timeout", "3", "--parallel", "1")
     forever = {"max_tokens": 3000, "ignore_eos": True}
     got: dict[str, object] = {}
 
