@@ -12,9 +12,12 @@ A new prompt (L{SlotTable.claim}) reuses the longest common token prefix
 found in any slot, busy ones included: the engine copies that prefix's
 cells into the new sequence (a memcpy, where computing them again costs
 seconds), so parallel subagents that share a long system prompt and tool
-list compute it once. The slot it runs in is the matching slot when
-that one is free, else the free slot used least recently (empty slots
-first), whose old contents are dropped: least-recently-used eviction.
+list compute it once. The slot it runs in is the matching slot when that
+one is free and the match is most of what it holds (the conversation's
+next turn), else an empty slot or the free slot used least recently,
+whose old contents are dropped: least-recently-used eviction, so a new
+conversation that only shares the chat template's header never
+overwrites a retained one while an older or empty slot is there.
 
 Covered by tests/unit/test_slots.py.
 """
@@ -49,6 +52,13 @@ class Claim:
     source: int | None
     #: Tokens the slot held before that are now dropped (from C{cached} on).
     evicted: int
+
+
+#: Continue in a free slot whose tokens match the new prompt only when the
+#: match covers at least this share of them (llama-server's
+#: C{--slot-prompt-similarity} default is 0.5 too): less is a different
+#: conversation sharing a template header, not this one's next turn.
+KEEP_SHARE = 0.5
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
@@ -100,9 +110,14 @@ class SlotTable:
                 key = (m, not s.busy, s.used)
                 if m > 0 and (best is None or key > (best_len, not best.busy, best.used)):
                     best, best_len = s, m
-        if best is not None and not best.busy:
+        if best is not None and not best.busy and best_len >= KEEP_SHARE * len(best.tokens):
+            # The same conversation (or most of it): continue in its slot.
             target = best
         else:
+            # A new conversation that only shares a header (the chat
+            # template's opening, a system prompt) with a retained one
+            # must not overwrite it: it takes an empty slot, else the one
+            # used least recently, and gets the shared prefix copied in.
             target = min(free, key=lambda s: (bool(s.tokens), s.used))
         source = None if best is None else best.id
         cached = best_len

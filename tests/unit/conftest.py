@@ -38,7 +38,9 @@ class Rig:
 
 def make_rig(replies: Any = ("Hello there friend.",), **config: Any) -> Rig:
     engine_kw = {
-        k: config.pop(k) for k in ("n_ctx", "prefill_batch", "chat_template") if k in config
+        k: config.pop(k)
+        for k in ("n_ctx", "prefill_batch", "chat_template", "slots", "prefix_cache")
+        if k in config
     }
     engine = ScriptedEngine(replies, **engine_kw)
     threads = SteppedThreads()

@@ -14,7 +14,14 @@ from .conftest import make_rig
 def test_health_reports_ready_model_and_queue() -> None:
     rig = make_rig()
     body = rig.http.get("/health").json()
-    assert body == {"status": "ok", "model": "scripted", "queue_depth": 0, "busy": False}
+    assert body == {
+        "status": "ok",
+        "model": "scripted",
+        "queue_depth": 0,
+        "busy": False,
+        "slots": 1,
+        "slots_busy": 0,
+    }
 
 
 def test_metrics_count_jobs_and_tokens() -> None:
