@@ -747,6 +747,8 @@ class LlamaEngine:
         the rest for prompt chunks); also the cancel granularity of a
         prefill (one step is the most work a disconnect can waste) and the
         longest a decoding stream waits while another request prefills.
+    @param slots: requests decoded at once (one unless asked;
+        C{twistd ds4tw --parallel} defaults to 4).
     """
 
     def __init__(

@@ -1,5 +1,6 @@
 """
-C{ds4tw-bench [--quick] [--out DIR] [--clients N] [--engine llama|scripted]}
+C{ds4tw-bench [--quick] [--out DIR] [--clients N] [--engine llama|scripted]
+[--only cancel|batching]}
 
 One run, in this order:
 
@@ -7,16 +8,25 @@ One run, in this order:
      twistd and the peer (llama_cpp.server), all loaded at once and
      measured interleaved prompt by prompt (L{ds4tw.bench._throughput});
   2. cancel latency on the same ds4tw server, the peer stopped;
-  3. constrained decode: unconstrained, JSON-schema and forced-tool-call
+  3. continuous batching: 1, 2, 4 and 8 concurrent streams on
+     C{twistd ds4tw --parallel 8} against llama.cpp's batch API in this
+     process, a short request's TTFT beside a long decode, a stream's
+     worst token gap while another request prefills ~3,000 tokens, and
+     the reactor's CPU per token (L{ds4tw.bench._batching});
+  4. constrained decode: unconstrained, JSON-schema and forced-tool-call
      grammars on a LlamaEngine in this process
      (L{ds4tw.bench._constrained});
-  4. keepalive timing and many waiting clients on a second ds4tw server
+  5. keepalive timing and many waiting clients on a second ds4tw server
      with a small C{--keepalive} and a template that makes a silent decode.
 
 With C{--engine scripted} there is no model: ds4tw runs on a paced
-scripted engine (L{ds4tw.bench._scripted_server}), raw, peer and the
-constrained decode are skipped (notes in the JSON say so), and everything
-else runs the same.
+scripted engine (L{ds4tw.bench._scripted_server}; the batching part on
+C{twistd ds4tw --model scripted:...}), raw, peer, the raw batched baseline
+and the constrained decode are skipped (notes in the JSON say so), and
+everything else runs the same.
+
+C{--only cancel} runs issue 8's cancel numbers alone; C{--only batching}
+runs the continuous-batching part alone (issue 9), on either engine.
 
 A part that fails is recorded in the JSON's C{errors} and the run goes
 on; the exit status is 1 if any part failed, 0 otherwise. Targets are
@@ -41,7 +51,17 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from . import _cancel, _constrained, _keepalive, _many, _noise, _report, _servers, _throughput
+from . import (
+    _batching,
+    _cancel,
+    _constrained,
+    _keepalive,
+    _many,
+    _noise,
+    _report,
+    _servers,
+    _throughput,
+)
 from ._settings import Settings, make_settings
 from ._workload import THINK_TEMPLATE, plan
 
@@ -76,10 +96,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument(
         "--only",
-        choices=("cancel",),
+        choices=("cancel", "batching"),
         default=None,
         help="cancel: only the cancel latency (in-step abort, then between steps only, "
-        "as before issue 8) and the abort check's cost",
+        "as before issue 8) and the abort check's cost; batching: only the continuous "
+        "batching part (issue 9: streams at once vs raw batched decode, TTFT beside a "
+        "long decode, token gaps during a long prefill, reactor CPU per token)",
     )
     args = p.parse_args(argv)
     if args.clients is not None and args.clients < 1:
@@ -117,6 +139,7 @@ class Run:
             "constrained": None,
             "cancel_between_steps": None,
             "abort_check": None,
+            "batching": None,
             "targets": [],
         }
 
@@ -249,6 +272,10 @@ def run_llama(run: Run, args: argparse.Namespace, out: Path) -> None:
 
         doc["cancel"] = run.part("cancel latency", cancel)
 
+    # After the throughput servers and raw are gone: this part loads its own
+    # (a --parallel 8 server and an 8-sequence raw context).
+    _batching_part(run, s, work)
+
     def load_engine() -> Any:
         from ds4tw import LlamaEngine
 
@@ -268,8 +295,24 @@ def run_llama(run: Run, args: argparse.Namespace, out: Path) -> None:
             keepalive=s.keepalive,
             max_queue=s.clients + 16,
             chat_template=THINK_TEMPLATE,
+            # Everyone waits behind one long job: one slot.
+            parallel=1,
         ),
     )
+
+
+def _batching_part(run: Run, s: Settings, work: Path) -> None:
+    """Issue 9's part; the throughput part's ds4tw/raw decode ratio goes beside its own."""
+    throughput_ratio = _report.ratios(run.doc).get("ds4tw_decode") if run.doc["raw"] else None
+    run.doc["batching"] = run.part(
+        "continuous batching",
+        lambda: _batching.measure(s, work, mark=run.noise.mark, throughput_ratio=throughput_ratio),
+    )
+    if s.engine == "scripted":
+        run.doc["notes"].append(
+            "batching: no raw batched baseline on the scripted engine (no model); ds4tw ran "
+            "on twistd --model scripted:..., whose step time does not grow with the batch"
+        )
 
 
 def _keepalive_and_many(run: Run, start: Callable[[], _servers.ServerProcess]) -> None:
@@ -323,6 +366,7 @@ def run_scripted(run: Run, out: Path) -> None:
             )
 
     doc["cancel"] = run.part("cancel latency", cancel)
+    _batching_part(run, s, work)
     _keepalive_and_many(
         run,
         lambda: _servers.ds4tw_scripted(
@@ -400,6 +444,25 @@ def run_cancel_only(run: Run, out: Path) -> None:
     )
 
 
+def run_batching_only(run: Run, out: Path) -> None:
+    """Issue 9's numbers alone (L{ds4tw.bench._batching}), on either engine."""
+    s = run.settings
+    if s.engine == "scripted":
+        run.doc["model"] = {"name": "scripted", "token_ms": s.scripted_token_ms}
+        run.doc["notes"].append("scripted engine: raw llama-cpp-python and the peer were skipped")
+    else:
+        from ds4tw._llama import resolve_model
+
+        model_path = str(resolve_model(s.model))
+        s = dataclasses.replace(s, model=model_path)
+        run.doc["model"] = _model_info(model_path)
+    run.doc["notes"].append(
+        "--only batching: no throughput part (raw, ds4tw, peer sections empty); the batching "
+        "part measures its own single-stream ratio against its raw batched baseline"
+    )
+    _batching_part(run, s, out / "logs")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
@@ -426,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.doc["machine"]["wait_quiet"] = quiet
     if args.only == "cancel":
         run_cancel_only(run, out)
+    elif args.only == "batching":
+        run_batching_only(run, out)
     elif settings.engine == "scripted":
         run_scripted(run, out)
     else:

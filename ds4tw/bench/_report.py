@@ -1,5 +1,5 @@
 """
-The results: ratios to raw, the targets of issue 4, the JSON document
+The results: ratios to raw, the targets of issues 4, 8 and 9, the JSON document
 (and a check of its shape), the printed summary table and the PNG chart.
 
 The JSON is the record; everything else is derived from it (the table
@@ -53,6 +53,15 @@ CONSTRAINED_RATIO_TARGET = 0.90
 CANCEL_PREFILL_MEDIAN_MS = 20.0
 CANCEL_DECODE_MEDIAN_MS = 5.0
 
+#: Issue 9: aggregate decode at four streams over one; a short request's
+#: TTFT beside a long decode within its own prefill plus this many steps;
+#: the worst gap of a stream while another prefills, in steps of that
+#: prefill; reactor CPU per token at four streams over one.
+BATCHING_AGGREGATE_AT_4_TARGET = 1.4
+BATCHING_TTFT_STEPS_TARGET = 2.0
+BATCHING_GAP_STEPS_TARGET = 1.5
+BATCHING_REACTOR_CPU_TARGET = 1.0
+
 
 def _median(section: Mapping[str, Any] | None, key: str) -> float | None:
     if not section:
@@ -103,6 +112,31 @@ def ratios(doc: Mapping[str, Any]) -> dict[str, Any]:
     if constrained:
         for name in ("json_schema", "tool_call", "tool_auto"):
             out[f"constrained_{name}_decode"] = _median(constrained, f"{name}_ratio")
+    out.update(batching_ratios(doc.get("batching")))
+    return out
+
+
+def batching_ratios(b: Mapping[str, Any] | None) -> dict[str, Any]:
+    """
+    Issue 9's headline numbers: ds4tw's aggregate at N streams over one
+    and over raw batched at N (median of paired trials), raw's own
+    scaling, the single stream over raw, the TTFT excess in steps, the
+    worst gap in prefill steps per --batch, the reactor CPU ratio.
+    """
+    if not b:
+        return {}
+    out: dict[str, Any] = {}
+    ds, raw = b.get("ds4tw") or {}, b.get("raw") or {}
+    for n in b.get("streams") or []:
+        entry = ds.get(str(n)) or {}
+        out[f"batching_ds4tw_{n}_over_1"] = entry.get("ratio_to_1")
+        out[f"batching_ds4tw_{n}_over_raw"] = (entry.get("vs_raw") or {}).get("median")
+        out[f"batching_raw_{n}_over_1"] = (raw.get(str(n)) or {}).get("ratio_to_1")
+    out["batching_single_over_raw"] = (b.get("single_stream") or {}).get("ds4tw_over_raw")
+    out["batching_ttft_excess_steps"] = _median(b.get("ttft"), "excess_steps")
+    for batch, g in (b.get("gap") or {}).items():
+        out[f"batching_gap_{batch}_steps"] = _median(g, "worst_over_prefill_step")
+    out["batching_reactor_cpu_4_over_1"] = (b.get("cpu") or {}).get("ratio_4_to_1")
     return out
 
 
@@ -225,6 +259,77 @@ def targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             f"{many.get('clients')} clients queued behind one job; limit K + 0.1 s",
         ),
         *constrained,
+        *batching_targets(doc),
+    ]
+
+
+def batching_targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Issue 9's targets (none when the batching part did not run)."""
+    b = doc.get("batching")
+    if not b:
+        return []
+    r = batching_ratios(b)
+    four = (b.get("ds4tw") or {}).get("4") or {}
+    every = [e for e in (b.get("ds4tw") or {}).values() if isinstance(e, dict)]
+    whole = sum(int(e.get("streams_whole") or 0) for e in every)
+    total = sum(int(e.get("streams_total") or 0) for e in every)
+    par = b.get("parallel")
+    gaps = [
+        _target(
+            f"worst token gap while another request prefills, --batch {batch}",
+            r.get(f"batching_gap_{batch}_steps"),
+            BATCHING_GAP_STEPS_TARGET,
+            "steps",
+            True,
+            f"a decoding stream's longest gap during a {_fmt(_median(g, 'prompt_tokens'), '.0f')}"
+            "-token prefill over the mean time of a prefill step (/metrics); one step, with "
+            "room for jitter",
+        )
+        for batch, g in (b.get("gap") or {}).items()
+    ]
+    return [
+        _target(
+            "aggregate decode, 4 streams / 1 stream",
+            r.get("batching_ds4tw_4_over_1"),
+            BATCHING_AGGREGATE_AT_4_TARGET,
+            "ratio",
+            False,
+            f"ds4tw --parallel {par}, medians over rounds; "
+            f"{four.get('streams_whole')}/{four.get('streams_total')} streams whole at 4",
+        ),
+        _target(
+            "every batched stream whole",
+            whole / total if total else None,
+            1.0 if total else None,
+            "fraction",
+            False,
+            f"{whole}/{total} streams got max_tokens tokens with finish_reason length",
+        ),
+        _target(
+            "short request TTFT beside a long decode, steps over its TTFT alone",
+            r.get("batching_ttft_excess_steps"),
+            BATCHING_TTFT_STEPS_TARGET,
+            "steps",
+            True,
+            "median over trials of (TTFT beside - median TTFT idle) / mean step time (/metrics)",
+        ),
+        _target(
+            f"single-stream decode at --parallel {par} / raw single sequence",
+            r.get("batching_single_over_raw"),
+            DECODE_RATIO_TARGET if r.get("batching_single_over_raw") is not None else None,
+            "ratio",
+            False,
+            "paired with the raw batch loop (llama_decode, same 8-sequence context)",
+        ),
+        *gaps,
+        _target(
+            "reactor CPU per token, 4 streams / 1 stream",
+            r.get("batching_reactor_cpu_4_over_1"),
+            BATCHING_REACTOR_CPU_TARGET,
+            "ratio",
+            True,
+            "twistd main thread (schedstat ns) per streamed token; one hand-off per step",
+        ),
     ]
 
 
@@ -405,11 +510,49 @@ def validate(doc: Any) -> list[str]:
                 (constrained.get("tool_call") or {}).get("args_first_byte_s"),
                 errors,
             )
+    batching = doc.get("batching")
+    if batching is not None:
+        _validate_batching(batching, errors)
     for i, t in enumerate(doc["targets"]):
         for key in ("name", "value", "limit", "unit", "rule", "met", "note"):
             if not isinstance(t, dict) or key not in t:
                 errors.append(f"targets[{i}].{key}: missing")
     return errors
+
+
+def _validate_batching(b: Any, errors: list[str]) -> None:
+    if not isinstance(b, dict):
+        errors.append("batching: not an object")
+        return
+    for key in ("source", "where"):
+        if not isinstance(b.get(key), str):
+            errors.append(f"batching.{key}: missing")
+    stacks = {"ds4tw": b.get("ds4tw")}
+    if b.get("raw") is not None:
+        stacks["raw"] = b.get("raw")
+    for name, section in stacks.items():
+        if not isinstance(section, dict):
+            errors.append(f"batching.{name}: missing")
+            continue
+        for n in b.get("streams") or []:
+            entry = section.get(str(n))
+            if not isinstance(entry, dict):
+                errors.append(f"batching.{name}.{n}: missing")
+                continue
+            _check_summary(f"batching.{name}.{n}.aggregate_tps", entry.get("aggregate_tps"), errors)
+    ttft = b.get("ttft")
+    if not isinstance(ttft, dict):
+        errors.append("batching.ttft: missing")
+    else:
+        for key in ("alone_ttft_s", "busy_ttft_s", "excess_steps"):
+            _check_summary(f"batching.ttft.{key}", ttft.get(key), errors)
+    gap = b.get("gap")
+    if not isinstance(gap, dict) or not gap:
+        errors.append("batching.gap: missing")
+    else:
+        for batch, g in gap.items():
+            for key in ("worst_gap_s", "median_gap_before_s", "prefill_step_s", "prefill_s"):
+                _check_summary(f"batching.gap.{batch}.{key}", (g or {}).get(key), errors)
 
 
 def write_json(doc: Mapping[str, Any], path: Path) -> None:
@@ -503,6 +646,7 @@ def table(doc: Mapping[str, Any]) -> str:
             f"{_fmt(_median(con.get('tool_call'), 'args_first_byte_s'), '.1f', 1e3)} ms "
             "from the prompt text"
         )
+    lines += batching_table(doc.get("batching"))
     ka = doc.get("keepalive") or {}
     if ka:
         lines.append(
@@ -536,6 +680,64 @@ def table(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def batching_table(b: Mapping[str, Any] | None) -> list[str]:
+    """The batching part's lines of the printed summary (none when it did not run)."""
+    if not b:
+        return []
+    ds, raw = b.get("ds4tw") or {}, b.get("raw") or {}
+    lines = [
+        "",
+        f"continuous batching (--parallel {b.get('parallel')}, {b.get('decode_tokens')} tokens "
+        f"per stream, {b.get('rounds')} round(s)):",
+        f"{'streams':<10}{'raw tok/s':>10}{'x1':>7}{'ds4tw tok/s':>13}{'x1':>7}{'/raw':>8}"
+        f"{'per stream':>12}{'whole':>8}{'batch':>7}{'reactor ms/tok':>16}",
+    ]
+    cpu = b.get("cpu") or {}
+    for n in b.get("streams") or []:
+        d, w = ds.get(str(n)) or {}, raw.get(str(n)) or {}
+        lines.append(
+            f"{n:<10}{_fmt(_median(w, 'aggregate_tps')):>10}{_fmt(w.get('ratio_to_1'), '.2f'):>7}"
+            f"{_fmt(_median(d, 'aggregate_tps')):>13}{_fmt(d.get('ratio_to_1'), '.2f'):>7}"
+            f"{_fmt(_median(d, 'vs_raw'), '.3f'):>8}{_fmt(_median(d, 'per_stream_tps')):>12}"
+            f"{str(d.get('streams_whole')) + '/' + str(d.get('streams_total')):>8}"
+            f"{_fmt(_median(d, 'mean_batch_size'), '.1f'):>7}"
+            f"{_fmt((cpu.get(str(n)) or {}).get('main_ms_per_token'), '.3f'):>16}"
+        )
+    single = b.get("single_stream") or {}
+    lines.append(
+        f"single stream / raw: {_fmt(single.get('ds4tw_over_raw'), '.3f')} (paired, --parallel "
+        f"{b.get('parallel')}); throughput part: {_fmt(single.get('throughput_part_ratio'), '.3f')}"
+    )
+    t = b.get("ttft") or {}
+    if t:
+        lines.append(
+            f"short TTFT: idle {_fmt(_median(t, 'alone_ttft_s'), '.1f', 1e3)} ms, beside a long "
+            f"decode {_fmt(_median(t, 'busy_ttft_s'), '.1f', 1e3)} ms (max "
+            f"{_fmt((t.get('busy_ttft_s') or {}).get('max'), '.1f', 1e3)}); step "
+            f"{_fmt((t.get('steps') or {}).get('mean_step_s'), '.1f', 1e3)} ms; excess "
+            f"{_fmt(_median(t, 'excess_steps'), '.2f')} steps median, "
+            f"{_fmt((t.get('excess_steps') or {}).get('max'), '.2f')} max; overlapped "
+            f"{t.get('overlapped')}/{t.get('trials')}"
+        )
+    for batch, g in (b.get("gap") or {}).items():
+        lines.append(
+            f"gap, --batch {batch}: worst {_fmt(_median(g, 'worst_gap_s'), '.1f', 1e3)} ms vs "
+            f"median before {_fmt(_median(g, 'median_gap_before_s'), '.1f', 1e3)} ms, prefill "
+            f"step {_fmt(_median(g, 'prefill_step_s'), '.1f', 1e3)} ms "
+            f"({_fmt(_median(g, 'worst_over_prefill_step'), '.2f')} steps); prefill of "
+            f"{_fmt(_median(g, 'prompt_tokens'), '.0f')} tokens "
+            f"{_fmt(_median(g, 'prefill_s'), '.2f')} s"
+        )
+    if cpu:
+        lines.append(
+            f"reactor CPU/token 4 streams / 1: {_fmt(cpu.get('ratio_4_to_1'), '.3f')} (schedstat), "
+            f"{_fmt(cpu.get('ratio_4_to_1_ticks'), '.3f')} (stat ticks)"
+        )
+    for note in b.get("notes") or []:
+        lines.append(f"batching note: {note}")
+    return lines
+
+
 # -- the chart ---------------------------------------------------------------
 
 
@@ -550,7 +752,8 @@ def chart(doc: Mapping[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     r = doc.get("ratios") or {}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    batching = doc.get("batching")
+    fig, axes = plt.subplots(1, 4 if batching else 3, figsize=(20 if batching else 15, 4.6))
     ax = axes[0]
     bars = [
         ("ds4tw\ndecode", r.get("ds4tw_decode"), "tab:blue"),
@@ -613,6 +816,8 @@ def chart(doc: Mapping[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("cancel latency (ds4tw log) / its limit")
     ax.set_ylabel("latency / (one token or one batch)")
+    if batching:
+        _batching_panel(axes[3], batching)
     fig.suptitle(
         f"ds4tw-bench: {doc.get('engine')} engine, {doc['machine'].get('cpus')} CPUs, "
         f"{doc['model'].get('name', '')}",
@@ -621,3 +826,44 @@ def chart(doc: Mapping[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _batching_panel(ax: Any, b: Mapping[str, Any]) -> None:
+    """Aggregate decode tok/s by concurrent streams, raw batched and ds4tw."""
+    streams = list(b.get("streams") or [])
+    for name, color in (("raw", "tab:gray"), ("ds4tw", "tab:blue")):
+        section = b.get(name) or {}
+        points = [
+            (n, _median(section.get(str(n)), "aggregate_tps"))
+            for n in streams
+            if _median(section.get(str(n)), "aggregate_tps") is not None
+        ]
+        if not points:
+            continue
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.plot(xs, ys, marker="o", color=color, label=f"{name} aggregate")
+        for x, y in points:
+            x1 = (section.get(str(x)) or {}).get("ratio_to_1")
+            if x1 is not None:
+                ax.annotate(
+                    f"x{x1:.2f}",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(0, 6),
+                    ha="center",
+                    fontsize=8,
+                    color=color,
+                )
+    one = _median((b.get("ds4tw") or {}).get("1"), "aggregate_tps")
+    if one is not None:
+        ax.axhline(
+            one * BATCHING_AGGREGATE_AT_4_TARGET,
+            color="green",
+            linestyle="--",
+            label=f"target at 4: {BATCHING_AGGREGATE_AT_4_TARGET}x one stream",
+        )
+    ax.set_xticks(streams)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate decode tok/s (median)")
+    ax.set_title(f"continuous batching (--parallel {b.get('parallel')})")
+    ax.legend(fontsize=8)
