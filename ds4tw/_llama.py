@@ -736,6 +736,14 @@ class _Seq:
         return self.n_past < len(self.prompt)
 
 
+#: A prefix is copied from another slot only when it is at least
+#: 1/COPY_WORTH of what that slot holds: the copy moves all of the source's
+#: cells (llama.cpp's per-sequence state has no range), at ~0.1 ms per
+#: token on the demo model where prefilling costs ~4-20 ms per token, so a
+#: template header shared with a long conversation is cheaper computed.
+COPY_WORTH = 100
+
+
 class LlamaEngine:
     """
     A GGUF model through llama-cpp-python, with C{slots} sequences in one
@@ -964,7 +972,11 @@ class LlamaEngine:
         if claim.source is not None and claim.source != claim.slot:
             # The prefix lives in another sequence (a parallel subagent with
             # the same system prompt and tools): copy its cells over.
-            if not self._copy_prefix(claim.source, claim.slot, cached):
+            held = len(self._table.slots[claim.source].tokens)
+            if cached * COPY_WORTH < held or not self._copy_prefix(
+                claim.source, claim.slot, cached
+            ):
+                llama_cpp.llama_memory_seq_rm(mem, claim.slot, -1, -1)
                 cached = 0
                 self._table.slots[claim.slot].tokens.clear()
         elif not llama_cpp.llama_memory_seq_rm(mem, claim.slot, cached, -1):
