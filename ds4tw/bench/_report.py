@@ -680,6 +680,13 @@ def table(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _noisiest(*entries: Mapping[str, Any]) -> float | None:
+    """The highest foreign load (cores) over the trials of some scaling entries."""
+    values = [(e.get("foreign_cores") or {}).get("max") for e in entries]
+    clean = [float(v) for v in values if v is not None]
+    return max(clean) if clean else None
+
+
 def batching_table(b: Mapping[str, Any] | None) -> list[str]:
     """The batching part's lines of the printed summary (none when it did not run)."""
     if not b:
@@ -690,7 +697,7 @@ def batching_table(b: Mapping[str, Any] | None) -> list[str]:
         f"continuous batching (--parallel {b.get('parallel')}, {b.get('decode_tokens')} tokens "
         f"per stream, {b.get('rounds')} round(s)):",
         f"{'streams':<10}{'raw tok/s':>10}{'x1':>7}{'ds4tw tok/s':>13}{'x1':>7}{'/raw':>8}"
-        f"{'per stream':>12}{'whole':>8}{'batch':>7}{'reactor ms/tok':>16}",
+        f"{'per stream':>12}{'whole':>8}{'batch':>7}{'reactor ms/tok':>16}{'noise':>7}",
     ]
     cpu = b.get("cpu") or {}
     for n in b.get("streams") or []:
@@ -702,7 +709,9 @@ def batching_table(b: Mapping[str, Any] | None) -> list[str]:
             f"{str(d.get('streams_whole')) + '/' + str(d.get('streams_total')):>8}"
             f"{_fmt(_median(d, 'mean_batch_size'), '.1f'):>7}"
             f"{_fmt((cpu.get(str(n)) or {}).get('main_ms_per_token'), '.3f'):>16}"
+            f"{_fmt(_noisiest(d, w), '.2f'):>7}"
         )
+    lines.append("(noise: the most cores other processes used during one of that row's trials)")
     single = b.get("single_stream") or {}
     lines.append(
         f"single stream / raw: {_fmt(single.get('ds4tw_over_raw'), '.3f')} (paired, --parallel "
@@ -771,7 +780,8 @@ def chart(doc: Mapping[str, Any], path: Path) -> None:
         ax.legend(loc="lower right", fontsize=8)
         ax.set_ylim(0, max(1.1, max(b[1] for b in shown) + 0.1))
     else:
-        ax.text(0.5, 0.5, "no raw baseline\n(scripted engine)", ha="center", va="center")
+        why = "scripted engine" if doc.get("engine") == "scripted" else "no throughput part"
+        ax.text(0.5, 0.5, f"no raw baseline\n({why})", ha="center", va="center")
     ax.set_title("throughput / raw llama-cpp-python")
     ax.set_ylabel("ratio (median of per-prompt pairs)")
 
@@ -849,7 +859,8 @@ def _batching_panel(ax: Any, b: Mapping[str, Any]) -> None:
                     f"x{x1:.2f}",
                     (x, y),
                     textcoords="offset points",
-                    xytext=(0, 6),
+                    # raw's above its point, ds4tw's below: the lines run close.
+                    xytext=(0, 6) if name == "raw" else (0, -13),
                     ha="center",
                     fontsize=8,
                     color=color,
@@ -862,6 +873,7 @@ def _batching_panel(ax: Any, b: Mapping[str, Any]) -> None:
             linestyle="--",
             label=f"target at 4: {BATCHING_AGGREGATE_AT_4_TARGET}x one stream",
         )
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
     ax.set_xticks(streams)
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("aggregate decode tok/s (median)")

@@ -9,9 +9,11 @@ is shared. What is asserted is that every part produced its numbers and
 that the qualitative facts hold (the silent decode really was silent,
 every waiting client is accounted for).
 
-Caveat: raw llama-cpp-python and the peer server are skipped on the
-scripted engine (the JSON says so); the full run on the demo model is
-what exercises them (docs/performance.md).
+Caveat: raw llama-cpp-python, the peer server and the batching part's
+raw batched baseline are skipped on the scripted engine (the JSON says
+so); the full run on the demo model is what exercises them
+(docs/performance.md). The batching part itself runs, on C{twistd ds4tw
+--parallel 8 --model scripted:...}.
 """
 
 from __future__ import annotations
@@ -62,6 +64,15 @@ def test_quick_scripted_run_writes_valid_results(tmp_path: Path) -> None:
     assert many["clients"] == doc["settings"]["clients"]
     assert many["outcomes"]["error"] == 0 and many["all_accounted"]
     assert many["rss_per_waiting_client_bytes"] is not None
+    batching = doc["batching"]
+    assert batching["raw"] is None
+    for n in batching["streams"]:
+        entry = batching["ds4tw"][str(n)]
+        assert entry["all_whole"], entry
+        assert entry["streams_whole"] == entry["streams_total"] == n * batching["rounds"]
+        assert entry["aggregate_tps"]["n"] == batching["rounds"]
+    assert batching["ttft"]["short_whole"] and batching["ttft"]["excess_steps"]["n"] >= 1
+    assert all(g["worst_gap_s"]["n"] >= 1 for g in batching["gap"].values())
 
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Every server the run started was stopped.

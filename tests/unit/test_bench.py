@@ -24,8 +24,9 @@ from twisted.python.failure import Failure
 from ds4tw._app import _log_job
 from ds4tw._engine import SamplingParams
 from ds4tw._metrics import Metrics
+from ds4tw._scheduler import StepStats
 from ds4tw._worker import Job, JobCancelled, Stage
-from ds4tw.bench import _cpu, _noise, _report, _stats, _throughput
+from ds4tw.bench import _batching, _cpu, _noise, _report, _stats, _throughput
 from ds4tw.bench.__main__ import parse
 from ds4tw.bench._cancel import _stage_summary, parse_cancel_lines, parse_metrics
 from ds4tw.bench._client import Stream, request_bytes
@@ -548,7 +549,10 @@ def test_abort_check_ratio_and_target() -> None:
 
 def test_only_cancel_is_an_option() -> None:
     assert parse(["--only", "cancel"]).only == "cancel"
+    assert parse(["--only", "batching", "--quick"]).only == "batching"
     assert parse([]).only is None
+    with pytest.raises(SystemExit):
+        parse(["--only", "everything"])
 
 
 def test_validate_accepts_a_complete_document_and_its_json() -> None:
@@ -643,3 +647,226 @@ def test_peer_launcher_loads_without_extra_buffers() -> None:
         assert C.llama_model_default_params().use_extra_bufts is False
     finally:
         C.llama_model_default_params = original
+
+
+# -- continuous batching (issue 9) -------------------------------------------
+
+
+def test_aggregate_rate_counts_tokens_after_each_first() -> None:
+    S = _batching.StreamTimes
+    # One stream: the same as the decode rate of its token times.
+    times = [1.0, 1.1, 1.2, 1.3, 1.5]
+    assert _batching.aggregate_rate([S(5, 1.0, 1.5)]) == pytest.approx(_stats.decode_rate(times))
+    # Four streams fed by the same steps: 4 tokens per 0.1 s step.
+    four = [S(11, 2.0 + i * 1e-4, 3.0 + i * 1e-4) for i in range(4)]
+    assert _batching.aggregate_rate(four) == pytest.approx(40 / 1.0003)
+    # A stream that started a step late stretches the span: an underestimate.
+    assert _batching.aggregate_rate([S(11, 2.0, 3.0), S(11, 2.1, 3.1)]) == pytest.approx(20 / 1.1)
+    assert _batching.aggregate_rate([]) is None
+    assert _batching.aggregate_rate([S(1, 2.0, 2.0)]) is None
+
+
+def test_whole_streams_got_all_they_asked_for() -> None:
+    ok = {"status": 200, "error": None, "tokens": 48, "finish_reason": "length"}
+    assert _batching.whole(ok, 48)
+    assert not _batching.whole({**ok, "tokens": 47}, 48)
+    assert not _batching.whole({**ok, "finish_reason": "stop"}, 48)
+    assert not _batching.whole({**ok, "status": 503}, 48)
+    assert not _batching.whole({**ok, "error": "timed out"}, 48)
+
+
+def test_gap_analysis_splits_the_gaps_around_the_window() -> None:
+    # Tokens every 10 ms, then a window [0.05, 0.30] with 100 ms steps, then 10 ms again.
+    times = [0.0, 0.01, 0.02, 0.03, 0.04, 0.14, 0.24, 0.34, 0.35, 0.36]
+    got = _batching.gap_analysis(times, 0.05, 0.30)
+    assert got["median_before_s"] == pytest.approx(0.01)
+    assert got["max_before_s"] == pytest.approx(0.01)
+    # 0.04-0.14, 0.14-0.24 and 0.24-0.34 overlap the window.
+    assert got["gaps_inside"] == 3
+    assert got["max_inside_s"] == pytest.approx(0.10)
+    assert got["median_inside_s"] == pytest.approx(0.10)
+    assert got["median_after_s"] == pytest.approx(0.01)
+    empty = _batching.gap_analysis([0.0], 0.0, 1.0)
+    assert empty["max_inside_s"] is None and empty["median_before_s"] is None
+
+
+def test_step_metrics_parse_ds4tw_metrics_and_their_deltas() -> None:
+    m = Metrics()
+    before = _batching.parse_step_metrics(m.render().decode())
+    m.step_done(StepStats(sequences=1, decode_tokens=1, prefill_tokens=0, seconds=0.01))
+    m.step_done(StepStats(sequences=2, decode_tokens=1, prefill_tokens=255, seconds=0.8))
+    m.step_done(StepStats(sequences=2, decode_tokens=1, prefill_tokens=100, seconds=0.4))
+    after = _batching.parse_step_metrics(m.render().decode())
+    assert after["step_s_count"] == 3 and after["no_prefill_steps"] == 1
+    d = _batching.step_delta(before, after)
+    assert (d["steps"], d["prefill_steps"], d["prefill_tokens"]) == (3, 2, 355)
+    assert d["mean_step_s"] == pytest.approx(1.21 / 3)
+    assert d["mean_batch_size"] == pytest.approx(5 / 3)
+    assert d["mean_step_tokens"] == pytest.approx(358 / 3)
+    assert d["mean_prefill_tokens_per_prefill_step"] == pytest.approx(177.5)
+    # The prefill steps' mean: the decode-only step taken at the stream's own gap.
+    assert _batching.prefill_step_s(d, 0.01) == pytest.approx(0.6)
+    assert _batching.prefill_step_s(d, None) == pytest.approx(1.21 / 2)
+    assert _batching.prefill_step_s(_batching.step_delta(after, after), 0.01) is None
+
+
+def test_ttft_excess_in_steps_and_small_helpers() -> None:
+    assert _batching.excess_steps(0.30, 0.10, 0.1) == pytest.approx(2.0)
+    assert _batching.excess_steps(None, 0.10, 0.1) is None
+    assert _batching.excess_steps(0.3, 0.1, None) is None
+    assert _batching.parse_schedstat("308041913 931477 5\n") == pytest.approx(0.308041913)
+    assert _batching.words_for(3000, 1.1) == 2727
+    assert _batching.words_for(3000, 6.5) == 461
+
+
+def test_sizes_quick_and_full() -> None:
+    quick = _batching.sizes(make_settings(quick=True))
+    full = _batching.sizes(make_settings(quick=False))
+    assert quick.decode_tokens < full.decode_tokens and quick.rounds < full.rounds
+    assert full.gap_batches == (256, _batching.SMALL_BATCH) and quick.gap_batches == (256,)
+    assert _batching.sizes(make_settings(quick=False, batch=64)).gap_batches == (64,)
+    assert full.gap_prompt_tokens == _batching.GAP_PROMPT_TOKENS
+    # The long prompt always fits one slot.
+    small = _batching.sizes(make_settings(quick=False, ctx=1024))
+    assert small.gap_prompt_tokens < 1024 and small.long_tokens < 1024
+
+
+def test_scaling_summary_and_reactor_cpu() -> None:
+    trials = {
+        1: [{"aggregate_tps": 100.0}, {"aggregate_tps": 110.0}],
+        4: [{"aggregate_tps": 150.0}, {"aggregate_tps": 160.0}],
+    }
+    got = _batching.scaling_summary(trials)
+    assert got["1"]["ratio_to_1"] == pytest.approx(1.0)
+    assert got["4"]["ratio_to_1"] == pytest.approx(155.0 / 105.0)
+    assert got["4"]["aggregate_tps"]["n"] == 2
+    cpu = {
+        1: [{"streamed_tokens": 100, "cpu_s": {"main_sched_s": 0.03, "main_stat_s": 0.03}}],
+        4: [{"streamed_tokens": 400, "cpu_s": {"main_sched_s": 0.04, "main_stat_s": 0.05}}],
+    }
+    r = _batching.reactor_cpu(cpu)
+    assert r["1"]["main_ms_per_token"] == pytest.approx(0.3)
+    assert r["4"]["main_ms_per_token"] == pytest.approx(0.1)
+    assert r["1"]["all_threads_ms_per_token"] is None  # not sampled
+    assert r["ratio_4_to_1"] == pytest.approx(1 / 3)
+    assert r["ratio_4_to_1_ticks"] == pytest.approx(0.125 / 0.3)
+
+
+def test_scripted_model_spec_parses() -> None:
+    from ds4tw._scripted import parse_spec
+
+    spec = parse_spec(_batching.scripted_model(make_settings(quick=True, engine="scripted"))[9:])
+    assert spec.tps == pytest.approx(250.0) and spec.prefill_tps == pytest.approx(2560.0)
+    assert spec.eos is False
+
+
+def batching_section() -> dict[str, Any]:
+    """A batching section in the shape L{_batching.measure} writes."""
+
+    def entry(tps: float, x1: float, vs_raw: float | None = None) -> dict[str, Any]:
+        e: dict[str, Any] = {
+            "aggregate_tps": summary_of(tps),
+            "ratio_to_1": x1,
+            "per_stream_tps": summary_of(tps),
+            "streams_whole": 2,
+            "streams_total": 2,
+            "mean_batch_size": summary_of(1.0),
+        }
+        if vs_raw is not None:
+            e["vs_raw"] = summary_of(vs_raw)
+        return e
+
+    gap = {
+        "worst_gap_s": summary_of(0.9),
+        "median_gap_before_s": summary_of(0.01),
+        "prefill_step_s": summary_of(0.8),
+        "prefill_s": summary_of(9.0),
+        "prompt_tokens": summary_of(3000.0),
+        "worst_over_prefill_step": summary_of(0.9 / 0.8),
+    }
+    return {
+        "parallel": 8,
+        "streams": [1, 4],
+        "decode_tokens": 128,
+        "rounds": 1,
+        "source": "test",
+        "where": "test",
+        "notes": [],
+        "raw": {"1": entry(140.0, 1.0), "4": entry(210.0, 1.5)},
+        "ds4tw": {"1": entry(137.0, 1.0, 0.98), "4": entry(200.0, 200.0 / 137.0, 0.95)},
+        "cpu": {
+            "1": {"main_ms_per_token": 0.3},
+            "4": {"main_ms_per_token": 0.1},
+            "ratio_4_to_1": 1 / 3,
+        },
+        "ttft": {
+            "alone_ttft_s": summary_of(0.05),
+            "busy_ttft_s": summary_of(0.06),
+            "excess_steps": summary_of(1.5),
+            "steps": {"mean_step_s": 0.01},
+            "overlapped": 1,
+            "trials": 1,
+        },
+        "gap": {"256": gap, "64": {**gap, "worst_over_prefill_step": summary_of(2.0)}},
+        "single_stream": {"ds4tw_over_raw": 0.98, "throughput_part_ratio": None},
+    }
+
+
+def test_batching_ratios_targets_table_and_chart(tmp_path: Path) -> None:
+    doc = synthetic_doc()
+    before = len(doc["targets"])
+    doc["batching"] = batching_section()
+    doc["ratios"] = _report.ratios(doc)
+    doc["targets"] = _report.targets(doc)
+    r = doc["ratios"]
+    assert r["batching_ds4tw_4_over_1"] == pytest.approx(200.0 / 137.0)
+    assert r["batching_ds4tw_4_over_raw"] == pytest.approx(0.95)
+    assert r["batching_raw_4_over_1"] == pytest.approx(1.5)
+    assert r["batching_single_over_raw"] == pytest.approx(0.98)
+    assert r["batching_gap_256_steps"] == pytest.approx(0.9 / 0.8)
+    met = {t["name"]: t["met"] for t in doc["targets"][before:]}
+    assert met == {
+        "aggregate decode, 4 streams / 1 stream": True,
+        "every batched stream whole": True,
+        "short request TTFT beside a long decode, steps over its TTFT alone": True,
+        "single-stream decode at --parallel 8 / raw single sequence": True,
+        "worst token gap while another request prefills, --batch 256": True,
+        "worst token gap while another request prefills, --batch 64": False,
+        "reactor CPU per token, 4 streams / 1 stream": True,
+    }
+    assert _report.validate(doc) == []
+    text = _report.table(doc)
+    assert "continuous batching (--parallel 8" in text and "gap, --batch 64" in text
+    path = tmp_path / "bench.png"
+    _report.chart(doc, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batching_table_shows_the_noisiest_trial() -> None:
+    a = {"foreign_cores": summary_of(0.1, 0.4)}
+    assert _report._noisiest(a, {"foreign_cores": summary_of(0.2)}) == pytest.approx(0.4)
+    assert _report._noisiest({}, {"foreign_cores": _stats.summary([])}) is None
+
+
+def test_no_batching_section_no_batching_targets() -> None:
+    doc = synthetic_doc()
+    assert not any("batched" in t["name"] or "streams" in t["name"] for t in doc["targets"])
+    assert not any(k.startswith("batching_") for k in doc["ratios"])
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (lambda b: b.pop("source"), "batching.source"),
+        (lambda b: b["ds4tw"].pop("4"), "batching.ds4tw.4: missing"),
+        (lambda b: b["raw"]["1"].pop("aggregate_tps"), "batching.raw.1.aggregate_tps"),
+        (lambda b: b.pop("ttft"), "batching.ttft: missing"),
+        (lambda b: b["gap"]["256"].pop("prefill_s"), "batching.gap.256.prefill_s"),
+    ],
+)
+def test_validate_names_what_is_wrong_in_batching(breakage: Any, expected: str) -> None:
+    doc = synthetic_doc()
+    doc["batching"] = batching_section()
+    breakage(doc["batching"])
+    problems = _report.validate(doc)
+    assert any(expected in p for p in problems), problems
