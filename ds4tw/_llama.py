@@ -1033,7 +1033,10 @@ class LlamaEngine:
         batch = self._batch
         assert batch is not None, "load() first"
         batch.clear()
-        live = [s for s in self._seqs.values() if not s.finished]
+        # In sequence order: llama.cpp splits a batch by sequence, and with
+        # the sequences out of order a step of 8 took 38 ms instead of 29.5
+        # (demo model, 2 threads; measured after slots were reused).
+        live = sorted((s for s in self._seqs.values() if not s.finished), key=lambda s: s.id)
         decoding = [s for s in live if s.pending is not None]
         for s in decoding:
             assert s.pending is not None
