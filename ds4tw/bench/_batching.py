@@ -359,21 +359,9 @@ class RawBatched:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
     def _sampler(self) -> Any:
-        """The chain ds4tw builds for a greedy C{ignore_eos} request."""
-        from llama_cpp._internals import LlamaSampler
+        from ._raw import greedy_sampler
 
-        n_vocab = self.llm.n_vocab()
-        sampler = LlamaSampler()
-        sampler.add_logit_bias(n_vocab, {t: float("-inf") for t in self.eog_ids})
-        sampler.add_penalties(
-            n_vocab=n_vocab,
-            penalty_last_n=64,
-            penalty_repeat=1.0,
-            penalty_freq=0.0,
-            penalty_present=0.0,
-        )
-        sampler.add_greedy()
-        return sampler
+        return greedy_sampler(self.llm, self.eog_ids)
 
     def _decode(self, items: Sequence[tuple[int, int, int, bool]]) -> None:
         b = self._batch

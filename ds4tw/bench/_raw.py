@@ -59,20 +59,7 @@ class RawLlama:
         self.llm.close()
 
     def _sampler(self) -> Any:
-        from llama_cpp._internals import LlamaSampler
-
-        n_vocab = self.llm.n_vocab()
-        sampler = LlamaSampler()
-        sampler.add_logit_bias(n_vocab, {t: float("-inf") for t in self.eog_ids})
-        sampler.add_penalties(
-            n_vocab=n_vocab,
-            penalty_last_n=64,
-            penalty_repeat=1.0,
-            penalty_freq=0.0,
-            penalty_present=0.0,
-        )
-        sampler.add_greedy()
-        return sampler
+        return greedy_sampler(self.llm, self.eog_ids)
 
     def run(self, text: str, max_tokens: int) -> dict[str, Any]:
         """
@@ -129,3 +116,21 @@ class RawLlama:
             "prefill_eval_s": r["prefill_s"],
             "cached_tokens": r["cached_tokens"],
         }
+
+
+def greedy_sampler(llm: Any, eog_ids: list[int]) -> Any:
+    """The chain ds4tw builds for a greedy C{ignore_eos} request."""
+    from llama_cpp._internals import LlamaSampler
+
+    n_vocab = llm.n_vocab()
+    sampler = LlamaSampler()
+    sampler.add_logit_bias(n_vocab, {t: float("-inf") for t in eog_ids})
+    sampler.add_penalties(
+        n_vocab=n_vocab,
+        penalty_last_n=64,
+        penalty_repeat=1.0,
+        penalty_freq=0.0,
+        penalty_present=0.0,
+    )
+    sampler.add_greedy()
+    return sampler
