@@ -1,22 +1,25 @@
 """
 L{LlamaEngine}: the L{Engine} on llama-cpp-python.
 
-It uses llama-cpp-python's low-level pieces rather than C{Llama.generate}
-because C{generate} prefills the whole prompt in one C{eval} call with no
-way to stop between batches: here the prefill is a loop of n_batch chunks
-with a yield (and so a cancel check) after each, and the decode loop
-yields every token before computing the next.
+It drives llama.cpp's batch API itself (C{llama_batch} / C{llama_decode})
+rather than C{Llama.generate}, which prefills a whole prompt in one call
+with no way to stop between batches and runs one sequence only: here one
+context holds C{slots} sequences, each with its own KV stream, and every
+L{LlamaEngine.step} decodes one token for each decoding sequence plus
+prompt chunks for the prefilling ones (continuous batching).
 
-The KV cache of the previous request is reused for the longest common
-token prefix (a multi-turn chat re-sends its history every turn).
+A sequence's cells stay in its slot after its request ends, and a new
+prompt reuses the longest common token prefix any slot holds (a
+multi-turn chat re-sends its history every turn; L{ds4tw._slots}).
 
-Inside a step, the job's L{AbortFlag} is llama.cpp's abort callback
+Inside a step, the worker's L{AbortFlag} is llama.cpp's abort callback
 data, checked between graph nodes with no Python on the way (see
-L{abort_callback}): a disconnect stops a prefill batch or a decode step
-within milliseconds, the aborted batch's KV cells are dropped, and the
-generator raises L{Aborted}.
+L{abort_callback}): when every running request has been cancelled the
+step stops within milliseconds, its KV cells are dropped, and
+L{LlamaEngine.step} raises L{Aborted}.
 
-Covered by tests/integration/test_llama_engine.py.
+Covered by tests/integration/test_llama_engine.py and
+tests/integration/test_batching.py.
 """
 
 from __future__ import annotations
@@ -755,6 +758,10 @@ class LlamaEngine:
         the rest for prompt chunks); also the cancel granularity of a
         prefill (one step is the most work a disconnect can waste) and the
         longest a decoding stream waits while another request prefills.
+    @param n_batch_decoding: the step budget while some sequence is
+        decoding (at most C{n_batch}; default C{n_batch}): a smaller one
+        shortens the decoding streams' stall while another prompt
+        prefills, at some cost in that prefill's speed.
     @param slots: requests decoded at once (one unless asked;
         C{twistd ds4tw --parallel} defaults to 4).
     """
@@ -769,9 +776,11 @@ class LlamaEngine:
         model_id: str | None = None,
         chat_template: str | None = None,
         slots: int = 1,
+        n_batch_decoding: int | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
+        self._n_batch_decoding = min(n_batch, n_batch_decoding or n_batch)
         self.model_path = Path(model_path)
         self.model_id = model_id or self.model_path.stem
         self._n_ctx = n_ctx
@@ -1042,10 +1051,12 @@ class LlamaEngine:
             assert s.pending is not None
             s.idx = batch.add(s.pending, s.n_past, s.id, True)
             s.added = 1
-        budget = batch.size - batch.n
         filling = sorted(
             (s for s in live if s.prefilling), key=lambda s: (len(s.prompt) - s.n_past, s.id)
         )
+        # While others decode, a smaller step bounds their stall.
+        limit = self._n_batch_decoding if decoding else batch.size
+        budget = min(batch.size - batch.n, max(limit - batch.n, 1 if filling else 0))
         prefilled: list[_Seq] = []
         for s in filling:
             if budget <= 0:

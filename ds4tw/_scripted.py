@@ -122,6 +122,8 @@ class ScriptedEngine:
     @param prefill_tps: prefill speed in prompt tokens per second (0: instant).
     @param prefix_cache: reuse the longest prefix a slot holds.
     @param slots: sequences at once.
+    @param decoding_batch: the step budget while some sequence decodes
+        (default: C{prefill_batch}).
     """
 
     #: A paced step checks the abort flag this often (seconds).
@@ -139,6 +141,7 @@ class ScriptedEngine:
         prefill_tps: float = 0.0,
         prefix_cache: bool = False,
         slots: int = 1,
+        decoding_batch: int | None = None,
     ) -> None:
         if tps < 0 or prefill_tps < 0:
             raise ValueError("tps and prefill_tps must be >= 0")
@@ -149,6 +152,9 @@ class ScriptedEngine:
         self.table = SlotTable(slots, reuse=prefix_cache)
         self._n_ctx = n_ctx
         self.prefill_batch = prefill_batch
+        #: The step budget while some sequence decodes (L{ds4tw.LlamaEngine}'s
+        #: C{n_batch_decoding}).
+        self.decoding_batch = min(prefill_batch, decoding_batch or prefill_batch)
         self._replies: deque[Reply] = deque(
             r if isinstance(r, Reply) else Reply.words(r) for r in replies
         )
@@ -261,7 +267,8 @@ class ScriptedEngine:
         """This step's units: a token per decoding sequence, then prompt chunks."""
         live = [(i, s) for i, s in self._open.items() if not s.finished]
         units = [(i, "token", s.emitted) for i, s in live if s.done >= len(s.prompt)]
-        budget = max(1, self.prefill_batch - len(units))
+        limit = self.decoding_batch if units else self.prefill_batch
+        budget = max(1, limit - len(units))
         filling = sorted(
             ((i, s) for i, s in live if s.done < len(s.prompt)),
             key=lambda x: (len(x[1].prompt) - x[1].done, x[0]),
@@ -389,6 +396,7 @@ class ScriptedSpec:
         model_id: str | None = None,
         chat_template: str | None = None,
         slots: int = 1,
+        decoding_batch: int | None = None,
     ) -> ScriptedEngine:
         """A paced engine with a prefix cache, as a model would be."""
         thinking = ("<think>", *[" thinking"] * self.think, "</think>\n\n") if self.think else ()
@@ -406,6 +414,7 @@ class ScriptedSpec:
             prefill_tps=self.prefill_tps,
             prefix_cache=True,
             slots=slots,
+            decoding_batch=decoding_batch,
         )
 
 

@@ -39,7 +39,14 @@ class Rig:
 def make_rig(replies: Any = ("Hello there friend.",), **config: Any) -> Rig:
     engine_kw = {
         k: config.pop(k)
-        for k in ("n_ctx", "prefill_batch", "chat_template", "slots", "prefix_cache")
+        for k in (
+            "n_ctx",
+            "prefill_batch",
+            "chat_template",
+            "slots",
+            "prefix_cache",
+            "decoding_batch",
+        )
         if k in config
     }
     engine = ScriptedEngine(replies, **engine_kw)

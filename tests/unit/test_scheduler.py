@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -157,6 +158,28 @@ def test_a_long_prefill_is_split_and_the_decoding_stream_gets_a_token_every_step
     assert [s.prefill_tokens for s in stats[-prefill_steps:-1]] == [7] * (prefill_steps - 1)
     rig.threads.run_until_idle()
     assert text(a) == alone(LONG, "x", max_tokens=100)[0]
+    assert text(b) == "done"
+
+
+def test_a_smaller_step_while_others_decode_and_the_full_one_alone() -> None:
+    rig = make_rig(["a b c d e f g h i j", "done"], slots=2, prefill_batch=32, decoding_batch=8)
+    a = rig.stream("p" * 80, max_tokens=10)
+    rig.threads.step()
+    # Nobody decodes yet: a's prompt goes in full --batch chunks.
+    assert rig.engine.steps[-1] == ((0, "prefill", 32),)
+    step_until(rig, lambda: decoding(a))
+    b = rig.stream("q" * 80)
+    rig.threads.step()
+    # a decodes: b's chunk is the smaller budget less a's token.
+    assert rig.engine.steps[-1] == ((0, "token", rig.engine.steps[-1][0][2]), (1, "prefill", 7))
+    rig.threads.run_until_idle()
+    # Once a had finished, b went on in full chunks again.
+    done = [0] + [
+        n for step in rig.engine.steps for slot, kind, n in step if slot == 1 and kind == "prefill"
+    ]
+    sizes = [y - x for x, y in pairwise(done)]
+    assert done[-1] == len(prompt_of(rig, 1))
+    assert sizes[0] == 7 and 32 in sizes, sizes
     assert text(b) == "done"
 
 
