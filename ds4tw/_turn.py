@@ -180,6 +180,7 @@ def new_job(
     reasoning: bool = True,
     tooling: Tooling | None = None,
     session: str | None = None,
+    request_id: str | None = None,
 ) -> Job:
     """
     @param label: what the job's log line calls it.
@@ -189,7 +190,12 @@ def new_job(
         tool-call parser, when the request offers tools.
     @param session: the client's session id (C{X-Session-Id}), added to
         the label.
+    @param request_id: the request's C{X-Request-Id}, added to the label,
+        so an operator finds a client's request in the log by the id the
+        client saw.
     """
+    if request_id is not None:
+        label = f"{label} request={request_id}"
     if session is not None:
         label = f"{label} session={session}"
     splitter = server.reasoning_parser.splitter(prompt.text) if reasoning else PlainSplitter()

@@ -85,6 +85,7 @@ def add_routes(server: Host) -> None:
             f"{mid} messages stream={req.stream}",
             tooling=tooling,
             session=_routing.session_id(request),
+            request_id=_routing.request_id(request),
         )
         stop = partial(
             render.stop_reason,

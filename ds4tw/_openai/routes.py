@@ -61,6 +61,7 @@ def add_routes(server: Host) -> None:
             f"{rid} chat stream={req.stream}",
             tooling=tooling,
             session=_routing.session_id(request),
+            request_id=_routing.request_id(request),
         )
         model_name = req.model or server.engine.model_id
         if req.stream:
@@ -88,6 +89,7 @@ def add_routes(server: Host) -> None:
             label,
             reasoning=False,
             session=_routing.session_id(request),
+            request_id=_routing.request_id(request),
         )
         model_name = req.model or server.engine.model_id
         logprobs = req.logprobs is not None

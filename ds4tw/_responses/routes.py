@@ -50,7 +50,13 @@ async def _respond(server: Host, request: Request) -> bytes | None:
     rid = f"resp_{uuid.uuid4().hex}"
     label = f"{rid} responses stream={req.stream}"
     job = _turn.new_job(
-        server, prompt, params, label, tooling=tooling, session=_routing.session_id(request)
+        server,
+        prompt,
+        params,
+        label,
+        tooling=tooling,
+        session=_routing.session_id(request),
+        request_id=_routing.request_id(request),
     )
     model = req.model or server.engine.model_id
     builder = render.ResponseBuilder(

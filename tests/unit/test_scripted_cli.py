@@ -253,3 +253,35 @@ def test_session_id_is_echoed_and_logged() -> None:
         assert not any("session=" in line for line in lines)
     finally:
         globalLogPublisher.removeObserver(observer)
+
+
+def test_the_job_log_line_names_the_request_id_the_client_saw() -> None:
+    rig = make_rig()
+    lines: list[str] = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        paths = {
+            "/v1/chat/completions": payload,
+            "/v1/completions": {"model": "m", "prompt": "hi", "max_tokens": 3},
+            "/v1/responses": {"model": "m", "input": "hi"},
+            "/v1/messages": {**payload, "max_tokens": 8},
+        }
+        given = [
+            rig.http.post(path, body, {"X-Request-Id": f"client-{i}"})
+            for i, (path, body) in enumerate(paths.items())
+        ]
+        fresh = rig.http.post("/v1/chat/completions", payload)
+        rig.threads.run_until_idle()
+        done = [line for line in lines if " done: " in line]
+        assert len(done) == 5
+        for i in range(4):
+            assert given[i].header("x-request-id") == f"client-{i}"
+            assert sum(f"request=client-{i} done:" in line for line in done) == 1
+        # A request without one gets a fresh id, and the log line names that one.
+        rid = fresh.header("x-request-id")
+        assert rid is not None and rid.startswith("req_")
+        assert sum(f"request={rid} done:" in line for line in done) == 1
+    finally:
+        globalLogPublisher.removeObserver(observer)
