@@ -371,7 +371,8 @@ def batch_histogram(server: Twistd) -> tuple[float, float, float]:
 def peers(server: Twistd, rid: str, timeout: float = 5) -> int:
     """How many other requests the job log line of C{rid} says shared its steps."""
     pattern = re.compile(
-        re.escape(rid) + r" chat stream=True done: .* shared steps with (\d+) other requests"
+        re.escape(rid)
+        + r" chat stream=True request=\S+ done: .* shared steps with (\d+) other requests"
     )
     deadline = time.monotonic() + timeout
     while True:
