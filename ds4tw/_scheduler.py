@@ -160,7 +160,7 @@ class BatchLoop:
             out.add(job._set_stage, Stage.PREFILL)
 
     def _drop_cancelled(self, out: Delivery) -> None:
-        for _seq, run in list(self.runs.items()):
+        for run in list(self.runs.values()):
             if run.job.cancelled:
                 self._cancelled(run, out)
 
@@ -201,9 +201,7 @@ class BatchLoop:
         except Aborted:
             # The step flag is set only when every running job is
             # cancelled: all of them stopped inside this step.
-            for run in list(self.runs.values()):
-                if run.job.cancelled:
-                    self._cancelled(run, out)
+            self._drop_cancelled(out)
             return
         except Exception:
             failure = Failure()
