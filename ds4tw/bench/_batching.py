@@ -705,6 +705,17 @@ def _short(server: ServerProcess, prompt: str) -> dict[str, Any]:
     }
 
 
+def _decoding(server: ServerProcess, sz: Sizes, prompts: Prompts, tokens: int) -> Background:
+    """A long request in the background, once it has streamed C{tokens} tokens."""
+    long = Background(
+        server, completion_body("ds4tw", prompts.words(sz.short_words), sz.long_tokens)
+    ).start()
+    if not long.watch.wait_tokens(tokens):
+        long.finish()
+        raise RuntimeError("the long request did not start decoding")
+    return long
+
+
 def ttft_beside(server: ServerProcess, sz: Sizes, prompts: Prompts) -> dict[str, Any]:
     """A short request's TTFT alone, then while a long one decodes."""
     _client.wait_idle(server.port, timeout=60)
@@ -712,12 +723,7 @@ def ttft_beside(server: ServerProcess, sz: Sizes, prompts: Prompts) -> dict[str,
     for _ in range(sz.ttft_trials):
         alone.append(_short(server, prompts.words(sz.short_words)))
         _client.wait_idle(server.port, timeout=60)
-    long = Background(
-        server, completion_body("ds4tw", prompts.words(sz.short_words), sz.long_tokens)
-    ).start()
-    if not long.watch.wait_tokens(8):
-        long.finish()
-        raise RuntimeError("the long request did not start decoding")
+    long = _decoding(server, sz, prompts, 8)
     m0 = step_metrics(server)
     t0 = time.perf_counter()
     busy = []
@@ -760,12 +766,7 @@ def gap_trial(
 ) -> dict[str, Any]:
     """The token gaps of a decoding stream while another request prefills C{long_prompt}."""
     _client.wait_idle(server.port, timeout=120)
-    decode = Background(
-        server, completion_body("ds4tw", prompts.words(sz.short_words), sz.long_tokens)
-    ).start()
-    if not decode.watch.wait_tokens(16):
-        decode.finish()
-        raise RuntimeError("the decoding stream did not start")
+    decode = _decoding(server, sz, prompts, 16)
     m0 = step_metrics(server)
     s = _client.stream(
         server.port,
