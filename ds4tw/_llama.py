@@ -796,8 +796,8 @@ class LlamaEngine:
         self._seqs: dict[int, _Seq] = {}
         self._batch: _Batch | None = None
         self._buf = ctypes.create_string_buffer(64)
-        #: Never set: the callback's data between steps, so that no stale
-        #: flag can stop later work.
+        #: Never set: the callback's data for a step given no flag, so that
+        #: no stale flag can stop it.
         self._idle_flag = AbortFlag()
         self._abort_cb: Any = None
         #: The flag llama.cpp watches now (kept alive while it does).
@@ -1070,11 +1070,10 @@ class LlamaEngine:
         if batch.n == 0:
             return StepResult()
         ctx = self._llm._ctx.ctx
+        # Every decode sets the flag it runs under first, so the flag stays
+        # installed between steps (one C call only when it changes).
         self._watch(abort)
-        try:
-            rc = batch.decode(ctx)
-        finally:
-            self._watch(None)
+        rc = batch.decode(ctx)
         if rc != 0:
             mem = llama_cpp.llama_get_memory(ctx)
             # Undo the step: no sequence keeps a cell of it, so each one

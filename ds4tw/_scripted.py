@@ -293,21 +293,18 @@ class ScriptedEngine:
         if not units:
             return StepResult()
         # What ends now needs no compute: a reply at its end-of-generation.
-        events: list[tuple[int, StepEvent]] = []
+        ended: list[int] = []
         work: list[tuple[int, str, int]] = []
         for unit in units:
             i, kind, _ = unit
             if kind == "token" and self._piece(self._open[i]) is None:
-                self._open[i].finished = True
-                events.append((i, Finished("stop")))
+                ended.append(i)
             else:
                 work.append(unit)
         for _, kind, n in work:
             if self.step_hook is not None:
                 self.step_hook((kind, n))
         if abort is not None and abort.is_set:
-            for i, _e in events:
-                self._open[i].finished = False
             raise Aborted
         prefilled = 0
         for i, kind, n in work:
@@ -318,12 +315,12 @@ class ScriptedEngine:
         if decoding and self.tps:
             seconds += 1.0 / self.tps
         if seconds > 0:
-            try:
-                self._pace(seconds, abort)
-            except Aborted:
-                for i, _e in events:
-                    self._open[i].finished = False
-                raise
+            self._pace(seconds, abort)
+        # The step happened: nothing above changed any sequence.
+        events: list[tuple[int, StepEvent]] = []
+        for i in ended:
+            self._open[i].finished = True
+            events.append((i, Finished("stop")))
         for i, kind, n in work:
             s = self._open[i]
             if kind == "prefill":
