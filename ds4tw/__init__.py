@@ -31,6 +31,7 @@ from ._engine import (
 )
 from ._host import ServerConfig
 from ._http import LimitedSite
+from ._kvcache import CacheStats, PromptCache
 from ._llama import LlamaEngine, demo_model_path
 from ._tap import Options, makeService
 from ._types import Finish, Stage, Timings, Usage
@@ -40,6 +41,7 @@ from ._worker import Job, JobCancelled, WorkerThreads
 __all__ = [
     "AbortFlag",
     "Aborted",
+    "CacheStats",
     "ChatPrompt",
     "Engine",
     "Failed",
@@ -52,6 +54,7 @@ __all__ = [
     "LlamaEngine",
     "Options",
     "PrefillProgress",
+    "PromptCache",
     "SamplingParams",
     "Server",
     "ServerConfig",

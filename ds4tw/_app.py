@@ -110,6 +110,7 @@ class Server(MultiService):
             lambda: self.worker.slots_busy,
             lambda: self.worker.slots,
         )
+        self.metrics.watch_cache(engine)
         self.worker.observers += [self.metrics.job_ended, _log_job]
         self.worker.step_observers.append(self.metrics.step_done)
         self.app = Klein()
@@ -312,13 +313,14 @@ def _log_job(job: Job, outcome: Finish | Failure) -> None:
         u, t = outcome.usage, outcome.timings
         rate = u.completion_tokens / t.decode if t.decode > 0 else 0.0
         log.info(
-            "{label} done: finish={reason} prompt={prompt} cached={cached} "
+            "{label} done: finish={reason} prompt={prompt} cached={cached}{cached_from} "
             "completion={completion} queued={queued:.3f}s prefill={prefill:.3f}s "
             "decode={decode:.3f}s ({rate:.1f} tok/s) shared steps with {peers} other requests",
             label=job.label,
             reason=outcome.reason,
             prompt=u.prompt_tokens,
             cached=u.cached_tokens,
+            cached_from=f" (from {u.cached_from})" if u.cached_from else "",
             completion=u.completion_tokens,
             queued=t.queued,
             prefill=t.prefill,

@@ -150,12 +150,16 @@ class SamplingParams:
 class PrefillProgress:
     """
     Prompt processing advanced: C{done} of C{total} prompt tokens are in
-    the KV cache, C{cached} of them were reused from an earlier request.
+    the KV cache, C{cached} of them were reused from an earlier request,
+    found in C{source}: C{"slot"} (the sequence's own retained slot),
+    C{"copy"} (another slot's), C{"ram"} or C{"disk"} (the prompt cache,
+    L{ds4tw._kvcache}), None when nothing was reused.
     """
 
     done: int
     total: int
     cached: int
+    source: str | None = None
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from ._engine import (
     Token,
     generate,
 )
+from ._kvcache import CacheStats, Prefixes, PromptCache, Restore
 from ._slots import SlotTable
 from ._template import CHATML_TEMPLATE, ChatTemplate
 
@@ -733,6 +734,10 @@ class _Seq:
     #: This step: where its logits are in the batch, how many tokens it added.
     idx: int = -1
     added: int = 0
+    #: A prefix state to load before prefilling (the prompt cache).
+    restore: Restore | None = None
+    #: Where the cached prefix came from (L{PrefillProgress.source}).
+    source: str | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -764,6 +769,8 @@ class LlamaEngine:
         prefills, at some cost in that prefill's speed.
     @param slots: requests decoded at once (one unless asked;
         C{twistd ds4tw --parallel} defaults to 4).
+    @param prompt_cache: prefix states kept beyond the slots, in memory
+        and on disk (L{ds4tw._kvcache}; docs/cache.md).
     """
 
     def __init__(
@@ -777,6 +784,7 @@ class LlamaEngine:
         chat_template: str | None = None,
         slots: int = 1,
         n_batch_decoding: int | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
@@ -793,6 +801,9 @@ class LlamaEngine:
         self._eog: set[int] = set()
         self._bytes: _VocabBytes | None = None
         self._table = SlotTable(slots)
+        #: Saved prefixes beyond the slots, in memory and on disk (None: none).
+        self.prompt_cache = prompt_cache
+        self._prefixes = Prefixes(self._table, prompt_cache)
         self._seqs: dict[int, _Seq] = {}
         self._batch: _Batch | None = None
         self._buf = ctypes.create_string_buffer(64)
@@ -814,6 +825,11 @@ class LlamaEngine:
     @property
     def slots(self) -> int:
         return self._table.n
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        """Prefix reuse counters (hits by source, restores, saves, ...)."""
+        return self._prefixes.stats
 
     @property
     def table(self) -> SlotTable:
@@ -852,6 +868,8 @@ class LlamaEngine:
         self._batch = _Batch(self._n_batch)
         self._abort_cb = abort_callback()
         self._watch(None)
+        if self.prompt_cache is not None:
+            self.prompt_cache.start(model_identity(self.model_path, llm), self._n_ctx)
         log.info(
             "ds4tw: loaded {path} (slots={slots} x n_ctx={n_ctx}: {cells} KV cells, "
             "~{mib:.0f} MiB; n_batch={n_batch}, threads={threads})",
@@ -867,6 +885,9 @@ class LlamaEngine:
     def close(self) -> None:
         for seq in list(self._seqs):
             self.release(seq, keep_output=False)
+        if self._llm is not None:
+            # The graceful shutdown path: what the slots hold goes to disk.
+            self._prefixes.close(self)
         if self._batch is not None:
             self._batch.close()
             self._batch = None
@@ -975,55 +996,94 @@ class LlamaEngine:
         # Before anything is allocated: a grammar that does not parse fails here.
         constrained = self._constrained(params) if params.grammar is not None else None
         sampler = self._sampler(params) if constrained is None else None
-        claim = self._table.claim(tokens)
+        opened = self._prefixes.open(tokens, self)
+        claim, restore = opened.claim, opened.restore
         mem = llama_cpp.llama_get_memory(self._llm._ctx.ctx)
         cached = claim.cached
+        source = "slot" if cached else None
         if claim.source is not None and claim.source != claim.slot:
             # The prefix lives in another sequence (a parallel subagent with
-            # the same system prompt and tools): copy its cells over.
+            # the same system prompt and tools): copy its cells over, unless
+            # the prompt cache has more of it.
             held = len(self._table.slots[claim.source].tokens)
-            if cached * COPY_WORTH < held or not self._copy_prefix(
-                claim.source, claim.slot, cached
+            source = "copy"
+            if (
+                restore is not None
+                or cached * COPY_WORTH < held
+                or not self.restore(claim.slot, self.state(claim.source), cached)
             ):
                 llama_cpp.llama_memory_seq_rm(mem, claim.slot, -1, -1)
-                cached = 0
+                cached, source = 0, None
                 self._table.slots[claim.slot].tokens.clear()
         elif not llama_cpp.llama_memory_seq_rm(mem, claim.slot, cached, -1):
             # A cache that cannot drop a tail (recurrent, SWA): start over.
             llama_cpp.llama_memory_seq_rm(mem, claim.slot, -1, -1)
-            cached = 0
+            cached, source = 0, None
             self._table.slots[claim.slot].tokens.clear()
         self._seqs[claim.slot] = _Seq(
-            claim.slot, tokens, params, cached, cached, sampler, constrained
+            claim.slot,
+            tokens,
+            params,
+            cached,
+            cached,
+            sampler,
+            constrained,
+            restore=restore,
+            source=source,
         )
+        if restore is None:
+            self._prefixes.count(source, cached)
         return claim.slot
 
-    def _copy_prefix(self, source: int, target: int, n: int) -> bool:
+    # -- per-sequence state (L{ds4tw._kvcache.States}) -------------------
+
+    def state(self, slot: int) -> bytearray:
         """
-        Copy sequence C{source}'s first C{n} cells into C{target}, through
-        llama.cpp's per-sequence state (a memcpy of the cells, about 1 ms
-        per 1,000 tokens of the demo model, where computing them again
-        costs seconds). Separate KV streams cannot share cells.
+        Sequence C{slot}'s cells as llama.cpp's per-sequence state (about
+        12 ms per 1,000 tokens of the demo model; no range: all of them).
+        """
+        import llama_cpp
+
+        ctx = self._llm._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, slot)
+        data = bytearray(size)
+        got = llama_cpp.llama_state_seq_get_data(
+            ctx, (ctypes.c_uint8 * size).from_buffer(data), size, slot
+        )
+        if not got:
+            raise RuntimeError(f"llama_state_seq_get_data failed for sequence {slot}")
+        return data if got == size else data[:got]
+
+    def restore(self, slot: int, data: bytes | bytearray | memoryview, keep: int) -> bool:
+        """
+        Load C{data} (a L{state}) into sequence C{slot}, keeping its first
+        C{keep} cells: a memcpy where computing them costs seconds.
+        Separate KV streams cannot share cells, so this is also how a
+        prefix is copied between slots.
         """
         import llama_cpp
 
         ctx = self._llm._ctx.ctx
         mem = llama_cpp.llama_get_memory(ctx)
-        size = llama_cpp.llama_state_seq_get_size(ctx, source)
-        buf = (ctypes.c_uint8 * size)()
-        got = llama_cpp.llama_state_seq_get_data(ctx, buf, size, source)
-        llama_cpp.llama_memory_seq_rm(mem, target, -1, -1)
-        if not got or not llama_cpp.llama_state_seq_set_data(ctx, buf, got, target):
-            log.warn("ds4tw: copying slot {source}'s prefix failed; computing it", source=source)
-            llama_cpp.llama_memory_seq_rm(mem, target, -1, -1)
+        llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
+        n = len(data)
+        if isinstance(data, bytearray):
+            buf = (ctypes.c_uint8 * n).from_buffer(data)
+        else:
+            buf = (ctypes.c_uint8 * n).from_buffer_copy(data)
+        if not llama_cpp.llama_state_seq_set_data(ctx, buf, n, slot):
+            log.warn("ds4tw: loading a saved prefix into slot {n} failed; computing it", n=slot)
+            llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
             return False
-        llama_cpp.llama_memory_seq_rm(mem, target, n, -1)
+        llama_cpp.llama_memory_seq_rm(mem, slot, keep, -1)
         return True
 
     def release(self, seq: int, *, keep_output: bool = True) -> None:
         import llama_cpp
 
         s = self._seqs.pop(seq)
+        if s.restore is not None:
+            s.restore.cancel()  # a disk read in flight stops within a chunk
         if s.constrained is not None:
             s.constrained.close()
         if s.sampler is not None:
@@ -1046,6 +1106,16 @@ class LlamaEngine:
         # the sequences out of order a step of 8 took 38 ms instead of 29.5
         # (demo model, 2 threads; measured after slots were reused).
         live = sorted((s for s in self._seqs.values() if not s.finished), key=lambda s: s.id)
+        events: list[tuple[int, StepEvent]] = []
+        waiting: list[_Seq] = []
+        if any(s.restore is not None for s in live):
+            # Restores come first, in the step (the cancel flag and the
+            # keepalive see them like a prefill batch); a sequence whose
+            # state is still being read from disk sits this step out.
+            if abort is not None and abort.is_set:
+                raise Aborted
+            waiting = self._restore(live, events)
+            live = [s for s in live if s not in waiting]
         decoding = [s for s in live if s.pending is not None]
         for s in decoding:
             assert s.pending is not None
@@ -1068,7 +1138,9 @@ class LlamaEngine:
             budget -= s.added
             prefilled.append(s)
         if batch.n == 0:
-            return StepResult()
+            if waiting and not events:
+                self._await(waiting, abort)
+            return StepResult(tuple(events))
         ctx = self._llm._ctx.ctx
         # Every decode sets the flag it runs under first, so the flag stays
         # installed between steps (one C call only when it changes).
@@ -1083,7 +1155,6 @@ class LlamaEngine:
             if rc == DECODE_ABORTED:
                 raise Aborted
             raise RuntimeError(f"llama_decode returned {rc}")
-        events: list[tuple[int, StepEvent]] = []
         for s in decoding:
             assert s.pending is not None
             self._table.slots[s.id].tokens.append(s.pending)
@@ -1094,8 +1165,9 @@ class LlamaEngine:
             start = s.n_past
             s.n_past += s.added
             self._table.slots[s.id].tokens.extend(s.prompt[start : s.n_past])
-            events.append((s.id, PrefillProgress(s.n_past, len(s.prompt), s.cached)))
+            events.append((s.id, PrefillProgress(s.n_past, len(s.prompt), s.cached, s.source)))
             if not s.prefilling:
+                self._prefixes.computed(s.id, s.prompt, len(s.prompt) - s.cached, self)
                 events += [(s.id, e) for e in self._sample(s)]
         return StepResult(
             tuple(events),
@@ -1103,6 +1175,35 @@ class LlamaEngine:
             len(decoding),
             sum(s.added for s in prefilled),
         )
+
+    def _restore(self, live: list[_Seq], events: list[tuple[int, StepEvent]]) -> list[_Seq]:
+        """Run the restores whose state is loaded; return the sequences still waiting."""
+        waiting = []
+        for s in live:
+            r = s.restore
+            if r is None:
+                continue
+            if not r.done():
+                waiting.append(s)
+                continue
+            s.restore = None
+            got = self._prefixes.restore(s.id, s.prompt, r, self)
+            if got is not None:
+                s.cached = s.n_past = got
+                s.source = r.tier if got else None
+            self._prefixes.count(s.source, s.cached)
+            events.append((s.id, PrefillProgress(s.n_past, len(s.prompt), s.cached, s.source)))
+        return waiting
+
+    def _await(self, waiting: list[_Seq], abort: AbortFlag | None) -> None:
+        """Nothing else to run: wait a little for a disk read, watching the flag."""
+        for _ in range(10):
+            if abort is not None and abort.is_set:
+                raise Aborted
+            for s in waiting:
+                assert s.restore is not None
+                if s.restore.wait(0.005 / len(waiting)):
+                    return
 
     def _sample(self, s: _Seq) -> list[StepEvent]:
         """Sample C{s}'s next token from its logits of this step."""
@@ -1157,6 +1258,34 @@ class LlamaEngine:
     ) -> Generator[EngineEvent, None, FinishReason]:
         """One request alone (L{ds4tw._engine.generate})."""
         return generate(self, prompt, params, abort)
+
+
+def model_identity(path: Path, llm: Any) -> dict[str, Any]:
+    """
+    What a saved state depends on (L{ds4tw._kvcache}'s file header): the
+    model file (its size and a hash of its first and last MiB: cheap at
+    load, and a renamed copy is the same model) and the KV layout.
+    """
+    import hashlib
+
+    import llama_cpp
+
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    params = llm.context_params
+    return {
+        "model": h.hexdigest()[:32],
+        "llama_cpp": llama_cpp.__version__,
+        "kv_bytes_per_token": kv_bytes_per_token(llm),
+        "type_k": int(getattr(params, "type_k", 1)),
+        "type_v": int(getattr(params, "type_v", 1)),
+        "flash_attn": int(getattr(params, "flash_attn_type", getattr(params, "flash_attn", 0))),
+        "kv_unified": False,
+    }
 
 
 def kv_bytes_per_token(llm: Any) -> int:

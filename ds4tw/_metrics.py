@@ -8,12 +8,17 @@ tests/unit/test_keepalive.py (through /metrics).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 from twisted.python.failure import Failure
 
+from ._kvcache import CacheStats, PromptCache
+from ._kvcache._file import REASONS
 from ._scheduler import StepStats
 from ._types import Finish
 from ._worker import Job, JobCancelled
@@ -124,6 +129,11 @@ class Metrics:
         if slots is not None:
             self.slots.set_function(lambda: float(slots()))
 
+    def watch_cache(self, engine: Any) -> None:
+        """Export C{engine}'s prefix reuse counters and prompt cache (if it has them)."""
+        if isinstance(getattr(engine, "cache_stats", None), CacheStats):
+            self.registry.register(_CacheCollector(engine))
+
     def step_done(self, stats: StepStats) -> None:
         self.step_seconds.observe(stats.seconds)
         self.step_sequences.observe(stats.sequences)
@@ -154,3 +164,87 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_SOURCES = ("slot", "copy", "ram", "disk")
+_TIERS = ("ram", "disk")
+
+
+class _CacheCollector(Collector):
+    """
+    The prompt cache's counters, read from the engine at scrape time (the
+    model thread owns them; a scrape reads plain ints).
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Any]:
+        stats: CacheStats = self.engine.cache_stats
+        cache: PromptCache | None = getattr(self.engine, "prompt_cache", None)
+
+        def counter(name: str, doc: str, label: str, values: dict[str, int]) -> Any:
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, value in values.items():
+                family.add_metric([key], value)
+            return family
+
+        yield counter(
+            "ds4tw_prompt_cache_hits",
+            "Requests whose prompt prefix was reused, by where it came from: the request's own "
+            "retained slot, another slot (copied), the prompt cache's memory or its disk.",
+            "source",
+            {k: stats.hits[k] for k in _SOURCES},
+        )
+        yield CounterMetricFamily(
+            "ds4tw_prompt_cache_misses",
+            "Requests that reused no prefix.",
+            value=stats.misses,
+        )
+        yield counter(
+            "ds4tw_prompt_cache_restored_tokens",
+            "Prompt tokens restored from the prompt cache, by tier.",
+            "tier",
+            {k: stats.restored_tokens[k] for k in _TIERS},
+        )
+        yield counter(
+            "ds4tw_prompt_cache_saves",
+            "Prefix states saved, by tier.",
+            "tier",
+            {k: stats.saves[k] for k in _TIERS},
+        )
+        yield counter(
+            "ds4tw_prompt_cache_evictions",
+            "Prefix states evicted to stay within the budget, by tier.",
+            "tier",
+            {k: stats.evictions[k] for k in _TIERS},
+        )
+        yield counter(
+            "ds4tw_prompt_cache_refused",
+            "Saves refused: the tier was full of states scoring higher.",
+            "tier",
+            {k: stats.refused[k] for k in _TIERS},
+        )
+        yield counter(
+            "ds4tw_prompt_cache_rejected_files",
+            "Cache files removed unloaded, by reason.",
+            "reason",
+            {k: stats.rejected[k] for k in REASONS},
+        )
+        yield CounterMetricFamily(
+            "ds4tw_prompt_cache_write_errors",
+            "Cache files that could not be written (full disk, read-only directory).",
+            value=stats.write_errors,
+        )
+        if cache is None:
+            return
+        used = cache.usage()
+        for name, doc, index in (
+            ("ds4tw_prompt_cache_bytes", "Bytes the saved states take, by tier.", 1),
+            ("ds4tw_prompt_cache_entries", "Saved prefix states, by tier.", 0),
+            ("ds4tw_prompt_cache_budget_bytes", "The tier's budget in bytes.", 2),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=["tier"])
+            for tier in _TIERS:
+                gauge.add_metric([tier], used[tier][index])
+            yield gauge

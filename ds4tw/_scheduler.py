@@ -234,6 +234,7 @@ class BatchLoop:
         job = run.job
         if isinstance(event, PrefillProgress):
             run.usage.cached_tokens = event.cached
+            run.usage.cached_from = event.source if event.cached else None
             if event.done >= event.total and run.stage is Stage.PREFILL:
                 run.stage = Stage.DECODE
                 run.decode_started = time.monotonic()

@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
@@ -64,8 +65,12 @@ from ._engine import (
     Token,
     generate,
 )
+from ._kvcache import CacheStats, Prefixes, PromptCache, Restore
 from ._slots import SlotTable
 from ._template import CHATML_TEMPLATE, ChatTemplate
+
+#: A scripted slot's "state" is its tokens as 32-bit integers.
+STATE_BYTES_PER_TOKEN = 4
 
 #: The log probability of every scripted token, when logprobs are asked.
 TOKEN_LOGPROB = -0.25
@@ -108,6 +113,8 @@ class _Seq:
     #: Tokens emitted so far.
     emitted: int = 0
     finished: bool = False
+    restore: Restore | None = None
+    source: str | None = None
 
 
 class ScriptedEngine:
@@ -124,6 +131,8 @@ class ScriptedEngine:
     @param slots: sequences at once.
     @param decoding_batch: the step budget while some sequence decodes
         (default: C{prefill_batch}).
+    @param prompt_cache: a L{ds4tw._kvcache.PromptCache} (needs
+        C{prefix_cache}); a slot's "state" is its tokens, packed.
     """
 
     #: A paced step checks the abort flag this often (seconds).
@@ -142,6 +151,7 @@ class ScriptedEngine:
         prefix_cache: bool = False,
         slots: int = 1,
         decoding_batch: int | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         if tps < 0 or prefill_tps < 0:
             raise ValueError("tps and prefill_tps must be >= 0")
@@ -150,6 +160,15 @@ class ScriptedEngine:
         self.prefill_tps = prefill_tps
         #: What each slot's "KV cache" holds (L{ds4tw._slots.SlotTable}).
         self.table = SlotTable(slots, reuse=prefix_cache)
+        #: Saved prefixes beyond the slots (its states are the tokens, packed).
+        self.prompt_cache = prompt_cache
+        self._prefixes = Prefixes(self.table, prompt_cache)
+        #: Every restore run: (slot, tier, tokens kept).
+        self.restores: list[tuple[int, str, int]] = []
+        #: What each slot's "KV cells" hold, kept apart from the table (as
+        #: llama.cpp's cells are), so that a saved "state" is what the
+        #: cells held and a restore must bring back exactly the prompt's.
+        self._cells: list[list[int]] = [[] for _ in range(slots)]
         self._n_ctx = n_ctx
         self.prefill_batch = prefill_batch
         #: The step budget while some sequence decodes (L{ds4tw.LlamaEngine}'s
@@ -209,11 +228,36 @@ class ScriptedEngine:
     def add_reply(self, reply: Reply | str) -> None:
         self._replies.append(reply if isinstance(reply, Reply) else Reply.words(reply))
 
+    @property
+    def cache_stats(self) -> CacheStats:
+        return self._prefixes.stats
+
     def load(self) -> None:
         self.loaded = True
+        if self.prompt_cache is not None:
+            self.prompt_cache.start(
+                {"model": "scripted", "kv_bytes_per_token": STATE_BYTES_PER_TOKEN}, self._n_ctx
+            )
 
     def close(self) -> None:
+        for i in list(self._open):
+            self.release(i, keep_output=False)
+        self._prefixes.close(self)
         self.closed = True
+
+    # -- per-sequence state (L{ds4tw._kvcache.States}) -------------------
+
+    def state(self, slot: int) -> bytes:
+        cells = self._cells[slot]
+        return struct.pack(f"<{len(cells)}I", *cells)
+
+    def restore(self, slot: int, data: bytes | bytearray | memoryview, keep: int) -> bool:
+        n, odd = divmod(len(data), STATE_BYTES_PER_TOKEN)
+        if odd or n < keep:
+            self._cells[slot] = []
+            return False
+        self._cells[slot] = list(struct.unpack(f"<{n}I", data))[:keep]
+        return True
 
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], **template_kwargs: Any
@@ -243,17 +287,34 @@ class ScriptedEngine:
 
     def open(self, prompt: Sequence[int], params: SamplingParams) -> int:
         self.calls.append((list(prompt), params))
-        claim = self.table.claim(prompt)
+        opened = self._prefixes.open(prompt, self)
+        claim = opened.claim
+        # The cells of the reused prefix: the slot's own, or copied over.
+        self._cells[claim.slot] = self._cells[claim.slot if claim.source is None else claim.source][
+            : claim.cached
+        ]
+        source = None if not claim.cached else "slot" if claim.source == claim.slot else "copy"
         self._open[claim.slot] = _Seq(
-            list(prompt), params, self._next_reply(), claim.cached, claim.cached
+            list(prompt),
+            params,
+            self._next_reply(),
+            claim.cached,
+            claim.cached,
+            restore=opened.restore,
+            source=source,
         )
+        if opened.restore is None:
+            self._prefixes.count(source, claim.cached)
         return claim.slot
 
     def release(self, seq: int, *, keep_output: bool = True) -> None:
         s = self._open.pop(seq)
+        if s.restore is not None:
+            s.restore.cancel()
         if not s.finished:
             self.computed.append(("closed", None))
         self.table.release(seq, None if keep_output else s.done)
+        del self._cells[seq][len(self.table.slots[seq].tokens) :]
 
     def _piece(self, s: _Seq) -> bytes | None:
         """The next piece of C{s}'s reply, None at its end-of-generation."""
@@ -265,7 +326,7 @@ class ScriptedEngine:
 
     def _plan(self) -> list[tuple[int, str, int]]:
         """This step's units: a token per decoding sequence, then prompt chunks."""
-        live = [(i, s) for i, s in self._open.items() if not s.finished]
+        live = [(i, s) for i, s in self._open.items() if not s.finished and s.restore is None]
         units = [(i, "token", s.emitted) for i, s in live if s.done >= len(s.prompt)]
         limit = self.decoding_batch if units else self.prefill_batch
         budget = max(1, limit - len(units))
@@ -288,10 +349,46 @@ class ScriptedEngine:
                 raise Aborted
             time.sleep(min(left, self.ABORT_SLICE_S))
 
+    def _restore(self, events: list[tuple[int, StepEvent]]) -> list[Restore]:
+        """Run the restores whose state is loaded; return those still loading."""
+        waiting = []
+        for i, s in self._open.items():
+            r = s.restore
+            if r is None or s.finished:
+                continue
+            if not r.done():
+                waiting.append(r)
+                continue
+            s.restore = None
+            got = self._prefixes.restore(i, s.prompt, r, self)
+            if self._cells[i] != self.table.slots[i].tokens:
+                raise AssertionError(f"slot {i}: the restored state is not the prompt's prefix")
+            if got is not None:
+                if got:
+                    self.restores.append((i, r.tier, got))
+                s.cached = s.done = got
+                s.source = r.tier if got else None
+            self.computed.append(("restore", s.cached))
+            self._prefixes.count(s.source, s.cached)
+            events.append((i, PrefillProgress(s.done, len(s.prompt), s.cached, s.source)))
+        return waiting
+
     def step(self, abort: AbortFlag | None = None) -> StepResult:
+        events: list[tuple[int, StepEvent]] = []
+        waiting: list[Restore] = []
+        if any(s.restore is not None for s in self._open.values()):
+            if abort is not None and abort.is_set:
+                raise Aborted
+            waiting = self._restore(events)
         units = self._plan()
         if not units:
-            return StepResult()
+            if waiting and not events:
+                for _ in range(10):
+                    if abort is not None and abort.is_set:
+                        raise Aborted
+                    if any(r.wait(0.005 / len(waiting)) for r in waiting):
+                        break
+            return StepResult(tuple(events))
         # What ends now needs no compute: a reply at its end-of-generation.
         ended: list[int] = []
         work: list[tuple[int, str, int]] = []
@@ -317,7 +414,6 @@ class ScriptedEngine:
         if seconds > 0:
             self._pace(seconds, abort)
         # The step happened: nothing above changed any sequence.
-        events: list[tuple[int, StepEvent]] = []
         for i in ended:
             self._open[i].finished = True
             events.append((i, Finished("stop")))
@@ -326,10 +422,12 @@ class ScriptedEngine:
             if kind == "prefill":
                 self.computed.append(("prefill", n))
                 self.table.slots[i].tokens[s.done :] = s.prompt[s.done : n]
+                self._cells[i][s.done :] = s.prompt[s.done : n]
                 s.done = n
-                events.append((i, PrefillProgress(n, len(s.prompt), s.cached)))
+                events.append((i, PrefillProgress(n, len(s.prompt), s.cached, s.source)))
                 if n < len(s.prompt):
                     continue
+                self._prefixes.computed(i, s.prompt, len(s.prompt) - s.cached, self)
             events.extend((i, e) for e in self._emit(i, s))
         self.steps.append(tuple(work))
         return StepResult(
@@ -350,6 +448,7 @@ class ScriptedEngine:
         s.emitted += 1
         # The token's cell, as the real engine has it after the next step.
         self.table.slots[i].tokens.append(1000 + index)
+        self._cells[i].append(1000 + index)
         out: list[StepEvent] = [self._token(1000 + index, piece, s.params.logprobs)]
         if s.emitted >= s.params.max_tokens or len(s.prompt) + s.emitted >= self._n_ctx:
             s.finished = True
@@ -394,6 +493,7 @@ class ScriptedSpec:
         chat_template: str | None = None,
         slots: int = 1,
         decoding_batch: int | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> ScriptedEngine:
         """A paced engine with a prefix cache, as a model would be."""
         thinking = ("<think>", *[" thinking"] * self.think, "</think>\n\n") if self.think else ()
@@ -412,6 +512,7 @@ class ScriptedSpec:
             prefix_cache=True,
             slots=slots,
             decoding_batch=decoding_batch,
+            prompt_cache=prompt_cache,
         )
 
 

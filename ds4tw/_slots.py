@@ -52,6 +52,9 @@ class Claim:
     source: int | None
     #: Tokens the slot held before that are now dropped (from C{cached} on).
     evicted: int
+    #: Everything the slot held before, when some of it is dropped (the
+    #: prompt cache saves it first; L{ds4tw._kvcache}).
+    previous: tuple[int, ...] = ()
 
 
 #: Continue in a free slot whose tokens match the new prompt only when the
@@ -122,10 +125,11 @@ class SlotTable:
         source = None if best is None else best.id
         cached = best_len
         evicted = len(target.tokens) - cached if target is best else len(target.tokens)
+        previous = tuple(target.tokens) if evicted else ()
         target.tokens = list(prompt[:cached])
         target.busy = True
         target.used = self._tick()
-        return Claim(target.id, cached, source, evicted)
+        return Claim(target.id, cached, source, evicted, previous)
 
     def release(self, slot: int, keep: int | None = None) -> int:
         """

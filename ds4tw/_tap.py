@@ -21,6 +21,7 @@ from ._app import Server
 from ._engine import Engine
 from ._host import ServerConfig
 from ._http import LimitedSite
+from ._kvcache import DEFAULT_MIN_TOKENS, PromptCache
 from ._llama import LlamaEngine, ModelNotFound, resolve_model
 from ._reasoning import reasoning_parser
 from ._scripted import SPEC_HELP, parse_spec
@@ -48,6 +49,14 @@ DEFAULT_BATCH_DECODING = 64
 #: measured throughput cost (docs/performance.md). Process-wide, so only
 #: twistd ds4tw sets it; embedders decide for their own process.
 SWITCH_INTERVAL = 0.0005
+
+#: The prompt cache's memory budget: llama-server's --cache-ram is 8 GiB;
+#: half that leaves room for the model on a 16 GiB machine and still
+#: holds ~180,000 tokens of the demo model (23 KB each), ~35,000 of an
+#: 8B model with GQA (~128 KB each).
+DEFAULT_CACHE_RAM_MB = 4096
+#: The disk budget when --kv-disk-dir is given.
+DEFAULT_KV_DISK_SPACE_MB = 16384
 
 
 def _positive_float(value: str) -> float:
@@ -145,6 +154,34 @@ class Options(usage.Options):
             "cancelled.",
             int,
         ],
+        [
+            "cache-ram-mb",
+            None,
+            DEFAULT_CACHE_RAM_MB,
+            "MiB of memory for prompt prefixes saved beyond the slots (0: none): a conversation "
+            "whose slot went to another one keeps its prefix (docs/cache.md).",
+            int,
+        ],
+        [
+            "kv-disk-dir",
+            None,
+            None,
+            "Directory for prompt prefixes saved on disk, kept across restarts (default: none).",
+        ],
+        [
+            "kv-disk-space-mb",
+            None,
+            DEFAULT_KV_DISK_SPACE_MB,
+            "MiB the --kv-disk-dir files may take.",
+            int,
+        ],
+        [
+            "kv-cache-min-tokens",
+            None,
+            DEFAULT_MIN_TOKENS,
+            "Shortest prefix (tokens) the prompt cache saves.",
+            int,
+        ],
         ["api-key", None, None, "Require this key (Bearer or x-api-key); also $DS4TW_API_KEY."],
         ["chat-template", None, None, "A Jinja chat template file overriding the model's."],
         [
@@ -187,6 +224,11 @@ class Options(usage.Options):
         for name in ("ctx", "batch", "parallel", "batch-decoding"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
+        for name in ("cache-ram-mb", "kv-disk-space-mb"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must be >= 0")
+        if self["kv-cache-min-tokens"] < 1:
+            raise usage.UsageError("--kv-cache-min-tokens must be at least 1")
         for name in ("max-body", "max-unsent"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
@@ -218,6 +260,18 @@ class Options(usage.Options):
             self["chat-template-text"] = None
 
 
+def prompt_cache(options: Options) -> PromptCache | None:
+    """The prompt cache the options ask for (None: slots only)."""
+    if not options["cache-ram-mb"] and not options["kv-disk-dir"]:
+        return None
+    return PromptCache(
+        ram_bytes=options["cache-ram-mb"] * 2**20,
+        disk_dir=options["kv-disk-dir"],
+        disk_bytes=options["kv-disk-space-mb"] * 2**20,
+        min_tokens=options["kv-cache-min-tokens"],
+    )
+
+
 def makeService(options: Options) -> IService:
     sys.setswitchinterval(SWITCH_INTERVAL)
     engine: Engine
@@ -229,6 +283,7 @@ def makeService(options: Options) -> IService:
             chat_template=options["chat-template-text"],
             slots=options["parallel"],
             decoding_batch=options["batch-decoding"],
+            prompt_cache=prompt_cache(options),
         )
     else:
         engine = LlamaEngine(
@@ -240,6 +295,7 @@ def makeService(options: Options) -> IService:
             chat_template=options["chat-template-text"],
             slots=options["parallel"],
             n_batch_decoding=options["batch-decoding"],
+            prompt_cache=prompt_cache(options),
         )
     config = ServerConfig(
         keepalive=options["keepalive"],

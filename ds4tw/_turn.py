@@ -36,6 +36,7 @@ from ._engine import Grammar, SamplingParams
 from ._errors import APIError, busy, cut_off_by_shutdown, invalid, not_ready, shutting_down
 from ._grammar import GrammarError, json_grammar
 from ._host import Host
+from ._normalise import normalise
 from ._pipeline import OutputPipeline
 from ._reasoning import PlainSplitter
 from ._sse import DISCONNECTED, SSEStream
@@ -111,7 +112,7 @@ async def chat_prompt(
 
     def render() -> Prompt:
         parser = server.tool_parser()
-        msgs, extra = template_inputs(messages, tooling, server.chat_template(), parser)
+        msgs, extra = template_inputs(normalise(messages), tooling, server.chat_template(), parser)
         try:
             chat = engine.apply_chat_template(msgs, **{**extra, **(template_kwargs or {})})
         except Exception as e:  # jinja's raise_exception and friends

@@ -35,6 +35,9 @@ class Usage:
     cached_tokens: int = 0
     #: Completion tokens generated inside a reasoning block.
     reasoning_tokens: int = 0
+    #: Where the C{cached_tokens} came from: C{"slot"}, C{"copy"} (another
+    #: slot), C{"ram"} or C{"disk"} (the prompt cache); None for none.
+    cached_from: str | None = None
 
     @property
     def total_tokens(self) -> int:

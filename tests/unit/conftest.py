@@ -46,6 +46,7 @@ def make_rig(replies: Any = ("Hello there friend.",), **config: Any) -> Rig:
             "slots",
             "prefix_cache",
             "decoding_batch",
+            "prompt_cache",
         )
         if k in config
     }

@@ -16,7 +16,7 @@ from typing import Any
 
 import ds4tw
 import ds4tw.testing
-from ds4tw import _app, _engine, _host, _http, _llama, _scripted, _tap, _types, _worker
+from ds4tw import _app, _engine, _host, _http, _kvcache, _llama, _scripted, _tap, _types, _worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_public_names() -> None:
     assert sorted(ds4tw.__all__) == sorted(
         [
-            "AbortFlag", "Aborted", "ChatPrompt", "Engine", "Failed", "Finish", "Finished",
-            "Grammar", "Job", "JobCancelled", "LimitedSite", "LlamaEngine", "Options",
-            "PrefillProgress", "SamplingParams", "Server", "ServerConfig", "Stage",
+            "AbortFlag", "Aborted", "CacheStats", "ChatPrompt", "Engine", "Failed", "Finish",
+            "Finished", "Grammar", "Job", "JobCancelled", "LimitedSite", "LlamaEngine", "Options",
+            "PrefillProgress", "PromptCache", "SamplingParams", "Server", "ServerConfig", "Stage",
             "StepResult", "Timings", "Token", "Usage", "WorkerThreads", "__version__",
             "demo_model_path", "generate", "makeService",
         ]
@@ -47,6 +47,8 @@ def test_public_names() -> None:
     assert ds4tw.Job is _worker.Job
     assert ds4tw.WorkerThreads is _worker.WorkerThreads
     assert ds4tw.LimitedSite is _http.LimitedSite
+    assert ds4tw.PromptCache is _kvcache.PromptCache
+    assert ds4tw.CacheStats is _kvcache.CacheStats
 
 
 def test_testing_module() -> None:
