@@ -81,16 +81,15 @@ def cold(tmp_path_factory: pytest.TempPathFactory, disk: Path) -> dict[str, Any]
         first = {t: ask(server, t) for t in ("volcanoes", "glaciers", "deserts")}
         again = {t: ask(server, t) for t in first}
         ram_hits = server.metric("ds4tw_prompt_cache_hits_total", source="ram")
-        log = server.log_text()
     finally:
         stop_twistd(server)
-    return {"first": first, "again": again, "ram_hits": ram_hits, "log": log + server.log_text()}
+    return {"first": first, "again": again, "ram_hits": ram_hits, "log": server.log_text()}
 
 
 def test_alternating_conversations_come_back_from_memory_exactly(cold: dict[str, Any]) -> None:
     for topic, r in cold["again"].items():
         before = cold["first"][topic]
-        assert cached(before) == 0
+        assert cached(before) < 20  # the template header and "You are an expert on"
         assert cached(r) == r.usage.prompt_tokens - 1  # all but the last token
         # Token for token what the cold prompt said (greedy).
         assert answer(r) == answer(before)
@@ -117,7 +116,8 @@ def test_a_restart_serves_them_from_disk(cold: dict[str, Any], disk: Path, tmp_p
     try:
         assert not foreign.exists() and not junk.exists()
         assert server.metric("ds4tw_prompt_cache_rejected_files_total", reason="foreign") == 1
-        assert server.metric("ds4tw_prompt_cache_rejected_files_total", reason="corrupt") == 1
+        # Four bytes: shorter than any header.
+        assert server.metric("ds4tw_prompt_cache_rejected_files_total", reason="truncated") == 1
         results = {t: ask(server, t) for t in cold["first"]}
         for topic, r in results.items():
             assert answer(r) == answer(cold["first"][topic])
@@ -125,7 +125,7 @@ def test_a_restart_serves_them_from_disk(cold: dict[str, Any], disk: Path, tmp_p
         # Every conversation but the damaged file's came from disk; that
         # file was rejected when read, before anything was loaded.
         assert server.metric("ds4tw_prompt_cache_hits_total", source="disk") == len(results) - 1
-        assert server.metric("ds4tw_prompt_cache_rejected_files_total", reason="corrupt") == 2
+        assert server.metric("ds4tw_prompt_cache_rejected_files_total", reason="corrupt") == 1
         assert not damaged.exists()
         assert server.metric("ds4tw_prompt_cache_bytes", tier="disk") <= DISK_MB * 2**20
         assert "(from disk)" in server.log_text()
