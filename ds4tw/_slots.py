@@ -54,7 +54,7 @@ class Claim:
     evicted: int
     #: Everything the slot held before, when some of it is dropped (the
     #: prompt cache saves it first; L{ds4tw._kvcache}).
-    previous: tuple[int, ...] = ()
+    previous: tuple[int, ...] = field(default=(), compare=False)
 
 
 #: Continue in a free slot whose tokens match the new prompt only when the

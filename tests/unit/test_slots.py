@@ -238,3 +238,15 @@ def test_a_claim_with_every_slot_busy_raises() -> None:
 def test_a_table_needs_a_slot() -> None:
     with pytest.raises(ValueError):
         SlotTable(0)
+
+
+def test_a_claim_that_drops_tokens_says_what_the_slot_held() -> None:
+    table = SlotTable(1)
+    table.claim([1, 2, 3, 4])
+    table.slots[0].tokens[:] = [1, 2, 3, 4]  # what the engine computed
+    table.release(0)
+    # The prompt cache saves these before the engine trims the cells.
+    assert table.claim([7, 8, 9]).previous == (1, 2, 3, 4)
+    table.slots[0].tokens[:] = [7, 8, 9]
+    table.release(0)
+    assert table.claim([7, 8, 9, 10]).previous == ()  # nothing dropped
