@@ -1,6 +1,6 @@
 """
 C{ds4tw-bench [--quick] [--out DIR] [--clients N] [--engine llama|scripted]
-[--only cancel|batching]}
+[--only cancel|batching|cache]}
 
 One run, in this order:
 
@@ -13,10 +13,14 @@ One run, in this order:
      process, a short request's TTFT beside a long decode, a stream's
      worst token gap while another request prefills ~3,000 tokens, and
      the reactor's CPU per token (L{ds4tw.bench._batching});
-  4. constrained decode: unconstrained, JSON-schema and forced-tool-call
+  4. prompt cache: TTFT of a cold turn with a ~2,000-token prefix and of
+     the next turns from a retained slot, from memory and from disk after
+     a restart, and four conversations round-robin on two slots with the
+     cache on and off (L{ds4tw.bench._cache});
+  5. constrained decode: unconstrained, JSON-schema and forced-tool-call
      grammars on a LlamaEngine in this process
      (L{ds4tw.bench._constrained});
-  5. keepalive timing and many waiting clients on a second ds4tw server
+  6. keepalive timing and many waiting clients on a second ds4tw server
      with a small C{--keepalive} and a template that makes a silent decode.
 
 With C{--engine scripted} there is no model: ds4tw runs on a paced
@@ -26,7 +30,8 @@ and the constrained decode are skipped (notes in the JSON say so), and
 everything else runs the same.
 
 C{--only cancel} runs issue 8's cancel numbers alone; C{--only batching}
-runs the continuous-batching part alone (issue 9), on either engine.
+runs the continuous-batching part alone (issue 9), C{--only cache} the
+prompt cache part alone (issue 10), each of the last two on either engine.
 
 A part that fails is recorded in the JSON's C{errors} and the run goes
 on; the exit status is 1 if any part failed, 0 otherwise. Targets are
@@ -53,6 +58,7 @@ from typing import Any
 
 from . import (
     _batching,
+    _cache,
     _cancel,
     _constrained,
     _keepalive,
@@ -96,12 +102,14 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument(
         "--only",
-        choices=("cancel", "batching"),
+        choices=("cancel", "batching", "cache"),
         default=None,
         help="cancel: only the cancel latency (in-step abort, then between steps only, "
         "as before issue 8) and the abort check's cost; batching: only the continuous "
         "batching part (issue 9: streams at once vs raw batched decode, TTFT beside a "
-        "long decode, token gaps during a long prefill, reactor CPU per token)",
+        "long decode, token gaps during a long prefill, reactor CPU per token); cache: only "
+        "the prompt cache part (issue 10: TTFT from a slot, memory and disk over cold, "
+        "interleaved conversations' hit rate and prefill time with the cache on and off)",
     )
     args = p.parse_args(argv)
     if args.clients is not None and args.clients < 1:
@@ -140,6 +148,7 @@ class Run:
             "cancel_between_steps": None,
             "abort_check": None,
             "batching": None,
+            "cache": None,
             "targets": [],
         }
 
@@ -275,6 +284,7 @@ def run_llama(run: Run, args: argparse.Namespace, out: Path) -> None:
     # After the throughput servers and raw are gone: this part loads its own
     # (a --parallel 8 server and an 8-sequence raw context).
     _batching_part(run, s, work)
+    _cache_part(run, s, work)
 
     def load_engine() -> Any:
         from ds4tw import LlamaEngine
@@ -313,6 +323,14 @@ def _batching_part(run: Run, s: Settings, work: Path) -> None:
             "batching: no raw batched baseline on the scripted engine (no model); ds4tw ran "
             "on twistd --model scripted:..., whose step time does not grow with the batch"
         )
+
+
+def _cache_part(run: Run, s: Settings, work: Path) -> None:
+    """Issue 10's part; a half of it that failed is one of the run's errors."""
+    got = run.part("prompt cache", lambda: _cache.measure(s, work, mark=run.noise.mark))
+    run.doc["cache"] = got
+    if got is not None:
+        run.doc["errors"] += [f"prompt cache: {e}" for e in got["errors"]]
 
 
 def _keepalive_and_many(run: Run, start: Callable[[], _servers.ServerProcess]) -> None:
@@ -367,6 +385,7 @@ def run_scripted(run: Run, out: Path) -> None:
 
     doc["cancel"] = run.part("cancel latency", cancel)
     _batching_part(run, s, work)
+    _cache_part(run, s, work)
     _keepalive_and_many(
         run,
         lambda: _servers.ds4tw_scripted(
@@ -444,23 +463,38 @@ def run_cancel_only(run: Run, out: Path) -> None:
     )
 
 
-def run_batching_only(run: Run, out: Path) -> None:
-    """Issue 9's numbers alone (L{ds4tw.bench._batching}), on either engine."""
+def _one_part_settings(run: Run) -> Settings:
+    """The settings of an C{--only} part on either engine, its model resolved and recorded."""
     s = run.settings
     if s.engine == "scripted":
         run.doc["model"] = {"name": "scripted", "token_ms": s.scripted_token_ms}
         run.doc["notes"].append("scripted engine: raw llama-cpp-python and the peer were skipped")
-    else:
-        from ds4tw._llama import resolve_model
+        return s
+    from ds4tw._llama import resolve_model
 
-        model_path = str(resolve_model(s.model))
-        s = dataclasses.replace(s, model=model_path)
-        run.doc["model"] = _model_info(model_path)
+    model_path = str(resolve_model(s.model))
+    run.doc["model"] = _model_info(model_path)
+    return dataclasses.replace(s, model=model_path)
+
+
+def run_batching_only(run: Run, out: Path) -> None:
+    """Issue 9's numbers alone (L{ds4tw.bench._batching}), on either engine."""
+    s = _one_part_settings(run)
     run.doc["notes"].append(
         "--only batching: no throughput part (raw, ds4tw, peer sections empty); the batching "
         "part measures its own single-stream ratio against its raw batched baseline"
     )
     _batching_part(run, s, out / "logs")
+
+
+def run_cache_only(run: Run, out: Path) -> None:
+    """Issue 10's numbers alone (L{ds4tw.bench._cache}), on either engine."""
+    s = _one_part_settings(run)
+    run.doc["notes"].append(
+        "--only cache: no throughput part (raw, ds4tw, peer sections empty); every cache "
+        "figure is a ratio against a baseline of its own part"
+    )
+    _cache_part(run, s, out / "logs")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -477,7 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         keepalive=args.keepalive,
         seed=args.seed,
     )
-    out = Path(args.out)
+    # Absolute: the servers run in out/logs and are given paths in it.
+    out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     if args.wait_quiet > 0:
         print(f"ds4tw-bench: waiting up to {args.wait_quiet:.0f}s for a quiet machine", flush=True)
@@ -491,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_cancel_only(run, out)
     elif args.only == "batching":
         run_batching_only(run, out)
+    elif args.only == "cache":
+        run_cache_only(run, out)
     elif settings.engine == "scripted":
         run_scripted(run, out)
     else:

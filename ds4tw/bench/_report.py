@@ -1,5 +1,5 @@
 """
-The results: ratios to raw, the targets of issues 4, 8 and 9, the JSON document
+The results: ratios to raw, the targets of issues 4, 8, 9 and 10, the JSON document
 (and a check of its shape), the printed summary table and the PNG chart.
 
 The JSON is the record; everything else is derived from it (the table
@@ -62,6 +62,13 @@ BATCHING_TTFT_STEPS_TARGET = 2.0
 BATCHING_GAP_STEPS_TARGET = 1.5
 BATCHING_REACTOR_CPU_TARGET = 1.0
 
+#: Issue 10: the next turn's TTFT from the prompt cache's memory and from
+#: its disk (after a restart) over a cold turn's, and the share of an
+#: interleaved conversation's turns that reuse the whole previous prompt.
+CACHE_RAM_TARGET = 0.10
+CACHE_DISK_TARGET = 0.25
+CACHE_HIT_RATE_TARGET = 0.90
+
 
 def _median(section: Mapping[str, Any] | None, key: str) -> float | None:
     if not section:
@@ -113,6 +120,7 @@ def ratios(doc: Mapping[str, Any]) -> dict[str, Any]:
         for name in ("json_schema", "tool_call", "tool_auto"):
             out[f"constrained_{name}_decode"] = _median(constrained, f"{name}_ratio")
     out.update(batching_ratios(doc.get("batching")))
+    out.update(cache_ratios(doc.get("cache")))
     return out
 
 
@@ -137,6 +145,28 @@ def batching_ratios(b: Mapping[str, Any] | None) -> dict[str, Any]:
     for batch, g in (b.get("gap") or {}).items():
         out[f"batching_gap_{batch}_steps"] = _median(g, "worst_over_prefill_step")
     out["batching_reactor_cpu_4_over_1"] = (b.get("cpu") or {}).get("ratio_4_to_1")
+    return out
+
+
+def cache_ratios(c: Mapping[str, Any] | None) -> dict[str, Any]:
+    """
+    Issue 10's headline numbers: each tier's median TTFT over the median
+    cold TTFT, the interleaved hit rates (cache on and off) and prefill
+    time on over off.
+    """
+    if not c:
+        return {}
+    out: dict[str, Any] = {}
+    tier_ratios = (c.get("tiers") or {}).get("ratios") or {}
+    for tier in ("slot", "ram", "disk"):
+        out[f"cache_{tier}_over_cold"] = (tier_ratios.get(tier) or {}).get("over_cold")
+    inter = c.get("interleaved") or {}
+    for name in ("on", "off"):
+        side = inter.get(name) or {}
+        out[f"cache_hit_rate_{name}"] = side.get("hit_rate")
+        out[f"cache_token_rate_{name}"] = side.get("token_rate")
+    out["cache_prefill_on_over_off"] = inter.get("prefill_on_over_off")
+    out["cache_prefill_later_on_over_off"] = inter.get("prefill_later_on_over_off")
     return out
 
 
@@ -260,6 +290,7 @@ def targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
         ),
         *constrained,
         *batching_targets(doc),
+        *cache_targets(doc),
     ]
 
 
@@ -329,6 +360,56 @@ def batching_targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             "ratio",
             True,
             "twistd main thread (schedstat ns) per streamed token; one hand-off per step",
+        ),
+    ]
+
+
+def cache_targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Issue 10's targets (none when the cache part did not run)."""
+    c = doc.get("cache")
+    if not c:
+        return []
+    r = cache_ratios(c)
+    tiers = c.get("tiers") or {}
+    prefix = _fmt(_median(tiers, "prompt_tokens"), ".0f")
+    proven = [p for got in (tiers.get("proven") or {}).values() for p in got]
+    on = (c.get("interleaved") or {}).get("on") or {}
+    return [
+        _target(
+            "next turn's TTFT from the prompt cache's memory / cold",
+            r.get("cache_ram_over_cold"),
+            CACHE_RAM_TARGET,
+            "ratio",
+            True,
+            f"medians; a {prefix}-token prompt, its slot taken by {c.get('parallel')} other "
+            "conversations",
+        ),
+        _target(
+            "next turn's TTFT from disk after a restart / cold",
+            r.get("cache_disk_over_cold"),
+            CACHE_DISK_TARGET,
+            "ratio",
+            True,
+            f"medians; a {prefix}-token prompt, same --kv-disk-dir, files out of the page cache",
+        ),
+        _target(
+            "interleaved conversations' hit rate",
+            r.get("cache_hit_rate_on"),
+            CACHE_HIT_RATE_TARGET,
+            "fraction",
+            False,
+            f"{on.get('hits')}/{on.get('turns')} turns after the first reused the previous "
+            f"prompt whole; {c.get('sizes', {}).get('conversations')} conversations on "
+            f"--parallel {c.get('parallel')}",
+        ),
+        _target(
+            "every tier's turn proven by /metrics",
+            sum(proven) / len(proven) if proven else None,
+            1.0 if proven else None,
+            "fraction",
+            False,
+            f"{sum(proven)}/{len(proven)} turns: one hit counted from the tier measured "
+            "(cold: none of substance), the previous prompt reused whole",
         ),
     ]
 
@@ -513,6 +594,9 @@ def validate(doc: Any) -> list[str]:
     batching = doc.get("batching")
     if batching is not None:
         _validate_batching(batching, errors)
+    cache = doc.get("cache")
+    if cache is not None:
+        _validate_cache(cache, errors)
     for i, t in enumerate(doc["targets"]):
         for key in ("name", "value", "limit", "unit", "rule", "met", "note"):
             if not isinstance(t, dict) or key not in t:
@@ -553,6 +637,35 @@ def _validate_batching(b: Any, errors: list[str]) -> None:
         for batch, g in gap.items():
             for key in ("worst_gap_s", "median_gap_before_s", "prefill_step_s", "prefill_s"):
                 _check_summary(f"batching.gap.{batch}.{key}", (g or {}).get(key), errors)
+
+
+def _validate_cache(c: Any, errors: list[str]) -> None:
+    if not isinstance(c, dict):
+        errors.append("cache: not an object")
+        return
+    for key in ("source", "where"):
+        if not isinstance(c.get(key), str):
+            errors.append(f"cache.{key}: missing")
+    if c.get("tiers") is None and c.get("interleaved") is None:
+        errors.append("cache: neither tiers nor interleaved")
+    tiers = c.get("tiers")
+    if tiers is not None:
+        for tier in ("cold", "slot", "ram", "disk"):
+            _check_summary(
+                f"cache.tiers.ttft_s.{tier}", (tiers.get("ttft_s") or {}).get(tier), errors
+            )
+        if not isinstance(tiers.get("ratios"), dict):
+            errors.append("cache.tiers.ratios: missing")
+    inter = c.get("interleaved")
+    if inter is not None:
+        for name in ("on", "off"):
+            side = inter.get(name)
+            if not isinstance(side, dict):
+                errors.append(f"cache.interleaved.{name}: missing")
+                continue
+            for key in ("hit_rate", "token_rate", "prefill_s"):
+                if key not in side:
+                    errors.append(f"cache.interleaved.{name}.{key}: missing")
 
 
 def write_json(doc: Mapping[str, Any], path: Path) -> None:
@@ -647,6 +760,7 @@ def table(doc: Mapping[str, Any]) -> str:
             "from the prompt text"
         )
     lines += batching_table(doc.get("batching"))
+    lines += cache_table(doc.get("cache"))
     ka = doc.get("keepalive") or {}
     if ka:
         lines.append(
@@ -747,6 +861,76 @@ def batching_table(b: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def cache_table(c: Mapping[str, Any] | None) -> list[str]:
+    """The cache part's lines of the printed summary (none when it did not run)."""
+    if not c:
+        return []
+    lines = ["", f"prompt cache (--parallel {c.get('parallel')}):"]
+    tiers = c.get("tiers") or {}
+    if tiers:
+        ttft, cached = tiers.get("ttft_s") or {}, tiers.get("cached_tokens") or {}
+        ratios, proven = tiers.get("ratios") or {}, tiers.get("proven") or {}
+        noise = tiers.get("foreign_cores") or {}
+        lines.append(
+            f"{'turn':<10}{'TTFT ms':>10}{'/cold':>8}{'paired':>8}{'cached':>8}{'proven':>8}"
+            f"{'n':>4}{'noise':>7}  (prompt {_fmt(_median(tiers, 'prompt_tokens'), '.0f')} tokens)"
+        )
+        for tier in ("cold", "slot", "ram", "disk"):
+            r = ratios.get(tier) or {}
+            flags = proven.get(tier) or []
+            lines.append(
+                f"{tier:<10}{_fmt(_median(ttft, tier), '.1f', 1e3):>10}"
+                f"{_fmt(1.0 if tier == 'cold' and flags else r.get('over_cold'), '.3f'):>8}"
+                f"{_fmt(_median(r, 'paired_over_cold'), '.3f'):>8}"
+                f"{_fmt(_median(cached, tier), '.0f'):>8}"
+                f"{str(sum(flags)) + '/' + str(len(flags)):>8}"
+                f"{(ttft.get(tier) or {}).get('n', 0):>4}"
+                f"{_fmt((noise.get(tier) or {}).get('max'), '.2f'):>7}"
+            )
+        shutdown = tiers.get("shutdown") or {}
+        disk = shutdown.get("disk") or {}
+        lines.append(
+            f"restart: shutdown {_fmt(shutdown.get('s'), '.2f')} s (exit "
+            f"{shutdown.get('exit_code')}), {disk.get('files')} files "
+            f"{_fmt(disk.get('bytes'), '.1f', 2**-20)} MiB on disk; ready again in "
+            f"{_fmt((tiers.get('restart') or {}).get('ready_s'), '.2f')} s"
+        )
+        lines.append("(noise: the most cores other processes used during one of that row's turns)")
+    inter = c.get("interleaved") or {}
+    if inter:
+        lines.append(
+            f"interleaved, {inter.get('conversations')} conversations x {inter.get('turns')} "
+            f"turns:{'hits':>8}{'rate':>7}{'tokens':>8}{'prefill s':>11}{'later s':>9}"
+            f"{'TTFT s':>8}"
+        )
+        for name, label in (("on", "cache on"), ("off", "slots only")):
+            side = inter.get(name) or {}
+            lines.append(
+                f"  {label:<33}{str(side.get('hits')) + '/' + str(side.get('turns')):>8}"
+                f"{_fmt(side.get('hit_rate'), '.2f'):>7}{_fmt(side.get('token_rate'), '.2f'):>8}"
+                f"{_fmt(side.get('prefill_s'), '.2f'):>11}"
+                f"{_fmt(side.get('prefill_later_s'), '.2f'):>9}{_fmt(side.get('ttft_s'), '.2f'):>8}"
+            )
+        answers = inter.get("answers") or {}
+        lines.append(
+            f"  prefill on/off {_fmt(inter.get('prefill_on_over_off'), '.3f')} (turns after the "
+            f"first {_fmt(inter.get('prefill_later_on_over_off'), '.3f')}); answers on the same "
+            f"prompt identical {answers.get('identical')}/{answers.get('compared')}; noise "
+            f"{_fmt((inter.get('foreign_cores') or {}).get('max'), '.2f')} cores at most"
+        )
+        for d in answers.get("divergences") or []:
+            lines.append(
+                f"  answers differ: conversation {d.get('conversation')} turn {d.get('turn')} "
+                f"(cached {d.get('cached_tokens')}, from {d.get('sources')}): "
+                + " vs ".join(repr(a) for a in d.get("answers") or [])
+            )
+    for note in c.get("notes") or []:
+        lines.append(f"cache note: {note}")
+    for error in c.get("errors") or []:
+        lines.append(f"cache error: {error.splitlines()[0] if error else error}")
+    return lines
+
+
 # -- the chart ---------------------------------------------------------------
 
 
@@ -762,7 +946,9 @@ def chart(doc: Mapping[str, Any], path: Path) -> None:
 
     r = doc.get("ratios") or {}
     batching = doc.get("batching")
-    fig, axes = plt.subplots(1, 4 if batching else 3, figsize=(20 if batching else 15, 4.6))
+    cache = doc.get("cache")
+    panels = 3 + bool(batching) + bool(cache)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.6))
     ax = axes[0]
     bars = [
         ("ds4tw\ndecode", r.get("ds4tw_decode"), "tab:blue"),
@@ -828,6 +1014,8 @@ def chart(doc: Mapping[str, Any], path: Path) -> None:
     ax.set_ylabel("latency / (one token or one batch)")
     if batching:
         _batching_panel(axes[3], batching)
+    if cache:
+        _cache_panel(axes[-1], cache)
     fig.suptitle(
         f"ds4tw-bench: {doc.get('engine')} engine, {doc['machine'].get('cpus')} CPUs, "
         f"{doc['model'].get('name', '')}",
@@ -879,3 +1067,29 @@ def _batching_panel(ax: Any, b: Mapping[str, Any]) -> None:
     ax.set_ylabel("aggregate decode tok/s (median)")
     ax.set_title(f"continuous batching (--parallel {b.get('parallel')})")
     ax.legend(fontsize=8)
+
+
+def _cache_panel(ax: Any, c: Mapping[str, Any]) -> None:
+    """The next turn's TTFT by tier over cold, against the targets; the interleaved hit rates."""
+    ratios = ((c.get("tiers") or {}).get("ratios")) or {}
+    bars = [
+        (tier, (ratios.get(tier) or {}).get("over_cold"), limit)
+        for tier, limit in (("slot", None), ("ram", CACHE_RAM_TARGET), ("disk", CACHE_DISK_TARGET))
+    ]
+    inter = c.get("interleaved") or {}
+    for name in ("on", "off"):
+        rate = (inter.get(name) or {}).get("hit_rate")
+        bars.append(
+            (f"hit rate\ncache {name}", rate, CACHE_HIT_RATE_TARGET if name == "on" else None)
+        )
+    for i, (_, value, limit) in enumerate(bars):
+        if value is None:
+            continue
+        ax.bar(i, value, color="tab:blue" if i < 3 else "tab:green")
+        ax.text(i, value + 0.01, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
+        if limit is not None:
+            ax.hlines(limit, i - 0.4, i + 0.4, color="red", linestyle="--")
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars])
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("TTFT / cold TTFT; hit rate")
+    ax.set_title(f"prompt cache (--parallel {c.get('parallel')}; red: targets)")

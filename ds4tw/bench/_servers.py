@@ -161,10 +161,13 @@ def ds4tw_twistd(
     max_queue: int = 128,
     chat_template: str | None = None,
     parallel: int | None = None,
+    cache_ram_mb: int | None = None,
+    kv_disk_dir: Path | None = None,
 ) -> ServerProcess:
     """
     C{twistd -n ds4tw} on the real model, as a user would run it
-    (C{parallel}: its C{--parallel}; None for the server's default).
+    (C{parallel}, C{cache_ram_mb}, C{kv_disk_dir}: its C{--parallel},
+    C{--cache-ram-mb}, C{--kv-disk-dir}; None for the server's default).
     """
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -181,6 +184,10 @@ def ds4tw_twistd(
         args += ["--model", settings.model]
     if parallel is not None:
         args += ["--parallel", str(parallel)]
+    if cache_ram_mb is not None:
+        args += ["--cache-ram-mb", str(cache_ram_mb)]
+    if kv_disk_dir is not None:
+        args += ["--kv-disk-dir", str(kv_disk_dir)]
     if chat_template is not None:
         template = workdir / f"{name}.jinja"
         template.write_text(chat_template, encoding="utf-8")

@@ -26,7 +26,7 @@ from ds4tw._engine import SamplingParams
 from ds4tw._metrics import Metrics
 from ds4tw._scheduler import StepStats
 from ds4tw._worker import Job, JobCancelled, Stage
-from ds4tw.bench import _batching, _cpu, _noise, _report, _stats, _throughput
+from ds4tw.bench import _batching, _cache, _cpu, _noise, _report, _stats, _throughput
 from ds4tw.bench.__main__ import parse
 from ds4tw.bench._cancel import _stage_summary, parse_cancel_lines, parse_metrics
 from ds4tw.bench._client import Stream, request_bytes
@@ -868,5 +868,308 @@ def test_validate_names_what_is_wrong_in_batching(breakage: Any, expected: str) 
     doc = synthetic_doc()
     doc["batching"] = batching_section()
     breakage(doc["batching"])
+    problems = _report.validate(doc)
+    assert any(expected in p for p in problems), problems
+
+
+# -- prompt cache (issue 10) -----------------------------------------------
+
+
+def test_only_cache_is_an_option() -> None:
+    assert parse(["--only", "cache"]).only == "cache"
+
+
+def test_cache_sizes_fit_the_context() -> None:
+    full = _cache.sizes(make_settings(quick=False))
+    assert full.prefix_tokens == _cache.PREFIX_TOKENS
+    assert full.conversations > _cache.PARALLEL and full.turns >= 3
+    quick = _cache.sizes(make_settings(quick=True))
+    # Above the cache's 512-token minimum, or nothing would be saved.
+    assert 512 < quick.prefix_tokens < full.prefix_tokens
+    assert quick.conversations > _cache.PARALLEL
+    small = _cache.sizes(make_settings(quick=False, ctx=1024))
+    assert small.prefix_tokens + small.turns * (small.answer_tokens + 48) < 1024
+
+
+def test_cache_calibration_sizes_the_prefix_from_prompt_tokens() -> None:
+    overhead, per_word = _cache.calibrate([(40, 90), (240, 390)])
+    assert per_word == pytest.approx(1.5) and overhead == pytest.approx(30.0)
+    assert _cache.prefix_words(2000, overhead, per_word) == 1313
+    with pytest.raises(ValueError):
+        _cache.calibrate([(40, 90), (40, 95)])
+    with pytest.raises(ValueError):
+        _cache.calibrate([(40, 90), (240, 90)])
+
+
+def test_cache_conversation_appends_answers_like_an_agent() -> None:
+    prompts = Prompts(1)
+    convs = _cache.conversations(prompts, 2, 30, 3)
+    assert convs[0].system != convs[1].system
+    assert convs[0].system.split()[:2] != convs[1].system.split()[:2]
+    c = convs[0]
+    first = c.next_messages()
+    assert [m["role"] for m in first] == ["system", "user"]
+    assert c.next_messages() == first  # asking again adds nothing
+    c.answered("Sure.")
+    second = c.next_messages()
+    assert [m["role"] for m in second] == ["system", "user", "assistant", "user"]
+    assert second[:2] == first and second[2]["content"] == "Sure."
+    assert second[3]["content"] == c.users[1] and c.turn == 1
+    body = _cache.chat_body(second, 8)
+    assert body["messages"] == second and body["messages"] is not second
+    assert body["stream"] and body["ignore_eos"] and body["temperature"] == 0.0
+    assert body["stream_options"] == {"include_usage": True}
+    reader = ResponseReader()
+    reader.feed(1.0, HEAD)
+    for part in ({"role": "assistant"}, {"content": "Hel"}, {"reasoning_content": "x"}):
+        reader.feed(1.1, chunk(sse(chat_chunk(part))))
+    reader.feed(1.2, chunk(sse(chat_chunk({"content": "lo"}))))
+    assert _cache.answer_text(reader.events) == "Hello"
+
+
+def test_cache_done_lines_parse_what_ds4tw_logs() -> None:
+    """The regex reads the line ds4tw's own _log_job writes (a format drift fails here)."""
+    from ds4tw._types import Finish, Timings, Usage
+
+    events: list[Any] = []
+    observer: Any = events.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        for cached, source in ((1990, "ram"), (0, None)):
+            job = Job([1, 2], SamplingParams(), label="chatcmpl-1 chat stream=True")
+            usage = Usage(prompt_tokens=2034, completion_tokens=16, cached_tokens=cached)
+            usage.cached_from = source
+            _log_job(job, Finish("length", usage, timings=Timings(0.001, 0.25, 0.4)))
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    text = "\n".join("2026-01-01T00:00:00+0000 [ds4tw._app#info] " + formatEvent(e) for e in events)
+    lines = _cache.parse_done_lines(text + "\nsomething else\n")
+    assert [(x["prompt"], x["cached"], x["source"]) for x in lines] == [
+        (2034, 1990, "ram"),
+        (2034, 0, None),
+    ]
+    assert lines[0]["prefill_s"] == pytest.approx(0.25)
+    assert lines[0]["decode_s"] == pytest.approx(0.4)
+    assert lines[0]["completion"] == 16 and lines[0]["finish"] == "length"
+    assert lines[0]["line"].startswith("2026-01-01")
+
+
+def test_cache_metrics_parse_ds4tw_metrics_and_name_the_source() -> None:
+    from ds4tw._kvcache import CacheStats
+
+    class Engine:
+        cache_stats = CacheStats()
+        prompt_cache = None
+
+    m = Metrics()
+    m.watch_cache(Engine())
+    before = _cache.parse_cache_metrics(m.render().decode())
+    assert before["hits"] == {"slot": 0.0, "copy": 0.0, "ram": 0.0, "disk": 0.0}
+    assert before["misses"] == 0.0
+    Engine.cache_stats.hits["ram"] += 1
+    Engine.cache_stats.restored_tokens["ram"] += 2000
+    after = _cache.parse_cache_metrics(m.render().decode())
+    d = _cache.metrics_delta(before, after)
+    assert d["hits"]["ram"] == 1.0 and d["restored_tokens"]["ram"] == 2000.0
+    assert _cache.source_of(d) == "ram"
+    Engine.cache_stats.misses += 1
+    again = _cache.parse_cache_metrics(m.render().decode())
+    assert _cache.source_of(_cache.metrics_delta(after, again)) == "miss"
+    # Two requests' worth (or none) says nothing.
+    assert _cache.source_of(_cache.metrics_delta(before, again)) is None
+    assert _cache.source_of(_cache.metrics_delta(again, again)) is None
+    # A label only one side has counts from zero.
+    assert _cache.metrics_delta({"hits": {}}, {"hits": {"disk": 1.0}}) == {"hits": {"disk": 1.0}}
+
+
+def test_cache_turns_are_proven_only_from_where_they_claim() -> None:
+    proven = _cache.proven
+    assert proven("cold", "miss", 0, 2000, None)
+    assert proven("cold", "copy", 4, 2000, None)  # the template header from another slot
+    assert not proven("cold", "ram", 4, 2000, None)
+    assert not proven("cold", "slot", 1500, 2000, None)
+    assert proven("slot", "slot", 2010, 2040, 2000)
+    assert not proven("slot", "copy", 2010, 2040, 2000)
+    assert not proven("slot", "slot", 1999, 2040, 2000)  # less than the previous prompt
+    assert proven("ram", "ram", 2056, 2070, 2040, {"ram": 2056.0})
+    assert not proven("ram", "ram", 2056, 2070, 2040, {"ram": 0.0})
+    assert not proven("disk", "ram", 2056, 2070, 2040, {"ram": 2056.0})
+    assert not proven("disk", "disk", None, None, 2040)
+
+
+def test_cache_hit_rates() -> None:
+    def t(prompt: int | None, cached: int | None) -> dict[str, Any]:
+        return {"prompt_tokens": prompt, "cached_tokens": cached}
+
+    on = [
+        [t(2000, 0), t(2040, 2010), t(2080, 2060)],
+        [t(2000, 4), t(2040, 1000), t(None, None)],
+    ]
+    r = _cache.hit_rates(on)
+    assert (r["turns"], r["hits"], r["missing"]) == (4, 2, 1)
+    assert r["hit_rate"] == pytest.approx(0.5)
+    # min(2010, 2000) + min(2060, 2040) + 1000 over 2000 + 2040 + 2000.
+    assert r["token_rate"] == pytest.approx(5040 / 6040)
+    assert r["cached_over_reusable"] == pytest.approx(5070 / 6040)
+    assert _cache.hit_rates([[t(2000, 0)]])["hit_rate"] is None
+
+
+def test_cache_answers_are_compared_while_the_prompts_are_the_same() -> None:
+    def conv(*answers: str) -> list[dict[str, Any]]:
+        return [
+            {"turn": i + 1, "answer": a, "cached_tokens": 5, "source": "ram"}
+            for i, a in enumerate(answers)
+        ]
+
+    got = _cache.compare_answers(
+        [conv("a", "b", "c"), conv("x", "y", "z")],
+        [conv("a", "b", "c"), conv("x", "Y", "z")],
+    )
+    # The second conversation's third turn had different histories: not compared.
+    assert (got["compared"], got["identical"]) == (5, 4)
+    assert got["divergences"] == [
+        {
+            "conversation": 1,
+            "turn": 2,
+            "answers": ["y", "Y"],
+            "cached_tokens": [5, 5],
+            "sources": ["ram", "ram"],
+        }
+    ]
+
+
+def test_cache_tier_ratios() -> None:
+    def t(conv: int, ttft: float) -> dict[str, Any]:
+        return {"conversation": conv, "ttft_s": ttft}
+
+    trials = {
+        "cold": [t(0, 6.0), t(1, 8.0), t(2, 7.0), t(3, 9.0)],
+        "slot": [t(0, 0.3), t(1, 0.4)],
+        "ram": [t(0, 0.5), t(1, 0.4)],
+        "disk": [],
+    }
+    r = _cache.tier_ratios(trials)
+    assert r["slot"]["over_cold"] == pytest.approx(0.35 / 7.5)
+    assert r["ram"]["over_cold"] == pytest.approx(0.45 / 7.5)
+    assert r["ram"]["paired_over_cold"]["values"] == pytest.approx([0.5 / 6, 0.4 / 8])
+    assert r["disk"]["over_cold"] is None
+
+
+def cache_section() -> dict[str, Any]:
+    """A cache section in the shape L{_cache.measure} writes."""
+    ttft = {"cold": [7.0, 7.2, 6.8], "slot": [0.2], "ram": [0.3], "disk": [1.0]}
+    trials = {
+        tier: [{"conversation": i, "ttft_s": v} for i, v in enumerate(values)]
+        for tier, values in ttft.items()
+    }
+
+    def side(hits: int, prefill: float) -> dict[str, Any]:
+        return {
+            "turns": 12,
+            "hits": hits,
+            "hit_rate": hits / 12,
+            "token_rate": hits / 12,
+            "prefill_s": prefill,
+            "prefill_later_s": prefill - 28.0,
+            "ttft_s": prefill + 1.0,
+        }
+
+    return {
+        "parallel": 2,
+        "sizes": {"conversations": 4},
+        "source": "test",
+        "where": "test",
+        "notes": [],
+        "errors": [],
+        "tiers": {
+            "ttft_s": {tier: _stats.summary(values) for tier, values in ttft.items()},
+            "cached_tokens": {tier: summary_of(2000.0) for tier in ttft},
+            "prompt_tokens": summary_of(2034.0),
+            "ratios": _cache.tier_ratios(trials),
+            "proven": {"cold": [True] * 3, "slot": [True], "ram": [True], "disk": [False]},
+            "shutdown": {"s": 1.5, "exit_code": 0, "disk": {"files": 9, "bytes": 2**28}},
+            "restart": {"ready_s": 3.0},
+        },
+        "interleaved": {
+            "conversations": 4,
+            "turns": 4,
+            "on": side(12, 30.0),
+            "off": side(0, 120.0),
+            "prefill_on_over_off": 0.25,
+            "prefill_later_on_over_off": 2.0 / 92.0,
+            "answers": {
+                "compared": 13,
+                "identical": 12,
+                "divergences": [
+                    {
+                        "conversation": 2,
+                        "turn": 2,
+                        "answers": ["a silver", "a stone"],
+                        "cached_tokens": [2061, 0],
+                        "sources": ["ram", "miss"],
+                    }
+                ],
+            },
+        },
+    }
+
+
+def test_cache_ratios_targets_table_and_chart(tmp_path: Path) -> None:
+    doc = synthetic_doc()
+    before = len(doc["targets"])
+    doc["cache"] = cache_section()
+    doc["ratios"] = _report.ratios(doc)
+    doc["targets"] = _report.targets(doc)
+    r = doc["ratios"]
+    assert r["cache_ram_over_cold"] == pytest.approx(0.3 / 7.0)
+    assert r["cache_disk_over_cold"] == pytest.approx(1.0 / 7.0)
+    assert r["cache_hit_rate_on"] == 1.0 and r["cache_hit_rate_off"] == 0.0
+    assert r["cache_prefill_on_over_off"] == pytest.approx(0.25)
+    met = {t["name"]: t["met"] for t in doc["targets"][before:]}
+    assert met == {
+        "next turn's TTFT from the prompt cache's memory / cold": True,
+        "next turn's TTFT from disk after a restart / cold": True,
+        "interleaved conversations' hit rate": True,
+        "every tier's turn proven by /metrics": False,
+    }
+    assert _report.validate(doc) == []
+    text = _report.table(doc)
+    assert "prompt cache (--parallel 2)" in text and "slots only" in text
+    assert "identical 12/13" in text and "'a silver' vs 'a stone'" in text
+    assert "[MISS] every tier's turn proven by /metrics: 0.833" in text
+    path = tmp_path / "bench.png"
+    _report.chart(doc, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Over the targets: missed.
+    doc["cache"]["tiers"]["ttft_s"]["ram"] = summary_of(1.0)
+    doc["cache"]["tiers"]["ratios"]["ram"]["over_cold"] = 1.0 / 7.0
+    doc["cache"]["interleaved"]["on"]["hit_rate"] = 0.5
+    met = {t["name"]: t["met"] for t in _report.targets(doc)[before:]}
+    assert not met["next turn's TTFT from the prompt cache's memory / cold"]
+    assert not met["interleaved conversations' hit rate"]
+
+
+def test_no_cache_section_no_cache_targets() -> None:
+    doc = synthetic_doc()
+    assert not any("prompt cache" in t["name"] for t in doc["targets"])
+    assert not any(k.startswith("cache_") for k in doc["ratios"])
+    assert _report.cache_table(None) == []
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (lambda c: c.pop("where"), "cache.where"),
+        (lambda c: c["tiers"]["ttft_s"].pop("disk"), "cache.tiers.ttft_s.disk"),
+        (lambda c: c["tiers"].pop("ratios"), "cache.tiers.ratios"),
+        (lambda c: c["interleaved"].pop("off"), "cache.interleaved.off: missing"),
+        (lambda c: c["interleaved"]["on"].pop("hit_rate"), "cache.interleaved.on.hit_rate"),
+        (lambda c: c.update(tiers=None, interleaved=None), "neither tiers nor interleaved"),
+    ],
+)
+def test_validate_names_what_is_wrong_in_cache(breakage: Any, expected: str) -> None:
+    doc = synthetic_doc()
+    doc["cache"] = cache_section()
+    breakage(doc["cache"])
     problems = _report.validate(doc)
     assert any(expected in p for p in problems), problems
