@@ -1139,7 +1139,7 @@ class LlamaEngine:
             prefilled.append(s)
         if batch.n == 0:
             if waiting and not events:
-                self._await(waiting, abort)
+                self._prefixes.await_any([s.restore for s in waiting if s.restore], abort)
             return StepResult(tuple(events))
         ctx = self._llm._ctx.ctx
         # Every decode sets the flag it runs under first, so the flag stays
@@ -1187,23 +1187,10 @@ class LlamaEngine:
                 waiting.append(s)
                 continue
             s.restore = None
-            got = self._prefixes.restore(s.id, s.prompt, r, self)
-            if got is not None:
-                s.cached = s.n_past = got
-                s.source = r.tier if got else None
-            self._prefixes.count(s.source, s.cached)
+            s.cached, s.source = self._prefixes.settle(s.id, s.prompt, r, self, s.cached, s.source)
+            s.n_past = s.cached
             events.append((s.id, PrefillProgress(s.n_past, len(s.prompt), s.cached, s.source)))
         return waiting
-
-    def _await(self, waiting: list[_Seq], abort: AbortFlag | None) -> None:
-        """Nothing else to run: wait a little for a disk read, watching the flag."""
-        for _ in range(10):
-            if abort is not None and abort.is_set:
-                raise Aborted
-            for s in waiting:
-                assert s.restore is not None
-                if s.restore.wait(0.005 / len(waiting)):
-                    return
 
     def _sample(self, s: _Seq) -> list[StepEvent]:
         """Sample C{s}'s next token from its logits of this step."""

@@ -182,6 +182,7 @@ class ScriptedEngine:
         self.loaded = False
         self.closed = False
         #: Work done, in order: ("prefill", tokens_done), ("token", index),
+        #: ("restore", tokens_cached) when a prompt-cache restore settled,
         #: ("closed", None) when a sequence is released unfinished.
         self.computed: list[tuple[str, int | None]] = []
         #: Every computed step: the (slot, kind, n) units it held.
@@ -360,16 +361,13 @@ class ScriptedEngine:
                 waiting.append(r)
                 continue
             s.restore = None
-            got = self._prefixes.restore(i, s.prompt, r, self)
+            s.cached, s.source = self._prefixes.settle(i, s.prompt, r, self, s.cached, s.source)
+            s.done = s.cached
             if self._cells[i] != self.table.slots[i].tokens:
                 raise AssertionError(f"slot {i}: the restored state is not the prompt's prefix")
-            if got is not None:
-                if got:
-                    self.restores.append((i, r.tier, got))
-                s.cached = s.done = got
-                s.source = r.tier if got else None
+            if s.source == r.tier:
+                self.restores.append((i, r.tier, s.cached))
             self.computed.append(("restore", s.cached))
-            self._prefixes.count(s.source, s.cached)
             events.append((i, PrefillProgress(s.done, len(s.prompt), s.cached, s.source)))
         return waiting
 
@@ -383,11 +381,7 @@ class ScriptedEngine:
         units = self._plan()
         if not units:
             if waiting and not events:
-                for _ in range(10):
-                    if abort is not None and abort.is_set:
-                        raise Aborted
-                    if any(r.wait(0.005 / len(waiting)) for r in waiting):
-                        break
+                self._prefixes.await_any(waiting, abort)
             return StepResult(tuple(events))
         # What ends now needs no compute: a reply at its end-of-generation.
         ended: list[int] = []

@@ -228,7 +228,7 @@ class PromptCache:
             elif path.suffix == _file.SUFFIX:
                 self._index_file(path)
         # A smaller budget than last time: the lowest scores go.
-        for gone in self._fit(self.disk, 0):
+        for gone in self.disk.overflow(0):
             self.disk.remove(gone)
             self.stats.evictions["disk"] += 1
             self._unlink(gone)
@@ -257,10 +257,7 @@ class PromptCache:
     def _reject(self, path: Path, e: _file.Rejected) -> None:
         self.stats.rejected[e.reason] += 1
         log.warn("ds4tw: prompt cache: removed {name}: {why}", name=path.name, why=str(e))
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as err:
-            log.warn("ds4tw: prompt cache: cannot remove {p}: {error}", p=str(path), error=err)
+        self._remove(path)
 
     def close(self, retained: Iterable[tuple[Sequence[int], Callable[[], State]]] = ()) -> None:
         """
@@ -405,7 +402,7 @@ class PromptCache:
         for e in gone:
             self.ram.remove(e)
         entry = Entry(arr, len(data), hits, self.clock(), data)
-        for e in [*victims, *self._fit(self.ram, len(data), victims)]:
+        for e in [*victims, *self.ram.overflow(len(data), victims)]:
             self._evict_ram(e)
         self.ram.add(entry)
         self.stats.saves["ram"] += 1
@@ -459,7 +456,7 @@ class PromptCache:
         with self._lock:
             entry = Entry(arr, len(data) + 4096, hits, used or now, _Pending(data), pinned=1)
             leaving = [*gone, *victims]
-            leaving += self._fit(self.disk, entry.size, leaving)
+            leaving += self.disk.overflow(entry.size, leaving)
             for e in leaving:
                 self.disk.remove(e)
             self.stats.evictions["disk"] += len(leaving) - len(gone)
@@ -478,24 +475,6 @@ class PromptCache:
             log.warn("ds4tw: prompt cache: cannot read a sequence's state: {error}", error=e)
             return None
         return data if len(data) else None
-
-    def _fit(self, index: PrefixIndex, adding: int, leaving: Sequence[Entry] = ()) -> list[Entry]:
-        """More entries to evict (lowest score first) until C{adding} bytes fit."""
-        gone = {id(e) for e in leaving}
-        rest = [e for e in index.entries if id(e) not in gone]
-        over = sum(e.size for e in rest) + adding - index.budget
-        out: list[Entry] = []
-        if over <= 0:
-            return out
-        now = self.clock()
-        for e in sorted(rest, key=lambda e: (e.score(now), -e.size, e.used)):
-            if over <= 0:
-                break
-            if e.pinned:
-                continue
-            out.append(e)
-            over -= e.size
-        return out
 
     def _estimate(self, tokens: Sequence[int] | Any) -> int:
         per_token = int(self.identity.get("kv_bytes_per_token", 0))
@@ -537,8 +516,8 @@ class PromptCache:
             entry.pinned -= 1
             kept = entry in self.disk.entries
         if not kept:
-            # Dropped from the index while it was being written (shutdown
-            # of a failed peer write, say): the file must not outlive it.
+            # Superseded or evicted while it was being written: the file
+            # must not outlive its entry.
             self._remove(head.path)
             return
         self.stats.saves["disk"] += 1

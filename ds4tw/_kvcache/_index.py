@@ -167,15 +167,9 @@ class PrefixIndex:
         """
         if size > self.budget:
             return None
-        leaving = {id(e) for e in excluding}
-        free = self.budget - sum(e.size for e in self.entries if id(e) not in leaving)
+        free, order, now = self._eviction_order(excluding)
         if size <= free:
             return []
-        now = self.clock()
-        order = sorted(
-            (e for e in self.entries if id(e) not in leaving),
-            key=lambda e: (e.score(now), -e.size, e.used),
-        )
         out: list[Entry] = []
         for e in order:
             if e.pinned or e.score(now) > score:
@@ -185,6 +179,32 @@ class PrefixIndex:
             if size <= free:
                 return out
         return None
+
+    def overflow(self, size: int, excluding: Sequence[Entry] = ()) -> list[Entry]:
+        """
+        The entries to evict, lowest score first, so that C{size} more
+        bytes fit, whatever they score (the budget must hold: a state
+        larger than estimated, a budget lowered since the last run);
+        entries in use are skipped.
+        """
+        free, order, _ = self._eviction_order(excluding)
+        out: list[Entry] = []
+        for e in order:
+            if size <= free:
+                break
+            if not e.pinned:
+                out.append(e)
+                free += e.size
+        return out
+
+    def _eviction_order(self, excluding: Sequence[Entry]) -> tuple[int, list[Entry], float]:
+        """The free bytes once C{excluding} left, the rest in eviction order, and now."""
+        leaving = {id(e) for e in excluding}
+        rest = [e for e in self.entries if id(e) not in leaving]
+        now = self.clock()
+        # Lowest score first; ties: the larger, then the older.
+        rest.sort(key=lambda e: (e.score(now), -e.size, e.used))
+        return self.budget - sum(e.size for e in rest), rest, now
 
     def add(self, entry: Entry) -> None:
         self.entries.append(entry)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .._engine import Aborted, AbortFlag
 from .._slots import Claim, SlotTable
 from ._cache import CacheStats, PromptCache, Restore, State
 
@@ -81,6 +82,38 @@ class Prefixes:
         held = self.table.slots[slot].tokens
         held[:] = prompt[: restore.length] if ok else []
         return len(held)
+
+    def settle(
+        self,
+        slot: int,
+        prompt: Sequence[int],
+        restore: Restore,
+        states: States,
+        cached: int,
+        source: str | None,
+    ) -> tuple[int, str | None]:
+        """
+        Run a loaded restore for a sequence that has C{cached} tokens from
+        C{source} so far; return what it has after it (its prefix is then
+        settled, and counted).
+        """
+        got = self.restore(slot, prompt, restore, states)
+        if got is not None:
+            cached, source = got, restore.tier if got else None
+        self.count(source, cached)
+        return cached, source
+
+    @staticmethod
+    def await_any(restores: Sequence[Restore], abort: AbortFlag | None) -> None:
+        """
+        Nothing else can run this step: wait up to ~50 ms for one of the
+        disk reads, watching the abort flag (L{Aborted}: nothing changed).
+        """
+        for _ in range(10):
+            if abort is not None and abort.is_set:
+                raise Aborted
+            if any(r.wait(0.005 / len(restores)) for r in restores):
+                return
 
     def count(self, source: str | None, cached: int) -> None:
         """A request's prefix is settled: a hit from C{source}, or a miss."""

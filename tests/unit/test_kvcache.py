@@ -30,10 +30,10 @@ def long_question(name: str) -> str:
     return f"Conversation {name}: " + f"tell me about {name}. " * 20
 
 
-def cache_rig(tmp: Path | None = None, *, ram: int = 1 << 20, slots: int = 1, **kw: Any) -> Rig:
-    cache = PromptCache(
-        ram_bytes=ram, disk_dir=tmp, disk_bytes=1 << 20 if tmp else 0, min_tokens=64
-    )
+def cache_rig(
+    tmp: Path | None = None, *, ram: int = 1 << 20, disk: int = 1 << 20, slots: int = 1, **kw: Any
+) -> Rig:
+    cache = PromptCache(ram_bytes=ram, disk_dir=tmp, disk_bytes=disk if tmp else 0, min_tokens=64)
     return make_rig(
         kw.pop("replies", ["Short answer."]),
         slots=slots,
@@ -193,6 +193,22 @@ def test_the_memory_budget_is_never_exceeded() -> None:
         used = sample(metrics(rig), 'ds4tw_prompt_cache_bytes{tier="ram"}')
         assert 0 < used <= budget or n == "A"
     assert sample(metrics(rig), 'ds4tw_prompt_cache_evictions_total{tier="ram"}') > 0
+
+
+def test_a_smaller_disk_budget_at_start_evicts_down_to_it(tmp_path: Path) -> None:
+    rig = cache_rig(tmp_path, slots=1, ram=0)
+    for n in "ABC":
+        chat(rig, [{"role": "user", "content": long_question(n)}])
+    rig.server.stopService()
+    sizes = [f.stat().st_size for f in kv_files(tmp_path)]
+    assert len(sizes) == 3
+    budget = max(sizes) + min(sizes) // 2  # room for one file, not two
+    rig = cache_rig(tmp_path, slots=1, ram=0, disk=budget)
+    rig.engine.prompt_cache._writer.shutdown(wait=True)  # type: ignore[union-attr]  # the unlinks
+    left = kv_files(tmp_path)
+    assert len(left) == 1 and left[0].stat().st_size <= budget
+    assert sample(metrics(rig), 'ds4tw_prompt_cache_evictions_total{tier="disk"}') == 2
+    assert sample(metrics(rig), 'ds4tw_prompt_cache_bytes{tier="disk"}') <= budget
 
 
 def test_an_unwritable_directory_logs_and_serving_goes_on(
