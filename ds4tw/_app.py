@@ -20,6 +20,7 @@ import re
 import time
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 from klein import Klein
 from twisted.application.service import MultiService
@@ -53,6 +54,7 @@ from ._routing import (
 from ._template import ChatTemplate
 from ._tools.parsers import ToolCallParser, tool_call_parser
 from ._types import Finish
+from ._ui import add_routes as ui_routes
 from ._worker import Job, JobCancelled, PoolThreads, Worker, WorkerThreads
 
 log = Logger()
@@ -119,6 +121,8 @@ class Server(MultiService):
         # of them imports this module).
         for add_routes in (openai_routes, responses_routes, anthropic_routes):
             add_routes(self)
+        if self.config.ui:
+            ui_routes(self)
 
     def stopService(self) -> Deferred[None]:
         """Drain the worker (L{Worker.stopService}) and log how that went."""
@@ -284,9 +288,10 @@ def _error_body_for(path: str) -> ErrorBody:
 
 class _Tagged(Resource):
     """
-    The app's resource, with an C{X-Request-Id} on every response, and a
+    The app's resource, with an C{X-Request-Id} on every response, a
     JSON 400 for a path that is not UTF-8 once unquoted (Klein would log
-    an error and answer in plain text).
+    an error and answer in plain text), and a relative redirect from the
+    mount point without its slash to the mount point (L{_to_mount_point}).
     """
 
     isLeaf = True
@@ -304,7 +309,25 @@ class _Tagged(Resource):
             path = request.path.decode("latin-1")
             error = invalid("the request path is not UTF-8 once percent-decoded")
             return error_response(request, error, _error_body_for(path))
+        if request.prepath and not request.postpath:
+            return _to_mount_point(request, request.prepath[-1])
         return self._inner.render(request)
+
+
+def _to_mount_point(request: Request, segment: bytes) -> bytes:
+    """
+    A request for C{/llm} when the app is mounted at C{/llm/}: 308 to
+    C{llm/}. Without the slash the chat page's relative URLs would
+    resolve one level up. Relative, unlike werkzeug's own redirect, so
+    that the scheme and host a proxy in front used are kept.
+    """
+    target = quote(segment, safe="") + "/"
+    query = request.uri.partition(b"?")[2]
+    if query:
+        target += "?" + query.decode("latin-1")
+    request.setResponseCode(308)
+    request.setHeader(b"location", target.encode("latin-1"))
+    return b""
 
 
 def _log_job(job: Job, outcome: Finish | Failure) -> None:

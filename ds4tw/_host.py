@@ -61,6 +61,8 @@ class ServerConfig:
     #: Seconds a shutdown (SIGTERM) gives the running and queued jobs to
     #: finish before cancelling them; 0 cancels at once (docs/operations.md).
     drain_timeout: float = 30.0
+    #: Serve the chat page at C{/} (docs/ui.md); C{twistd ds4tw --no-ui} turns it off.
+    ui: bool = True
 
 
 class Host(Protocol):

@@ -7,7 +7,8 @@ thread reads between steps and calls the worker back (L{ds4tw._worker}),
 which takes a waiting job out of the queue or, when every running request
 is cancelled, stops the running step from inside (L{ds4tw._engine.AbortFlag}).
 
-Covered by tests/unit/test_cancel.py.
+Covered by tests/unit/test_cancel.py, and tests/unit/test_keepalive.py
+(the progress a stream reports: queue position, prefill done/total).
 """
 
 from __future__ import annotations
@@ -110,6 +111,12 @@ class Job:
         self.submitted_at = time.monotonic()
         self.started_at: float | None = None
         self.cancel_requested_at: float | None = None
+        #: Prompt tokens in the KV cache so far, of L{prefill_total}
+        #: (reused ones included), as the last engine step reported.
+        self.prefill_done = 0
+        self.prefill_total = len(prompt)
+        #: Set by the worker that queues the job (L{Worker.queue_position}).
+        self._locate: Callable[[Job], int | None] | None = None
         #: Written by the worker thread, read in the reactor once it ends.
         self._outcome = _Outcome()
 
@@ -123,6 +130,16 @@ class Job:
         self.abort.set()
         if self._on_cancel is not None:
             self._on_cancel(self)
+
+    @property
+    def queue_position(self) -> int | None:
+        """
+        Where the job waits for a slot: 1 is next. None once it has a slot
+        (or before it was submitted).
+        """
+        if self.stage is not Stage.QUEUED or self._locate is None:
+            return None
+        return self._locate(self)
 
     @property
     def peers(self) -> int:
@@ -142,6 +159,9 @@ class Job:
             return
         self.stage = stage
         self.listener.stage_changed(stage)
+
+    def _prefilled(self, done: int, total: int) -> None:
+        self.prefill_done, self.prefill_total = done, total
 
     def _outputs(self, events: list[Output]) -> None:
         if not self.cancelled:

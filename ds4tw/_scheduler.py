@@ -233,6 +233,8 @@ class BatchLoop:
     def _event(self, run: Run, event: StepEvent, out: Delivery) -> None:
         job = run.job
         if isinstance(event, PrefillProgress):
+            # For the stream's progress comments (": prefill 1024/3641").
+            out.add(job._prefilled, event.done, event.total)
             run.usage.cached_tokens = event.cached
             run.usage.cached_from = event.source if event.cached else None
             if event.done >= event.total and run.stage is Stage.PREFILL:

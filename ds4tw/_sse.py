@@ -30,6 +30,16 @@ written while paused: the client is not reading what is already buffered,
 so one more frame would only add to it, and the TCP connection itself is
 alive.
 
+Progress, for a client that asks (C{X-DS4TW-Progress: 1}, L{wants_progress};
+the chat page does): the same comments also on every stage change and,
+while the text changes, at most once per L{PROGRESS_INTERVAL}, with
+numbers (L{progress_text}): C{: queued 2} (place in the queue, 1 is
+next), C{: prefill 1024/3641} (prompt tokens in the KV cache, of all),
+C{: decode}. Its keepalives carry the numbers too. Other streams are
+untouched: a busy stream carries no comments, and a keepalive is the bare
+stage name, which clients and ds4tw's own benchmark match exactly.
+docs/ui.md has the format.
+
 Covered by tests/unit/test_keepalive.py and tests/unit/test_cancel.py.
 """
 
@@ -37,13 +47,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import Request
 from zope.interface import implementer
+
+from ._types import Stage
+
+if TYPE_CHECKING:
+    from ._job import Job
 
 log = Logger()
 
@@ -58,6 +73,44 @@ SSE_HEADERS: dict[bytes, bytes] = {
     # keepalive keeps nothing alive.
     b"x-accel-buffering": b"no",
 }
+
+
+#: The request header that opts a stream into progress comments.
+PROGRESS_HEADER = b"x-ds4tw-progress"
+#: Seconds between two progress comments, at least (stage changes aside).
+PROGRESS_INTERVAL = 1.0
+
+
+def wants_progress(request: Request) -> bool:
+    """The client asked for progress comments (C{X-DS4TW-Progress: 1})."""
+    value = request.getHeader(PROGRESS_HEADER)
+    return value is not None and value.strip() == b"1"
+
+
+def progress_text(job: Job) -> str:
+    """
+    What an opted-in stream's comment says about C{job}: C{queued 2},
+    C{prefill 1024/3641} or C{decode}. Never more than the stage name and
+    two numbers, so a client can parse it with one split.
+
+    A job that has a slot but whose first prompt batch the model thread
+    has not finished yet says C{prefill 0/N}: its stage reaches the
+    reactor with that batch's results, and the wait is the prefill's own,
+    not the queue's.
+    """
+    stage = job.stage
+    if stage is Stage.QUEUED:
+        position = job.queue_position
+        if position is not None:
+            return f"queued {position}"
+        stage = Stage.PREFILL
+    if stage is Stage.PREFILL:
+        return f"prefill {job.prefill_done}/{job.prefill_total}"
+    return Stage.DECODE.value
+
+
+def comment(text: str) -> bytes:
+    return f": {text}\n\n".encode()
 
 
 def frame(data: str, event: str | None = None) -> bytes:
@@ -79,10 +132,15 @@ class SSEStream:
     @param stage: names the current stage for the comment frame.
     @param on_lost: called once if the stream ends before L{close}
         (L{lost_reason} says why).
-    @param keepalive_frame: builds the keepalive bytes from the stage name;
-        the default is the SSE comment C{": <stage>\\n\\n"}. (Anthropic's
-        dialect can send C{event: ping} instead.)
+    @param keepalive_frame: builds the keepalive bytes from the stage name
+        (or the progress text); the default is the SSE comment
+        C{": <stage>\\n\\n"}. (Anthropic's dialect can send C{event: ping}
+        instead.)
+    @param on_keepalive: called with the stage name after each keepalive
+        (never the progress text: a metric label must stay bounded).
     @param max_unsent: bytes held for a paused client before giving up on it.
+    @param progress: the progress text (L{progress_text}), for a client
+        that asked for it; None for every other stream.
     """
 
     def __init__(
@@ -95,12 +153,24 @@ class SSEStream:
         keepalive_frame: Callable[[str], bytes] | None = None,
         on_keepalive: Callable[[str], None] | None = None,
         max_unsent: int = DEFAULT_MAX_UNSENT,
+        progress: Callable[[], str] | None = None,
+        progress_interval: float = PROGRESS_INTERVAL,
     ) -> None:
         self._request = request
         self._stage = stage
         self._on_lost = on_lost
-        self._frame = keepalive_frame or (lambda s: f": {s}\n\n".encode())
+        self._frame = keepalive_frame or comment
+        #: The keepalive frame says the progress text (not a ping).
+        self._frame_tells = keepalive_frame is None
         self._on_keepalive = on_keepalive
+        self._progress = progress
+        #: The progress text last written, so that only a change is sent.
+        self._told: str | None = None
+        self._progress_call: LoopingCall | None = None
+        if progress is not None:
+            self._progress_call = LoopingCall(self.report_progress)
+            self._progress_call.clock = clock
+        self._progress_interval = progress_interval
         self._keepalive: LoopingCall | None = None
         if keepalive > 0:
             self._keepalive = LoopingCall(self._beat)
@@ -131,6 +201,29 @@ class SSEStream:
         self._request.write(b"")
         if self._keepalive is not None:
             self._keepalive.start(self._interval, now=False)
+        if self._progress_call is not None:
+            # The client hears where it stands at once (": queued 3").
+            self.report_progress()
+            self._progress_call.start(self._progress_interval, now=False)
+
+    def report_progress(self) -> None:
+        """
+        Write the progress comment now if its text changed since the last
+        one (a stage change calls this; so does the per-interval poll).
+        A no-op for a stream that did not ask for progress.
+        """
+        if self._progress is None or not self.open or self.paused:
+            return
+        text = self._progress()
+        if text == self._told:
+            return
+        self._told = text
+        self._send(comment(text))
+        self._reset()
+        if self._progress_call is not None and self._progress_call.running:
+            # Progress at most once per interval: the next poll is a whole
+            # interval after this comment.
+            self._progress_call.reset()
 
     def write(self, data: bytes) -> None:
         """A real write: send it (or hold it while paused) and restart the idle interval."""
@@ -206,8 +299,9 @@ class SSEStream:
             self._keepalive.reset()
 
     def _stop(self) -> None:
-        if self._keepalive is not None and self._keepalive.running:
-            self._keepalive.stop()
+        for call in (self._keepalive, self._progress_call):
+            if call is not None and call.running:
+                call.stop()
 
     def _unregister(self) -> None:
         # After a disconnect the request has no channel left to unregister from.
@@ -219,7 +313,13 @@ class SSEStream:
         if self.paused:
             return
         stage = self._stage()
-        self._send(self._frame(stage))
+        if self._progress is not None:
+            text = self._progress()
+            self._send(self._frame(text))
+            if self._frame_tells:
+                self._told = text
+        else:
+            self._send(self._frame(stage))
         if self._on_keepalive is not None:
             self._on_keepalive(stage)
 

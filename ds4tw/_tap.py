@@ -201,6 +201,7 @@ class Options(usage.Options):
 
     optFlags: list[list[Any]] = [
         ["anthropic-ping", None, "Keep /v1/messages streams alive with `event: ping` frames."],
+        ["no-ui", None, "Do not serve the chat page at / (docs/ui.md)."],
     ]
 
     def __init__(self) -> None:
@@ -309,6 +310,7 @@ def makeService(options: Options) -> IService:
         request_timeout=options["request-timeout"],
         max_unsent_bytes=options["max-unsent"],
         drain_timeout=options["drain-timeout"],
+        ui=not options["no-ui"],
     )
     server = Server(engine, config)
     top = _DrainFirst(server)

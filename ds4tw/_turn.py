@@ -24,6 +24,7 @@ tests/unit/test_openai_routes.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ from ._host import Host
 from ._normalise import normalise
 from ._pipeline import OutputPipeline
 from ._reasoning import PlainSplitter
-from ._sse import DISCONNECTED, SSEStream
+from ._sse import DISCONNECTED, SSEStream, progress_text, wants_progress
 from ._tools.parsers import GrammarCache
 from ._tools.prompt import template_inputs
 from ._tools.spec import ResponseFormat, Tooling
@@ -244,6 +245,7 @@ def stream(
         keepalive_frame=keepalive_frame,
         on_keepalive=server.metrics.keepalive_sent,
         max_unsent=server.config.max_unsent_bytes,
+        progress=functools.partial(progress_text, job) if wants_progress(request) else None,
     )
     # Klein cancels the route's Deferred when the client goes: the same
     # path as the stream's own signals (SSEStream.lost).
@@ -255,6 +257,8 @@ def stream(
 
     class Listener:
         def stage_changed(self, stage: Stage) -> None:
+            if stage is not Stage.DONE:
+                sse.report_progress()
             send(renderer.stage(stage))
 
         def output(self, event: Output) -> None:

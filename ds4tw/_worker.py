@@ -21,8 +21,8 @@ can drive the model thread one engine step at a time
 (L{ds4tw.testing.SteppedThreads}).
 
 Covered by tests/unit/test_cancel.py, tests/unit/test_scheduler.py,
-tests/unit/test_shutdown.py and tests/unit/test_openai_routes.py (a model
-still loading).
+tests/unit/test_shutdown.py, tests/unit/test_openai_routes.py (a model
+still loading) and tests/unit/test_keepalive.py (queue positions).
 """
 
 from __future__ import annotations
@@ -311,6 +311,17 @@ class Worker(Service):
     def busy(self) -> bool:
         return bool(self._running)
 
+    def queue_position(self, job: Job) -> int | None:
+        """
+        C{job}'s place in the queue (1: next to get a slot), or None when it
+        is not waiting there. A linear search, which is C code over at most
+        C{max_queue} entries: cheap beside the per-second poll that asks.
+        """
+        try:
+            return self._queue.index(job) + 1
+        except ValueError:
+            return None
+
     def check_ready(self) -> None:
         """Raise L{NotReady}, saying why, unless jobs can be admitted."""
         if self.load_error is not None:
@@ -329,6 +340,7 @@ class Worker(Service):
         if len(self._running) >= self.slots and len(self._queue) >= self.max_queue:
             raise QueueFull(len(self._queue))
         job._on_cancel = self._cancelled
+        job._locate = self.queue_position
         self._queue.append(job)
         self._pump()
         return job.deferred

@@ -21,6 +21,17 @@ if ! command -v haproxy >/dev/null || ! command -v nginx >/dev/null; then
         echo "tests/infra needs haproxy and nginx: install them (e.g. sudo apt-get install haproxy nginx)" >&2
     fi
 fi
+# tests/browser drives the chat page in Debian's headless Chromium through
+# its chromedriver (Selenium is told where it is, so nothing is downloaded).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >/dev/null
+        apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+    else
+        echo "tests/browser needs chromium and chromedriver: install them (e.g. sudo apt-get install chromium chromium-driver)" >&2
+    fi
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # compat mode: a regular editable install hides twisted/plugins/ds4tw_plugin.py
 # from twistd's plugin discovery.

@@ -301,3 +301,171 @@ def test_a_client_that_stops_reading_is_cancelled_past_the_bound() -> None:
     nxt = rig.stream()
     rig.threads.run_until_idle()
     assert nxt.finished
+
+
+# -- progress comments, for a client that asks (X-DS4TW-Progress: 1) ---------
+
+PROGRESS = {"X-DS4TW-Progress": "1"}
+
+
+def progress_stream(rig: Rig, content: str = "hi", **kw: object) -> Exchange:
+    payload = {
+        "model": "scripted",
+        "messages": [{"role": "user", "content": content}],
+        "stream": True,
+        **kw,
+    }
+    return rig.http.post("/v1/chat/completions", payload, headers=PROGRESS)
+
+
+def prompt_tokens(rig: Rig) -> int:
+    """The last opened prompt's length (the scripted engine: one token per character)."""
+    return len(rig.engine.calls[-1][0])
+
+
+def test_progress_says_the_queue_position_at_once_and_when_it_moves() -> None:
+    rig = make_rig(["one two three four five six"])
+    running = rig.stream()
+    rig.threads.step()  # running is decoding: the one slot is taken
+    second = progress_stream(rig)
+    third = progress_stream(rig)
+    # Where each stands, with the headers, before any keepalive is due.
+    assert second.comments() == ["queued 1"]
+    assert third.comments() == ["queued 2"]
+    while not running.finished:
+        rig.threads.step()
+    # second has the slot now; third moved up, and the next poll says so.
+    assert third.comments() == ["queued 2"]
+    rig.clock.advance(1)
+    assert third.comments() == ["queued 2", "queued 1"]
+    rig.threads.step()  # second's one prefill batch, and its first token
+    n = prompt_tokens(rig)
+    # Given the slot, its wait is the prefill's (the poll said so); then
+    # the stage change to decode at once.
+    assert second.comments() == ["queued 1", f"prefill 0/{n}", "decode"]
+    rig.threads.run_until_idle()
+    assert second.finished and third.finished
+    assert third.comments()[-1] == "decode"
+    assert running.comments() == []  # it did not ask
+
+
+def test_progress_reports_prefill_at_most_once_a_second_then_decode() -> None:
+    rig = make_rig(["one two three"], prefill_batch=4)
+    ex = progress_stream(rig, "a prompt long enough to need a good many prefill batches")
+    watch = Watch(rig, ex)
+    while rig.threads.busy:  # one engine step every 0.25 s of the clock
+        rig.threads.step()
+        watch.advance(0.25, dt=0.25)
+    total = prompt_tokens(rig)
+    comments = [(t, f) for t, f in watch.timeline if f != "data"]
+    # A slot was free: with the headers, the prefill that is about to run.
+    assert ex.comments()[0] == f"prefill 0/{total}"
+    prefills = [(t, f) for t, f in comments if f.startswith("prefill")]
+    # Then what the steps did, one comment a second.
+    assert len(prefills) >= 3
+    assert all(b[0] - a[0] >= 1.0 for a, b in pairwise(prefills))
+    done = [int(f.split()[1].split("/")[0]) for _, f in prefills]
+    assert done == sorted(done) and done[-1] > 0
+    assert all(f.endswith(f"/{total}") for _, f in prefills)
+    assert comments[-1][1] == "decode"
+    # Then no comment while tokens flow: "decode" came before the first data.
+    first_data = next(t for t, f in watch.timeline if f == "data")
+    assert comments[-1][0] <= first_data
+    assert ex.finished and ex.data()[-1] == "[DONE]"
+
+
+def test_without_the_header_a_busy_prefill_carries_no_comment() -> None:
+    """The same prefill as above, for a client that did not ask: today's stream."""
+    rig = make_rig(["one two three"], prefill_batch=4)
+    ex = rig.stream("a prompt long enough to need a good many prefill batches")
+    while rig.threads.busy:
+        rig.threads.step()
+        rig.clock.advance(0.25)
+    assert ex.comments() == []
+    assert ex.finished
+
+
+@pytest.mark.parametrize("value", ["0", "yes", ""])
+def test_only_the_value_1_asks_for_progress(value: str) -> None:
+    rig = make_rig()
+    rig.stream()
+    ex = rig.http.post(
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "stream": True},
+        headers={"X-DS4TW-Progress": value},
+    )
+    rig.clock.advance(5)
+    assert ex.comments() == []
+
+
+def test_an_unchanged_progress_text_is_not_repeated_but_keepalives_go_on() -> None:
+    rig = make_rig(["one two three four five six"], keepalive=5)
+    rig.stream()
+    rig.threads.step()
+    ex = progress_stream(rig)
+    # Queued, position 1, for 12 s: the keepalive still says so, every 5 s.
+    assert frames_over(rig, ex, 12) == [(5.0, "queued 1"), (10.0, "queued 1")]
+    assert ex.comments() == ["queued 1"] * 3
+    text = rig.http.get("/metrics").body.decode()
+    # The metric's label is the stage name only: bounded, whatever the numbers.
+    assert 'ds4tw_keepalive_frames_total{stage="queued"} 2.0' in text
+    assert "queued 1" not in text
+
+
+def test_keepalive_of_a_stream_that_did_not_ask_is_the_bare_stage_name() -> None:
+    rig = make_rig(["one two three four five six"], keepalive=5)
+    rig.stream()
+    rig.threads.step()
+    ex = rig.stream()
+    assert frames_over(rig, ex, 5) == [(5.0, "queued")]
+
+
+def test_no_progress_while_paused_and_none_after_the_end() -> None:
+    rig = make_rig(["one two three"], prefill_batch=4)
+    ex = progress_stream(rig, "a prompt long enough to need a good many prefill batches")
+    rig.threads.step()
+    seen = ex.comments()
+    ex.pause()
+    for _ in range(4):
+        rig.threads.step()
+        rig.clock.advance(1)
+    assert ex.comments() == seen
+    ex.resume()
+    rig.clock.advance(1)
+    assert ex.comments()[-1].startswith("prefill ") and len(ex.comments()) == len(seen) + 1
+    rig.threads.run_until_idle()
+    assert ex.finished
+    assert rig.clock.getDelayedCalls() == []
+
+
+def test_progress_with_anthropic_pings() -> None:
+    """The keepalive stays Anthropic's ping; the progress comments are still comments."""
+    rig = make_rig(["one two three four five six"], keepalive=5, anthropic_ping=True)
+    rig.stream()
+    rig.threads.step()
+    payload = {
+        "model": "scripted",
+        "max_tokens": 16,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    ex = rig.http.post("/v1/messages", payload, headers=PROGRESS)
+    rig.clock.advance(5)
+    assert ex.comments() == ["queued 1"]
+    assert [e for e, _ in ex.events()].count("ping") == 1
+
+
+def test_progress_survives_a_stop_in_prefill() -> None:
+    """A client that asked for progress and hangs up mid-prefill cancels as any other."""
+    rig = make_rig(["one two three"], prefill_batch=4)
+    ex = progress_stream(rig, "a prompt long enough to need a good many prefill batches")
+    rig.threads.step(3)
+    rig.clock.advance(1)
+    assert ex.comments()[-1].startswith("prefill ")
+    ex.disconnect()
+    rig.threads.run_until_idle()
+    assert rig.engine.computed[-1] == ("closed", None)
+    assert (
+        'ds4tw_cancelled_jobs_total{stage="prefill"} 1.0' in rig.http.get("/metrics").body.decode()
+    )
+    assert rig.clock.getDelayedCalls() == []

@@ -11,6 +11,7 @@ from twisted.python import usage
 
 from ds4tw import Options, Server, makeService
 from ds4tw._llama import demo_model_path
+from ds4tw.testing import Exchange, HTTPHarness
 
 
 def parse(*args: str) -> Options:
@@ -97,3 +98,25 @@ def test_drain_timeout_option() -> None:
     service = makeService(parse("--drain-timeout", "2.5"))
     (server,) = [s for s in service if isinstance(s, Server)]  # type: ignore[attr-defined]
     assert server.config.drain_timeout == 2.5 and server.worker.drain_timeout == 2.5
+
+
+def _served_root(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[Server, Exchange]:
+    monkeypatch.setattr(sys, "setswitchinterval", lambda v: None)
+    service = makeService(parse("--model", "scripted:reply=hi", *args))
+    (server,) = [s for s in service if isinstance(s, Server)]  # type: ignore[attr-defined]
+    return server, HTTPHarness(server.resource()).get("/")
+
+
+def test_the_chat_page_is_on_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    server, page = _served_root(monkeypatch)
+    assert not parse()["no-ui"] and server.config.ui is True
+    assert page.status == 200
+    assert page.header("content-type") == "text/html; charset=utf-8"
+
+
+def test_no_ui_turns_the_page_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    server, page = _served_root(monkeypatch, "--no-ui")
+    assert server.config.ui is False
+    # The JSON 404 every unknown path gets, as before the page existed.
+    assert page.status == 404
+    assert page.json()["error"]["code"] == "not_found"
