@@ -236,7 +236,9 @@ class Server(MultiService):
         def openapi(request: Request) -> bytes:
             self.cors(request)
             if self._openapi is None:
-                self._openapi = json.dumps(openapi_document(bool(self.config.api_key))).encode()
+                self._openapi = json.dumps(
+                    openapi_document(bool(self.config.api_key), self.config.ui)
+                ).encode()
             request.setHeader(b"content-type", b"application/json")
             return self._openapi
 

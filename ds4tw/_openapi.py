@@ -96,11 +96,24 @@ def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
     }
 
 
-def openapi_document(api_key: bool) -> dict[str, Any]:
+#: The opt-in for numbered stage comments on a stream (ds4tw/_sse.py, docs/ui.md).
+_PROGRESS = {
+    "name": "X-DS4TW-Progress",
+    "in": "header",
+    "required": False,
+    "description": "1: a streamed response also carries its stage as an SSE comment at once and "
+    "on every change, with numbers (': queued 2', ': prefill 1024/3641', ': decode'); other "
+    "streams get the bare stage name only as a keepalive.",
+    "schema": {"type": "string", "enum": ["1"]},
+}
+
+
+def openapi_document(api_key: bool, ui: bool = False) -> dict[str, Any]:
     """
     The OpenAPI 3.1 document. With C{api_key}, the C{/v1} operations
     require one of the two declared security schemes (both are always
-    declared); C{/health}, C{/metrics} and this document stay open.
+    declared); C{/health}, C{/metrics}, this document and (with C{ui})
+    the chat page stay open.
     """
     models: list[tuple[type[BaseModel], Literal["validation"]]] = [
         (model, "validation") for _, model, _, _ in _POSTS
@@ -122,6 +135,7 @@ def openapi_document(api_key: bool) -> dict[str, Any]:
                 "summary": summary,
                 "operationId": path.strip("/").replace("/", "_"),
                 "security": security,
+                "parameters": [] if model is CountTokensRequest else [_PROGRESS],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": body_schema}},
@@ -192,6 +206,8 @@ def openapi_document(api_key: bool) -> dict[str, Any]:
             "responses": {"200": _json("OpenAPI 3.1.")},
         }
     }
+    if ui:
+        paths.update(_page_paths())
     return {
         "openapi": "3.1.0",
         "info": {
@@ -209,6 +225,38 @@ def openapi_document(api_key: bool) -> dict[str, Any]:
                 "bearerAuth": {"type": "http", "scheme": "bearer"},
                 "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"},
             },
+        },
+    }
+
+
+def _page_paths() -> dict[str, Any]:
+    def page(description: str) -> dict[str, Any]:
+        return {
+            "description": description,
+            "content": {"text/html": {"schema": {"type": "string"}}},
+        }
+
+    return {
+        "/": {
+            "get": {
+                "summary": "The chat page (off with --no-ui; docs/ui.md)",
+                "operationId": "ui",
+                "responses": {"200": page("The page."), "304": {"description": "Not modified."}},
+            }
+        },
+        "/ui/{name}": {
+            "get": {
+                "summary": "The chat page's scripts, styles and icon",
+                "operationId": "ui_file",
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {"description": "The file, with its own content type."},
+                    "304": {"description": "Not modified."},
+                    "404": {"description": "No such file."},
+                },
+            }
         },
     }
 

@@ -23,6 +23,8 @@ ROUTES = {
     ("post", "/v1/responses"),
     ("post", "/v1/messages"),
     ("post", "/v1/messages/count_tokens"),
+    ("get", "/"),
+    ("get", "/ui/{name}"),
 }
 
 
@@ -46,6 +48,20 @@ def test_every_route_is_described() -> None:
     doc = document()
     described = {(m, p) for p, ops in doc["paths"].items() for m in ops}
     assert described == ROUTES
+
+
+def test_without_the_page_its_routes_are_not_described() -> None:
+    doc = document(ui=False)
+    assert "/" not in doc["paths"] and "/ui/{name}" not in doc["paths"]
+    validate(doc)
+
+
+def test_the_progress_header_is_declared_where_a_response_can_stream() -> None:
+    doc = document()
+    for path, ops in doc["paths"].items():
+        names = {p["name"] for p in ops.get("post", {}).get("parameters", [])}
+        streams = "post" in ops and path != "/v1/messages/count_tokens"
+        assert ("X-DS4TW-Progress" in names) is streams, path
 
 
 def test_request_bodies_come_from_the_pydantic_models() -> None:
@@ -102,6 +118,10 @@ def test_the_document_is_open_without_the_key() -> None:
 def test_every_described_route_exists() -> None:
     rig = make_rig()
     for method, path in ROUTES:
-        ex = rig.http.request(method.upper(), path.replace("{model_id}", "scripted"), b"{}")
+        ex = rig.http.request(
+            method.upper(),
+            path.replace("{model_id}", "scripted").replace("{name}", "app.js"),
+            b"{}",
+        )
         rig.threads.run_until_idle()
         assert ex.status not in (404, 405), (method, path, ex.raw)
