@@ -56,6 +56,7 @@ from ._engine import (
     generate,
 )
 from ._kvcache import CacheStats, Prefixes, PromptCache, Restore
+from ._prefill import PrefillOrder
 from ._slots import SlotTable
 from ._template import CHATML_TEMPLATE, ChatTemplate
 
@@ -805,6 +806,7 @@ class LlamaEngine:
         self.prompt_cache = prompt_cache
         self._prefixes = Prefixes(self._table, prompt_cache)
         self._seqs: dict[int, _Seq] = {}
+        self._prefill_order = PrefillOrder()
         self._batch: _Batch | None = None
         self._buf = ctypes.create_string_buffer(64)
         #: Never set: the callback's data for a step given no flag, so that
@@ -1020,6 +1022,7 @@ class LlamaEngine:
             llama_cpp.llama_memory_seq_rm(mem, claim.slot, -1, -1)
             cached, source = 0, None
             self._table.slots[claim.slot].tokens.clear()
+        self._prefill_order.forget(claim.slot)
         self._seqs[claim.slot] = _Seq(
             claim.slot,
             tokens,
@@ -1121,21 +1124,18 @@ class LlamaEngine:
             assert s.pending is not None
             s.idx = batch.add(s.pending, s.n_past, s.id, True)
             s.added = 1
-        filling = sorted(
-            (s for s in live if s.prefilling), key=lambda s: (len(s.prompt) - s.n_past, s.id)
-        )
+        filling = {s.id: s for s in live if s.prefilling}
         # While others decode, a smaller step bounds their stall.
         limit = self._n_batch_decoding if decoding else batch.size
         budget = min(batch.size - batch.n, max(limit - batch.n, 1 if filling else 0))
         prefilled: list[_Seq] = []
-        for s in filling:
-            if budget <= 0:
-                break
-            end = min(len(s.prompt), s.n_past + budget)
+        remaining = {i: len(s.prompt) - s.n_past for i, s in filling.items()}
+        for i, n in self._prefill_order.plan(remaining, budget):
+            s = filling[i]
+            end = s.n_past + n
             for pos in range(s.n_past, end):
                 idx = batch.add(s.prompt[pos], pos, s.id, pos == len(s.prompt) - 1)
-            s.idx, s.added = idx, end - s.n_past
-            budget -= s.added
+            s.idx, s.added = idx, n
             prefilled.append(s)
         if batch.n == 0:
             if waiting and not events:

@@ -11,9 +11,10 @@ alternatives below it.
 
 It runs C{slots} sequences at once (one by default) in steps shaped like
 L{ds4tw.LlamaEngine}'s: each step emits a token for every decoding
-sequence and prefills prompt chunks, shortest remaining first, within a
-budget of C{prefill_batch} tokens; the step that completes a prompt also
-emits its first token. L{steps} records every step's units by slot.
+sequence and prefills prompt chunks within a budget of C{prefill_batch}
+tokens (L{ds4tw._prefill}: shortest remaining first, with aging); the
+step that completes a prompt also emits its first token. L{steps}
+records every step's units by slot.
 
 With C{prefix_cache=True}, like L{ds4tw.LlamaEngine}'s retained slots,
 the engine remembers what each slot holds (L{ds4tw._slots.SlotTable}): a
@@ -66,6 +67,7 @@ from ._engine import (
     generate,
 )
 from ._kvcache import CacheStats, Prefixes, PromptCache, Restore
+from ._prefill import PrefillOrder
 from ._slots import SlotTable
 from ._template import CHATML_TEMPLATE, ChatTemplate
 
@@ -179,6 +181,7 @@ class ScriptedEngine:
         )
         self._template = ChatTemplate(chat_template, eos_token="<|im_end|>")
         self._open: dict[int, _Seq] = {}
+        self._prefill_order = PrefillOrder()
         self.loaded = False
         self.closed = False
         #: Work done, in order: ("prefill", tokens_done), ("token", index),
@@ -295,6 +298,7 @@ class ScriptedEngine:
             : claim.cached
         ]
         source = None if not claim.cached else "slot" if claim.source == claim.slot else "copy"
+        self._prefill_order.forget(claim.slot)
         self._open[claim.slot] = _Seq(
             list(prompt),
             params,
@@ -331,16 +335,9 @@ class ScriptedEngine:
         units = [(i, "token", s.emitted) for i, s in live if s.done >= len(s.prompt)]
         limit = self.decoding_batch if units else self.prefill_batch
         budget = max(1, limit - len(units))
-        filling = sorted(
-            ((i, s) for i, s in live if s.done < len(s.prompt)),
-            key=lambda x: (len(x[1].prompt) - x[1].done, x[0]),
-        )
-        for i, s in filling:
-            if budget <= 0:
-                break
-            n = min(budget, len(s.prompt) - s.done)
-            budget -= n
-            units.append((i, "prefill", s.done + n))
+        remaining = {i: len(s.prompt) - s.done for i, s in live if s.done < len(s.prompt)}
+        for i, n in self._prefill_order.plan(remaining, budget):
+            units.append((i, "prefill", self._open[i].done + n))
         return units
 
     def _pace(self, seconds: float, abort: AbortFlag | None) -> None:

@@ -26,6 +26,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from ds4tw import JobCancelled, SamplingParams, Stage
 from ds4tw._engine import AbortFlag, Failed, StepResult, Token
+from ds4tw._prefill import AGING_STEPS
 from ds4tw._worker import Job, StepStats
 from ds4tw.testing import Exchange
 
@@ -202,6 +203,27 @@ def test_the_shortest_remaining_prompt_is_prefilled_first() -> None:
     ]
     rig.threads.run_until_idle()
     assert all(job.deferred.called for job in jobs)
+
+
+def test_a_long_prompt_is_not_starved_by_a_flood_of_short_ones() -> None:
+    """
+    A batch client keeps two slots busy with 8-token prompts (max_tokens=1:
+    each is done in the step that prefills it); a 40-token prompt in the
+    third slot still moves, leading one step in every AGING_STEPS + 1.
+    """
+    rig = make_rig(["a b"], slots=3, prefill_batch=8)
+    long = Job(list(range(1000, 1040)), SamplingParams(max_tokens=1))
+    rig.server.worker.submit(long)
+    shorts = [Job([2000 + i] * 8, SamplingParams(max_tokens=1)) for i in range(100)]
+    for job in shorts:
+        rig.server.worker.submit(job)
+    step_until(rig, lambda: long.deferred.called, limit=5 * (AGING_STEPS + 1) + 5)
+    # It finished while the flood went on: most of the short prompts still wait.
+    assert sum(job.deferred.called for job in shorts) < 60
+    served = [step for step in rig.engine.steps if (0, "prefill") in {(u[0], u[1]) for u in step}]
+    assert len(served) == 5  # five chunks of 8: each a whole step's budget
+    rig.threads.run_until_idle()
+    assert all(job.deferred.called for job in shorts)
 
 
 def test_batched_streams_say_exactly_what_each_says_alone() -> None:
