@@ -30,8 +30,11 @@ and the constrained decode are skipped (notes in the JSON say so), and
 everything else runs the same.
 
 C{--only cancel} runs issue 8's cancel numbers alone; C{--only batching}
-runs the continuous-batching part alone (issue 9), C{--only cache} the
-prompt cache part alone (issue 10), each of the last two on either engine.
+runs the continuous-batching part alone (issue 9) and then the prefill
+fairness part (a long prompt's TTFT under a flood of short ones, with and
+without the prefill order's aging, on an in-process engine:
+L{ds4tw.bench._fairness}), C{--only cache} the prompt cache part alone
+(issue 10), each of the last two on either engine.
 
 A part that fails is recorded in the JSON's C{errors} and the run goes
 on; the exit status is 1 if any part failed, 0 otherwise. Targets are
@@ -61,6 +64,7 @@ from . import (
     _cache,
     _cancel,
     _constrained,
+    _fairness,
     _keepalive,
     _many,
     _noise,
@@ -107,7 +111,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         help="cancel: only the cancel latency (in-step abort, then between steps only, "
         "as before issue 8) and the abort check's cost; batching: only the continuous "
         "batching part (issue 9: streams at once vs raw batched decode, TTFT beside a "
-        "long decode, token gaps during a long prefill, reactor CPU per token); cache: only "
+        "long decode, token gaps during a long prefill, reactor CPU per token; then a long "
+        "prompt's TTFT under a flood of short ones, prefill aging on and off); cache: only "
         "the prompt cache part (issue 10: TTFT from a slot, memory and disk over cold, "
         "interleaved conversations' hit rate and prefill time with the cache on and off)",
     )
@@ -148,6 +153,7 @@ class Run:
             "cancel_between_steps": None,
             "abort_check": None,
             "batching": None,
+            "prefill_fairness": None,
             "cache": None,
             "targets": [],
         }
@@ -478,13 +484,42 @@ def _one_part_settings(run: Run) -> Settings:
 
 
 def run_batching_only(run: Run, out: Path) -> None:
-    """Issue 9's numbers alone (L{ds4tw.bench._batching}), on either engine."""
+    """
+    Issue 9's numbers alone (L{ds4tw.bench._batching}), then the prefill
+    fairness part (L{ds4tw.bench._fairness}), on either engine.
+    """
     s = _one_part_settings(run)
     run.doc["notes"].append(
         "--only batching: no throughput part (raw, ds4tw, peer sections empty); the batching "
         "part measures its own single-stream ratio against its raw batched baseline"
     )
     _batching_part(run, s, out / "logs")
+
+    def load_engine() -> Any:
+        if s.engine == "scripted":
+            return _fairness.scripted_engine(s)
+        from ds4tw import LlamaEngine
+
+        engine = LlamaEngine(
+            str(s.model),
+            n_ctx=s.ctx,
+            n_threads=s.threads,
+            n_batch=s.batch,
+            slots=_fairness.SLOTS,
+        )
+        engine.load()
+        return engine
+
+    # After the batching part's servers are gone: this one loads its own engine.
+    run.doc["prefill_fairness"] = run.part(
+        "prefill fairness (in-process engine)",
+        lambda: _fairness.measure(s, load_engine, mark=run.noise.mark),
+    )
+    if s.engine == "scripted":
+        run.doc["notes"].append(
+            "prefill fairness: on a paced ScriptedEngine (no model); its steps are the "
+            "policy's, its times only the pace's"
+        )
 
 
 def run_cache_only(run: Run, out: Path) -> None:

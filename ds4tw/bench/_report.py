@@ -69,6 +69,10 @@ CACHE_RAM_TARGET = 0.10
 CACHE_DISK_TARGET = 0.25
 CACHE_HIT_RATE_TARGET = 0.90
 
+#: Prefill aging (L{ds4tw._prefill}): the long prompt's steps under a flood
+#: of short prompts over the most the aging allows (L{ds4tw.bench._fairness.bound_steps}).
+FAIRNESS_BOUND_TARGET = 1.0
+
 
 def _median(section: Mapping[str, Any] | None, key: str) -> float | None:
     if not section:
@@ -121,6 +125,7 @@ def ratios(doc: Mapping[str, Any]) -> dict[str, Any]:
             out[f"constrained_{name}_decode"] = _median(constrained, f"{name}_ratio")
     out.update(batching_ratios(doc.get("batching")))
     out.update(cache_ratios(doc.get("cache")))
+    out.update(fairness_ratios(doc.get("prefill_fairness")))
     return out
 
 
@@ -146,6 +151,23 @@ def batching_ratios(b: Mapping[str, Any] | None) -> dict[str, Any]:
         out[f"batching_gap_{batch}_steps"] = _median(g, "worst_over_prefill_step")
     out["batching_reactor_cpu_4_over_1"] = (b.get("cpu") or {}).get("ratio_4_to_1")
     return out
+
+
+def fairness_ratios(f: Mapping[str, Any] | None) -> dict[str, Any]:
+    """
+    The prefill fairness part's headline numbers: the long prompt's TTFT
+    under the flood, with and without aging, over its TTFT alone (without
+    aging a lower bound: the flood was stopped), and the short prompts'
+    median TTFT with aging over without.
+    """
+    if not f:
+        return {}
+    r = f.get("ratios") or {}
+    return {
+        "fairness_aging_over_alone": r.get("aging_over_alone"),
+        "fairness_no_aging_over_alone": r.get("no_aging_over_alone"),
+        "fairness_short_aging_over_no_aging": r.get("short_aging_over_no_aging"),
+    }
 
 
 def cache_ratios(c: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -290,6 +312,7 @@ def targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
         ),
         *constrained,
         *batching_targets(doc),
+        *fairness_targets(doc),
         *cache_targets(doc),
     ]
 
@@ -361,6 +384,27 @@ def batching_targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             True,
             "twistd main thread (schedstat ns) per streamed token; one hand-off per step",
         ),
+    ]
+
+
+def fairness_targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The prefill aging's bound, in steps (none when the fairness part did not run)."""
+    f = doc.get("prefill_fairness")
+    if not f:
+        return []
+    aging, bound = f.get("aging") or {}, f.get("bound_steps")
+    sz = f.get("sizes") or {}
+    return [
+        _target(
+            "long prompt's prefill steps under a flood of short prompts / the aging bound",
+            ratio(aging.get("steps"), bound),
+            FAIRNESS_BOUND_TARGET,
+            "ratio",
+            True,
+            f"{aging.get('steps')} steps, bound {bound} = (AGING_STEPS {f.get('aging_steps')} + 1)"
+            f" x {sz.get('long_tokens')}-token prompt's {sz.get('batch')}-token chunks; "
+            "machine-independent",
+        )
     ]
 
 
@@ -594,6 +638,9 @@ def validate(doc: Any) -> list[str]:
     batching = doc.get("batching")
     if batching is not None:
         _validate_batching(batching, errors)
+    fairness = doc.get("prefill_fairness")
+    if fairness is not None:
+        _validate_fairness(fairness, errors)
     cache = doc.get("cache")
     if cache is not None:
         _validate_cache(cache, errors)
@@ -637,6 +684,31 @@ def _validate_batching(b: Any, errors: list[str]) -> None:
         for batch, g in gap.items():
             for key in ("worst_gap_s", "median_gap_before_s", "prefill_step_s", "prefill_s"):
                 _check_summary(f"batching.gap.{batch}.{key}", (g or {}).get(key), errors)
+
+
+def _validate_fairness(f: Any, errors: list[str]) -> None:
+    if not isinstance(f, dict):
+        errors.append("prefill_fairness: not an object")
+        return
+    for key in ("source", "where"):
+        if not isinstance(f.get(key), str):
+            errors.append(f"prefill_fairness.{key}: missing")
+    alone = f.get("alone")
+    if not isinstance(alone, dict):
+        errors.append("prefill_fairness.alone: missing")
+    else:
+        _check_summary("prefill_fairness.alone.long_ttft_s", alone.get("long_ttft_s"), errors)
+    for name in ("aging", "no_aging"):
+        v = f.get(name)
+        if not isinstance(v, dict):
+            errors.append(f"prefill_fairness.{name}: missing")
+            continue
+        for key in ("long_ttft_s", "steps", "led"):
+            if not isinstance(v.get(key), _NUM):
+                errors.append(f"prefill_fairness.{name}.{key}: not a number")
+        _check_summary(f"prefill_fairness.{name}.short_ttft_s", v.get("short_ttft_s"), errors)
+    if not isinstance(f.get("bound_steps"), int):
+        errors.append("prefill_fairness.bound_steps: not an integer")
 
 
 def _validate_cache(c: Any, errors: list[str]) -> None:
@@ -760,6 +832,7 @@ def table(doc: Mapping[str, Any]) -> str:
             "from the prompt text"
         )
     lines += batching_table(doc.get("batching"))
+    lines += fairness_table(doc.get("prefill_fairness"))
     lines += cache_table(doc.get("cache"))
     ka = doc.get("keepalive") or {}
     if ka:
@@ -858,6 +931,55 @@ def batching_table(b: Mapping[str, Any] | None) -> list[str]:
         )
     for note in b.get("notes") or []:
         lines.append(f"batching note: {note}")
+    return lines
+
+
+def fairness_table(f: Mapping[str, Any] | None) -> list[str]:
+    """The prefill fairness part's lines of the printed summary (none when it did not run)."""
+    if not f:
+        return []
+    sz = f.get("sizes") or {}
+    alone = f.get("alone") or {}
+    lines = [
+        "",
+        f"prefill fairness ({f.get('where')}): a {sz.get('long_tokens')}-token prompt, "
+        f"{sz.get('flood_slots')} slots flooded with {sz.get('short_tokens')}-token "
+        "max_tokens=1 prompts:",
+        f"{'':<18}{'long TTFT s':>12}{'x alone':>9}{'steps':>7}{'led':>5}{'shorts':>8}"
+        f"{'short TTFT ms':>15}{'(steps)':>9}{'noise':>7}",
+        f"{'alone':<18}{_fmt(_median(alone, 'long_ttft_s'), '.2f'):>12}"
+        f"{_fmt(1.0 if _median(alone, 'long_ttft_s') else None, '.2f'):>9}"
+        f"{'/'.join(str(n) for n in alone.get('steps') or []):>7}"
+        f"{'/'.join(str(n) for n in alone.get('led') or []):>5}{'-':>8}{'-':>15}{'-':>9}"
+        f"{_fmt((alone.get('foreign_cores') or {}).get('max'), '.2f'):>7}",
+    ]
+    for name, label in (("aging", "flood, aging"), ("no_aging", "flood, no aging")):
+        v = f.get(name) or {}
+        capped = "+" if v.get("capped") else ""
+        lines.append(
+            f"{label:<18}{_fmt(v.get('long_ttft_s'), '.2f') + capped:>12}"
+            f"{_fmt(v.get('over_alone'), '.2f') + capped:>9}{v.get('steps', '-'):>7}"
+            f"{v.get('led', '-'):>5}{v.get('shorts_done', '-'):>8}"
+            f"{_fmt(_median(v, 'short_ttft_s'), '.0f', 1e3):>15}"
+            f"{_fmt(_median(v, 'short_ttft_steps'), '.0f'):>9}"
+            f"{_fmt(v.get('foreign_cores'), '.2f'):>7}"
+        )
+    off = f.get("no_aging") or {}
+    if off.get("capped"):
+        lines.append(
+            f"(+: a lower bound; without aging the flood was stopped after {off.get('cap_steps')} "
+            f"steps, when the long prompt had prefilled {off.get('long_prefilled_at_cap')}/"
+            f"{sz.get('long_tokens')} tokens)"
+        )
+    r = f.get("ratios") or {}
+    lines.append(
+        f"aging bound {f.get('bound_steps')} steps, within: {_fmt(f.get('within_bound'))}; "
+        f"shorts' median TTFT with aging / without: "
+        f"{_fmt(r.get('short_aging_over_no_aging'), '.2f')}; largest reused prefix "
+        f"{f.get('cached_tokens_max')} tokens; noise: cores other processes used"
+    )
+    for note in f.get("notes") or []:
+        lines.append(f"fairness note: {note}")
     return lines
 
 

@@ -4,7 +4,9 @@ model: HTTP/chunked/SSE parsing of timed reads, the timing extraction,
 rates, ratios and gaps, the cancel log and metrics parsing (on text
 produced by ds4tw's own log function and metrics registry, so a format
 change there fails here), the keepalive and many-clients analyses, and
-the results document's schema, table and chart.
+the results document's schema, table and chart; the prefill fairness
+part's whole loop on an instant scripted engine (its step counts are the
+policy's, exactly).
 
 Caveat: these prove the arithmetic and the parsing; that the numbers are
 measured at the right moments over real sockets is what
@@ -13,6 +15,7 @@ tests/integration/test_bench_smoke.py checks (without asserting speed).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,16 @@ from ds4tw._engine import SamplingParams
 from ds4tw._metrics import Metrics
 from ds4tw._scheduler import StepStats
 from ds4tw._worker import Job, JobCancelled, Stage
-from ds4tw.bench import _batching, _cache, _cpu, _noise, _report, _stats, _throughput
+from ds4tw.bench import (
+    _batching,
+    _cache,
+    _cpu,
+    _fairness,
+    _noise,
+    _report,
+    _stats,
+    _throughput,
+)
 from ds4tw.bench.__main__ import parse
 from ds4tw.bench._cancel import _stage_summary, parse_cancel_lines, parse_metrics
 from ds4tw.bench._client import Stream, request_bytes
@@ -868,6 +880,157 @@ def test_validate_names_what_is_wrong_in_batching(breakage: Any, expected: str) 
     doc = synthetic_doc()
     doc["batching"] = batching_section()
     breakage(doc["batching"])
+    problems = _report.validate(doc)
+    assert any(expected in p for p in problems), problems
+
+
+# -- prefill fairness (aging) ----------------------------------------------
+
+
+def test_fairness_sizes_and_bound() -> None:
+    from ds4tw._prefill import AGING_STEPS
+
+    assert _fairness.bound_steps(1024, 256) == (AGING_STEPS + 1) * 4
+    assert _fairness.bound_steps(1025, 256, aging_steps=2) == 3 * 5
+    full, quick = (
+        _fairness.sizes(make_settings(quick=False)),
+        _fairness.sizes(make_settings(quick=True)),
+    )
+    assert full.long_tokens == _fairness.LONG_TOKENS and quick.long_tokens < full.long_tokens
+    assert full.cap_steps == _fairness.CAP_FACTOR * full.bound_steps
+    assert full.short_tokens * full.flood_slots > full.batch  # the flood fills every step
+    # The long prompt always fits one slot.
+    assert _fairness.sizes(make_settings(quick=False, ctx=512)).long_tokens < 512
+
+
+def test_fairness_prompts_share_no_prefix() -> None:
+    prompts = _fairness.Prompts(3, vocab=2000)
+    made = [prompts.make(50) for _ in range(500)]
+    assert len({p[0] for p in made}) == 500
+    assert all(len(p) == 50 and all(1000 <= t < 2000 for t in p) for p in made)
+    assert _fairness.Prompts(3, vocab=2000).make(50) == made[0]
+
+
+def fairness_trial(ttft: float, steps: int, shorts: list[float], **kw: Any) -> dict[str, Any]:
+    """A L{_fairness.trial} result."""
+    return {
+        "long_ttft_s": ttft,
+        "steps": steps,
+        "led": kw.get("led", 4),
+        "shorts_done": len(shorts),
+        "short_ttft_s": shorts,
+        "short_ttft_steps": kw.get("short_steps", [2] * len(shorts)),
+        "cap_steps": kw.get("cap_steps"),
+        "capped": kw.get("at_cap") is not None,
+        "long_prefilled_at_cap": kw.get("at_cap"),
+        "cached_tokens_max": kw.get("cached", 0),
+        "foreign_cores": 0.01,
+    }
+
+
+def test_fairness_summary() -> None:
+    alone = [fairness_trial(2.0, 4, []), fairness_trial(3.0, 4, [])]
+    aging = fairness_trial(25.0, 36, [1.0, 1.2, 0.9])
+    off = fairness_trial(50.0, 77, [0.5, 0.6, 0.7, 0.8], cap_steps=72, at_cap=0, cached=1)
+    got = _fairness.summarize(alone, aging, off, bound=36)
+    assert got["alone"]["long_ttft_s"]["median"] == pytest.approx(2.5)
+    assert got["aging"]["over_alone"] == pytest.approx(10.0)
+    assert got["no_aging"]["over_alone"] == pytest.approx(20.0)
+    r = got["ratios"]
+    assert r["no_aging_over_aging"] == pytest.approx(2.0)
+    assert r["short_aging_over_no_aging"] == pytest.approx(1.0 / 0.65)
+    assert r["no_aging_is_lower_bound"] is True
+    assert got["within_bound"] and got["cached_tokens_max"] == 1
+    assert got["no_aging"]["long_prefilled_at_cap"] == 0
+    assert got["aging"]["short_ttft_steps"]["median"] == 2.0
+    over = _fairness.summarize(alone, fairness_trial(30.0, 37, [1.0]), off, bound=36)
+    assert not over["within_bound"]
+
+
+def test_fairness_measure_on_an_instant_scripted_engine() -> None:
+    """The whole part's loop, model-free: the step counts are the policy's, exactly."""
+    from ds4tw._scripted import ScriptedEngine
+
+    settings = make_settings(quick=False, engine="scripted")
+    engines: list[ScriptedEngine] = []
+
+    def load() -> ScriptedEngine:
+        engines.append(ScriptedEngine(prefill_batch=settings.batch, slots=_fairness.SLOTS))
+        return engines[-1]
+
+    got = _fairness.measure(settings, load)
+    sz = _fairness.sizes(settings)
+    chunks = sz.long_tokens // sz.batch
+    assert got["alone"]["steps"] == [chunks] * sz.alone_trials
+    aging, off = got["aging"], got["no_aging"]
+    # Passed over AGING_STEPS steps, then a whole step: per chunk.
+    assert aging["steps"] == sz.bound_steps and aging["led"] == chunks
+    assert got["within_bound"] and not aging["capped"]
+    # Without aging, nothing at all until the flood stopped.
+    assert off["capped"] and off["long_prefilled_at_cap"] == 0
+    assert off["steps"] > sz.cap_steps + chunks - 1
+    assert aging["shorts_done"] > 0 and off["shorts_done"] > aging["shorts_done"]
+    assert got["cached_tokens_max"] == 0
+    # The engine's own order is back, and everything was released and closed.
+    assert engines[0]._prefill_order.aging_steps == _fairness.AGING_STEPS
+    assert engines[0].closed and not engines[0]._open
+
+
+def fairness_section() -> dict[str, Any]:
+    """A prefill fairness section in the shape L{_fairness.measure} writes."""
+    alone = [fairness_trial(2.5, 4, []), fairness_trial(2.6, 4, [])]
+    aging = fairness_trial(25.0, 36, [1.0, 1.2, 0.9])
+    off = fairness_trial(50.0, 77, [0.5, 0.6, 0.7], cap_steps=72, at_cap=0)
+    settings = make_settings(quick=False)
+    return {
+        **_fairness.summarize(alone, aging, off, bound=36),
+        "slots": 4,
+        "aging_steps": 8,
+        "sizes": dataclasses.asdict(_fairness.sizes(settings)),
+        "source": "test",
+        "where": "in-process LlamaEngine, test",
+        "notes": ["capped"],
+    }
+
+
+def test_fairness_ratios_target_table_and_validate() -> None:
+    doc = synthetic_doc()
+    before = len(doc["targets"])
+    doc["prefill_fairness"] = fairness_section()
+    doc["ratios"] = _report.ratios(doc)
+    doc["targets"] = _report.targets(doc)
+    r = doc["ratios"]
+    assert r["fairness_aging_over_alone"] == pytest.approx(25.0 / 2.55)
+    assert r["fairness_no_aging_over_alone"] == pytest.approx(50.0 / 2.55)
+    assert r["fairness_short_aging_over_no_aging"] == pytest.approx(1.0 / 0.6)
+    (target,) = doc["targets"][before:]
+    assert target["met"] is True and target["value"] == pytest.approx(1.0)
+    assert _report.validate(doc) == []
+    assert _report.validate(json.loads(json.dumps(doc))) == []
+    text = _report.table(doc)
+    assert "prefill fairness (in-process LlamaEngine" in text
+    assert "flood, no aging" in text and "50.00+" in text
+    assert "stopped after 72 steps, when the long prompt had prefilled 0/1024 tokens" in text
+    doc["prefill_fairness"]["aging"]["steps"] = 40
+    assert _report.targets(doc)[before]["met"] is False
+    assert _report.fairness_table(None) == [] and _report.fairness_ratios(None) == {}
+    assert not any("fairness" in k for k in _report.ratios(synthetic_doc()))
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (lambda f: f.pop("where"), "prefill_fairness.where"),
+        (lambda f: f.pop("alone"), "prefill_fairness.alone: missing"),
+        (lambda f: f["aging"].update(long_ttft_s=None), "prefill_fairness.aging.long_ttft_s"),
+        (lambda f: f["no_aging"].pop("short_ttft_s"), "prefill_fairness.no_aging.short_ttft_s"),
+        (lambda f: f.update(bound_steps=None), "prefill_fairness.bound_steps"),
+    ],
+)
+def test_validate_names_what_is_wrong_in_fairness(breakage: Any, expected: str) -> None:
+    doc = synthetic_doc()
+    doc["prefill_fairness"] = fairness_section()
+    breakage(doc["prefill_fairness"])
     problems = _report.validate(doc)
     assert any(expected in p for p in problems), problems
 
