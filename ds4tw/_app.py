@@ -194,6 +194,11 @@ class Server(MultiService):
         elif origin in origins:
             request.setHeader(b"access-control-allow-origin", origin.encode())
             request.setHeader(b"vary", b"Origin")
+        else:
+            return
+        # A page's script may read these (the SDKs do: request ids in
+        # their errors, Retry-After for their back-off).
+        request.setHeader(b"access-control-expose-headers", _EXPOSE_HEADERS)
 
     def read_json(self, request: Request) -> dict[str, Any]:
         """The request body as a JSON object, or a 400/413 that says why not."""
@@ -266,16 +271,46 @@ class Server(MultiService):
         def preflight(request: Request, rest: str) -> bytes:
             self.cors(request)
             request.setHeader(b"access-control-allow-methods", b"GET, POST, OPTIONS")
-            request.setHeader(
-                b"access-control-allow-headers",
-                b"authorization, content-type, x-api-key, anthropic-version, openai-organization",
-            )
+            request.setHeader(b"access-control-allow-headers", _allowed_headers(request))
+            if request.responseHeaders.hasHeader(b"access-control-allow-origin"):
+                # The answer depends on the headers asked for: a cache must not
+                # give one page's preflight to another's.
+                vary = b"Origin, Access-Control-Request-Headers"
+                request.setHeader(b"vary", vary)
             request.setHeader(b"access-control-max-age", b"600")
             request.setResponseCode(204)
             return b""
 
 
 _ANTHROPIC_PATH = re.compile(r"/v1/messages(/|$)")
+
+#: What a preflight allows when it names no headers (or names them badly).
+_ALLOW_HEADERS = (
+    b"authorization, content-type, x-api-key, anthropic-version, openai-organization, "
+    b"x-ds4tw-progress, x-session-id, x-request-id"
+)
+#: Response headers a cross-origin script may read.
+_EXPOSE_HEADERS = b"x-request-id, x-session-id, retry-after"
+#: A comma-separated list of header names (RFC 9110 tokens), nothing else.
+_HEADER_NAMES = re.compile(
+    rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*"
+)
+
+
+def _allowed_headers(request: Request) -> bytes:
+    """
+    The headers a preflight allows: those it asks for (as Starlette's
+    CORS middleware does for vLLM). The origin is the boundary
+    (C{--cors}) and the key is checked on the request itself; a fixed
+    list only broke pages whose SDK sends headers of its own (the OpenAI
+    and Anthropic JS SDKs send C{x-stainless-*}, C{anthropic-beta},
+    C{anthropic-dangerous-direct-browser-access}). A bare C{*} would not
+    do: it never covers C{Authorization}.
+    """
+    asked = (request.getHeader(b"access-control-request-headers") or b"").strip()
+    if asked and _HEADER_NAMES.fullmatch(asked):
+        return asked
+    return _ALLOW_HEADERS
 
 
 def _error_body_for(path: str) -> ErrorBody:

@@ -67,6 +67,40 @@ def test_cors() -> None:
     )
     assert pre.status == 204
     assert "authorization" in (pre.header("access-control-allow-headers") or "")
+    # What a page's script may read, only for the allowed origin.
+    assert ex.header("access-control-expose-headers") == "x-request-id, x-session-id, retry-after"
+    assert other.header("access-control-expose-headers") is None
+
+
+def test_a_preflight_allows_the_headers_it_asks_for() -> None:
+    """The JS SDKs send headers of their own: a fixed list failed their preflight."""
+    rig = make_rig(cors_origins=("https://app.example",))
+    asked = (
+        "authorization, content-type, x-stainless-os, x-stainless-retry-count, "
+        "anthropic-dangerous-direct-browser-access,x-ds4tw-progress"
+    )
+    pre = rig.http.request(
+        "OPTIONS",
+        "/v1/messages",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Headers": asked},
+    )
+    assert pre.status == 204
+    assert pre.header("access-control-allow-origin") == "https://app.example"
+    assert pre.header("access-control-allow-headers") == asked
+    assert pre.header("vary") == "Origin, Access-Control-Request-Headers"
+
+
+@pytest.mark.parametrize("asked", ["x-a; x-b", "x-a,,x-b", "x-a, ", "x(a)", "x-a\tx-b"])
+def test_a_preflight_asking_for_no_header_names_gets_the_fixed_list(asked: str) -> None:
+    rig = make_rig(cors_origins=("*",))
+    pre = rig.http.request(
+        "OPTIONS",
+        "/v1/chat/completions",
+        headers={"Origin": "https://any.example", "Access-Control-Request-Headers": asked},
+    )
+    allowed = pre.header("access-control-allow-headers") or ""
+    assert asked not in allowed
+    assert {"authorization", "x-api-key", "x-ds4tw-progress"} <= set(allowed.split(", "))
 
 
 def test_no_cors_headers_by_default() -> None:
