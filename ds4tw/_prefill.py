@@ -51,7 +51,12 @@ class PrefillOrder:
             (i for i in remaining if passed.get(i, 0) >= self.aging_steps),
             key=lambda i: (-passed[i], i),
         )
-        rest = sorted((i for i in remaining if i not in aged), key=lambda i: (remaining[i], i))
+        # Equal remainders: the one passed over longer first, not always
+        # the lower slot (a flood of equal prompts would keep one waiting).
+        rest = sorted(
+            (i for i in remaining if i not in aged),
+            key=lambda i: (remaining[i], -passed.get(i, 0), i),
+        )
         # What each would get if the budget were split evenly: less than
         # that (or than its whole remainder) counts as passed over.
         fair = max(1, budget // len(remaining)) if budget > 0 else 0

@@ -16,6 +16,14 @@ def test_the_shortest_remaining_prompt_goes_first_and_the_next_gets_what_is_left
     assert order.plan({3: 4, 1: 4}, 100) == [(1, 4), (3, 4)]
 
 
+def test_between_equal_remainders_the_one_passed_over_goes_first() -> None:
+    order = PrefillOrder()
+    assert order.plan({0: 8, 1: 8}, 8) == [(0, 8)]
+    # 1 waited a step; 0's slot has a new prompt of the same length.
+    order.forget(0)
+    assert order.plan({0: 8, 1: 8}, 8) == [(1, 8)]
+
+
 def test_nothing_to_prefill_plans_nothing() -> None:
     order = PrefillOrder()
     assert order.plan({}, 64) == []
