@@ -27,6 +27,20 @@ class APIError(Exception):
         return self.message
 
 
+@dataclass
+class ContextExceeded(APIError):
+    """
+    A prompt that leaves no room in the context. The dialects word it
+    differently, and clients match the words: Anthropic clients (Claude
+    Code among them) know a full context by Anthropic's C{prompt is too
+    long: N tokens > M maximum}; OpenAI clients look at the code.
+    """
+
+    prompt_tokens: int = 0
+    #: The longest prompt the context takes (one token is left to generate).
+    limit: int = 0
+
+
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request_error", param, code)
 

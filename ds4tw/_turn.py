@@ -34,7 +34,15 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from ._engine import Grammar, SamplingParams
-from ._errors import APIError, busy, cut_off_by_shutdown, invalid, not_ready, shutting_down
+from ._errors import (
+    APIError,
+    ContextExceeded,
+    busy,
+    cut_off_by_shutdown,
+    invalid,
+    not_ready,
+    shutting_down,
+)
 from ._grammar import GrammarError, json_grammar
 from ._host import Host
 from ._normalise import normalise
@@ -71,12 +79,15 @@ class Prompt:
     grammar: Grammar | None = None
 
 
-def context_exceeded(prompt_tokens: int, n_ctx: int, param: str) -> APIError:
-    return invalid(
+def context_exceeded(prompt_tokens: int, n_ctx: int, param: str) -> ContextExceeded:
+    return ContextExceeded(
+        400,
         f"This model's maximum context length is {n_ctx} tokens, but the prompt is "
         f"{prompt_tokens} tokens long (at least one token must be left to generate).",
         param=param,
         code="context_length_exceeded",
+        prompt_tokens=prompt_tokens,
+        limit=n_ctx - 1,
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic_core import from_json
 
-from .._errors import APIError
+from .._errors import APIError, ContextExceeded
 from .._sse import json_frame
 from .._types import (
     Collected,
@@ -63,7 +63,12 @@ def error_type(error: APIError) -> str:
 
 
 def error_body(error: APIError) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": error_type(error), "message": error.message}}
+    message = error.message
+    if isinstance(error, ContextExceeded):
+        # Anthropic's own words, which its clients match to tell a full
+        # context (time to compact the conversation) from other 400s.
+        message = f"prompt is too long: {error.prompt_tokens} tokens > {error.limit} maximum"
+    return {"type": "error", "error": {"type": error_type(error), "message": message}}
 
 
 StopReason = Literal[

@@ -732,14 +732,15 @@ def test_invalid_requests_get_anthropic_400s_and_queue_nothing(
     assert rig.server.worker.queue_depth == 0
 
 
-def test_context_overflow_is_an_anthropic_400_with_both_sizes() -> None:
+def test_context_overflow_is_anthropics_prompt_is_too_long() -> None:
     rig = make_rig(n_ctx=100)
     ex = stream(rig, messages=[{"role": "user", "content": "x" * 200}])
     assert ex.status == 400
     error = ex.json()["error"]
     prompt_tokens = len("<|im_start|>user\n" + "x" * 200 + "<|im_end|>\n<|im_start|>assistant\n")
     assert error["type"] == "invalid_request_error"
-    assert "100 tokens" in error["message"] and f"{prompt_tokens} tokens" in error["message"]
+    # Anthropic's wording, which its clients (Claude Code) match to know a full context.
+    assert error["message"] == f"prompt is too long: {prompt_tokens} tokens > 99 maximum"
     assert rig.engine.calls == [] and rig.server.worker.queue_depth == 0
 
 
