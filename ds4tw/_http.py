@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger
@@ -46,6 +47,10 @@ log = Logger()
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_REQUEST_TIMEOUT = 60.0
+#: At shutdown (L{LimitedSite.close_connections}): seconds in which open
+#: connections still get answers, then seconds for responses to finish.
+CLOSE_SETTLE = 0.5
+CLOSE_GRACE = 5.0
 
 _REASONS = {408: b"Request Timeout", 413: b"Content Too Large"}
 _KINDS = {408: "request_timeout", 413: "request_too_large"}
@@ -81,14 +86,22 @@ class LimitedChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        site = getattr(self, "site", None)
+        if isinstance(site, LimitedSite):
+            site.channels.add(self)
         self._arm()
 
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
             return
-        if self._deadline is not None and data:
+        if data:
             self._partial = True
         super().dataReceived(data)
+
+    @property
+    def idle(self) -> bool:
+        """No request in progress, not even a part of one."""
+        return not self.requests and not self._partial
 
     def allHeadersReceived(self) -> None:
         limit = self._limit("max_body_bytes", None)
@@ -105,7 +118,22 @@ class LimitedChannel(HTTPChannel):
         self._disarm()
         super().allContentReceived()
 
+    def _closing(self) -> bool:
+        site = getattr(self, "site", None)
+        return isinstance(site, LimitedSite) and site.closing
+
+    def checkPersistence(self, request: Request, version: bytes) -> bool:
+        if self._closing():
+            # Shutting down: the response says it is the connection's last.
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return bool(super().checkPersistence(request, version))
+
     def requestDone(self, request: Request) -> None:
+        if self._closing():
+            # A request that began before the shutdown: its response is the
+            # connection's last too.
+            self.persistent = False
         # The next request's clock starts when this response ends (requests
         # the client pipelined are replayed inside requestDone, and disarm
         # it again when they are complete).
@@ -116,6 +144,9 @@ class LimitedChannel(HTTPChannel):
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:  # type: ignore[assignment]
         self._disarm()
         super().connectionLost(reason)
+        site = getattr(self, "site", None)
+        if isinstance(site, LimitedSite):
+            site._closed(self)
 
     def refuse(self, status: int, message: str) -> None:
         """Answer C{status} before the request reaches any resource, and close."""
@@ -204,3 +235,69 @@ class LimitedSite(Site):
             # The deadline covers what the idle timeout would (an idle
             # keep-alive connection) and the dribble that resets it.
             self.timeOut = None
+        #: The open connections (L{close_connections}).
+        self.channels: set[LimitedChannel] = set()
+        #: L{close_connections} has begun.
+        self.closing = False
+        self._all_closed: Deferred[None] | None = None
+
+    def close_connections(
+        self, settle: float = CLOSE_SETTLE, grace: float = CLOSE_GRACE
+    ) -> Deferred[None]:
+        """
+        Close every connection without cutting a request or a response
+        short; call it once the ports have stopped listening (a shutdown).
+
+        For C{settle} seconds nothing is closed: a request already on its
+        way on an open connection (a proxy that connected just before the
+        port closed, or reuses a kept-alive connection) arrives and is
+        answered, a 503 while the server drains. Then idle connections
+        close, and the others after the response in progress. What is
+        still open C{grace} seconds later (a client that stopped reading)
+        is aborted. Without this, the reactor's shutdown drops every
+        connection at once: a proxy sees a request vanish, or a response
+        that was written but not yet sent, and answers 502.
+
+        Fires when no connection is left (at once if none is open).
+        """
+        self.closing = True
+        done: Deferred[None] = Deferred()
+        self._all_closed = done
+        clock = self.reactor
+
+        def close_idle() -> None:
+            # The others close after their response (requestDone); their
+            # persistence is left alone, since a connection that is not
+            # persistent drops a request it has only begun to receive.
+            for channel in list(self.channels):
+                if channel.idle:
+                    channel.loseConnection()
+            self._check_closed()
+
+        def abort() -> None:
+            for channel in list(self.channels):
+                transport = channel.transport
+                if transport is not None:
+                    getattr(transport, "abortConnection", transport.loseConnection)()
+            self.channels.clear()
+            self._check_closed()
+
+        calls = [clock.callLater(settle, close_idle), clock.callLater(settle + grace, abort)]
+
+        def cancel(result: None) -> None:
+            for call in calls:
+                if call.active():
+                    call.cancel()
+
+        done.addCallback(cancel)
+        self._check_closed()  # none open: nothing can arrive, the port is closed
+        return done
+
+    def _closed(self, channel: LimitedChannel) -> None:
+        self.channels.discard(channel)
+        self._check_closed()
+
+    def _check_closed(self) -> None:
+        done = self._all_closed
+        if done is not None and not done.called and not self.channels:
+            done.callback(None)

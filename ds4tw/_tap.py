@@ -313,13 +313,13 @@ def makeService(options: Options) -> IService:
         ui=not options["no-ui"],
     )
     server = Server(engine, config)
-    top = _DrainFirst(server)
-    server.setServiceParent(top)
     site = LimitedSite(
         server.resource(),
         max_body_bytes=config.max_body_bytes,
         request_timeout=config.request_timeout,
     )
+    top = _DrainFirst(server, site)
+    server.setServiceParent(top)
     for description in options["listen"]:
         strports.service(description, site).setServiceParent(top)
     server.worker.loaded.addErrback(_exit_on_load_failure)
@@ -332,13 +332,16 @@ class _DrainFirst(MultiService):
     first while the ports keep listening, so that C{/health} answers 503
     C{draining} and a new request gets a 503 with C{Retry-After} rather
     than a refused connection; the ports close once the drain is over.
-    A shutdown that drained and cancelled as designed is a clean exit:
-    status 0, not twistd's re-raised SIGTERM.
+    Then the open connections close without a request or response cut
+    short (L{LimitedSite.close_connections}), before the reactor drops
+    them. A shutdown that drained and cancelled as designed is a clean
+    exit: status 0, not twistd's re-raised SIGTERM.
     """
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, site: LimitedSite) -> None:
         super().__init__()
         self.server = server
+        self.site = site
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
@@ -349,6 +352,7 @@ class _DrainFirst(MultiService):
             return DeferredList([maybeDeferred(s.stopService) for s in rest])
 
         d.addBoth(the_rest)
+        d.addCallback(lambda _: self.site.close_connections())
         d.addCallback(_exit_cleanly)
         return d
 

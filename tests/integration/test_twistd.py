@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -57,6 +59,8 @@ def test_wheel_ships_the_plugin_file(tmp_path: Path) -> None:
     # Shipping these would shadow Twisted's own packages.
     assert "twisted/__init__.py" not in names and "twisted/plugins/__init__.py" not in names
     assert "ds4tw/__init__.py" in names and "ds4tw/_openai/routes.py" in names
+    # The chat page's files are package data: the page works from an installed wheel.
+    assert {"ds4tw/_ui/page/index.html", "ds4tw/_ui/page/vendor/purify.es.mjs"} <= set(names)
     assert not any(n.startswith("tests/") for n in names)
 
 
@@ -170,3 +174,38 @@ def test_sigterm_drains_then_ends_every_client_with_its_dialects_final_frame(
     assert "cancelled at decode (server shutting down)" in log
     assert "Server Shut Down." in log
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_sigterm_answers_a_request_on_an_open_connection_then_closes_it(tmp_path: Path) -> None:
+    """
+    A proxy's kept-alive connection that sends a request just after an idle
+    server got SIGTERM (its drain over at once, its port already closed)
+    gets a whole 503 saying so, then a clean close: never a dropped
+    connection, which the proxy would answer with a 502.
+    """
+    server = start_twistd(tmp_path, "--model", "scripted:tps=200,reply=hi")
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/health")
+    first = conn.getresponse()
+    assert first.status == 200 and first.getheader("connection") != "close"
+    first.read()
+
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while True:  # until the port is closed: the drain is over
+        try:
+            socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+        except ConnectionRefusedError:
+            break
+        assert time.monotonic() < deadline, "the port stayed open"
+        time.sleep(0.005)
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    late = conn.getresponse()
+    assert late.status == 503 and late.getheader("retry-after")
+    assert late.getheader("connection") == "close"
+    assert json.loads(late.read())["error"]["code"] == "server_shutting_down"
+    assert conn.sock is None or conn.sock.recv(1) == b""  # closed after it
+    conn.close()
+    server.proc.wait(timeout=30)
+    assert server.proc.returncode == 0, server.log_text()[-3000:]
