@@ -55,7 +55,7 @@ from ._engine import (
     Token,
     generate,
 )
-from ._kvcache import CacheStats, Prefixes, PromptCache, Restore
+from ._kvcache import CacheStats, Prefixes, PromptCache, Restore, template_opening
 from ._prefill import PrefillOrder
 from ._slots import SlotTable
 from ._template import CHATML_TEMPLATE, ChatTemplate
@@ -867,6 +867,9 @@ class LlamaEngine:
         self._eog_ids = eog_tokens(llm)
         self._eog = set(self._eog_ids)
         self._llm = llm
+        self._prefixes.opening = template_opening(
+            self._template, lambda text: self.tokenize(text, add_bos=False)
+        )
         self._batch = _Batch(self._n_batch)
         self._abort_cb = abort_callback()
         self._watch(None)

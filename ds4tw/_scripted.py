@@ -66,7 +66,7 @@ from ._engine import (
     Token,
     generate,
 )
-from ._kvcache import CacheStats, Prefixes, PromptCache, Restore
+from ._kvcache import CacheStats, Prefixes, PromptCache, Restore, template_opening
 from ._prefill import PrefillOrder
 from ._slots import SlotTable
 from ._template import CHATML_TEMPLATE, ChatTemplate
@@ -238,6 +238,9 @@ class ScriptedEngine:
 
     def load(self) -> None:
         self.loaded = True
+        self._prefixes.opening = template_opening(
+            self._template, lambda text: self.tokenize(text, add_bos=False)
+        )
         if self.prompt_cache is not None:
             self.prompt_cache.start(
                 {"model": "scripted", "kv_bytes_per_token": STATE_BYTES_PER_TOKEN}, self._n_ctx

@@ -19,6 +19,14 @@ tests/unit/test_kvcache_index.py and tests/integration/test_prompt_cache.py.
 """
 
 from ._cache import DEFAULT_MIN_TOKENS, CacheStats, PromptCache, Restore
-from ._prefixes import Prefixes, States
+from ._prefixes import Prefixes, States, template_opening
 
-__all__ = ["DEFAULT_MIN_TOKENS", "CacheStats", "Prefixes", "PromptCache", "Restore", "States"]
+__all__ = [
+    "DEFAULT_MIN_TOKENS",
+    "CacheStats",
+    "Prefixes",
+    "PromptCache",
+    "Restore",
+    "States",
+    "template_opening",
+]

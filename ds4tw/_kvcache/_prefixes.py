@@ -10,13 +10,18 @@ tests/integration/test_prompt_cache.py (the real one).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from twisted.logger import Logger
+
 from .._engine import Aborted, AbortFlag
-from .._slots import Claim, SlotTable
+from .._slots import Claim, SlotTable, common_prefix
+from .._template import ChatTemplate
 from ._cache import CacheStats, PromptCache, Restore, State
+
+log = Logger()
 
 
 class States(Protocol):
@@ -39,11 +44,31 @@ class Opened:
     restore: Restore | None
 
 
+def template_opening(template: ChatTemplate, tokenize: Callable[[str], list[int]]) -> int:
+    """
+    How many tokens every prompt starts with: the chat template's opening
+    (its header, a default system prompt), as two unrelated one-message
+    conversations share it. 0 if the template will not render them.
+    """
+    try:
+        a, b = (
+            tokenize(template.render([{"role": "user", "content": text}]).text)
+            for text in ("Hello there.", "Quite another question?")
+        )
+    except Exception:
+        log.failure("ds4tw: could not measure the chat template's opening")
+        return 0
+    return common_prefix(a, b, min(len(a), len(b)))
+
+
 class Prefixes:
     def __init__(self, table: SlotTable, cache: PromptCache | None = None) -> None:
         self.table = table
         self.cache = cache
         self.stats = cache.stats if cache is not None else CacheStats()
+        #: Tokens every prompt shares (L{template_opening}): reusing no
+        #: more than these is not a hit.
+        self.opening = 0
 
     def open(self, prompt: Sequence[int], states: States) -> Opened:
         """
@@ -116,8 +141,13 @@ class Prefixes:
                 return
 
     def count(self, source: str | None, cached: int) -> None:
-        """A request's prefix is settled: a hit from C{source}, or a miss."""
-        if cached and source is not None:
+        """
+        A request's prefix is settled: a hit from C{source}, or a miss. A
+        prompt that reused only the chat template's opening, which every
+        prompt shares, is a miss: counted as a hit, any new conversation
+        on a busy server was one, and the hit rate said nothing.
+        """
+        if cached > self.opening and source is not None:
             self.stats.hits[source] += 1
         else:
             self.stats.misses += 1

@@ -75,6 +75,27 @@ def test_without_the_memory_tier_the_one_slot_keeps_only_the_last_conversation()
     assert rig.engine.restores == []
 
 
+def test_reusing_only_the_chat_templates_opening_is_a_miss() -> None:
+    """
+    Every prompt starts with the template's opening: a new conversation in
+    a slot that held another one reuses it, and that is not a cache hit
+    (counted as one, every new conversation on a busy server was a hit).
+    """
+    rig = make_rig(["Short answer."], slots=1, prefix_cache=True)
+    opening = len("<|im_start|>user\n")  # the scripted ChatML, one token a character
+    assert rig.engine._prefixes.opening == opening
+    chat(rig, [{"role": "user", "content": "Apples and pears, please."}])
+    trains = [{"role": "user", "content": "Trains, then."}]
+    body = chat(rig, trains)
+    assert cached(body) == opening  # reused all the same: nothing is thrown away
+    assert sample(metrics(rig), "ds4tw_prompt_cache_misses_total") == 2
+    assert hits(rig, "slot") == 0
+    # Its next turn reuses the conversation: a hit.
+    chat(rig, next_turn(trains, body, "And boats?"))
+    assert hits(rig, "slot") == 1
+    assert sample(metrics(rig), "ds4tw_prompt_cache_misses_total") == 2
+
+
 def test_each_dialect_reports_the_reused_tokens() -> None:
     rig = cache_rig(slots=1)
     system = "You are a careful assistant. " * 10
