@@ -23,10 +23,16 @@ C{twistd ds4tw} serves through it; an embedder can too:
 
     site = LimitedSite(resource, max_body_bytes=1 << 20, request_timeout=30)
 
+At shutdown, once the ports are closed, L{LimitedSite.close_connections}
+closes the open connections without cutting a request or a response
+short (the reactor's own shutdown drops them all at once, which a proxy
+in front answers with a 502).
+
 Connections speak HTTP/1.1 only (no HTTP/2 negotiation over TLS ALPN,
 which plain twisted.web offers when the C{h2} package is installed).
 
-Covered by tests/unit/test_limits.py and tests/integration/test_limits.py.
+Covered by tests/unit/test_limits.py, tests/unit/test_connections.py,
+tests/integration/test_limits.py and tests/integration/test_twistd.py.
 """
 
 from __future__ import annotations
