@@ -90,10 +90,15 @@ class LimitedChannel(HTTPChannel):
     def _limit(self, name: str, default: Any) -> Any:
         return getattr(getattr(self, "site", None), name, default)
 
+    @property
+    def _site(self) -> LimitedSite | None:
+        """The site, when it is a L{LimitedSite} (it tracks its connections)."""
+        site = getattr(self, "site", None)
+        return site if isinstance(site, LimitedSite) else None
+
     def connectionMade(self) -> None:
         super().connectionMade()
-        site = getattr(self, "site", None)
-        if isinstance(site, LimitedSite):
+        if (site := self._site) is not None:
             site.channels.add(self)
         self._arm()
 
@@ -125,8 +130,8 @@ class LimitedChannel(HTTPChannel):
         super().allContentReceived()
 
     def _closing(self) -> bool:
-        site = getattr(self, "site", None)
-        return isinstance(site, LimitedSite) and site.closing
+        site = self._site
+        return site is not None and site.closing
 
     def checkPersistence(self, request: Request, version: bytes) -> bool:
         if self._closing():
@@ -150,8 +155,7 @@ class LimitedChannel(HTTPChannel):
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:  # type: ignore[assignment]
         self._disarm()
         super().connectionLost(reason)
-        site = getattr(self, "site", None)
-        if isinstance(site, LimitedSite):
+        if (site := self._site) is not None:
             site._closed(self)
 
     def refuse(self, status: int, message: str) -> None:
