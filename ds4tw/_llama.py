@@ -867,9 +867,7 @@ class LlamaEngine:
         self._eog_ids = eog_tokens(llm)
         self._eog = set(self._eog_ids)
         self._llm = llm
-        self._prefixes.opening = template_opening(
-            self._template, lambda text: self.tokenize(text, add_bos=False)
-        )
+        self._prefixes.opening = template_opening(self._template, self.tokenize)
         self._batch = _Batch(self._n_batch)
         self._abort_cb = abort_callback()
         self._watch(None)

@@ -238,9 +238,7 @@ class ScriptedEngine:
 
     def load(self) -> None:
         self.loaded = True
-        self._prefixes.opening = template_opening(
-            self._template, lambda text: self.tokenize(text, add_bos=False)
-        )
+        self._prefixes.opening = template_opening(self._template, self.tokenize)
         if self.prompt_cache is not None:
             self.prompt_cache.start(
                 {"model": "scripted", "kv_bytes_per_token": STATE_BYTES_PER_TOKEN}, self._n_ctx

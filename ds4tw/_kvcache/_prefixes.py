@@ -44,15 +44,17 @@ class Opened:
     restore: Restore | None
 
 
-def template_opening(template: ChatTemplate, tokenize: Callable[[str], list[int]]) -> int:
+def template_opening(template: ChatTemplate, tokenize: Callable[..., list[int]]) -> int:
     """
     How many tokens every prompt starts with: the chat template's opening
     (its header, a default system prompt), as two unrelated one-message
-    conversations share it. 0 if the template will not render them.
+    conversations share it. C{tokenize} is the engine's (prompts are
+    tokenized without an added BOS: the template writes its own). 0 if
+    the template will not render them.
     """
     try:
         a, b = (
-            tokenize(template.render([{"role": "user", "content": text}]).text)
+            tokenize(template.render([{"role": "user", "content": text}]).text, add_bos=False)
             for text in ("Hello there.", "Quite another question?")
         )
     except Exception:
