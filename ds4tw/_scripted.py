@@ -122,7 +122,8 @@ class _Seq:
 class ScriptedEngine:
     """
     An L{Engine} that plays back L{Reply}s in order (the last one repeats),
-    one per opened sequence.
+    one per opened sequence; or, for a prompt that contains the text of
+    one of C{when}'s pairs, that pair's reply.
 
     @param prefill_batch: the step budget: tokens per step, one for each
         decoding sequence and the rest for prompt chunks.
@@ -135,6 +136,12 @@ class ScriptedEngine:
         (default: C{prefill_batch}).
     @param prompt_cache: a L{ds4tw._kvcache.PromptCache} (needs
         C{prefix_cache}); a slot's "state" is its tokens, packed.
+    @param when: (text, reply) pairs: a prompt containing C{text} is
+        answered with C{reply} (the first pair that matches), without
+        taking a turn from C{replies}. Clients that send requests of their
+        own beside the conversation (a title, a summary), sometimes at
+        once, get the reply meant for each, in any order; and a reply can
+        answer what a tool returned.
     """
 
     #: A paced step checks the abort flag this often (seconds).
@@ -154,6 +161,7 @@ class ScriptedEngine:
         slots: int = 1,
         decoding_batch: int | None = None,
         prompt_cache: PromptCache | None = None,
+        when: Iterable[tuple[str, Reply | str]] = (),
     ) -> None:
         if tps < 0 or prefill_tps < 0:
             raise ValueError("tps and prefill_tps must be >= 0")
@@ -179,6 +187,7 @@ class ScriptedEngine:
         self._replies: deque[Reply] = deque(
             r if isinstance(r, Reply) else Reply.words(r) for r in replies
         )
+        self._when = [(t, r if isinstance(r, Reply) else Reply.words(r)) for t, r in when]
         self._template = ChatTemplate(chat_template, eos_token="<|im_end|>")
         self._open: dict[int, _Seq] = {}
         self._prefill_order = PrefillOrder()
@@ -275,7 +284,13 @@ class ScriptedEngine:
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         return ([1] if add_bos else []) + [ord(c) for c in text]
 
-    def _next_reply(self) -> Reply:
+    def _next_reply(self, prompt: Sequence[int]) -> Reply:
+        if self._when:
+            # Tokens are characters (tokenize), so the prompt's text is theirs.
+            text = "".join(map(chr, prompt))
+            for needle, reply in self._when:
+                if needle in text:
+                    return reply
         if len(self._replies) > 1:
             return self._replies.popleft()
         return self._replies[0]
@@ -303,7 +318,7 @@ class ScriptedEngine:
         self._open[claim.slot] = _Seq(
             list(prompt),
             params,
-            self._next_reply(),
+            self._next_reply(prompt),
             claim.cached,
             claim.cached,
             restore=opened.restore,
@@ -462,7 +477,8 @@ SPEC_HELP = (
     "prefill_tps (prompt tokens/s, 0: instant), think (reasoning tokens before the answer), "
     "eos (1: the reply ends; 0: it pads to max_tokens) and reply (the answer text; last, it "
     "takes the rest of the spec verbatim, commas included); or scripted:FILE.json, an object "
-    'with the same keys ("reply" may be a list of replies played in turn)'
+    'with the same keys ("reply" may be a list of replies played in turn) and "when", an '
+    "object mapping a text to the reply for any prompt that contains it"
 )
 
 
@@ -475,6 +491,8 @@ class ScriptedSpec:
     prefill_tps: float = 0.0
     think: int = 0
     eos: bool = True
+    #: (text, reply): the reply for a prompt that contains the text.
+    when: tuple[tuple[str, str], ...] = ()
 
     def engine(
         self,
@@ -489,12 +507,12 @@ class ScriptedSpec:
     ) -> ScriptedEngine:
         """A paced engine with a prefix cache, as a model would be."""
         thinking = ("<think>", *[" thinking"] * self.think, "</think>\n\n") if self.think else ()
-        replies = [
-            Reply(tuple(p.encode() for p in thinking) + Reply.words(r).pieces, eos=self.eos)
-            for r in self.replies
-        ]
+
+        def reply(text: str) -> Reply:
+            return Reply(tuple(p.encode() for p in thinking) + Reply.words(text).pieces, self.eos)
+
         return ScriptedEngine(
-            replies,
+            [reply(r) for r in self.replies],
             n_ctx=n_ctx,
             prefill_batch=prefill_batch,
             model_id=model_id or "scripted",
@@ -505,10 +523,11 @@ class ScriptedSpec:
             slots=slots,
             decoding_batch=decoding_batch,
             prompt_cache=prompt_cache,
+            when=[(text, reply(r)) for text, r in self.when],
         )
 
 
-_SPEC_KEYS = ("reply", "tps", "prefill_tps", "think", "eos")
+_SPEC_KEYS = ("reply", "tps", "prefill_tps", "think", "eos", "when")
 
 
 def parse_spec(text: str) -> ScriptedSpec:
@@ -593,4 +612,14 @@ def _spec_from(values: dict[str, Any], where: str) -> ScriptedSpec:
         raise ValueError(
             f"scripted spec: reply must be non-empty text (or a list of them in a file){where}"
         )
-    return ScriptedSpec(tuple(replies), tps, prefill_tps, think, eos)
+    when = values.get("when", {})
+    if (
+        not isinstance(when, dict)
+        or not all(isinstance(t, str) and t for t in when)
+        or not all(isinstance(r, str) and r.strip() for r in when.values())
+    ):
+        raise ValueError(
+            "scripted spec: when must be an object of texts to non-empty replies "
+            f"(in a file){where}"
+        )
+    return ScriptedSpec(tuple(replies), tps, prefill_tps, think, eos, tuple(when.items()))

@@ -57,7 +57,8 @@ def test_reply_takes_the_rest_verbatim() -> None:
         ("prefill_tps=nan", r"prefill_tps must be a number >= 0"),
         ("think=1.5", r"think must be a whole number >= 0"),
         ("eos=yes", r"eos must be 1 or 0, got 'yes'"),
-        ("speed=3", r"unknown key 'speed'; known keys: reply, tps, prefill_tps, think, eos"),
+        ("speed=3", r"unknown key 'speed'; known keys: reply, tps, prefill_tps, think, eos, when"),
+        ("when=x", r"when must be an object of texts to non-empty replies"),
         ("tps=1;tps=2", r"'tps' given twice"),
         ("tps=1,think", r"expected KEY=VALUE, got 'think'"),
         ("=3", r"expected KEY=VALUE, got '=3'"),
@@ -88,6 +89,18 @@ def test_a_json_file_with_the_same_keys(tmp_path: Path) -> None:
     f.write_text(json.dumps({"reply": []}))
     with pytest.raises(ValueError, match="reply must be non-empty text"):
         parse_spec(str(f))
+
+
+def test_a_file_maps_prompt_texts_to_replies(tmp_path: Path) -> None:
+    f = tmp_path / "spec.json"
+    f.write_text(json.dumps({"reply": "Call.", "when": {"PAPAYA": "Read it.", "title": "T."}}))
+    assert parse_spec(str(f)) == ScriptedSpec(
+        ("Call.",), when=(("PAPAYA", "Read it."), ("title", "T."))
+    )
+    for bad in (["PAPAYA", "x"], {"": "x"}, {"PAPAYA": " "}, {"PAPAYA": 3}):
+        f.write_text(json.dumps({"when": bad}))
+        with pytest.raises(ValueError, match=r"when must be an object .* in '.*spec.json'"):
+            parse_spec(str(f))
 
 
 def test_the_option_help_documents_the_spec() -> None:
@@ -128,6 +141,19 @@ def test_think_opens_a_reasoning_block_and_eos_0_pads() -> None:
 def test_replies_from_a_file_play_in_turn() -> None:
     engine = ScriptedSpec(("One.", "Two.")).engine()
     assert [pieces(engine, [i, 9]) for i in range(3)] == [[b"One."], [b"Two."], [b"Two."]]
+
+
+def test_a_prompt_containing_a_when_text_gets_its_reply_out_of_turn() -> None:
+    engine = ScriptedSpec(
+        ("One.", "Two."), think=1, when=(("tool said 42", "It is 42."), ("42", "Never."))
+    ).engine()
+    prompt = engine.tokenize(engine.apply_chat_template([{"role": "user", "content": "Go"}]).text)
+    answered = engine.tokenize("... the tool said 42 ...")
+    assert b"".join(pieces(engine, answered)) == b"<think> thinking</think>\n\nIt is 42."
+    # It took no turn: the list still starts at its first reply.
+    assert b"".join(pieces(engine, prompt)).endswith(b"One.")
+    assert b"".join(pieces(engine, answered)).endswith(b"It is 42.")
+    assert b"".join(pieces(engine, prompt)).endswith(b"Two.")
 
 
 def test_pacing_takes_real_time_per_token_and_prefill_token() -> None:
