@@ -215,8 +215,9 @@ def openapi_document(api_key: bool, ui: bool = False) -> dict[str, Any]:
             "version": __version__,
             "description": "A local GGUF model over the OpenAI (chat completions, completions, "
             "responses) and Anthropic (messages) APIs. Every response carries an X-Request-Id, "
-            "and echoes the client's X-Session-Id (a per-conversation key for a balancer's "
-            "session affinity).",
+            "and echoes as X-Session-Id the client's per-conversation key for a balancer's "
+            "session affinity: the first of the request headers X-Session-Id, "
+            "X-Claude-Code-Session-Id, session-id and x-session-affinity it sent.",
         },
         "paths": paths,
         "components": {

@@ -69,20 +69,42 @@ def request_id(request: Request) -> str:
         request.setHeader(b"x-request-id", rid.encode())
         session = session_id(request)
         if session is not None:
+            # Under one name whichever header carried it: what a proxy's or
+            # a client's log reads. An agent's own header, echoed back, would
+            # tell it nothing it did not send.
             request.setHeader(b"x-session-id", session.encode())
     return rid
 
 
+#: The request headers that carry a conversation's key, in precedence
+#: order: ds4tw's own first (what a user or an operator sets on purpose
+#: wins), then those the coding agents send unasked. The proxy templates
+#: (docs/deploy/) pick in the same order, so the key ds4tw logs is the
+#: one the balancer hashed.
+SESSION_HEADERS: tuple[bytes, ...] = (
+    b"x-session-id",  # ds4tw's; opencode sends it too
+    b"x-claude-code-session-id",  # Claude Code
+    b"session-id",  # Codex
+    b"x-session-affinity",  # opencode (the same value as its X-Session-Id)
+)
+
+
 def session_id(request: Request) -> str | None:
     """
-    The client's C{X-Session-Id}, when sane (as a request id): a stable
-    key per conversation for a balancer's session affinity. ds4tw only
-    names it in the job's log line and echoes it back (every response,
-    with the request id); an insane one is ignored.
+    The conversation's key: the first of L{SESSION_HEADERS} the request
+    carries (an empty one counts as absent), when sane (as a request id).
+    ds4tw only names it in the job's log line and echoes it back as
+    C{X-Session-Id} (every response, with the request id); a balancer
+    hashes on it for session affinity. An insane value is ignored, and
+    does not fall through to the next header: the balancer, which cannot
+    tell, hashed on it.
     """
-    given = request.getHeader(b"x-session-id")
-    text = given.decode("latin-1") if isinstance(given, bytes) else (given or "")
-    return text if _SANE_ID.fullmatch(text) else None
+    for name in SESSION_HEADERS:
+        given = request.getHeader(name)
+        if given:
+            text = given.decode("latin-1") if isinstance(given, bytes) else given
+            return text if _SANE_ID.fullmatch(text) else None
+    return None
 
 
 def unexpected(request: Request, failure: Any, body: ErrorBody) -> bytes | Deferred[None]:

@@ -1,6 +1,7 @@
 """
 Several replicas behind each proxy: a rolling restart with no failed
-request, and conversation affinity on X-Session-Id. The replicas serve
+request, and conversation affinity on the session key (X-Session-Id or
+the header an agent sends on its own). The replicas serve
 the scripted engine (`--model scripted:...`, paced like a model but using
 no CPU to speak of): two real model processes on this machine's cores
 would only measure their collapse (docs/performance.md).
@@ -122,15 +123,20 @@ def test_rolling_restart_fails_no_request(
     assert all(jobs_done(r) > 0 for r in replicas)
 
 
-def chat(proxy: Proxy, messages: list[dict[str, Any]], session: str | None) -> dict[str, Any]:
+def post_chat(
+    proxy: Proxy, messages: list[dict[str, Any]], headers: dict[str, str]
+) -> httpx.Response:
     r = httpx.post(
-        proxy.url + URL,
-        json={"messages": messages, "max_tokens": 4},
-        headers={"X-Session-Id": session} if session is not None else {},
-        timeout=30,
+        proxy.url + URL, json={"messages": messages, "max_tokens": 4}, headers=headers, timeout=30
     )
     assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
+    return r
+
+
+def chat(proxy: Proxy, messages: list[dict[str, Any]], session: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = post_chat(
+        proxy, messages, {"X-Session-Id": session} if session is not None else {}
+    ).json()
     return body
 
 
@@ -206,3 +212,68 @@ def test_affinity_against_no_session_key(
     # template's opening with it (measured 0.27 on both proxies).
     assert with_key >= 0.99
     assert without < 0.5
+
+
+#: The headers that carry a session key, in ds4tw's order of precedence
+#: (docs/deploy.md): ds4tw's own, Claude Code's, Codex's, opencode's.
+SESSION_HEADERS = ("X-Session-Id", "X-Claude-Code-Session-Id", "session-id", "x-session-affinity")
+
+
+def landed_on(
+    replicas: list[Twistd], proxy: Proxy, messages: list[dict[str, Any]], headers: dict[str, str]
+) -> tuple[int, httpx.Response]:
+    """Which replica served the request (by their job counts), and its response."""
+    before = [jobs_done(r) for r in replicas]
+    response = post_chat(proxy, messages, headers)
+    after = [jobs_done(r) for r in replicas]
+    (where,) = [i for i in range(len(replicas)) if after[i] - before[i] == 1]
+    return where, response
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_affinity_on_the_agents_own_session_headers(
+    kind: str, replicas: list[Twistd], proxies: Callable[..., Proxy]
+) -> None:
+    """
+    Claude Code, Codex and opencode each send a session key under a header
+    of their own: the proxy hashes on the key whichever header carries it.
+    A key sent under each header alone lands where it does under
+    X-Session-Id, and the replica reuses the conversation's cache there.
+    (Without the templates' fallbacks the agents' requests would go to
+    least-connections, which alternates for one request at a time.)
+    With several headers the first in ds4tw's order decides, at the proxy
+    and in ds4tw alike (its echoed X-Session-Id is the key the proxy hashed).
+    """
+    proxy = proxies(kind, 30.0, [r.port for r in replicas])
+    where: dict[str, int] = {}
+    for n in range(12):
+        key = f"agent-conversation-{n}"
+        messages = [{"role": "user", "content": f"Agent conversation {n}: about rivers."}]
+        spots = []
+        for i, header in enumerate(SESSION_HEADERS):
+            spot, r = landed_on(replicas, proxy, messages, {header: key})
+            spots.append(spot)
+            assert r.headers["x-session-id"] == key
+            usage = r.json()["usage"]
+            if i > 0:  # the same prompt again, on the replica that has it
+                cached = usage["prompt_tokens_details"]["cached_tokens"]
+                assert cached >= usage["prompt_tokens"] - 1, (header, usage)
+        assert len(set(spots)) == 1, (key, dict(zip(SESSION_HEADERS, spots, strict=True)))
+        where[key] = spots[0]
+    counts = [list(where.values()).count(i) for i in range(len(replicas))]
+    print(f"{kind}: 12 keys under four headers each landed {counts}")
+    assert min(counts) >= 1, counts
+
+    # Precedence: header i carries a key of one replica, every later header
+    # one of the other; header i decides. An empty header counts as absent.
+    first = next(k for k, w in where.items() if w == 0)
+    other = next(k for k, w in where.items() if w == 1)
+    messages = [{"role": "user", "content": "Which header wins?"}]
+    for i in range(len(SESSION_HEADERS)):
+        for winner, loser in ((first, other), (other, first)):
+            headers = {h: loser for h in SESSION_HEADERS[i + 1 :]}
+            headers[SESSION_HEADERS[i]] = winner
+            if i > 0:
+                headers[SESSION_HEADERS[i - 1]] = ""
+            spot, r = landed_on(replicas, proxy, messages, headers)
+            assert (spot, r.headers["x-session-id"]) == (where[winner], winner), headers

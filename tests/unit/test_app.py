@@ -302,3 +302,56 @@ def test_schemas_as_deep_as_the_nesting_limit_allows_still_serve() -> None:
         done = [rig.chat(response_format=fmt), rig.chat(tools=[tool], tool_choice="required")]
         rig.threads.run_until_idle()
         assert [ex.status for ex in done] == [200, 200], [ex.body for ex in done]
+
+
+# -- session keys ---------------------------------------------------------------
+
+#: Each agent's own header, and the key ds4tw takes from it.
+AGENT_SESSION_HEADERS = {
+    "X-Claude-Code-Session-Id": "5d0f7c5e-3b7a-4c1e-9a53-0c3f6f7e8a21",  # Claude Code
+    "session-id": "019a7e2c-55d1-7c30-b0a4-7d9e3c1f2b6a",  # Codex
+    "x-session-affinity": "ses_7d1e4c2b9a0fXk3LmN8pQr5sTu",  # opencode
+}
+
+
+@pytest.mark.parametrize("header", sorted(AGENT_SESSION_HEADERS))
+def test_each_agents_session_header_is_the_session_key(header: str) -> None:
+    """Echoed as X-Session-Id and named in the job's log line, like X-Session-Id itself."""
+    rig = make_rig()
+    key = AGENT_SESSION_HEADERS[header]
+    lines: list[str] = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        ex = rig.http.post("/v1/chat/completions", payload, {header: key})
+        rig.threads.run_until_idle()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert ex.status == 200
+    assert ex.header("x-session-id") == key
+    # Only under ds4tw's name: the agent's own header is not echoed.
+    assert header.lower() == "x-session-id" or ex.header(header) is None
+    assert [line for line in lines if " done: " in line and f"session={key} " in line]
+
+
+def test_session_headers_take_precedence_in_one_order() -> None:
+    """X-Session-Id, then Claude Code's, Codex's and opencode's: docs/deploy.md's order."""
+    rig = make_rig()
+    headers = {
+        "X-Session-Id": "mine",
+        "X-Claude-Code-Session-Id": "claude",
+        "session-id": "codex",
+        "x-session-affinity": "opencode",
+    }
+    expected = ["mine", "claude", "codex", "opencode"]
+    for name, want in zip(list(headers), expected, strict=True):
+        assert rig.http.get("/health", headers).header("x-session-id") == want
+        headers.pop(name)
+    assert rig.http.get("/health", headers).header("x-session-id") is None
+    # An empty header is absent; an insane one is ignored without falling
+    # through (a balancer hashed on it, so the next header is not the key).
+    empty = {"X-Session-Id": "", "session-id": "codex"}
+    assert rig.http.get("/health", empty).header("x-session-id") == "codex"
+    insane = {"X-Claude-Code-Session-Id": "has space", "session-id": "codex"}
+    assert rig.http.get("/health", insane).header("x-session-id") is None

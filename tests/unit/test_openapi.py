@@ -125,3 +125,10 @@ def test_every_described_route_exists() -> None:
         )
         rig.threads.run_until_idle()
         assert ex.status not in (404, 405), (method, path, ex.raw)
+
+
+def test_the_description_names_every_session_header() -> None:
+    from ds4tw._routing import SESSION_HEADERS
+
+    text = document()["info"]["description"].lower()
+    assert all(name.decode() in text for name in SESSION_HEADERS)
