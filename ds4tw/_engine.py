@@ -116,6 +116,9 @@ class Grammar:
     root: str = "root"
     triggers: tuple[str, ...] = ()
     armed: Callable[[], bool] | None = field(default=None, compare=False)
+    #: What the schemas lost on the way to this grammar (L{ds4tw._jsonschema}):
+    #: logged once, when it is built.
+    loosened: str = field(default="", compare=False)
 
 
 #: How far back a lazy trigger's search reaches (characters).

@@ -17,16 +17,12 @@ tests/integration/test_tools_sdk.py.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._engine import Grammar
-
-
-class GrammarError(ValueError):
-    """A schema that cannot be turned into a grammar."""
+from ._jsonschema import ANY, GBNF, REF, loosened_text, simplify
 
 
 def literal(text: str) -> str:
@@ -34,58 +30,128 @@ def literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def _converter_class() -> type[Any]:
+    """
+    llama-cpp-python's converter, taught the markers of L{ds4tw._jsonschema}
+    (imported late: llama_cpp loads its shared library on import).
+    """
+    from llama_cpp.llama_grammar import PRIMITIVE_RULES, RESERVED_NAMES, SchemaConverter
+
+    class Converter(SchemaConverter):
+        def __init__(self) -> None:
+            super().__init__(
+                prop_order={"name": 0, "arguments": 1, "parameters": 1},
+                allow_fetch=False,
+                dotall=False,
+                raw_pattern=False,
+            )
+            self.defs: dict[str, dict[str, Any]] = {}
+            self._visiting: set[str] = set()
+            #: C{(rule name, error)} for subschemas the converter refused.
+            self.failed: list[tuple[str, str]] = []
+
+        def _any(self, rule_name: str) -> str:
+            return str(
+                self._add_rule(rule_name, self._add_primitive("value", PRIMITIVE_RULES["value"]))
+            )
+
+        def visit(self, schema: dict[str, Any], name: str) -> str:
+            rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+            if ANY in schema:
+                return self._any(rule_name)
+            if GBNF in schema:
+                return str(self._add_rule(rule_name, f"({schema[GBNF]}) space"))
+            if REF in schema:
+                ref = schema[REF]
+                if ref not in self._rules and ref not in self._visiting:
+                    # Named before it is visited: recursion finds the name.
+                    self._visiting.add(ref)
+                    self._add_rule(ref, self.visit(self.defs[ref], f"{ref}-body"))
+                    self._visiting.discard(ref)
+                return str(ref)
+            try:
+                return str(super().visit(schema, name))
+            except Exception as e:  # the converter raises assertions and plain errors
+                # Its children were visited through here, so this is the
+                # innermost part it refused: only that part loosens.
+                self.failed.append((rule_name, str(e) or type(e).__name__))
+                return self._any(rule_name)
+
+    return Converter
+
+
 class RuleSet:
-    """Rules from one or more JSON Schemas, plus hand-written ones."""
+    """
+    Rules from one or more JSON Schemas, plus hand-written ones. Every
+    schema is first put into the converter's terms (L{simplify}); what
+    that loosened is kept in L{loosened}, by the label each schema came
+    with, for one log line per grammar.
+    """
 
     def __init__(self) -> None:
-        from llama_cpp.llama_grammar import SchemaConverter
+        self._converter = _converter_class()()
+        self._documents = 0
+        #: C{(label, pointer, why)} for each place a schema was loosened.
+        self.loosened: list[tuple[str, str, str]] = []
 
-        self._converter = SchemaConverter(
-            prop_order={"name": 0, "arguments": 1, "parameters": 1},
-            allow_fetch=False,
-            dotall=False,
-            raw_pattern=False,
-        )
+    def _simplified(self, schema: Mapping[str, Any], label: str) -> dict[str, Any]:
+        self._documents += 1
+        done = simplify(json.loads(json.dumps(schema)), prefix=f"ref{self._documents}")
+        self._converter.defs.update(done.defs)
+        self.loosened += [(label, where, why) for where, why in done.loosened]
+        return done.schema
 
-    def schema(self, schema: Mapping[str, Any], name: str) -> str:
+    def schema(self, schema: Mapping[str, Any], name: str, label: str = "") -> str:
         """Add the rules of C{schema}; return the name of its top rule."""
-        try:
-            resolved = self._converter.resolve_refs(json.loads(json.dumps(schema)), name)
-            return str(self._converter.visit(resolved, name))
-        except Exception as e:  # the converter raises plain errors
-            raise GrammarError(f"cannot build a grammar from this schema: {e}") from e
+        return str(self._converter.visit(self._simplified(schema, label or name), name))
+
+    def call(
+        self,
+        tool: str,
+        arguments: Mapping[str, Any],
+        name: str,
+        args_key: str = "arguments",
+        label: str = "",
+    ) -> str:
+        """
+        The rules of one call object, the tool's name then its arguments;
+        the arguments schema is its own document (its C{$ref}s point into
+        it, not into the call object around it).
+        """
+        call = {
+            "type": "object",
+            "properties": {
+                "name": {"const": tool},
+                args_key: self._simplified(arguments, label or f"tool {tool!r}"),
+            },
+            "required": ["name", args_key],
+            "additionalProperties": False,
+        }
+        return str(self._converter.visit(call, name))
 
     def rule(self, name: str, body: str) -> str:
         return str(self._converter._add_rule(name, body))
 
     def grammar(self, root_body: str, triggers: Sequence[str] = ()) -> Grammar:
         self.rule("root", root_body)
-        return Grammar(self._converter.format_grammar(), "root", tuple(triggers))
+        return Grammar(
+            self._converter.format_grammar(), "root", tuple(triggers), loosened=self._loosened()
+        )
+
+    def _loosened(self) -> str:
+        """What was loosened, one clause per schema: for the log."""
+        by_label: dict[str, list[tuple[str, str]]] = {}
+        for label, where, why in self.loosened:
+            by_label.setdefault(label, []).append((where, why))
+        clauses = [f"{label}: {loosened_text(notes)}" for label, notes in by_label.items()]
+        clauses += [f"rule {rule}: {error} (any value)" for rule, error in self._converter.failed]
+        return "; ".join(clauses)
 
 
-def call_schema(
-    name: str, arguments: Mapping[str, Any], args_key: str = "arguments"
-) -> dict[str, Any]:
-    """The JSON Schema of one call object: the tool's name, then its arguments."""
-    return {
-        "type": "object",
-        "properties": {"name": {"const": name}, args_key: dict(arguments)},
-        "required": ["name", args_key],
-        "additionalProperties": False,
-    }
-
-
-@functools.lru_cache(maxsize=64)
-def _json_grammar(schema_json: str | None) -> Grammar:
+def json_grammar(schema: Mapping[str, Any] | None, label: str = "response_format") -> Grammar:
+    """Any JSON object (C{None}), or JSON valid against C{schema}."""
     rules = RuleSet()
-    schema = json.loads(schema_json) if schema_json is not None else {"type": "object"}
-    top = rules.schema(schema, "value")
+    top = rules.schema(schema if schema is not None else {"type": "object"}, "value", label)
     # Leading whitespace is allowed (models like a newline first); the
     # grammar ends with the value, so the model can only stop after it.
     return rules.grammar(f"[ \\t\\n]* {top}")
-
-
-def json_grammar(schema: Mapping[str, Any] | None) -> Grammar:
-    """Any JSON object (C{None}), or JSON valid against C{schema}."""
-    key = None if schema is None else json.dumps(schema, sort_keys=True)
-    return _json_grammar(key)

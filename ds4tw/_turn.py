@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
@@ -43,7 +44,6 @@ from ._errors import (
     not_ready,
     shutting_down,
 )
-from ._grammar import GrammarError, json_grammar
 from ._host import Host
 from ._normalise import normalise
 from ._pipeline import OutputPipeline
@@ -65,6 +65,7 @@ from ._types import (
 from ._worker import Job, JobCancelled, NotReady, QueueFull, ShuttingDown
 
 _GRAMMARS = GrammarCache()
+log = Logger()
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class Prompt:
     text: str = ""
     #: What constrains sampling: forced or lazy tool calls, structured output.
     grammar: Grammar | None = None
+    #: Whether the grammar was built for this request (not found cached).
+    grammar_built: bool = False
 
 
 def context_exceeded(prompt_tokens: int, n_ctx: int, param: str) -> ContextExceeded:
@@ -100,9 +103,8 @@ async def chat_prompt(
     response_format: ResponseFormat | None = None,
     continuation: str = "",
     param: str = "messages",
-    tools_param: str = "tools",
-    format_param: str = "response_format",
     check: bool = True,
+    constrain: bool = True,
 ) -> Prompt:
     """
     Render C{messages} with the chat template and tokenize, and build the
@@ -115,10 +117,11 @@ async def chat_prompt(
     @param response_format: structured output, constrained by a grammar.
     @param continuation: text the model's reply starts with (Anthropic's
         trailing assistant turn), appended after the generation prompt.
-    @param param: the request field the messages came from, for errors;
-        C{tools_param} and C{format_param} likewise.
+    @param param: the request field the messages came from, for errors.
     @param check: refuse a prompt that does not fit the context (off when
         only counting tokens).
+    @param constrain: build the grammar (off when only counting tokens:
+        nothing will be sampled).
     """
     engine = server.engine
 
@@ -130,21 +133,25 @@ async def chat_prompt(
         except Exception as e:  # jinja's raise_exception and friends
             raise invalid(f"the chat template rejected these messages: {e}", param) from e
         text = chat.text + continuation
-        grammar = None
-        try:
-            if tooling is not None and tooling.active:
-                # With structured output too: calls, or an answer in the format.
-                answer = None if response_format is None else response_format.json_schema()
-                grammar = _GRAMMARS.get(parser, tooling, answer)
-            elif response_format is not None:
-                grammar = json_grammar(response_format.schema)
-        except GrammarError as e:
-            where = tools_param if tooling is not None and tooling.active else format_param
-            raise invalid(f"{where}: {e}", where) from e
+        grammar, built = None, False
+        if constrain and tooling is not None and tooling.active:
+            # With structured output too: calls, or an answer in the format.
+            answer = None if response_format is None else response_format.json_schema()
+            grammar, built = _GRAMMARS.get(parser, tooling, answer)
+        elif constrain and response_format is not None:
+            grammar, built = _GRAMMARS.json(response_format.schema)
         # The template already carries BOS where the model wants one.
-        return Prompt(engine.tokenize(text, add_bos=False), chat.stop, text, grammar)
+        tokens = engine.tokenize(text, add_bos=False)
+        return Prompt(tokens, chat.stop, text, grammar, built and grammar is not None)
 
     prompt: Prompt = await _offload(server, render)
+    if prompt.grammar is not None and prompt.grammar_built and prompt.grammar.loosened:
+        # Once per tool set or schema (the cache keeps the grammar), naming
+        # the tool and the place; the request is served all the same.
+        log.warn(
+            "grammar loosened where a schema cannot be expressed: {loosened}",
+            loosened=prompt.grammar.loosened,
+        )
     return checked(server, prompt, param) if check else prompt
 
 

@@ -49,7 +49,7 @@ async def conversation_prompt(
     towards its size). A trailing assistant turn's text is appended after
     the generation prompt (the model continues it); C{check=False}
     counts a prompt even when it would not fit the context (count_tokens
-    is how a client learns how much to cut).
+    is how a client learns how much to cut), and builds no grammar.
     """
     messages, prefill = conv.template_messages()
     return await _turn.chat_prompt(
@@ -59,8 +59,8 @@ async def conversation_prompt(
         tooling=tooling,
         response_format=response_format,
         continuation=prefill,
-        format_param="output_config.format",
         check=check,
+        constrain=check,
     )
 
 

@@ -42,8 +42,6 @@ async def _respond(server: Host, request: Request) -> bytes | None:
         tooling=tooling,
         response_format=req.structured(),
         param="input",
-        tools_param="tools",
-        format_param="text.format",
     )
     max_tokens = _turn.max_tokens_for(server, prompt, req.max_output_tokens)
     params = req.sampling(max_tokens, prompt.stops)

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from twisted.logger import Logger
 
 from .._engine import Grammar
-from .._grammar import RuleSet, call_schema, literal
+from .._grammar import RuleSet, json_grammar, literal
 from .._text import held_suffix
 from .._types import ContentText, ToolCallArgs, ToolCallEnd, ToolCallEvent, ToolCallStart
 from .scan import WHITESPACE, Args, CallScanner, Malformed, Name, ObjectEnd, ValueScanner
@@ -507,10 +507,10 @@ def _trigger(marker: str) -> str:
 
 
 def _call_rules(rules: RuleSet, tooling: Tooling, args_key: str = "arguments") -> str:
-    names = []
-    for i, tool in enumerate(tooling.callable()):
-        schema = call_schema(tool.name, tool.arguments_schema(), args_key)
-        names.append(rules.schema(schema, f"call-{i}"))
+    names = [
+        rules.call(tool.name, tool.arguments_schema(), f"call-{i}", args_key)
+        for i, tool in enumerate(tooling.callable())
+    ]
     return rules.rule("call", " | ".join(names))
 
 
@@ -630,7 +630,7 @@ class MistralParser:
         if self.args_marker:
             each = []
             for i, tool in enumerate(tooling.callable()):
-                args = rules.schema(tool.arguments_schema(), f"args-{i}")
+                args = rules.schema(tool.arguments_schema(), f"args-{i}", f"tool {tool.name!r}")
                 each.append(f"{marker} {literal(tool.name)} {literal('[ARGS]')} {args}")
             call = rules.rule("call", " | ".join(each))
             root = _repeat(tooling, call, "")
@@ -664,15 +664,17 @@ TOOL_CALL_PARSERS: dict[str, Callable[[], ToolCallParser]] = {
 
 class GrammarCache:
     """
-    Grammars by tool set: agents send the same tools every turn, and an
-    agent's dozen tools take ~9 ms of pure Python to turn into a grammar
-    (measured: 15 tools of 7 properties, 8.8 ms to build, 0.13 ms to key).
-    Used from the reactor's thread pool, hence the lock.
+    Grammars by tool set and by structured-output schema: agents send the
+    same tools every turn, and an agent's dozen tools take ~9 ms of pure
+    Python to turn into a grammar (measured: 15 tools of 7 properties,
+    8.8 ms to build, 0.13 ms to key). Used from the reactor's thread pool,
+    hence the lock. Each lookup says whether the grammar was built by it,
+    so that what a build loosened is logged once, not every turn.
     """
 
     def __init__(self, size: int = 64) -> None:
         self._size = size
-        self._grammars: OrderedDict[tuple[str, str, str], Grammar] = OrderedDict()
+        self._grammars: OrderedDict[tuple[str, ...], Grammar] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(
@@ -680,19 +682,29 @@ class GrammarCache:
         parser: ToolCallParser,
         tooling: Tooling,
         answer: Mapping[str, Any] | None = None,
-    ) -> Grammar:
+    ) -> tuple[Grammar, bool]:
+        """The tool-call grammar, and whether this call built it."""
         syntax = f"{parser.name}:{getattr(parser, 'args_marker', '')}"
         key = (syntax, tooling.key(), json.dumps(answer, sort_keys=True))
+        return self._cached(key, lambda: parser.grammar(tooling, answer))
+
+    def json(self, schema: Mapping[str, Any] | None) -> tuple[Grammar, bool]:
+        """The structured-output grammar, and whether this call built it."""
+        return self._cached(
+            ("json", json.dumps(schema, sort_keys=True)), lambda: json_grammar(schema)
+        )
+
+    def _cached(self, key: tuple[str, ...], build: Callable[[], Grammar]) -> tuple[Grammar, bool]:
         with self._lock:
             if key in self._grammars:
                 self._grammars.move_to_end(key)
-                return self._grammars[key]
-        grammar = parser.grammar(tooling, answer)
+                return self._grammars[key], False
+        grammar = build()
         with self._lock:
             self._grammars[key] = grammar
             while len(self._grammars) > self._size:
                 self._grammars.popitem(last=False)
-        return grammar
+        return grammar, True
 
 
 def tool_call_parser(name: str, template: str = "") -> ToolCallParser:

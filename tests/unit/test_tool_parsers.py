@@ -269,9 +269,13 @@ def test_grammars_are_cached_by_tool_set() -> None:
 
     cache = GrammarCache(size=2)
     hermes = HermesParser()
-    first = cache.get(hermes, TOOLS)
-    assert cache.get(hermes, Tooling(TOOLS.tools)) is first  # equal tools: a hit
-    assert cache.get(MistralParser(), TOOLS) is not first  # another syntax
-    forced = cache.get(hermes, Tooling(TOOLS.tools, ToolChoice("required")))
+    first, built = cache.get(hermes, TOOLS)
+    assert built
+    # Equal tools: a hit, and said to be one (so nothing is logged twice).
+    assert cache.get(hermes, Tooling(TOOLS.tools)) == (first, False)
+    assert cache.get(hermes, Tooling(TOOLS.tools))[0] is first
+    assert cache.get(MistralParser(), TOOLS)[0] is not first  # another syntax
+    forced, _ = cache.get(hermes, Tooling(TOOLS.tools, ToolChoice("required")))
     assert forced.triggers == () and first.triggers
-    assert cache.get(hermes, TOOLS) is not first  # evicted (size 2): rebuilt
+    again, built = cache.get(hermes, TOOLS)
+    assert again is not first and built  # evicted (size 2): rebuilt
