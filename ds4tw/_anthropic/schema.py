@@ -6,9 +6,13 @@ client sees.
 
 Unknown fields are ignored (clients send C{metadata}, C{cache_control},
 C{service_tier} and more that change nothing here); known fields the
-server cannot honour (images, documents, Anthropic's own server and
-client tools) are rejected with a 400 that names them, never silently
-dropped.
+server cannot honour (images, documents, Anthropic-defined client tools
+such as C{bash_20250124}) are rejected with a 400 that names them, never
+silently dropped. Anthropic's server tools (C{web_search_20250305} and
+the like, which Anthropic runs itself) are the exception: they are left
+out of the prompt with a warning in the log, since agents send them by
+default and the rest of their tools work; a C{tool_choice} naming one is
+a 400.
 
 Tool use: custom tools (C{name}, C{description}, C{input_schema}) and
 C{tool_choice} become a L{Tooling}; an assistant turn's C{tool_use}
@@ -40,6 +44,7 @@ from .._tools.spec import (
     check_choice,
     check_schema,
     check_tools,
+    left_out,
 )
 
 MAX_STOP_SEQUENCES = 16
@@ -52,6 +57,16 @@ ERROR_PREFIX = "Error: "
 #: with empty text but a signature (Anthropic's C{display: "omitted"});
 #: C{"none"}: no thinking blocks at all (keepalives cover the silence).
 ThinkingDisplay = Literal["full", "omitted", "none"]
+
+#: Anthropic's server tools (C{type} prefixes): Anthropic runs them, a local
+#: model cannot; they are left out of the prompt (L{left_out}).
+SERVER_TOOL_TYPES = (
+    "web_search_",
+    "web_fetch_",
+    "code_execution_",
+    "tool_search_tool_",
+    "mcp_toolset",
+)
 
 #: Block types Anthropic defines that this server cannot take as input,
 #: and why, for the 400's message.
@@ -320,9 +335,13 @@ class Conversation(_Lenient):
         a required call of the named one; C{disable_parallel_tool_use}
         ends the turn after the first call.
         """
-        specs = []
+        specs, params, server_tools = [], [], set()
         for i, t in enumerate(self.tools or ()):
             where = f"tools.{i}"
+            if t.type is not None and t.type.startswith(SERVER_TOOL_TYPES):
+                left_out("messages", t.type)
+                server_tools.add(t.name)
+                continue
             if t.type not in (None, "custom"):
                 raise invalid(
                     f"{where}.type: tools of type {t.type!r} are not supported by this server "
@@ -339,9 +358,16 @@ class Conversation(_Lenient):
                     f"{where}.input_schema.type",
                 )
             specs.append(ToolSpec(t.name, t.description, t.input_schema))
+            params.append(where)
         tools = tuple(specs)
-        check_tools(tools, (f"tools.{i}" for i in range(len(tools))), "input_schema")
+        check_tools(tools, params, "input_schema")
         choice = self.tool_choice
+        if isinstance(choice, ToolChoiceTool) and choice.name in server_tools:
+            raise invalid(
+                f"tool_choice.name: {choice.name!r} is one of Anthropic's server tools, which "
+                "a local model cannot run, so it cannot be required",
+                "tool_choice.name",
+            )
         match choice:
             case None | ToolChoiceAuto():
                 picked = ToolChoice("auto")

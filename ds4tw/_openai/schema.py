@@ -17,6 +17,7 @@ from .._engine import SamplingParams
 from .._errors import invalid
 from .._tools.spec import (
     ANY_OBJECT,
+    OPENAI_HOSTED_TOOLS,
     CallLedger,
     ResponseFormat,
     ToolChoice,
@@ -25,6 +26,7 @@ from .._tools.spec import (
     check_choice,
     check_schema,
     check_tools,
+    left_out,
 )
 
 MAX_STOP = 16
@@ -212,6 +214,20 @@ class ChatCompletionRequest(_Sampling):
     response_format: ChatResponseFormat | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _without_hosted(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        kept = []
+        for tool in v:
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind in OPENAI_HOSTED_TOOLS:
+                left_out("chat.completions", str(kind))
+            else:
+                kept.append(tool)
+        return kept
 
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:

@@ -104,9 +104,10 @@ class _Item:
     parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     status: str = "in_progress"
-    #: A call's tool name and call id.
+    #: A call's tool name and call id, and its tool's namespace if any.
     name: str = ""
     call_id: str = ""
+    namespace: str = ""
 
     @property
     def text(self) -> str:
@@ -123,6 +124,8 @@ class _Item:
 
     def body(self, with_content: bool = True) -> dict[str, Any]:
         head = {"type": self.kind, "id": self.id}
+        if self.namespace:
+            head["namespace"] = self.namespace
         if self.kind == "function_call":
             return {
                 **head,
@@ -158,6 +161,9 @@ class ResponseBuilder:
         silent but for its keepalive).
     @param tool_kinds: each offered tool's kind by name (C{"function"} or
         C{"custom"}): which item its calls become.
+    @param namespaces: C{(namespace, name)} of each namespace member, by
+        the qualified name the model calls it by: its call items carry
+        the two apart (Codex routes a call by both).
     @param logprobs: whether the request included the output's logprobs.
     """
 
@@ -169,6 +175,7 @@ class ResponseBuilder:
         show_reasoning: bool,
         tool_kinds: Mapping[str, str] | None = None,
         logprobs: bool = False,
+        namespaces: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         self.id = response_id
         self._suffix = response_id.removeprefix("resp_")
@@ -176,6 +183,7 @@ class ResponseBuilder:
         self._echo = echo
         self._show_reasoning = show_reasoning
         self._tool_kinds = dict(tool_kinds or {})
+        self._namespaces = dict(namespaces or {})
         self._logprobs = logprobs
         self.items: list[_Item] = []
         self._open: _Item | None = None
@@ -244,7 +252,8 @@ class ResponseBuilder:
                 custom = self._tool_kinds.get(name) == "custom"
                 kind: ItemKind = "custom_tool_call" if custom else "function_call"
                 call_id = f"call_{self._suffix[:20]}_{index}"
-                events += self._start(kind, name, call_id)
+                namespace, name = self._namespaces.get(name, ("", name))
+                events += self._start(kind, name, call_id, namespace)
                 assert self._open is not None
                 self._calls[index] = self._open
                 return events
@@ -312,10 +321,12 @@ class ResponseBuilder:
 
     # -- items -----------------------------------------------------------
 
-    def _start(self, kind: ItemKind, name: str = "", call_id: str = "") -> list[Event]:
+    def _start(
+        self, kind: ItemKind, name: str = "", call_id: str = "", namespace: str = ""
+    ) -> list[Event]:
         index = len(self.items)
         item_id = f"{_PREFIX[kind]}_{self._suffix}_{index}"
-        item = _Item(kind, item_id, index, name=name, call_id=call_id)
+        item = _Item(kind, item_id, index, name=name, call_id=call_id, namespace=namespace)
         self.items.append(item)
         self._open = item
         added: Event = {

@@ -64,6 +64,7 @@ async def _respond(server: Host, request: Request) -> bytes | None:
         req.thinking(),
         tool_kinds=req.tool_kinds(),
         logprobs=req.logprobs_wanted(),
+        namespaces=req.tool_namespaces(),
     )
     if req.stream:
         await _turn.stream(server, request, job, render.ResponsesStream(builder))

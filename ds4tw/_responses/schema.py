@@ -24,10 +24,16 @@ Choices worth knowing:
     become C{tool} messages and must answer an earlier call. Other item
     types (images, files, hosted tools' calls, item references) are 400s
     naming the type.
-  - C{tools}: C{function} and C{custom} (free-form) tools. A custom tool's
-    C{format} grammar (Codex's C{apply_patch} sends a Lark grammar) is not
-    enforced by the sampler; its definition is added to the tool's
-    description so that the model can follow it. Hosted tools are 400s.
+  - C{tools}: C{function} and C{custom} (free-form) tools, and
+    C{namespace} tools grouping them (Codex's C{multi_agent_v1}): the model
+    calls a member as C{namespace.name}, and the call item carries C{name}
+    and C{namespace} apart, as OpenAI's do and Codex routes them. A custom
+    tool's C{format} grammar (Codex's C{apply_patch} sends a Lark grammar)
+    is not enforced by the sampler; its definition is added to the tool's
+    description so that the model can follow it. Hosted tools
+    (C{web_search}, C{file_search}, ...) are left out of the prompt with a
+    warning in the log: the model cannot call them, and the client's other
+    tools still work. A C{tool_choice} that forces one is a 400.
   - C{text.format} (structured output) together with tools the model may
     call is refused, as in chat completions: one grammar constrains a
     turn, and the format would otherwise be silently unenforced.
@@ -62,6 +68,7 @@ from .._engine import SamplingParams
 from .._errors import APIError, invalid
 from .._tools.spec import (
     ANY_OBJECT,
+    OPENAI_HOSTED_TOOLS,
     CallLedger,
     ResponseFormat,
     ToolChoice,
@@ -70,6 +77,7 @@ from .._tools.spec import (
     check_choice,
     check_schema,
     check_tools,
+    left_out,
 )
 
 ROLES = ("user", "assistant", "system", "developer")
@@ -80,25 +88,6 @@ TEXT_PARTS = ("input_text", "output_text")
 INCLUDABLE = ("reasoning.encrypted_content", "message.output_text.logprobs")
 LOGPROBS = "message.output_text.logprobs"
 MAX_TOP_LOGPROBS = 20
-#: Hosted tools: OpenAI runs them; a local server cannot.
-HOSTED_TOOLS = (
-    "web_search",
-    "web_search_preview",
-    "web_search_preview_2025_03_11",
-    "web_search_2025_08_26",
-    "file_search",
-    "computer",
-    "computer_use_preview",
-    "code_interpreter",
-    "image_generation",
-    "mcp",
-    "local_shell",
-    "shell",
-    "apply_patch",
-    "tool_search",
-    "namespace",
-    "programmatic_tool_calling",
-)
 
 
 class _Lenient(BaseModel):
@@ -158,6 +147,8 @@ class FunctionCallItem(_Lenient):
     name: str
     #: JSON text, as the Responses API sends it.
     arguments: str
+    #: The namespace tool the function belongs to (Codex's C{multi_agent_v1}).
+    namespace: str | None = None
 
 
 class FunctionCallOutputItem(_Lenient):
@@ -171,6 +162,7 @@ class CustomToolCallItem(_Lenient):
     call_id: str
     name: str
     input: str
+    namespace: str | None = None
 
 
 class CustomToolCallOutputItem(_Lenient):
@@ -249,16 +241,44 @@ def input_item(i: int, raw: Any) -> InputItem:
 # -- tools ---------------------------------------------------------------------
 
 
+_NAME = r"^[a-zA-Z0-9_.:-]+$"
+
+
+def qualified(namespace: str | None, name: str) -> str:
+    """
+    The name the model calls a tool by: a namespace member's is qualified
+    (C{multi_agent_v1.spawn_agent}), as OpenAI's harmony format writes
+    calls into a namespace; the call item names the two apart again.
+    """
+    return f"{namespace}.{name}" if namespace else name
+
+
+def _described(tool: FunctionToolDef | CustomToolDef) -> str:
+    """The tool's description, with its namespace's for a namespace member."""
+    text = tool.description or ""
+    if tool.namespace and tool.namespace_description:
+        part = f"(Part of {tool.namespace}: {tool.namespace_description})"
+        text = f"{text}\n\n{part}" if text else part
+    return text
+
+
 class FunctionToolDef(_Lenient):
     type: Literal["function"]
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.:-]+$")
+    name: str = Field(min_length=1, max_length=64, pattern=_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+    #: Set for a member of a namespace tool (not a request field here).
+    namespace: str | None = Field(default=None, exclude=True)
+    namespace_description: str = Field(default="", exclude=True)
+
+    @property
+    def called_as(self) -> str:
+        return qualified(self.namespace, self.name)
 
     def spec(self) -> ToolSpec:
         params = self.parameters if self.parameters is not None else ANY_OBJECT
-        return ToolSpec(self.name, self.description or "", params)
+        return ToolSpec(self.called_as, _described(self), params)
 
     def echo(self) -> dict[str, Any]:
         return {
@@ -286,8 +306,10 @@ def _type_tag(v: Any) -> str | None:
 
 class CustomToolDef(_Lenient):
     type: Literal["custom"]
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.:-]+$")
+    name: str = Field(min_length=1, max_length=64, pattern=_NAME)
     description: str | None = None
+    namespace: str | None = Field(default=None, exclude=True)
+    namespace_description: str = Field(default="", exclude=True)
     format: (
         Annotated[
             Annotated[TextInputFormat, Tag("~text")]
@@ -297,15 +319,19 @@ class CustomToolDef(_Lenient):
         | None
     ) = None
 
+    @property
+    def called_as(self) -> str:
+        return qualified(self.namespace, self.name)
+
     def spec(self) -> ToolSpec:
-        description = self.description or ""
+        description = _described(self)
         fmt = self.format
         if isinstance(fmt, GrammarInputFormat):
             # Not enforced by the sampler (no Lark or regex to GBNF here);
             # without it in the prompt the model could not know the syntax.
             grammar = f"The input must match this {fmt.syntax} grammar:\n{fmt.definition}"
             description = f"{description}\n\n{grammar}" if description else grammar
-        return ToolSpec(self.name, description, kind="custom")
+        return ToolSpec(self.called_as, description, kind="custom")
 
     def echo(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "custom", "name": self.name}
@@ -325,35 +351,60 @@ _TOOL = TypeAdapter[ToolDef](
 )
 
 
-def tool_def(i: int, raw: Any) -> ToolDef:
+class NamespaceToolDef(_Lenient):
+    """A group of function and custom tools under one name (Codex sends these)."""
+
+    type: Literal["namespace"]
+    name: str = Field(min_length=1, max_length=64, pattern=_NAME)
+    description: str = ""
+    tools: list[Any] = Field(min_length=1)
+
+
+def tool_defs(i: int, raw: Any) -> list[ToolDef]:
+    """
+    The tools that C{tools[i]} offers the model: itself, a namespace's
+    members, or nothing for a hosted tool (left out, with a warning).
+    """
     where = f"tools.{i}"
     if not isinstance(raw, dict):
         raise invalid(f"{where}: expected a tool object", where)
     kind = raw.get("type")
-    if kind in HOSTED_TOOLS:
-        raise invalid(
-            f"{where}.type: {kind!r} is a tool OpenAI hosts; this server runs a local model "
-            "and cannot provide it (only 'function' and 'custom' tools)",
-            f"{where}.type",
-        )
+    if kind in OPENAI_HOSTED_TOOLS:
+        left_out("responses", str(kind))
+        return []
+    if kind == "namespace":
+        group: NamespaceToolDef = _validated(TypeAdapter(NamespaceToolDef), raw, ("tools", i))
+        members = []
+        for j, member in enumerate(group.tools):
+            inner = f"{where}.tools.{j}"
+            if not isinstance(member, dict) or member.get("type") not in ("function", "custom"):
+                raise invalid(
+                    f"{inner}.type: a namespace holds only 'function' and 'custom' tools",
+                    f"{inner}.type",
+                )
+            tool: ToolDef = _validated(_TOOL, member, ("tools", i, "tools", j))
+            tool.namespace, tool.namespace_description = group.name, group.description
+            members.append(tool)
+        return members
     if kind not in ("function", "custom"):
         raise invalid(
             f"{where}.type: tools of type {kind!r} are not supported by this server "
-            "(only 'function' and 'custom' tools)",
+            "(only 'function', 'custom' and 'namespace' tools)",
             f"{where}.type",
         )
-    tool: ToolDef = _validated(_TOOL, raw, ("tools", i))
-    return tool
+    return [_validated(_TOOL, raw, ("tools", i))]
 
 
 class NamedChoice(_Lenient):
     type: Literal["function", "custom"]
     name: str
+    namespace: str | None = None
 
 
 class AllowedToolRef(_Lenient):
     type: Literal["function", "custom"]
     name: str
+    namespace: str | None = None
 
 
 class AllowedTools(_Lenient):
@@ -454,6 +505,10 @@ class ResponsesRequest(_Lenient):
 
     _messages: list[dict[str, Any]] = PrivateAttr(default_factory=list)
     _tools: list[ToolDef] = PrivateAttr(default_factory=list)
+    #: Each offered tool's request field (C{tools.4.tools.2} for a member).
+    _tool_params: list[str] = PrivateAttr(default_factory=list)
+    #: The tools as a response object repeats them, hosted ones included.
+    _echo_tools: list[dict[str, Any]] = PrivateAttr(default_factory=list)
     _tooling: Tooling | None = PrivateAttr(default=None)
     _format: ResponseFormat | None = PrivateAttr(default=None)
 
@@ -478,7 +533,7 @@ class ResponsesRequest(_Lenient):
         except ValidationError as e:
             raise validation_error(e) from e
         req._refuse_unsupported()
-        req._tools = [tool_def(i, t) for i, t in enumerate(req.tools or ())]
+        req._read_tools()
         req._tooling = req._build_tooling()
         req._format = req._build_format()
         req._messages = req._translate()
@@ -519,6 +574,27 @@ class ResponsesRequest(_Lenient):
 
     # -- tools and formats -----------------------------------------------
 
+    def _read_tools(self) -> None:
+        for i, raw in enumerate(self.tools or ()):
+            offered = tool_defs(i, raw)
+            namespaced = isinstance(raw, dict) and raw.get("type") == "namespace"
+            for j, tool in enumerate(offered):
+                self._tools.append(tool)
+                self._tool_params.append(f"tools.{i}.tools.{j}" if namespaced else f"tools.{i}")
+            if namespaced:
+                self._echo_tools.append(
+                    {
+                        "type": "namespace",
+                        "name": raw["name"],
+                        "description": raw.get("description", ""),
+                        "tools": [t.echo() for t in offered],
+                    }
+                )
+            elif offered:
+                self._echo_tools.append(offered[0].echo())
+            else:
+                self._echo_tools.append(raw)  # a hosted tool, as sent
+
     def _choice(self) -> tuple[ToolChoice, tuple[str, ...] | None]:
         """The choice, and the names C{allowed_tools} narrows the tools to."""
         raw = self.tool_choice
@@ -534,7 +610,14 @@ class ResponsesRequest(_Lenient):
         kind = raw.get("type")
         if kind == "allowed_tools":
             allowed: AllowedTools = _validated(TypeAdapter(AllowedTools), raw, ("tool_choice",))
-            return ToolChoice(allowed.mode), tuple(t.name for t in allowed.tools)
+            names = tuple(qualified(t.namespace, t.name) for t in allowed.tools)
+            return ToolChoice(allowed.mode), names
+        if kind in OPENAI_HOSTED_TOOLS:
+            raise invalid(
+                f"tool_choice.type: {kind!r} is a tool OpenAI hosts; this server runs a local "
+                "model and cannot provide it, so it cannot be required",
+                "tool_choice.type",
+            )
         if kind not in ("function", "custom"):
             raise invalid(
                 f"tool_choice.type: {kind!r} is not supported by this server (only 'function', "
@@ -542,11 +625,11 @@ class ResponsesRequest(_Lenient):
                 "tool_choice.type",
             )
         named: NamedChoice = _validated(TypeAdapter(NamedChoice), raw, ("tool_choice",))
-        return ToolChoice("required", named.name), None
+        return ToolChoice("required", qualified(named.namespace, named.name)), None
 
     def _build_tooling(self) -> Tooling | None:
         specs = tuple(t.spec() for t in self._tools)
-        check_tools(specs, (f"tools.{i}" for i in range(len(specs))))
+        check_tools(specs, self._tool_params)
         choice, allowed = self._choice()
         if allowed is not None:
             known = {t.name for t in specs}
@@ -592,7 +675,11 @@ class ResponsesRequest(_Lenient):
 
     def tool_kinds(self) -> dict[str, str]:
         """Each tool's kind by name: which output item a call of it becomes."""
-        return {t.name: t.type for t in self._tools}
+        return {t.called_as: t.type for t in self._tools}
+
+    def tool_namespaces(self) -> dict[str, tuple[str, str]]:
+        """C{(namespace, name)} of each namespace member, by the name the model calls."""
+        return {t.called_as: (t.namespace, t.name) for t in self._tools if t.namespace}
 
     def logprobs_wanted(self) -> bool:
         return LOGPROBS in (self.include or ())
@@ -621,7 +708,7 @@ class ResponsesRequest(_Lenient):
                     turn = {"role": "assistant", "content": ""}
                     messages.append(turn)
                 ledger.called(item.call_id)
-                names[item.call_id] = item.name
+                names[item.call_id] = qualified(item.namespace, item.name)
                 turn.setdefault("tool_calls", []).append(_call(item))
                 continue
             if isinstance(item, FunctionCallOutputItem | CustomToolCallOutputItem):
@@ -693,7 +780,7 @@ class ResponsesRequest(_Lenient):
             "temperature": params.temperature,
             "text": {"format": text_format, "verbosity": "medium"},
             "tool_choice": choice,
-            "tools": [t.echo() for t in self._tools],
+            "tools": self._echo_tools,
             "top_logprobs": self.top_logprobs,
             "top_p": params.top_p,
             "truncation": self.truncation or "disabled",
@@ -713,5 +800,5 @@ def _call(item: FunctionCallItem | CustomToolCallItem) -> dict[str, Any]:
     return {
         "id": item.call_id,
         "type": "function",
-        "function": {"name": item.name, "arguments": arguments},
+        "function": {"name": qualified(item.namespace, item.name), "arguments": arguments},
     }

@@ -19,11 +19,55 @@ from typing import Any, Literal
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
+from twisted.logger import Logger
 
 from .._errors import invalid
 
 #: The schema of a tool that declares no parameters: any object.
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+#: OpenAI's hosted tools: OpenAI runs them; a local model cannot, so they
+#: are left out of the prompt (L{left_out}).
+OPENAI_HOSTED_TOOLS = frozenset(
+    {
+        "web_search",
+        "web_search_preview",
+        "web_search_preview_2025_03_11",
+        "web_search_2025_08_26",
+        "file_search",
+        "computer",
+        "computer_use_preview",
+        "code_interpreter",
+        "image_generation",
+        "mcp",
+        "local_shell",
+        "shell",
+        "apply_patch",
+        "tool_search",
+        "programmatic_tool_calling",
+    }
+)
+
+log = Logger()
+_LEFT_OUT: set[tuple[str, str]] = set()
+
+
+def left_out(dialect: str, kind: str) -> None:
+    """
+    A tool that the API's provider runs itself (OpenAI's hosted tools,
+    Anthropic's server tools) is left out of the prompt: a local model
+    cannot run it, and refusing the request would lock out agents that
+    send one by default (Codex's C{web_search}). Said once per kind, not
+    every turn.
+    """
+    if (dialect, kind) not in _LEFT_OUT:
+        _LEFT_OUT.add((dialect, kind))
+        log.warn(
+            "{dialect}: {kind!r} tools run on the API provider's side; left out of the "
+            "prompt (this and later requests)",
+            dialect=dialect,
+            kind=kind,
+        )
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message
 
+from ds4tw import _turn
 from ds4tw._anthropic.schema import MessagesRequest
 from ds4tw.testing import Exchange, Reply
 
@@ -674,6 +675,56 @@ def test_count_tokens_counts_the_tools() -> None:
     assert events(started)[0]["message"]["usage"]["input_tokens"] == with_tools
 
 
+def test_count_tokens_builds_no_grammar(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing is sampled: Claude Code counts its whole tool list often.
+    built: list[Any] = []
+    monkeypatch.setattr(_turn._GRAMMARS, "_cached", lambda *a: built.append(a))
+    rig = make_rig()
+    payload = {"model": "m", "messages": BASE["messages"], "tools": TOOLS}
+    ex = rig.http.post("/v1/messages/count_tokens", payload)
+    assert ex.status == 200 and ex.json()["input_tokens"] > 0
+    assert built == []
+
+
+#: Claude Code 2.1's Workflow tool property (no "type": any JSON value),
+#: which once made its first request and every count_tokens a 400.
+WORKFLOW = {
+    "name": "Workflow",
+    "description": "Run a workflow script.",
+    "input_schema": {
+        "type": "object",
+        "properties": {
+            "script": {"type": "string"},
+            "args": {
+                "description": "Optional input value exposed to the script as the global args"
+            },
+        },
+        "required": ["script"],
+    },
+}
+
+
+@pytest.mark.parametrize("route", ["/v1/messages", "/v1/messages/count_tokens"])
+def test_a_tool_property_without_a_type_is_served(route: str) -> None:
+    rig = make_rig([Reply.of("ok")])
+    ex = rig.http.post(route, {**BASE, "tools": [WEATHER, WORKFLOW]})
+    rig.threads.run_until_idle()
+    assert ex.status == 200, ex.body
+    if route == "/v1/messages":
+        grammar = rig.engine.calls[0][1].grammar
+        assert grammar is not None and "Workflow" in grammar.gbnf
+
+
+def test_server_tools_are_left_out_and_the_rest_served() -> None:
+    rig = make_rig([Reply.of("ok")])
+    web = {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}
+    ex = rig.http.post("/v1/messages", {**BASE, "tools": [web, WEATHER]})
+    rig.threads.run_until_idle()
+    assert ex.status == 200, ex.body
+    prompt = "".join(chr(t) for t in rig.engine.calls[0][0])
+    assert "get_weather" in prompt and "web_search" not in prompt
+
+
 def test_count_tokens_counts_calls_and_results() -> None:
     rig = make_rig()
     payload = {"model": "m", "messages": AGENT_TURNS, "tools": TOOLS}
@@ -744,14 +795,20 @@ BAD_TOOL_REQUESTS: list[tuple[dict[str, Any], str]] = [
             _req(tools=[WEATHER, {"type": t, "name": n}]),
             f"tools.1.type: tools of type {t!r} are not supported",
         )
+        # Anthropic-defined client tools: their schemas are Anthropic's.
         for t, n in [
-            ("web_search_20250305", "web_search"),
             ("bash_20250124", "bash"),
             ("text_editor_20250728", "str_replace_based_edit_tool"),
             ("computer_20250124", "computer"),
-            ("code_execution_20250825", "code_execution"),
         ]
     ],
+    (
+        _req(
+            tools=[WEATHER, {"type": "web_search_20250305", "name": "web_search"}],
+            tool_choice={"type": "tool", "name": "web_search"},
+        ),
+        "tool_choice.name: 'web_search' is one of Anthropic's server tools",
+    ),
     (_req(tools=[{"name": "f"}]), "tools.0.input_schema: Field required"),
     (
         _req(tools=[{"name": "f", "input_schema": {"type": "object", "properties": 5}}]),

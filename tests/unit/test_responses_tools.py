@@ -25,8 +25,10 @@ from typing import Any
 
 import pytest
 from openai.types.responses import Response
+from twisted.logger import formatEvent, globalLogPublisher
 
 from ds4tw._scripted import TOKEN_LOGPROB
+from ds4tw._tools import spec
 from ds4tw.testing import Exchange, Reply
 
 from .conftest import Rig, make_rig
@@ -523,20 +525,32 @@ def test_conversation_reaches_the_template_as_hugging_face_messages() -> None:
 
 # -- 400s -----------------------------------------------------------------------------
 
+HOSTED = (
+    "web_search",
+    "web_search_preview",
+    "file_search",
+    "computer_use_preview",
+    "code_interpreter",
+    "image_generation",
+    "mcp",
+    "local_shell",
+)
+
 BAD: list[tuple[dict[str, Any], str, str]] = [
     *(
-        ({"tools": [{"type": kind}]}, "tools.0.type", f"{kind!r} is a tool OpenAI hosts")
-        for kind in (
-            "web_search",
-            "web_search_preview",
-            "file_search",
-            "computer_use_preview",
-            "code_interpreter",
-            "image_generation",
-            "mcp",
-            "local_shell",
+        (
+            {"tools": [WEATHER, {"type": kind}], "tool_choice": {"type": kind}},
+            "tool_choice.type",
+            f"{kind!r} is a tool OpenAI hosts",
         )
+        for kind in HOSTED
     ),
+    (
+        {"tools": [{"type": "namespace", "name": "ns", "tools": [{"type": "web_search"}]}]},
+        "tools.0.tools.0.type",
+        "a namespace holds only 'function' and 'custom' tools",
+    ),
+    ({"tools": [{"type": "namespace", "name": "ns", "tools": []}]}, "tools.0.tools", "at least 1"),
     ({"tools": [WEATHER, {"type": "banana"}]}, "tools.1.type", "'banana' are not supported"),
     ({"tools": ["shell"]}, "tools.0", "expected a tool object"),
     ({"tools": [{"type": "function"}]}, "tools.0.name", "Field required"),
@@ -569,7 +583,7 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "is a function tool, not a custom tool",
     ),
     (
-        {"tools": [WEATHER], "tool_choice": {"type": "web_search_preview"}},
+        {"tools": [WEATHER], "tool_choice": {"type": "banana"}},
         "tool_choice.type",
         "not supported",
     ),
@@ -671,3 +685,110 @@ def test_bad_tool_requests_get_openai_400s_and_queue_nothing(
     assert fragment in error["message"], error["message"]
     assert rig.engine.calls == [] and not rig.threads.busy
     assert rig.server.worker.queue_depth == 0
+
+
+# -- Codex's namespace tools and the hosted tools it sends -------------------------
+
+#: Codex's default tool list carries these two beside its function tools
+#: (captured from codex exec 0.17x; tests/agents/fixtures has the whole
+#: request): a namespace of plain functions and a hosted web search.
+SPAWN = {
+    "type": "function",
+    "name": "spawn_agent",
+    "description": "Start a sub-agent.",
+    "parameters": {
+        "type": "object",
+        "properties": {"message": {"type": "string"}},
+        "required": ["message"],
+    },
+}
+MULTI_AGENT = {
+    "type": "namespace",
+    "name": "multi_agent_v1",
+    "description": "Sub-agents.",
+    "tools": [SPAWN, {**SPAWN, "name": "wait_agent", "description": "Wait."}],
+}
+WEB_SEARCH = {"type": "web_search", "external_web_access": False}
+SPAWN_CALL = (
+    '<tool_call>\n{"name": "multi_agent_v1.spawn_agent", '
+    '"arguments": {"message": "look"}}\n</tool_call>'
+)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_namespace_members_are_offered_and_calls_name_their_namespace(stream: bool) -> None:
+    rig = make_rig([Reply.of(SPAWN_CALL)])
+    ex = ask(rig, stream=stream, tools=[SHELL, MULTI_AGENT, WEB_SEARCH])
+    assert ex.status == 200, ex.body
+    tools = prompt_text(rig)
+    # Members by their qualified name, with the namespace's description;
+    # the hosted tool is not in the prompt at all.
+    assert '"name": "multi_agent_v1.spawn_agent"' in tools
+    assert '"name": "multi_agent_v1.wait_agent"' in tools
+    assert "(Part of multi_agent_v1: Sub-agents.)" in tools
+    assert "web_search" not in tools
+    response = final(ex) if stream else body(ex)
+    (item,) = [i for i in response.output if i.type == "function_call"]
+    # As OpenAI sends it and Codex routes it: the name and namespace apart.
+    assert (item.name, item.namespace) == ("spawn_agent", "multi_agent_v1")
+    assert json.loads(item.arguments) == {"message": "look"}
+    if stream:
+        added = [e for e in events(ex) if e["type"] == "response.output_item.added"]
+        assert added[0]["item"]["namespace"] == "multi_agent_v1"
+    # The response repeats the tools as sent, hosted one included.
+    assert [t.type for t in response.tools] == ["function", "namespace", "web_search"]
+
+
+def test_a_namespaced_call_sent_back_reaches_the_prompt_by_its_qualified_name() -> None:
+    rig = make_rig(["done"])
+    items = [
+        {"role": "user", "content": "spawn one"},
+        {
+            "type": "function_call",
+            "call_id": "call_1",
+            "name": "spawn_agent",
+            "namespace": "multi_agent_v1",
+            "arguments": '{"message": "look"}',
+        },
+        {"type": "function_call_output", "call_id": "call_1", "output": "agent 7 started"},
+    ]
+    ex = ask(rig, input=items, tools=[MULTI_AGENT, WEB_SEARCH])
+    assert ex.status == 200, ex.body
+    messages = rig.engine.template_messages[-1]
+    # The ChatML template has no tool support: the fallback writes the call
+    # as the model would, under the name the model was offered.
+    (turn,) = [m for m in messages if m["role"] == "assistant"]
+    assert '"name": "multi_agent_v1.spawn_agent"' in turn["content"]
+    assert "agent 7 started" in messages[-1]["content"]
+
+
+def test_a_namespace_member_can_be_required_by_name_and_namespace() -> None:
+    rig = make_rig([Reply.of(SPAWN_CALL)])
+    choice = {"type": "function", "name": "spawn_agent", "namespace": "multi_agent_v1"}
+    ex = ask(rig, stream=False, tools=[MULTI_AGENT], tool_choice=choice)
+    assert ex.status == 200, ex.body
+    grammar = rig.engine.calls[0][1].grammar
+    assert grammar is not None and not grammar.triggers  # forced: from the first token
+    assert "multi_agent_v1.spawn_agent" in grammar.gbnf
+    assert "multi_agent_v1.wait_agent" not in grammar.gbnf
+
+
+@pytest.mark.parametrize("kind", HOSTED)
+def test_hosted_tools_are_left_out_with_one_warning(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spec, "_LEFT_OUT", set())
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        rig = make_rig(["ok", "ok"])
+        for _ in range(2):
+            ex = ask(rig, stream=False, tools=[WEATHER, {"type": kind}])
+            assert ex.status == 200, ex.body
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert "get_weather" in prompt_text(rig) and f'"{kind}"' not in prompt_text(rig)
+    said = [formatEvent(e) for e in logged if e.get("kind") == kind]
+    # Once per kind and process, not every turn; it says what and why.
+    assert len(said) == 1, said
+    assert "left out of the prompt" in said[0] and "responses" in said[0]
