@@ -17,7 +17,9 @@ transport level:
 
 The refusals are written by the connection, not by a dialect, so their
 JSON body satisfies both error shapes: OpenAI's C{error.message/type/code}
-and Anthropic's C{type: "error"} with C{error.type/message}.
+and Anthropic's C{type: "error"} with C{error.type/message}. Each carries
+an C{X-Request-Id} (the client's, when its headers had arrived) and is
+logged in one line naming it, as the app's own errors are.
 
 C{twistd ds4tw} serves through it; an embedder can too:
 
@@ -38,6 +40,8 @@ tests/integration/test_limits.py and tests/integration/test_twistd.py.
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -58,12 +62,50 @@ DEFAULT_REQUEST_TIMEOUT = 60.0
 CLOSE_SETTLE = 0.5
 CLOSE_GRACE = 5.0
 
+# -- what a client sends, made safe to echo and to log ------------------------
+
+#: An id a client gives (its C{X-Request-Id}, a session key) is used only
+#: when it is 1-128 of these characters: safe in a header and a log line.
+SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex[:24]}"
+
+
+#: The most of an error's message one log line carries (a schema a grammar
+#: could not take can be long).
+LOGGED_MESSAGE_CHARS = 2000
+#: Characters that would break a log line or a terminal: C0 and C1
+#: controls, and the two Unicode line separators.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def one_line(text: str, limit: int = LOGGED_MESSAGE_CHARS) -> str:
+    """
+    C{text} for a log line: controls escaped (a path or a message may carry
+    what the client sent), cut at C{limit} characters.
+    """
+    text = _UNPRINTABLE.sub(_escape, text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more)"
+
+
+# -- refusals --------------------------------------------------------------
+
 _REASONS = {408: b"Request Timeout", 413: b"Content Too Large"}
 _KINDS = {408: "request_timeout", 413: "request_too_large"}
 
 
-def refusal(status: int, message: str) -> bytes:
-    """A whole HTTP/1.1 response that closes the connection, with a JSON error body."""
+def refusal(status: int, message: str, request_id: str) -> bytes:
+    """
+    A whole HTTP/1.1 response that closes the connection, with a JSON error
+    body and the C{X-Request-Id} its log line names.
+    """
     kind = _KINDS[status]
     body = json.dumps(
         {
@@ -73,7 +115,8 @@ def refusal(status: int, message: str) -> bytes:
     ).encode()
     head = (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body))
+        b"x-request-id: %s\r\nconnection: close\r\n\r\n"
+        % (status, _REASONS[status], len(body), request_id.encode())
     )
     return head + body
 
@@ -164,15 +207,34 @@ class LimitedChannel(HTTPChannel):
             return
         self.refused = True
         self._disarm()
+        rid = self._request_id()
         log.info(
-            "ds4tw: refused {peer} with {status}: {message}",
-            peer=str(self.transport.getPeer()) if self.transport else "?",
+            "ds4tw: {status} for {route} request={rid}: {message} (refused by the connection, "
+            "from {peer})",
             status=status,
+            route=self._route(),
+            rid=rid,
             message=message,
+            peer=str(self.transport.getPeer()) if self.transport else "?",
         )
         if self.transport is not None:
-            self.transport.write(refusal(status, message))
+            self.transport.write(refusal(status, message, rid))
         self.loseConnection()
+
+    def _request_id(self) -> str:
+        """The client's X-Request-Id, if its headers have arrived and it is sane; else a new one."""
+        given = self.requests[-1].getHeader(b"x-request-id") if self.requests else None
+        text = given.decode("latin-1") if isinstance(given, bytes) else ""
+        return text if SANE_ID.fullmatch(text) else new_request_id()
+
+    def _route(self) -> str:
+        """The request line's method and path, once it has been parsed."""
+        command: bytes | None = getattr(self, "_command", None)
+        path: bytes | None = getattr(self, "_path", None)
+        if command is None or path is None:
+            return "a request not yet begun"
+        path_only = path.partition(b"?")[0]
+        return one_line(f"{command.decode('latin-1')} {path_only.decode('latin-1')}", 300)
 
     def _arm(self) -> None:
         timeout = self._limit("request_timeout", None)

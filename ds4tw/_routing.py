@@ -1,7 +1,8 @@
 """
 What every dialect's routes share: the wrapper that applies CORS and auth,
 gives the request its id (and echoes its session id), and turns an
-L{APIError} (or a bug: a 500) into that dialect's error body; JSON bodies
+L{APIError} (or a bug: a 500) into that dialect's error body, each logged
+in one line with the request id the client saw; JSON bodies
 checked before pydantic sees them, request parsing with pydantic, and JSON
 responses. A dialect supplies only its error shape.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from twisted.web.server import Request
 
 from ._errors import APIError, cut_off_by_shutdown, from_validation, internal_error, invalid
 from ._host import Host
+from ._http import SANE_ID, new_request_id, one_line
 from ._worker import JobCancelled
 
 Handler = Callable[..., Awaitable[bytes | None]]
@@ -43,14 +44,44 @@ def json_response(request: Request, payload: Any, status: int = 200) -> bytes:
 
 
 def error_response(request: Request, error: APIError, body: ErrorBody) -> bytes:
+    """
+    C{error} in C{body}'s shape, with its headers, and one log line naming
+    it (L{log_error}): a refused request leaves more in the server's log
+    than its access line.
+    """
+    log_error(request, error)
+    return _render_error(request, error, body)
+
+
+def _render_error(request: Request, error: APIError, body: ErrorBody) -> bytes:
     for k, v in error.headers.items():
         request.setHeader(k.encode(), v.encode())
     return json_response(request, body(error), error.status)
 
 
+def log_error(request: Request, error: APIError) -> None:
+    """
+    One line for an error answered instead of a response: its status, the
+    route, the request id the client saw (C{X-Request-Id}), the session key
+    when there is one, and the message the client got. No traceback: these
+    are the client's mistakes or the server's state (busy, loading,
+    draining), not bugs; a 5xx is a warning, a 4xx information.
+    """
+    session = session_id(request)
+    emit = log.warn if error.status >= 500 else log.info
+    emit(
+        "ds4tw: {status} for {method} {path} request={rid}{session}: {message}",
+        status=error.status,
+        method=one_line(request.method.decode("latin-1"), 20),
+        path=one_line(request.path.decode("latin-1"), 200),
+        rid=request_id(request),
+        session=f" session={session}" if session is not None else "",
+        message=one_line(error.message),
+    )
+
+
 # -- request ids ---------------------------------------------------------
 
-_SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _ID_ATTR = "_ds4tw_request_id"
 
 
@@ -64,7 +95,7 @@ def request_id(request: Request) -> str:
     if rid is None:
         given = request.getHeader(b"x-request-id")
         text = given.decode("latin-1") if isinstance(given, bytes) else (given or "")
-        rid = text if _SANE_ID.fullmatch(text) else f"req_{uuid.uuid4().hex[:24]}"
+        rid = text if SANE_ID.fullmatch(text) else new_request_id()
         setattr(request, _ID_ATTR, rid)
         request.setHeader(b"x-request-id", rid.encode())
         session = session_id(request)
@@ -103,7 +134,7 @@ def session_id(request: Request) -> str | None:
         given = request.getHeader(name)
         if given:
             text = given.decode("latin-1") if isinstance(given, bytes) else given
-            return text if _SANE_ID.fullmatch(text) else None
+            return text if SANE_ID.fullmatch(text) else None
     return None
 
 
@@ -124,7 +155,7 @@ def unexpected(request: Request, failure: Any, body: ErrorBody) -> bytes | Defer
         path=request.path.decode("latin-1"),
     )
     if not request.startedWriting:
-        return error_response(request, internal_error(rid), body)
+        return _render_error(request, internal_error(rid), body)  # logged above, in full
     gone: Deferred[None] = request.notifyFinish()
     gone.addErrback(lambda _: None)
     transport = getattr(request.channel, "transport", None)

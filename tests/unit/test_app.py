@@ -355,3 +355,92 @@ def test_session_headers_take_precedence_in_one_order() -> None:
     assert rig.http.get("/health", empty).header("x-session-id") == "codex"
     insane = {"X-Claude-Code-Session-Id": "has space", "session-id": "codex"}
     assert rig.http.get("/health", insane).header("x-session-id") is None
+
+
+# -- every refusal is logged in one line ----------------------------------------
+
+
+class ErrorLines:
+    """The server's one-line error log events, while in the block."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __enter__(self) -> ErrorLines:
+        globalLogPublisher.addObserver(self.events.append)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        globalLogPublisher.removeObserver(self.events.append)
+
+    def take(self) -> list[str]:
+        lines = [formatEvent(e) for e in self.events if formatEvent(e).startswith("ds4tw: ")]
+        assert not [e for e in self.events if e.get("log_failure") is not None]
+        self.events.clear()
+        return lines
+
+
+def test_every_error_answered_instead_of_a_response_is_logged_with_its_request_id() -> None:
+    """
+    Status, route, the X-Request-Id the client saw and the message it got,
+    in one line without a traceback, for each way a request is refused.
+    """
+    rig = make_rig(api_key="k", max_body_bytes=2000, max_queue=0)
+    auth = {"Authorization": "Bearer k"}
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    busy = rig.http.post("/v1/chat/completions", chat, auth)  # holds the only slot
+    cases: list[tuple[str, str, bytes, dict[str, str]]] = [
+        ("POST", "/v1/chat/completions", b'{"messages": "x"}', auth),  # 400 from pydantic
+        ("POST", "/v1/messages", b'{"max_tokens": 1}', auth),  # 400, Anthropic's shape
+        ("POST", "/v1/chat/completions", b"{", {}),  # 401 comes first
+        ("GET", "/v1/nope", b"", auth),  # 404
+        ("GET", "/v1/chat/completions", b"", auth),  # 405
+        ("POST", "/v1/responses", b'{"input": "' + b"x" * 3000 + b'"}', auth),  # 413
+        ("POST", "/v1/chat/completions", json.dumps(chat).encode(), auth),  # 503: busy
+        ("GET", "/v1/models/%ff", b"", auth),  # 400: the path is not UTF-8
+    ]
+    statuses = []
+    with ErrorLines() as logs:
+        for n, (method, path, body, headers) in enumerate(cases):
+            rid = f"case-{n}"
+            ex = rig.http.request(method, path, body, {**headers, "X-Request-Id": rid})
+            statuses.append(ex.status)
+            payload = ex.json()
+            message = payload["error"]["message"]
+            assert ex.header("x-request-id") == rid
+            (line,) = logs.take()
+            assert line == f"ds4tw: {ex.status} for {method} {path} request={rid}: {message}"
+    assert statuses == [400, 400, 401, 404, 405, 413, 503, 400]
+    rig.threads.run_until_idle()
+    assert busy.status == 200
+
+
+def test_an_error_log_line_names_the_session_and_stays_one_line() -> None:
+    rig = make_rig()
+    with ErrorLines() as logs:
+        rig.http.get("/v1/a%0d%0aforged%1b[31m", {"X-Session-Id": "conv-1", "X-Request-Id": "r1"})
+        (line,) = logs.take()
+    assert line.startswith(
+        "ds4tw: 404 for GET /v1/a%0d%0aforged%1b[31m request=r1 session=conv-1: "
+    )
+    # What the client put in the message (here, its path) cannot start a line of its own.
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    with ErrorLines() as logs:
+        ok = rig.http.get("/v1/models")
+        assert ok.status == 200 and logs.take() == []
+
+
+def test_a_refusal_by_the_connection_is_logged_with_the_request_id_it_carries() -> None:
+    from ds4tw.testing import HTTPHarness
+
+    rig = make_rig()
+    http = HTTPHarness(rig.server.resource(), rig.clock, max_body_bytes=100)
+    with ErrorLines() as logs:
+        ex = http.connect(
+            b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: h\r\nX-Request-Id: big-1\r\n"
+            b"Content-Length: 5000\r\n\r\n"
+        )
+        (line,) = logs.take()
+    assert ex.status == 413 and ex.header("x-request-id") == "big-1"
+    message = ex.json()["error"]["message"]
+    assert line.startswith(f"ds4tw: 413 for POST /v1/chat/completions request=big-1: {message} ")
