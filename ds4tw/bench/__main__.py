@@ -1,6 +1,6 @@
 """
 C{ds4tw-bench [--quick] [--out DIR] [--clients N] [--engine llama|scripted]
-[--only cancel|batching|cache]}
+[--only cancel|batching|cache|grammar]}
 
 One run, in this order:
 
@@ -34,7 +34,9 @@ runs the continuous-batching part alone (issue 9) and then the prefill
 fairness part (a long prompt's TTFT under a flood of short ones, with and
 without the prefill order's aging, on an in-process engine:
 L{ds4tw.bench._fairness}), C{--only cache} the prompt cache part alone
-(issue 10), each of the last two on either engine.
+(issue 10), each of the last two on either engine, and C{--only grammar}
+the grammar build time of real agents' tool lists (issue 18,
+L{ds4tw.bench._grammars}; no model).
 
 A part that fails is recorded in the JSON's C{errors} and the run goes
 on; the exit status is 1 if any part failed, 0 otherwise. Targets are
@@ -106,7 +108,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument(
         "--only",
-        choices=("cancel", "batching", "cache"),
+        choices=("cancel", "batching", "cache", "grammar"),
         default=None,
         help="cancel: only the cancel latency (in-step abort, then between steps only, "
         "as before issue 8) and the abort check's cost; batching: only the continuous "
@@ -114,7 +116,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         "long decode, token gaps during a long prefill, reactor CPU per token; then a long "
         "prompt's TTFT under a flood of short ones, prefill aging on and off); cache: only "
         "the prompt cache part (issue 10: TTFT from a slot, memory and disk over cold, "
-        "interleaved conversations' hit rate and prefill time with the cache on and off)",
+        "interleaved conversations' hit rate and prefill time with the cache on and off); "
+        "grammar: only the grammar build time of real agents' tool lists (issue 18, from "
+        "tests/agents/fixtures in a checkout), cold and cached, against the request's own "
+        "validation and templating",
     )
     args = p.parse_args(argv)
     if args.clients is not None and args.clients < 1:
@@ -532,6 +537,20 @@ def run_cache_only(run: Run, out: Path) -> None:
     _cache_part(run, s, out / "logs")
 
 
+def run_grammar_only(run: Run) -> None:
+    """Issue 18's grammar build times alone (L{ds4tw.bench._grammars}); no model."""
+    from . import _grammars
+
+    run.doc["notes"].append(
+        "--only grammar: no throughput part (raw, ds4tw, peer sections empty); every grammar "
+        "figure is also a ratio against the same request's validation and templating"
+    )
+    run.doc["grammars"] = run.part(
+        "grammar build time (agents' tool lists)",
+        lambda: _grammars.measure(quick=run.settings.quick),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
@@ -563,6 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_batching_only(run, out)
     elif args.only == "cache":
         run_cache_only(run, out)
+    elif args.only == "grammar":
+        run_grammar_only(run)
     elif settings.engine == "scripted":
         run_scripted(run, out)
     else:
