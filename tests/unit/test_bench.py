@@ -1336,3 +1336,29 @@ def test_validate_names_what_is_wrong_in_cache(breakage: Any, expected: str) -> 
     breakage(doc["cache"])
     problems = _report.validate(doc)
     assert any(expected in p for p in problems), problems
+
+
+def test_grammar_part_measures_each_captured_request(tmp_path: Path) -> None:
+    from ds4tw.bench import _grammars
+
+    workflow = {
+        "type": "object",
+        "properties": {"script": {"type": "string"}, "args": {"description": "any value"}},
+    }
+    messages = {
+        "model": "m",
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"name": "Workflow", "input_schema": workflow}],
+    }
+    (tmp_path / "claude-code.json").write_text(
+        json.dumps({"route": "/v1/messages?beta=true", "body": messages})
+    )
+    (tmp_path / "aider.json").write_text(json.dumps({"route": "/v1/chat/completions", "body": {}}))
+    got = _grammars.measure(quick=True, folder=tmp_path)
+    (agent,) = got["agents"]  # aider sends no tools: not measured
+    one = got["agents"][agent]
+    assert agent == "claude-code" and one["route"] == "/v1/messages" and one["tools"] == 1
+    assert one["cold_ms"] > 0 and one["cached_ms"] < one["cold_ms"]
+    assert one["cold_vs_baseline"] == pytest.approx(one["cold_ms"] / one["baseline_ms"], rel=0.05)
+    assert parse(["--only", "grammar"]).only == "grammar"
