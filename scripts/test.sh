@@ -32,6 +32,22 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
         echo "tests/browser needs chromium and chromedriver: install them (e.g. sudo apt-get install chromium chromium-driver)" >&2
     fi
 fi
+# tests/agents runs the real coding agents (Claude Code, Codex, opencode from
+# npm; aider from PyPI) at the releases scripts/install-agents.sh pins,
+# installed outside the checkout (~/.cache/ds4tw-agents): once, quietly;
+# a no-op when they are there.
+if ! command -v npm >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >/dev/null
+        apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    else
+        echo "tests/agents needs node and npm: install them (e.g. sudo apt-get install nodejs npm)" >&2
+    fi
+fi
+if command -v npm >/dev/null; then
+    PYTHON="$PYTHON" bash scripts/install-agents.sh
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # compat mode: a regular editable install hides twisted/plugins/ds4tw_plugin.py
 # from twistd's plugin discovery.
