@@ -116,6 +116,10 @@ class Server(MultiService):
         self.worker.observers += [self.metrics.job_ended, _log_job]
         self.worker.step_observers.append(self.metrics.step_done)
         self.app = Klein()
+        # werkzeug answers a path with repeated slashes by a redirect to the
+        # merged one, which escapes Klein as a 500; _Tagged collapses them
+        # before routing, so this only keeps a path that bypassed it a 404.
+        self.app.url_map.merge_slashes = False
         self._routes()
         # Each dialect owns its routes (typed against _host.Host, so none
         # of them imports this module).
@@ -327,8 +331,9 @@ class _Tagged(Resource):
     """
     The app's resource, with an C{X-Request-Id} on every response, a
     JSON 400 for a path that is not UTF-8 once unquoted (Klein would log
-    an error and answer in plain text), and a relative redirect from the
-    mount point without its slash to the mount point (L{_to_mount_point}).
+    an error and answer in plain text), a relative redirect from the
+    mount point without its slash to the mount point (L{_to_mount_point}),
+    and repeated slashes served as one (L{_collapse_slashes}).
     """
 
     isLeaf = True
@@ -348,7 +353,20 @@ class _Tagged(Resource):
             return error_response(request, error, _error_body_for(path))
         if request.prepath and not request.postpath:
             return _to_mount_point(request, request.prepath[-1])
+        request.postpath = _collapse_slashes(request.postpath or [])
         return self._inner.render(request)
+
+
+def _collapse_slashes(segments: list[bytes]) -> list[bytes]:
+    """
+    The path's segments with the empty ones dropped, but a last one (a
+    trailing slash, which is part of a route): C{/v1//chat/completions},
+    what a client joining a base URL that ends in a slash asks for, is
+    C{/v1/chat/completions}. Served as that path rather than redirected,
+    since many clients follow a redirect of a POST with a GET, or without
+    its body.
+    """
+    return [s for s in segments[:-1] if s] + segments[-1:]
 
 
 def _to_mount_point(request: Request, segment: bytes) -> bytes:

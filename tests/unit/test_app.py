@@ -444,3 +444,57 @@ def test_a_refusal_by_the_connection_is_logged_with_the_request_id_it_carries() 
     assert ex.status == 413 and ex.header("x-request-id") == "big-1"
     message = ex.json()["error"]["message"]
     assert line.startswith(f"ds4tw: 413 for POST /v1/chat/completions request=big-1: {message} ")
+
+
+# -- repeated slashes -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1//chat/completions"),
+        ("POST", "//v1/chat/completions"),
+        ("POST", "/v1///chat//completions"),
+        ("POST", "/v1//messages"),
+        ("GET", "/v1//models"),
+        ("GET", "/ui//app.js"),
+    ],
+)
+def test_repeated_slashes_are_served_as_the_path_they_mean(method: str, path: str) -> None:
+    """
+    What a client that joins a base URL ending in a slash with a path asks
+    for. werkzeug answered it with a redirect that escaped Klein as a 500;
+    a redirect would lose a POST's body in many clients anyway.
+    """
+    rig = make_rig(["Bonjour."])
+    body = b""
+    if method == "POST":
+        payload = {
+            "model": "m",
+            "max_tokens": 7,
+            "messages": [{"role": "user", "content": "Say hello."}],
+        }
+        body = json.dumps(payload).encode()
+    ex = rig.http.request(method, path, body)
+    rig.threads.run_until_idle()
+    assert ex.status == 200, ex.raw
+    assert ex.header("location") is None
+    if "chat" in path:
+        assert ex.json()["choices"][0]["message"]["content"] == "Bonjour."
+    elif "messages" in path:
+        assert ex.json()["content"][0]["text"] == "Bonjour."
+    if method == "POST":  # the body reached the model
+        assert rig.engine.calls[-1][1].max_tokens == 7
+
+
+def test_repeated_slashes_elsewhere_are_a_json_404_never_a_500() -> None:
+    rig = make_rig()
+    assert_openai_error(rig.http.get("/v1//nope"), 404)
+    # A trailing slash is part of the path: /v1/models/ is no route.
+    assert_openai_error(rig.http.get("/v1/models//"), 404)
+    # Reached without the collapsing resource (the Klein app itself), a
+    # double slash is a 404 too, not werkzeug's redirect as a 500.
+    from ds4tw.testing import HTTPHarness
+
+    bare = HTTPHarness(rig.server.app.resource(), rig.clock)
+    assert_openai_error(bare.get("/v1//models"), 404)
