@@ -354,21 +354,7 @@ class _Walk:
             "type": "array",
             "items": self.node(items if items is not None else True, _pointer(path, "items")),
         }
-        low, high = _bound(s, "minItems"), _bound(s, "maxItems")
-        if low is not None and high is not None and low > high:
-            self.loosen(path, "minItems > maxItems (bounds dropped)")
-            return out
-        if low:
-            if low > MAX_UNROLLED:
-                self.loosen(path, f"minItems {low} is not enforced (over {MAX_UNROLLED})")
-            else:
-                out["minItems"] = low
-        if high is not None:
-            if high - (out.get("minItems") or 0) > MAX_UNROLLED:
-                self.loosen(path, f"maxItems {high} is not enforced (over {MAX_UNROLLED})")
-            else:
-                out["maxItems"] = high
-        return out
+        return self._lengths(s, out, "minItems", "maxItems", path)
 
     def _string(self, s: dict[str, Any], path: str) -> dict[str, Any]:
         pattern = s.get("pattern")
@@ -384,20 +370,26 @@ class _Walk:
         if isinstance(fmt, str) and fmt in _FORMATS:
             return {"type": "string", "format": fmt}
         out: dict[str, Any] = {"type": "string"}
-        low, high = _bound(s, "minLength"), _bound(s, "maxLength")
+        return self._lengths(s, out, "minLength", "maxLength", path)
+
+    def _lengths(
+        self, s: dict[str, Any], out: dict[str, Any], low_key: str, high_key: str, path: str
+    ) -> dict[str, Any]:
+        """C{out} with the length bounds of C{s} the converter can unroll."""
+        low, high = _bound(s, low_key), _bound(s, high_key)
         if low is not None and high is not None and low > high:
-            self.loosen(path, "minLength > maxLength (bounds dropped)")
+            self.loosen(path, f"{low_key} > {high_key} (bounds dropped)")
             return out
         if low:
             if low > MAX_UNROLLED:
-                self.loosen(path, f"minLength {low} is not enforced (over {MAX_UNROLLED})")
+                self.loosen(path, f"{low_key} {low} is not enforced (over {MAX_UNROLLED})")
             else:
-                out["minLength"] = low
+                out[low_key] = low
         if high is not None:
-            if high - (out.get("minLength") or 0) > MAX_UNROLLED:
-                self.loosen(path, f"maxLength {high} is not enforced (over {MAX_UNROLLED})")
+            if high - out.get(low_key, 0) > MAX_UNROLLED:
+                self.loosen(path, f"{high_key} {high} is not enforced (over {MAX_UNROLLED})")
             else:
-                out["maxLength"] = high
+                out[high_key] = high
         return out
 
     def _integer(self, s: dict[str, Any], path: str) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def agent_requests(folder: Path = FIXTURES) -> list[tuple[str, str, dict[str, An
     return out
 
 
-def _tooling(route: str, body: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
+def request_tooling(route: str, body: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
     """The request's L{Tooling} and its chat messages, through the dialect's own parser."""
     if route.endswith("/messages"):
         from ds4tw._anthropic.schema import MessagesRequest
@@ -95,11 +95,11 @@ def measure(quick: bool = False, folder: Path = FIXTURES) -> dict[str, Any]:
     for agent, route, body in requests:
 
         def baseline(route: str = route, body: dict[str, Any] = body) -> None:
-            tooling, messages = _tooling(route, body)
+            tooling, messages = request_tooling(route, body)
             msgs, extra = template_inputs(normalise(messages), tooling, template, parser)
             engine.apply_chat_template(msgs, **extra)
 
-        tooling, _ = _tooling(route, body)
+        tooling, _ = request_tooling(route, body)
         forced = replace(tooling, choice=ToolChoice("required"))
         cache = GrammarCache()
         grammar, _ = cache.get(parser, tooling)
