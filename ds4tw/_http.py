@@ -9,6 +9,10 @@ transport level:
   - a C{Content-Length} over C{max_body_bytes} gets 413 as soon as the
     headers are parsed, before a byte of the body is read (and before any
     C{100 Continue}); a chunked body is cut off with 413 at the same bound;
+  - headers over twisted.web's limits (a line of 16 KB, 16 KB in all,
+    500 headers) get 431 (414 for the request line), and what it cannot
+    parse a JSON 400, where twisted.web drops the connection without a
+    word or answers a bare 400;
   - a request must arrive whole (request line, headers, body) within
     C{request_timeout} seconds of the connection opening or of the
     previous response ending, or the connection is closed (408 if part of
@@ -97,8 +101,20 @@ def one_line(text: str, limit: int = LOGGED_MESSAGE_CHARS) -> str:
 
 # -- refusals --------------------------------------------------------------
 
-_REASONS = {408: b"Request Timeout", 413: b"Content Too Large"}
-_KINDS = {408: "request_timeout", 413: "request_too_large"}
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
+_KINDS = {
+    400: "invalid_request_error",
+    408: "request_timeout",
+    413: "request_too_large",
+    414: "uri_too_long",
+    431: "request_header_fields_too_large",
+}
 
 
 def refusal(status: int, message: str, request_id: str) -> bytes:
@@ -151,6 +167,43 @@ class LimitedChannel(HTTPChannel):
         if data:
             self._partial = True
         super().dataReceived(data)
+
+    # twisted.web's header limits (a line of MAX_LENGTH bytes, totalHeadersSize
+    # bytes in all, maxHeaders headers) drop the connection without a word (a
+    # line too long) or answer a bare 400: answered here with the status that
+    # says which, in JSON, and logged.
+
+    def _in_request_line(self) -> bool:
+        # HTTPChannel sets _command once it has parsed a request line, and
+        # deletes it when the request has arrived whole.
+        return getattr(self, "_command", None) is None
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._in_request_line():
+            self.refuse(414, f"the request line is longer than {self.MAX_LENGTH} bytes")
+        else:
+            self.refuse(431, f"a request header line is longer than {self.MAX_LENGTH} bytes")
+
+    def lineReceived(self, line: bytes) -> None:
+        limit = self.totalHeadersSize
+        if self._receivedHeaderSize + len(line) > limit:
+            if self._in_request_line():
+                self.refuse(414, f"the request line is longer than {limit} bytes")
+            else:
+                self.refuse(431, f"the request's headers are larger than {limit} bytes in all")
+            return
+        super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self.refuse(431, f"the request has more than {self.maxHeaders} headers")
+            return False
+        return bool(super().headerReceived(line))
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Every other request twisted.web cannot parse: a malformed request
+        # line or header, a bad Content-Length or chunked body.
+        self.refuse(400, "the request is not valid HTTP/1.1")
 
     @property
     def idle(self) -> bool:

@@ -79,6 +79,73 @@ def test_chunked_body_is_cut_off_at_the_bound() -> None:
     assert rig.server.worker.queue_depth == 0 and not rig.engine.calls
 
 
+# -- header limits: a status that says which, never a silent drop ---------------
+
+
+def oversized(kind: str) -> bytes:
+    if kind == "a 200 KB header line":
+        return b"GET /health HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"
+    if kind == "20 KB of headers":
+        lines = b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 100) for i in range(200))
+        return b"GET /health HTTP/1.1\r\nHost: h\r\n" + lines + b"\r\n"
+    if kind == "600 headers":
+        lines = b"".join(b"X-%d: b\r\n" % i for i in range(600))
+        return b"GET /health HTTP/1.1\r\nHost: h\r\n" + lines + b"\r\n"
+    assert kind == "a 20 KB request line"
+    return b"GET /" + b"u" * 20_000 + b" HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "message"),
+    [
+        ("a 200 KB header line", 431, "a request header line is longer than 16384 bytes"),
+        ("20 KB of headers", 431, "the request's headers are larger than 16384 bytes in all"),
+        ("600 headers", 431, "the request has more than 500 headers"),
+        ("a 20 KB request line", 414, "the request line is longer than 16384 bytes"),
+    ],
+)
+def test_headers_over_twisted_webs_limits_get_a_status_that_says_which(
+    kind: str, status: int, message: str
+) -> None:
+    """
+    twisted.web dropped the connection without a word for a line over 16 KB
+    and answered a bare 400 for the rest.
+    """
+    rig = make_rig()
+    with Logs() as logs:
+        ex = limited(rig).connect(oversized(kind))
+    assert ex.status == status and ex.closed
+    error = ex.json()["error"]
+    assert error["message"] == message
+    rid = ex.header("x-request-id")
+    assert rid and logs.any(f"ds4tw: {status} for ") and logs.any(f"request={rid}: {message}")
+    assert not rig.engine.calls
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /health HTTP/1.1\r\nHost: h\r\nno colon here\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: h\r\nContent-Length: x\r\n\r\n",
+        b"NONSENSE\r\n\r\n",
+    ],
+)
+def test_what_twisted_web_cannot_parse_is_a_json_400_and_logged(raw: bytes) -> None:
+    rig = make_rig()
+    with Logs() as logs:
+        ex = limited(rig).connect(raw)
+    assert ex.status == 400 and ex.closed
+    assert ex.json()["error"]["message"] == "the request is not valid HTTP/1.1"
+    assert logs.any("ds4tw: 400 for ")
+
+
+def test_headers_within_the_limits_are_served() -> None:
+    rig = make_rig()
+    lines = "".join(f"X-H{i}: {'b' * 100}\r\n" for i in range(120))  # ~13 KB
+    raw = f"GET /health HTTP/1.1\r\nHost: h\r\n{lines}\r\n".encode()
+    assert limited(rig).connect(raw).status == 200
+
+
 def test_twistd_options_reach_the_site() -> None:
     from twisted.application.internet import StreamServerEndpointService
 
