@@ -1,0 +1,124 @@
+"""
+A long prefill under each real agent: the scripted engine paced so that
+the agent's own first prompt takes about 32 s to prefill (25-40 s), with
+`--keepalive 2`, so the agent waits through some fifteen SSE comment
+frames before the first token. Each agent must still finish and print
+the reply, after exactly one request (no timeout and retry).
+
+The pace comes from the agent's captured first request
+(fixtures/AGENT.json), counted by ds4tw itself (one token per character),
+so it follows what each release sends. The four agents run at once, each
+against a server of its own (the engine's steps are shared by its
+slots): the test takes one long prefill, not four; the waits are sleeps.
+
+Proves that each agent's SSE client reads comment frames as SSE and does
+not give up on a long silent-but-alive stream; it cannot prove the agents
+would wait for a prefill longer than their own idle timeouts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from tests.integration.conftest import Twistd, start_twistd, stop_twistd
+
+from .agents import Agent, Run, run_agent
+from .conftest import TITLE, Stage
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TARGET_S = 32.0
+LOW_S, HIGH_S = 25.0, 40.0
+KEEPALIVE_S = 2
+SLOW_REPLY = "Hello after a long prefill."
+PROMPT = "Say hello."  # the fixtures' prompt, so the sizes match
+
+JOB_LINE = re.compile(r" done: .*? prompt=(\d+) .*? prefill=([\d.]+)s ")
+CANCELLED = re.compile(r" cancelled at (queued|prefill|decode) ")
+
+
+def fixture_tokens(stage: Stage, name: str) -> int:
+    """The prompt tokens of the agent's captured first request, as ds4tw counts them."""
+    request = json.loads((FIXTURES / f"{name}.json").read_text())["request"]
+    route = urlsplit(request["path"]).path
+    body: dict[str, Any] = {**request["body"], "stream": False}
+    body.pop("stream_options", None)
+    body["max_output_tokens" if route == "/v1/responses" else "max_tokens"] = 1
+    r = httpx.post(stage.server.url + route, json=body, timeout=60)
+    assert r.status_code == 200, (name, r.status_code, r.text[:2000])
+    usage = r.json()["usage"]
+    if route == "/v1/messages":  # input_tokens leaves out what the cache reused
+        return int(usage["input_tokens"] + usage["cache_read_input_tokens"])
+    return int(usage.get("prompt_tokens") or usage["input_tokens"])
+
+
+def slow_server(tmp: Path, tokens: int) -> Twistd:
+    spec = tmp / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "prefill_tps": tokens / TARGET_S,
+                "reply": SLOW_REPLY,
+                "when": {"You are a title generator": TITLE},
+            }
+        )
+    )
+    return start_twistd(
+        tmp,
+        "--model",
+        f"scripted:{spec}",
+        "--ctx",
+        "262144",
+        "--keepalive",
+        str(KEEPALIVE_S),
+    )
+
+
+def test_each_agent_waits_through_a_long_prefill(
+    stage: Stage, agents: dict[str, Agent], tmp_path: Path
+) -> None:
+    names = list(agents)
+    tokens = {name: fixture_tokens(stage, name) for name in names}
+    dirs = {}
+    for name in names:
+        dirs[name] = tmp_path / name
+        (dirs[name] / "work").mkdir(parents=True)
+    with ThreadPoolExecutor(len(names)) as pool:
+        servers = dict(
+            zip(names, pool.map(lambda n: slow_server(dirs[n], tokens[n]), names), strict=True)
+        )
+    try:
+
+        def go(name: str) -> Run:
+            d = dirs[name]
+            return run_agent(
+                agents[name], PROMPT, servers[name].url, d / "home", d / "work", timeout=120
+            )
+
+        with ThreadPoolExecutor(len(names)) as pool:
+            runs = dict(zip(names, pool.map(go, names), strict=True))
+        frames = {
+            n: servers[n].metric("ds4tw_keepalive_frames_total", stage="prefill") for n in names
+        }
+    finally:
+        for server in servers.values():
+            stop_twistd(server)
+
+    for name in names:
+        run, log = runs[name], servers[name].log_text()
+        assert run.returncode == 0 and not run.timed_out, run.describe()
+        assert SLOW_REPLY in run.stdout, run.describe()
+        assert not CANCELLED.search(log), log[-3000:]
+        # The conversation's request, once (opencode's title request is short).
+        jobs = [(int(p), float(s)) for p, s in JOB_LINE.findall(log)]
+        long_jobs = [(p, s) for p, s in jobs if p > 0.5 * tokens[name]]
+        assert len(long_jobs) == 1, (name, tokens[name], jobs)
+        ((prompt, prefill),) = long_jobs
+        assert LOW_S <= prefill <= HIGH_S, (name, prompt, tokens[name], prefill)
+        assert frames[name] >= (LOW_S / KEEPALIVE_S) - 2, (name, frames[name])
