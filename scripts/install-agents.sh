@@ -83,12 +83,12 @@ if ! installed "$aider"; then
 fi
 
 if [ "${1:-}" = --paths ]; then
-    echo "claude=$claude/node_modules/.bin/claude"
+    echo "claude-code=$claude/node_modules/.bin/claude"
     echo "codex=$codex/node_modules/.bin/codex"
     echo "opencode=$opencode/node_modules/.bin/opencode"
     echo "opencode_config=$opencode/config-opencode"
     echo "aider=$aider/bin/aider"
-    echo "claude_version=$CLAUDE_CODE_VERSION"
+    echo "claude-code_version=$CLAUDE_CODE_VERSION"
     echo "codex_version=$CODEX_VERSION"
     echo "opencode_version=$OPENCODE_VERSION"
     echo "aider_version=$AIDER_VERSION"

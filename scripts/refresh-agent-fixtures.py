@@ -1,8 +1,9 @@
 """
 Capture each coding agent's first request to ds4tw and check it in as
 tests/agents/fixtures/AGENT.json: the method, path, headers and body
-exactly as sent (tools untouched), with where it came from (agent,
-release, date, command) and every request of the run.
+exactly as sent (tools untouched), beside where it came from (agent,
+release, date, command, prompt) and every request of the run. For
+opencode, which sends a title request first, the first one with tools.
 
     .venv/bin/python scripts/refresh-agent-fixtures.py [AGENT ...]
 
@@ -70,12 +71,11 @@ def capture(agent: Agent, url: str) -> dict[str, object]:
         "prompt": PROMPT,
         "exit": run.returncode,
         "requests": [f"{r.method} {r.path} {r.status}" for r in recorder.requests],
-        "request": {
-            "method": req.method,
-            "path": req.path,
-            "headers": [list(h) for h in req.headers],
-            "body": req.json(),
-        },
+        # The captured request itself, as sent.
+        "method": req.method,
+        "path": req.path,
+        "headers": [list(h) for h in req.headers],
+        "body": req.json(),
     }
 
 

@@ -134,10 +134,10 @@ def _claude_env(home: Path, base_url: str) -> dict[str, str]:
 
 
 CLAUDE = Agent(
-    name="claude",
+    name="claude-code",
     route="/v1/messages",
     configure=_claude_env,
-    argv=lambda prompt, files: [install()["claude"], "-p", prompt],
+    argv=lambda prompt, files: [install()["claude-code"], "-p", prompt],
     command="claude -p PROMPT",
 )
 

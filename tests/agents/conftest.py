@@ -68,7 +68,7 @@ def tool_calls(workdirs: dict[str, Path]) -> dict[str, str]:
     """Each agent's own read-only tool, on the notes file in its workdir."""
     return {
         # Read wants an absolute path.
-        "claude": tool_call("Read", {"file_path": str(workdirs["claude"] / "notes.txt")}),
+        "claude-code": tool_call("Read", {"file_path": str(workdirs["claude-code"] / "notes.txt")}),
         # A plain function tool Codex ships (not one inside its namespace),
         # run in its read-only sandbox.
         "codex": tool_call("exec_command", {"cmd": "cat notes.txt"}),
@@ -80,7 +80,7 @@ def spec(workdirs: dict[str, Path]) -> dict[str, object]:
     when: dict[str, str] = {}
     # A prompt that carries a tool's result is answered first: it also
     # still holds the question that asked for the tool.
-    for name in ("claude", "codex", "opencode"):
+    for name in ("claude-code", "codex", "opencode"):
         when[secret(name)] = final_answer(name)
     when["You are a title generator"] = TITLE
     for name, call in tool_calls(workdirs).items():

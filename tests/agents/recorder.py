@@ -112,7 +112,10 @@ class Recorder:
                 target = urlsplit(str(recorder.upstream))
                 conn = http.client.HTTPConnection(str(target.hostname), target.port, timeout=600)
                 try:
-                    headers = {k: v for k, v in rec.headers if k.lower() not in HOP}
+                    # The body was read whole (chunked or not): sent with its length.
+                    headers = {
+                        k: v for k, v in rec.headers if k.lower() not in HOP | {"content-length"}
+                    }
                     headers["Content-Length"] = str(len(rec.body))
                     conn.request(rec.method, rec.path, rec.body, headers)
                     resp = conn.getresponse()

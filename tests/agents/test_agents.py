@@ -42,7 +42,7 @@ def conversation(posts: list[Recorded], agent: Agent) -> list[Recorded]:
     return [p for p in posts if "You are a title generator" not in p.body.decode()]
 
 
-@pytest.mark.parametrize("name", ["claude", "codex", "opencode", "aider"])
+@pytest.mark.parametrize("name", ["claude-code", "codex", "opencode", "aider"])
 def test_a_plain_turn(stage: Stage, agents: dict[str, Agent], name: str, tmp_path: Path) -> None:
     agent = agents[name]
     before = len(stage.recorder.posts())
@@ -59,7 +59,7 @@ def tool_result(name: str, body: dict[str, Any]) -> tuple[str, str]:
     The tool call the agent replays from ds4tw's answer and the result it
     sends for it, each in the agent's own dialect, matched by call id.
     """
-    if name == "claude":
+    if name == "claude-code":
         *_, assistant, user = body["messages"]
         (use,) = [b for b in assistant["content"] if b["type"] == "tool_use"]
         (result,) = [b for b in user["content"] if b["type"] == "tool_result"]
@@ -81,7 +81,7 @@ def tool_result(name: str, body: dict[str, Any]) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize(
-    ("name", "tool"), [("claude", "Read"), ("codex", "exec_command"), ("opencode", "read")]
+    ("name", "tool"), [("claude-code", "Read"), ("codex", "exec_command"), ("opencode", "read")]
 )
 def test_a_tool_round_trip(
     stage: Stage, agents: dict[str, Agent], name: str, tool: str, tmp_path: Path

@@ -45,7 +45,7 @@ CANCELLED = re.compile(r" cancelled at (queued|prefill|decode) ")
 
 def fixture_tokens(stage: Stage, name: str) -> int:
     """The prompt tokens of the agent's captured first request, as ds4tw counts them."""
-    request = json.loads((FIXTURES / f"{name}.json").read_text())["request"]
+    request = json.loads((FIXTURES / f"{name}.json").read_text())
     route = urlsplit(request["path"]).path
     body: dict[str, Any] = {**request["body"], "stream": False}
     body.pop("stream_options", None)
