@@ -83,6 +83,8 @@ class Agent:
     argv: Callable[[str, list[str]], list[str]]
     #: How the agent is started, for docs and the fixture's provenance.
     command: str
+    #: The header carrying its session id, which ds4tw takes as the session key.
+    session_header: str | None = None
     #: Files it may read in a tool round trip are given on its command line.
     files_on_command_line: bool = False
     notes: list[str] = field(default_factory=list)
@@ -139,6 +141,7 @@ CLAUDE = Agent(
     configure=_claude_env,
     argv=lambda prompt, files: [install()["claude-code"], "-p", prompt],
     command="claude -p PROMPT",
+    session_header="X-Claude-Code-Session-Id",
 )
 
 
@@ -190,6 +193,7 @@ CODEX = Agent(
         prompt,
     ],
     command="codex exec --skip-git-repo-check PROMPT",
+    session_header="session-id",
 )
 
 
@@ -246,6 +250,7 @@ OPENCODE = Agent(
     configure=_opencode_env,
     argv=lambda prompt, files: [install()["opencode"], "run", prompt],
     command="opencode run PROMPT",
+    session_header="x-session-affinity",
 )
 
 

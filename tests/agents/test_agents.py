@@ -52,6 +52,14 @@ def test_a_plain_turn(stage: Stage, agents: dict[str, Agent], name: str, tmp_pat
     (turn,) = conversation(stage.posts_since(before), agent)
     assert PLAIN_PROMPT in turn.body.decode()
     assert turn.json()["stream"] is True
+    # The session id the agent sends is ds4tw's session key (named in the
+    # job's log line, so a proxy can keep the conversation on one replica).
+    if agent.session_header is not None:
+        key = turn.header(agent.session_header)
+        assert key, turn.headers
+        assert f" session={key} " in stage.server.log_text()
+    else:
+        assert not any("session" in k.lower() for k, _ in turn.headers), turn.headers
 
 
 def tool_result(name: str, body: dict[str, Any]) -> tuple[str, str]:
