@@ -155,7 +155,15 @@ class ChatStream(_Base):
         if self._role_sent:
             return []
         self._role_sent = True
-        return [self._delta({"role": "assistant", "content": ""})]
+        # No content key, not OpenAI's "": llama.cpp's test client refuses
+        # an empty content delta, and the AI SDK's OpenAI provider starts an
+        # empty text part for one (in a turn that is only a tool call too).
+        # Not null either (llama-server's), which breaks the common
+        # delta.get("content", "") (our own tests had five). A delta without
+        # content is one every client already meets: the finish chunk's {}.
+        # The openai SDK (chunks, and its .stream() accumulator) and the AI
+        # SDK read it as no text.
+        return [self._delta({"role": "assistant"})]
 
     def stage(self, stage: Stage) -> list[bytes]:
         # The role chunk goes out when the prompt is processed, as in
