@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -172,6 +173,11 @@ enabled = false
 [otel]
 exporter = "none"
 
+# Both sync a plugin marketplace from github.com and chatgpt.com at start.
+[features]
+plugins = false
+remote_plugin = false
+
 [model_providers.ds4tw]
 name = "ds4tw"
 base_url = "{base_url}/v1"
@@ -258,6 +264,15 @@ OPENCODE = Agent(
 
 
 def _aider_env(home: Path, base_url: str) -> dict[str, str]:
+    # aider fetches litellm's model list from GitHub unless its cache of it
+    # is under a day old and not empty: seeded with the copy litellm ships.
+    venv = Path(install()["aider"]).parent.parent
+    (shipped,) = venv.glob(
+        "lib/python3*/site-packages/litellm/model_prices_and_context_window_backup.json"
+    )
+    cache = home / ".aider" / "caches" / "model_prices_and_context_window.json"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shipped, cache)
     return {
         **_base_env(home),
         "OPENAI_API_BASE": f"{base_url}/v1",
