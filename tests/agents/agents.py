@@ -44,10 +44,13 @@ RUN_MARKER = "DS4TW_AGENT_RUN"
 @cache
 def install() -> dict[str, str]:
     """Install the pinned agents if absent; their executables and versions."""
-    out = subprocess.run(
-        ["bash", str(INSTALL), "--paths"], check=True, capture_output=True, text=True
-    ).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    done = subprocess.run(["bash", str(INSTALL), "--paths"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"scripts/install-agents.sh failed ({done.returncode}); it needs node, npm and "
+            f"access to the npm registry and PyPI:\n{done.stderr[-4000:]}"
+        )
+    return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
 
 
 @dataclass(frozen=True)
