@@ -109,7 +109,7 @@ _TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _FORMATS = ("date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5")
 #: Longest length or item count unrolled into rules; past it the bound is
 #: dropped (the converter writes one nested rule per unit).
-MAX_UNROLLED = 64
+MAX_UNROLLED = 256
 #: Any run of characters inside a JSON string, short of its closing quote
 #: (a bare C{.*} could write the quote and end the string mid-pattern).
 _FREE = '[^"\\\\]*'

@@ -23,6 +23,7 @@ request in the same run (the machines are shared and noisy).
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -30,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from ds4tw._tools.spec import Tooling
 
 #: Where the captured requests are, from a checkout.
 FIXTURES = Path("tests/agents/fixtures")
@@ -47,8 +50,15 @@ def agent_requests(folder: Path = FIXTURES) -> list[tuple[str, str, dict[str, An
     return out
 
 
-def request_tooling(route: str, body: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
+def request_tooling(route: str, body: dict[str, Any]) -> tuple[Tooling, list[dict[str, Any]]]:
     """The request's L{Tooling} and its chat messages, through the dialect's own parser."""
+    tooling, messages = _parsed(route, body)
+    if tooling is None:
+        raise ValueError(f"the request to {route} offers no tools")
+    return tooling, messages
+
+
+def _parsed(route: str, body: dict[str, Any]) -> tuple[Tooling | None, list[dict[str, Any]]]:
     if route.endswith("/messages"):
         from ds4tw._anthropic.schema import MessagesRequest
 
@@ -104,9 +114,9 @@ def measure(quick: bool = False, folder: Path = FIXTURES) -> dict[str, Any]:
         cache = GrammarCache()
         grammar, _ = cache.get(parser, tooling)
         base = _median_ms(baseline, trials)
-        cold = _median_ms(lambda t=tooling: parser.grammar(t), trials)
-        cold_forced = _median_ms(lambda t=forced: parser.grammar(t), trials)
-        cached = _median_ms(lambda t=tooling, c=cache: c.get(parser, t), trials * 10)
+        cold = _median_ms(functools.partial(parser.grammar, tooling), trials)
+        cold_forced = _median_ms(functools.partial(parser.grammar, forced), trials)
+        cached = _median_ms(functools.partial(cache.get, parser, tooling), trials * 10)
         out["agents"][agent] = {
             "route": route,
             "tools": len(tooling.tools),

@@ -135,15 +135,25 @@ def test_context_overflow_is_a_bad_request(client: anthropic.Anthropic) -> None:
     assert re.search(r"prompt is too long: \d+ tokens > 4095 maximum", e.value.message)
 
 
-def test_anthropic_tool_types_are_a_bad_request_not_ignored(client: anthropic.Anthropic) -> None:
-    with pytest.raises(anthropic.BadRequestError, match="web_search_20250305") as e:
+def test_anthropic_tool_types(client: anthropic.Anthropic) -> None:
+    # A server tool (Anthropic runs it) is left out and the rest served...
+    web = {"type": "web_search_20250305", "name": "web_search"}
+    m = client.messages.create(
+        model="demo", max_tokens=5, messages=QUESTION, tools=[WEATHER, web]
+    )  # fmt: skip
+    assert m.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    # ...but cannot be forced; a client tool of Anthropic's own schema is refused.
+    with pytest.raises(anthropic.BadRequestError, match="server tools") as e:
         client.messages.create(
-            model="demo",
-            max_tokens=5,
-            messages=QUESTION,
-            tools=[WEATHER, {"type": "web_search_20250305", "name": "web_search"}],
-        )
+            model="demo", max_tokens=5, messages=QUESTION, tools=[WEATHER, web],
+            tool_choice={"type": "tool", "name": "web_search"},
+        )  # fmt: skip
     assert e.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    bash = {"type": "bash_20250124", "name": "bash"}
+    with pytest.raises(anthropic.BadRequestError, match="bash_20250124") as e:
+        client.messages.create(
+            model="demo", max_tokens=5, messages=QUESTION, tools=[WEATHER, bash]
+        )  # fmt: skip
     assert "tools.1.type" in e.value.message
 
 
