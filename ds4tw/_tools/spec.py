@@ -12,6 +12,7 @@ Covered by tests/unit/test_openai_tools.py (through the chat route).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -174,12 +175,26 @@ def check_schema(schema: Any, param: str) -> None:
     """A 400 naming C{param} unless C{schema} is a valid JSON Schema."""
     if not isinstance(schema, dict):
         raise invalid(f"{param}: a JSON Schema must be an object", param)
+    problem = _schema_problem(json.dumps(schema, sort_keys=True))
+    if problem is not None:
+        raise invalid(f"{param}: {problem}", param)
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema_problem(text: str) -> str | None:
+    """
+    What is wrong with a schema (by its canonical text), or None. Cached:
+    checking against the metaschema runs on the reactor thread, agents
+    send the same tools every turn, and Claude Code's twelve took 56 ms
+    of jsonschema a request, measured; the key costs well under 1 ms.
+    """
     try:
-        Draft202012Validator.check_schema(schema)
+        Draft202012Validator.check_schema(json.loads(text))
     except SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path)
         at = f" at {where}" if where else ""
-        raise invalid(f"{param}: not a valid JSON Schema{at}: {e.message}", param) from e
+        return f"not a valid JSON Schema{at}: {e.message}"
+    return None
 
 
 def check_tools(

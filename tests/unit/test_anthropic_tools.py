@@ -915,3 +915,28 @@ def test_invalid_tool_requests_get_anthropic_400s_and_queue_nothing(
         assert ex.status == 400 and fragment in ex.json()["error"]["message"]
     assert rig.engine.calls == [] and rig.engine.template_kwargs == []
     assert not rig.threads.busy and rig.server.worker.queue_depth == 0
+
+
+def test_tool_schemas_are_checked_once_not_every_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The metaschema check runs on the reactor thread: Claude Code's twelve
+    # tools took 56 ms a request before it was cached. A bad schema is
+    # still a 400 every time.
+    from jsonschema import Draft202012Validator
+
+    from ds4tw._tools import spec
+
+    spec._schema_problem.cache_clear()
+    checked: list[Any] = []
+    real = Draft202012Validator.check_schema
+    monkeypatch.setattr(
+        Draft202012Validator, "check_schema", lambda s: (checked.append(s), real(s))[1]
+    )
+    rig = make_rig()
+    for _ in range(3):
+        ex = rig.http.post("/v1/messages/count_tokens", {**BASE, "tools": [WEATHER, WORKFLOW]})
+        assert ex.status == 200, ex.body
+    assert len(checked) == 2  # one per distinct schema
+    bad = {"name": "f", "input_schema": {"type": "object", "properties": 5}}
+    for _ in range(2):
+        ex = rig.http.post("/v1/messages/count_tokens", {**BASE, "tools": [bad]})
+        assert ex.status == 400 and "not a valid JSON Schema" in ex.body.decode()
