@@ -19,6 +19,9 @@ repeated trials:
 
 Reported as milliseconds and as ratios against the baseline of the same
 request in the same run (the machines are shared and noisy).
+
+Covered by tests/unit/test_bench.py; its request parsing is used by
+tests/integration/test_agent_grammars.py.
 """
 
 from __future__ import annotations
