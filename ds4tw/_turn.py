@@ -208,8 +208,9 @@ def new_job(
         reasoning parser (chat routes); off for raw text completions.
     @param tooling: parse tool calls out of the content with the server's
         tool-call parser, when the request offers tools.
-    @param session: the client's session id (C{X-Session-Id}), added to
-        the label.
+    @param session: the client's session key (C{X-Session-Id} or its
+        agent's own header, L{ds4tw._routing.session_id}), added to the
+        label.
     @param request_id: the request's C{X-Request-Id}, added to the label,
         so an operator finds a client's request in the log by the id the
         client saw.
