@@ -12,8 +12,10 @@ assert is exactly what went over the wire, in the agent's own shape.
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -35,6 +37,9 @@ class Recorded:
     headers: list[tuple[str, str]]
     body: bytes
     status: int = 0
+    #: When the response's headers and then each piece of its body arrived
+    #: from ds4tw (time.monotonic()): what the agent waited through.
+    arrivals: list[float] = field(default_factory=list)
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
@@ -45,6 +50,11 @@ class Recorded:
     @property
     def route(self) -> str:
         return urlsplit(self.path).path
+
+    def longest_silence(self) -> float:
+        """The longest wait between two arrivals (the headers count as one)."""
+        times = self.arrivals
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 @dataclass
@@ -119,6 +129,7 @@ class Recorder:
                     headers["Content-Length"] = str(len(rec.body))
                     conn.request(rec.method, rec.path, rec.body, headers)
                     resp = conn.getresponse()
+                    rec.arrivals.append(time.monotonic())
                     rec.status = resp.status
                     self.send_response(resp.status, resp.reason)
                     for k, v in resp.getheaders():
@@ -132,6 +143,7 @@ class Recorder:
                     self.end_headers()
                     # read1: whatever has arrived, at once (an SSE frame, a keepalive).
                     while piece := resp.read1(65536):
+                        rec.arrivals.append(time.monotonic())
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                         self.wfile.flush()
                     self.wfile.write(b"0\r\n\r\n")
