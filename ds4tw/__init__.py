@@ -32,7 +32,7 @@ from ._engine import (
 from ._host import ServerConfig
 from ._http import LimitedSite
 from ._kvcache import CacheStats, PromptCache
-from ._llama import LlamaEngine, demo_model_path
+from ._llama import EngineOptions, LlamaEngine, demo_model_path
 from ._tap import Options, makeService
 from ._types import Finish, Stage, Timings, Usage
 from ._version import __version__
@@ -44,6 +44,7 @@ __all__ = [
     "CacheStats",
     "ChatPrompt",
     "Engine",
+    "EngineOptions",
     "Failed",
     "Finish",
     "Finished",

@@ -34,7 +34,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ._anthropic.render import error_body as anthropic_error_body
 from ._anthropic.routes import add_routes as anthropic_routes
-from ._engine import Engine
+from ._engine import Engine, ReportsSettings
 from ._errors import APIError, invalid, method_not_allowed, not_found, unauthorized
 from ._host import ServerConfig
 from ._metrics import CONTENT_TYPE_LATEST, Metrics
@@ -231,6 +231,9 @@ class Server(MultiService):
                 "slots": w.slots,
                 "slots_busy": w.slots_busy,
             }
+            if isinstance(self.engine, ReportsSettings) and w.ready:
+                # As llama.cpp took them (docs/operations.md, "Engine settings").
+                payload["engine"] = self.engine.settings
             ok = w.ready and not w.draining
             if not ok:
                 request.setHeader(b"retry-after", b"5")

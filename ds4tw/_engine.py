@@ -305,6 +305,18 @@ class Engine(Protocol):
         """Free the model (worker thread)."""
 
 
+@runtime_checkable
+class ReportsSettings(Protocol):
+    """
+    An engine that can say how its backend took its settings (L{LlamaEngine}:
+    GPU layers, flash attention, KV cache types, ...): C{/health} shows them.
+    """
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings as the backend took them (empty before L{Engine.load})."""
+
+
 def generate(
     engine: Engine,
     prompt: Sequence[int],

@@ -34,7 +34,7 @@ from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from twisted.logger import Logger
 
@@ -212,17 +212,291 @@ def _sequences(n_seq: int) -> Iterator[None]:
         C.llama_context_default_params = original
 
 
-def open_llama(path: str, *, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1) -> Any:
+#: llama-server's C{--cache-type-k} / C{--cache-type-v} names: the ggml
+#: type, and its bytes per block of values per block (ggml_type_size,
+#: ggml_blck_size; tests/integration/test_engine_options.py checks them
+#: against ggml's own).
+CACHE_TYPES: dict[str, tuple[int, int, int]] = {
+    "f32": (0, 4, 1),
+    "f16": (1, 2, 1),
+    "bf16": (30, 2, 1),
+    "q8_0": (8, 34, 32),
+    "q4_0": (2, 18, 32),
+    "q4_1": (3, 20, 32),
+    "iq4_nl": (20, 18, 32),
+    "q5_0": (6, 22, 32),
+    "q5_1": (7, 24, 32),
+}
+_CACHE_TYPE_NAMES = {t: name for name, (t, _, _) in CACHE_TYPES.items()}
+#: Cache types a V cache may have without flash attention: llama.cpp
+#: refuses a quantised one (C{quantized V cache requires flash_attn}).
+UNQUANTISED = frozenset({"f32", "f16", "bf16"})
+SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+#: C{llama_model_params.load_mode} (llama.cpp's enum llama_load_mode).
+_LOAD_MODES = {(False, False): 0, (True, False): 1, (False, True): 2, (True, True): 3}
+#: What C{Llama()} turns C{n_gpu_layers=-1} into: every layer.
+_ALL_LAYERS = 0x7FFFFFFF
+#: C{LLAMA_DEFAULT_SEED}: llama.cpp's "a random seed".
+_RANDOM_SEED = 0xFFFFFFFF
+#: llama.cpp's C{llama_model_kv_override} holds a key and a string value
+#: in 128 bytes each, NUL included.
+_KV_OVERRIDE_MAX = 127
+
+
+def parse_override_kv(spec: str) -> tuple[str, bool | int | float | str]:
+    """
+    One C{--override-kv} in llama-server's syntax, C{KEY=TYPE:VALUE} with
+    TYPE C{int}, C{float}, C{bool} (C{true} or C{false}) or C{str}: the
+    key and the typed value C{Llama(kv_overrides=...)} takes. Raises
+    ValueError naming what is wrong.
+    """
+    key, eq, rest = spec.partition("=")
+    kind, colon, text = rest.partition(":")
+    if not eq or not colon or not key:
+        raise ValueError(f"--override-kv {spec!r}: expected KEY=TYPE:VALUE")
+    if len(key.encode()) > _KV_OVERRIDE_MAX:
+        raise ValueError(f"--override-kv {spec!r}: key longer than {_KV_OVERRIDE_MAX} bytes")
+    value: bool | int | float | str
+    try:
+        if kind == "int":
+            value = int(text)
+        elif kind == "float":
+            value = float(text)
+        elif kind == "bool":
+            if text not in ("true", "false"):
+                raise ValueError("a bool is true or false")
+            value = text == "true"
+        elif kind == "str":
+            if len(text.encode()) > _KV_OVERRIDE_MAX:
+                raise ValueError(f"a string is at most {_KV_OVERRIDE_MAX} bytes")
+            value = text
+        else:
+            raise ValueError("TYPE is int, float, bool or str")
+    except ValueError as e:
+        raise ValueError(f"--override-kv {spec!r}: {e}") from None
+    return key, value
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """
+    llama.cpp's model and context settings, named after llama-server's
+    flags (C{twistd ds4tw --gpu-layers ...}; README's options table). The
+    defaults are llama-server's, and on a build without GPU offload they
+    load a model as ds4tw always has, all on the CPU.
+
+    @ivar gpu_layers: layers to offload: a number, C{"all"}, or C{"auto"}
+        (all when the build can offload, C{llama_supports_gpu_offload()},
+        else none).
+    @ivar flash_attn: C{"on"}, C{"off"}, or C{"auto"} (llama.cpp decides
+        per device: on for the CPU).
+    @ivar cache_type_k: the K cache's type, one of L{CACHE_TYPES}.
+    @ivar cache_type_v: the V cache's type; a quantised one needs flash
+        attention.
+    @ivar mlock: keep the weights in RAM (no swapping).
+    @ivar mmap: map the model file instead of reading it into memory.
+    @ivar split_mode: how a model spans several GPUs: C{"none"},
+        C{"layer"} or C{"row"}.
+    @ivar tensor_split: each GPU's share of the model, in device order.
+    @ivar main_gpu: the GPU for the whole model (split mode none) or for
+        intermediate results (row).
+    @ivar threads_batch: threads for prompt batches (default: the
+        engine's C{n_threads}).
+    @ivar override_kv: model metadata overrides, C{KEY=TYPE:VALUE} each
+        (L{parse_override_kv}).
+    @ivar seed: the sampling seed of requests that give none (None: a
+        random one per request, as before).
+    """
+
+    gpu_layers: int | Literal["all", "auto"] = "auto"
+    flash_attn: Literal["auto", "on", "off"] = "auto"
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    mlock: bool = False
+    mmap: bool = True
+    split_mode: Literal["none", "layer", "row"] = "layer"
+    tensor_split: tuple[float, ...] = ()
+    main_gpu: int = 0
+    threads_batch: int | None = None
+    override_kv: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def check(self, gpu_devices: int | None = None) -> None:
+        """
+        Raise ValueError, naming the option, if llama.cpp would refuse
+        these settings or silently not do what they say. With
+        C{gpu_devices} (L{gpu_device_count}) the device-dependent ones
+        are checked too.
+        """
+        layers = self.gpu_layers
+        if not (layers in ("all", "auto") or (isinstance(layers, int) and layers >= 0)):
+            raise ValueError(f"--gpu-layers {layers!r}: a number >= 0, all or auto")
+        if self.flash_attn not in FLASH_ATTN:
+            raise ValueError(f"--flash-attn {self.flash_attn!r}: on, off or auto")
+        for name, kind in (("k", self.cache_type_k), ("v", self.cache_type_v)):
+            if kind not in CACHE_TYPES:
+                raise ValueError(f"--cache-type-{name} {kind!r}: one of {', '.join(CACHE_TYPES)}")
+        if self.cache_type_v not in UNQUANTISED and self.flash_attn == "off":
+            raise ValueError(
+                f"--cache-type-v {self.cache_type_v} needs flash attention "
+                "(llama.cpp refuses a quantised V cache without it): "
+                "--flash-attn on or auto, or --cache-type-v f16"
+            )
+        if self.split_mode not in SPLIT_MODES:
+            raise ValueError(f"--split-mode {self.split_mode!r}: none, layer or row")
+        split = self.tensor_split
+        if split:
+            if any(not math.isfinite(x) or x < 0 for x in split) or not any(split):
+                raise ValueError(f"--tensor-split {_split_text(split)}: shares are >= 0, not all 0")
+            if len(split) > _MAX_DEVICES:
+                raise ValueError(
+                    f"--tensor-split {_split_text(split)}: llama.cpp takes at most "
+                    f"{_MAX_DEVICES} devices"
+                )
+            if gpu_devices is not None and len(split) > gpu_devices:
+                raise ValueError(
+                    f"--tensor-split {_split_text(split)} names {len(split)} devices; "
+                    f"this llama.cpp build sees {gpu_devices} GPU device(s)"
+                )
+        if self.main_gpu < 0:
+            raise ValueError("--main-gpu must be >= 0")
+        if gpu_devices is not None and self.main_gpu > 0 and self.main_gpu >= gpu_devices:
+            raise ValueError(
+                f"--main-gpu {self.main_gpu}: this llama.cpp build sees {gpu_devices} "
+                "GPU device(s), numbered from 0"
+            )
+        if self.threads_batch is not None and self.threads_batch < 1:
+            raise ValueError("--threads-batch must be at least 1")
+        for spec in self.override_kv:
+            parse_override_kv(spec)
+        if self.seed is not None and not 0 <= self.seed < _RANDOM_SEED:
+            raise ValueError(f"--seed {self.seed}: 0 to {_RANDOM_SEED - 1}, or -1 for random")
+
+
+#: C{LLAMA_MAX_DEVICES}: the length of llama.cpp's tensor split array.
+_MAX_DEVICES = 16
+
+
+def _split_text(split: Sequence[float]) -> str:
+    return ",".join(f"{x:g}" for x in split)
+
+
+def gpu_device_count() -> int | None:
+    """
+    The GPU devices this llama.cpp build sees (ggml's GPU and integrated
+    GPU backends; 0 on a CPU-only build), or None when ggml cannot be
+    asked.
+    """
+    import llama_cpp
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    try:
+        ggml = load_shared_library("ggml", Path(llama_cpp.__file__).parent / "lib")
+    except (OSError, FileNotFoundError, RuntimeError):
+        return None
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    ggml.ggml_backend_dev_type.restype = ctypes.c_int
+    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    # enum ggml_backend_dev_type: CPU 0, GPU 1, IGPU 2, ACCEL 3 (BLAS and
+    # the like, which hold no layers).
+    types = [
+        ggml.ggml_backend_dev_type(ggml.ggml_backend_dev_get(i))
+        for i in range(ggml.ggml_backend_dev_count())
+    ]
+    return sum(t in (1, 2) for t in types)
+
+
+def _gpu_layers(options: EngineOptions) -> int:
+    """C{n_gpu_layers} for C{Llama()} (-1: all)."""
+    import llama_cpp
+
+    layers = options.gpu_layers
+    if layers == "auto":
+        return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+    if layers == "all":
+        return -1
+    return int(layers)
+
+
+@contextmanager
+def _flash_attn(mode: int) -> Iterator[None]:
+    """
+    Make the context with C{flash_attn_type} C{mode}: C{Llama()} takes a
+    bool and writes ENABLED or DISABLED over it, so llama.cpp's AUTO
+    (llama-server's default) can only be set on the params it hands to
+    C{LlamaContext}.
+    """
+    import llama_cpp._internals as internals
+
+    original = internals.LlamaContext
+
+    def context(*args: Any, **kwargs: Any) -> Any:
+        kwargs["params"].flash_attn_type = mode
+        return original(*args, **kwargs)
+
+    internals.LlamaContext = context  # type: ignore[misc,assignment]
+    try:
+        yield
+    finally:
+        internals.LlamaContext = original  # type: ignore[misc]
+
+
+@contextmanager
+def _llama_log(lines: list[str]) -> Iterator[None]:
+    """
+    Collect what llama.cpp logs into C{lines} (one entry per line),
+    passing every message on to llama-cpp-python's own logger as before.
+    The log is how llama.cpp says what it made of the settings (each
+    layer's device, the resolved flash attention, the KV cache's types
+    and size, the load mode), which its API does not report.
+    """
+    import llama_cpp
+    import llama_cpp._logger as llama_logger
+
+    previous = llama_logger.llama_log_callback
+    parts: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data: Any) -> None:
+        parts.append(text.decode("utf-8", "replace"))
+        previous(level, text, user_data)
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(previous, ctypes.c_void_p(0))
+        lines.extend("".join(parts).splitlines())
+
+
+def open_llama(
+    path: str,
+    *,
+    n_ctx: int,
+    n_batch: int,
+    n_threads: int,
+    n_seq: int = 1,
+    options: EngineOptions | None = None,
+    log_lines: list[str] | None = None,
+) -> Any:
     """
     A C{llama_cpp.Llama} loaded as ds4tw loads it (the benchmark's raw
     baseline loads through here too, so both measure the same thing).
     With C{n_seq} sequences the context has C{n_seq * n_ctx} cells.
+    What llama.cpp logs meanwhile goes into C{log_lines}.
     """
     from llama_cpp import Llama
 
+    o = options or EngineOptions()
+    overrides = dict(parse_override_kv(spec) for spec in o.override_kv)
     with (
         _no_extra_buffers() if _cpu_has_amx() else nullcontext(),
         _sequences(n_seq) if n_seq > 1 else nullcontext(),
+        _flash_attn(FLASH_ATTN[o.flash_attn]),
+        _llama_log(log_lines if log_lines is not None else []),
     ):
         return Llama(
             model_path=path,
@@ -230,7 +504,16 @@ def open_llama(path: str, *, n_ctx: int, n_batch: int, n_threads: int, n_seq: in
             n_batch=n_batch,
             n_ubatch=n_batch,
             n_threads=n_threads,
-            n_threads_batch=n_threads,
+            n_threads_batch=o.threads_batch or n_threads,
+            n_gpu_layers=_gpu_layers(o),
+            split_mode=SPLIT_MODES[o.split_mode],
+            main_gpu=o.main_gpu,
+            tensor_split=list(o.tensor_split) or None,
+            use_mmap=o.mmap,
+            use_mlock=o.mlock,
+            kv_overrides=overrides or None,
+            type_k=CACHE_TYPES[o.cache_type_k][0],
+            type_v=CACHE_TYPES[o.cache_type_v][0],
             verbose=False,
         )
 
@@ -772,6 +1055,9 @@ class LlamaEngine:
         C{twistd ds4tw --parallel} defaults to 4).
     @param prompt_cache: prefix states kept beyond the slots, in memory
         and on disk (L{ds4tw._kvcache}; docs/cache.md).
+    @param options: llama.cpp's settings (GPU layers, flash attention, KV
+        cache types, ...; L{EngineOptions}); raises ValueError at once if
+        they cannot work.
     """
 
     def __init__(
@@ -786,9 +1072,16 @@ class LlamaEngine:
         slots: int = 1,
         n_batch_decoding: int | None = None,
         prompt_cache: PromptCache | None = None,
+        options: EngineOptions | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
+        self.options = options or EngineOptions()
+        self.options.check()
+        #: What llama.cpp took of the options (L{settings}), once loaded.
+        self._settings: dict[str, Any] = {}
+        #: What llama.cpp logged while loading (L{_llama_log}).
+        self._load_log: list[str] = []
         self._n_batch_decoding = min(n_batch, n_batch_decoding or n_batch)
         self.model_path = Path(model_path)
         self.model_id = model_id or self.model_path.stem
@@ -845,14 +1138,27 @@ class LlamaEngine:
             return self._template_override or ""
         return self._template.source
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """
+        The engine's settings as llama.cpp took them, read back from the
+        context, the model params it was given and its load log (empty
+        before L{load}); C{/health} reports them.
+        """
+        return dict(self._settings)
+
     def load(self) -> None:
+        self._load_log = []
         llm = open_llama(
             str(self.model_path),
             n_ctx=self._n_ctx,
             n_batch=self._n_batch,
             n_threads=self._n_threads,
             n_seq=self.slots,
+            options=self.options,
+            log_lines=self._load_log,
         )
+        self._settings = engine_settings(llm, self.options, self._load_log)
         model = llm._model
         eos = model.token_eos()
         bos = model.token_bos()
@@ -872,7 +1178,12 @@ class LlamaEngine:
         self._abort_cb = abort_callback()
         self._watch(None)
         if self.prompt_cache is not None:
-            self.prompt_cache.start(model_identity(self.model_path, llm), self._n_ctx)
+            self.prompt_cache.start(
+                model_identity(
+                    self.model_path, llm, flash_attn=self._settings["flash_attn"] == "on"
+                ),
+                self._n_ctx,
+            )
         log.info(
             "ds4tw: loaded {path} (slots={slots} x n_ctx={n_ctx}: {cells} KV cells, "
             "~{mib:.0f} MiB; n_batch={n_batch}, threads={threads})",
@@ -883,6 +1194,24 @@ class LlamaEngine:
             mib=kv_bytes_per_token(llm) * llm.n_ctx() / 2**20,
             n_batch=self._n_batch,
             threads=self._n_threads,
+        )
+        e = self._settings
+        log.info(
+            "ds4tw: engine: {offloaded}/{layers} layers offloaded (--gpu-layers {gpu_layers}), "
+            "flash attention {flash_attn}, KV cache K {k} / V {v} = {per_token} bytes per "
+            "token, {load}, threads {threads}/{threads_batch} (batch), seed {seed}{overrides}",
+            offloaded=e["layers_offloaded"],
+            layers=e["layers"],
+            gpu_layers=self.options.gpu_layers,
+            flash_attn=e["flash_attn"],
+            k=e["cache_type_k"],
+            v=e["cache_type_v"],
+            per_token=e["kv_bytes_per_token"],
+            load="+".join(m for m in ("mmap", "mlock") if e[m]) or "read into memory",
+            threads=e["threads"],
+            threads_batch=e["threads_batch"],
+            seed="random" if e["seed"] is None else e["seed"],
+            overrides="".join(f", --override-kv {o}" for o in e["override_kv"]),
         )
 
     def close(self) -> None:
@@ -954,7 +1283,8 @@ class LlamaEngine:
         import llama_cpp
 
         llm = self._llm
-        seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+        seed = params.seed if params.seed is not None else self.options.seed
+        seed = llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF
         if params.temperature <= 0:
             sampler.add_greedy()
         else:
@@ -1248,11 +1578,13 @@ class LlamaEngine:
         return generate(self, prompt, params, abort)
 
 
-def model_identity(path: Path, llm: Any) -> dict[str, Any]:
+def model_identity(path: Path, llm: Any, *, flash_attn: bool | None = None) -> dict[str, Any]:
     """
     What a saved state depends on (L{ds4tw._kvcache}'s file header): the
     model file (its size and a hash of its first and last MiB: cheap at
-    load, and a renamed copy is the same model) and the KV layout.
+    load, and a renamed copy is the same model) and the KV layout, with
+    flash attention as llama.cpp resolved it when known (C{auto} is not
+    a layout).
     """
     import hashlib
 
@@ -1265,21 +1597,23 @@ def model_identity(path: Path, llm: Any) -> dict[str, Any]:
         f.seek(max(0, size - (1 << 20)))
         h.update(f.read(1 << 20))
     params = llm.context_params
+    fa = int(getattr(params, "flash_attn_type", getattr(params, "flash_attn", 0)))
     return {
         "model": h.hexdigest()[:32],
         "llama_cpp": llama_cpp.__version__,
         "kv_bytes_per_token": kv_bytes_per_token(llm),
         "type_k": int(getattr(params, "type_k", 1)),
         "type_v": int(getattr(params, "type_v", 1)),
-        "flash_attn": int(getattr(params, "flash_attn_type", getattr(params, "flash_attn", 0))),
+        "flash_attn": fa if flash_attn is None else int(flash_attn),
         "kv_unified": False,
     }
 
 
 def kv_bytes_per_token(llm: Any) -> int:
     """
-    KV cache bytes per token (all layers, K and V, f16), from the model's
-    shape: what one cell costs, so C{slots * n_ctx} of them is the cache.
+    KV cache bytes per token (all layers, K and V, in the cache types the
+    context was made with), from the model's shape: what one cell costs,
+    so C{slots * n_ctx} of them is the cache.
     """
     import llama_cpp
 
@@ -1288,4 +1622,77 @@ def kv_bytes_per_token(llm: Any) -> int:
     n_embd = llama_cpp.llama_model_n_embd(model)
     n_head = max(1, llama_cpp.llama_model_n_head(model))
     n_head_kv = llama_cpp.llama_model_n_head_kv(model)
-    return 2 * n_layer * (n_embd // n_head) * n_head_kv * 2
+    row = (n_embd // n_head) * n_head_kv
+    params = llm.context_params
+    total = 0
+    for ggml_type in (int(params.type_k), int(params.type_v)):
+        name = _CACHE_TYPE_NAMES.get(ggml_type, "f16")
+        _, block_bytes, per_block = CACHE_TYPES[name]
+        total += n_layer * (row // per_block) * block_bytes
+    return total
+
+
+_LAYER_DEVICE = re.compile(r"load_tensors: layer +\d+ assigned to device (\S+?),")
+_FLASH_ATTN_LOG = (
+    re.compile(r"Flash Attention (enabled|disabled)"),
+    re.compile(r"flash_attn += (enabled|disabled)"),
+    re.compile(r"flash_attn += auto -> (enabled|disabled)"),
+)
+_KV_TYPES_LOG = re.compile(r"llama_kv_cache: size = .* K \((\w+)\): .* V \((\w+)\):")
+
+
+def engine_settings(llm: Any, options: EngineOptions, log_lines: Sequence[str]) -> dict[str, Any]:
+    """
+    The settings as llama.cpp took them: thread counts from the context,
+    the model params C{Llama()} handed to llama.cpp (after its own
+    overwrites), and from llama.cpp's load log what its API does not say
+    (each layer's device, flash attention once C{auto} is resolved, the
+    KV cache's types).
+    """
+    import llama_cpp
+
+    ctx = llm._ctx.ctx
+    mp = llm.model_params
+    n_layer = llama_cpp.llama_model_n_layer(llm._model.model)
+    devices = [m.group(1) for line in log_lines if (m := _LAYER_DEVICE.search(line))]
+    if devices:
+        offloaded = sum(d != "CPU" for d in devices)
+        layers = len(devices)
+    else:  # a llama.cpp that does not log it: what it was asked for
+        layers = n_layer + 1
+        asked = mp.n_gpu_layers if mp.n_gpu_layers >= 0 else layers
+        offloaded = min(asked, layers) if llama_cpp.llama_supports_gpu_offload() else 0
+    flash = {0: "off", 1: "on"}.get(int(llm.context_params.flash_attn_type), "auto")
+    for pattern in _FLASH_ATTN_LOG:
+        found = [m.group(1) for line in log_lines if (m := pattern.search(line))]
+        if found:
+            flash = "on" if found[-1] == "enabled" else "off"
+            break
+    type_k = _CACHE_TYPE_NAMES.get(int(llm.context_params.type_k), "?")
+    type_v = _CACHE_TYPE_NAMES.get(int(llm.context_params.type_v), "?")
+    kv = [m.groups() for line in log_lines if (m := _KV_TYPES_LOG.search(line))]
+    if kv:
+        type_k, type_v = kv[-1]
+    load_mode = int(mp.load_mode)
+    n_split = len(options.tensor_split)
+    split = [float(mp.tensor_split[i]) for i in range(n_split)] if mp.tensor_split else []
+    return {
+        "gpu_layers": "all" if mp.n_gpu_layers in (-1, _ALL_LAYERS) else int(mp.n_gpu_layers),
+        "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
+        "layers": layers,
+        "layers_offloaded": offloaded,
+        "flash_attn": flash,
+        "cache_type_k": type_k,
+        "cache_type_v": type_v,
+        "kv_bytes_per_token": kv_bytes_per_token(llm),
+        "kv_cells": int(llama_cpp.llama_n_ctx(ctx)),
+        "mmap": load_mode in (1, 3),
+        "mlock": load_mode in (2, 3),
+        "split_mode": {v: k for k, v in SPLIT_MODES.items()}.get(int(mp.split_mode), "?"),
+        "main_gpu": int(mp.main_gpu),
+        "tensor_split": split,
+        "threads": int(llama_cpp.llama_n_threads(ctx)),
+        "threads_batch": int(llama_cpp.llama_n_threads_batch(ctx)),
+        "override_kv": list(options.override_kv),
+        "seed": options.seed,
+    }

@@ -22,7 +22,14 @@ from ._engine import Engine
 from ._host import ServerConfig
 from ._http import LimitedSite
 from ._kvcache import DEFAULT_MIN_TOKENS, PromptCache
-from ._llama import LlamaEngine, ModelNotFound, resolve_model
+from ._llama import (
+    CACHE_TYPES,
+    EngineOptions,
+    LlamaEngine,
+    ModelNotFound,
+    gpu_device_count,
+    resolve_model,
+)
 from ._reasoning import reasoning_parser
 from ._scripted import SPEC_HELP, parse_spec
 from ._tools.parsers import tool_call_parser
@@ -64,6 +71,37 @@ def _positive_float(value: str) -> float:
     if v < 0:
         raise ValueError("must be >= 0")
     return v
+
+
+def _gpu_layers(value: str) -> int | str:
+    if value in ("all", "auto"):
+        return value
+    if not value.isdigit():
+        # twistd prints this after "Parameter type enforcement failed:".
+        raise ValueError(f"--gpu-layers {value}: a number >= 0, all or auto")
+    return int(value)
+
+
+def _choice(option: str, *choices: str) -> Any:
+    def coerce(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"--{option} {value}: one of {', '.join(choices)}")
+        return value
+
+    return coerce
+
+
+def _tensor_split(value: str) -> tuple[float, ...]:
+    # llama-server takes "3,1" or "3/1".
+    return tuple(float(x) for x in value.replace("/", ",").split(","))
+
+
+def _seed(value: str) -> int | None:
+    n = int(value)
+    return None if n == -1 else n
+
+
+_CACHE_TYPE_HELP = ", ".join(CACHE_TYPES)
 
 
 class Options(usage.Options):
@@ -197,17 +235,85 @@ class Options(usage.Options):
             "How the model writes tool calls: auto (from the chat template), hermes, "
             "llama3_json or mistral.",
         ],
+        # llama.cpp's settings, with llama-server's names (EngineOptions).
+        [
+            "gpu-layers",
+            None,
+            "auto",
+            "Layers to offload to the GPU: N, all, or auto (all when this llama-cpp-python "
+            "build can offload, else 0).",
+            _gpu_layers,
+        ],
+        [
+            "flash-attn",
+            None,
+            "auto",
+            "Flash attention: on, off or auto (llama.cpp decides per device).",
+            _choice("flash-attn", "on", "off", "auto"),
+        ],
+        [
+            "cache-type-k",
+            None,
+            "f16",
+            f"KV cache type for K: {_CACHE_TYPE_HELP}.",
+            _choice("cache-type-k", *CACHE_TYPES),
+        ],
+        [
+            "cache-type-v",
+            None,
+            "f16",
+            f"KV cache type for V: {_CACHE_TYPE_HELP}; a quantised one needs flash attention.",
+            _choice("cache-type-v", *CACHE_TYPES),
+        ],
+        [
+            "split-mode",
+            None,
+            "layer",
+            "How the model spans several GPUs: none, layer or row.",
+            _choice("split-mode", "none", "layer", "row"),
+        ],
+        [
+            "tensor-split",
+            None,
+            None,
+            "Each GPU's share of the model, N,N,... in device order.",
+            _tensor_split,
+        ],
+        [
+            "main-gpu",
+            None,
+            0,
+            "The GPU for the whole model (--split-mode none) or for intermediate results (row).",
+            int,
+        ],
+        [
+            "threads-batch",
+            None,
+            None,
+            "CPU threads for prompt batches (default: --threads).",
+            int,
+        ],
+        [
+            "seed",
+            None,
+            None,
+            "Sampling seed of requests that give none (default, or -1: random per request).",
+            _seed,
+        ],
     ]
 
     optFlags: list[list[Any]] = [
         ["anthropic-ping", None, "Keep /v1/messages streams alive with `event: ping` frames."],
         ["no-ui", None, "Do not serve the chat page at / (docs/ui.md)."],
+        ["mlock", None, "Keep the model's weights in RAM (never swapped out)."],
+        ["no-mmap", None, "Read the model into memory instead of mapping the file."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
         self["cors"] = []
+        self["override-kv"] = []
 
     def opt_listen(self, port: str) -> None:
         """Where to listen, as a strports description (repeatable; default: {DEFAULT_LISTEN})."""
@@ -216,6 +322,27 @@ class Options(usage.Options):
     def opt_cors(self, origin: str) -> None:
         """Allow this origin by CORS (repeatable; * for any)."""
         self["cors"].append(origin)
+
+    def opt_override_kv(self, spec: str) -> None:
+        """Override model metadata: KEY=TYPE:VALUE, TYPE int, float, bool or str (repeatable)."""
+        self["override-kv"].append(spec)
+
+    def engine_options(self) -> EngineOptions:
+        """llama.cpp's settings these options ask for."""
+        return EngineOptions(
+            gpu_layers=self["gpu-layers"],
+            flash_attn=self["flash-attn"],
+            cache_type_k=self["cache-type-k"],
+            cache_type_v=self["cache-type-v"],
+            mlock=bool(self["mlock"]),
+            mmap=not self["no-mmap"],
+            split_mode=self["split-mode"],
+            tensor_split=self["tensor-split"] or (),
+            main_gpu=self["main-gpu"],
+            threads_batch=self["threads-batch"],
+            override_kv=tuple(self["override-kv"]),
+            seed=self["seed"],
+        )
 
     def postOptions(self) -> None:
         if not self["listen"]:
@@ -254,6 +381,13 @@ class Options(usage.Options):
             tool_call_parser(self["tool-call-parser"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from e
+        if self["scripted"] is None:
+            # Before the model loads: a combination llama.cpp would refuse
+            # (or quietly ignore) stops twistd with the option's name.
+            try:
+                self.engine_options().check(gpu_device_count())
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from e
         if self["chat-template"]:
             with open(self["chat-template"], encoding="utf-8") as f:
                 self["chat-template-text"] = f.read()
@@ -297,6 +431,7 @@ def makeService(options: Options) -> IService:
             slots=options["parallel"],
             n_batch_decoding=options["batch-decoding"],
             prompt_cache=prompt_cache(options),
+            options=options.engine_options(),
         )
     config = ServerConfig(
         keepalive=options["keepalive"],

@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_public_names() -> None:
     assert sorted(ds4tw.__all__) == sorted(
         [
-            "AbortFlag", "Aborted", "CacheStats", "ChatPrompt", "Engine", "Failed", "Finish",
-            "Finished", "Grammar", "Job", "JobCancelled", "LimitedSite", "LlamaEngine", "Options",
-            "PrefillProgress", "PromptCache", "SamplingParams", "Server", "ServerConfig", "Stage",
-            "StepResult", "Timings", "Token", "Usage", "WorkerThreads", "__version__",
+            "AbortFlag", "Aborted", "CacheStats", "ChatPrompt", "Engine", "EngineOptions",
+            "Failed", "Finish", "Finished", "Grammar", "Job", "JobCancelled", "LimitedSite",
+            "LlamaEngine", "Options", "PrefillProgress", "PromptCache", "SamplingParams", "Server",
+            "ServerConfig", "Stage", "StepResult", "Timings", "Token", "Usage", "WorkerThreads",
+            "__version__",
             "demo_model_path", "generate", "makeService",
         ]
     )  # fmt: skip
@@ -43,6 +44,7 @@ def test_public_names() -> None:
     assert ds4tw.Finish is _types.Finish
     assert ds4tw.Stage is _types.Stage
     assert ds4tw.LlamaEngine is _llama.LlamaEngine
+    assert ds4tw.EngineOptions is _llama.EngineOptions
     assert ds4tw.Options is _tap.Options
     assert ds4tw.Job is _worker.Job
     assert ds4tw.WorkerThreads is _worker.WorkerThreads
