@@ -18,8 +18,10 @@ L{abort_callback}): when every running request has been cancelled the
 step stops within milliseconds, its KV cells are dropped, and
 L{LlamaEngine.step} raises L{Aborted}.
 
-Covered by tests/integration/test_llama_engine.py and
-tests/integration/test_batching.py.
+Covered by tests/integration/test_llama_engine.py,
+tests/integration/test_batching.py and
+tests/integration/test_engine_options.py (each L{EngineOptions} setting
+read back from llama.cpp).
 """
 
 from __future__ import annotations
@@ -233,8 +235,8 @@ _CACHE_TYPE_NAMES = {t: name for name, (t, _, _) in CACHE_TYPES.items()}
 UNQUANTISED = frozenset({"f32", "f16", "bf16"})
 SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
-#: C{llama_model_params.load_mode} (llama.cpp's enum llama_load_mode).
-_LOAD_MODES = {(False, False): 0, (True, False): 1, (False, True): 2, (True, True): 3}
+#: C{LLAMA_MAX_DEVICES}: the length of llama.cpp's tensor split array.
+_MAX_DEVICES = 16
 #: What C{Llama()} turns C{n_gpu_layers=-1} into: every layer.
 _ALL_LAYERS = 0x7FFFFFFF
 #: C{LLAMA_DEFAULT_SEED}: llama.cpp's "a random seed".
@@ -289,8 +291,9 @@ class EngineOptions:
     @ivar gpu_layers: layers to offload: a number, C{"all"}, or C{"auto"}
         (all when the build can offload, C{llama_supports_gpu_offload()},
         else none).
-    @ivar flash_attn: C{"on"}, C{"off"}, or C{"auto"} (llama.cpp decides
-        per device: on for the CPU).
+    @ivar flash_attn: C{"on"}, C{"off"}, C{"auto"} (llama.cpp decides per
+        device: on for the CPU), or None: auto when layers are offloaded
+        or the V cache is quantised, else off (L{flash_attn_mode}).
     @ivar cache_type_k: the K cache's type, one of L{CACHE_TYPES}.
     @ivar cache_type_v: the V cache's type; a quantised one needs flash
         attention.
@@ -310,7 +313,7 @@ class EngineOptions:
     """
 
     gpu_layers: int | Literal["all", "auto"] = "auto"
-    flash_attn: Literal["auto", "on", "off"] = "auto"
+    flash_attn: Literal["auto", "on", "off"] | None = None
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     mlock: bool = False
@@ -332,7 +335,7 @@ class EngineOptions:
         layers = self.gpu_layers
         if not (layers in ("all", "auto") or (isinstance(layers, int) and layers >= 0)):
             raise ValueError(f"--gpu-layers {layers!r}: a number >= 0, all or auto")
-        if self.flash_attn not in FLASH_ATTN:
+        if self.flash_attn is not None and self.flash_attn not in FLASH_ATTN:
             raise ValueError(f"--flash-attn {self.flash_attn!r}: on, off or auto")
         for name, kind in (("k", self.cache_type_k), ("v", self.cache_type_v)):
             if kind not in CACHE_TYPES:
@@ -373,9 +376,22 @@ class EngineOptions:
         if self.seed is not None and not 0 <= self.seed < _RANDOM_SEED:
             raise ValueError(f"--seed {self.seed}: 0 to {_RANDOM_SEED - 1}, or -1 for random")
 
-
-#: C{LLAMA_MAX_DEVICES}: the length of llama.cpp's tensor split array.
-_MAX_DEVICES = 16
+    def flash_attn_mode(self, gpu_layers: int) -> Literal["auto", "on", "off"]:
+        """
+        The flash attention setting for llama.cpp, given the C{n_gpu_layers}
+        it gets. Unset, it is llama.cpp's auto (llama-server's default)
+        where that is what the other options ask for: layers on a GPU, or
+        a quantised V cache, which needs it. On the CPU otherwise it stays
+        off, as before these options: there auto turns it on, and that
+        changes the demo model's greedy text (measured: "What is the
+        capital of France?" continues "L'Etoile, la Cite, la Nation, ..."
+        off and "L'Etoile, la Marseillaise, ..." on).
+        """
+        if self.flash_attn is not None:
+            return self.flash_attn
+        if gpu_layers != 0 or self.cache_type_v not in UNQUANTISED:
+            return "auto"
+        return "off"
 
 
 def _split_text(split: Sequence[float]) -> str:
@@ -492,10 +508,11 @@ def open_llama(
 
     o = options or EngineOptions()
     overrides = dict(parse_override_kv(spec) for spec in o.override_kv)
+    gpu_layers = _gpu_layers(o)
     with (
         _no_extra_buffers() if _cpu_has_amx() else nullcontext(),
         _sequences(n_seq) if n_seq > 1 else nullcontext(),
-        _flash_attn(FLASH_ATTN[o.flash_attn]),
+        _flash_attn(FLASH_ATTN[o.flash_attn_mode(gpu_layers)]),
         _llama_log(log_lines if log_lines is not None else []),
     ):
         return Llama(
@@ -505,7 +522,7 @@ def open_llama(
             n_ubatch=n_batch,
             n_threads=n_threads,
             n_threads_batch=o.threads_batch or n_threads,
-            n_gpu_layers=_gpu_layers(o),
+            n_gpu_layers=gpu_layers,
             split_mode=SPLIT_MODES[o.split_mode],
             main_gpu=o.main_gpu,
             tensor_split=list(o.tensor_split) or None,

@@ -247,8 +247,10 @@ class Options(usage.Options):
         [
             "flash-attn",
             None,
-            "auto",
-            "Flash attention: on, off or auto (llama.cpp decides per device).",
+            None,
+            "Flash attention: on, off or auto (llama.cpp decides per device). Default: auto "
+            "with GPU layers or a quantised V cache, else off (on the CPU, auto is on and "
+            "changes the demo model's output).",
             _choice("flash-attn", "on", "off", "auto"),
         ],
         [

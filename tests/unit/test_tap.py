@@ -7,11 +7,12 @@ import sys
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.task import Clock
 from twisted.python import usage
 
-from ds4tw import Options, Server, makeService
+from ds4tw import EngineOptions, LlamaEngine, Options, Server, makeService
 from ds4tw._llama import demo_model_path
-from ds4tw.testing import Exchange, HTTPHarness
+from ds4tw.testing import Exchange, HTTPHarness, ScriptedEngine, SteppedThreads
 
 
 def parse(*args: str) -> Options:
@@ -120,3 +121,114 @@ def test_no_ui_turns_the_page_off(monkeypatch: pytest.MonkeyPatch) -> None:
     # The JSON 404 every unknown path gets, as before the page existed.
     assert page.status == 404
     assert page.json()["error"]["code"] == "not_found"
+
+
+def test_engine_options_default_to_llama_servers() -> None:
+    assert parse().engine_options() == EngineOptions()
+    assert EngineOptions() == EngineOptions(
+        gpu_layers="auto", flash_attn=None, cache_type_k="f16", cache_type_v="f16",
+        mlock=False, mmap=True, split_mode="layer", tensor_split=(), main_gpu=0,
+        threads_batch=None, override_kv=(), seed=None,
+    )  # fmt: skip
+
+
+def test_engine_options_parse_with_llama_servers_syntax() -> None:
+    o = parse(
+        "--gpu-layers", "12", "--flash-attn", "on", "--cache-type-k", "q8_0",
+        "--cache-type-v", "q4_0", "--mlock", "--no-mmap", "--split-mode", "row",
+        "--main-gpu", "0", "--threads-batch", "3", "--seed", "42",
+        "--override-kv", "llama.context_length=int:2048",
+        "--override-kv", "tokenizer.ggml.add_bos_token=bool:false",
+    )  # fmt: skip
+    assert o.engine_options() == EngineOptions(
+        gpu_layers=12, flash_attn="on", cache_type_k="q8_0", cache_type_v="q4_0", mlock=True,
+        mmap=False, split_mode="row", main_gpu=0, threads_batch=3, seed=42,
+        override_kv=("llama.context_length=int:2048", "tokenizer.ggml.add_bos_token=bool:false"),
+    )  # fmt: skip
+    assert parse("--gpu-layers", "all").engine_options().gpu_layers == "all"
+    assert parse("--seed", "-1").engine_options().seed is None
+
+
+def test_engine_options_reach_the_llama_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "setswitchinterval", lambda v: None)
+    service = makeService(parse("--cache-type-k", "q8_0", "--threads-batch", "1"))
+    (server,) = [s for s in service if isinstance(s, Server)]  # type: ignore[attr-defined]
+    assert isinstance(server.engine, LlamaEngine)
+    assert server.engine.options == EngineOptions(cache_type_k="q8_0", threads_batch=1)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--cache-type-v", "q8_0", "--flash-attn", "off"), "needs flash attention"),
+        (("--cache-type-k", "q3_k"), r"--cache-type-k q3_k: one of f32, f16, bf16, q8_0"),
+        (("--flash-attn", "yes"), "--flash-attn yes: one of on, off, auto"),
+        (("--gpu-layers", "-1"), "--gpu-layers -1: a number >= 0, all or auto"),
+        (("--split-mode", "tensor"), "--split-mode tensor: one of none, layer, row"),
+        (("--tensor-split", "3,1"), r"names 2 devices; this llama.cpp build sees 0 GPU"),
+        (("--tensor-split", "0,0"), "not all 0"),
+        (("--main-gpu", "1"), "--main-gpu 1: this llama.cpp build sees 0 GPU"),
+        (("--threads-batch", "0"), "--threads-batch must be at least 1"),
+        (("--override-kv", "general.name"), "expected KEY=TYPE:VALUE"),
+        (("--override-kv", "a=int:x"), "'a=int:x'"),
+        (("--override-kv", "a=bool:yes"), "a bool is true or false"),
+        (("--override-kv", "a=list:1"), "TYPE is int, float, bool or str"),
+        (("--override-kv", "a=str:" + "x" * 128), "at most 127 bytes"),
+        (("--seed", "4294967295"), "--seed 4294967295"),
+    ],
+)
+def test_impossible_engine_options_are_usage_errors(args: tuple[str, ...], message: str) -> None:
+    """Before anything loads, naming the option (twistd prints it and exits)."""
+    with pytest.raises(usage.UsageError, match=message):
+        parse(*args)
+
+
+def test_a_quantised_v_cache_is_fine_with_flash_attention_on_or_auto() -> None:
+    for fa in ("on", "auto"):
+        assert parse("--cache-type-v", "q4_0", "--flash-attn", fa)["cache-type-v"] == "q4_0"
+    # Unset, flash attention follows the cache: auto (llama.cpp's choice).
+    assert parse("--cache-type-v", "q4_0").engine_options().flash_attn_mode(0) == "auto"
+    # K may be quantised without flash attention (llama.cpp allows it).
+    assert parse("--cache-type-k", "q8_0", "--flash-attn", "off")["cache-type-k"] == "q8_0"
+
+
+def test_engine_options_are_checked_for_embedders_too() -> None:
+    with pytest.raises(ValueError, match="needs flash attention"):
+        LlamaEngine("model.gguf", options=EngineOptions(cache_type_v="q8_0", flash_attn="off"))
+
+
+def test_the_scripted_engine_ignores_engine_options() -> None:
+    # No llama.cpp to refuse them; the scripted engine stands in for any build.
+    assert parse("--model", "scripted:reply=hi", "--tensor-split", "3,1")["scripted"] is not None
+
+
+def test_health_reports_the_engines_settings_once_loaded() -> None:
+    engine = _SettingsEngine(["hi"])
+    rig_server = Server(engine, clock=Clock(), threads=SteppedThreads())
+    http = HTTPHarness(rig_server.resource())
+    assert "engine" not in http.get("/health").json()  # not ready: nothing to report
+    rig_server.startService()
+    assert http.get("/health").json()["engine"] == {"flash_attn": "on"}
+    plain = Server(ScriptedEngine(["hi"]), clock=Clock(), threads=SteppedThreads())
+    plain.startService()
+    assert "engine" not in HTTPHarness(plain.resource()).get("/health").json()
+
+
+class _SettingsEngine(ScriptedEngine):
+    @property
+    def settings(self) -> dict[str, object]:
+        return {"flash_attn": "on"}
+
+
+@pytest.mark.parametrize(
+    ("options", "gpu_layers", "mode"),
+    [
+        (EngineOptions(), 0, "off"),  # the CPU as before: the demo model's text unchanged
+        (EngineOptions(), -1, "auto"),  # layers on a GPU: llama-server's default
+        (EngineOptions(cache_type_v="q8_0"), 0, "auto"),  # needs it
+        (EngineOptions(flash_attn="on"), 0, "on"),
+        (EngineOptions(flash_attn="off"), -1, "off"),
+    ],
+)
+def test_flash_attention_by_default(options: EngineOptions, gpu_layers: int, mode: str) -> None:
+    assert options.flash_attn_mode(gpu_layers) == mode
