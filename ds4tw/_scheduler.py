@@ -122,9 +122,14 @@ class BatchLoop:
             out = Delivery()
             self._admit(out)
             self._drop_cancelled(out)
+            self._deliver(out)
             if not self.runs:
-                self._deliver(out)
                 return
+            # Admissions went out before the step: a request that holds a
+            # slot says "prefill" at once, not after its first batch (a
+            # 256-token batch takes seconds on a slow CPU, and its keepalive
+            # said "queued" meanwhile).
+            out = Delivery()
             self._step(out)
             self._deliver(out)
             yield

@@ -76,6 +76,22 @@ def test_prefill_comment_after_exactly_k_idle_seconds() -> None:
     assert frames_over(rig, ex, 0.5) == [(K, "prefill")]
 
 
+def test_a_keepalive_during_the_first_prefill_batch_says_prefill() -> None:
+    # The request holds a slot before its first batch runs: the stage must
+    # reach the stream before that batch (seconds on a slow CPU) comes back.
+    rig = make_rig(prefill_batch=4)
+    real_step = rig.engine.step
+
+    def slow_step(abort: object) -> object:
+        rig.clock.advance(K)  # the batch takes K seconds
+        return real_step(abort)  # type: ignore[arg-type]
+
+    rig.engine.step = slow_step  # type: ignore[method-assign]
+    ex = rig.stream("a prompt long enough to need several prefill batches")
+    rig.threads.step()  # the first prefill batch
+    assert ex.comments() == ["prefill"]
+
+
 def test_decode_comment_while_tokens_are_held_back() -> None:
     """
     Tokens that produce no sendable text (here: a multi-byte character
