@@ -445,3 +445,32 @@ def test_bad_tool_input_is_a_400_naming_the_field(
     assert error["param"] == param
     assert fragment in error["message"]
     assert rig.engine.calls == [] and not rig.threads.busy
+
+
+def test_a_schema_part_that_cannot_be_expressed_is_served_and_named_once_in_the_log() -> None:
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    grep = {
+        "type": "function",
+        "function": {
+            "name": "grep_files",
+            "parameters": {
+                "type": "object",
+                "properties": {"pattern": {"type": "string", "not": {"const": ""}}},
+            },
+        },
+    }
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        rig = make_rig(["ok", "ok"])
+        for _ in range(2):  # agents send the same tools every turn
+            ex = ask(rig, stream=False, tools=[WEATHER, grep])
+            assert ex.status == 200, ex.body
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    said = [formatEvent(e) for e in logged if "grammar loosened" in formatEvent(e)]
+    assert said == [
+        "grammar loosened where a schema cannot be expressed: "
+        "tool 'grep_files': /properties/pattern: 'not' is not enforced"
+    ]
