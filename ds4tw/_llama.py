@@ -409,13 +409,14 @@ def gpu_device_count() -> int | None:
 
     try:
         ggml = load_shared_library("ggml", Path(llama_cpp.__file__).parent / "lib")
-    except (OSError, FileNotFoundError, RuntimeError):
+        ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+        ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+        ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        ggml.ggml_backend_dev_type.restype = ctypes.c_int
+        ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    except (OSError, RuntimeError, AttributeError):
+        # A build laid out otherwise: the device checks are left to llama.cpp.
         return None
-    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    ggml.ggml_backend_dev_type.restype = ctypes.c_int
-    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
     # enum ggml_backend_dev_type: CPU 0, GPU 1, IGPU 2, ACCEL 3 (BLAS and
     # the like, which hold no layers).
     types = [
