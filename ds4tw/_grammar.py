@@ -4,19 +4,24 @@ calls of each tool-call syntax (L{ds4tw._tools.parsers} says how its
 calls are framed; this module turns schemas into rules).
 
 The schema-to-rules conversion is llama-cpp-python's (a port of
-llama.cpp's own C{json-schema-to-grammar}); rules from several schemas
-share one converter, so a grammar for a dozen tools has one set of
-primitives. Building is pure Python and can take tens of milliseconds for
-an agent's tool set, so it runs off the reactor (with the chat template)
-and is cached by the tool set's key: agents send the same tools every
-turn.
+llama.cpp's own C{json-schema-to-grammar}), fed each schema as
+L{ds4tw._jsonschema} rewrote it and taught that module's markers (any
+value, references, raw integer ranges); rules from several schemas share
+one converter, so a grammar for a dozen tools has one set of primitives.
+Building is pure Python (2-4 ms for Claude Code's, Codex's or opencode's
+tools, docs/performance.md), so it runs off the reactor (with the chat
+template) and is cached by the tool set's key: agents send the same tools
+every turn.
 
-Covered by tests/unit/test_tool_parsers.py (every grammar parses) and, with the real sampler,
-tests/integration/test_tools_sdk.py.
+Covered by tests/unit/test_tool_parsers.py (every grammar parses),
+tests/unit/test_jsonschema.py (what each construct's grammar accepts)
+and, with the real sampler, tests/integration/test_tools_sdk.py and
+tests/integration/test_agent_grammars.py.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,6 +35,7 @@ def literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+@functools.cache
 def _converter_class() -> type[Any]:
     """
     llama-cpp-python's converter, taught the markers of L{ds4tw._jsonschema}
