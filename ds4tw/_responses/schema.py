@@ -253,32 +253,46 @@ def qualified(namespace: str | None, name: str) -> str:
     return f"{namespace}.{name}" if namespace else name
 
 
-def _described(tool: FunctionToolDef | CustomToolDef) -> str:
-    """The tool's description, with its namespace's for a namespace member."""
-    text = tool.description or ""
-    if tool.namespace and tool.namespace_description:
-        part = f"(Part of {tool.namespace}: {tool.namespace_description})"
-        text = f"{text}\n\n{part}" if text else part
-    return text
+class _OfferedTool(_Lenient):
+    """
+    What function and custom tools share: the name the model calls them
+    by, and the namespace tool they may belong to (set by L{tool_defs},
+    never read from the request: OpenAI's tools have no such field).
+    """
 
-
-class FunctionToolDef(_Lenient):
-    type: Literal["function"]
     name: str = Field(min_length=1, max_length=64, pattern=_NAME)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-    #: Set for a member of a namespace tool (not a request field here).
-    namespace: str | None = Field(default=None, exclude=True)
-    namespace_description: str = Field(default="", exclude=True)
+    _namespace: str | None = PrivateAttr(default=None)
+    _namespace_description: str = PrivateAttr(default="")
+
+    def join(self, namespace: NamespaceToolDef) -> None:
+        self._namespace, self._namespace_description = namespace.name, namespace.description
+
+    @property
+    def namespace(self) -> str | None:
+        return self._namespace
 
     @property
     def called_as(self) -> str:
-        return qualified(self.namespace, self.name)
+        return qualified(self._namespace, self.name)
+
+    def described(self) -> str:
+        """The tool's description, with its namespace's for a namespace member."""
+        text = self.description or ""
+        if self._namespace and self._namespace_description:
+            part = f"(Part of {self._namespace}: {self._namespace_description})"
+            text = f"{text}\n\n{part}" if text else part
+        return text
+
+
+class FunctionToolDef(_OfferedTool):
+    type: Literal["function"]
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
     def spec(self) -> ToolSpec:
         params = self.parameters if self.parameters is not None else ANY_OBJECT
-        return ToolSpec(self.called_as, _described(self), params)
+        return ToolSpec(self.called_as, self.described(), params)
 
     def echo(self) -> dict[str, Any]:
         return {
@@ -304,12 +318,8 @@ def _type_tag(v: Any) -> str | None:
     return f"~{v.get('type')}" if isinstance(v, dict) else None
 
 
-class CustomToolDef(_Lenient):
+class CustomToolDef(_OfferedTool):
     type: Literal["custom"]
-    name: str = Field(min_length=1, max_length=64, pattern=_NAME)
-    description: str | None = None
-    namespace: str | None = Field(default=None, exclude=True)
-    namespace_description: str = Field(default="", exclude=True)
     format: (
         Annotated[
             Annotated[TextInputFormat, Tag("~text")]
@@ -319,12 +329,8 @@ class CustomToolDef(_Lenient):
         | None
     ) = None
 
-    @property
-    def called_as(self) -> str:
-        return qualified(self.namespace, self.name)
-
     def spec(self) -> ToolSpec:
-        description = _described(self)
+        description = self.described()
         fmt = self.format
         if isinstance(fmt, GrammarInputFormat):
             # Not enforced by the sampler (no Lark or regex to GBNF here);
@@ -383,7 +389,7 @@ def tool_defs(i: int, raw: Any) -> list[ToolDef]:
                     f"{inner}.type",
                 )
             tool: ToolDef = _validated(_TOOL, member, ("tools", i, "tools", j))
-            tool.namespace, tool.namespace_description = group.name, group.description
+            tool.join(group)
             members.append(tool)
         return members
     if kind not in ("function", "custom"):

@@ -792,3 +792,14 @@ def test_hosted_tools_are_left_out_with_one_warning(
     # Once per kind and process, not every turn; it says what and why.
     assert len(said) == 1, said
     assert "left out of the prompt" in said[0] and "responses" in said[0]
+
+
+def test_a_namespace_key_on_a_plain_tool_is_not_a_namespace() -> None:
+    # Only a namespace tool puts its members in a namespace; OpenAI's
+    # function tools have no such field.
+    rig = make_rig([Reply.of(CALL)])
+    ex = ask(rig, stream=False, tools=[{**WEATHER, "namespace": "x"}])
+    assert ex.status == 200, ex.body
+    assert '"name": "get_weather"' in prompt_text(rig) and "x.get_weather" not in prompt_text(rig)
+    (item,) = [i for i in body(ex).output if i.type == "function_call"]
+    assert (item.name, item.namespace) == ("get_weather", None)
