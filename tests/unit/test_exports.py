@@ -89,7 +89,7 @@ PRIVATE_ON_PURPOSE = {
     ("LlamaEngine.table", "ds4tw._slots.SlotTable"),
     # What the dialects use through ds4tw._host.Host: internal plumbing.
     ("Server.chat_template", "ds4tw._template.ChatTemplate"),
-    ("Server.tool_parser", "ds4tw._tools.parsers.ToolCallParser"),
+    ("Server.tool_parser", "ds4tw._tools.parsers.base.ToolCallParser"),
 }
 
 
