@@ -41,7 +41,7 @@ from ._metrics import CONTENT_TYPE_LATEST, Metrics
 from ._openai.render import error_body as openai_error_body
 from ._openai.routes import add_routes as openai_routes
 from ._openapi import openapi_document
-from ._reasoning import reasoning_parser
+from ._reasoning import ReasoningParser, reasoning_parser
 from ._responses.routes import add_routes as responses_routes
 from ._routing import (
     ErrorBody,
@@ -90,8 +90,10 @@ class Server(MultiService):
             reactor = default_reactor
         self.engine = engine
         self.config = config or ServerConfig()
-        self.reasoning_parser = reasoning_parser(self.config.reasoning_parser)
-        tool_call_parser(self.config.tool_call_parser)  # a bad name fails here, not per request
+        # A bad name fails here, not per request.
+        reasoning_parser(self.config.reasoning_parser)
+        tool_call_parser(self.config.tool_call_parser)
+        self._reasoning_parser: ReasoningParser | None = None
         self._template: ChatTemplate | None = None
         self._tool_parser: ToolCallParser | None = None
         self._openapi: bytes | None = None
@@ -171,6 +173,14 @@ class Server(MultiService):
                 self.config.tool_call_parser, self.engine.chat_template
             )
         return self._tool_parser
+
+    def reasoning_parser(self) -> ReasoningParser:
+        """The reasoning parser: configured, or chosen from the template (after load)."""
+        if self._reasoning_parser is None:
+            self._reasoning_parser = reasoning_parser(
+                self.config.reasoning_parser, self.engine.chat_template
+            )
+        return self._reasoning_parser
 
     # -- shared request handling -----------------------------------------
 

@@ -34,8 +34,8 @@ class ServerConfig:
     @param api_key: when set, /v1 routes need C{Authorization: Bearer KEY}
         or C{x-api-key: KEY}.
     @param cors_origins: origins allowed by CORS (C{"*"} for any).
-    @param reasoning_parser: a name from L{ds4tw._reasoning.REASONING_PARSERS}
-        or C{"START,END"} tags.
+    @param reasoning_parser: C{"auto"}, a name from
+        L{ds4tw._reasoning.REASONING_PARSERS} or C{"START,END"} tags.
     """
 
     keepalive: float = 15.0
@@ -50,8 +50,9 @@ class ServerConfig:
     #: Bytes a stream holds for a client that stopped reading; past this
     #: the job is cancelled ("client not reading") and the connection closed.
     max_unsent_bytes: int = 1024 * 1024
-    #: How the model marks reasoning (L{ds4tw._reasoning.reasoning_parser}).
-    reasoning_parser: str = "think"
+    #: How the model marks reasoning (L{ds4tw._reasoning.reasoning_parser});
+    #: C{"auto"} reads it from the chat template.
+    reasoning_parser: str = "auto"
     #: On /v1/messages, keep streams alive with Anthropic's own
     #: C{event: ping} frame instead of an SSE comment.
     anthropic_ping: bool = False
@@ -74,9 +75,10 @@ class Host(Protocol):
     worker: Worker
     metrics: Metrics
     clock: IReactorTime
-    reasoning_parser: ReasoningParser
 
     def chat_template(self) -> ChatTemplate: ...
+
+    def reasoning_parser(self) -> ReasoningParser: ...
 
     def tool_parser(self) -> ToolCallParser: ...
 

@@ -225,8 +225,9 @@ class Options(usage.Options):
         [
             "reasoning-parser",
             None,
-            "think",
-            "How the model marks reasoning: think (<think>...</think>), none, or START,END tags.",
+            "auto",
+            "How the model marks reasoning: auto (from the chat template), think "
+            "(<think>...</think>), none, or START,END tags.",
         ],
         [
             "tool-call-parser",

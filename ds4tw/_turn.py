@@ -219,7 +219,7 @@ def new_job(
         label = f"{label} request={request_id}"
     if session is not None:
         label = f"{label} session={session}"
-    splitter = server.reasoning_parser.splitter(prompt.text) if reasoning else PlainSplitter()
+    splitter = server.reasoning_parser().splitter(prompt.text) if reasoning else PlainSplitter()
     tools = None
     if tooling is not None and tooling.active:
         tools = server.tool_parser().splitter(tooling)

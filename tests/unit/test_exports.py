@@ -90,6 +90,7 @@ PRIVATE_ON_PURPOSE = {
     # What the dialects use through ds4tw._host.Host: internal plumbing.
     ("Server.chat_template", "ds4tw._template.ChatTemplate"),
     ("Server.tool_parser", "ds4tw._tools.parsers.base.ToolCallParser"),
+    ("Server.reasoning_parser", "ds4tw._reasoning.base.ReasoningParser"),
 }
 
 

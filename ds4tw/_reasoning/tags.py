@@ -1,11 +1,9 @@
 """
-Reasoning parsers: split a model's raw text into reasoning and content.
-
-Thinking models wrap their reasoning in tags (C{<think>}...C{</think>} for
-DeepSeek R1 distills, Qwen3, SmolLM3 and most others); some chat templates
-open the tag in the generation prompt, so the model starts inside it. A
-parser is chosen by name (C{--reasoning-parser}); each job gets its own
-L{ReasoningSplitter} from it.
+Reasoning between two tags: C{<think>}...C{</think>} (DeepSeek R1 and
+V3.1, Qwen3, GLM-4.5, MiniMax-M2, Kimi-K2-Thinking, SmolLM3 and most
+others), or any pair given as C{START,END}. A template that opens the
+tag in its generation prompt starts the model inside it, with no opening
+tag in the reply.
 
 The splitter is streaming: a tag split across tokens is recognised, and
 only the bytes that could still be the start of a tag are held back.
@@ -15,47 +13,11 @@ Covered by tests/unit/test_reasoning.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
 
-from ._text import held_suffix
-from ._types import ContentText, ReasoningText
-
-DeltaKind = Literal["reasoning", "content"]
-Delta = ReasoningText | ContentText
-
-
-class ReasoningSplitter(Protocol):
-    """Per-job state of a reasoning parser."""
-
-    @property
-    def in_reasoning(self) -> bool: ...
-
-    def feed(self, text: str) -> list[Delta]: ...
-
-    def flush(self) -> list[Delta]: ...
-
-
-class ReasoningParser(Protocol):
-    """Makes a splitter for one generation, given the rendered prompt."""
-
-    @property
-    def name(self) -> str: ...
-
-    def splitter(self, prompt_text: str) -> ReasoningSplitter: ...
-
-
-class PlainSplitter:
-    """No reasoning syntax: everything is content."""
-
-    in_reasoning = False
-
-    def feed(self, text: str) -> list[Delta]:
-        return [ContentText(text)] if text else []
-
-    def flush(self) -> list[Delta]:
-        return []
+from .._text import held_suffix
+from .._types import ContentText, ReasoningText
+from .base import Delta, DeltaKind, ReasoningSplitter
 
 
 class TagSplitter:
@@ -124,37 +86,10 @@ class TagReasoningParser:
     name: str
     start: str = "<think>"
     end: str = "</think>"
+    preserved_tokens: tuple[str, ...] = ()
 
     def splitter(self, prompt_text: str) -> ReasoningSplitter:
         # A template that opens the block in the generation prompt (R1,
         # Qwen3 with thinking forced on) starts the model inside it.
         opened = prompt_text.rstrip().endswith(self.start)
         return TagSplitter(self.start, self.end, in_reasoning=opened)
-
-
-@dataclass(frozen=True)
-class NoReasoningParser:
-    name: str = "none"
-
-    def splitter(self, prompt_text: str) -> ReasoningSplitter:
-        return PlainSplitter()
-
-
-REASONING_PARSERS: dict[str, Callable[[], ReasoningParser]] = {
-    "think": lambda: TagReasoningParser("think"),
-    "none": NoReasoningParser,
-}
-
-
-def reasoning_parser(name: str) -> ReasoningParser:
-    """
-    A parser by name: a registered one, or C{"START,END"} for custom tags
-    (e.g. C{"<|begin_of_thought|>,<|end_of_thought|>"}).
-    """
-    if name in REASONING_PARSERS:
-        return REASONING_PARSERS[name]()
-    start, sep, end = name.partition(",")
-    if sep and start and end:
-        return TagReasoningParser(name, start, end)
-    known = ", ".join(sorted(REASONING_PARSERS))
-    raise ValueError(f"unknown reasoning parser {name!r} (known: {known}; or START,END tags)")

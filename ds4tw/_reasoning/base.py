@@ -1,0 +1,61 @@
+"""
+What every reasoning parser shares: the splitter and parser protocols,
+and the splitter for a model with no reasoning syntax.
+
+Covered by tests/unit/test_reasoning.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from .._types import ContentText, ReasoningText
+
+DeltaKind = Literal["reasoning", "content"]
+Delta = ReasoningText | ContentText
+
+
+class ReasoningSplitter(Protocol):
+    """Per-job state of a reasoning parser."""
+
+    @property
+    def in_reasoning(self) -> bool: ...
+
+    def feed(self, text: str) -> list[Delta]: ...
+
+    def flush(self) -> list[Delta]: ...
+
+
+class ReasoningParser(Protocol):
+    """Makes a splitter for one generation, given the rendered prompt."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def preserved_tokens(self) -> tuple[str, ...]:
+        """Special tokens the syntax is written in: their text must reach the splitter."""
+
+    def splitter(self, prompt_text: str) -> ReasoningSplitter: ...
+
+
+class PlainSplitter:
+    """No reasoning syntax: everything is content."""
+
+    in_reasoning = False
+
+    def feed(self, text: str) -> list[Delta]:
+        return [ContentText(text)] if text else []
+
+    def flush(self) -> list[Delta]:
+        return []
+
+
+@dataclass(frozen=True)
+class NoReasoningParser:
+    name: str = "none"
+    preserved_tokens: tuple[str, ...] = ()
+
+    def splitter(self, prompt_text: str) -> ReasoningSplitter:
+        return PlainSplitter()
