@@ -37,6 +37,13 @@ class ReasoningParser(Protocol):
     def preserved_tokens(self) -> tuple[str, ...]:
         """Special tokens the syntax is written in: their text must reach the splitter."""
 
+    @property
+    def close(self) -> str:
+        """
+        The text that ends a reasoning block and opens the answer: what the
+        engine writes in the model's place when a reasoning budget runs out.
+        """
+
     def splitter(self, prompt_text: str) -> ReasoningSplitter: ...
 
 
@@ -56,6 +63,7 @@ class PlainSplitter:
 class NoReasoningParser:
     name: str = "none"
     preserved_tokens: tuple[str, ...] = ()
+    close: str = ""
 
     def splitter(self, prompt_text: str) -> ReasoningSplitter:
         return PlainSplitter()

@@ -88,6 +88,10 @@ class TagReasoningParser:
     end: str = "</think>"
     preserved_tokens: tuple[str, ...] = ()
 
+    @property
+    def close(self) -> str:
+        return self.end
+
     def splitter(self, prompt_text: str) -> ReasoningSplitter:
         # A template that opens the block in the generation prompt (R1,
         # Qwen3 with thinking forced on) starts the model inside it.
