@@ -1,0 +1,467 @@
+"""
+DeepSeek tool calls, written in the model's special tokens: a section
+C{<｜tool▁calls▁begin｜>} ... C{<｜tool▁calls▁end｜>} of calls, each
+C{<｜tool▁call▁begin｜>HEADER<｜tool▁sep｜>...<｜tool▁call▁end｜>}, the
+arguments a JSON object (the bars are full-width, the spaces U+2581).
+
+  - V3.1 (C{deepseek_v31}; also V3.1-Terminus):
+    C{<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>};
+  - V3 and R1 (C{deepseek_v3}; V3-0324, R1-0528, the R1 distills):
+    C{<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜>}.
+
+The same frame (a section of calls, each a header then JSON arguments)
+is Kimi-K2's (L{ds4tw._tools.parsers.kimi_k2}); L{SectionSplitter}
+reads both from a L{Markup}.
+
+Wire formats from vLLM's C{deepseekv3_tool_parser.py} and
+C{deepseekv31_tool_parser.py}, llama.cpp's C{common_chat_parse_deepseek_r1}
+and C{common_chat_parse_deepseek_v3_1} (whose section openings include
+the misspellings R1 distills are seen to write), and the templates in
+tests/data/templates/.
+
+Covered by tests/unit/test_parser_deepseek_kimi.py.
+"""
+
+# The full-width bars are DeepSeek's own tokens, not look-alikes of "|".
+# ruff: noqa: RUF001, RUF002, RUF003
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..._engine import Grammar
+from ..._grammar import RuleSet, literal
+from ..._text import held_suffix
+from ..._types import ToolCallArgs, ToolCallEnd, ToolCallStart
+from ..scan import WHITESPACE, Malformed, ValueScanner
+from ..spec import Tooling, ToolSpec
+from .base import Event, ParserBase, Splitter, ToolCallSplitter, complete, log, repeat, trigger
+
+#: A header longer than this without its end is not a call (names are short).
+_MAX_HEADER = 256
+
+
+@dataclass(frozen=True)
+class Markup:
+    """The markers of one section-of-calls syntax; every marker starts with C{<}."""
+
+    #: What opens the section of calls (the first is what the model is taught).
+    section_starts: tuple[str, ...]
+    section_end: str
+    call_start: str
+    #: Ends a call's header (the tool's name or id) and starts its arguments.
+    header_end: str
+    call_end: str
+    #: The tool's name in a header, or None if the header names none.
+    name: Callable[[str], str | None]
+    #: What may stand between the arguments and C{call_end} (R1's code fence).
+    closing: str = WHITESPACE
+
+    @property
+    def openings(self) -> tuple[str, ...]:
+        # A call without its section is read too: Kimi-K2 is seen to
+        # write one (llama.cpp's parser allows it), and it costs nothing.
+        return (*self.section_starts, self.call_start)
+
+    @property
+    def after_call(self) -> tuple[str, ...]:
+        return (self.call_end, self.call_start, self.section_end)
+
+
+def _first(buf: str, markers: Sequence[str]) -> tuple[int, str] | None:
+    """The earliest marker in C{buf} and where it is."""
+    best: tuple[int, str] | None = None
+    for marker in markers:
+        at = buf.find(marker)
+        if at != -1 and (best is None or at < best[0]):
+            best = (at, marker)
+    return best
+
+
+def _hold(buf: str, markers: Sequence[str]) -> int:
+    """How much of C{buf}'s end could still grow into a marker."""
+    # Every marker starts with "<": text with none near its end holds nothing.
+    if "<" not in buf[-max(len(m) for m in markers) :]:
+        return 0
+    return held_suffix(buf, markers)
+
+
+class SectionSplitter(Splitter):
+    """
+    Content, then a section of calls: each call's header names a tool,
+    its arguments (a JSON object) stream as the model writes them.
+    Markup that turns out not to be a call (an unknown tool, a header
+    without its end, arguments that are not an object) goes out as the
+    text it was, with a logged warning.
+    """
+
+    def __init__(self, tooling: Tooling, markup: Markup) -> None:
+        super().__init__(tooling)
+        self._m = markup
+        self._mode = "text"  # text, section, header, args, closing
+        self._held = ""
+        #: Markup read since the last call or content: text again if no call follows.
+        self._pending: list[str] = []
+        self._header: list[str] = []
+        self._args: ValueScanner | None = None
+        self._args_text: list[str] = []
+        self._spec: ToolSpec | None = None
+        self._committed = False
+
+    def feed(self, text: str) -> list[Event]:
+        out: list[Event] = []
+        buf, self._held = self._held + text, ""
+        while buf:
+            mode = self._mode
+            if mode == "text":
+                buf = self._text(out, buf)
+            elif mode == "section":
+                buf = self._section(out, buf)
+            elif mode == "header":
+                buf = self._header_text(out, buf)
+            elif mode == "args":
+                buf = self._args_feed(out, buf)
+            else:
+                buf = self._closing(out, buf)
+        return out
+
+    def _text(self, out: list[Event], buf: str) -> str:
+        found = _first(buf, self._m.openings) if "<" in buf else None
+        if found is None:
+            keep = _hold(buf, self._m.openings)
+            self._content(out, buf[: len(buf) - keep])
+            self._held = buf[len(buf) - keep :]
+            return ""
+        at, marker = found
+        self._content(out, buf[:at])
+        self._pending = [marker]
+        self._mode = "header" if marker == self._m.call_start else "section"
+        return buf[at + len(marker) :]
+
+    def _section(self, out: list[Event], buf: str) -> str:
+        """Between calls: another call, the section's end, or (not markup) content."""
+        stripped = buf.lstrip(WHITESPACE)
+        self._pending.append(buf[: len(buf) - len(stripped)])
+        if not stripped:
+            return ""
+        if stripped.startswith(self._m.call_start):
+            self._pending.append(self._m.call_start)
+            self._mode = "header"
+            return stripped[len(self._m.call_start) :]
+        if stripped.startswith(self._m.section_end):
+            self._pending = []
+            self._mode = "text"
+            return stripped[len(self._m.section_end) :]
+        if any(m.startswith(stripped) for m in (self._m.call_start, self._m.section_end)):
+            self._held = stripped
+            return ""
+        self._release(out)
+        return stripped
+
+    def _header_text(self, out: list[Event], buf: str) -> str:
+        header = "".join(self._header) + buf
+        at = header.find(self._m.header_end)
+        if at == -1:
+            self._header = [header]
+            broken = len(header) > _MAX_HEADER or any(
+                m in header for m in (self._m.call_end, self._m.section_end)
+            )
+            if broken:
+                self._malformed(out, "no end to the call's header")
+            return ""
+        self._header = []
+        self._pending.append(header[: at + len(self._m.header_end)])
+        name = self._m.name(header[:at])
+        spec = self._tooling.spec(name) if name else None
+        if spec is None or spec not in self._tooling.callable():
+            self._malformed(out, f"the model called {name!r}, which is not an offered tool")
+            return header[at + len(self._m.header_end) :]
+        self._spec = spec
+        self._args = ValueScanner()
+        self._args_text = []
+        self._committed = False
+        self._mode = "args"
+        return header[at + len(self._m.header_end) :]
+
+    def _args_feed(self, out: list[Event], buf: str) -> str:
+        scanner, spec = self._args, self._spec
+        assert scanner is not None and spec is not None
+        start, mark = len(self._args_text), len(self._pending)
+        at, rest = 0, ""
+        try:
+            for at, c in enumerate(buf):
+                if not scanner.feed(c):
+                    rest = buf[at:]
+                    break
+                if not scanner.started:
+                    self._pending.append(c)  # whitespace before the object
+                    continue
+                if not self._args_text:
+                    if c != "{":
+                        raise Malformed("the arguments must be a JSON object")
+                    if spec.kind == "function":
+                        out.append(self._commit())
+                self._args_text.append(c)
+                if scanner.done:
+                    rest = buf[at + 1 :]
+                    break
+        except Malformed as e:
+            if self._committed:
+                log.warn("ds4tw: a tool call broke off ({why}); ending it as written", why=e)
+                self._send(out, start)
+                out.append(ToolCallEnd(self.calls, "".join(self._args_text)))
+                self._end_call()
+                return buf[at:]
+            # This piece goes back to be read as text: keep only what came before it.
+            del self._pending[mark:]
+            self._pending.append("".join(self._args_text[:start]))
+            self._malformed(out, str(e))
+            return buf
+        self._send(out, start)
+        if scanner.done:
+            self._finish(out)
+        return rest
+
+    def _send(self, out: list[Event], start: int) -> None:
+        """The arguments written since C{start}, live (a free-form tool's wait)."""
+        if self._committed and len(self._args_text) > start:
+            out.append(ToolCallArgs(self.calls, "".join(self._args_text[start:])))
+
+    def _commit(self) -> ToolCallStart:
+        assert self._spec is not None
+        self._committed = True
+        self._pending = []
+        return ToolCallStart(self.calls, self._spec.name)
+
+    def _finish(self, out: list[Event]) -> None:
+        assert self._spec is not None
+        text = "".join(self._args_text)
+        if self._spec.kind == "custom":
+            # A free-form tool's input is decoded when complete.
+            try:
+                given = json.loads(text).get("input")
+            except ValueError:
+                given = None
+            if not isinstance(given, str):
+                self._pending.append(text)
+                self._malformed(out, "a free-form tool's input must be a string")
+                return
+            out.append(self._commit())
+            out.append(ToolCallArgs(self.calls, given))
+            text = given
+        out.append(ToolCallEnd(self.calls, text))
+        self._end_call()
+
+    def _end_call(self) -> None:
+        self._ended()
+        self._pending = []
+        self._args = None
+        self._args_text = []
+        self._spec = None
+        self._committed = False
+        self._mode = "closing"
+
+    def _closing(self, out: list[Event], buf: str) -> str:
+        """After the arguments: the call's end, or the next marker."""
+        stripped = buf.lstrip(self._m.closing)
+        if not stripped:
+            return ""
+        if stripped.startswith(self._m.call_end):
+            self._mode = "section"
+            return stripped[len(self._m.call_end) :]
+        if stripped.startswith((self._m.call_start, self._m.section_end)):
+            self._mode = "section"
+            return stripped
+        if any(m.startswith(stripped) for m in self._m.after_call):
+            self._held = stripped
+            return ""
+        self._mode = "text"
+        return stripped
+
+    def _malformed(self, out: list[Event], why: str) -> None:
+        log.warn("ds4tw: malformed tool call ({why}); returned as text", why=why)
+        self._pending += self._header
+        self._header = []
+        self._args = None
+        self._spec = None
+        self._release(out)
+
+    def _release(self, out: list[Event]) -> None:
+        """Markup that made no call goes out as the text it was."""
+        self._content(out, "".join(self._pending))
+        self._pending = []
+        self._mode = "text"
+
+    def flush(self) -> list[Event]:
+        out: list[Event] = []
+        held, self._held = self._held, ""
+        if self._mode == "args" and self._committed:
+            out.append(ToolCallEnd(self.calls, "".join(self._args_text)))
+        elif self._mode in ("section", "header", "args"):
+            self._pending += self._header + self._args_text + [held]
+            self._header, self._args_text = [], []
+            self._release(out)
+        elif self._mode == "text":
+            self._content(out, held)
+        self._mode = "text"
+        return out
+
+
+# -- DeepSeek --------------------------------------------------------------------
+
+CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
+CALLS_END = "<｜tool▁calls▁end｜>"
+CALL_BEGIN = "<｜tool▁call▁begin｜>"
+CALL_END = "<｜tool▁call▁end｜>"
+SEP = "<｜tool▁sep｜>"
+
+#: Section openings R1 models are seen to write besides the real token
+#: (llama.cpp's C{common_chat_parse_deepseek_r1} accepts the same).
+_MISSPELT_BEGINS = (
+    "<｜tool_calls_begin｜>",
+    "<｜tool calls begin｜>",
+    "<｜tool\\_calls\\_begin｜>",
+    "<｜tool▁calls｜>",
+)
+
+_TOKENS = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP)
+
+
+def _v31_name(header: str) -> str | None:
+    name = header.strip()
+    return name if name and "\n" not in name else None
+
+
+def _v3_name(header: str) -> str | None:
+    # "function<｜tool▁sep｜>NAME\n": the type, then the name on its own line.
+    kind, sep, name = header.partition(SEP)
+    name = name.strip()
+    return name if sep and kind.strip() == "function" and name and "\n" not in name else None
+
+
+V31_MARKUP = Markup(
+    (CALLS_BEGIN, *_MISSPELT_BEGINS), CALLS_END, CALL_BEGIN, SEP, CALL_END, _v31_name
+)
+V3_MARKUP = Markup(
+    (CALLS_BEGIN, *_MISSPELT_BEGINS),
+    CALLS_END,
+    CALL_BEGIN,
+    "```json",
+    CALL_END,
+    _v3_name,
+    closing=WHITESPACE + "`",
+)
+
+
+def _tool_lines(tools: Sequence[ToolSpec]) -> str:
+    return "\n\n".join(
+        f"### {t.name}\nDescription: {t.description}\n\n"
+        f"Parameters: {json.dumps(dict(t.arguments_schema()), ensure_ascii=False)}"
+        for t in tools
+    )
+
+
+def _grammar(
+    tooling: Tooling,
+    answer: Mapping[str, Any] | None,
+    call: Callable[[str, str], str],
+    between: str,
+) -> Grammar:
+    """Calls in DeepSeek's section: C{call(name literal, arguments rule)} writes each."""
+    rules = RuleSet()
+    each = []
+    for i, tool in enumerate(tooling.callable()):
+        args = rules.schema(tool.arguments_schema(), f"args-{i}", f"tool {tool.name!r}")
+        each.append(call(literal(tool.name), args))
+    one = rules.rule("call", " | ".join(each))
+    calls = rules.rule(
+        "calls", f"{literal(CALLS_BEGIN)} {repeat(tooling, one, between)} {literal(CALLS_END)}"
+    )
+    return complete(rules, tooling, calls, trigger(CALLS_BEGIN), answer)
+
+
+class DeepSeekV31Parser(ParserBase):
+    """DeepSeek V3.1: C{<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>}."""
+
+    name = "deepseek_v31"
+    preserved_tokens = _TOKENS
+
+    @staticmethod
+    def claims(template: str) -> bool:
+        return CALL_BEGIN in template and SEP in template and "```json" not in template
+
+    def splitter(self, tooling: Tooling) -> ToolCallSplitter:
+        return SectionSplitter(tooling, V31_MARKUP)
+
+    def grammar(self, tooling: Tooling, answer: Mapping[str, Any] | None = None) -> Grammar:
+        def call(name: str, args: str) -> str:
+            return f"{literal(CALL_BEGIN)} {name} {literal(SEP)} {args} {literal(CALL_END)}"
+
+        return _grammar(tooling, answer, call, "")
+
+    def instructions(self, tools: Sequence[ToolSpec]) -> str:
+        # DeepSeek-V3.1's template takes no tools: its model card gives
+        # this system text for them instead.
+        return (
+            f"## Tools\nYou have access to the following tools:\n\n{_tool_lines(tools)}\n\n"
+            "IMPORTANT: ALWAYS adhere to this exact format for tool use:\n"
+            f"{CALLS_BEGIN}{CALL_BEGIN}tool_call_name{SEP}tool_call_arguments{CALL_END}"
+            f"{{{{additional_tool_calls}}}}{CALLS_END}\n\n"
+            "Where:\n"
+            "- `tool_call_name` must be an exact match to one of the available tools\n"
+            "- `tool_call_arguments` must be valid JSON that strictly follows the tool's "
+            "Parameters Schema\n"
+            "- For multiple tool calls, chain them directly without separators or spaces"
+        )
+
+    def format_calls(self, calls: Sequence[tuple[str, Any]]) -> str:
+        body = "".join(
+            f"{CALL_BEGIN}{n}{SEP}{json.dumps(a, ensure_ascii=False)}{CALL_END}" for n, a in calls
+        )
+        return f"{CALLS_BEGIN}{body}{CALLS_END}"
+
+
+class DeepSeekV3Parser(ParserBase):
+    """
+    DeepSeek V3 and R1: C{<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME}
+    then the arguments in a C{json} code fence, calls a newline apart.
+    """
+
+    name = "deepseek_v3"
+    preserved_tokens = _TOKENS
+
+    @staticmethod
+    def claims(template: str) -> bool:
+        return CALL_BEGIN in template and "```json" in template
+
+    def splitter(self, tooling: Tooling) -> ToolCallSplitter:
+        return SectionSplitter(tooling, V3_MARKUP)
+
+    def grammar(self, tooling: Tooling, answer: Mapping[str, Any] | None = None) -> Grammar:
+        def call(name: str, args: str) -> str:
+            head = literal(f"{CALL_BEGIN}function{SEP}")
+            return f'{head} {name} "\\n```json\\n" {args} "\\n```" {literal(CALL_END)}'
+
+        return _grammar(tooling, answer, call, '"\\n"?')
+
+    def instructions(self, tools: Sequence[ToolSpec]) -> str:
+        return (
+            f"## Tools\nYou have access to the following tools:\n\n{_tool_lines(tools)}\n\n"
+            "To call tools, write exactly:\n"
+            f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}tool_call_name\n```json\n"
+            f"tool_call_arguments\n```{CALL_END}{CALLS_END}\n\n"
+            "Where `tool_call_name` is one of the available tools and "
+            "`tool_call_arguments` is a JSON object that follows its Parameters schema; "
+            "put further calls on their own lines before the closing token."
+        )
+
+    def format_calls(self, calls: Sequence[tuple[str, Any]]) -> str:
+        body = "\n".join(
+            f"{CALL_BEGIN}function{SEP}{n}\n```json\n{json.dumps(a, ensure_ascii=False)}\n```"
+            f"{CALL_END}"
+            for n, a in calls
+        )
+        return f"{CALLS_BEGIN}{body}{CALLS_END}"
