@@ -24,18 +24,28 @@ hands it to llama.cpp's abort callback, so a lone disconnect stops a
 prefill batch or a decode step within milliseconds; the engine then
 undoes the step and raises L{Aborted}.
 
+Between two steps the worker may also L{Engine.force} a sequence's next
+tokens: written in the model's place instead of sampled (a reasoning
+budget closing the reasoning block; L{SamplingParams.reasoning_budget}).
+
+A model's special (control) tokens are no text in the output unless
+L{SamplingParams.keep_special} names them: the parsers' markup
+(L{special_token_ids} turns the parsers' C{preserved_tokens} into those
+ids).
+
 L{generate} runs one request alone on any engine (tests, benchmarks,
 embedders that want one answer without a worker).
 
-Covered by tests/unit/test_scheduler.py and tests/unit/test_cancel.py
-(through the scripted engine) and tests/integration/test_llama_engine.py
-and tests/integration/test_batching.py (the real one).
+Covered by tests/unit/test_scheduler.py, tests/unit/test_cancel.py and
+tests/unit/test_reasoning_budget.py (through the scripted engine) and
+tests/integration/test_llama_engine.py and
+tests/integration/test_batching.py (the real one).
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -147,6 +157,19 @@ class SamplingParams:
     #: Report log probabilities: None for none, 0 for the sampled token's
     #: only, N for it and the N most likely tokens at that position.
     logprobs: int | None = None
+    #: Special (control) tokens whose text is kept: the markup the active
+    #: parsers read (gpt-oss's C{<|channel|>}, Kimi's tool-call section).
+    #: Every other control token's text stays hidden, as llama-server hides
+    #: all but its per-request "preserved tokens" (L{special_token_ids}).
+    keep_special: frozenset[int] = frozenset()
+    #: Cap the reasoning block at this many tokens (None: no cap). Once a
+    #: reply has spent it and is still reasoning, the worker has the
+    #: engine write L{reasoning_close} in the model's place
+    #: (L{Engine.force}); 0 closes the block at once.
+    reasoning_budget: int | None = None
+    #: The tokens of the text that ends a reasoning block (the reasoning
+    #: parser's C{close}, e.g. C{</think>}).
+    reasoning_close: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -301,6 +324,16 @@ class Engine(Protocol):
         conversation resends); otherwise they are freed at once.
         """
 
+    def force(self, seq: int, tokens: Sequence[int]) -> None:
+        """
+        Make C{tokens} the next tokens of sequence C{seq}, one per step, in
+        place of sampling (a reasoning budget's closing text). Each is
+        emitted as a L{Token} and goes into the KV cache like a sampled
+        one, and the sampler takes it as if it had chosen it (repeat
+        penalties, a grammar). Called in the model thread between steps;
+        tokens still queued from an earlier call come first.
+        """
+
     def close(self) -> None:
         """Free the model (worker thread)."""
 
@@ -315,6 +348,37 @@ class ReportsSettings(Protocol):
     @property
     def settings(self) -> dict[str, Any]:
         """The settings as the backend took them (empty before L{Engine.load})."""
+
+
+@runtime_checkable
+class HasSpecialTokens(Protocol):
+    """
+    An engine whose vocabulary has special (control) tokens, whose text is
+    hidden from the output unless L{SamplingParams.keep_special} names them
+    (L{LlamaEngine}; the scripted engine has none and passes text through).
+    """
+
+    def is_special(self, token: int) -> bool:
+        """Whether C{token}'s text is hidden unless kept."""
+
+
+def special_token_ids(engine: Engine, texts: Iterable[str]) -> frozenset[int]:
+    """
+    The ids of the special tokens written as C{texts}, for
+    L{SamplingParams.keep_special}: each text that tokenizes (special
+    tokens parsed) to exactly one token that C{engine} hides. Other texts
+    are ignored: a parser's markup that this model writes as plain text
+    reaches the output anyway, and one it does not have cannot appear
+    (llama-server's C{preserved_tokens} rule). Any thread, after load.
+    """
+    if not isinstance(engine, HasSpecialTokens):
+        return frozenset()
+    ids: set[int] = set()
+    for text in texts:
+        tokens = engine.tokenize(text, add_bos=False) if text else []
+        if len(tokens) == 1 and engine.is_special(tokens[0]):
+            ids.add(tokens[0])
+    return frozenset(ids)
 
 
 def generate(

@@ -32,9 +32,10 @@ import math
 import os
 import platform
 import re
+from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -544,18 +545,19 @@ def eog_tokens(llm: Any) -> list[int]:
     return [t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, t)]
 
 
-def token_piece(llm: Any, token: int, buf: Any) -> bytes:
+def token_piece(llm: Any, token: int, buf: Any, special: bool = False) -> bytes:
     """
-    The raw bytes of one token. (llama-cpp-python's own token_to_piece
+    The raw bytes of one token; a special (control) token's text only
+    when C{special}, else nothing. (llama-cpp-python's own token_to_piece
     returns the whole buffer, trailing NULs included.)
     """
     import llama_cpp
 
     vocab = llm._model.vocab
-    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
     if n < 0:  # the buffer was too small; -n is the size needed
         buf = ctypes.create_string_buffer(-n)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, -n, 0, False)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, -n, 0, special)
     return bytes(buf.raw[:n])
 
 
@@ -731,6 +733,9 @@ class _ConstrainedSampler:
         if n_vocab <= RESAMPLE_TIERS[-1]:
             self._need = None
         self._greedy = params.temperature <= 0
+        #: The special tokens whose text the output keeps: a trigger may be
+        #: written in them (and the rest are no text at all, as in the output).
+        self._keep = params.keep_special
         self._bytes = vocab_bytes
         self._grammar: Any = None
         self._triggers = [re.compile(p) for p in grammar.triggers]
@@ -932,7 +937,7 @@ class _ConstrainedSampler:
         while True:
             if token in eog:
                 return token
-            piece = token_piece(self._llm, token, self._buf)
+            piece = token_piece(self._llm, token, self._buf, token in self._keep)
             grammar = self._triggered(piece)
             if grammar is None:
                 self._text += piece
@@ -949,6 +954,33 @@ class _ConstrainedSampler:
             token = self._choose(self._cur)
 
     # -- the step ----------------------------------------------------------
+
+    def accept_forced(self, token: int) -> bool:
+        """
+        Take C{token}, written in the model's place, as if it had been
+        sampled: the grammar (or the lazy trigger's text) and the
+        penalties' history. False, with nothing taken, if the active
+        grammar does not allow it (accepting it would abort the process
+        in llama.cpp).
+        """
+        C = self._C
+        if self._grammar is None:
+            piece = token_piece(self._llm, token, self._buf, token in self._keep)
+            grammar = self._triggered(piece)
+            if grammar is None or grammar is False:
+                # Text after a trigger the grammar rejects: the model's own
+                # token would have been resampled; a forced one stays text.
+                self._text += piece
+            else:
+                self._grammar = grammar
+                self._text.clear()
+        elif self._allowed(self._grammar, token):
+            C.llama_sampler_accept(self._grammar, token)
+        else:
+            return False
+        C.llama_sampler_accept(self._pre.sampler, token)
+        C.llama_sampler_accept(self._post.sampler, token)
+        return True
 
     def sample(self, ctx: Any, eog: set[int], idx: int = -1) -> int | None:
         """
@@ -1031,6 +1063,8 @@ class _Seq:
     constrained: _ConstrainedSampler | None = None
     #: Sampled and reported, not yet in the KV cache (decoded next step).
     pending: int | None = None
+    #: Tokens to emit next in place of sampling (L{LlamaEngine.force}).
+    forced: deque[int] = field(default_factory=deque)
     emitted: int = 0
     finished: bool = False
     #: This step: where its logits are in the batch, how many tokens it added.
@@ -1545,7 +1579,10 @@ class LlamaEngine:
         """Sample C{s}'s next token from its logits of this step."""
         try:
             ctx = self._llm._ctx
-            if s.constrained is None:
+            forced = self._next_forced(s)
+            if forced is not None:
+                token = forced
+            elif s.constrained is None:
                 token = s.sampler.sample(ctx, s.idx)
             else:
                 chosen = s.constrained.sample(ctx.ctx, self._eog, s.idx)
@@ -1556,7 +1593,7 @@ class LlamaEngine:
             if token in self._eog and not s.params.ignore_eos:
                 s.finished = True
                 return [Finished("stop")]
-            piece = token_piece(self._llm, token, self._buf)
+            piece = token_piece(self._llm, token, self._buf, token in s.params.keep_special)
             want = s.params.logprobs
             # No logprobs: the throughput baseline, nothing more per token.
             event = Token(token, piece) if want is None else self._with_logprobs(s, token, piece)
@@ -1570,6 +1607,43 @@ class LlamaEngine:
         s.pending = token
         return [event]
 
+    def _next_forced(self, s: _Seq) -> int | None:
+        """
+        The next forced token of C{s}, taken by its sampler as if sampled
+        (this step's logits go unused); None when none is queued, or when
+        the request's grammar rejects it: then the rest is dropped and the
+        model samples on (a grammar the closing text breaks cannot have
+        been inside a reasoning block).
+        """
+        if not s.forced:
+            return None
+        token = s.forced.popleft()
+        if s.constrained is None:
+            import llama_cpp
+
+            llama_cpp.llama_sampler_accept(s.sampler.sampler, token)
+        elif not s.constrained.accept_forced(token):
+            log.warn(
+                "ds4tw: the request's grammar rejects the forced token {token}; "
+                "the reasoning budget's closing text is dropped",
+                token=token,
+            )
+            s.forced.clear()
+            return None
+        return token
+
+    def force(self, seq: int, tokens: Sequence[int]) -> None:
+        self._seqs[seq].forced.extend(tokens)
+
+    def is_special(self, token: int) -> bool:
+        """
+        Whether C{token}'s text is hidden unless kept: it renders only with
+        special tokens on (a control token; L{SamplingParams.keep_special}).
+        """
+        assert self._llm is not None, "load() first"
+        buf = ctypes.create_string_buffer(64)
+        return token_piece(self._llm, token, buf, True) != token_piece(self._llm, token, buf, False)
+
     def _with_logprobs(self, s: _Seq, token: int, piece: bytes) -> Token:
         import llama_cpp
         import numpy as np
@@ -1582,11 +1656,12 @@ class LlamaEngine:
             llama_cpp.llama_get_logits_ith(llm._ctx.ctx, s.idx), shape=(llm.n_vocab(),)
         )
         lp, best = logprobs(logits, token, min(s.params.logprobs, 20))
+        keep = s.params.keep_special
         return Token(
             token,
             piece,
             lp,
-            tuple((t, token_piece(llm, t, self._buf), v) for t, v in best),
+            tuple((t, token_piece(llm, t, self._buf, t in keep), v) for t, v in best),
         )
 
     def generate(

@@ -14,6 +14,10 @@ inbox. The loop runs in the model thread, one engine step per iteration:
      strings, tool-call parsing, usage) and end the runs that are done;
   5. hand everything the step produced to the reactor in one call.
 
+Step 4 is also where a reasoning budget is kept (L{Budget}): once a
+reply has spent it inside its reasoning block, the engine is told to
+write the block's closing text in the model's place from the next step.
+
 Step 2 is where cancellation is enforced between steps; inside a step the
 engine watches the worker's step flag, which the reactor sets only when
 every running job is cancelled (L{ds4tw._worker.Worker}), so an
@@ -23,17 +27,20 @@ The loop ends when it has nothing to run; the worker starts it again when
 the next job arrives. Each iteration is one engine step, so
 L{ds4tw.testing.SteppedThreads} can stop the world between any two.
 
-Covered by tests/unit/test_scheduler.py and tests/unit/test_cancel.py.
+Covered by tests/unit/test_scheduler.py, tests/unit/test_cancel.py and
+tests/unit/test_reasoning_budget.py.
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._engine import (
@@ -47,7 +54,10 @@ from ._engine import (
     Token,
 )
 from ._job import Job
+from ._pipeline import OutputPipeline
 from ._types import Finish, Stage, Timings, Usage
+
+log = Logger()
 
 
 @dataclass(frozen=True)
@@ -86,10 +96,54 @@ class Run:
     timings: Timings = field(default_factory=Timings)
     decode_started: float = 0.0
     peers: set[int] = field(default_factory=set)
+    #: The reasoning budget's state (L{Budget}), when the request has one.
+    budget: Budget | None = None
 
     @property
     def job_id(self) -> int:
         return id(self.job)
+
+
+class Budget:
+    """
+    A request's reasoning budget (L{SamplingParams.reasoning_budget}), kept
+    in the model thread: once the reply has spent it and is still inside a
+    reasoning block, the engine writes the block's closing text in the
+    model's place (L{Engine.force}), as llama.cpp's reasoning-budget
+    sampler does. The closing text is forced once per block: if it does
+    not end the block (a parser whose close the model's vocabulary hides),
+    the model goes on rather than being closed again and again.
+    """
+
+    def __init__(self, limit: int, close: tuple[int, ...]) -> None:
+        self.limit = limit
+        self.close = close
+        #: Forced tokens not yet seen come back as Token events.
+        self.forcing = 0
+        #: Forced in this reasoning block already.
+        self.spent = False
+        # The reply's bytes so far end inside a UTF-8 character: forcing
+        # now would split it (llama.cpp waits for it to complete too).
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def due(self, pipeline: OutputPipeline, reasoning_tokens: int) -> bool:
+        """Whether to force the closing text now (then it counts as forced)."""
+        if not pipeline.in_reasoning:
+            self.spent = False
+            return False
+        if self.spent or reasoning_tokens < self.limit or self._utf8.getstate()[0]:
+            return False
+        self.spent = True
+        self.forcing = len(self.close)
+        return True
+
+    def token(self, piece: bytes) -> bool:
+        """Take a token of the reply; True if it was the last forced one."""
+        self._utf8.decode(piece)
+        if not self.forcing:
+            return False
+        self.forcing -= 1
+        return not self.forcing
 
 
 class BatchLoop:
@@ -162,6 +216,12 @@ class BatchLoop:
             run.timings.queued = now - job.submitted_at
             job.started_at = now
             self.runs[seq] = run
+            params = job.params
+            if params.reasoning_budget is not None and params.reasoning_close:
+                run.budget = Budget(params.reasoning_budget, params.reasoning_close)
+                # A template that opens the block in the prompt with a
+                # budget of 0: the first token is already the close.
+                self._spend(run)
             out.add(job._set_stage, Stage.PREFILL)
 
     def _drop_cancelled(self, out: Delivery) -> None:
@@ -256,6 +316,13 @@ class BatchLoop:
             # before or after it.
             if thinking or pipeline.in_reasoning:
                 run.usage.reasoning_tokens += 1
+            if run.budget is not None:
+                if run.budget.token(event.piece) and pipeline.in_reasoning:
+                    log.warn(
+                        "ds4tw: the reasoning budget's closing text did not end the "
+                        "reasoning block (are its special tokens kept?)"
+                    )
+                self._spend(run)
             if fed.outputs:
                 out.add(job._outputs, fed.outputs)
             if fed.stop is not None:
@@ -267,3 +334,10 @@ class BatchLoop:
             self._finish(run, out, event.reason, None)
         elif isinstance(event, Failed):
             self._fail(run, out, Failure(event.error))
+
+    def _spend(self, run: Run) -> None:
+        """Close the reasoning block in the model's place once its budget is spent."""
+        budget = run.budget
+        assert budget is not None
+        if budget.due(run.job.pipeline, run.usage.reasoning_tokens):
+            self.engine.force(run.seq, budget.close)

@@ -29,6 +29,12 @@ as llama.cpp checks it between graph nodes, so queueing, keepalives and
 cancels behave as beside a model (C{twistd ds4tw --model scripted:...},
 the benchmark's scripted server).
 
+L{ScriptedEngine.force}d tokens are emitted in place of the reply (each
+character is a token, so a forced token is its own text) and recorded in
+L{ScriptedEngine.forced}; the reply then goes on after its own first
+occurrence of the forced text, as a model made to close its reasoning
+early would answer from there.
+
 Every unit of work the engine "computes" is appended to L{computed}, so a
 test can assert exactly how much work ran before a cancel took effect.
 The job's L{AbortFlag} is checked at the start of every step (a step
@@ -36,8 +42,9 @@ found aborted is not computed and raises L{Aborted}), and L{step_hook},
 when set, is called there first, so a test can set the flag "in the
 middle" of a step, as the reactor does beside a real engine.
 
-Covered by tests/unit/test_exports.py (the Engine protocol) and used by most
-unit tests (tests/unit/conftest.py).
+Covered by tests/unit/test_exports.py (the Engine protocol) and
+tests/unit/test_reasoning_budget.py (forced tokens), and used by most unit
+tests (tests/unit/conftest.py).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._engine import (
@@ -112,8 +119,14 @@ class _Seq:
     reply: Reply
     cached: int
     done: int
-    #: Tokens emitted so far.
+    #: Tokens emitted so far (forced ones included).
     emitted: int = 0
+    #: The next piece of the reply to emit.
+    pos: int = 0
+    #: Tokens to emit next in place of the reply (L{ScriptedEngine.force}).
+    forced: deque[int] = field(default_factory=deque)
+    #: The text forced so far, not yet matched in the reply.
+    forced_text: bytes = b""
     finished: bool = False
     restore: Restore | None = None
     source: str | None = None
@@ -202,6 +215,8 @@ class ScriptedEngine:
         #: Called with each unit about to be computed (C{("prefill", done)}
         #: or C{("token", index)}) before the step's abort check.
         self.step_hook: Callable[[tuple[str, int]], None] | None = None
+        #: Every token written in the model's place (L{force}): (slot, token).
+        self.forced: list[tuple[int, int]] = []
         #: Prompts and params of every open() call.
         self.calls: list[tuple[list[int], SamplingParams]] = []
         #: Keyword arguments of every apply_chat_template() call.
@@ -339,11 +354,49 @@ class ScriptedEngine:
 
     def _piece(self, s: _Seq) -> bytes | None:
         """The next piece of C{s}'s reply, None at its end-of-generation."""
-        if s.emitted < len(s.reply.pieces):
-            return s.reply.pieces[s.emitted]
+        if s.forced:
+            return self._forced_piece(s.forced[0])
+        if s.pos < len(s.reply.pieces):
+            return s.reply.pieces[s.pos]
         if s.reply.eos and not s.params.ignore_eos:
             return None
         return s.reply.filler
+
+    @staticmethod
+    def _forced_piece(token: int) -> bytes:
+        # Tokens are characters (tokenize), so a forced token is its own text.
+        return chr(token).encode("utf-8", "surrogatepass") if token < 0x110000 else b""
+
+    def force(self, seq: int, tokens: Sequence[int]) -> None:
+        """
+        Emit C{tokens} next, one per step, in place of the reply. Once they
+        are all out, the reply skips past its own first occurrence of
+        their text if it has one (the script's model, made to close its
+        reasoning early, goes on as it would have after closing it), and
+        otherwise goes on where it was. L{forced} records each one.
+        """
+        self._open[seq].forced.extend(tokens)
+
+    @staticmethod
+    def _skip_to_after(s: _Seq, text: bytes) -> None:
+        """Move C{s}'s reply to just after the first C{text} from here on."""
+        pieces = s.reply.pieces[s.pos :]
+        at = b"".join(pieces).find(text) if text else -1
+        if at < 0:
+            return
+        end, seen = at + len(text), 0
+        for i, piece in enumerate(pieces):
+            seen += len(piece)
+            if seen >= end:
+                rest = piece[len(piece) - (seen - end) :]
+                # What follows the text in its piece stays, as a piece of its own.
+                s.reply = Reply(
+                    s.reply.pieces[: s.pos + i + 1] + ((rest,) if rest else ()) + pieces[i + 1 :],
+                    s.reply.eos,
+                    s.reply.filler,
+                )
+                s.pos += i + 1
+                return
 
     def _plan(self) -> list[tuple[int, str, int]]:
         """This step's units: a token per decoding sequence, then prompt chunks."""
@@ -453,10 +506,20 @@ class ScriptedEngine:
         index = s.emitted
         self.computed.append(("token", index))
         s.emitted += 1
+        if s.forced:
+            token = s.forced.popleft()
+            self.forced.append((i, token))
+            s.forced_text += piece
+            if not s.forced:
+                self._skip_to_after(s, s.forced_text)
+                s.forced_text = b""
+        else:
+            token = 1000 + index
+            s.pos += 1
         # The token's cell, as the real engine has it after the next step.
-        self.table.slots[i].tokens.append(1000 + index)
-        self._cells[i].append(1000 + index)
-        out: list[StepEvent] = [self._token(1000 + index, piece, s.params.logprobs)]
+        self.table.slots[i].tokens.append(token)
+        self._cells[i].append(token)
+        out: list[StepEvent] = [self._token(token, piece, s.params.logprobs)]
         if s.emitted >= s.params.max_tokens or len(s.prompt) + s.emitted >= self._n_ctx:
             s.finished = True
             out.append(Finished("length"))
