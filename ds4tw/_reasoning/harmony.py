@@ -162,6 +162,9 @@ class HarmonySplitter:
         return buf
 
     def _body(self, out: list[Delta], buf: str) -> str:
+        if "<" not in buf:  # the common case: no marker, nor the start of one
+            self._emit(out, buf)
+            return ""
         found = [(i, m) for m in _BODY_ENDS if (i := buf.find(m)) != -1]
         if not found:
             keep = held_suffix(buf, _BODY_ENDS)
