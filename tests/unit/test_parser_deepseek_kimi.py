@@ -1,5 +1,5 @@
 """
-The DeepSeek (V3/R1, V3.1) and Kimi-K2 tool-call parsers: each syntax's
+The DeepSeek (V3/R1, V3.1, V3.2's DSML) and Kimi-K2 tool-call parsers: each syntax's
 splitter (any split gives the same events, markup never leaks, parallel
 calls, arguments streamed as written, unknown tools and malformed markup
 back to text), their grammars (llama.cpp accepts them; the recogniser
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from ds4tw._reasoning import TagReasoningParser
 from ds4tw._template import ChatTemplate
 from ds4tw._tools.parsers import HermesParser, Llama3JSONParser, MistralParser, ToolCallParser
-from ds4tw._tools.parsers.deepseek import DeepSeekV3Parser, DeepSeekV31Parser
+from ds4tw._tools.parsers.deepseek import DeepSeekV3Parser, DeepSeekV31Parser, DeepSeekV32Parser
 from ds4tw._tools.parsers.kimi_k2 import KimiK2Parser, call_name
 from ds4tw._tools.spec import ToolChoice, Tooling, ToolSpec
 from ds4tw._types import ContentText, ToolCallArgs, ToolCallEnd, ToolCallStart
@@ -89,6 +89,29 @@ def kimi(name: str, args: str, index: int = 0) -> str:
     )
 
 
+D = "｜DSML｜"
+
+
+def dsml(name: str, *params: tuple[str, str, bool]) -> str:
+    body = "\n".join(
+        f'<{D}parameter name="{k}" string="{str(s).lower()}">{v}</{D}parameter>'
+        for k, v, s in params
+    )
+    return f'\n<{D}invoke name="{name}">\n{body}\n</{D}invoke>'
+
+
+def dsml_block(*invokes: str) -> str:
+    return f"<{D}function_calls>{''.join(invokes)}\n</{D}function_calls>"
+
+
+DSML_RUN = dsml(
+    "run",
+    ("command", 'echo "a<b"\nls', True),
+    ("options", '{"timeout": 2.5, "env": {"X": "1"}}', False),
+    ("dry", "true", False),
+)
+
+
 def kimi_section(*calls: str) -> str:
     return f"<|tool_calls_section_begin|>{''.join(calls)}<|tool_calls_section_end|>"
 
@@ -152,6 +175,17 @@ CASES: list[tuple[ToolCallParser, str, Summary]] = [
         kimi("apply_patch", '{"input": "*** Begin Patch\\n+<ok>\\n"}'),
         ("", [("apply_patch", "*** Begin Patch\n+<ok>\n")]),
     ),
+    (
+        DeepSeekV32Parser(),
+        "Checking.\n\n"
+        + dsml_block(DSML_RUN, dsml("get_weather", ("city", "Paris", True), ("days", "3", False))),
+        ("Checking.\n\n", TWO_CALLS),
+    ),
+    (
+        DeepSeekV32Parser(),
+        dsml_block(dsml("apply_patch", ("input", "*** Begin Patch\n+<ok>\n", True))),
+        ("", [("apply_patch", "*** Begin Patch\n+<ok>\n")]),
+    ),
     (DeepSeekV31Parser(), "Plain answer, <｜ not a call.", ("Plain answer, <｜ not a call.", [])),
     (KimiK2Parser(), "a <|tool_call x|> b", ("a <|tool_call x|> b", [])),
 ]
@@ -189,6 +223,21 @@ def test_arguments_stream_as_written(parser: ToolCallParser, opening: str) -> No
     assert splitter.calls == 1
 
 
+def test_dsml_values_stream_as_json() -> None:
+    splitter = DeepSeekV32Parser().splitter(TOOLS)
+    opening = f'<{D}function_calls>\n<{D}invoke name="run">\n<{D}parameter name="command" string="'
+    assert splitter.feed(opening) == [ToolCallStart(0, "run"), ToolCallArgs(0, "{")]
+    assert splitter.feed('true">say "hi"\n') == [
+        ToolCallArgs(0, '"command": "'),
+        ToolCallArgs(0, 'say \\"hi\\"\\n'),
+    ]
+    assert splitter.feed(f"</{D}parameter>\n</{D}invoke>") == [
+        ToolCallArgs(0, '"'),
+        ToolCallArgs(0, "}"),
+        ToolCallEnd(0, '{"command": "say \\"hi\\"\\n"}'),
+    ]
+
+
 def test_only_a_possible_marker_is_held() -> None:
     splitter = DeepSeekV31Parser().splitter(TOOLS)
     assert splitter.feed("a <b> <｜tool▁ca") == [ContentText("a <b> ")]
@@ -208,6 +257,8 @@ MALFORMED: list[tuple[ToolCallParser, str]] = [
     (KimiK2Parser(), kimi_section(kimi("run", '"ls"'))),
     (KimiK2Parser(), kimi("apply_patch", '{"input": 3}')),  # a custom tool's input is text
     (KimiK2Parser(), "<|tool_calls_section_begin|>and then some text"),
+    (DeepSeekV32Parser(), dsml_block(dsml("rm_rf", ("x", "1", False)))),
+    (DeepSeekV32Parser(), f"<{D}function_calls>\nno invoke here"),
 ]
 
 
@@ -265,7 +316,7 @@ def test_kimi_names_come_from_the_call_id(header: str, name: str | None) -> None
     assert call_name(header) == name
 
 
-PARSERS = [DeepSeekV31Parser(), DeepSeekV3Parser(), KimiK2Parser()]
+PARSERS = [DeepSeekV31Parser(), DeepSeekV3Parser(), DeepSeekV32Parser(), KimiK2Parser()]
 
 
 @pytest.mark.parametrize("parser", PARSERS, ids=lambda p: p.name)
@@ -337,7 +388,7 @@ def template(name: str) -> str:
     return (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
 
 
-ALL = [DeepSeekV31Parser, DeepSeekV3Parser, KimiK2Parser]
+ALL = [DeepSeekV31Parser, DeepSeekV3Parser, DeepSeekV32Parser, KimiK2Parser]
 
 
 @pytest.mark.parametrize(
@@ -345,6 +396,7 @@ ALL = [DeepSeekV31Parser, DeepSeekV3Parser, KimiK2Parser]
     [
         ("deepseek-ai-DeepSeek-V3.1", DeepSeekV31Parser),
         ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", DeepSeekV3Parser),
+        ("DeepSeek-V3.2", DeepSeekV32Parser),
         ("moonshotai-Kimi-K2", KimiK2Parser),
         ("moonshotai-Kimi-K2-Thinking", KimiK2Parser),
     ],

@@ -465,3 +465,258 @@ class DeepSeekV3Parser(ParserBase):
             for n, a in calls
         )
         return f"{CALLS_BEGIN}{body}{CALLS_END}"
+
+
+# -- DeepSeek V3.2 (DSML) ----------------------------------------------------------
+
+DSML = "｜DSML｜"
+CALLS_OPEN = f"<{DSML}function_calls>"
+CALLS_CLOSE = f"</{DSML}function_calls>"
+INVOKE = f'<{DSML}invoke name="'
+INVOKE_CLOSE = f"</{DSML}invoke>"
+PARAM = f'<{DSML}parameter name="'
+PARAM_CLOSE = f"</{DSML}parameter>"
+
+
+class DSMLSplitter(Splitter):
+    """
+    DeepSeek V3.2's DSML: C{<｜DSML｜invoke name="NAME">} holds one
+    C{<｜DSML｜parameter name="KEY" string="true|false">VALUE</｜DSML｜parameter>}
+    per argument, a raw string (C{string="true"}) or JSON. The client gets
+    the arguments as a JSON object, built and streamed as the values come.
+    """
+
+    def __init__(self, tooling: Tooling) -> None:
+        super().__init__(tooling)
+        self._mode = "text"  # text, block, invoke-head, invoke, param-head, value
+        self._held = ""
+        self._pending: list[str] = []
+        self._head: list[str] = []
+        self._args: list[str] = []
+        self._string = False
+        self._custom = False
+        self._name = ""
+
+    def feed(self, text: str) -> list[Event]:
+        out: list[Event] = []
+        buf, self._held = self._held + text, ""
+        while buf:
+            mode = self._mode
+            if mode == "text":
+                at = buf.find(CALLS_OPEN)
+                if at == -1:
+                    keep = _hold(buf, (CALLS_OPEN,))
+                    self._content(out, buf[: len(buf) - keep])
+                    self._held = buf[len(buf) - keep :]
+                    return out
+                self._content(out, buf[:at])
+                self._pending = [CALLS_OPEN]
+                self._mode = "block"
+                buf = buf[at + len(CALLS_OPEN) :]
+            elif mode in ("block", "invoke"):
+                buf = self._between(out, buf)
+            elif mode in ("invoke-head", "param-head"):
+                buf = self._head_text(out, buf)
+            else:
+                buf = self._value(out, buf)
+        return out
+
+    def _between(self, out: list[Event], buf: str) -> str:
+        """Between calls (C{block}) or between a call's parameters (C{invoke})."""
+        stripped = buf.lstrip(WHITESPACE)
+        if self._mode == "block":
+            self._pending.append(buf[: len(buf) - len(stripped)])
+            nexts = {INVOKE: "invoke-head", CALLS_CLOSE: "text"}
+        else:
+            nexts = {PARAM: "param-head", INVOKE_CLOSE: "block"}
+        if not stripped:
+            return ""
+        for marker, mode in nexts.items():
+            if stripped.startswith(marker):
+                if marker == INVOKE:
+                    self._pending.append(marker)
+                elif marker == CALLS_CLOSE:
+                    self._pending = []
+                elif marker == INVOKE_CLOSE:
+                    self._end(out)
+                self._mode = mode
+                return stripped[len(marker) :]
+        if any(m.startswith(stripped) for m in nexts):
+            self._held = stripped
+            return ""
+        if self._mode == "invoke":
+            log.warn("ds4tw: a tool call broke off (text inside the invoke); ending it as written")
+            self._end(out)
+        else:
+            self._release(out)
+        self._mode = "text"
+        return stripped
+
+    def _head_text(self, out: list[Event], buf: str) -> str:
+        head = "".join(self._head) + buf
+        at = head.find(">")
+        if at == -1:
+            self._head = [head]
+            if len(head) > _MAX_HEADER or "\n" in head:
+                self._pending.append(head)
+                self._broken(out, "no end to a DSML tag")
+            return ""
+        self._head = []
+        tag, rest = head[:at], head[at + 1 :]
+        if self._mode == "invoke-head":
+            self._pending.append(tag + ">")
+            name = tag.removesuffix('"')
+            spec = self._tooling.spec(name)
+            if spec is None or spec not in self._tooling.callable():
+                self._broken(out, f"the model called {name!r}, which is not an offered tool")
+                return rest
+            self._custom = spec.kind == "custom"
+            self._pending = []
+            self._args = []
+            if not self._custom:
+                out.append(ToolCallStart(self.calls, name))
+            self._name = name
+            self._send(out, "{")
+            self._mode = "invoke"
+            return rest
+        key, _, attrs = tag.partition('"')
+        self._string = 'string="false"' not in attrs
+        piece = (", " if len(self._args) > 1 else "") + json.dumps(key, ensure_ascii=False) + ": "
+        self._send(out, piece + ('"' if self._string else ""))
+        self._mode = "value"
+        return rest
+
+    def _value(self, out: list[Event], buf: str) -> str:
+        at = buf.find(PARAM_CLOSE)
+        value = buf if at == -1 else buf[:at]
+        keep = _hold(value, (PARAM_CLOSE,)) if at == -1 else 0
+        self._held = value[len(value) - keep :] if keep else ""
+        value = value[: len(value) - keep]
+        # Escaping is per character, so the escaped pieces join up exactly.
+        self._send(out, json.dumps(value, ensure_ascii=False)[1:-1] if self._string else value)
+        if at == -1:
+            return ""
+        if self._string:
+            self._send(out, '"')
+        self._mode = "invoke"
+        return buf[at + len(PARAM_CLOSE) :]
+
+    def _send(self, out: list[Event], text: str) -> None:
+        if text:
+            self._args.append(text)
+            if not self._custom:  # a free-form tool's input is decoded when complete
+                out.append(ToolCallArgs(self.calls, text))
+
+    def _end(self, out: list[Event]) -> None:
+        if self._mode == "value" and self._string:
+            self._send(out, '"')
+        self._send(out, "}")
+        text = "".join(self._args)
+        if self._custom:
+            try:
+                given = json.loads(text).get("input")
+            except ValueError:
+                given = None
+            text = given if isinstance(given, str) else text
+            out += [ToolCallStart(self.calls, self._name), ToolCallArgs(self.calls, text)]
+        out.append(ToolCallEnd(self.calls, text))
+        self._ended()
+        self._args = []
+
+    def _broken(self, out: list[Event], why: str) -> None:
+        log.warn("ds4tw: malformed tool call ({why}); returned as text", why=why)
+        self._release(out)
+
+    def _release(self, out: list[Event]) -> None:
+        self._content(out, "".join(self._pending))
+        self._pending = []
+        self._mode = "text"
+
+    def flush(self) -> list[Event]:
+        out: list[Event] = []
+        held, self._held = self._held, ""
+        if self._mode in ("invoke", "param-head", "value"):
+            # Cut off inside a call: it ends as written, but does not count.
+            if not self._custom:
+                out.append(ToolCallEnd(self.calls, "".join(self._args)))
+        elif self._mode in ("block", "invoke-head"):
+            self._pending += [*self._head, held]
+            self._head = []
+            self._release(out)
+        elif self._mode == "text":
+            self._content(out, held)
+        self._mode = "text"
+        return out
+
+
+def _is_string(schema: Mapping[str, Any]) -> bool:
+    return schema.get("type") == "string"
+
+
+class DeepSeekV32Parser(ParserBase):
+    """DeepSeek V3.2: calls in DSML, arguments as tagged parameters."""
+
+    name = "deepseek_v32"
+    preserved_tokens = (DSML,)
+
+    @staticmethod
+    def claims(template: str) -> bool:
+        return "DSML" in template and "function_calls" in template
+
+    def splitter(self, tooling: Tooling) -> ToolCallSplitter:
+        return DSMLSplitter(tooling)
+
+    def grammar(self, tooling: Tooling, answer: Mapping[str, Any] | None = None) -> Grammar:
+        rules = RuleSet()
+        # A raw string value: anything up to the closing tag (no "<" then "/").
+        raw = rules.rule("dsml-raw", '([^<] | "<" [^/])*')
+        each = []
+        for i, tool in enumerate(tooling.callable()):
+            schema = tool.arguments_schema()
+            props: Mapping[str, Any] = schema.get("properties") or {}
+            required = set(schema.get("required") or ())
+            params = []
+            for j, (key, sub) in enumerate(props.items()):
+                string = _is_string(sub)
+                value = raw if string else rules.schema(sub, f"arg-{i}-{j}", f"tool {tool.name!r}")
+                tag = f'{PARAM}{key}" string="{"true" if string else "false"}">'
+                param = f'"\\n" {literal(tag)} {value} {literal(PARAM_CLOSE)}'
+                params.append(param if key in required else f"({param})?")
+            body = " ".join(params)
+            head = literal(f'{INVOKE}{tool.name}">')
+            each.append(f'"\\n" {head} {body} "\\n" {literal(INVOKE_CLOSE)}')
+        one = rules.rule("call", " | ".join(each))
+        calls = rules.rule(
+            "calls",
+            f'{literal(CALLS_OPEN)} {repeat(tooling, one, "")} "\\n" {literal(CALLS_CLOSE)}',
+        )
+        return complete(rules, tooling, calls, trigger(CALLS_OPEN), answer)
+
+    def instructions(self, tools: Sequence[ToolSpec]) -> str:
+        listed = "\n".join(
+            json.dumps(t.template_entry()["function"], ensure_ascii=False) for t in tools
+        )
+        return (
+            "## Tools\n\nYou have access to a set of tools you can use to answer the user's "
+            f'question.\nYou can invoke functions by writing a "<{DSML}function_calls>" block:\n'
+            + self.format_calls([("$FUNCTION_NAME", {"$PARAMETER_NAME": "$PARAMETER_VALUE"})])
+            + '\n\nString parameters are written as is, with string="true"; numbers, '
+            'booleans, arrays and objects as JSON, with string="false".\n\n'
+            f"Here are the functions available in JSONSchema format:\n<functions>\n{listed}\n"
+            "</functions>"
+        )
+
+    def format_calls(self, calls: Sequence[tuple[str, Any]]) -> str:
+        def param(key: str, value: Any) -> str:
+            string = isinstance(value, str)
+            text = value if string else json.dumps(value, ensure_ascii=False)
+            flag = "true" if string else "false"
+            return f'{PARAM}{key}" string="{flag}">{text}{PARAM_CLOSE}'
+
+        invokes = "".join(
+            f'\n{INVOKE}{n}">\n'
+            + "\n".join(param(k, v) for k, v in (a or {}).items())
+            + f"\n{INVOKE_CLOSE}"
+            for n, a in calls
+        )
+        return f"{CALLS_OPEN}{invokes}\n{CALLS_CLOSE}"
