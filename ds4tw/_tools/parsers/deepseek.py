@@ -9,6 +9,10 @@ arguments a JSON object (the bars are full-width, the spaces U+2581).
   - V3 and R1 (C{deepseek_v3}; V3-0324, R1-0528, the R1 distills):
     C{<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜>}.
 
+V3.2 (C{deepseek_v32}) writes calls in DSML instead, an XML-like block
+of tagged parameters (L{DSMLSplitter}; vLLM's C{deepseekv32_tool_parser.py}
+and llama.cpp's DeepSeek-V3.2 template).
+
 The same frame (a section of calls, each a header then JSON arguments)
 is Kimi-K2's (L{ds4tw._tools.parsers.kimi_k2}); L{SectionSplitter}
 reads both from a L{Markup}.
