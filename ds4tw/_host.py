@@ -56,6 +56,9 @@ class ServerConfig:
     #: On /v1/messages, keep streams alive with Anthropic's own
     #: C{event: ping} frame instead of an SSE comment.
     anthropic_ping: bool = False
+    #: Reasoning tokens a request may spend before the engine closes the
+    #: block (a request's own budget wins); None for no limit.
+    reasoning_budget: int | None = None
     #: How the model writes tool calls (L{ds4tw._tools.parsers}); C{"auto"}
     #: reads it from the chat template.
     tool_call_parser: str = "auto"

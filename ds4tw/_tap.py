@@ -230,6 +230,14 @@ class Options(usage.Options):
             "(<think>...</think>), none, or START,END tags.",
         ],
         [
+            "reasoning-budget",
+            None,
+            -1,
+            "Reasoning tokens a request may spend before the block is closed for it "
+            "(llama-server's option; -1: no limit; Anthropic's budget_tokens wins).",
+            int,
+        ],
+        [
             "tool-call-parser",
             None,
             "auto",
@@ -442,6 +450,7 @@ def makeService(options: Options) -> IService:
         api_key=options["api-key"],
         cors_origins=tuple(options["cors"]),
         reasoning_parser=options["reasoning-parser"],
+        reasoning_budget=None if options["reasoning-budget"] < 0 else options["reasoning-budget"],
         anthropic_ping=bool(options["anthropic-ping"]),
         tool_call_parser=options["tool-call-parser"],
         max_body_bytes=options["max-body"],

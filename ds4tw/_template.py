@@ -1,20 +1,44 @@
 """
 Chat templates: a model's Jinja template rendered as Hugging Face renders
-it (llama-cpp-python's C{Jinja2ChatFormatter}: the sandbox, C{tojson},
-C{raise_exception}, C{strftime_now}), and what the template can do with
-tools.
+it (an immutable sandbox, C{trim_blocks}/C{lstrip_blocks}, loop controls,
+C{tojson} with its options, C{raise_exception}, C{strftime_now}), and what
+the template can do with tools.
+
+Two things differ from Hugging Face's sandbox, each because real
+templates need it:
+
+  - the list methods templates use to build their own lists (C{append},
+    C{extend}, C{insert}, C{pop}, C{remove}; Kimi-K2-Thinking's template)
+    are allowed; everything else stays forbidden (dicts and sets stay
+    immutable, attributes starting with C{_} stay hidden);
+  - how a template wants an earlier call's arguments is probed once
+    (L{ChatTemplate.arguments_as_text}): Hugging Face's convention is a
+    mapping, but many templates (DeepSeek V3, R1 and V3.1) concatenate
+    them into a string, which a mapping cannot be; llama.cpp probes each
+    template the same way.
 
 Both engines render through L{ChatTemplate}, so the scripted engine used
 by the unit tests renders a template exactly as the real one does.
+L{ChatTemplate.check} renders a plain conversation, so that a template
+that cannot render fails when the model loads, naming the problem,
+instead of on every request.
 
-Covered by tests/unit/test_openai_tools.py and tests/integration/test_llama_engine.py.
+Covered by tests/unit/test_template.py, tests/unit/test_openai_tools.py
+and tests/integration/test_llama_engine.py.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ._engine import ChatPrompt
 
@@ -26,20 +50,97 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+#: List methods a template may call on its own lists.
+_LIST_METHODS = frozenset({"append", "extend", "insert", "pop", "remove"})
+
+
+class TemplateError(ValueError):
+    """The chat template cannot be compiled or cannot render a plain conversation."""
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        if isinstance(obj, list) and attr in _LIST_METHODS:
+            return True
+        return super().is_safe_attribute(obj, attr, value)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Hugging Face's C{{% generation %}} block (for training masks): rendered as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        parser.stream.skip(1)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Hugging Face's filter (not jinja's, which escapes HTML characters).
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@functools.cache
+def _environment() -> _Sandbox:
+    env = _Sandbox(
+        loader=jinja2.BaseLoader(),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_GenerationTag, jinja2.ext.loopcontrols],
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+#: The earlier call the arguments probe renders; its key is what it looks for.
+_PROBE_ARGS = {"ds4tw_probe_key": "ds4tw_probe_value"}
+
 
 class ChatTemplate:
     def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         self.source = source
-        self._formatter = Jinja2ChatFormatter(
-            template=source, eos_token=eos_token, bos_token=bos_token
-        )
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        try:
+            self._template = _environment().from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"the chat template does not compile: {e} (line {e.lineno})") from e
+        self.check()
 
     def render(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> ChatPrompt:
-        result = self._formatter(messages=list(messages), **kwargs)  # type: ignore[arg-type]
-        stops = tuple(s for s in (result.stop or []) if s) if isinstance(result.stop, list) else ()
-        return ChatPrompt(result.prompt, stops)
+        values = {"add_generation_prompt": True, "tools": None, **kwargs}
+        text = self._template.render(
+            messages=list(messages),
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            **values,
+        )
+        return ChatPrompt(text, (self.eos_token,) if self.eos_token else ())
+
+    def check(self) -> None:
+        """Raise L{TemplateError}, naming the problem, if a plain conversation fails."""
+        try:
+            self.render([{"role": "user", "content": "Hello"}])
+        except Exception as e:
+            raise TemplateError(f"the chat template cannot render a conversation: {e}") from e
 
     @property
     def takes_tools(self) -> bool:
@@ -55,3 +156,43 @@ class ChatTemplate:
     def renders_tool_results(self) -> bool:
         """Tool results (role C{tool}, or Llama 3's C{ipython}) have their own turns."""
         return re.search(r"""['"](tool|ipython)['"]""", self.source) is not None
+
+    @functools.cached_property
+    def arguments_as_text(self) -> bool:
+        """
+        Whether earlier calls' arguments must reach the template as JSON
+        text: true when the template fails on a mapping or renders it as
+        something other than JSON, and renders the text.
+        """
+        if not self.renders_tool_calls:
+            return False
+        as_mapping = self._probe(_PROBE_ARGS)
+        if as_mapping is not None and '"ds4tw_probe_key"' in as_mapping:
+            return False
+        as_text = self._probe(json.dumps(_PROBE_ARGS))
+        return as_text is not None and '"ds4tw_probe_key"' in as_text
+
+    def _probe(self, arguments: Any) -> str | None:
+        call = {
+            "id": "call_probe",
+            "type": "function",
+            "function": {"name": "ds4tw_probe", "arguments": arguments},
+        }
+        messages: list[dict[str, Any]] = [
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_probe", "name": "ds4tw_probe", "content": "ok"},
+            {"role": "user", "content": "Thanks"},
+        ]
+        tool = {
+            "type": "function",
+            "function": {
+                "name": "ds4tw_probe",
+                "description": "",
+                "parameters": {"type": "object"},
+            },
+        }
+        try:
+            return self.render(messages, tools=[tool]).text
+        except Exception:
+            return None

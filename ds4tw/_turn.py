@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ from ._host import Host
 from ._normalise import normalise
 from ._pipeline import OutputPipeline
 from ._reasoning import PlainSplitter
+from ._reasoning.settings import ReasoningSettings
 from ._sse import DISCONNECTED, SSEStream, progress_text, wants_progress
 from ._tools.parsers import GrammarCache
 from ._tools.prompt import template_inputs
@@ -80,6 +81,10 @@ class Prompt:
     grammar: Grammar | None = None
     #: Whether the grammar was built for this request (not found cached).
     grammar_built: bool = False
+    #: Reasoning tokens allowed before the engine closes the block, and
+    #: the tokens that close it (L{ds4tw._reasoning.settings}).
+    reasoning_budget: int | None = None
+    reasoning_close: tuple[int, ...] = ()
 
 
 def context_exceeded(prompt_tokens: int, n_ctx: int, param: str) -> ContextExceeded:
@@ -97,7 +102,7 @@ def context_exceeded(prompt_tokens: int, n_ctx: int, param: str) -> ContextExcee
 async def chat_prompt(
     server: Host,
     messages: Sequence[dict[str, Any]],
-    template_kwargs: Mapping[str, Any] | None = None,
+    reasoning: ReasoningSettings | None = None,
     *,
     tooling: Tooling | None = None,
     response_format: ResponseFormat | None = None,
@@ -112,6 +117,8 @@ async def chat_prompt(
 
     @param messages: Hugging Face chat messages (L{ds4tw._tools.prompt}
         says how calls and results are shaped).
+    @param reasoning: what the request asks of the model's reasoning: it
+        reaches the template, and its budget the engine.
     @param tooling: the request's tools; they reach the template (or the
         fallback system text), and constrain sampling as the choice says.
     @param response_format: structured output, constrained by a grammar.
@@ -124,12 +131,14 @@ async def chat_prompt(
         nothing will be sampled).
     """
     engine = server.engine
+    reasoning = reasoning or ReasoningSettings()
+    budget = reasoning.budget_or(server.config.reasoning_budget)
 
     def render() -> Prompt:
         parser = server.tool_parser()
         msgs, extra = template_inputs(normalise(messages), tooling, server.chat_template(), parser)
         try:
-            chat = engine.apply_chat_template(msgs, **{**extra, **(template_kwargs or {})})
+            chat = engine.apply_chat_template(msgs, **{**extra, **reasoning.template_kwargs()})
         except Exception as e:  # jinja's raise_exception and friends
             raise invalid(f"the chat template rejected these messages: {e}", param) from e
         text = chat.text + continuation
@@ -142,7 +151,18 @@ async def chat_prompt(
             grammar, built = _GRAMMARS.json(response_format.schema)
         # The template already carries BOS where the model wants one.
         tokens = engine.tokenize(text, add_bos=False)
-        return Prompt(tokens, chat.stop, text, grammar, built and grammar is not None)
+        close: tuple[int, ...] = ()
+        if budget is not None:
+            close = tuple(engine.tokenize(server.reasoning_parser().close, add_bos=False))
+        return Prompt(
+            tokens,
+            chat.stop,
+            text,
+            grammar,
+            built and grammar is not None,
+            budget if close else None,
+            close,
+        )
 
     prompt: Prompt = await _offload(server, render)
     if prompt.grammar is not None and prompt.grammar_built and prompt.grammar.loosened:

@@ -55,7 +55,7 @@ async def conversation_prompt(
     return await _turn.chat_prompt(
         server,
         messages,
-        conv.template_kwargs(),
+        conv.reasoning_settings(),
         tooling=tooling,
         response_format=response_format,
         continuation=prefill,

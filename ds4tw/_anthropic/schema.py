@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .._engine import SamplingParams
 from .._errors import invalid
+from .._reasoning.settings import ReasoningSettings
 from .._tools.spec import (
     CallLedger,
     ResponseFormat,
@@ -93,6 +94,8 @@ class ContentBlock(_Lenient):
 
     type: str
     text: str | None = None
+    # thinking (an earlier turn's, sent back)
+    thinking: str | None = None
     # tool_use
     id: str | None = None
     name: str | None = None
@@ -127,11 +130,14 @@ class _Turn:
         self.role = role
         self.texts: list[str] = []
         self.calls: list[dict[str, Any]] = []
+        self.thinking: list[str] = []
 
     def message(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": self.role, "content": "".join(self.texts)}
         if self.calls:
             out["tool_calls"] = self.calls
+        if self.thinking:
+            out["reasoning_content"] = "\n\n".join(self.thinking)
         return out
 
 
@@ -155,7 +161,11 @@ class _Conversation:
         for j, block in enumerate(m.content):
             at = f"{where}.content.{j}"
             if block.type in ("thinking", "redacted_thinking") and m.role == "assistant":
-                # Dropped, as Anthropic drops earlier turns' thinking from the context.
+                # Offered to the template, which keeps it within a tool loop
+                # (interleaved thinking) and drops earlier turns', as
+                # Anthropic does. Redacted thinking is unreadable.
+                if block.type == "thinking" and block.thinking:
+                    turn.thinking.append(block.thinking)
                 continue
             if block.type == "tool_use" and m.role == "assistant":
                 turn.calls.append(self._call(block, at))
@@ -226,8 +236,7 @@ class _Conversation:
 
 class ThinkingEnabled(_Lenient):
     type: Literal["enabled"]
-    #: Accepted, not enforced: stopping a think at a budget needs the
-    #: engine to close the block in the model's own context (see routes).
+    #: The engine closes the reasoning block after this many tokens.
     budget_tokens: int = Field(ge=1)
     display: Literal["summarized", "omitted"] | None = None
 
@@ -292,7 +301,8 @@ class JSONSchemaOutput(_Lenient):
 
 
 class OutputConfig(_Lenient):
-    effort: str | None = None  # accepted and ignored: no effort knob on a local model
+    #: Reaches templates that read an effort (gpt-oss's C{reasoning_effort}).
+    effort: str | None = None
     format: JSONSchemaOutput | None = None
 
 
@@ -316,17 +326,16 @@ class Conversation(_Lenient):
             return "none"
         return "omitted" if t.display == "omitted" else "full"
 
-    def template_kwargs(self) -> dict[str, Any]:
+    def reasoning_settings(self, effort: str | None = None) -> ReasoningSettings:
         """
-        Qwen3-style templates switch thinking with C{enable_thinking};
-        templates without it ignore it. No C{thinking} field (and
-        C{adaptive}) leaves the template's own default alone.
+        No C{thinking} field (and C{adaptive}) leaves the template's own
+        default alone; C{enabled} turns thinking on with its budget.
         """
         if isinstance(self.thinking, ThinkingDisabled):
-            return {"enable_thinking": False}
+            return ReasoningSettings(False)
         if isinstance(self.thinking, ThinkingEnabled):
-            return {"enable_thinking": True}
-        return {}
+            return ReasoningSettings(True, effort, self.thinking.budget_tokens)
+        return ReasoningSettings(None, effort)
 
     def tooling(self) -> Tooling | None:
         """
@@ -433,6 +442,10 @@ class MessagesRequest(Conversation):
     metadata: dict[str, Any] | None = None  # accepted, ignored (user_id is for abuse tracking)
     stream: bool = False
     output_config: OutputConfig | None = None
+
+    def reasoning_settings(self, effort: str | None = None) -> ReasoningSettings:
+        given = self.output_config.effort if self.output_config is not None else None
+        return super().reasoning_settings(effort or given)
 
     @field_validator("stop_sequences")
     @classmethod

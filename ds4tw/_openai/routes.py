@@ -48,7 +48,7 @@ def add_routes(server: Host) -> None:
         prompt = await _turn.chat_prompt(
             server,
             req.template_messages(),
-            req.template_kwargs(),
+            req.reasoning_settings(),
             tooling=tooling,
             response_format=req.structured(),
         )

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .._engine import SamplingParams
 from .._errors import invalid
+from .._reasoning.settings import ReasoningSettings
 from .._tools.spec import (
     ANY_OBJECT,
     OPENAI_HOSTED_TOOLS,
@@ -69,6 +70,10 @@ class ChatMessage(_Lenient):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+    #: An earlier turn's reasoning sent back (llama-server's and DeepSeek's
+    #: field; vLLM's newer name is C{reasoning}).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -281,13 +286,10 @@ class ChatCompletionRequest(_Sampling):
         """Whether the client wants the model to think (and to see it)."""
         return self.reasoning_effort != "none"
 
-    def template_kwargs(self) -> dict[str, Any]:
-        kwargs = dict(self.chat_template_kwargs or {})
-        if not self.thinking():
-            # Qwen3-style templates switch thinking off with this flag;
-            # templates without it ignore it.
-            kwargs.setdefault("enable_thinking", False)
-        return kwargs
+    def reasoning_settings(self) -> ReasoningSettings:
+        effort = self.reasoning_effort
+        enabled = None if effort is None else effort != "none"
+        return ReasoningSettings(enabled, effort, template=self.chat_template_kwargs or {})
 
     def template_messages(self) -> list[dict[str, Any]]:
         """
@@ -299,6 +301,9 @@ class ChatCompletionRequest(_Sampling):
         for i, m in enumerate(self.messages):
             role = "system" if m.role == "developer" else m.role
             message: dict[str, Any] = {"role": role, "content": m.text(i)}
+            thought = m.reasoning_content or m.reasoning
+            if m.role == "assistant" and thought:
+                message["reasoning_content"] = thought
             if m.role == "assistant" and m.tool_calls:
                 message["tool_calls"] = []
                 for call in m.tool_calls:

@@ -38,7 +38,7 @@ async def _respond(server: Host, request: Request) -> bytes | None:
     prompt = await _turn.chat_prompt(
         server,
         req.template_messages(),
-        req.template_kwargs(),
+        req.reasoning_settings(),
         tooling=tooling,
         response_format=req.structured(),
         param="input",

@@ -66,6 +66,7 @@ from pydantic import (
 
 from .._engine import SamplingParams
 from .._errors import APIError, invalid
+from .._reasoning.settings import ReasoningSettings
 from .._tools.spec import (
     ANY_OBJECT,
     OPENAI_HOSTED_TOOLS,
@@ -139,6 +140,14 @@ class MessageItem(_Lenient):
 
 class ReasoningItem(_Lenient):
     type: Literal["reasoning"]
+    #: C{reasoning_text} parts (this server's items carry the whole text)
+    #: and summary parts (OpenAI's).
+    content: list[dict[str, Any]] | None = None
+    summary: list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        parts = self.content or self.summary or []
+        return "\n\n".join(p["text"] for p in parts if isinstance(p.get("text"), str))
 
 
 class FunctionCallItem(_Lenient):
@@ -705,14 +714,20 @@ class ResponsesRequest(_Lenient):
         # The assistant turn calls may still join: the last message, if it
         # is the assistant's and nothing but reasoning came after it.
         turn: dict[str, Any] | None = None
+        # Reasoning goes to the assistant turn after it: the template keeps
+        # it within a tool loop (interleaved thinking) and drops the rest.
+        thought: list[str] = []
         for i, raw in enumerate(self.input):
             item = input_item(i, raw)
             if isinstance(item, ReasoningItem):
-                continue  # an earlier turn's reasoning: templates drop it anyway
+                if item.text():
+                    thought.append(item.text())
+                continue
             if isinstance(item, FunctionCallItem | CustomToolCallItem):
                 if turn is None:
                     turn = {"role": "assistant", "content": ""}
                     messages.append(turn)
+                _think(turn, thought)
                 ledger.called(item.call_id)
                 names[item.call_id] = qualified(item.namespace, item.name)
                 turn.setdefault("tool_calls", []).append(_call(item))
@@ -730,6 +745,8 @@ class ResponsesRequest(_Lenient):
                 continue
             role = "system" if item.role == "developer" else item.role
             message = {"role": role, "content": content_text(item.content)}
+            if role == "assistant":
+                _think(message, thought)
             messages.append(message)
             turn = message if role == "assistant" else None
         return messages
@@ -743,10 +760,9 @@ class ResponsesRequest(_Lenient):
         effort = self.reasoning.effort if self.reasoning else None
         return effort not in NO_THINKING
 
-    def template_kwargs(self) -> dict[str, Any]:
-        # Qwen3-style templates switch thinking off with this flag;
-        # templates without it ignore it.
-        return {} if self.thinking() else {"enable_thinking": False}
+    def reasoning_settings(self) -> ReasoningSettings:
+        effort = self.reasoning.effort if self.reasoning else None
+        return ReasoningSettings(None if effort is None else self.thinking(), effort)
 
     def sampling(self, max_tokens: int, stops: tuple[str, ...] = ()) -> SamplingParams:
         defaults = SamplingParams()
@@ -797,6 +813,14 @@ class ResponsesRequest(_Lenient):
 def custom_arguments(text: str) -> str:
     """A free-form call's input as the arguments object the model writes it as."""
     return json.dumps({"input": text}, ensure_ascii=False)
+
+
+def _think(message: dict[str, Any], thought: list[str]) -> None:
+    """Give C{message} the reasoning items that came before it, and clear them."""
+    if thought:
+        earlier = message.get("reasoning_content")
+        message["reasoning_content"] = "\n\n".join([*([earlier] if earlier else []), *thought])
+        thought.clear()
 
 
 def _call(item: FunctionCallItem | CustomToolCallItem) -> dict[str, Any]:

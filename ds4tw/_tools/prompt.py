@@ -11,7 +11,18 @@ Every dialect hands over its conversation as Hugging Face chat messages
 
 A template that takes C{tools} gets them as its C{tools} variable, and
 the calls and results as messages, arguments parsed into mappings (as
-Hugging Face templates expect). A template without tool support (the demo
+Hugging Face templates expect) or kept as JSON text for templates that
+concatenate them (L{ChatTemplate.arguments_as_text}); call ids as the
+model's own syntax writes them where it has ids (Kimi-K2's
+C{functions.NAME:INDEX}, L{ToolCallParser.prompt_call_id}).
+
+An earlier assistant turn's reasoning, when the client sends it back
+(C{reasoning_content}: chat's own field, Anthropic thinking blocks,
+Responses reasoning items), reaches the template under both names
+templates read: C{reasoning_content} (Qwen3, GLM, DeepSeek, Kimi,
+MiniMax) and C{thinking} (gpt-oss). Templates decide what to keep:
+most drop reasoning before the last user turn and keep it within a tool
+loop, as interleaved-thinking models need. A template without tool support (the demo
 model's) gets the documented fallback: the tool-call parser's own
 instructions added to the system message, earlier calls written into the
 assistant's text in the parser's syntax, and results as user turns in
@@ -23,6 +34,7 @@ Covered by tests/unit/test_openai_tools.py (through the chat route).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,9 +55,13 @@ def template_inputs(
     out: list[dict[str, Any]] = []
     fallback_calls = not template.renders_tool_calls
     fallback_results = not template.renders_tool_results
+    as_text = template.arguments_as_text
+    ids: dict[str, str] = {}
     for m in messages:
         message = dict(m)
         calls = message.pop("tool_calls", None) or []
+        if message.get("reasoning_content"):
+            message.setdefault("thinking", message["reasoning_content"])
         if calls:
             pairs = [
                 (c["function"]["name"], arguments_value(c["function"]["arguments"])) for c in calls
@@ -57,9 +73,11 @@ def template_inputs(
             else:
                 message["content"] = message.get("content") or ""
                 message["tool_calls"] = [
-                    {**c, "function": {"name": n, "arguments": a}}
+                    _call(c, n, a, as_text, parser, ids)
                     for c, (n, a) in zip(calls, pairs, strict=True)
                 ]
+        if message.get("role") == "tool" and message.get("tool_call_id") in ids:
+            message["tool_call_id"] = ids[message["tool_call_id"]]
         if message.get("role") == "tool" and fallback_results:
             message = {
                 "role": "user",
@@ -73,6 +91,24 @@ def template_inputs(
         else:
             _add_system(out, parser.instructions(tooling.tools))
     return out, kwargs
+
+
+def _call(
+    call: Mapping[str, Any],
+    name: str,
+    arguments: Any,
+    as_text: bool,
+    parser: ToolCallParser,
+    ids: dict[str, str],
+) -> dict[str, Any]:
+    if as_text:
+        # The client's own text where it sent text: the model wrote it so.
+        sent = call["function"]["arguments"]
+        arguments = sent if isinstance(sent, str) else json.dumps(arguments, ensure_ascii=False)
+    out = {**call, "function": {"name": name, "arguments": arguments}}
+    if "id" in call:
+        ids[call["id"]] = out["id"] = parser.prompt_call_id(call["id"], name, len(ids))
+    return out
 
 
 def _append(out: list[dict[str, Any]], message: dict[str, Any], merge: bool) -> None:

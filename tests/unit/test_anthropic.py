@@ -272,7 +272,7 @@ def test_non_streaming_message_with_thinking() -> None:
             "output_tokens_details": {"thinking_tokens": 6},
         },
     }
-    assert rig.engine.template_kwargs == [{"enable_thinking": True}]
+    assert rig.engine.template_kwargs == [{"enable_thinking": True, "thinking": True}]
 
 
 def test_non_streaming_max_tokens() -> None:
@@ -307,8 +307,8 @@ def test_non_streaming_and_streaming_agree_on_stop_sequence(streaming: bool) -> 
     ("thinking", "kwargs", "shown"),
     [
         (None, {}, False),
-        ({"type": "disabled"}, {"enable_thinking": False}, False),
-        (ENABLED, {"enable_thinking": True}, True),
+        ({"type": "disabled"}, {"enable_thinking": False, "thinking": False}, False),
+        (ENABLED, {"enable_thinking": True, "thinking": True}, True),
         ({"type": "adaptive"}, {}, True),
     ],
 )
@@ -644,7 +644,7 @@ def test_count_tokens_passes_the_thinking_switch_to_the_template() -> None:
     payload = {**BASE, "thinking": {"type": "disabled"}}
     del payload["max_tokens"]
     assert rig.http.post("/v1/messages/count_tokens", payload).status == 200
-    assert rig.engine.template_kwargs == [{"enable_thinking": False}]
+    assert rig.engine.template_kwargs == [{"enable_thinking": False, "thinking": False}]
 
 
 @pytest.mark.parametrize(

@@ -422,6 +422,8 @@ def test_calls_and_results_become_hugging_face_messages() -> None:
         {
             "role": "assistant",
             "content": "Checking.",
+            # The thinking block reaches the template (interleaved thinking).
+            "reasoning_content": "two tools",
             "tool_calls": [
                 {
                     "id": "toolu_1",

@@ -130,7 +130,7 @@ def test_reasoning_effort_none_turns_thinking_off_and_hides_it() -> None:
     rig = make_rig([THINKING])
     ex = rig.chat(reasoning_effort="none")
     rig.threads.run_until_idle()
-    assert rig.engine.template_kwargs[-1] == {"enable_thinking": False}
+    assert rig.engine.template_kwargs[-1] == {"enable_thinking": False, "thinking": False}
     assert ex.json()["choices"][0]["message"] == {"role": "assistant", "content": "It is 4."}
 
 

@@ -70,6 +70,12 @@ class ToolCallParser(Protocol):
 
     def instructions(self, tools: Sequence[ToolSpec]) -> str: ...
 
+    def prompt_call_id(self, call_id: str, name: str, index: int) -> str:
+        """
+        The id an earlier call (the C{index}th of the conversation) has in
+        the prompt: the client's, unless the model's syntax numbers its calls.
+        """
+
     def format_calls(self, calls: Sequence[tuple[str, Any]]) -> str: ...
 
 
@@ -92,6 +98,9 @@ class ParserBase:
     def claims(template: str) -> bool:
         """Whether C{template}'s own markup is this syntax (for C{auto})."""
         return False
+
+    def prompt_call_id(self, call_id: str, name: str, index: int) -> str:
+        return call_id
 
 
 # -- one call in progress -------------------------------------------------------
