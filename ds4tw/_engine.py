@@ -38,8 +38,9 @@ embedders that want one answer without a worker).
 
 Covered by tests/unit/test_scheduler.py, tests/unit/test_cancel.py and
 tests/unit/test_reasoning_budget.py (through the scripted engine) and
-tests/integration/test_llama_engine.py and
-tests/integration/test_batching.py (the real one).
+tests/integration/test_llama_engine.py,
+tests/integration/test_batching.py and
+tests/integration/test_special_tokens.py (the real one).
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ step stops within milliseconds, its KV cells are dropped, and
 L{LlamaEngine.step} raises L{Aborted}.
 
 Covered by tests/integration/test_llama_engine.py,
-tests/integration/test_batching.py and
+tests/integration/test_batching.py,
+tests/integration/test_special_tokens.py (kept special tokens, a
+reasoning budget's forced tokens) and
 tests/integration/test_engine_options.py (each L{EngineOptions} setting
 read back from llama.cpp).
 """

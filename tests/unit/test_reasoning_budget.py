@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from twisted.logger import globalLogPublisher
@@ -58,13 +59,13 @@ class Seen:
 
 
 def submit(
-    rig: Rig, budget: int | None, *, close: str = CLOSE, prompt: str = "question", **kw: object
+    rig: Rig, budget: int | None, *, close: str = CLOSE, prompt: str = "question", **kw: Any
 ) -> Seen:
     engine = rig.engine
     params = SamplingParams(
         reasoning_budget=budget,
         reasoning_close=tuple(engine.tokenize(close, add_bos=False)),
-        **{"max_tokens": 200, **kw},  # type: ignore[arg-type]
+        **{"max_tokens": 200, **kw},
     )
     splitter = TagReasoningParser("deepseek_r1").splitter(prompt)
     seen = Seen()
@@ -75,7 +76,7 @@ def submit(
 
 
 def run(
-    reply: Sequence[str | bytes], budget: int | None, prefix_cache: bool = False, **kw: object
+    reply: Sequence[str | bytes], budget: int | None, prefix_cache: bool = False, **kw: Any
 ) -> tuple[Seen, Rig]:
     rig = make_rig([Reply.of(*reply)], prefix_cache=prefix_cache)
     seen = submit(rig, budget, **kw)
