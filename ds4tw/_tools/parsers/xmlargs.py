@@ -20,6 +20,16 @@ This module owns three things:
 Arguments the schema does not type are strings: a parameter the tool does
 not declare is kept as a string argument (vLLM's qwen3_coder and
 glm4_moe parsers do the same), since the schema cannot say otherwise.
+Qwen3-Coder writes a newline on each side of a value: exactly one each
+side is the format's (as vLLM strips). GLM and MiniMax write none, so a
+string is everything between its tags (vLLM's glm45 strips all of the
+whitespace; a string's own spaces are kept here); other types ignore the
+whitespace around them. A value cannot contain its own closing tag: the
+first one ends it, and the grammar keeps it out of strings.
+
+The grammar lists each tool's parameters in its schema's property order,
+the order templates write arguments back in, so a forced call's
+arguments come out in the order the client declared them.
 
 Covered by tests/unit/test_parser_xml.py.
 """
