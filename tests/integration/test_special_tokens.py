@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 
 from ds4tw import Grammar, LlamaEngine, SamplingParams, Server, ServerConfig, Token, demo_model_path
 from ds4tw._engine import special_token_ids
@@ -251,3 +252,42 @@ def test_budget_zero_closes_before_any_reasoning(
     assert seen.text(ContentText).strip()
     assert seen.finish is not None
     assert seen.finish.usage.reasoning_tokens == len(close)
+
+
+def test_forced_tokens_pass_through_a_waiting_lazy_grammar(
+    thinking: tuple[Server, SteppedThreads, LlamaEngine],
+) -> None:
+    """
+    A request with tools has a lazy grammar: the forced close goes into its
+    trigger text as a sampled token would, and nothing else changes.
+    """
+    plain, _ = think(thinking, 5)
+    grammar = Grammar('root ::= "<tool_call>" [a-z]+', triggers=(r"<tool_call>",))
+    lazy, close = think(thinking, 5, grammar=grammar)
+    assert lazy.text(ReasoningText) == plain.text(ReasoningText)
+    assert lazy.text(ContentText) == plain.text(ContentText)
+    assert lazy.finish is not None and lazy.finish.usage.reasoning_tokens == 5 + len(close)
+
+
+def test_a_grammar_that_rejects_the_close_keeps_the_request_alive(
+    thinking: tuple[Server, SteppedThreads, LlamaEngine],
+) -> None:
+    """
+    A grammar in force from the first token that has no room for the
+    close: the forced tokens are dropped (accepting one the grammar
+    rejects would abort the process in llama.cpp) and the grammar decides.
+    """
+    warned: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "rejects the forced token" in str(event.get("log_format", "")):
+            warned.append(event["log_format"])
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        seen, _ = think(thinking, 0, grammar=Grammar('root ::= "Paris"'))
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert seen.finish is not None and seen.finish.reason == "stop"
+    assert seen.text(ReasoningText) == "Paris"
+    assert len(warned) == 1
