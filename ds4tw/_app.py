@@ -34,7 +34,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ._anthropic.render import error_body as anthropic_error_body
 from ._anthropic.routes import add_routes as anthropic_routes
-from ._engine import Engine, ReportsSettings
+from ._engine import Engine, ReportsSettings, special_token_ids
 from ._errors import APIError, invalid, method_not_allowed, not_found, unauthorized
 from ._host import ServerConfig
 from ._metrics import CONTENT_TYPE_LATEST, Metrics
@@ -94,6 +94,7 @@ class Server(MultiService):
         reasoning_parser(self.config.reasoning_parser)
         tool_call_parser(self.config.tool_call_parser)
         self._reasoning_parser: ReasoningParser | None = None
+        self._kept_special: frozenset[int] | None = None
         self._template: ChatTemplate | None = None
         self._tool_parser: ToolCallParser | None = None
         self._openapi: bytes | None = None
@@ -173,6 +174,20 @@ class Server(MultiService):
                 self.config.tool_call_parser, self.engine.chat_template
             )
         return self._tool_parser
+
+    def kept_special(self) -> frozenset[int]:
+        """
+        The special tokens whose text the parsers read (gpt-oss's channels,
+        Kimi's and DeepSeek's call markers); every other special token's
+        text stays hidden from the client. Any thread, after load.
+        """
+        if self._kept_special is None:
+            texts = (
+                *self.tool_parser().preserved_tokens,
+                *self.reasoning_parser().preserved_tokens,
+            )
+            self._kept_special = special_token_ids(self.engine, texts)
+        return self._kept_special
 
     def reasoning_parser(self) -> ReasoningParser:
         """The reasoning parser: configured, or chosen from the template (after load)."""

@@ -85,6 +85,8 @@ class Prompt:
     #: the tokens that close it (L{ds4tw._reasoning.settings}).
     reasoning_budget: int | None = None
     reasoning_close: tuple[int, ...] = ()
+    #: Special tokens whose text the parsers read (L{SamplingParams.keep_special}).
+    keep_special: frozenset[int] = frozenset()
 
 
 def context_exceeded(prompt_tokens: int, n_ctx: int, param: str) -> ContextExceeded:
@@ -162,6 +164,7 @@ async def chat_prompt(
             built and grammar is not None,
             budget if close else None,
             close,
+            server.kept_special(),
         )
 
     prompt: Prompt = await _offload(server, render)
@@ -252,6 +255,13 @@ def new_job(
         grammar = dataclasses.replace(grammar, armed=lambda: not pipeline.in_reasoning)
     if grammar is not None:
         params = dataclasses.replace(params, grammar=grammar)
+    if reasoning:
+        params = dataclasses.replace(
+            params,
+            keep_special=prompt.keep_special,
+            reasoning_budget=prompt.reasoning_budget,
+            reasoning_close=prompt.reasoning_close,
+        )
     return Job(prompt.tokens, params, label=label, pipeline=pipeline)
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import Delta, NoReasoningParser, PlainSplitter, ReasoningParser, ReasoningSplitter
+from .harmony import HarmonyReasoningParser
 from .tags import TagReasoningParser, TagSplitter
 
 __all__ = [
     "REASONING_PARSERS",
     "Delta",
+    "HarmonyReasoningParser",
     "PlainSplitter",
     "ReasoningParser",
     "ReasoningSplitter",
@@ -30,6 +32,9 @@ __all__ = [
 REASONING_PARSERS: dict[str, Callable[[], ReasoningParser]] = {
     "think": lambda: TagReasoningParser("think"),
     "none": NoReasoningParser,
+    "gpt_oss": HarmonyReasoningParser,
+    # vLLM's name for it.
+    "openai_gptoss": HarmonyReasoningParser,
 }
 
 
@@ -56,4 +61,6 @@ def detect(template: str) -> ReasoningParser:
     none, since models trained to think often carry a template that does
     not say so (and a model that never opens the tag loses nothing).
     """
+    if HarmonyReasoningParser.claims(template):
+        return HarmonyReasoningParser()
     return TagReasoningParser("think")

@@ -219,6 +219,8 @@ class HarmonyReasoningParser:
 
     name: str = "gpt_oss"
     preserved_tokens: tuple[str, ...] = SPECIAL_TOKENS
+    #: The analysis message ends; the final answer begins.
+    close: str = f"{END}{START}{ROLE}{CHANNEL}final{MESSAGE}"
 
     @staticmethod
     def claims(template: str) -> bool:

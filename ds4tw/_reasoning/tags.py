@@ -19,65 +19,75 @@ from .._text import held_suffix
 from .._types import ContentText, ReasoningText
 from .base import Delta, DeltaKind, ReasoningSplitter
 
+_WHITESPACE = " \t\r\n"
+
 
 class TagSplitter:
     """
-    Text between C{start} and C{end} is reasoning, the rest content. A
-    C{start} after the first reasoning block is plain content (models do
-    not reopen it; quoting the tag in an answer must not hide the answer).
+    Text between C{start} and C{end} is reasoning, the rest content.
+
+    The block counts only where models write it: at the start of the
+    reply (after whitespace, as GLM writes it), or from the first token
+    when the prompt opened it. A C{start} anywhere else is plain content
+    (quoting the tag in an answer must not hide the answer). Whitespace
+    before the block and between it and the answer is the template's
+    layout, not text: it is dropped.
     """
 
     def __init__(self, start: str, end: str, in_reasoning: bool = False) -> None:
         self._start, self._end = start, end
-        self.in_reasoning = in_reasoning
-        self._seen_block = in_reasoning
+        self._state = "reasoning" if in_reasoning else "start"  # start, reasoning, content
         self._held = ""
-        self._at_content_start = False
+        self._trim = False
 
-    def _tag(self) -> str | None:
-        if self.in_reasoning:
-            return self._end
-        return None if self._seen_block else self._start
+    @property
+    def in_reasoning(self) -> bool:
+        return self._state == "reasoning"
 
     def feed(self, text: str) -> list[Delta]:
         out: list[Delta] = []
-        buf = self._held + text
-        self._held = ""
+        buf, self._held = self._held + text, ""
         while buf:
-            tag = self._tag()
-            kind: DeltaKind = "reasoning" if self.in_reasoning else "content"
-            if tag is None:
-                self._emit(out, kind, buf)
+            if self._state == "start":
+                stripped = buf.lstrip(_WHITESPACE)
+                if stripped.startswith(self._start):
+                    self._state = "reasoning"
+                    buf = stripped[len(self._start) :]
+                elif not stripped or self._start.startswith(stripped):
+                    self._held = buf  # still whitespace, or still maybe the tag
+                    return out
+                else:
+                    self._state = "content"
+            elif self._state == "content":
+                self._emit(out, "content", buf)
                 return out
-            at = buf.find(tag)
-            if at == -1:
-                keep = held_suffix(buf, (tag,))
-                self._emit(out, kind, buf[: len(buf) - keep])
+            else:
+                at = buf.find(self._end)
+                if at != -1:
+                    self._emit(out, "reasoning", buf[:at])
+                    self._state, self._trim = "content", True
+                    buf = buf[at + len(self._end) :]
+                    continue
+                keep = held_suffix(buf, (self._end,))
+                self._emit(out, "reasoning", buf[: len(buf) - keep])
                 self._held = buf[len(buf) - keep :]
                 return out
-            self._emit(out, kind, buf[:at])
-            buf = buf[at + len(tag) :]
-            if self.in_reasoning:
-                self.in_reasoning = False
-                self._at_content_start = True
-            else:
-                self.in_reasoning = self._seen_block = True
         return out
 
     def _emit(self, out: list[Delta], kind: DeltaKind, text: str) -> None:
-        if kind == "content" and self._at_content_start:
+        if self._trim:
             # Templates put a newline or two after the closing tag.
             text = text.lstrip("\n")
             if not text:
                 return
-            self._at_content_start = False
+            self._trim = False
         if text:
             out.append(ReasoningText(text) if kind == "reasoning" else ContentText(text))
 
     def flush(self) -> list[Delta]:
         held, self._held = self._held, ""
         out: list[Delta] = []
-        self._emit(out, "reasoning" if self.in_reasoning else "content", held)
+        self._emit(out, "reasoning" if self._state == "reasoning" else "content", held)
         return out
 
 

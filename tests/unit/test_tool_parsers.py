@@ -260,7 +260,7 @@ def test_auto_reads_the_template(template: str, name: str) -> None:
 
 
 def test_unknown_parser_name() -> None:
-    with pytest.raises(ValueError, match="known: auto, hermes, llama3_json, mistral"):
+    with pytest.raises(ValueError, match="known: auto, deepseek_v3, deepseek_v31"):
         tool_call_parser("xml")
 
 

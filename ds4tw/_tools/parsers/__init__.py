@@ -37,16 +37,30 @@ from ..._engine import Grammar
 from ..._grammar import json_grammar
 from ..spec import Tooling
 from .base import ToolCallParser, ToolCallSplitter
+from .deepseek import DeepSeekV3Parser, DeepSeekV31Parser, DeepSeekV32Parser
+from .glm45 import GLM45Parser
+from .harmony import HarmonyParser
 from .hermes import HermesParser
+from .kimi_k2 import KimiK2Parser
 from .llama3_json import Llama3JSONParser
+from .minimax_m2 import MiniMaxM2Parser
 from .mistral import MistralParser
+from .qwen3_coder import Qwen3CoderParser
 
 __all__ = [
     "TOOL_CALL_PARSERS",
+    "DeepSeekV3Parser",
+    "DeepSeekV31Parser",
+    "DeepSeekV32Parser",
+    "GLM45Parser",
     "GrammarCache",
+    "HarmonyParser",
     "HermesParser",
+    "KimiK2Parser",
     "Llama3JSONParser",
+    "MiniMaxM2Parser",
     "MistralParser",
+    "Qwen3CoderParser",
     "ToolCallParser",
     "ToolCallSplitter",
     "detect",
@@ -56,6 +70,14 @@ __all__ = [
 #: Every syntax, in the order C{auto} asks them whether a template is
 #: theirs: the most specific markup first, Hermes (the fallback) last.
 _FORMATS: tuple[type[Any], ...] = (
+    HarmonyParser,
+    DeepSeekV32Parser,
+    DeepSeekV31Parser,
+    DeepSeekV3Parser,
+    KimiK2Parser,
+    MiniMaxM2Parser,
+    GLM45Parser,
+    Qwen3CoderParser,
     MistralParser,
     Llama3JSONParser,
     HermesParser,
@@ -65,6 +87,8 @@ _FORMATS: tuple[type[Any], ...] = (
 TOOL_CALL_PARSERS: dict[str, Callable[[str], ToolCallParser]] = {
     cls.name: cls.for_template for cls in _FORMATS
 }
+# vLLM's name for gpt-oss's, and the format's own.
+TOOL_CALL_PARSERS["openai"] = TOOL_CALL_PARSERS["harmony"] = HarmonyParser.for_template
 
 
 class GrammarCache:
