@@ -51,7 +51,7 @@ from ._reasoning import PlainSplitter
 from ._reasoning.settings import ReasoningSettings
 from ._sse import DISCONNECTED, SSEStream, progress_text, wants_progress
 from ._tools.parsers import GrammarCache
-from ._tools.prompt import template_inputs
+from ._tools.prompt import template_inputs, without_thinking_alias
 from ._tools.spec import ResponseFormat, Tooling
 from ._types import (
     Collected,
@@ -139,10 +139,17 @@ async def chat_prompt(
     def render() -> Prompt:
         parser = server.tool_parser()
         msgs, extra = template_inputs(normalise(messages), tooling, server.chat_template(), parser)
+        kwargs = {**extra, **reasoning.template_kwargs()}
         try:
-            chat = engine.apply_chat_template(msgs, **{**extra, **reasoning.template_kwargs()})
+            chat = engine.apply_chat_template(msgs, **kwargs)
         except Exception as e:  # jinja's raise_exception and friends
-            raise invalid(f"the chat template rejected these messages: {e}", param) from e
+            retry = without_thinking_alias(msgs)
+            try:
+                if retry is None:
+                    raise
+                chat = engine.apply_chat_template(retry, **kwargs)
+            except Exception:
+                raise invalid(f"the chat template rejected these messages: {e}", param) from e
         text = chat.text + continuation
         grammar, built = None, False
         if constrain and tooling is not None and tooling.active:

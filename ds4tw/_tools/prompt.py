@@ -93,6 +93,19 @@ def template_inputs(
     return out, kwargs
 
 
+def without_thinking_alias(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """
+    C{messages} without the C{thinking} copy of the reasoning on turns that
+    also have text, or None when there is none to drop: gpt-oss's template
+    refuses a turn with both (its text then renders as the analysis).
+    """
+    if not any(m.get("thinking") and m.get("content") for m in messages):
+        return None
+    return [
+        {k: v for k, v in m.items() if k != "thinking"} if m.get("content") else m for m in messages
+    ]
+
+
 def _call(
     call: Mapping[str, Any],
     name: str,

@@ -269,3 +269,34 @@ def test_the_reply_reads_the_same_in_every_dialect(path: Path, index: int, diale
     assert seen_body(dialect, whole.json()) == want
     _, split = serve(c, Reply.of(*r["text"]), dialect, stream=True)
     assert seen_stream(dialect, split) == want
+
+
+def test_gpt_oss_takes_claude_codes_turns_with_text_and_thinking() -> None:
+    """Its template refuses a turn with both; the turn is rendered without the thinking."""
+    c = case(TEMPLATES / "openai-gpt-oss-120b.json")
+    rig = make_rig([Reply.of("<|channel|>final<|message|>Done.")], chat_template=c["source"])
+    path, payload = request("anthropic", c, stream=False)
+    payload["messages"] = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "Use the tool.", "signature": "s"},
+                {"type": "text", "text": "Checking the weather."},
+                {
+                    "type": "tool_use",
+                    "id": "toolu_1",
+                    "name": "get_weather",
+                    "input": {"city": "P"},
+                },
+            ],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "18 C"}],
+        },
+    ]
+    ex = rig.http.post(path, payload)
+    rig.threads.run_until_idle()
+    assert ex.status == 200, ex.body
+    assert seen_body("anthropic", ex.json()) == ("", "Done.", [])
