@@ -87,3 +87,23 @@ def test_a_follow_up_turn_renders_with_deepseek_v31s_own_template() -> None:
     assert ex.status == 200, ex.body
     (turn,) = [m for m in rig.engine.template_messages[-1] if m.get("tool_calls")]
     assert turn["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
+
+
+def test_hugging_face_extras_render() -> None:
+    """What templates use beyond plain jinja2: tojson's options, strftime_now, loop controls."""
+    template = ChatTemplate(
+        "{{ {'b': 1, 'a': [1, 2]} | tojson(indent=2, sort_keys=True) }}|"
+        "{{ {'x': '<é>'} | tojson(separators=(',', ':')) }}|"
+        "{{ strftime_now('%Y') }}|"
+        "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
+        "{{ m.content }}{% continue %}never{% endfor %}"
+        "{% generation %}kept{% endgeneration %}"
+    )
+    text = template.render(
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    ).text
+    sorted_, compact, year, rest = text.split("|")
+    assert sorted_ == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}'
+    assert compact == '{"x":"<é>"}'  # not HTML-escaped, not ASCII-escaped
+    assert len(year) == 4 and year.isdigit()
+    assert rest == "akept"
