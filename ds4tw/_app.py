@@ -118,6 +118,7 @@ class Server(MultiService):
         self.metrics.watch_cache(engine)
         self.worker.observers += [self.metrics.job_ended, _log_job]
         self.worker.step_observers.append(self.metrics.step_done)
+        self.worker.loaded.addCallback(self._log_parsers)
         self.app = Klein()
         # werkzeug answers a path with repeated slashes by a redirect to the
         # merged one, which escapes Klein as a 500; _Tagged collapses them
@@ -174,6 +175,19 @@ class Server(MultiService):
                 self.config.tool_call_parser, self.engine.chat_template
             )
         return self._tool_parser
+
+    def parsers(self) -> dict[str, str]:
+        """The parsers in use (what C{auto} read from the template), after load."""
+        return {"tool_call": self.tool_parser().name, "reasoning": self.reasoning_parser().name}
+
+    def _log_parsers(self, result: object) -> object:
+        log.info(
+            "parsers: tool calls {tool_call}, reasoning {reasoning} (configured: {tc}, {rp})",
+            tc=self.config.tool_call_parser,
+            rp=self.config.reasoning_parser,
+            **self.parsers(),
+        )
+        return result
 
     def kept_special(self) -> frozenset[int]:
         """
@@ -259,6 +273,8 @@ class Server(MultiService):
             if isinstance(self.engine, ReportsSettings) and w.ready:
                 # As llama.cpp took them (docs/operations.md, "Engine settings").
                 payload["engine"] = self.engine.settings
+            if w.ready:
+                payload["parsers"] = self.parsers()
             ok = w.ready and not w.draining
             if not ok:
                 request.setHeader(b"retry-after", b"5")

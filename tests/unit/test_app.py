@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +22,26 @@ def test_health_reports_ready_model_and_queue() -> None:
         "busy": False,
         "slots": 1,
         "slots_busy": 0,
+        # What auto read from the (ChatML) template.
+        "parsers": {"tool_call": "hermes", "reasoning": "think"},
     }
+
+
+def test_health_and_the_log_name_the_parsers_auto_read_from_the_template() -> None:
+    logged: list[str] = []
+
+    def observe(event: Any) -> None:
+        logged.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        source = Path(__file__).parent.parent / "data" / "templates" / "openai-gpt-oss-120b.jinja"
+        rig = make_rig(chat_template=source.read_text(encoding="utf-8"))
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    parsers = rig.http.get("/health").json()["parsers"]
+    assert parsers == {"tool_call": "gpt_oss", "reasoning": "gpt_oss"}
+    assert "parsers: tool calls gpt_oss, reasoning gpt_oss (configured: auto, auto)" in logged
 
 
 def test_metrics_count_jobs_and_tokens() -> None:
