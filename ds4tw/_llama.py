@@ -1592,7 +1592,10 @@ class LlamaEngine:
                     s.finished = True
                     return [Finished("stop")]
                 token = chosen
-            if token in self._eog and not s.params.ignore_eos:
+            # A forced token is written, never the model ending its turn:
+            # gpt-oss's reasoning close starts with <|end|>, an
+            # end-of-generation token in some of its GGUFs.
+            if forced is None and token in self._eog and not s.params.ignore_eos:
                 s.finished = True
                 return [Finished("stop")]
             piece = token_piece(self._llm, token, self._buf, token in s.params.keep_special)

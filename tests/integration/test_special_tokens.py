@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from ds4tw import Grammar, LlamaEngine, SamplingParams, Server, ServerConfig, Token, demo_model_path
-from ds4tw._engine import special_token_ids
+from ds4tw._engine import Finished, PrefillProgress, special_token_ids
 from ds4tw._pipeline import OutputPipeline
 from ds4tw._reasoning.tags import TagReasoningParser
 from ds4tw._template import CHATML_TEMPLATE
@@ -291,3 +291,30 @@ def test_a_grammar_that_rejects_the_close_keeps_the_request_alive(
     assert seen.finish is not None and seen.finish.reason == "stop"
     assert seen.text(ReasoningText) == "Paris"
     assert len(warned) == 1
+
+
+def test_a_forced_end_of_generation_token_is_written_not_an_end(engine: LlamaEngine) -> None:
+    """
+    Engine.force on the real engine: the token is emitted in place of
+    sampling, even an end-of-generation one (gpt-oss's reasoning close
+    begins with <|end|>), and the model goes on after it.
+    """
+    prompt = engine.tokenize("The capital of France is", add_bos=False)
+    params = SamplingParams(max_tokens=4, temperature=0, keep_special=frozenset({2}))
+    seq = engine.open(prompt, params)
+    engine.force(seq, [2, IM_START])
+    out: list[Token] = []
+    ended: list[object] = []
+    try:
+        while not ended:
+            for s, event in engine.step().events:
+                assert s == seq
+                if isinstance(event, Token):
+                    out.append(event)
+                elif not isinstance(event, PrefillProgress):
+                    ended.append(event)
+    finally:
+        engine.release(seq, keep_output=False)
+    assert [(t.id, t.piece) for t in out[:2]] == [(2, b"<|im_end|>"), (IM_START, b"")]
+    # Sampled on after the forced ones, which max_tokens counts.
+    assert len(out) == 4 and ended == [Finished("length")]
