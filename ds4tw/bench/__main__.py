@@ -1,6 +1,6 @@
 """
 C{ds4tw-bench [--quick] [--out DIR] [--clients N] [--engine llama|scripted]
-[--only cancel|batching|cache|grammar]}
+[--only cancel|batching|cache|grammar|parsers]}
 
 One run, in this order:
 
@@ -21,7 +21,10 @@ One run, in this order:
      grammars on a LlamaEngine in this process
      (L{ds4tw.bench._constrained});
   6. keepalive timing and many waiting clients on a second ds4tw server
-     with a small C{--keepalive} and a template that makes a silent decode.
+     with a small C{--keepalive} and a template that makes a silent decode;
+  7. every tool-call syntax's splitting cost per character (also as a
+     share of the throughput part's decoded token) and grammar build time
+     (L{ds4tw.bench._parsers}; no model).
 
 With C{--engine scripted} there is no model: ds4tw runs on a paced
 scripted engine (L{ds4tw.bench._scripted_server}; the batching part on
@@ -36,7 +39,8 @@ without the prefill order's aging, on an in-process engine:
 L{ds4tw.bench._fairness}), C{--only cache} the prompt cache part alone
 (issue 10), each of the last two on either engine, and C{--only grammar}
 the grammar build time of real agents' tool lists (issue 18,
-L{ds4tw.bench._grammars}; no model).
+L{ds4tw.bench._grammars}; no model); C{--only parsers} every tool-call
+syntax's splitting and grammar build cost against Hermes' (no model).
 
 A part that fails is recorded in the JSON's C{errors} and the run goes
 on; the exit status is 1 if any part failed, 0 otherwise. Targets are
@@ -108,7 +112,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument(
         "--only",
-        choices=("cancel", "batching", "cache", "grammar"),
+        choices=("cancel", "batching", "cache", "grammar", "parsers"),
         default=None,
         help="cancel: only the cancel latency (in-step abort, then between steps only, "
         "as before issue 8) and the abort check's cost; batching: only the continuous "
@@ -119,7 +123,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         "interleaved conversations' hit rate and prefill time with the cache on and off); "
         "grammar: only the grammar build time of real agents' tool lists (issue 18, from "
         "tests/agents/fixtures in a checkout), cold and cached, against the request's own "
-        "validation and templating",
+        "validation and templating; parsers: only every tool-call syntax's splitting cost "
+        "per character and grammar build time for Claude Code's tools, against Hermes'",
     )
     args = p.parse_args(argv)
     if args.clients is not None and args.clients < 1:
@@ -320,6 +325,37 @@ def run_llama(run: Run, args: argparse.Namespace, out: Path) -> None:
             parallel=1,
         ),
     )
+    decode = ((run.doc["raw"] or {}).get("decode_tps") or {}).get("median")
+    _parsers_part(run, 1.0 / decode if decode else None, fixtures_required=False)
+
+
+def _parsers_part(run: Run, token_s: float | None, fixtures_required: bool) -> None:
+    """
+    Every tool-call syntax's splitting and grammar cost (L{ds4tw.bench._parsers}).
+    In a full run, away from a checkout's captured requests, the grammar
+    half is skipped with a note rather than failing the run.
+    """
+    from . import _grammars, _parsers
+
+    quick = run.settings.quick
+    got: dict[str, Any] = {
+        "splitters": run.part(
+            "tool-call splitting per character (every syntax)",
+            lambda: _parsers.measure_splitters(quick=quick, token_s=token_s),
+        ),
+        "grammars": None,
+    }
+    if fixtures_required or _grammars.FIXTURES.is_dir():
+        got["grammars"] = run.part(
+            "tool-call grammar build (every syntax, Claude Code's tools)",
+            lambda: _parsers.measure_grammars(quick=quick),
+        )
+    else:
+        run.doc["notes"].append(
+            f"parsers: grammar build skipped, no {_grammars.FIXTURES} here (run from a checkout)"
+        )
+    run.doc["parsers"] = got
+    print("\n".join(_parsers.table(got)), flush=True)
 
 
 def _batching_part(run: Run, s: Settings, work: Path) -> None:
@@ -584,6 +620,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_cache_only(run, out)
     elif args.only == "grammar":
         run_grammar_only(run)
+    elif args.only == "parsers":
+        run.doc["notes"].append(
+            "--only parsers: no throughput part (raw, ds4tw, peer sections empty), so no "
+            "decoded token to set the splitting cost against; every figure is also a ratio "
+            "against the Hermes parser in the same run"
+        )
+        _parsers_part(run, None, fixtures_required=True)
     elif settings.engine == "scripted":
         run_scripted(run, out)
     else:
