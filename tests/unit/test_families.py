@@ -90,6 +90,7 @@ NO_REASONING_IN_PROMPT = {
     "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
     "deepseek-ai-DeepSeek-V3.1",
     "moonshotai-Kimi-K2",
+    "unsloth-mistral-Devstral-Small-2507",
 }
 
 
@@ -285,7 +286,7 @@ def test_gpt_oss_takes_claude_codes_turns_with_text_and_thinking() -> None:
                 {"type": "text", "text": "Checking the weather."},
                 {
                     "type": "tool_use",
-                    "id": "toolu_1",
+                    "id": "t1",
                     "name": "get_weather",
                     "input": {"city": "P"},
                 },

@@ -539,6 +539,7 @@ def test_health_reports_slots_and_slots_busy_while_requests_run() -> None:
         "busy": True,
         "slots": 2,
         "slots_busy": 2,
+        "parsers": {"tool_call": "hermes", "reasoning": "think"},
     }
     step_until(rig, lambda: a.finished)
     # c took a's slot at once.
