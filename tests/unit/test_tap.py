@@ -45,10 +45,25 @@ def test_keepalive_zero_and_numbers() -> None:
 
 
 def test_reasoning_parser_option() -> None:
-    assert parse()["reasoning-parser"] == "think"
+    assert parse()["reasoning-parser"] == "auto"
     assert parse("--reasoning-parser", "<a>,</a>")["reasoning-parser"] == "<a>,</a>"
+    assert parse("--reasoning-parser", "gpt_oss")["reasoning-parser"] == "gpt_oss"
     with pytest.raises(usage.UsageError, match="unknown reasoning parser"):
         parse("--reasoning-parser", "nope")
+
+
+def budget(*args: str) -> int | None:
+    service = makeService(parse(*args))
+    (server,) = [s for s in service if isinstance(s, Server)]  # type: ignore[attr-defined]
+    value: int | None = server.config.reasoning_budget
+    return value
+
+
+def test_reasoning_budget_option() -> None:
+    assert budget() is None
+    assert budget("--reasoning-budget", "256") == 256
+    assert budget("--reasoning-budget", "0") == 0
+    assert budget("--reasoning-budget", "-1") is None
 
 
 def test_tool_call_parser_option() -> None:
