@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._engine import Grammar
@@ -33,6 +33,39 @@ from ._jsonschema import ANY, GBNF, REF, loosened_text, simplify
 def literal(text: str) -> str:
     """A GBNF string literal."""
     return json.dumps(text, ensure_ascii=False)
+
+
+def char_class(chars: str) -> str:
+    """A GBNF character class body for C{chars}."""
+    out = []
+    for c in chars:
+        if c == "\n":
+            out.append("\\n")
+        elif c in "]\\^-[":
+            out.append("\\" + c)
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def text_until(rule: Callable[[str, str], object], name: str, end: str) -> str:
+    """
+    A rule (made with C{rule(name, body)}) for any text that does not
+    contain C{end} (the tag that follows it): one rule per prefix of
+    C{end} matched so far. C{end}'s first character must not recur in it,
+    so that a mismatch restarts the match at that character or from nothing.
+    """
+    first = end[0]
+    if first in end[1:]:
+        raise ValueError(f"{end!r}: its first character recurs in it")
+    for i in range(len(end)):
+        alts = [f"[^{char_class(first if i == 0 else first + end[i])}] {name}-0"]
+        if i > 0:
+            alts.append(f"{literal(first)} {name}-1")
+        if i + 1 < len(end):
+            alts.append(f"{literal(end[i])} {name}-{i + 1}")
+        rule(f"{name}-{i}", f"({' | '.join(alts)})?")
+    return f"{name}-0"
 
 
 @functools.cache

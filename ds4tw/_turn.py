@@ -152,12 +152,17 @@ async def chat_prompt(
                 raise invalid(f"the chat template rejected these messages: {e}", param) from e
         text = chat.text + continuation
         grammar, built = None, False
+        roomy = False
         if constrain and tooling is not None and tooling.active:
             # With structured output too: calls, or an answer in the format.
             answer = None if response_format is None else response_format.json_schema()
             grammar, built = _GRAMMARS.get(parser, tooling, answer)
+            roomy = parser.reasons_first
         elif constrain and response_format is not None:
             grammar, built = _GRAMMARS.json(response_format.schema)
+        if grammar is not None and not grammar.triggers and not roomy:
+            # From the first token: a thinking model still thinks first.
+            grammar = server.reasoning_parser().before(grammar, text)
         # The template already carries BOS where the model wants one.
         tokens = engine.tokenize(text, add_bos=False)
         close: tuple[int, ...] = ()

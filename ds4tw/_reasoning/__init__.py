@@ -63,4 +63,4 @@ def detect(template: str) -> ReasoningParser:
     """
     if HarmonyReasoningParser.claims(template):
         return HarmonyReasoningParser()
-    return TagReasoningParser("think")
+    return TagReasoningParser("think", thinks="<think>" in template)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from .._engine import Grammar
 from .._types import ContentText, ReasoningText
 
 DeltaKind = Literal["reasoning", "content"]
@@ -46,6 +47,13 @@ class ReasoningParser(Protocol):
 
     def splitter(self, prompt_text: str) -> ReasoningSplitter: ...
 
+    def before(self, grammar: Grammar, prompt_text: str) -> Grammar:
+        """
+        C{grammar} (one that applies from the first token: a forced call,
+        structured output) with room for the reasoning before it, so that
+        a thinking model still thinks, and its reasoning is still reasoning.
+        """
+
 
 class PlainSplitter:
     """No reasoning syntax: everything is content."""
@@ -67,3 +75,6 @@ class NoReasoningParser:
 
     def splitter(self, prompt_text: str) -> ReasoningSplitter:
         return PlainSplitter()
+
+    def before(self, grammar: Grammar, prompt_text: str) -> Grammar:
+        return grammar

@@ -30,10 +30,13 @@ Covered by tests/unit/test_harmony.py.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Literal
 
+from .._engine import Grammar
+from .._grammar import literal, text_until
 from .._text import held_suffix
 from .._types import ContentText, ReasoningText
 from .base import Delta, ReasoningSplitter
@@ -66,6 +69,8 @@ _RECIPIENT = re.compile(r"to=([^\s<]+)")
 _CHANNEL_NAME = re.compile(re.escape(CHANNEL) + r"([A-Za-z0-9_-]*)")
 
 Kind = Literal["reasoning", "content", "call"]
+#: The root of a grammar with the analysis message before it.
+_RULE = "ds4tw-reasoning"
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,26 @@ class HarmonyReasoningParser:
     @staticmethod
     def claims(template: str) -> bool:
         return CHANNEL in template and MESSAGE in template
+
+    def before(self, grammar: Grammar, prompt_text: str) -> Grammar:
+        # gpt-oss answers in the final channel, after its analysis: a
+        # grammar from the first token would make it write the answer as
+        # raw text outside any channel, which it was never trained to do.
+        header, kind = prompt_state(prompt_text)
+        if kind in ("content", "call"):
+            return grammar
+        rules: list[str] = []
+        text = text_until(lambda n, b: rules.append(f"{n} ::= {b}"), f"{_RULE}-text", END)
+        analysis = f"{text} {literal(END + START + ROLE)}"
+        if kind is None:
+            if header.strip() != ROLE:
+                return grammar  # not a reply's start that this knows
+            analysis = f"({literal(CHANNEL + 'analysis' + MESSAGE)} {analysis})?"
+        typed = f'(" " {literal(CONSTRAIN)} [a-z]+)?'
+        final = f"{literal(CHANNEL + 'final')} {typed} {literal(MESSAGE)}"
+        rules.append(f"{_RULE} ::= {analysis} {final} {grammar.root}")
+        gbnf = grammar.gbnf.rstrip("\n") + "\n" + "\n".join(rules) + "\n"
+        return dataclasses.replace(grammar, gbnf=gbnf, root=_RULE)
 
     def splitter(self, prompt_text: str) -> ReasoningSplitter:
         header, kind = prompt_state(prompt_text)

@@ -13,13 +13,18 @@ Covered by tests/unit/test_reasoning.py.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from .._engine import Grammar
+from .._grammar import literal, text_until
 from .._text import held_suffix
 from .._types import ContentText, ReasoningText
 from .base import Delta, DeltaKind, ReasoningSplitter
 
 _WHITESPACE = " \t\r\n"
+#: The root of a grammar with the reasoning block before it.
+_RULE = "ds4tw-reasoning"
 
 
 class TagSplitter:
@@ -97,13 +102,36 @@ class TagReasoningParser:
     start: str = "<think>"
     end: str = "</think>"
     preserved_tokens: tuple[str, ...] = ()
+    #: The model is known to think in these tags (named, or its template
+    #: writes them). The fallback for a template that names none is not:
+    #: a forced grammar makes room for a block only if the prompt opened it.
+    thinks: bool = True
 
     @property
     def close(self) -> str:
         return self.end
 
+    def before(self, grammar: Grammar, prompt_text: str) -> Grammar:
+        # The block, then the grammar: from inside it when the prompt
+        # opened it, else optionally from its opening tag.
+        rules: list[str] = []
+        try:
+            text = text_until(lambda n, b: rules.append(f"{n} ::= {b}"), f"{_RULE}-text", self.end)
+        except ValueError:
+            return grammar  # a closing tag text_until cannot express: no room made
+        block = f"{text} {literal(self.end)} [ \\t\\n]*"
+        if not self._opened(prompt_text):
+            if not self.thinks:
+                return grammar
+            block = f"([ \\t\\n]* {literal(self.start)} {block})?"
+        rules.append(f"{_RULE} ::= {block} {grammar.root}")
+        gbnf = grammar.gbnf.rstrip("\n") + "\n" + "\n".join(rules) + "\n"
+        return dataclasses.replace(grammar, gbnf=gbnf, root=_RULE)
+
+    def _opened(self, prompt_text: str) -> bool:
+        return prompt_text.rstrip().endswith(self.start)
+
     def splitter(self, prompt_text: str) -> ReasoningSplitter:
         # A template that opens the block in the generation prompt (R1,
         # Qwen3 with thinking forced on) starts the model inside it.
-        opened = prompt_text.rstrip().endswith(self.start)
-        return TagSplitter(self.start, self.end, in_reasoning=opened)
+        return TagSplitter(self.start, self.end, in_reasoning=self._opened(prompt_text))

@@ -6,6 +6,8 @@ keepalive that covers it).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -154,3 +156,69 @@ def test_completions_do_not_split_reasoning() -> None:
     ex = rig.http.post("/v1/completions", {"prompt": "x", "max_tokens": 20})
     rig.threads.run_until_idle()
     assert ex.json()["choices"][0]["text"] == "<think>Two plus two.</think>\n\nIt is 4."
+
+
+# -- room for the reasoning before a grammar from the first token -----------------
+
+
+def _forced_hermes() -> Any:
+    from ds4tw._tools.parsers import HermesParser
+    from ds4tw._tools.spec import ToolChoice, Tooling, ToolSpec
+
+    weather = ToolSpec("get_weather", parameters={"type": "object", "properties": {}})
+    return HermesParser().grammar(Tooling((weather,), ToolChoice("required")))
+
+
+def _recognise(grammar: Any) -> Any:
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    from .gbnf import Grammar as Recogniser
+
+    LlamaGrammar.from_string(grammar.gbnf, verbose=False)  # llama.cpp parses it
+    return Recogniser(grammar.gbnf, grammar.root)
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
+
+
+def test_a_forced_call_leaves_room_to_think_first() -> None:
+    forced = _forced_hermes()
+    g = _recognise(reasoning_parser("think").before(forced, "<|im_start|>assistant\n"))
+    assert g.accepts(CALL)
+    assert g.accepts("<think>\nWhich tool? a < b </thin </think>\n\n" + CALL)
+    assert not g.accepts("<think>never closed " + CALL)
+    assert not g.accepts("Just text.")
+
+
+def test_a_prompt_that_opened_the_block_must_close_it_before_the_call() -> None:
+    forced = _forced_hermes()
+    g = _recognise(reasoning_parser("think").before(forced, "<|im_start|>assistant\n<think>\n"))
+    assert g.accepts("Weather, so get_weather.</think>\n" + CALL)
+    assert g.accepts("</think>" + CALL)
+    assert not g.accepts(CALL)  # the call would be inside the reasoning
+
+
+def test_no_room_for_a_model_not_known_to_think() -> None:
+    forced = _forced_hermes()
+    # auto's fallback for a template that names no tags (the demo model's
+    # ChatML): a forced call must not be put off by a think it never closes.
+    fallback = reasoning_parser("auto", "{{ messages }}")
+    assert fallback.before(forced, "<|im_start|>assistant\n") == forced
+    assert reasoning_parser("none").before(forced, "") == forced
+    # ... unless its prompt opened the block.
+    opened = fallback.before(forced, "<|im_start|>assistant\n<think>\n")
+    assert _recognise(opened).accepts("x</think>" + CALL)
+
+
+def test_gpt_oss_answers_structured_output_in_its_final_channel() -> None:
+    from ds4tw._grammar import json_grammar
+
+    answer = json_grammar({"type": "object", "properties": {"n": {"type": "integer"}}})
+    parser = reasoning_parser("gpt_oss")
+    g = _recognise(parser.before(answer, "<|start|>user<|message|>n?<|end|><|start|>assistant"))
+    final = '<|channel|>final<|message|>{"n": 4}'
+    assert g.accepts(final)
+    assert g.accepts("<|channel|>analysis<|message|>Count <it>.<|end|><|start|>assistant" + final)
+    assert g.accepts('<|channel|>final <|constrain|>json<|message|>{"n": 4}')
+    assert not g.accepts('{"n": 4}')  # raw JSON outside any channel
+    assert not g.accepts('<|channel|>final<|message|>{"n": "4"}')

@@ -58,6 +58,13 @@ class ToolCallParser(Protocol):
     def preserved_tokens(self) -> tuple[str, ...]:
         """Special tokens the syntax is written in: their text must reach the splitter."""
 
+    @property
+    def reasons_first(self) -> bool:
+        """
+        The forced grammar already lets the model reason before its calls
+        (gpt-oss's analysis messages); else the reasoning parser makes room.
+        """
+
     def splitter(self, tooling: Tooling) -> ToolCallSplitter: ...
 
     def grammar(self, tooling: Tooling, answer: Mapping[str, Any] | None = None) -> Grammar:
@@ -84,6 +91,7 @@ class ParserBase:
 
     name = ""
     preserved_tokens: tuple[str, ...] = ()
+    reasons_first = False
 
     @property
     def key(self) -> str:

@@ -271,6 +271,7 @@ class HarmonyParser(ParserBase):
 
     name = "gpt_oss"
     preserved_tokens = SPECIAL_TOKENS
+    reasons_first = True
 
     @staticmethod
     def claims(template: str) -> bool:

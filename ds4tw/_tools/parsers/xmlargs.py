@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..._grammar import RuleSet, literal
+from ..._grammar import RuleSet, literal, text_until
 from ..._text import held_suffix
 from ..._types import ToolCallArgs, ToolCallEnd, ToolCallStart
 from ..scan import WHITESPACE
@@ -515,36 +515,9 @@ class XmlCallSplitter(Splitter):
 # -- grammars ---------------------------------------------------------------------
 
 
-def _cls(chars: str) -> str:
-    """A GBNF character class body for C{chars}."""
-    out = []
-    for c in chars:
-        if c == "\n":
-            out.append("\\n")
-        elif c in "]\\^-[":
-            out.append("\\" + c)
-        else:
-            out.append(c)
-    return "".join(out)
-
-
 def until(rules: RuleSet, name: str, end: str) -> str:
-    """
-    A rule for any text that does not contain C{end} (the tag that follows
-    it): one rule per prefix of C{end} matched so far. C{end}'s first
-    character must not recur in it, so that a mismatch restarts the match
-    at that character or from nothing.
-    """
-    first = end[0]
-    assert first not in end[1:], end
-    for i in range(len(end)):
-        alts = [f"[^{_cls(first if i == 0 else first + end[i])}] {name}-0"]
-        if i > 0:
-            alts.append(f"{literal(first)} {name}-1")
-        if i + 1 < len(end):
-            alts.append(f"{literal(end[i])} {name}-{i + 1}")
-        rules.rule(f"{name}-{i}", f"({' | '.join(alts)})?")
-    return f"{name}-0"
+    """A rule for any text that does not contain C{end} (L{ds4tw._grammar.text_until})."""
+    return text_until(rules.rule, name, end)
 
 
 def value_rule(
