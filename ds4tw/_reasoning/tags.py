@@ -101,11 +101,15 @@ class TagReasoningParser:
     name: str
     start: str = "<think>"
     end: str = "</think>"
-    preserved_tokens: tuple[str, ...] = ()
     #: The model is known to think in these tags (named, or its template
     #: writes them). The fallback for a template that names none is not:
     #: a forced grammar makes room for a block only if the prompt opened it.
     thinks: bool = True
+
+    @property
+    def preserved_tokens(self) -> tuple[str, ...]:
+        # Some models write their tags as special tokens (<|begin_of_thought|>).
+        return (self.start, self.end)
 
     @property
     def close(self) -> str:

@@ -90,6 +90,17 @@ def test_special_token_ids_are_the_single_special_tokens(engine: LlamaEngine) ->
     )
 
 
+def test_the_server_keeps_what_its_parsers_are_written_in(engine: LlamaEngine) -> None:
+    """Reasoning tags that are special tokens in this vocabulary: kept for every request."""
+    config = ServerConfig(reasoning_parser="<|im_start|>,<repo_name>")
+    server = Server(engine, config, clock=Clock(), threads=SteppedThreads())
+    repo_name = engine.tokenize("<repo_name>", add_bos=False)[0]
+    assert server.kept_special() == frozenset({IM_START, repo_name})
+    # The demo model's own parsers (Hermes, <think>) are plain text here: none kept.
+    plain = Server(engine, ServerConfig(), clock=Clock(), threads=SteppedThreads())
+    assert plain.kept_special() == frozenset()
+
+
 def test_a_kept_special_token_is_text_and_others_stay_hidden(engine: LlamaEngine) -> None:
     prompt = after_a_turn(engine)
     hidden, _ = tokens(engine, prompt, max_tokens=2)

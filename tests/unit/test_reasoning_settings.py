@@ -92,3 +92,15 @@ def test_thinking_disabled_spends_no_budget() -> None:
     rig.threads.run_until_idle()
     assert ex.json()["content"] == [{"type": "text", "text": "It is 4."}]
     assert not rig.engine.forced
+
+
+def test_each_request_carries_the_kept_special_tokens_and_its_budget() -> None:
+    rig = make_rig([LONG_THOUGHT], chat_template=OPENS)
+    # As a real vocabulary would answer (the scripted one has no special tokens).
+    rig.server._kept_special = frozenset({7, 9})
+    rig.http.post("/v1/messages", anthropic(5))
+    rig.threads.run_until_idle()
+    (_, params) = rig.engine.calls[-1]
+    assert params.keep_special == frozenset({7, 9})
+    assert params.reasoning_budget == 5
+    assert params.reasoning_close == tuple(rig.engine.tokenize("</think>", add_bos=False))
