@@ -32,6 +32,7 @@ from ._llama import (
 )
 from ._reasoning import reasoning_parser
 from ._scripted import SPEC_HELP, parse_spec
+from ._template import ChatTemplate, TemplateError
 from ._tools.parsers import tool_call_parser
 
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
@@ -402,6 +403,11 @@ class Options(usage.Options):
         if self["chat-template"]:
             with open(self["chat-template"], encoding="utf-8") as f:
                 self["chat-template-text"] = f.read()
+            try:
+                # Before the model loads: a template that cannot render says why now.
+                ChatTemplate(self["chat-template-text"])
+            except TemplateError as e:
+                raise usage.UsageError(f"--chat-template {self['chat-template']}: {e}") from e
         else:
             self["chat-template-text"] = None
 

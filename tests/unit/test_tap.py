@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService
@@ -247,3 +248,13 @@ class _SettingsEngine(ScriptedEngine):
 )
 def test_flash_attention_by_default(options: EngineOptions, gpu_layers: int, mode: str) -> None:
     assert options.flash_attn_mode(gpu_layers) == mode
+
+
+def test_a_chat_template_that_cannot_render_is_a_usage_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{{ messages | nope }}", encoding="utf-8")
+    with pytest.raises(usage.UsageError, match=r"--chat-template .*bad.jinja: .*No filter named"):
+        parse("--chat-template", str(bad))
+    good = tmp_path / "good.jinja"
+    good.write_text("{% for m in messages %}{{ m.content }}{% endfor %}", encoding="utf-8")
+    assert parse("--chat-template", str(good))["chat-template-text"].startswith("{% for")
