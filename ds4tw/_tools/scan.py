@@ -16,8 +16,9 @@ Covered by tests/unit/test_tool_parsers.py.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 WHITESPACE = " \t\r\n"
 _CLOSERS = {"{": "}", "[": "]"}
@@ -26,6 +27,10 @@ _SCALAR_CHARS = set("0123456789+-.eEtruefalsn")
 
 class Malformed(ValueError):
     """The text cannot be the JSON this scanner expects."""
+
+    #: What L{CallScanner.feed} found before the fault, so that a call
+    #: reads the same whether its text came in one piece or in many.
+    events: Sequence[ScanEvent] = ()
 
 
 class ValueScanner:
@@ -100,6 +105,17 @@ class ValueScanner:
         return True
 
 
+def _decode(text: str) -> Any:
+    """
+    A JSON value the scanner delimited; what it does not check (a raw
+    control character, a bad escape) is L{Malformed}.
+    """
+    try:
+        return json.loads(text)
+    except ValueError as e:  # a raw control character, a bad escape
+        raise Malformed(f"not JSON: {e}") from e
+
+
 #: Keys a call object may name its arguments by (Llama 3 says "parameters").
 ARGUMENT_KEYS = ("arguments", "parameters")
 
@@ -156,7 +172,12 @@ class CallScanner:
             if self._state == "done":
                 events.append(ObjectEnd(text[i:]))
                 return events
-            events.extend(self._char(c))
+            try:
+                events.extend(self._char(c))
+            except Malformed as e:
+                self._flush_args(events)
+                e.events = events
+                raise
             if self._state == "done":
                 self._flush_args(events)
                 events.append(ObjectEnd(text[i + 1 :]))
@@ -211,7 +232,7 @@ class CallScanner:
         self._key_value.feed(c)
         self._key.append(c)
         if self._key_value.done:
-            self._value_key = json.loads("".join(self._key))
+            self._value_key = _decode("".join(self._key))
             self._key = []
             self._key_value = ValueScanner()
             self._state = "colon"
@@ -237,7 +258,7 @@ class CallScanner:
         if is_args:
             self.args_seen = self.args_complete = True
         elif self._value_key == "name":
-            name = json.loads("".join(self._value_text))
+            name = _decode("".join(self._value_text))
             if not isinstance(name, str) or not name:
                 raise Malformed("the tool name must be a non-empty string")
             self.name = name
@@ -258,6 +279,6 @@ class CallScanner:
         """The whole arguments text; a string-encoded object decoded."""
         text = "".join(self.args)
         if self.args_is_string:
-            decoded = json.loads(text)
+            decoded = _decode(text)
             return decoded if isinstance(decoded, str) else text
         return text or "{}"

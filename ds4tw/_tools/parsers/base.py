@@ -27,7 +27,7 @@ from ..._engine import Grammar
 from ..._grammar import RuleSet
 from ..._text import held_suffix
 from ..._types import ContentText, ToolCallArgs, ToolCallEnd, ToolCallEvent, ToolCallStart
-from ..scan import WHITESPACE, Args, CallScanner, Malformed, Name, ObjectEnd
+from ..scan import WHITESPACE, Args, CallScanner, Malformed, Name, ObjectEnd, ScanEvent
 from ..spec import Tooling, ToolSpec
 
 log = Logger()
@@ -120,33 +120,52 @@ class CallObject:
     tool-call events, with the commit rule of the module docstring.
     """
 
-    def __init__(self, tooling: Tooling, index: int) -> None:
+    def __init__(self, tooling: Tooling, index: int, marker: str = "") -> None:
         self._tooling = tooling
         self.index = index
         self.scanner = CallScanner()
         self.spec: ToolSpec | None = None
         self.committed = False
+        #: The marker that opened the call, and everything fed since.
+        self.marker = marker
         self.raw: list[str] = []
+        #: Characters of the arguments sent as L{ToolCallArgs} so far.
+        self.sent = 0
+        self._undelivered: list[Event] = []
 
     def feed(self, text: str) -> tuple[list[Event], str | None]:
         """Events, and the text after the object once it has ended."""
         self.raw.append(text)
         out: list[Event] = []
-        for event in self.scanner.feed(text):
-            if isinstance(event, Name):
-                self.spec = self._known(event.name)
-            elif isinstance(event, Args):
-                assert self.spec is not None
-                if self.spec.kind == "custom":
-                    continue  # its input is decoded when complete
-                if not self.committed:
-                    if not event.text.lstrip().startswith("{"):
-                        raise Malformed("the arguments must be a JSON object")
-                    out.append(self._commit())
-                out.append(ToolCallArgs(self.index, event.text))
-            elif isinstance(event, ObjectEnd):
-                out += self._end()
-                return out, event.rest
+        fault: Malformed | None = None
+        try:
+            scanned: Sequence[ScanEvent]
+            try:
+                scanned = self.scanner.feed(text)
+            except Malformed as e:
+                # What came before the fault counts, as if fed apart.
+                scanned, fault = e.events, e
+            for event in scanned:
+                if isinstance(event, Name):
+                    self.spec = self._known(event.name)
+                elif isinstance(event, Args):
+                    assert self.spec is not None
+                    if self.spec.kind == "custom":
+                        continue  # its input is decoded when complete
+                    if not self.committed:
+                        if not event.text.lstrip().startswith("{"):
+                            raise Malformed("the arguments must be a JSON object")
+                        out.append(self._commit())
+                    out.append(ToolCallArgs(self.index, event.text))
+                    self.sent += len(event.text)
+                elif isinstance(event, ObjectEnd):
+                    out += self._end()
+                    return out, event.rest
+            if fault is not None:
+                raise fault
+        except Malformed:
+            self._undelivered = out  # made before the fault: L{abandon} sends them
+            raise
         return out, None
 
     def _known(self, name: str) -> ToolSpec:
@@ -177,16 +196,43 @@ class CallObject:
             text = given
         if not self.committed:
             out.append(self._commit())
-        if self.spec.kind == "custom" or self.scanner.args_is_string:
-            # Held until complete (it had to be decoded first); the decode
-            # keepalive covered the silence.
+        if self.spec.kind == "custom" or self.scanner.args_is_string or not self.sent:
+            # Held until complete (it had to be decoded first; or there
+            # were none, and they are {}); the decode keepalive covered
+            # the silence.
             out.append(ToolCallArgs(self.index, text))
+            self.sent = len(text)
         out.append(ToolCallEnd(self.index, text))
         return out
 
     def abandon(self) -> list[Event]:
-        """The text ended or broke after the commit: end the call as it stands."""
-        return [ToolCallEnd(self.index, "".join(self.scanner.args))]
+        """
+        The text ended or broke after the commit: end the call as it
+        stands, with what of its arguments a broken feed did not send.
+        """
+        text = "".join(self.scanner.args)
+        unsent = [ToolCallArgs(self.index, text[self.sent :])] if text[self.sent :] else []
+        return [*self._undelivered, *unsent, ToolCallEnd(self.index, text)]
+
+    def written(self) -> str:
+        """The text fed since the marker."""
+        return "".join(self.raw)
+
+    def failure_point(self) -> int:
+        """
+        Where in L{written} the call went wrong: the text fed again a
+        character at a time, so that the answer does not depend on how
+        the text was split into tokens. (Only a malformed call pays this.)
+        """
+        probe = CallObject(self._tooling, self.index)
+        for i, c in enumerate(self.written()):
+            try:
+                _, rest = probe.feed(c)
+            except Malformed:
+                return i
+            if rest is not None:
+                return i + 1
+        return len(self.written())
 
 
 class Splitter:
@@ -212,8 +258,7 @@ class Splitter:
             out.append(ContentText(text))
 
     def _start_call(self, marker: str) -> CallObject:
-        call = CallObject(self._tooling, self.calls)
-        call.raw.append(marker)
+        call = CallObject(self._tooling, self.calls, marker)
         self._call = call
         return call
 
@@ -221,8 +266,10 @@ class Splitter:
         """
         Feed the open call. None while it goes on; when it is over,
         C{("call", rest)} for a call that ended (well or broken off after
-        its commit) with the text after it, or C{("text", "")} when it was
-        malformed and went out as text.
+        its commit) with the text after it, or C{("text", rest)} when it
+        was malformed: the marker and the text up to the fault went out as
+        text, and the rest (from the fault on: it may open the next call)
+        is to be read again.
         """
         call = self._call
         assert call is not None
@@ -230,14 +277,16 @@ class Splitter:
             events, rest = call.feed(text)
         except Malformed as e:
             self._call = None
+            written = call.written()
+            at = call.failure_point()
             if call.committed:
                 log.warn("ds4tw: a tool call broke off ({why}); ending it as written", why=e)
                 out += call.abandon()
                 self._ended()
-                return "call", ""
+                return "call", written[at:]
             log.warn("ds4tw: malformed tool call ({why}); returned as text", why=e)
-            self._content(out, "".join(call.raw))
-            return "text", ""
+            self._content(out, call.marker + written[:at])
+            return "text", written[at:]
         out += events
         if rest is None:
             return None
@@ -256,7 +305,7 @@ class Splitter:
         if call.committed:
             out += call.abandon()
         else:
-            self._content(out, "".join(call.raw))
+            self._content(out, call.marker + call.written())
 
 
 class MarkedSplitter(Splitter):

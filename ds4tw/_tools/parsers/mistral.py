@@ -104,10 +104,18 @@ class MistralSplitter(Splitter):
     def _name_text(self, out: list[Event], buf: str) -> str:
         joined = "".join(self._name) + buf
         at = joined.find(self.ARGS)
+        name = joined if at == -1 else joined[:at]
+        # Where a name can no longer be one: the first newline or brace,
+        # or past 256 characters. Only that much goes back as text (the
+        # rest is read again), however the text was split.
+        faults = [i for i in (name.find("\n"), name.find("{")) if i != -1]
+        if len(name) > 256:
+            faults.append(256)
+        if faults:
+            k = min(faults) + 1
+            self._malformed(out, f"{self.MARKER}{joined[:k]}", "no [ARGS] after the tool name")
+            return joined[k:]
         if at == -1:
-            if len(joined) > 256 or any(c in joined for c in "\n{"):
-                self._malformed(out, f"{self.MARKER}{joined}", "no [ARGS] after the tool name")
-                return ""
             self._name = [joined]
             return ""
         name = joined[:at].strip()
