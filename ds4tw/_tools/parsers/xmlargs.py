@@ -40,6 +40,7 @@ import ast
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -134,7 +135,11 @@ def _structured(text: str, kind: type) -> Any:
         # Older Qwen3-Coder templates wrote arguments back with Python's
         # str(), so the model may answer in kind ({'a': True}).
         try:
-            value = ast.literal_eval(text)
+            with warnings.catch_warnings():
+                # A model's "\m" in a string is its text, not a mistake to log.
+                warnings.simplefilter("ignore", SyntaxWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                value = ast.literal_eval(text)
             json.dumps(value)
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             return None
