@@ -141,6 +141,7 @@ def run(parser: ToolCallParser, pieces: list[str], tooling: Tooling = TOOLS) -> 
         elif isinstance(e, ToolCallEnd):
             assert e.arguments == args[e.index], "the fragments add up to the arguments"
             calls.append((names[e.index], e.arguments))
+    assert len(calls) == len(names), "every call that starts ends"
     assert splitter.calls <= len(calls)
     return content, calls
 
@@ -299,6 +300,67 @@ def test_a_call_broken_after_its_commit_ends_as_written() -> None:
 def test_text_after_the_calls_is_content() -> None:
     text = kimi_section(kimi("get_weather", '{"city": "A"}')) + "\n\nDone."
     assert run(KimiK2Parser(), list(text)) == ("Done.", [("get_weather", '{"city": "A"}')])
+
+
+# Found by fuzzing (tests/unit/test_parser_fuzz.py), shrunk: each read
+# differently whole than a character at a time.
+SPLIT_ALIKE: list[tuple[ToolCallParser, str, Summary]] = [
+    (
+        # A header broken by the call's end: only it is text, and the call
+        # after it is read (whole, the header ran on to the next call's sep).
+        DeepSeekV31Parser(),
+        f"{BEGIN}{CALL}x{CALL_END}{v31('run', '{}')}{END}",
+        (f"{BEGIN}{CALL}x{CALL_END}", [("run", "{}")]),
+    ),
+    (
+        # A header too long is broken at its limit, however long it runs on.
+        DeepSeekV31Parser(),
+        f"{CALL}{'x' * 300}{v31('run', '{}')}",
+        (f"{CALL}{'x' * 300}", [("run", "{}")]),
+    ),
+    (
+        # A call opened inside a header: the header is text, the call is read.
+        KimiK2Parser(),
+        f"<|tool_call_begin|>oops{kimi('run', '{}')}",
+        ("<|tool_call_begin|>oops", [("run", "{}")]),
+    ),
+    (
+        # A free-form tool's broken arguments are text only up to the fault:
+        # markup before it is not read again (whole, it made a call).
+        KimiK2Parser(),
+        kimi("apply_patch", f'{{"input": "{kimi("run", "{}")}\n"}}'),
+        (kimi("apply_patch", f'{{"input": "{kimi("run", "{}")}\n"}}'), []),
+    ),
+    (
+        # A parameter tag broken by a newline ends its call (char by char
+        # the call started and never ended; whole, the newline was a key).
+        DeepSeekV32Parser(),
+        dsml_block(f'\n<{D}invoke name="run">\n<{D}parameter name="\n">x</{D}parameter>'),
+        (
+            f'<{D}parameter name="\n">x</{D}parameter>\n</{D}function_calls>',
+            [("run", "{}")],
+        ),
+    ),
+    (
+        # An invoke tag broken by a newline is text, and what follows is
+        # read again (whole, the tag ran on to the next block's ">").
+        DeepSeekV32Parser(),
+        f'<{D}function_calls>\n<{D}invoke name="\n'
+        + dsml_block(dsml("get_weather", ("city", "Paris", True))),
+        (
+            f'<{D}function_calls>\n<{D}invoke name="\n',
+            [("get_weather", '{"city": "Paris"}')],
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("parser", "text", "expected"), SPLIT_ALIKE, ids=lambda c: str(c)[:16])
+def test_broken_markup_reads_the_same_however_split(
+    parser: ToolCallParser, text: str, expected: Summary
+) -> None:
+    assert run(parser, [text]) == expected
+    assert run(parser, list(text)) == expected
 
 
 @pytest.mark.parametrize(

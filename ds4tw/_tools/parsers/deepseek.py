@@ -71,6 +71,11 @@ class Markup:
         return (*self.section_starts, self.call_start)
 
     @property
+    def not_in_header(self) -> tuple[str, ...]:
+        # Markup that breaks a header off (the header's end aside).
+        return (*self.openings, self.call_end, self.section_end)
+
+    @property
     def after_call(self) -> tuple[str, ...]:
         return (self.call_end, self.call_start, self.section_end)
 
@@ -167,14 +172,20 @@ class SectionSplitter(Splitter):
 
     def _header_text(self, out: list[Event], buf: str) -> str:
         header = "".join(self._header) + buf
-        at = header.find(self._m.header_end)
+        # Decided by whatever completes first, as if read a character at
+        # a time: the header's end; other markup (the header is broken:
+        # the markup is read again, it may open the next call); or its
+        # (_MAX_HEADER + 1)th character. Markers begin with their only
+        # "<", so they cannot overlap: the first to begin completes first.
+        window = header[: _MAX_HEADER + 1]
+        at = window.find(self._m.header_end)
+        fault = _first(window, self._m.not_in_header)
+        if fault is not None and (at == -1 or fault[0] < at):
+            return self._broken_header(out, header, fault[0])
         if at == -1:
+            if len(header) > _MAX_HEADER:
+                return self._broken_header(out, header, _MAX_HEADER + 1)
             self._header = [header]
-            broken = len(header) > _MAX_HEADER or any(
-                m in header for m in (self._m.call_end, self._m.section_end)
-            )
-            if broken:
-                self._malformed(out, "no end to the call's header")
             return ""
         self._header = []
         self._pending.append(header[: at + len(self._m.header_end)])
@@ -190,10 +201,17 @@ class SectionSplitter(Splitter):
         self._mode = "args"
         return header[at + len(self._m.header_end) :]
 
+    def _broken_header(self, out: list[Event], header: str, at: int) -> str:
+        """The header up to C{at} goes out as text; the rest is read again."""
+        self._header = []
+        self._pending.append(header[:at])
+        self._malformed(out, "no end to the call's header")
+        return header[at:]
+
     def _args_feed(self, out: list[Event], buf: str) -> str:
         scanner, spec = self._args, self._spec
         assert scanner is not None and spec is not None
-        start, mark = len(self._args_text), len(self._pending)
+        start = len(self._args_text)
         at, rest = 0, ""
         try:
             for at, c in enumerate(buf):
@@ -219,11 +237,12 @@ class SectionSplitter(Splitter):
                 out.append(ToolCallEnd(self.calls, "".join(self._args_text)))
                 self._end_call()
                 return buf[at:]
-            # This piece goes back to be read as text: keep only what came before it.
-            del self._pending[mark:]
-            self._pending.append("".join(self._args_text[:start]))
+            # Text up to the fault goes out as it was; from the fault on it
+            # is read again, as it would be had it come a character at a
+            # time (a free-form tool's arguments are held until complete).
+            self._pending += self._args_text
             self._malformed(out, str(e))
-            return buf
+            return buf[at:]
         self._send(out, start)
         if scanner.done:
             self._finish(out)
@@ -290,6 +309,7 @@ class SectionSplitter(Splitter):
         self._pending += self._header
         self._header = []
         self._args = None
+        self._args_text = []
         self._spec = None
         self._release(out)
 
@@ -558,12 +578,16 @@ class DSMLSplitter(Splitter):
 
     def _head_text(self, out: list[Event], buf: str) -> str:
         head = "".join(self._head) + buf
-        at = head.find(">")
+        # Decided by what comes first, as if read a character at a time:
+        # the tag's ">", or a newline or its (_MAX_HEADER + 1)th character
+        # (no tag: broken).
+        window = head[: _MAX_HEADER + 1]
+        at, newline = window.find(">"), window.find("\n")
+        if (newline != -1 and (at == -1 or newline < at)) or (at == -1 and len(head) > _MAX_HEADER):
+            self._head = []
+            return self._broken_head(out, head)
         if at == -1:
             self._head = [head]
-            if len(head) > _MAX_HEADER or "\n" in head:
-                self._pending.append(head)
-                self._broken(out, "no end to a DSML tag")
             return ""
         self._head = []
         tag, rest = head[:at], head[at + 1 :]
@@ -589,6 +613,20 @@ class DSMLSplitter(Splitter):
         self._send(out, piece + ('"' if self._string else ""))
         self._mode = "value"
         return rest
+
+    def _broken_head(self, out: list[Event], head: str) -> str:
+        """
+        A tag with no end: its markup goes out as text, and what followed
+        its opening is read again as text (it may open the next block).
+        """
+        if self._mode == "invoke-head":
+            self._broken(out, "no end to a DSML tag")
+            return head
+        # Inside a call (committed): the call ends as written.
+        log.warn("ds4tw: a tool call broke off (no end to a DSML tag); ending it as written")
+        self._end(out)
+        self._mode = "text"
+        return PARAM + head
 
     def _value(self, out: list[Event], buf: str) -> str:
         at = buf.find(PARAM_CLOSE)
