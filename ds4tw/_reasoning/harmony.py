@@ -138,12 +138,21 @@ class HarmonySplitter:
     def _header(self, out: list[Delta], buf: str) -> str:
         whole = self._prefix + buf
         at = whole.find(MESSAGE)
-        head = whole if at == -1 else whole[:at]
+        # The header so far, less the start of a C{<|message|>} that may be
+        # arriving: judged as it will be once the whole marker is there.
+        head = whole[: len(whole) - held_suffix(whole, (MESSAGE,))] if at == -1 else whole[:at]
         rest, plausible = strip_role(head)
         # What a header never holds: a body's end, a second start, a line break.
         broken = "\n" in rest or any(m in rest for m in (START, END, CALL, RETURN))
         if not plausible or broken or len(head) > MAX_HEADER:
-            self._prefix = ""
+            if self._prefix:
+                # The reply does not go on with the prompt's header: it is
+                # read as from a header of its own (it may write its own
+                # <|start|>assistant). A reading a character at a time
+                # must get here before it can tell what the text starts
+                # with, so this cannot depend on that.
+                self._prefix = ""
+                return buf
             return self._not_header(out, buf)
         if at == -1:
             self._held = buf

@@ -19,7 +19,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ds4tw._reasoning.harmony import HarmonyReasoningParser, HarmonySplitter
+from ds4tw._reasoning import PlainSplitter
+from ds4tw._reasoning.harmony import MAX_HEADER, HarmonyReasoningParser, HarmonySplitter
 from ds4tw._template import ChatTemplate
 from ds4tw._tools.parsers.harmony import HarmonyParser
 from ds4tw._tools.spec import ToolChoice, Tooling, ToolSpec
@@ -60,9 +61,15 @@ PROMPT = "<|start|>user<|message|>Hi<|end|><|start|>assistant"
 Summary = tuple[str, str, list[tuple[str, str]]]
 
 
-def run(pieces: list[str], tooling: Tooling | None = TOOLS, prompt: str = PROMPT) -> Summary:
-    """(reasoning, content, [(name, arguments)]), each call's fragments checked against its end."""
-    reasoning = HarmonyReasoningParser().splitter(prompt)
+def run(
+    pieces: list[str], tooling: Tooling | None = TOOLS, prompt: str = PROMPT, raw: bool = False
+) -> Summary:
+    """
+    (reasoning, content, [(name, arguments)]), each call's fragments
+    checked against its end. C{raw}: no reasoning splitter, as under
+    C{--reasoning-parser none}.
+    """
+    reasoning = PlainSplitter() if raw else HarmonyReasoningParser().splitter(prompt)
     tools = HarmonyParser().splitter(tooling) if tooling is not None else None
     events: list[Any] = []
 
@@ -262,6 +269,74 @@ def test_the_prompt_can_open_the_body() -> None:
         "b",
         [],
     )
+
+
+# -- splits found by fuzzing (tests/unit/test_parser_fuzz.py) ---------------------
+
+
+ARGS_LS = '<|message|>{"command": "ls"}'
+HEAD_RUN = "<|channel|>commentary to=functions.run json<|message|>"
+GOOD = "<|start|>assistant to=functions.run<|channel|>commentary json" + ARGS_LS + "<|call|>"
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_call_broken_after_its_brace_ends_however_split(raw: bool) -> None:
+    # The commit was judged once per piece: in one piece the call went back
+    # whole as text; a character at a time it was committed at the brace,
+    # and the character that broke it was lost.
+    text = HEAD_RUN + "{x}<|call|>"
+    expected = ("", "x}<|call|>", [("run", "{")])
+    assert run([text], raw=raw) == expected
+    assert run(list(text), raw=raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "content", "calls"),
+    [  # a call not yet committed, and one broken after its commit
+        ("[1]<|call|>", HEAD_RUN + "[1]<|call|><|start|>assistant", []),
+        ('{"command": "ls"]<|call|>', "]<|call|><|start|>assistant", [("run", '{"command": "ls"')]),
+    ],
+)
+def test_a_malformed_call_goes_back_only_up_to_its_fault(
+    body: str, content: str, calls: list[tuple[str, str]]
+) -> None:
+    # In the raw reply a malformed call went back as text to the end of the
+    # piece: the call after it in the same piece was lost.
+    text = HEAD_RUN + body + GOOD
+    expected = ("", content, [*calls, ("run", '{"command": "ls"}')])
+    assert run([text], raw=True) == expected
+    assert run(list(text), raw=True) == expected
+
+
+def test_a_header_is_judged_without_the_start_of_its_message_marker() -> None:
+    # A character at a time, "<|m" was read as part of the header: a
+    # header with no channel failed, and its markup went out as text.
+    text = "<|channel|>final<|message|>A<|end|><|start|>assistant<|message|>B"
+    assert run([text]) == run(list(text)) == ("", "AB", [])
+
+
+def test_the_start_of_a_message_marker_is_not_counted_against_a_header() -> None:
+    # Nor was it left out of the longest header a model writes: a header of
+    # just that length failed when "<" came on its own. The reasoning
+    # splitter (whose first header holds the prompt's role) ...
+    final = "<|channel|>final".ljust(MAX_HEADER - len("assistant"))
+    for text, expected in ((final + "<|message|>Hi", "Hi"), (final + " <|message|>Hi", None)):
+        assert run([text]) == run(list(text))
+        assert expected is None or run([text]) == ("", expected, [])
+    # ... and the tool-call splitter, reading a raw reply.
+    call = "<|channel|>commentary to=functions.run".ljust(MAX_HEADER)
+    for text in (call + ARGS_LS, call + " " + ARGS_LS):
+        assert run([text], raw=True) == run(list(text), raw=True)
+    assert run([call + ARGS_LS], raw=True) == ("", "", [("run", '{"command": "ls"}')])
+
+
+def test_a_reply_that_does_not_go_on_with_the_prompts_header_starts_its_own() -> None:
+    # Read whole, "<|start|>" after the prompt's role was an unknown header's
+    # markup, shown; a character at a time the header failed before the
+    # marker was whole, and it began a new header instead.
+    assert run(["<|start|>"]) == run(list("<|start|>")) == ("", "", [])
+    text = "<|start|>assistant<|channel|>final<|message|>Hi"
+    assert run([text]) == run(list(text)) == ("", "Hi", [])
 
 
 # -- grammars ---------------------------------------------------------------------

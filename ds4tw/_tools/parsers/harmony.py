@@ -113,7 +113,9 @@ class HarmonySplitter(Splitter):
     def _header(self, out: list[Event], buf: str) -> str:
         head, self._head = self._head + buf, ""
         at = head.find(MESSAGE)
-        part = head if at == -1 else head[:at]
+        # Less the start of a <|message|> that may be arriving: judged as it
+        # will be once the whole marker is there, however the text is split.
+        part = head[: len(head) - held_suffix(head, (MESSAGE,))] if at == -1 else head[:at]
         opening = _opening(part)
         broken = "\n" in part or len(part) > MAX_HEADER
         broken = broken or any(m in part for m in (START, *_ENDS))
@@ -148,41 +150,71 @@ class HarmonySplitter(Splitter):
         return head[len(header) :]
 
     def _args_feed(self, out: list[Event], buf: str) -> str:
-        scanner, spec = self._args, self._spec
-        assert scanner is not None and spec is not None
-        committed = bool(self._args_text) and spec.kind == "function"
-        taken: list[str] = []
-        rest = ""
-        try:
-            for i, c in enumerate(buf):
+        scanner = self._args
+        assert scanner is not None
+        # Where the value begins in buf (0 if it began in an earlier piece);
+        # the whitespace before it goes back with the header if the call
+        # turns out malformed.
+        start = 0 if scanner.started else None
+        end = len(buf)
+        fault: Malformed | None = None
+        for i, c in enumerate(buf):
+            try:
                 if not scanner.feed(c):
-                    rest = buf[i:]
+                    end = i
                     break
-                if scanner.started:
-                    if not self._args_text and not taken and c != "{":
+                if start is None and scanner.started:
+                    start = i
+                    if c != "{":
                         raise Malformed("the arguments must be a JSON object")
-                    taken.append(c)
-                if scanner.done:
-                    rest = buf[i + 1 :]
-                    break
-        except Malformed as e:
-            if committed:
-                log.warn("ds4tw: a tool call broke off ({why}); ending it as written", why=e)
-                out.append(ToolCallEnd(self.calls, "".join(self._args_text)))
-                self._end_call()
-                return ""
-            self._malformed(out, "".join([self._head, *self._args_text, buf]), str(e))
-            return ""
-        text = "".join(taken)
-        if text:
-            if not self._args_text and spec.kind == "function":
-                out.append(ToolCallStart(self.calls, spec.name))
-            self._args_text.append(text)
-            if spec.kind == "function":
-                out.append(ToolCallArgs(self.calls, text))
-        if scanner.done:
-            self._finish(out)
-        return rest
+            except Malformed as e:
+                # Decided at the character, as a reading a character at a
+                # time decides it: the rest, from the fault on, is read again.
+                end, fault = i, e
+                break
+            if scanner.done:
+                end = i + 1
+                break
+        begin = end if start is None else start
+        self._head += buf[:begin]
+        if fault is not None:
+            self._broken(out, buf[begin:end], str(fault))
+        else:
+            self._take(out, buf[begin:end])
+            if scanner.done:
+                self._finish(out)
+        return buf[end:]
+
+    def _take(self, out: list[Event], text: str) -> None:
+        """
+        Arguments read: a function call is committed at their opening
+        brace, and streams them as they come.
+        """
+        assert self._spec is not None
+        if not text:
+            return
+        function = self._spec.kind == "function"
+        if not self._args_text and function:
+            out.append(ToolCallStart(self.calls, self._spec.name))
+        self._args_text.append(text)
+        if function:
+            out.append(ToolCallArgs(self.calls, text))
+
+    def _broken(self, out: list[Event], taken: str, why: str) -> None:
+        """
+        The arguments went wrong after C{taken}: a call committed (at its
+        opening brace, in this piece or before) ends as written, with all
+        that was read before the fault; one not yet committed goes back
+        as text, header and all.
+        """
+        assert self._spec is not None
+        if self._spec.kind == "function" and (self._args_text or taken):
+            self._take(out, taken)
+            log.warn("ds4tw: a tool call broke off ({why}); ending it as written", why=why)
+            out.append(ToolCallEnd(self.calls, "".join(self._args_text)))
+            self._end_call()
+            return
+        self._malformed(out, "".join([self._head, *self._args_text, taken]), why)
 
     def _finish(self, out: list[Event]) -> None:
         assert self._spec is not None
