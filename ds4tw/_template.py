@@ -161,27 +161,47 @@ class ChatTemplate:
     def arguments_as_text(self) -> bool:
         """
         Whether earlier calls' arguments must reach the template as JSON
-        text: true when the template fails on a mapping or renders it as
-        something other than JSON, and renders the text.
+        text: true when the template fails on a mapping or writes it as
+        Python would (C{{'key': ...}}), and writes the text.
         """
         if not self.renders_tool_calls:
             return False
-        as_mapping = self._probe(_PROBE_ARGS)
-        if as_mapping is not None and '"ds4tw_probe_key"' in as_mapping:
+        as_mapping = self._probe([("ds4tw_probe", _PROBE_ARGS)])
+        written = as_mapping is not None and "ds4tw_probe_value" in as_mapping
+        if written and "'ds4tw_probe_key'" not in (as_mapping or ""):
             return False
-        as_text = self._probe(json.dumps(_PROBE_ARGS))
+        as_text = self._probe([("ds4tw_probe", json.dumps(_PROBE_ARGS))])
         return as_text is not None and '"ds4tw_probe_key"' in as_text
 
-    def _probe(self, arguments: Any) -> str | None:
-        call = {
-            "id": "call_probe",
-            "type": "function",
-            "function": {"name": "ds4tw_probe", "arguments": arguments},
-        }
+    @functools.cached_property
+    def renders_parallel_calls(self) -> bool:
+        """
+        Whether a turn's second call reaches the prompt (gpt-oss's
+        template writes only a turn's first call): probed once.
+        """
+        if not self.renders_tool_calls:
+            return True
+        second = {"ds4tw_probe_key": "ds4tw_probe_second"}
+        calls: list[tuple[str, Any]] = [("ds4tw_probe", _PROBE_ARGS), ("ds4tw_probe", second)]
+        if self.arguments_as_text:
+            calls = [(n, json.dumps(a)) for n, a in calls]
+        text = self._probe(calls)
+        return text is None or "ds4tw_probe_second" in text
+
+    def _probe(self, calls: list[tuple[str, Any]]) -> str | None:
+        """A conversation with one assistant turn making C{calls}, rendered (None if refused)."""
+        made = [
+            {"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
+            for i, (n, a) in enumerate(calls)
+        ]
+        results = [
+            {"role": "tool", "tool_call_id": f"call_{i}", "name": n, "content": "ok"}
+            for i, (n, _) in enumerate(calls)
+        ]
         messages: list[dict[str, Any]] = [
             {"role": "user", "content": "Hello"},
-            {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": "call_probe", "name": "ds4tw_probe", "content": "ok"},
+            {"role": "assistant", "content": "", "tool_calls": made},
+            *results,
             {"role": "user", "content": "Thanks"},
         ]
         tool = {

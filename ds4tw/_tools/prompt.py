@@ -14,7 +14,10 @@ the calls and results as messages, arguments parsed into mappings (as
 Hugging Face templates expect) or kept as JSON text for templates that
 concatenate them (L{ChatTemplate.arguments_as_text}); call ids as the
 model's own syntax writes them where it has ids (Kimi-K2's
-C{functions.NAME:INDEX}, L{ToolCallParser.prompt_call_id}).
+C{functions.NAME:INDEX}, L{ToolCallParser.prompt_call_id}); and a turn
+of several calls as one turn per call, each followed by its result, for
+templates that write only a turn's first call
+(L{ChatTemplate.renders_parallel_calls}: gpt-oss's).
 
 An earlier assistant turn's reasoning, when the client sends it back
 (C{reasoning_content}: chat's own field, Anthropic thinking blocks,
@@ -84,6 +87,8 @@ def template_inputs(
                 "content": f"<tool_response>\n{message.get('content', '')}\n</tool_response>",
             }
         _append(out, message, merge=fallback_results)
+    if not template.renders_parallel_calls:
+        out = _one_call_a_turn(out)
     if offered:
         assert tooling is not None
         if template.takes_tools:
@@ -91,6 +96,36 @@ def template_inputs(
         else:
             _add_system(out, parser.instructions(tooling.tools))
     return out, kwargs
+
+
+def _one_call_a_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    Each of a turn's calls as its own assistant turn, followed by its
+    result: for templates that write only a turn's first call (gpt-oss's,
+    whose model makes one call a turn), so no call of a parallel turn
+    from the client (or another model) is lost from the prompt.
+    """
+    out: list[dict[str, Any]] = []
+    i = 0
+    while i < len(messages):
+        turn = messages[i]
+        calls = turn.get("tool_calls") or []
+        i += 1
+        if turn.get("role") != "assistant" or len(calls) < 2:
+            out.append(turn)
+            continue
+        results = []
+        while i < len(messages) and messages[i].get("role") == "tool":
+            results.append(messages[i])
+            i += 1
+        answers = {r.get("tool_call_id"): r for r in results}
+        for k, call in enumerate(calls):
+            rest = {"role": "assistant", "content": ""}
+            out.append({**(turn if k == 0 else rest), "tool_calls": [call]})
+            if call.get("id") in answers:
+                out.append(answers.pop(call["id"]))
+        out += [r for r in results if r.get("tool_call_id") in answers]
+    return out
 
 
 def without_thinking_alias(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | None:

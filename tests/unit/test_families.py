@@ -301,3 +301,42 @@ def test_gpt_oss_takes_claude_codes_turns_with_text_and_thinking() -> None:
     rig.threads.run_until_idle()
     assert ex.status == 200, ex.body
     assert seen_body("anthropic", ex.json()) == ("", "Done.", [])
+
+
+def test_gpt_oss_gets_each_parallel_call_as_its_own_turn() -> None:
+    """Its template writes only a turn's first call: each becomes a turn, with its result."""
+    c = case(TEMPLATES / "openai-gpt-oss-120b.json")
+    template = ChatTemplate(c["source"], bos_token=c["bos_token"], eos_token=c["eos_token"])
+    parser = tool_call_parser("auto", c["source"])
+    tooling = Tooling(tuple(ToolSpec(t["name"], t["description"], t["parameters"]) for t in TOOLS))
+
+    def call(i: int, name: str, args: str) -> dict[str, Any]:
+        return {"id": f"c{i}", "type": "function", "function": {"name": name, "arguments": args}}
+
+    turns = [
+        {"role": "user", "content": "Weather, then list files."},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "Two tools.",
+            "tool_calls": [
+                call(1, "get_weather", '{"city": "Oslo"}'),
+                call(2, "run", '{"command": "ls"}'),
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c2", "name": "run", "content": "a.txt"},
+        {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": "3 C"},
+    ]
+    messages, extra = template_inputs(turns, tooling, template, parser)
+    assert [(m["role"], len(m.get("tool_calls") or [])) for m in messages] == [
+        ("user", 0),
+        ("assistant", 1),
+        ("tool", 0),
+        ("assistant", 1),
+        ("tool", 0),
+    ]
+    text = template.render(messages, **extra).text
+    assert '"city":"Oslo"' in text.replace(" ", "") and '"command":"ls"' in text.replace(" ", "")
+    # Each result under its own call's name.
+    assert text.index("functions.get_weather to=assistant") < text.index("3 C")
+    assert text.index("functions.run to=assistant") < text.index("a.txt")

@@ -58,6 +58,8 @@ def test_a_model_whose_template_cannot_render_fails_at_load() -> None:
     [
         ("deepseek-ai-DeepSeek-V3.1.jinja", True),
         ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", True),
+        # Writes a mapping's keys and values itself (<arg_key>): a mapping.
+        ("glm_4_5.jinja", False),
         ("moonshotai-Kimi-K2-Thinking.jinja", False),
         ("Qwen3-Coder.jinja", False),
         ("openai-gpt-oss-120b.jinja", False),
@@ -107,3 +109,19 @@ def test_hugging_face_extras_render() -> None:
     assert compact == '{"x":"<é>"}'  # not HTML-escaped, not ASCII-escaped
     assert len(year) == 4 and year.isdigit()
     assert rest == "akept"
+
+
+def test_a_template_that_prints_a_mapping_as_python_gets_json_text() -> None:
+    template = ChatTemplate(
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}"
+        "{{ c.function.name }}({{ c.function.arguments }}){% endfor %}{% endfor %}"
+    )
+    assert template.arguments_as_text  # not {'ds4tw_probe_key': ...}
+
+
+@pytest.mark.parametrize(
+    ("name", "parallel"),
+    [("openai-gpt-oss-120b.jinja", False), ("Qwen3-Coder.jinja", True)],
+)
+def test_the_parallel_calls_probe(name: str, parallel: bool) -> None:
+    assert ChatTemplate(source(name)).renders_parallel_calls is parallel
