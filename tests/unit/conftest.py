@@ -91,3 +91,10 @@ def no_logged_errors(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 __all__ = ["Reply", "Rig", "make_rig"]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # What exists once every test is collected (modules, the SDKs' types,
+    # hypothesis) is never garbage: frozen, each test's gc.collect() above
+    # scans only what tests made (0.3 s a test before, on 1,600 tests).
+    gc.freeze()
