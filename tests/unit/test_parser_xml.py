@@ -251,6 +251,8 @@ SCHEMA: dict[str, Any] = {
         ("s", "42", "42"),  # a string that looks like a number stays a string
         ("s", 'a "quoted"\n<line>', 'a "quoted"\n<line>'),
         ("maybe", "null", None),
+        ("maybe", "None", None),  # and Python's None
+        ("n", "None", "None"),  # where the schema allows no null, text
         ("maybe", "7", 7),
         ("either", "7", 7),
         ("either", "seven", "seven"),

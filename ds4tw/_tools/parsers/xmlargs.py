@@ -156,7 +156,8 @@ def convert(text: str, types: frozenset[str]) -> Any:
     if streams_as_text(types):
         return text
     bare = text.strip()
-    if "null" in types and bare == "null":
+    if "null" in types and bare in ("null", "None"):
+        # Qwen3-Coder's template writes Python's None back, as its True.
         return None
     if "boolean" in types and bare.lower() in ("true", "false"):
         # Qwen3-Coder's template writes Python's True/False back.
