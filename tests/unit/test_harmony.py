@@ -24,8 +24,9 @@ from ds4tw._reasoning.harmony import MAX_HEADER, HarmonyReasoningParser, Harmony
 from ds4tw._template import ChatTemplate
 from ds4tw._tools.parsers.harmony import HarmonyParser
 from ds4tw._tools.spec import ToolChoice, Tooling, ToolSpec
-from ds4tw._types import ContentText, ReasoningText, ToolCallArgs, ToolCallEnd, ToolCallStart
+from ds4tw._types import ContentText, ToolCallArgs, ToolCallEnd, ToolCallStart
 
+from .calls import seen
 from .gbnf import Grammar as Recogniser
 
 WEATHER = ToolSpec(
@@ -85,24 +86,8 @@ def run(
     route(reasoning.flush())
     if tools is not None:
         events += tools.flush()
-    thought = content = ""
-    names: dict[int, str] = {}
-    args: dict[int, str] = {}
-    calls: list[tuple[str, str]] = []
-    for e in events:
-        if isinstance(e, ReasoningText):
-            thought += e.text
-        elif isinstance(e, ContentText):
-            content += e.text
-        elif isinstance(e, ToolCallStart):
-            assert e.index not in names, "a call starts once"
-            names[e.index], args[e.index] = e.name, ""
-        elif isinstance(e, ToolCallArgs):
-            args[e.index] += e.text
-        elif isinstance(e, ToolCallEnd):
-            assert e.arguments == args[e.index], "the fragments add up to the arguments"
-            calls.append((names[e.index], e.arguments))
-    return thought, content, calls
+    got = seen(events)
+    return got.reasoning, got.content, got.calls
 
 
 ARGS = '{"command": "echo \\"a<b\\"\\nls", "options": {"timeout": 5}, "dry": true}'

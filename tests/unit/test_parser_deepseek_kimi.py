@@ -27,6 +27,7 @@ from ds4tw._tools.parsers.kimi_k2 import KimiK2Parser, call_name
 from ds4tw._tools.spec import ToolChoice, Tooling, ToolSpec
 from ds4tw._types import ContentText, ToolCallArgs, ToolCallEnd, ToolCallStart
 
+from .calls import seen, splits
 from .gbnf import Grammar as Recogniser
 
 WEATHER = ToolSpec(
@@ -120,35 +121,14 @@ Summary = tuple[str, list[tuple[str, str]]]
 
 
 def run(parser: ToolCallParser, pieces: list[str], tooling: Tooling = TOOLS) -> Summary:
-    """(content, [(name, arguments)]), each call's fragments checked against its end."""
+    """(content, [(name, arguments)]), checked as L{seen} checks it."""
     splitter = parser.splitter(tooling)
     events = []
     for piece in pieces:
         events += splitter.feed(piece)
-    events += splitter.flush()
-    content = ""
-    names: dict[int, str] = {}
-    args: dict[int, str] = {}
-    calls: list[tuple[str, str]] = []
-    for e in events:
-        if isinstance(e, ContentText):
-            content += e.text
-        elif isinstance(e, ToolCallStart):
-            assert e.index not in names, "a call starts once"
-            names[e.index], args[e.index] = e.name, ""
-        elif isinstance(e, ToolCallArgs):
-            args[e.index] += e.text
-        elif isinstance(e, ToolCallEnd):
-            assert e.arguments == args[e.index], "the fragments add up to the arguments"
-            calls.append((names[e.index], e.arguments))
-    assert len(calls) == len(names), "every call that starts ends"
-    assert splitter.calls <= len(calls)
-    return content, calls
-
-
-def splits(text: str, cuts: list[int]) -> list[str]:
-    points = sorted({c % (len(text) + 1) for c in cuts})
-    return [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=False)]
+    got = seen(events + splitter.flush())
+    assert splitter.calls <= len(got.calls)
+    return got.content, got.calls
 
 
 TWO_CALLS = [("run", ARGS_RUN), ("get_weather", ARGS_WEATHER)]

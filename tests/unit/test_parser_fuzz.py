@@ -26,7 +26,8 @@ from ds4tw._pipeline import OutputPipeline
 from ds4tw._reasoning import ReasoningSplitter, reasoning_parser
 from ds4tw._tools.parsers import TOOL_CALL_PARSERS, ToolCallParser
 from ds4tw._tools.spec import Tooling, ToolSpec
-from ds4tw._types import ContentText, ReasoningText, ToolCallArgs, ToolCallEnd, ToolCallStart
+
+from .calls import seen, splits
 
 EXAMPLES = int(os.environ.get("DS4TW_FUZZ_EXAMPLES", "100"))
 
@@ -74,7 +75,8 @@ def parsers() -> dict[str, ToolCallParser]:
 PARSERS = parsers()
 NAMES = sorted(PARSERS)
 
-Summary = tuple[str, list[tuple[str, str]]]
+#: (reasoning, content, calls) as the client sees them.
+Summary = tuple[str, str, list[tuple[str, str]]]
 
 
 def run(parser: ToolCallParser, pieces: list[str]) -> Summary:
@@ -86,33 +88,14 @@ def run(parser: ToolCallParser, pieces: list[str]) -> Summary:
     for piece in pieces:
         events += pipeline._split(piece)
     events += pipeline.finish(stopped=True)
-    content = ""
-    args: dict[int, str] = {}
-    names: dict[int, str] = {}
-    calls: list[tuple[str, str]] = []
-    for e in events:
-        if isinstance(e, ContentText | ReasoningText):
-            content += e.text
-        elif isinstance(e, ToolCallStart):
-            assert e.index not in names, "a call starts once"
-            names[e.index], args[e.index] = e.name, ""
-        elif isinstance(e, ToolCallArgs):
-            args[e.index] += e.text
-        elif isinstance(e, ToolCallEnd):
-            assert e.arguments == args[e.index], "the fragments add up to the arguments"
-            calls.append((names[e.index], e.arguments))
-    return content, calls
+    got = seen(events)
+    return got.reasoning, got.content, got.calls
 
 
 def reasoning(parser: ToolCallParser) -> ReasoningSplitter | None:
     if parser.name == "gpt_oss":
         return reasoning_parser("gpt_oss").splitter("<|start|>assistant")
     return None
-
-
-def splits(text: str, cuts: list[int]) -> list[str]:
-    points = sorted({c % (len(text) + 1) for c in cuts})
-    return [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=False)]
 
 
 def lead(parser: ToolCallParser) -> str:
@@ -126,7 +109,8 @@ def reply(parser: ToolCallParser) -> str:
 
 def test_each_syntax_reads_back_what_it_writes() -> None:
     for name, parser in PARSERS.items():
-        content, calls = run(parser, [reply(parser)])
+        reasoning, content, calls = run(parser, [reply(parser)])
+        assert not reasoning, name
         assert content.strip() == lead(parser), name
         # A free-form tool's input comes back as its text, the others as JSON.
         read = [(n, a if n == PATCH.name else json.loads(a)) for n, a in calls]

@@ -25,6 +25,7 @@ from ds4tw._tools.parsers.xmlargs import convert, types_of
 from ds4tw._tools.spec import ToolChoice, Tooling, ToolSpec
 from ds4tw._types import ContentText, ToolCallArgs, ToolCallEnd, ToolCallStart
 
+from .calls import seen, splits
 from .gbnf import Grammar as Recogniser
 
 WEATHER = ToolSpec(
@@ -118,31 +119,11 @@ def events(parser: ToolCallParser, pieces: list[str], tooling: Tooling = TOOLS) 
 
 def run(parser: ToolCallParser, pieces: list[str], tooling: Tooling = TOOLS) -> Summary:
     """
-    (content, [(name, arguments)]), checking that each call's fragments
-    add up to its arguments, which are JSON (a free-form tool's: its text).
+    (content, [(name, arguments)]), checked as L{seen} checks it, the
+    arguments parsed (a free-form tool's: its text).
     """
-    content = ""
-    names: dict[int, str] = {}
-    args: dict[int, str] = {}
-    calls: list[Call] = []
-    for e in events(parser, pieces, tooling):
-        if isinstance(e, ContentText):
-            content += e.text
-        elif isinstance(e, ToolCallStart):
-            assert e.index not in names, "a call starts once"
-            names[e.index], args[e.index] = e.name, ""
-        elif isinstance(e, ToolCallArgs):
-            args[e.index] += e.text
-        elif isinstance(e, ToolCallEnd):
-            assert e.arguments == args[e.index], "the fragments add up to the arguments"
-            custom = names[e.index] == PATCH.name
-            calls.append((names[e.index], e.arguments if custom else json.loads(e.arguments)))
-    return content, calls
-
-
-def splits(text: str, cuts: list[int]) -> list[str]:
-    points = sorted({c % (len(text) + 1) for c in cuts})
-    return [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=False)]
+    got = seen(events(parser, pieces, tooling))
+    return got.content, [(n, a if n == PATCH.name else json.loads(a)) for n, a in got.calls]
 
 
 @pytest.mark.parametrize(("parser", "text"), CASES, ids=IDS)
