@@ -21,6 +21,7 @@ tests/integration/test_agent_grammars.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -66,6 +67,31 @@ def text_until(rule: Callable[[str, str], object], name: str, end: str) -> str:
             alts.append(f"{literal(end[i])} {name}-{i + 1}")
         rule(f"{name}-{i}", f"({' | '.join(alts)})?")
     return f"{name}-0"
+
+
+class Prefix:
+    """
+    Rules put before a built grammar's root: room for what a model writes
+    before what the grammar constrains (its reasoning, L{ds4tw._reasoning}).
+    """
+
+    def __init__(self, name: str = "ds4tw-reasoning") -> None:
+        self.name = name
+        self._lines: list[str] = []
+
+    def rule(self, name: str, body: str) -> str:
+        self._lines.append(f"{name} ::= {body}")
+        return name
+
+    def text_until(self, end: str) -> str:
+        """A rule for any text without C{end} (L{text_until}; ValueError if it cannot be one)."""
+        return text_until(self.rule, f"{self.name}-text", end)
+
+    def before(self, grammar: Grammar, prefix: str) -> Grammar:
+        """C{grammar}, its root now after C{prefix} (GBNF over these rules)."""
+        lines = [*self._lines, f"{self.name} ::= {prefix} {grammar.root}"]
+        gbnf = grammar.gbnf.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+        return dataclasses.replace(grammar, gbnf=gbnf, root=self.name)
 
 
 @functools.cache

@@ -30,13 +30,12 @@ Covered by tests/unit/test_harmony.py.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Literal
 
 from .._engine import Grammar
-from .._grammar import literal, text_until
+from .._grammar import Prefix, literal
 from .._text import held_suffix
 from .._types import ContentText, ReasoningText
 from .base import Delta, ReasoningSplitter
@@ -69,8 +68,6 @@ _RECIPIENT = re.compile(r"to=([^\s<]+)")
 _CHANNEL_NAME = re.compile(re.escape(CHANNEL) + r"([A-Za-z0-9_-]*)")
 
 Kind = Literal["reasoning", "content", "call"]
-#: The root of a grammar with the analysis message before it.
-_RULE = "ds4tw-reasoning"
 
 
 @dataclass(frozen=True)
@@ -247,8 +244,8 @@ class HarmonyReasoningParser:
         header, kind = prompt_state(prompt_text)
         if kind in ("content", "call"):
             return grammar
-        rules: list[str] = []
-        text = text_until(lambda n, b: rules.append(f"{n} ::= {b}"), f"{_RULE}-text", END)
+        room = Prefix()
+        text = room.text_until(END)
         analysis = f"{text} {literal(END + START + ROLE)}"
         if kind is None:
             if header.strip() != ROLE:
@@ -256,9 +253,7 @@ class HarmonyReasoningParser:
             analysis = f"({literal(CHANNEL + 'analysis' + MESSAGE)} {analysis})?"
         typed = f'(" " {literal(CONSTRAIN)} [a-z]+)?'
         final = f"{literal(CHANNEL + 'final')} {typed} {literal(MESSAGE)}"
-        rules.append(f"{_RULE} ::= {analysis} {final} {grammar.root}")
-        gbnf = grammar.gbnf.rstrip("\n") + "\n" + "\n".join(rules) + "\n"
-        return dataclasses.replace(grammar, gbnf=gbnf, root=_RULE)
+        return room.before(grammar, f"{analysis} {final}")
 
     def splitter(self, prompt_text: str) -> ReasoningSplitter:
         header, kind = prompt_state(prompt_text)

@@ -13,18 +13,15 @@ Covered by tests/unit/test_reasoning.py.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from .._engine import Grammar
-from .._grammar import literal, text_until
+from .._grammar import Prefix, literal
 from .._text import held_suffix
 from .._types import ContentText, ReasoningText
 from .base import Delta, DeltaKind, ReasoningSplitter
 
 _WHITESPACE = " \t\r\n"
-#: The root of a grammar with the reasoning block before it.
-_RULE = "ds4tw-reasoning"
 
 
 class TagSplitter:
@@ -118,9 +115,9 @@ class TagReasoningParser:
     def before(self, grammar: Grammar, prompt_text: str) -> Grammar:
         # The block, then the grammar: from inside it when the prompt
         # opened it, else optionally from its opening tag.
-        rules: list[str] = []
+        room = Prefix()
         try:
-            text = text_until(lambda n, b: rules.append(f"{n} ::= {b}"), f"{_RULE}-text", self.end)
+            text = room.text_until(self.end)
         except ValueError:
             return grammar  # a closing tag text_until cannot express: no room made
         block = f"{text} {literal(self.end)} [ \\t\\n]*"
@@ -128,9 +125,7 @@ class TagReasoningParser:
             if not self.thinks:
                 return grammar
             block = f"([ \\t\\n]* {literal(self.start)} {block})?"
-        rules.append(f"{_RULE} ::= {block} {grammar.root}")
-        gbnf = grammar.gbnf.rstrip("\n") + "\n" + "\n".join(rules) + "\n"
-        return dataclasses.replace(grammar, gbnf=gbnf, root=_RULE)
+        return room.before(grammar, block)
 
     def _opened(self, prompt_text: str) -> bool:
         return prompt_text.rstrip().endswith(self.start)
