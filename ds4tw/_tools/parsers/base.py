@@ -86,6 +86,19 @@ class ToolCallParser(Protocol):
     def format_calls(self, calls: Sequence[tuple[str, Any]]) -> str: ...
 
 
+def free_form_input(arguments: str) -> str | None:
+    """
+    A free-form tool's input from the arguments object the model wrote
+    for it (C{{"input": "..."}}), or None when it is not that.
+    """
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return None
+    given = value.get("input") if isinstance(value, dict) else None
+    return given if isinstance(given, str) else None
+
+
 class ParserBase:
     """Defaults of the class-level side of a parser (see L{ds4tw._tools.parsers})."""
 

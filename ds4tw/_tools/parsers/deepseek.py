@@ -42,7 +42,17 @@ from ..._text import held_suffix
 from ..._types import ToolCallArgs, ToolCallEnd, ToolCallStart
 from ..scan import WHITESPACE, Malformed, ValueScanner
 from ..spec import Tooling, ToolSpec
-from .base import Event, ParserBase, Splitter, ToolCallSplitter, complete, log, repeat, trigger
+from .base import (
+    Event,
+    ParserBase,
+    Splitter,
+    ToolCallSplitter,
+    complete,
+    free_form_input,
+    log,
+    repeat,
+    trigger,
+)
 
 #: A header longer than this without its end is not a call (names are short).
 _MAX_HEADER = 256
@@ -264,11 +274,8 @@ class SectionSplitter(Splitter):
         text = "".join(self._args_text)
         if self._spec.kind == "custom":
             # A free-form tool's input is decoded when complete.
-            try:
-                given = json.loads(text).get("input")
-            except ValueError:
-                given = None
-            if not isinstance(given, str):
+            given = free_form_input(text)
+            if given is None:
                 self._pending.append(text)
                 self._malformed(out, "a free-form tool's input must be a string")
                 return
@@ -655,11 +662,8 @@ class DSMLSplitter(Splitter):
         self._send(out, "}")
         text = "".join(self._args)
         if self._custom:
-            try:
-                given = json.loads(text).get("input")
-            except ValueError:
-                given = None
-            text = given if isinstance(given, str) else text
+            given = free_form_input(text)
+            text = given if given is not None else text
             out += [ToolCallStart(self.calls, self._name), ToolCallArgs(self.calls, text)]
         out.append(ToolCallEnd(self.calls, text))
         self._ended()

@@ -42,7 +42,7 @@ from ..._text import held_suffix
 from ..._types import ToolCallArgs, ToolCallEnd, ToolCallStart
 from ..scan import WHITESPACE, Malformed, ValueScanner
 from ..spec import Tooling, ToolSpec
-from .base import Event, ParserBase, Splitter, ToolCallSplitter, log
+from .base import Event, ParserBase, Splitter, ToolCallSplitter, free_form_input, log
 
 RECIPIENT = " to=functions."
 _OPENINGS = (CHANNEL, RECIPIENT)
@@ -221,11 +221,8 @@ class HarmonySplitter(Splitter):
         text = "".join(self._args_text)
         if self._spec.kind == "custom":
             # A free-form tool's input is the decoded string, sent when complete.
-            try:
-                given = json.loads(text).get("input")
-            except ValueError:
-                given = None
-            if not isinstance(given, str):
+            given = free_form_input(text)
+            if given is None:
                 self._malformed(out, self._head + text, "a free-form tool's input must be a string")
                 return
             out.append(ToolCallStart(self.calls, self._spec.name))
