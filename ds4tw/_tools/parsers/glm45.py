@@ -18,7 +18,7 @@ from typing import Any
 from ..._engine import Grammar
 from ..._grammar import RuleSet, literal
 from ..spec import Tooling, ToolSpec
-from .base import ParserBase, ToolCallSplitter, complete, trigger
+from .base import ParserBase, ToolCallSplitter, complete, repeat, trigger
 from .xmlargs import (
     Markup,
     XmlCallSplitter,
@@ -81,7 +81,7 @@ class GLM45Parser(ParserBase):
             params = params_rule(rules, tool, f"params-{i}", param, "[^<\\n]+", text)
             calls.append(f'"<tool_call>" {literal(tool.name)} "\\n"? {params} "</tool_call>"')
         call = rules.rule("call", " | ".join(calls))
-        root = f'{call} ("\\n"* {call})*' if tooling.parallel else call
+        root = repeat(tooling, call, '"\\n"*')
         return complete(rules, tooling, rules.rule("calls", root), trigger("<tool_call>"), answer)
 
     def instructions(self, tools: Sequence[ToolSpec]) -> str:

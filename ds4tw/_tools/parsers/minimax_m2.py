@@ -17,7 +17,7 @@ from typing import Any
 from ..._engine import Grammar
 from ..._grammar import RuleSet, literal
 from ..spec import Tooling, ToolSpec
-from .base import ParserBase, ToolCallSplitter, complete, trigger
+from .base import ParserBase, ToolCallSplitter, complete, repeat, trigger
 from .xmlargs import (
     Markup,
     XmlCallSplitter,
@@ -73,7 +73,7 @@ class MiniMaxM2Parser(ParserBase):
             head = literal(f'{MARKUP.call_open}{tool.name}">\n')
             invokes.append(f'{head} {params} "</invoke>\\n"')
         invoke = rules.rule("invoke", " | ".join(invokes))
-        listed = f"{invoke}+" if tooling.parallel else invoke
+        listed = repeat(tooling, invoke, "")
         block = f'{literal(MARKUP.block_open)} "\\n" {listed} {literal(MARKUP.block_close)}'
         return complete(
             rules, tooling, rules.rule("calls", block), trigger(MARKUP.block_open), answer

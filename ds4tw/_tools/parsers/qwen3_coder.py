@@ -15,7 +15,7 @@ from typing import Any
 from ..._engine import Grammar
 from ..._grammar import RuleSet, literal
 from ..spec import Tooling, ToolSpec
-from .base import ParserBase, ToolCallSplitter, complete, trigger
+from .base import ParserBase, ToolCallSplitter, complete, repeat, trigger
 from .xmlargs import (
     Markup,
     XmlCallSplitter,
@@ -73,7 +73,7 @@ class Qwen3CoderParser(ParserBase):
             calls.append(f'"<function=" {literal(tool.name)} ">\\n" {params} "</function>"')
         call = rules.rule("call", " | ".join(calls))
         block = rules.rule("block", f'"<tool_call>\\n" {call} "\\n</tool_call>"')
-        root = f'{block} ("\\n"* {block})*' if tooling.parallel else block
+        root = repeat(tooling, block, '"\\n"*')
         return complete(rules, tooling, rules.rule("calls", root), trigger("<tool_call>"), answer)
 
     def instructions(self, tools: Sequence[ToolSpec]) -> str:
