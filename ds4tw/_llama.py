@@ -313,6 +313,11 @@ class EngineOptions:
         (L{parse_override_kv}).
     @ivar seed: the sampling seed of requests that give none (None: a
         random one per request, as before).
+    @ivar abort_in_step: watch the worker's L{AbortFlag} inside a step
+        (llama.cpp's abort callback), so a lone cancel stops a prefill
+        batch or a decode step within milliseconds. False: a cancel takes
+        effect between steps only (the benchmark's comparison; no CLI
+        option).
     """
 
     gpu_layers: int | Literal["all", "auto"] = "auto"
@@ -327,6 +332,7 @@ class EngineOptions:
     threads_batch: int | None = None
     override_kv: tuple[str, ...] = ()
     seed: int | None = None
+    abort_in_step: bool = True
 
     def check(self, gpu_devices: int | None = None) -> None:
         """
@@ -1162,10 +1168,10 @@ class LlamaEngine:
         self._abort_cb: Any = None
         #: The flag llama.cpp watches now (kept alive while it does).
         self._watched: AbortFlag | None = None
-        #: False: no abort callback, cancel only between steps (how ds4tw
-        #: was before issue 8; the benchmark's comparison). The
-        #: environment's C{DS4TW_ABORT_IN_STEP=0} sets it for a server.
-        self.abort_in_step = os.environ.get("DS4TW_ABORT_IN_STEP", "1") != "0"
+        #: False: no abort callback, cancel only between steps
+        #: (L{EngineOptions.abort_in_step}; the benchmark flips it on a
+        #: loaded engine to time the callback's cost).
+        self.abort_in_step = self.options.abort_in_step
 
     @property
     def n_ctx(self) -> int:
