@@ -37,6 +37,7 @@ from ._anthropic.routes import add_routes as anthropic_routes
 from ._engine import Engine, ReportsSettings, special_token_ids
 from ._errors import APIError, invalid, method_not_allowed, not_found, unauthorized
 from ._host import ServerConfig
+from ._ids import request_key
 from ._metrics import CONTENT_TYPE_LATEST, Metrics
 from ._openai.render import error_body as openai_error_body
 from ._openai.routes import add_routes as openai_routes
@@ -48,7 +49,6 @@ from ._routing import (
     error_response,
     json_response,
     load_json_object,
-    request_id,
     unexpected,
 )
 from ._template import ChatTemplate
@@ -387,7 +387,7 @@ class _Tagged(Resource):
         self._inner = inner
 
     def render(self, request: Request) -> Any:
-        request_id(request)
+        request_key(request)
         try:
             for segment in list(request.prepath or ()) + list(request.postpath or ()):
                 segment.decode("utf-8")

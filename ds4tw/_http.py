@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -57,25 +56,19 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from ._host import ServerConfig
+from ._ids import new_request_id, sane
+
 log = Logger()
 
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
-DEFAULT_REQUEST_TIMEOUT = 60.0
+DEFAULT_MAX_BODY_BYTES = ServerConfig.max_body_bytes
+DEFAULT_REQUEST_TIMEOUT = ServerConfig.request_timeout
 #: At shutdown (L{LimitedSite.close_connections}): seconds in which open
 #: connections still get answers, then seconds for responses to finish.
 CLOSE_SETTLE = 0.5
 CLOSE_GRACE = 5.0
 
 # -- what a client sends, made safe to echo and to log ------------------------
-
-#: An id a client gives (its C{X-Request-Id}, a session key) is used only
-#: when it is 1-128 of these characters: safe in a header and a log line.
-SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-
-
-def new_request_id() -> str:
-    return f"req_{uuid.uuid4().hex[:24]}"
-
 
 #: The most of an error's message one log line carries (a schema a grammar
 #: could not take can be long).
@@ -278,7 +271,7 @@ class LimitedChannel(HTTPChannel):
         """The client's X-Request-Id, if its headers have arrived and it is sane; else a new one."""
         given = self.requests[-1].getHeader(b"x-request-id") if self.requests else None
         text = given.decode("latin-1") if isinstance(given, bytes) else ""
-        return text if SANE_ID.fullmatch(text) else new_request_id()
+        return sane(text) or new_request_id()
 
     def _route(self) -> str:
         """The request line's method and path, once it has been parsed."""

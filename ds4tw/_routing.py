@@ -27,7 +27,8 @@ from twisted.web.server import Request
 
 from ._errors import APIError, cut_off_by_shutdown, from_validation, internal_error, invalid
 from ._host import Host
-from ._http import SANE_ID, new_request_id, one_line
+from ._http import one_line
+from ._ids import request_key, session_key
 from ._worker import JobCancelled
 
 Handler = Callable[..., Awaitable[bytes | None]]
@@ -67,75 +68,17 @@ def log_error(request: Request, error: APIError) -> None:
     are the client's mistakes or the server's state (busy, loading,
     draining), not bugs; a 5xx is a warning, a 4xx information.
     """
-    session = session_id(request)
+    session = session_key(request)
     emit = log.warn if error.status >= 500 else log.info
     emit(
         "ds4tw: {status} for {method} {path} request={rid}{session}: {message}",
         status=error.status,
         method=one_line(request.method.decode("latin-1"), 20),
         path=one_line(request.path.decode("latin-1"), 200),
-        rid=request_id(request),
+        rid=request_key(request),
         session=f" session={session}" if session is not None else "",
         message=one_line(error.message),
     )
-
-
-# -- request ids ---------------------------------------------------------
-
-_ID_ATTR = "_ds4tw_request_id"
-
-
-def request_id(request: Request) -> str:
-    """
-    This request's id, made on first use and sent back as C{X-Request-Id}:
-    the client's own C{X-Request-Id} when it is sane (1-128 characters of
-    C{[A-Za-z0-9._:@/+=-]}), else a fresh one. Error log lines name it.
-    """
-    rid: str | None = getattr(request, _ID_ATTR, None)
-    if rid is None:
-        given = request.getHeader(b"x-request-id")
-        text = given.decode("latin-1") if isinstance(given, bytes) else (given or "")
-        rid = text if SANE_ID.fullmatch(text) else new_request_id()
-        setattr(request, _ID_ATTR, rid)
-        request.setHeader(b"x-request-id", rid.encode())
-        session = session_id(request)
-        if session is not None:
-            # Under one name whichever header carried it: what a proxy's or
-            # a client's log reads. An agent's own header, echoed back, would
-            # tell it nothing it did not send.
-            request.setHeader(b"x-session-id", session.encode())
-    return rid
-
-
-#: The request headers that carry a conversation's key, in precedence
-#: order: ds4tw's own first (what a user or an operator sets on purpose
-#: wins), then those the coding agents send unasked. The proxy templates
-#: (docs/deploy/) pick in the same order, so the key ds4tw logs is the
-#: one the balancer hashed.
-SESSION_HEADERS: tuple[bytes, ...] = (
-    b"x-session-id",  # ds4tw's; opencode sends it too
-    b"x-claude-code-session-id",  # Claude Code
-    b"session-id",  # Codex
-    b"x-session-affinity",  # opencode (the same value as its X-Session-Id)
-)
-
-
-def session_id(request: Request) -> str | None:
-    """
-    The conversation's key: the first of L{SESSION_HEADERS} the request
-    carries (an empty one counts as absent), when sane (as a request id).
-    ds4tw only names it in the job's log line and echoes it back as
-    C{X-Session-Id} (every response, with the request id); a balancer
-    hashes on it for session affinity. An insane value is ignored, and
-    does not fall through to the next header: the balancer, which cannot
-    tell, hashed on it.
-    """
-    for name in SESSION_HEADERS:
-        given = request.getHeader(name)
-        if given:
-            text = given.decode("latin-1") if isinstance(given, bytes) else given
-            return text if SANE_ID.fullmatch(text) else None
-    return None
 
 
 def unexpected(request: Request, failure: Any, body: ErrorBody) -> bytes | Deferred[None]:
@@ -146,7 +89,7 @@ def unexpected(request: Request, failure: Any, body: ErrorBody) -> bytes | Defer
     stream as if it were complete) and return a Deferred that fires once
     it is gone, so that nothing finishes the request before then.
     """
-    rid = request_id(request)
+    rid = request_key(request)
     log.failure(
         "{rid} {method} {path}: unhandled error",
         failure,
@@ -169,7 +112,7 @@ def api(server: Host, body: ErrorBody) -> Callable[[Handler], Handler]:
 
     def decorate(handler: Handler) -> Handler:
         async def wrapped(request: Request, **kwargs: Any) -> bytes | None:
-            request_id(request)
+            request_key(request)
             server.cors(request)
             try:
                 server.authorize(request)

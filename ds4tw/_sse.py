@@ -55,6 +55,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from ._host import ServerConfig
 from ._types import Stage
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-DEFAULT_MAX_UNSENT = 1024 * 1024
+DEFAULT_MAX_UNSENT = ServerConfig.max_unsent_bytes
 NOT_READING = "client not reading"
 DISCONNECTED = "client disconnected"
 

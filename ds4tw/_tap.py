@@ -33,9 +33,12 @@ from ._llama import (
 from ._reasoning import reasoning_parser
 from ._scripted import SPEC_HELP, parse_spec
 from ._template import ChatTemplate, TemplateError
-from ._tools.parsers import tool_call_parser
+from ._tools.parsers import TOOL_CALL_PARSERS, tool_call_parser
 
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
+
+#: The defaults of every server option: ServerConfig's, defined once there.
+_CONFIG = ServerConfig()
 
 #: Slots by default. On CPU a batched step costs little more than a
 #: single-sequence one at 4 (measured on the demo model: 4 streams give
@@ -156,15 +159,21 @@ class Options(usage.Options):
         [
             "keepalive",
             "k",
-            15.0,
+            _CONFIG.keepalive,
             "Seconds of stream silence before a keepalive frame (0: off).",
             _positive_float,
         ],
-        ["max-queue", "q", 128, "Requests allowed to wait for the model; more get 503.", int],
+        [
+            "max-queue",
+            "q",
+            _CONFIG.max_queue,
+            "Requests allowed to wait for the model; more get 503.",
+            int,
+        ],
         [
             "drain-timeout",
             None,
-            30.0,
+            _CONFIG.drain_timeout,
             "Seconds a shutdown (SIGTERM) gives running and queued requests to finish "
             "before cancelling them (0: at once).",
             _positive_float,
@@ -172,7 +181,7 @@ class Options(usage.Options):
         [
             "max-body",
             None,
-            16 * 1024 * 1024,
+            _CONFIG.max_body_bytes,
             "Largest request body in bytes; a larger Content-Length gets 413 before the body "
             "is read.",
             int,
@@ -180,7 +189,7 @@ class Options(usage.Options):
         [
             "request-timeout",
             None,
-            60.0,
+            _CONFIG.request_timeout,
             "Seconds for a whole request (headers and body) to arrive (0: twisted's idle "
             "timeout only). Never applies to a response being streamed.",
             _positive_float,
@@ -188,7 +197,7 @@ class Options(usage.Options):
         [
             "max-unsent",
             None,
-            1024 * 1024,
+            _CONFIG.max_unsent_bytes,
             "Bytes a stream may hold for a client that stopped reading before its job is "
             "cancelled.",
             int,
@@ -226,7 +235,7 @@ class Options(usage.Options):
         [
             "reasoning-parser",
             None,
-            "auto",
+            _CONFIG.reasoning_parser,
             "How the model marks reasoning: auto (from the chat template), think "
             "(<think>...</think>), none, or START,END tags.",
         ],
@@ -241,9 +250,10 @@ class Options(usage.Options):
         [
             "tool-call-parser",
             None,
-            "auto",
-            "How the model writes tool calls: auto (from the chat template), hermes, "
-            "llama3_json or mistral.",
+            _CONFIG.tool_call_parser,
+            "How the model writes tool calls: auto (from the chat template) or one of "
+            + ", ".join(sorted(TOOL_CALL_PARSERS))
+            + ".",
         ],
         # llama.cpp's settings, with llama-server's names (EngineOptions).
         [
@@ -328,8 +338,14 @@ class Options(usage.Options):
         self["override-kv"] = []
 
     def opt_listen(self, port: str) -> None:
-        """Where to listen, as a strports description (repeatable; default: {DEFAULT_LISTEN})."""
         self["listen"].append(port)
+
+    # usage.Options prints a method's docstring as its help, so the
+    # default is written in here rather than into a docstring (which
+    # cannot be an f-string).
+    opt_listen.__doc__ = (
+        f"Where to listen, as a strports description (repeatable; default: {DEFAULT_LISTEN})."
+    )
 
     def opt_cors(self, origin: str) -> None:
         """Allow this origin by CORS (repeatable; * for any)."""

@@ -24,6 +24,7 @@ from twisted.web.server import Request
 from .. import _routing, _turn
 from .._errors import APIError
 from .._host import Host
+from .._ids import request_key, session_key
 from .._routing import json_response, parse
 from .._tools.spec import ResponseFormat, Tooling
 from .._turn import Prompt
@@ -84,8 +85,8 @@ def add_routes(server: Host) -> None:
             req.sampling(max_tokens, prompt.stops),
             f"{mid} messages stream={req.stream}",
             tooling=tooling,
-            session=_routing.session_id(request),
-            request_id=_routing.request_id(request),
+            session=session_key(request),
+            request_id=request_key(request),
         )
         stop = partial(
             render.stop_reason,

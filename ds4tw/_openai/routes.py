@@ -17,6 +17,7 @@ from twisted.web.server import Request
 from .. import _routing, _turn
 from .._errors import APIError
 from .._host import Host
+from .._ids import request_key, session_key
 from .._routing import json_response, parse
 from . import render
 from .schema import ChatCompletionRequest, CompletionRequest
@@ -60,8 +61,8 @@ def add_routes(server: Host) -> None:
             req.sampling(max_tokens, prompt.stops),
             f"{rid} chat stream={req.stream}",
             tooling=tooling,
-            session=_routing.session_id(request),
-            request_id=_routing.request_id(request),
+            session=session_key(request),
+            request_id=request_key(request),
         )
         model_name = req.model or server.engine.model_id
         if req.stream:
@@ -88,8 +89,8 @@ def add_routes(server: Host) -> None:
             req.sampling(max_tokens),
             label,
             reasoning=False,
-            session=_routing.session_id(request),
-            request_id=_routing.request_id(request),
+            session=session_key(request),
+            request_id=request_key(request),
         )
         model_name = req.model or server.engine.model_id
         logprobs = req.logprobs is not None

@@ -17,6 +17,7 @@ from twisted.web.server import Request
 
 from .. import _routing, _turn
 from .._host import Host
+from .._ids import request_key, session_key
 from .._openai.render import error_body
 from .._routing import json_response
 from . import render
@@ -53,8 +54,8 @@ async def _respond(server: Host, request: Request) -> bytes | None:
         params,
         label,
         tooling=tooling,
-        session=_routing.session_id(request),
-        request_id=_routing.request_id(request),
+        session=session_key(request),
+        request_id=request_key(request),
     )
     model = req.model or server.engine.model_id
     builder = render.ResponseBuilder(

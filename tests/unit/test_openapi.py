@@ -128,7 +128,7 @@ def test_every_described_route_exists() -> None:
 
 
 def test_the_description_names_every_session_header() -> None:
-    from ds4tw._routing import SESSION_HEADERS
+    from ds4tw._ids import SESSION_HEADERS
 
     text = document()["info"]["description"].lower()
     assert all(name.decode() in text for name in SESSION_HEADERS)
