@@ -1,9 +1,17 @@
 """
 OpenAI wire shapes: chat.completion(.chunk), text_completion, errors.
-Pure functions of engine results; no I/O.
 
-Covered by tests/unit/test_openai_routes.py and, against the official
-SDK, tests/integration/test_openai_sdk.py.
+One builder per response kind (L{ChatBuilder}, L{CompletionBuilder})
+serves both modes, as the Responses dialect's does: it is the stream's
+L{StreamRenderer}, keeping the turn's state as its chunks go out, and
+its C{body} feeds a collected turn through the very same methods and
+assembles the object from that state. The envelope, the choice, a tool
+call, the usage and the logprobs are each built by one method for both,
+so a streamed reply and a plain one cannot disagree. Pure data and state
+built from engine results; no I/O.
+
+Covered by tests/unit/test_openai_routes.py, tests/unit/test_render_agree.py
+and, against the official SDK, tests/integration/test_openai_sdk.py.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import APIError
@@ -20,8 +29,10 @@ from .._types import (
     ContentText,
     Finish,
     Stage,
+    StreamRenderer,
     TokenLogprob,
     ToolCallArgs,
+    ToolCallEnd,
     ToolCallEvent,
     ToolCallStart,
     Usage,
@@ -32,6 +43,23 @@ DONE = frame("[DONE]")
 
 def call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def replay(renderer: StreamRenderer, got: Collected) -> None:
+    """
+    Feed a collected turn through a stream's renderer, in the order a
+    stream produces it (reasoning, the answer, then each call), dropping
+    the frames: what a builder's C{body} reads is the state this leaves.
+    """
+    if got.reasoning:
+        renderer.reasoning(got.reasoning)
+    if got.content or got.logprobs:
+        renderer.content(ContentText(got.content, got.logprobs))
+    for call in got.tool_calls:
+        renderer.tool_call(ToolCallStart(call.index, call.name))
+        renderer.tool_call(ToolCallArgs(call.index, call.arguments))
+        renderer.tool_call(ToolCallEnd(call.index, call.arguments))
+    renderer.finish(got.finish)
 
 
 def logprob_entry(t: TokenLogprob) -> dict[str, Any]:
@@ -85,26 +113,48 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     }
 
 
-class _Base:
+def tool_call_body(cid: str, name: str, arguments: str) -> dict[str, Any]:
+    """A tool call: whole in a message, with empty arguments in its first chunk."""
+    return {"id": cid, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+class _Builder:
+    """
+    What both OpenAI kinds share: the envelope (one C{created} for the
+    whole reply, stream or not), the choice, the stream's tail, its error.
+    The state a subclass keeps is its C{body}'s only source.
+    """
+
+    #: The C{object} of a plain body and of a stream's chunk.
     object = ""
+    chunk_object = ""
 
     def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
         self.id = request_id
         self.model = model
         self.created = int(time.time())
         self.include_usage = include_usage
+        self._tokens: list[TokenLogprob] = []
+        self._finish: Finish | None = None
+
+    def envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+    @staticmethod
+    def choice(
+        key: str, value: Any, logprobs: dict[str, Any] | None, finish_reason: str | None
+    ) -> dict[str, Any]:
+        return {"index": 0, key: value, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        return json_frame(
-            {
-                "id": self.id,
-                "object": self.object,
-                "created": self.created,
-                "model": self.model,
-                "choices": choices,
-                **extra,
-            }
-        )
+        return json_frame(self.envelope(self.chunk_object, choices, **extra))
 
     def opening(self) -> list[bytes]:
         return []
@@ -115,23 +165,45 @@ class _Base:
         return [json_frame(error_body(error), event="error"), DONE]
 
     def _tail(self, finish: Finish, last: bytes) -> list[bytes]:
+        self._finish = finish
         frames = [last]
         if self.include_usage:
             frames.append(self._chunk([], usage=usage_body(finish.usage)))
         frames.append(DONE)
         return frames
 
+    def _body(self, key: str, value: Any, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        assert self._finish is not None, "replayed to its finish"
+        choice = self.choice(key, value, logprobs, self._finish.reason)
+        return self.envelope(self.object, [choice], usage=usage_body(self._finish.usage))
 
-class ChatStream(_Base):
-    """Chunks of C{/v1/chat/completions} with C{stream: true}."""
 
-    object = "chat.completion.chunk"
+@dataclass
+class _Call:
+    id: str
+    name: str
+    parts: list[str] = field(default_factory=list)
+
+
+class ChatBuilder(_Builder):
+    """
+    One C{/v1/chat/completions} reply: its chunks with C{stream: true},
+    its C{chat.completion} body without.
+
+    @param include_usage: whether a stream ends with a usage chunk.
+    @param show_reasoning: whether reasoning goes out (as
+        C{reasoning_content}); when not, it changes nothing.
+    @param logprobs: whether the answer's tokens carry their logprobs.
+    """
+
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
 
     def __init__(
         self,
         request_id: str,
         model: str,
-        include_usage: bool,
+        include_usage: bool = False,
         show_reasoning: bool = True,
         logprobs: bool = False,
     ) -> None:
@@ -139,7 +211,9 @@ class ChatStream(_Base):
         self._role_sent = False
         self._show_reasoning = show_reasoning
         self._logprobs = logprobs
-        self._call_ids: dict[int, str] = {}
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
+        self._calls: dict[int, _Call] = {}
 
     def _delta(
         self,
@@ -147,9 +221,10 @@ class ChatStream(_Base):
         finish_reason: str | None = None,
         logprobs: dict[str, Any] | None = None,
     ) -> bytes:
-        return self._chunk(
-            [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
-        )
+        return self._chunk([self.choice("delta", delta, logprobs, finish_reason)])
+
+    def stream(self) -> StreamRenderer:
+        return self
 
     def _role(self) -> list[bytes]:
         if self._role_sent:
@@ -174,10 +249,15 @@ class ChatStream(_Base):
         # Hidden reasoning writes nothing: the keepalive covers the silence.
         if not self._show_reasoning:
             return []
+        self._reasoning.append(text)
         return [*self._role(), self._delta({"reasoning_content": text})]
 
     def content(self, delta: ContentText) -> list[bytes]:
-        logprobs = chat_logprobs(delta.logprobs) if self._logprobs else None
+        self._content.append(delta.text)
+        logprobs = None
+        if self._logprobs:
+            self._tokens += delta.logprobs
+            logprobs = chat_logprobs(delta.logprobs)
         return [*self._role(), self._delta({"content": delta.text}, logprobs=logprobs)]
 
     def tool_call(self, event: ToolCallEvent) -> list[bytes]:
@@ -185,34 +265,57 @@ class ChatStream(_Base):
         The call's id, type and name go out first, then its arguments as
         the model writes them, in OpenAI's C{delta.tool_calls} shape.
         """
-        if isinstance(event, ToolCallStart):
-            cid = self._call_ids[event.index] = call_id()
-            head = {
-                "index": event.index,
-                "id": cid,
-                "type": "function",
-                "function": {"name": event.name, "arguments": ""},
-            }
-            return [*self._role(), self._delta({"tool_calls": [head]})]
-        if isinstance(event, ToolCallArgs):
-            part = {"index": event.index, "function": {"arguments": event.text}}
-            return [self._delta({"tool_calls": [part]})]
+        match event:
+            case ToolCallStart(index, name):
+                call = self._calls[index] = _Call(call_id(), name)
+                head = {"index": index, **tool_call_body(call.id, name, "")}
+                return [*self._role(), self._delta({"tool_calls": [head]})]
+            case ToolCallArgs(index, text):
+                self._calls[index].parts.append(text)
+                part = {"index": index, "function": {"arguments": text}}
+                return [self._delta({"tool_calls": [part]})]
+            case ToolCallEnd(index, arguments):
+                # The end carries the whole text (a call broken off by the
+                # token budget ends with what was written).
+                self._calls[index].parts = [arguments]
         return []
 
     def finish(self, finish: Finish) -> list[bytes]:
         return self._role() + self._tail(finish, self._delta({}, finish.reason))
 
+    def body(self, got: Collected) -> dict[str, Any]:
+        """The C{chat.completion} of a collected turn (the builder's one use)."""
+        replay(self, got)
+        content = "".join(self._content)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if self._reasoning:
+            message["reasoning_content"] = "".join(self._reasoning)
+        if self._calls:
+            message["content"] = content or None
+            message["tool_calls"] = [
+                tool_call_body(c.id, c.name, "".join(c.parts)) for c in self._calls.values()
+            ]
+        logprobs = chat_logprobs(self._tokens) if self._logprobs else None
+        return self._body("message", message, logprobs)
 
-class CompletionStream(_Base):
-    """Chunks of C{/v1/completions} with C{stream: true}."""
 
-    object = "text_completion"
+class CompletionBuilder(_Builder):
+    """
+    One C{/v1/completions} reply: its chunks with C{stream: true}, its
+    C{text_completion} body without.
+
+    @param include_usage: whether a stream ends with a usage chunk.
+    @param logprobs: whether the text's tokens carry their logprobs.
+    """
+
+    object = chunk_object = "text_completion"
 
     def __init__(
-        self, request_id: str, model: str, include_usage: bool, logprobs: bool = False
+        self, request_id: str, model: str, include_usage: bool = False, logprobs: bool = False
     ) -> None:
         super().__init__(request_id, model, include_usage)
         self._logprobs = logprobs
+        self._text: list[str] = []
         self._offset = 0
 
     def _choice(
@@ -221,9 +324,10 @@ class CompletionStream(_Base):
         finish_reason: str | None = None,
         logprobs: dict[str, Any] | None = None,
     ) -> bytes:
-        return self._chunk(
-            [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]
-        )
+        return self._chunk([self.choice("text", text, logprobs, finish_reason)])
+
+    def stream(self) -> StreamRenderer:
+        return self
 
     def stage(self, stage: Stage) -> list[bytes]:
         return []
@@ -232,8 +336,10 @@ class CompletionStream(_Base):
         return []  # completions never split reasoning out (see routes)
 
     def content(self, delta: ContentText) -> list[bytes]:
+        self._text.append(delta.text)
         logprobs = None
         if self._logprobs:
+            self._tokens += delta.logprobs
             logprobs = completion_logprobs(delta.logprobs, self._offset)
         self._offset += len(delta.text)
         return [self._choice(delta.text, logprobs=logprobs)]
@@ -244,62 +350,11 @@ class CompletionStream(_Base):
     def finish(self, finish: Finish) -> list[bytes]:
         return self._tail(finish, self._choice("", finish.reason))
 
-
-def chat_completion(
-    request_id: str,
-    model: str,
-    got: Collected,
-    show_reasoning: bool,
-    logprobs: bool = False,
-) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": got.content}
-    if got.reasoning and show_reasoning:
-        message["reasoning_content"] = got.reasoning
-    if got.tool_calls:
-        message["content"] = got.content or None
-        message["tool_calls"] = [
-            {
-                "id": call_id(),
-                "type": "function",
-                "function": {"name": c.name, "arguments": c.arguments},
-            }
-            for c in got.tool_calls
-        ]
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": chat_logprobs(got.logprobs) if logprobs else None,
-                "finish_reason": got.finish.reason,
-            }
-        ],
-        "usage": usage_body(got.finish.usage),
-    }
-
-
-def completion(
-    request_id: str, model: str, got: Collected, logprobs: bool = False
-) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "text": got.content,
-                "logprobs": completion_logprobs(got.logprobs) if logprobs else None,
-                "finish_reason": got.finish.reason,
-            }
-        ],
-        "usage": usage_body(got.finish.usage),
-    }
+    def body(self, got: Collected) -> dict[str, Any]:
+        """The C{text_completion} of a collected turn (the builder's one use)."""
+        replay(self, got)
+        logprobs = completion_logprobs(self._tokens) if self._logprobs else None
+        return self._body("text", "".join(self._text), logprobs)
 
 
 def model_card(model_id: str, created: int, n_ctx: int) -> dict[str, Any]:

@@ -65,15 +65,14 @@ def add_routes(server: Host) -> None:
             request_id=request_key(request),
         )
         model_name = req.model or server.engine.model_id
+        builder = render.ChatBuilder(
+            rid, model_name, req.include_usage(), req.thinking(), req.logprobs
+        )
         if req.stream:
-            renderer = render.ChatStream(
-                rid, model_name, req.include_usage(), req.thinking(), req.logprobs
-            )
-            await _turn.stream(server, request, job, renderer)
+            await _turn.stream(server, request, job, builder.stream())
             return None
         got = await _turn.collect(server, job)
-        body = render.chat_completion(rid, model_name, got, req.thinking(), req.logprobs)
-        return json_response(request, body)
+        return json_response(request, builder.body(got))
 
     @app.route("/v1/completions", methods=["POST"])
     @api
@@ -94,9 +93,9 @@ def add_routes(server: Host) -> None:
         )
         model_name = req.model or server.engine.model_id
         logprobs = req.logprobs is not None
+        builder = render.CompletionBuilder(rid, model_name, req.include_usage(), logprobs)
         if req.stream:
-            renderer = render.CompletionStream(rid, model_name, req.include_usage(), logprobs)
-            await _turn.stream(server, request, job, renderer)
+            await _turn.stream(server, request, job, builder.stream())
             return None
         got = await _turn.collect(server, job)
-        return json_response(request, render.completion(rid, model_name, got, logprobs))
+        return json_response(request, builder.body(got))
