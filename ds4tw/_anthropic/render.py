@@ -1,33 +1,44 @@
 """
 Anthropic Messages wire shapes: the message body, the stream's events,
-the error body. Pure functions of engine results; no I/O.
+the error body.
+
+One L{MessageBuilder} serves both modes, as the other dialects' builders
+do: it is the stream's L{StreamRenderer}, keeping the message's blocks as
+their events go out, and its C{body} feeds a collected turn through the
+same methods and returns the message those blocks make. The message
+skeleton (C{message_start}'s and the body's), each block (empty in its
+C{content_block_start}, whole in the body), the stop reason and the usage
+are each built once, so a streamed message and a plain one cannot
+disagree. Pure data and state built from engine results; no I/O.
 
 Field names follow the official C{anthropic} SDK's types
 (C{anthropic.types.Message}, C{RawMessageStreamEvent}); the unit tests
 validate every body and event against them.
 
-Covered by tests/unit/test_anthropic.py and, against the official SDK,
-tests/integration/test_anthropic_sdk.py.
+Covered by tests/unit/test_anthropic.py, tests/unit/test_render_agree.py
+and, against the official SDK, tests/integration/test_anthropic_sdk.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic_core import from_json
 
 from .._errors import APIError, ContextExceeded
+from .._openai.render import replay
 from .._sse import json_frame
 from .._types import (
     Collected,
     ContentText,
     Finish,
     Stage,
-    ToolCall,
+    StreamRenderer,
     ToolCallArgs,
+    ToolCallEnd,
     ToolCallEvent,
     ToolCallStart,
     Usage,
@@ -126,11 +137,6 @@ def signature(thinking: str) -> str:
     return hashlib.sha256(thinking.encode()).hexdigest()
 
 
-def thinking_block(thinking: str, display: ThinkingDisplay) -> dict[str, Any]:
-    shown = thinking if display == "full" else ""
-    return {"type": "thinking", "thinking": shown, "signature": signature(thinking)}
-
-
 def tool_input(arguments: str) -> dict[str, Any]:
     """
     A call's C{input} object. A call cut short (by C{max_tokens}) has
@@ -144,43 +150,42 @@ def tool_input(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def tool_use_block(call: ToolCall) -> dict[str, Any]:
-    return {
-        "type": "tool_use",
-        "id": tool_use_id(),
-        "name": call.name,
-        "input": tool_input(call.arguments),
-    }
+BlockKind = Literal["thinking", "text", "tool_use"]
 
 
-def message(
-    message_id: str,
-    model: str,
-    got: Collected,
-    display: ThinkingDisplay,
-    stop: tuple[StopReason, str | None],
-) -> dict[str, Any]:
-    """
-    The non-streaming response body: thinking, text, then one
-    C{tool_use} block per call. A reply that is only tool calls has no
-    text block, as Anthropic's has none; any other has one, even empty.
-    """
-    content: list[dict[str, Any]] = []
-    if got.reasoning and display != "none":
-        content.append(thinking_block(got.reasoning, display))
-    if got.content or not got.tool_calls:
-        content.append({"type": "text", "text": got.content})
-    content += [tool_use_block(c) for c in got.tool_calls]
-    return {
-        "id": message_id,
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": content,
-        "stop_reason": stop[0],
-        "stop_sequence": stop[1],
-        "usage": usage_body(got.finish.usage),
-    }
+@dataclass
+class _Block:
+    kind: BlockKind
+    parts: list[str] = field(default_factory=list)
+    #: A C{tool_use} block's call id and tool name.
+    id: str = ""
+    name: str = ""
+    #: Whether a thinking block's text is shown (C{display: "full"}).
+    shown: bool = True
+    closed: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def body(self) -> dict[str, Any]:
+        """
+        The block as it stands: empty as it opens (its
+        C{content_block_start}), whole once closed (in the body). A
+        thinking block is signed when it closes.
+        """
+        if self.kind == "thinking":
+            sig = signature(self.text) if self.closed else ""
+            shown = self.text if self.shown else ""
+            return {"type": "thinking", "thinking": shown, "signature": sig}
+        if self.kind == "text":
+            return {"type": "text", "text": self.text}
+        return {
+            "type": "tool_use",
+            "id": self.id,
+            "name": self.name,
+            "input": tool_input(self.text),
+        }
 
 
 def _event(payload: dict[str, Any]) -> bytes:
@@ -188,9 +193,9 @@ def _event(payload: dict[str, Any]) -> bytes:
     return json_frame(payload, event=payload["type"])
 
 
-class MessageStream:
+class MessageBuilder:
     """
-    The events of one C{/v1/messages} stream.
+    One C{/v1/messages} reply: the events of its stream, or its body.
 
     C{message_start} goes out right after the headers, before the job
     leaves the queue: Anthropic's API and ds4-server both open with it,
@@ -209,9 +214,17 @@ class MessageStream:
     closed first. A message with neither text nor a tool call gets an
     empty text block, so C{text_stream} and C{get_final_text} always
     have one to read; one with tool calls and no text has none, as
-    Anthropic's own has none.
+    Anthropic's own has none. The body is those blocks, whole: thinking,
+    text, then one C{tool_use} block per call.
 
-    @param stop: maps the job's L{Finish} to C{(stop_reason, stop_sequence)}.
+    @param input_tokens: the prompt's size, which C{message_start}
+        reports before the prefill splits it into fresh and cached input.
+    @param display: how reasoning shows: as C{thinking} blocks with their
+        text (C{"full"}), with only their signature (C{"omitted"}), or not
+        at all (C{"none"}).
+    @param stop_sequences: the client's stop strings (see L{stop_reason}).
+    @param context_capped: whether the context window, not the client's
+        C{max_tokens}, bounds the turn (see L{stop_reason}).
     """
 
     def __init__(
@@ -220,38 +233,56 @@ class MessageStream:
         model: str,
         input_tokens: int,
         display: ThinkingDisplay,
-        stop: Callable[[Finish], tuple[StopReason, str | None]],
+        stop_sequences: tuple[str, ...] = (),
+        context_capped: bool = False,
     ) -> None:
         self.id = message_id
         self.model = model
         self.input_tokens = input_tokens
         self.display = display
-        self._stop = stop
-        self._open: Literal["thinking", "text", "tool_use"] | None = None
-        self._index = -1
-        self._text_seen = False
-        self._calls_seen = False
-        self._thinking: list[str] = []
+        self._stop_sequences = stop_sequences
+        self._context_capped = context_capped
+        self.blocks: list[_Block] = []
+        self._open: _Block | None = None
+        self._stop: tuple[StopReason, str | None] = ("end_turn", None)
+        self._usage: dict[str, Any] = {}
 
-    def opening(self) -> list[bytes]:
-        message: dict[str, Any] = {
+    def message(
+        self,
+        content: list[dict[str, Any]],
+        stop: tuple[StopReason | None, str | None],
+        usage: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The message object: C{message_start}'s (empty) and the body (whole)."""
+        return {
             "id": self.id,
             "type": "message",
             "role": "assistant",
             "model": self.model,
-            "content": [],
-            "stop_reason": None,
-            "stop_sequence": None,
-            # Only the prompt's size is known before prefill; message_delta
-            # carries the final split into fresh and cached input.
-            "usage": {
-                "input_tokens": self.input_tokens,
-                "output_tokens": 0,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
-            },
+            "content": content,
+            "stop_reason": stop[0],
+            "stop_sequence": stop[1],
+            "usage": usage,
         }
-        return [_event({"type": "message_start", "message": message})]
+
+    def stream(self) -> StreamRenderer:
+        return self
+
+    def body(self, got: Collected) -> dict[str, Any]:
+        """The message of a collected turn (the builder's one use)."""
+        replay(self, got)
+        return self.message([b.body() for b in self.blocks], self._stop, self._usage)
+
+    def opening(self) -> list[bytes]:
+        # Only the prompt's size is known before prefill; message_delta
+        # carries the final split into fresh and cached input.
+        usage = {
+            "input_tokens": self.input_tokens,
+            "output_tokens": 0,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
+        return [_event({"type": "message_start", "message": self.message([], (None, None), usage)})]
 
     def stage(self, stage: Stage) -> list[bytes]:
         return []
@@ -260,45 +291,38 @@ class MessageStream:
         # Hidden reasoning writes nothing: the keepalive covers the silence.
         if self.display == "none":
             return []
-        self._thinking.append(text)
         frames = self._enter("thinking")
+        self.blocks[-1].parts.append(text)
         if self.display == "full":
             frames.append(self._delta({"type": "thinking_delta", "thinking": text}))
         return frames
 
     def content(self, delta: ContentText) -> list[bytes]:
-        return [*self._enter("text"), self._delta({"type": "text_delta", "text": delta.text})]
+        frames = self._enter("text")
+        self.blocks[-1].parts.append(delta.text)
+        return [*frames, self._delta({"type": "text_delta", "text": delta.text})]
 
     def tool_call(self, event: ToolCallEvent) -> list[bytes]:
-        if isinstance(event, ToolCallStart):
-            self._calls_seen = True
-            frames = self._close()
-            self._index += 1
-            self._open = "tool_use"
-            block = {"type": "tool_use", "id": tool_use_id(), "name": event.name, "input": {}}
-            frames.append(
-                _event(
-                    {"type": "content_block_start", "index": self._index, "content_block": block}
-                )
-            )
-            return frames
-        if isinstance(event, ToolCallArgs):
-            return [self._delta({"type": "input_json_delta", "partial_json": event.text})]
+        match event:
+            case ToolCallStart(_, name):
+                return self._close() + self._start(_Block("tool_use", id=tool_use_id(), name=name))
+            case ToolCallArgs(_, text):
+                self.blocks[-1].parts.append(text)
+                return [self._delta({"type": "input_json_delta", "partial_json": text})]
+            case ToolCallEnd(_, arguments):
+                # The end carries the whole text (a call broken off by the
+                # token budget ends with what was written).
+                self.blocks[-1].parts = [arguments]
         return self._close()
 
     def finish(self, finish: Finish) -> list[bytes]:
-        stop_reason, stop_sequence = self._stop(finish)
-        frames = [] if self._text_seen or self._calls_seen else self._enter("text")
+        self._stop = stop_reason(finish, self._stop_sequences, self._context_capped)
+        self._usage = usage_body(finish.usage)
+        said = any(b.kind != "thinking" for b in self.blocks)
+        frames = [] if said else self._enter("text")
         frames += self._close()
-        frames.append(
-            _event(
-                {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                    "usage": usage_body(finish.usage),
-                }
-            )
-        )
+        delta = {"stop_reason": self._stop[0], "stop_sequence": self._stop[1]}
+        frames.append(_event({"type": "message_delta", "delta": delta, "usage": self._usage}))
         frames.append(_event({"type": "message_stop"}))
         return frames
 
@@ -307,32 +331,28 @@ class MessageStream:
         return [_event(error_body(error))]
 
     def _delta(self, delta: dict[str, Any]) -> bytes:
-        return _event({"type": "content_block_delta", "index": self._index, "delta": delta})
+        index = len(self.blocks) - 1
+        return _event({"type": "content_block_delta", "index": index, "delta": delta})
 
     def _enter(self, kind: Literal["thinking", "text"]) -> list[bytes]:
-        if self._open == kind:
+        if self._open is not None and self._open.kind == kind:
             return []
-        frames = self._close()
-        self._index += 1
-        self._open = kind
-        block: dict[str, Any]
-        if kind == "thinking":
-            block = {"type": "thinking", "thinking": "", "signature": ""}
-        else:
-            self._text_seen = True
-            block = {"type": "text", "text": ""}
-        frames.append(
-            _event({"type": "content_block_start", "index": self._index, "content_block": block})
-        )
-        return frames
+        return self._close() + self._start(_Block(kind, shown=self.display == "full"))
+
+    def _start(self, block: _Block) -> list[bytes]:
+        self.blocks.append(block)
+        self._open = block
+        start = {"type": "content_block_start", "index": len(self.blocks) - 1}
+        return [_event({**start, "content_block": block.body()})]
 
     def _close(self) -> list[bytes]:
-        if self._open is None:
+        block, self._open = self._open, None
+        if block is None:
             return []
+        block.closed = True
         frames = []
-        if self._open == "thinking":
-            sig = signature("".join(self._thinking))
-            frames.append(self._delta({"type": "signature_delta", "signature": sig}))
-        frames.append(_event({"type": "content_block_stop", "index": self._index}))
-        self._open = None
+        if block.kind == "thinking":
+            sig = {"type": "signature_delta", "signature": block.body()["signature"]}
+            frames.append(self._delta(sig))
+        frames.append(_event({"type": "content_block_stop", "index": len(self.blocks) - 1}))
         return frames

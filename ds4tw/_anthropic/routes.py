@@ -17,7 +17,6 @@ tests/integration/test_anthropic_sdk.py.
 from __future__ import annotations
 
 import uuid
-from functools import partial
 
 from twisted.web.server import Request
 
@@ -88,19 +87,19 @@ def add_routes(server: Host) -> None:
             session=session_key(request),
             request_id=request_key(request),
         )
-        stop = partial(
-            render.stop_reason,
+        builder = render.MessageBuilder(
+            mid,
+            req.model,
+            len(prompt.tokens),
+            req.thinking_display(),
             stop_sequences=req.stops(),
             context_capped=max_tokens < req.max_tokens,
         )
-        display = req.thinking_display()
         if req.stream:
-            renderer = render.MessageStream(mid, req.model, len(prompt.tokens), display, stop)
-            await _turn.stream(server, request, job, renderer, keepalive_frame)
+            await _turn.stream(server, request, job, builder.stream(), keepalive_frame)
             return None
         got = await _turn.collect(server, job)
-        body = render.message(mid, req.model, got, display, stop(got.finish))
-        return json_response(request, body)
+        return json_response(request, builder.body(got))
 
     @app.route("/v1/messages/count_tokens", methods=["POST"])
     @api
