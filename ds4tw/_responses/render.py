@@ -3,12 +3,14 @@ OpenAI Responses wire shapes: the response object, its output items, and
 the stream events that build it, in the shapes the official C{openai} SDK
 parses (C{openai.types.responses}).
 
-One L{ResponseBuilder} serves both modes, so a streamed response and a
-non-streamed one cannot disagree: it keeps the output items as output
-arrives and returns, for every change, the stream events announcing it.
-L{ResponsesStream} numbers and frames those events for a stream (every
-event carries C{sequence_number}, from 0, with no gaps); the non-streaming
-route feeds the builder the collected output and discards the events.
+One L{ResponseBuilder} serves both modes, as the other dialects' builders
+do, so a streamed response and a non-streamed one cannot disagree: it
+keeps the output items as output arrives and returns, for every change,
+the stream events announcing it. Its C{stream} is a L{ResponsesStream},
+which numbers and frames those events (every event carries
+C{sequence_number}, from 0, with no gaps); its C{body} feeds the
+collected output through that same stream, drops the frames, and returns
+the response object the last event would carry.
 
 Output items appear as their output arrives: a C{reasoning} item (its
 C{content} is the reasoning text; C{summary} is always empty, as this
@@ -26,8 +28,9 @@ message's C{output_text} part all of them.
 
 Pure data and state built from engine results; no I/O.
 
-Covered by tests/unit/test_responses.py, tests/unit/test_responses_tools.py
-and, against the official SDK, tests/integration/test_responses_sdk.py.
+Covered by tests/unit/test_responses.py, tests/unit/test_responses_tools.py,
+tests/unit/test_render_agree.py and, against the official SDK,
+tests/integration/test_responses_sdk.py.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .._errors import APIError
-from .._openai.render import logprob_entry
+from .._openai.render import logprob_entry, replay
 from .._sse import json_frame
 from .._types import (
     Collected,
     ContentText,
     Finish,
     Stage,
+    StreamRenderer,
     TokenLogprob,
     ToolCallArgs,
     ToolCallEnd,
@@ -170,7 +174,6 @@ class ResponseBuilder:
     def __init__(
         self,
         response_id: str,
-        created_at: int,
         echo: dict[str, Any],
         show_reasoning: bool,
         tool_kinds: Mapping[str, str] | None = None,
@@ -179,7 +182,7 @@ class ResponseBuilder:
     ) -> None:
         self.id = response_id
         self._suffix = response_id.removeprefix("resp_")
-        self.created_at = created_at
+        self.created_at = int(time.time())
         self._echo = echo
         self._show_reasoning = show_reasoning
         self._tool_kinds = dict(tool_kinds or {})
@@ -193,6 +196,14 @@ class ResponseBuilder:
         self._incomplete: dict[str, str] | None = None
         self._error: dict[str, str] | None = None
         self._completed_at: int | None = None
+
+    def stream(self) -> StreamRenderer:
+        return ResponsesStream(self)
+
+    def body(self, got: Collected) -> dict[str, Any]:
+        """The response to a collected turn (the builder's one use)."""
+        replay(self.stream(), got)
+        return self.response()
 
     def response(self) -> dict[str, Any]:
         """The response object as it stands."""
@@ -403,17 +414,3 @@ class ResponsesStream:
 
     def error(self, error: APIError) -> list[bytes]:
         return self._frames(self.builder.fail(error))
-
-
-def response_body(builder: ResponseBuilder, got: Collected) -> dict[str, Any]:
-    """
-    The non-streamed response: the builder fed the collected output in
-    the order a stream produces it (reasoning, answer, then the calls).
-    """
-    builder.text("reasoning", got.reasoning)
-    builder.text("message", got.content, got.logprobs)
-    for call in got.tool_calls:
-        builder.tool_call(ToolCallStart(call.index, call.name))
-        builder.tool_call(ToolCallEnd(call.index, call.arguments))
-    builder.finish(got.finish)
-    return builder.response()
