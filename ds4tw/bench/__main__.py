@@ -355,7 +355,6 @@ def _parsers_part(run: Run, token_s: float | None, fixtures_required: bool) -> N
             f"parsers: grammar build skipped, no {_grammars.FIXTURES} here (run from a checkout)"
         )
     run.doc["parsers"] = got
-    print("\n".join(_parsers.table(got)), flush=True)
 
 
 def _batching_part(run: Run, s: Settings, work: Path) -> None:

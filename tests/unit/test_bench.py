@@ -24,17 +24,18 @@ import pytest
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
+from ds4tw import Job, JobCancelled, Stage
 from ds4tw._app import _log_job
 from ds4tw._engine import SamplingParams
 from ds4tw._metrics import Metrics
 from ds4tw._scheduler import StepStats
-from ds4tw._worker import Job, JobCancelled, Stage
 from ds4tw.bench import (
     _batching,
     _cache,
     _cpu,
     _fairness,
     _noise,
+    _parts,
     _report,
     _stats,
     _throughput,
@@ -856,8 +857,8 @@ def test_batching_ratios_targets_table_and_chart(tmp_path: Path) -> None:
 
 def test_batching_table_shows_the_noisiest_trial() -> None:
     a = {"foreign_cores": summary_of(0.1, 0.4)}
-    assert _report._noisiest(a, {"foreign_cores": summary_of(0.2)}) == pytest.approx(0.4)
-    assert _report._noisiest({}, {"foreign_cores": _stats.summary([])}) is None
+    assert _parts.noisiest(a, {"foreign_cores": summary_of(0.2)}) == pytest.approx(0.4)
+    assert _parts.noisiest({}, {"foreign_cores": _stats.summary([])}) is None
 
 
 def test_no_batching_section_no_batching_targets() -> None:
@@ -1013,7 +1014,8 @@ def test_fairness_ratios_target_table_and_validate() -> None:
     assert "stopped after 72 steps, when the long prompt had prefilled 0/1024 tokens" in text
     doc["prefill_fairness"]["aging"]["steps"] = 40
     assert _report.targets(doc)[before]["met"] is False
-    assert _report.fairness_table(None) == [] and _report.fairness_ratios(None) == {}
+    fairness = _parts.Fairness()
+    assert fairness.table({}) == [] and fairness.ratios({}) == {}
     assert not any("fairness" in k for k in _report.ratios(synthetic_doc()))
 
 
@@ -1316,7 +1318,7 @@ def test_no_cache_section_no_cache_targets() -> None:
     doc = synthetic_doc()
     assert not any("prompt cache" in t["name"] for t in doc["targets"])
     assert not any(k.startswith("cache_") for k in doc["ratios"])
-    assert _report.cache_table(None) == []
+    assert _parts.Cache().table({}) == []
 
 
 @pytest.mark.parametrize(
