@@ -18,7 +18,6 @@ import hmac
 import json
 import re
 import time
-import uuid
 from typing import Any
 from urllib.parse import quote
 
@@ -32,23 +31,20 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from ._anthropic.render import error_body as anthropic_error_body
-from ._anthropic.routes import add_routes as anthropic_routes
+from ._api.dialect import dialect_for
+from ._api.registry import DIALECTS
+from ._api.serve import mount
 from ._engine import Engine, ReportsSettings, special_token_ids
-from ._errors import APIError, invalid, method_not_allowed, not_found, unauthorized
+from ._errors import invalid, method_not_allowed, not_found, unauthorized
 from ._host import ServerConfig
 from ._ids import request_key
 from ._metrics import CONTENT_TYPE_LATEST, Metrics
-from ._openai.render import error_body as openai_error_body
-from ._openai.routes import add_routes as openai_routes
 from ._openapi import openapi_document
 from ._reasoning import ReasoningParser, reasoning_parser
-from ._responses.routes import add_routes as responses_routes
 from ._routing import (
     ErrorBody,
     error_response,
     json_response,
-    load_json_object,
     unexpected,
 )
 from ._template import ChatTemplate
@@ -67,7 +63,7 @@ def _header(request: Request, name: bytes) -> str:
 
 class Server(MultiService):
     """
-    Serve C{engine} over the OpenAI API.
+    Serve C{engine} over every registered API dialect (L{ds4tw._api.registry}).
 
     @param threads: the model-thread boundary; defaults to a real thread.
         Tests pass L{ds4tw.testing.SteppedThreads}.
@@ -125,10 +121,10 @@ class Server(MultiService):
         # before routing, so this only keeps a path that bypassed it a 404.
         self.app.url_map.merge_slashes = False
         self._routes()
-        # Each dialect owns its routes (typed against _host.Host, so none
-        # of them imports this module).
-        for add_routes in (openai_routes, responses_routes, anthropic_routes):
-            add_routes(self)
+        # Each registered dialect's routes (typed against _host.Host, so
+        # none of them imports this module).
+        for dialect in DIALECTS:
+            mount(self, dialect)
         if self.config.ui:
             ui_routes(self)
 
@@ -213,9 +209,6 @@ class Server(MultiService):
 
     # -- shared request handling -----------------------------------------
 
-    def request_id(self, prefix: str) -> str:
-        return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
     def authorize(self, request: Request) -> None:
         key = self.config.api_key
         if not key:
@@ -242,14 +235,6 @@ class Server(MultiService):
         # A page's script may read these (the SDKs do: request ids in
         # their errors, Retry-After for their back-off).
         request.setHeader(b"access-control-expose-headers", _EXPOSE_HEADERS)
-
-    def read_json(self, request: Request) -> dict[str, Any]:
-        """The request body as a JSON object, or a 400/413 that says why not."""
-        content = request.content
-        body = content.read(self.config.max_body_bytes + 1) if content is not None else b""
-        if len(body) > self.config.max_body_bytes:
-            raise APIError(413, f"request body larger than {self.config.max_body_bytes} bytes")
-        return load_json_object(body)
 
     def _routes(self) -> None:
         app = self.app
@@ -290,7 +275,7 @@ class Server(MultiService):
             self.cors(request)
             if self._openapi is None:
                 self._openapi = json.dumps(
-                    openapi_document(bool(self.config.api_key), self.config.ui)
+                    openapi_document(DIALECTS, bool(self.config.api_key), self.config.ui)
                 ).encode()
             request.setHeader(b"content-type", b"application/json")
             return self._openapi
@@ -330,8 +315,6 @@ class Server(MultiService):
             return b""
 
 
-_ANTHROPIC_PATH = re.compile(r"/v1/messages(/|$)")
-
 #: What a preflight allows when it names no headers (or names them badly).
 _ALLOW_HEADERS = (
     b"authorization, content-type, x-api-key, anthropic-version, openai-organization, "
@@ -362,13 +345,8 @@ def _allowed_headers(request: Request) -> bytes:
 
 
 def _error_body_for(path: str) -> ErrorBody:
-    """
-    The error shape of the dialect that owns C{path}: Anthropic under
-    /v1/messages (wherever the app is mounted), else OpenAI.
-    """
-    if _ANTHROPIC_PATH.search(path):
-        return anthropic_error_body
-    return openai_error_body
+    """The error shape of the dialect that owns C{path} (L{dialect_for})."""
+    return dialect_for(DIALECTS, path).error_body
 
 
 class _Tagged(Resource):

@@ -11,7 +11,7 @@ Covered by tests/unit/test_app.py and every dialect's route tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from klein import Klein
@@ -87,10 +87,6 @@ class Host(Protocol):
 
     def tool_parser(self) -> ToolCallParser: ...
 
-    def request_id(self, prefix: str) -> str: ...
-
     def authorize(self, request: Request) -> None: ...
 
     def cors(self, request: Request) -> None: ...
-
-    def read_json(self, request: Request) -> dict[str, Any]: ...

@@ -12,48 +12,16 @@ Covered by tests/unit/test_openapi.py.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from ._anthropic.schema import CountTokensRequest, MessagesRequest
-from ._openai.schema import ChatCompletionRequest, CompletionRequest
-from ._responses.schema import ResponsesRequest
+from ._api.dialect import Dialect, Endpoint, Operation
 from ._version import __version__
 
 _REF = "#/components/schemas/{model}"
-
-_OPENAI_ERROR = {
-    "type": "object",
-    "description": "An OpenAI-shaped error.",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type", "param", "code"],
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "param": {"type": ["string", "null"]},
-                "code": {"type": ["string", "null"]},
-            },
-        }
-    },
-}
-_ANTHROPIC_ERROR = {
-    "type": "object",
-    "description": "An Anthropic-shaped error.",
-    "required": ["type", "error"],
-    "properties": {
-        "type": {"const": "error"},
-        "error": {
-            "type": "object",
-            "required": ["type", "message"],
-            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
-        },
-    },
-}
 
 _ERRORS = {
     "400": "The request is malformed or invalid (the message names the field).",
@@ -66,19 +34,11 @@ _ERRORS = {
     "(see Retry-After).",
 }
 
-# (path, model, summary, dialect's error schema)
-_POSTS: list[tuple[str, type[BaseModel], str, str]] = [
-    ("/v1/chat/completions", ChatCompletionRequest, "OpenAI chat completion", "OpenAIError"),
-    ("/v1/completions", CompletionRequest, "OpenAI text completion", "OpenAIError"),
-    ("/v1/responses", ResponsesRequest, "OpenAI Responses (stateless)", "OpenAIError"),
-    ("/v1/messages", MessagesRequest, "Anthropic Messages", "AnthropicError"),
-    (
-        "/v1/messages/count_tokens",
-        CountTokensRequest,
-        "Anthropic token count of a Messages request",
-        "AnthropicError",
-    ),
-]
+
+def _body(e: Endpoint[Any] | Operation) -> type[BaseModel]:
+    body = e.request if isinstance(e, Endpoint) else e.body
+    assert body is not None
+    return body
 
 
 def _errors(schema: str, statuses: list[str]) -> dict[str, Any]:
@@ -108,37 +68,47 @@ _PROGRESS = {
 }
 
 
-def openapi_document(api_key: bool, ui: bool = False) -> dict[str, Any]:
+def openapi_document(
+    dialects: Sequence[Dialect], api_key: bool, ui: bool = False
+) -> dict[str, Any]:
     """
-    The OpenAPI 3.1 document. With C{api_key}, the C{/v1} operations
-    require one of the two declared security schemes (both are always
-    declared); C{/health}, C{/metrics}, this document and (with C{ui})
-    the chat page stay open.
+    The OpenAPI 3.1 document of C{dialects}' routes and the server's own.
+    With C{api_key}, the C{/v1} operations require one of the two declared
+    security schemes (both are always declared); C{/health}, C{/metrics},
+    this document and (with C{ui}) the chat page stay open.
     """
+    posts: list[tuple[Dialect, Endpoint[Any] | Operation]] = [
+        (d, e) for d in dialects for e in d.endpoints
+    ]
+    posts += [(d, op) for d in dialects for op in d.operations if op.body is not None]
     models: list[tuple[type[BaseModel], Literal["validation"]]] = [
-        (model, "validation") for _, model, _, _ in _POSTS
+        (_body(e), "validation") for _, e in posts
     ]
     names, defs = models_json_schema(models, ref_template=_REF)
     schemas: dict[str, Any] = dict(defs.get("$defs", {}))
-    schemas["OpenAIError"] = _OPENAI_ERROR
-    schemas["AnthropicError"] = _ANTHROPIC_ERROR
+    for d in dialects:
+        schemas[d.error_name] = dict(d.error_schema)
     security: list[dict[str, list[str]]] = (
         [{"bearerAuth": []}, {"apiKeyHeader": []}] if api_key else []
     )
     auth_errors = ["401"] if api_key else []
 
     paths: dict[str, Any] = {}
-    for path, model, summary, error in _POSTS:
-        body_schema = names[(model, "validation")]
-        paths[path] = {
+    for d, e in posts:
+        # A turn streams, and takes the progress header; an operation says.
+        if isinstance(e, Endpoint):
+            operation_id, parameters = e.name, [_PROGRESS]
+        else:
+            operation_id, parameters = e.operation_id, list(e.parameters)
+        paths[e.path] = {
             "post": {
-                "summary": summary,
-                "operationId": path.strip("/").replace("/", "_"),
+                "summary": e.summary,
+                "operationId": operation_id,
                 "security": security,
-                "parameters": [] if model is CountTokensRequest else [_PROGRESS],
+                "parameters": parameters,
                 "requestBody": {
                     "required": True,
-                    "content": {"application/json": {"schema": body_schema}},
+                    "content": {"application/json": {"schema": names[(_body(e), "validation")]}},
                 },
                 "responses": {
                     "200": {
@@ -149,34 +119,27 @@ def openapi_document(api_key: bool, ui: bool = False) -> dict[str, Any]:
                             "text/event-stream": {"schema": {"type": "string"}},
                         },
                     },
-                    **_errors(error, ["400", *auth_errors, "405", "413", "500", "503"]),
+                    **_errors(d.error_name, ["400", *auth_errors, "405", "413", "500", "503"]),
                 },
             }
         }
-    get_errors = _errors("OpenAIError", [*auth_errors, "405", "500"])
-    paths["/v1/models"] = {
-        "get": {
-            "summary": "The one loaded model",
-            "operationId": "v1_models",
-            "security": security,
-            "responses": {"200": _json("An OpenAI model list."), **get_errors},
-        }
-    }
-    paths["/v1/models/{model_id}"] = {
-        "get": {
-            "summary": "The loaded model, by name",
-            "operationId": "v1_model",
-            "security": security,
-            "parameters": [
-                {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
-            ],
-            "responses": {
-                "200": _json("An OpenAI model card."),
-                **_errors("OpenAIError", ["404"]),
-                **get_errors,
-            },
-        }
-    }
+    for d in dialects:
+        for op in d.operations:
+            if op.body is not None:
+                continue
+            paths[op.path] = {
+                op.method: {
+                    "summary": op.summary,
+                    "operationId": op.operation_id,
+                    "security": security,
+                    **({"parameters": list(op.parameters)} if op.parameters else {}),
+                    "responses": {
+                        **op.responses,
+                        **_errors(d.error_name, list(op.errors)),
+                        **_errors(d.error_name, [*auth_errors, "405", "500"]),
+                    },
+                }
+            }
     paths["/health"] = {
         "get": {
             "summary": "Readiness",

@@ -215,9 +215,18 @@ def load_json_object(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def parse(server: Host, request: Request, model: type[_M]) -> _M:
+def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400/413 that says why not."""
+    content = request.content
+    body = content.read(limit + 1) if content is not None else b""
+    if len(body) > limit:
+        raise APIError(413, f"request body larger than {limit} bytes")
+    return load_json_object(body)
+
+
+def parse(request: Request, model: type[_M], limit: int) -> _M:
     """The body as C{model}, or a 400 naming the first bad field."""
-    payload = server.read_json(request)
+    payload = read_json(request, limit)
     try:
         return model.model_validate(payload)
     except ValidationError as e:

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from twisted.logger import formatEvent, globalLogPublisher
 
+from ds4tw import _routing
+
 from .conftest import make_rig
 
 
@@ -253,10 +255,10 @@ def test_an_unhandled_error_is_a_500_in_the_dialect_shape_and_logged(
     globalLogPublisher.addObserver(logged.append)
     try:
 
-        def boom(request: Any) -> Any:
+        def boom(request: Any, limit: int) -> Any:
             raise RuntimeError("a bug")
 
-        monkeypatch.setattr(rig.server, "read_json", boom)
+        monkeypatch.setattr(_routing, "read_json", boom)
         for path in OPENAI_POSTS:
             ex = rig.http.post(path, {}, headers={"X-Request-Id": "bug-1"})
             err = assert_openai_error(ex, 500)

@@ -1,0 +1,16 @@
+"""
+The dialects this server speaks, in the order their routes are added and
+their error shapes are looked up (L{ds4tw._api.dialect.dialect_for}): a
+new dialect is one package with a C{DIALECT} and one line here.
+
+Covered by tests/unit/test_dialects.py and tests/unit/test_openapi.py.
+"""
+
+from __future__ import annotations
+
+from .._anthropic.dialect import DIALECT as ANTHROPIC
+from .._openai.dialect import DIALECT as OPENAI
+from .._responses.dialect import DIALECT as RESPONSES
+from .dialect import Dialect
+
+DIALECTS: tuple[Dialect, ...] = (OPENAI, RESPONSES, ANTHROPIC)

@@ -1,0 +1,98 @@
+"""
+The one handler every dialect's turns run through: parse the body into
+the dialect's request and read it as a L{Turn}; build the prompt (chat
+template, tokens, grammar) off the reactor; make the job; then stream it
+through the dialect's L{Builder}, or collect it into one body. What
+differs between dialects is data (L{ds4tw._api.dialect}); what a request
+lives through is here and in L{ds4tw._turn} (admission, keepalive,
+cancel).
+
+Covered by tests/unit/test_dialects.py, tests/unit/test_openai_routes.py,
+tests/unit/test_anthropic.py and tests/unit/test_responses.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.web.server import Request
+
+from .. import _routing, _turn
+from .._host import Host
+from .._ids import job_label, response_id
+from .._routing import json_response
+from .._turn import Prompt
+from .dialect import Begun, Dialect, Endpoint, Turn
+
+
+async def prompt_for(server: Host, turn: Turn, *, check: bool = True) -> Prompt:
+    """
+    C{turn}'s prompt. C{check=False} counts a prompt even when it would not
+    fit the context (a token count is how a client learns how much to
+    cut), and builds no grammar (nothing will be sampled).
+    """
+    if turn.messages is None:
+        assert turn.text is not None
+        return await _turn.text_prompt(server, turn.text)
+    return await _turn.chat_prompt(
+        server,
+        turn.messages,
+        turn.reasoning,
+        tooling=turn.tooling,
+        response_format=turn.response_format,
+        continuation=turn.continuation,
+        param=turn.param,
+        check=check,
+        constrain=check,
+    )
+
+
+async def run_turn(
+    server: Host, request: Request, dialect: Dialect, endpoint: Endpoint[Any]
+) -> bytes | None:
+    """Serve one turn of C{endpoint}: a stream (returns None once it ends) or a JSON body."""
+    req = endpoint.read(_routing.read_json(request, server.config.max_body_bytes))
+    turn = endpoint.turn(req)
+    prompt = await prompt_for(server, turn)
+    max_tokens = _turn.max_tokens_for(server, prompt, turn.max_tokens)
+    params = turn.sampling(max_tokens, prompt.stops)
+    rid = response_id(turn.id_kind)
+    job = _turn.new_job(
+        server,
+        prompt,
+        params,
+        job_label(request, rid, turn.what, turn.stream),
+        reasoning=turn.messages is not None,
+        tooling=turn.tooling,
+    )
+    model = turn.model or server.engine.model_id
+    builder = endpoint.builder(req, Begun(rid, model, len(prompt.tokens), max_tokens, params))
+    if turn.stream:
+        keepalive = dialect.keepalive_frame(server.config)
+        await _turn.stream(server, request, job, builder.stream(), keepalive)
+        return None
+    got = await _turn.collect(server, job)
+    return json_response(request, builder.body(got))
+
+
+def mount(server: Host, dialect: Dialect) -> None:
+    """Add C{dialect}'s routes to the server's app, each wrapped by L{_routing.api}."""
+    api = _routing.api(server, dialect.error_body)
+    for endpoint in dialect.endpoints:
+        handler = api(_handler(server, dialect, endpoint))
+        # Klein keys its handlers by endpoint name: one per route, never the
+        # function's name (every handler here has the same one).
+        server.app.route(
+            endpoint.path, methods=["POST"], endpoint=f"{dialect.name}:{endpoint.name}"
+        )(handler)
+    if dialect.routes is not None:
+        dialect.routes(server, api)
+
+
+def _handler(server: Host, dialect: Dialect, endpoint: Endpoint[Any]) -> Callable[..., Any]:
+    async def handle(request: Request) -> bytes | None:
+        return await run_turn(server, request, dialect, endpoint)
+
+    handle.__name__ = endpoint.name
+    return handle
