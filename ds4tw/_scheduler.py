@@ -2,8 +2,10 @@
 The model thread's batch loop: steps, not jobs.
 
 The worker (L{ds4tw._worker}, in the reactor) admits at most
-C{engine.slots} jobs and hands each to this loop through a thread-safe
-inbox. The loop runs in the model thread, one engine step per iteration:
+C{engine.slots} jobs and hands each one's model side (L{ds4tw._job.Work}:
+the request, and the one record of its stage, progress and outcome) to
+this loop through a thread-safe inbox. The loop sees nothing else of a
+job. It runs in the model thread, one engine step per iteration:
 
   1. take new jobs from the inbox and L{Engine.open} a sequence for each;
   2. release the sequence of every job whose cancel flag is set: a
@@ -53,7 +55,7 @@ from ._engine import (
     StepEvent,
     Token,
 )
-from ._job import Job
+from ._job import Work
 from ._pipeline import OutputPipeline
 from ._types import Finish, Stage, Timings, Usage
 
@@ -86,12 +88,14 @@ class Delivery:
 
 @dataclass
 class Run:
-    """One job on the model thread: its sequence, usage and timings."""
+    """
+    One job's sequence on the model thread: its usage and timings. Its
+    stage is the work's own (L{Work.stage}).
+    """
 
-    job: Job
+    work: Work
     seq: int
     started: float
-    stage: Stage = Stage.PREFILL
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
     decode_started: float = 0.0
@@ -101,7 +105,7 @@ class Run:
 
     @property
     def job_id(self) -> int:
-        return id(self.job)
+        return id(self.work)
 
 
 class Budget:
@@ -148,9 +152,10 @@ class Budget:
 
 class BatchLoop:
     """
-    @param inbox: jobs admitted by the worker, not yet seen here.
+    @param inbox: work admitted by the worker, not yet seen here.
     @param abort: the worker's step flag, watched inside each step.
-    @param ended: called in the reactor with each job that ended here.
+    @param ended: called in the reactor with each job's work that ended
+        here (L{Work.end} is the worker's to call).
     @param stepped: called in the reactor with each step's L{StepStats}.
     """
 
@@ -158,9 +163,9 @@ class BatchLoop:
         self,
         engine: Engine,
         to_reactor: Callable[..., None],
-        inbox: deque[Job],
+        inbox: deque[Work],
         abort: AbortFlag,
-        ended: Callable[[Job], None],
+        ended: Callable[[Work], None],
         stepped: Callable[[StepStats], None],
     ) -> None:
         self.engine = engine
@@ -179,10 +184,10 @@ class BatchLoop:
             self._deliver(out)
             if not self.runs:
                 return
-            # Admissions went out before the step: a request that holds a
-            # slot says "prefill" at once, not after its first batch (a
-            # 256-token batch takes seconds on a slow CPU, and its keepalive
-            # said "queued" meanwhile).
+            # Admissions go out before the step, so that a progress stream
+            # hears of its prefill at once, not after the first batch (seconds
+            # on a slow CPU). Its keepalive does not wait for this: it reads
+            # the stage the admission wrote (Work.stage).
             out = Delivery()
             self._step(out)
             self._deliver(out)
@@ -197,64 +202,64 @@ class BatchLoop:
     def _admit(self, out: Delivery) -> None:
         while self.inbox:
             try:
-                job = self.inbox.popleft()
+                work = self.inbox.popleft()
             except IndexError:  # the reactor took it back (cancelled)
                 break
             now = time.monotonic()
-            if job.cancelled:
-                job._outcome.cancelled_at = Stage.QUEUED
-                job._outcome.stopped_at = now
-                out.add(self.ended, job)
+            if work.cancelled:
+                work.stopped_at = now  # at its stage: queued
+                out.add(self.ended, work)
                 continue
             try:
-                seq = self.engine.open(job.prompt, job.params)
+                seq = self.engine.open(work.prompt, work.params)
             except Exception:
-                job._outcome.failure = Failure()
-                out.add(self.ended, job)
+                work.failure = Failure()
+                out.add(self.ended, work)
                 continue
-            run = Run(job, seq, now, usage=Usage(prompt_tokens=len(job.prompt)))
-            run.timings.queued = now - job.submitted_at
-            job.started_at = now
+            run = Run(work, seq, now, usage=Usage(prompt_tokens=len(work.prompt)))
+            run.timings.queued = now - work.submitted_at
+            work.started_at = now
+            # The reactor reads it from here on (the keepalive says prefill).
+            work.stage = Stage.PREFILL
             self.runs[seq] = run
-            params = job.params
+            params = work.params
             if params.reasoning_budget is not None and params.reasoning_close:
                 run.budget = Budget(params.reasoning_budget, params.reasoning_close)
                 # A template that opens the block in the prompt with a
                 # budget of 0: the first token is already the close.
                 self._spend(run)
-            out.add(job._set_stage, Stage.PREFILL)
+            out.add(work.tell_stage, Stage.PREFILL)
 
     def _drop_cancelled(self, out: Delivery) -> None:
         for run in list(self.runs.values()):
-            if run.job.cancelled:
+            if run.work.cancelled:
                 self._cancelled(run, out)
 
     def _cancelled(self, run: Run, out: Delivery) -> None:
-        outcome = run.job._outcome
-        outcome.cancelled_at = run.stage
-        outcome.stopped_at = time.monotonic()
+        run.work.stopped_at = time.monotonic()  # at its stage
         self._close(run, out, keep_output=False)
 
     def _close(self, run: Run, out: Delivery, *, keep_output: bool) -> None:
         del self.runs[run.seq]
-        run.job._outcome.peers = len(run.peers)
+        run.work.peers = len(run.peers)
         self.engine.release(run.seq, keep_output=keep_output)
-        out.add(self.ended, run.job)
+        out.add(self.ended, run.work)
 
     def _fail(self, run: Run, out: Delivery, failure: Failure) -> None:
-        run.job._outcome.failure = failure
+        run.work.failure = failure
         self._close(run, out, keep_output=False)
 
     def _finish(self, run: Run, out: Delivery, reason: str, stop: str | None) -> None:
-        pipeline = run.job.pipeline
+        work = run.work
+        pipeline = work.pipeline
         tail = pipeline.finish(stopped=stop is not None)
         if tail:
-            out.add(run.job._outputs, tail)
+            out.add(work.tell_outputs, tail)
         if reason == "stop" and pipeline.calls:
             reason = "tool_calls"
-        if run.stage is Stage.DECODE:
+        if work.stage is Stage.DECODE:
             run.timings.decode = time.monotonic() - run.decode_started
-        run.job._outcome.finish = Finish(reason, run.usage, stop, run.timings)
+        work.finish = Finish(reason, run.usage, stop, run.timings)
         self._close(run, out, keep_output=True)
 
     # -- one step --------------------------------------------------------------
@@ -296,20 +301,22 @@ class BatchLoop:
                 self._fail(target, out, Failure())
 
     def _event(self, run: Run, event: StepEvent, out: Delivery) -> None:
-        job = run.job
+        work = run.work
         if isinstance(event, PrefillProgress):
-            # For the stream's progress comments (": prefill 1024/3641").
-            out.add(job._prefilled, event.done, event.total)
+            # For the stream's progress comments (": prefill 1024/3641"),
+            # read by the reactor as they are written: the total first.
+            work.prefill_total = event.total
+            work.prefill_done = event.done
             run.usage.cached_tokens = event.cached
             run.usage.cached_from = event.source if event.cached else None
-            if event.done >= event.total and run.stage is Stage.PREFILL:
-                run.stage = Stage.DECODE
+            if event.done >= event.total and work.stage is Stage.PREFILL:
                 run.decode_started = time.monotonic()
                 run.timings.prefill = run.decode_started - run.started
-                out.add(job._set_stage, Stage.DECODE)
+                work.stage = Stage.DECODE
+                out.add(work.tell_stage, Stage.DECODE)
         elif isinstance(event, Token):
             run.usage.completion_tokens += 1
-            pipeline = job.pipeline
+            pipeline = work.pipeline
             thinking = pipeline.in_reasoning
             fed = pipeline.feed(event)
             # Tags count as reasoning: the token was inside the block
@@ -324,7 +331,7 @@ class BatchLoop:
                     )
                 self._spend(run)
             if fed.outputs:
-                out.add(job._outputs, fed.outputs)
+                out.add(work.tell_outputs, fed.outputs)
             if fed.stop is not None:
                 self._finish(run, out, "stop", fed.stop)
             elif fed.call_done:
@@ -339,5 +346,5 @@ class BatchLoop:
         """Close the reasoning block in the model's place once its budget is spent."""
         budget = run.budget
         assert budget is not None
-        if budget.due(run.job.pipeline, run.usage.reasoning_tokens):
+        if budget.due(run.work.pipeline, run.usage.reasoning_tokens):
             self.engine.force(run.seq, budget.close)

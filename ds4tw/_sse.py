@@ -94,10 +94,10 @@ def progress_text(job: Job) -> str:
     C{prefill 1024/3641} or C{decode}. Never more than the stage name and
     two numbers, so a client can parse it with one split.
 
-    A job that has a slot but whose first prompt batch the model thread
-    has not finished yet says C{prefill 0/N}: its stage reaches the
-    reactor with that batch's results, and the wait is the prefill's own,
-    not the queue's.
+    A job that has a slot says C{prefill 0/N} even in the moment before
+    the model thread takes it up (its stage is still C{queued} until then,
+    and its place in the queue gone): the wait is for the engine step in
+    progress, not for the queue.
     """
     stage = job.stage
     if stage is Stage.QUEUED:

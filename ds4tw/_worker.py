@@ -40,9 +40,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._engine import AbortFlag, Engine
-from ._job import SHUTTING_DOWN, Job, JobCancelled, JobListener
+from ._job import SHUTTING_DOWN, Job, JobCancelled, JobListener, Work
 from ._scheduler import BatchLoop, StepStats
-from ._types import Finish, Stage
+from ._types import Finish
 
 __all__ = [
     "SHUTTING_DOWN",
@@ -203,8 +203,8 @@ class Worker(Service):
         self._queue: deque[Job] = deque()
         #: Jobs admitted to the model thread and not yet ended.
         self._running: list[Job] = []
-        #: Admitted jobs the batch loop has not taken yet (shared with it).
-        self._inbox: deque[Job] = deque()
+        #: Admitted jobs' work the batch loop has not taken yet (shared with it).
+        self._inbox: deque[Work] = deque()
         #: Watched by the engine inside a step; set only while every
         #: running job is cancelled, so it never stops anyone's work.
         self._step_abort = AbortFlag()
@@ -339,8 +339,8 @@ class Worker(Service):
         self.check_ready()
         if len(self._running) >= self.slots and len(self._queue) >= self.max_queue:
             raise QueueFull(len(self._queue))
-        job._on_cancel = self._cancelled
-        job._locate = self.queue_position
+        job.work.on_cancel = self._cancelled
+        job.work.locate = self.queue_position
         self._queue.append(job)
         self._pump()
         return job.deferred
@@ -356,7 +356,7 @@ class Worker(Service):
             return
         try:
             # Admitted but not yet taken by the model thread.
-            self._inbox.remove(job)
+            self._inbox.remove(job.work)
         except ValueError:
             pass
         else:
@@ -371,9 +371,9 @@ class Worker(Service):
             self._step_abort.set()
 
     def _drop_queued(self, job: Job) -> None:
-        job._outcome.stopped_at = time.monotonic()
-        job._fail_cancelled(Stage.QUEUED, job.cancel_reason)
-        self._notify(job, Failure(JobCancelled(Stage.QUEUED, job.cancel_reason)))
+        # Never seen by the model thread: its stage is still queued.
+        job.work.stopped_at = time.monotonic()
+        self._notify(job, job.work.end())
 
     def _pump(self) -> None:
         """Admit waiting jobs into free slots and make sure the loop runs."""
@@ -385,7 +385,7 @@ class Worker(Service):
             # Before the job is visible to the model thread: the flag is
             # set only while every running job is cancelled.
             self._step_abort.clear()
-            self._inbox.append(job)
+            self._inbox.append(job.work)
         self._start_loop()
 
     def _start_loop(self) -> None:
@@ -408,32 +408,21 @@ class Worker(Service):
             # A bug in the loop itself: fail whoever it held, never hang them.
             log.failure("ds4tw: the batch loop failed", result)
             for job in list(self._running):
-                if job not in self._inbox:
-                    job._outcome.failure = result
-                    self._ended(job)
+                if job.work not in self._inbox:
+                    job.work.failure = result
+                    self._ended(job.work)
         # A job admitted while the loop was on its way out.
         self._start_loop()
 
-    def _ended(self, job: Job) -> None:
-        """A job ended in the model thread (in the reactor now)."""
+    def _ended(self, work: Work) -> None:
+        """A job's work ended in the model thread (in the reactor now)."""
+        job = work.job
         if job in self._running:
             self._running.remove(job)
-        outcome: Finish | Failure
         try:
-            if job._outcome.failure is not None:
-                outcome = job._outcome.failure
-                job._fail(outcome)
-            elif job._outcome.cancelled_at is not None:
-                stage = job._outcome.cancelled_at
-                outcome = Failure(JobCancelled(stage, job.cancel_reason))
-                job._fail_cancelled(stage, job.cancel_reason)
-            else:
-                assert job._outcome.finish is not None
-                outcome = job._outcome.finish
-                job._succeed(outcome)
+            self._notify(job, work.end())
         finally:
-            # Whatever a consumer's callback did, the queue moves on.
-            self._notify(job, outcome)
+            # Whatever an observer did, the queue moves on.
             self._pump()
             self._check_drained()
 

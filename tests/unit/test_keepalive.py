@@ -9,6 +9,7 @@ tests in tests/integration prove the frames arrive on a real socket.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import pairwise
 
 import pytest
@@ -77,9 +78,15 @@ def test_prefill_comment_after_exactly_k_idle_seconds() -> None:
 
 
 def test_a_keepalive_during_the_first_prefill_batch_says_prefill() -> None:
-    # The request holds a slot before its first batch runs: the stage must
-    # reach the stream before that batch (seconds on a slow CPU) comes back.
+    """
+    A request that holds a slot says prefill as soon as its prefill starts:
+    not when its first batch comes back (here it takes K seconds, as a
+    256-token batch can on a slow CPU), nor when the reactor gets round to
+    what the model thread sent it (held here until the batch is over).
+    """
     rig = make_rig(prefill_batch=4)
+    held: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+    rig.threads.to_reactor = lambda f, *args: held.append((f, args))  # type: ignore[method-assign]
     real_step = rig.engine.step
 
     def slow_step(abort: object) -> object:
@@ -89,6 +96,16 @@ def test_a_keepalive_during_the_first_prefill_batch_says_prefill() -> None:
     rig.engine.step = slow_step  # type: ignore[method-assign]
     ex = rig.stream("a prompt long enough to need several prefill batches")
     rig.threads.step()  # the first prefill batch
+    assert held, "the model thread's news was meant to be still on its way"
+    assert ex.comments() == ["prefill"]
+    # Then the reactor catches up, and the request runs to its end.
+    rig.engine.step = real_step  # type: ignore[method-assign]
+    while held or rig.threads.busy:
+        while held:
+            f, args = held.pop(0)
+            f(*args)
+        rig.threads.step()
+    assert ex.finished and ex.data()[-1] == "[DONE]"
     assert ex.comments() == ["prefill"]
 
 
