@@ -25,6 +25,11 @@ URL = "/v1/chat/completions"
 #: slots it would run beside it; tests/integration/test_batching.py).
 TWISTD_ARGS = ("--parallel", "1")
 
+#: The server's --keepalive (the twistd fixture's), and the scheduling
+#: slack a silence may exceed it by.
+K = 1.0
+SLACK = 0.75
+
 
 def content_lines(lines: list[tuple[float, str]]) -> list[tuple[float, str]]:
     return [(t, line) for t, line in lines if '"content":"' in line]
@@ -78,18 +83,37 @@ def test_disconnect_of_non_streaming_request_frees_the_worker(twistd: Twistd) ->
 
 
 def test_long_prompt_gets_prefill_frames_and_prefill_cancel(twistd: Twistd) -> None:
+    """
+    A long prompt alone on the server: its stream is never silent for
+    longer than K (plus scheduling slack) while it prefills, it says
+    C{: prefill}, and a hang-up during the prefill is a cancel there.
+    Which comment comes first and how many there are depend on this CPU's
+    speed, and are not the promise.
+    """
     twistd.wait_idle()
-    prompt = unique_words(1500, seed=1)
+    before = twistd.metric("ds4tw_cancelled_jobs_total", stage="prefill")
+
+    def hang_up(lines: list[tuple[float, str]]) -> bool:
+        # Two keepalive intervals watched, a prefill comment among them;
+        # or anything but a comment (the prefill is over: too short a prompt).
+        said_prefill = any(line == ": prefill" for _, line in lines)
+        return (said_prefill and lines[-1][0] >= 2 * K) or not lines[-1][1].startswith(":")
+
     lines = sse_lines(
         twistd.url + URL,
-        {"messages": [{"role": "user", "content": prompt}], "max_tokens": 5, "stream": True},
-        stop_after=lambda ls: sum(1 for _, line in ls if line == ": prefill") >= 3,
+        {
+            "messages": [{"role": "user", "content": unique_words(1500, seed=1)}],
+            "max_tokens": 5,
+            "stream": True,
+        },
+        stop_after=hang_up,
     )
-    assert [line for _, line in lines] == [": prefill"] * 3
+    assert ": prefill" in [line for _, line in lines], lines
+    assert all(line.startswith(":") for _, line in lines), lines
     gaps = [b - a for (a, _), (b, _) in pairwise([(0.0, ""), *lines])]
-    assert max(gaps) < 1.0 + 0.75, gaps  # K = 1 s, plus scheduling slack
+    assert max(gaps) < K + SLACK, gaps
     twistd.wait_idle(timeout=10)
-    assert twistd.metric("ds4tw_cancelled_jobs_total", stage="prefill") >= 1
+    assert twistd.metric("ds4tw_cancelled_jobs_total", stage="prefill") == before + 1
 
 
 def test_queued_request_gets_queued_frames_then_its_answer(twistd: Twistd) -> None:
@@ -131,7 +155,7 @@ def test_queued_request_gets_queued_frames_then_its_answer(twistd: Twistd) -> No
     assert kinds[-1] == "data: [DONE]"
     assert any('"content"' in k for k in kinds[3:])
     gaps = [b - a for (a, _), (b, _) in pairwise(lines)]
-    assert max(gaps) < 1.0 + 0.75, gaps
+    assert max(gaps) < K + SLACK, gaps
 
 
 DONE_LINE = re.compile(r"done: finish=\w+ prompt=(\d+) cached=(\d+) .*? prefill=([0-9.]+)s")
