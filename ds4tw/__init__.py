@@ -12,6 +12,12 @@ public signature is exported (pinned by tests/unit/test_exports.py).
     server.setServiceParent(application)      # or server.startService()
     resource = server.resource()               # mount anywhere
     site = LimitedSite(resource)               # or serve it with twistd's limits
+
+Beneath L{LlamaEngine}, the model as ds4tw loads and reads it with
+llama-cpp-python, for work beside the engine (the benchmark's raw
+baseline is built on these): L{open_llama} (a C{llama_cpp.Llama} loaded
+as the engine loads one, with its workarounds), L{eog_tokens},
+L{token_piece} and L{abort_callback}.
 """
 
 from ._app import Server
@@ -32,7 +38,15 @@ from ._engine import (
 from ._host import ServerConfig
 from ._http import LimitedSite
 from ._kvcache import CacheStats, PromptCache
-from ._llama import EngineOptions, LlamaEngine, demo_model_path
+from ._llama import (
+    EngineOptions,
+    LlamaEngine,
+    abort_callback,
+    demo_model_path,
+    eog_tokens,
+    open_llama,
+    token_piece,
+)
 from ._tap import Options, makeService
 from ._types import Finish, Stage, Timings, Usage
 from ._version import __version__
@@ -66,7 +80,11 @@ __all__ = [
     "Usage",
     "WorkerThreads",
     "__version__",
+    "abort_callback",
     "demo_model_path",
+    "eog_tokens",
     "generate",
     "makeService",
+    "open_llama",
+    "token_piece",
 ]

@@ -76,6 +76,7 @@ from . import (
     _noise,
     _report,
     _servers,
+    _settings,
     _throughput,
 )
 from ._settings import Settings, make_settings
@@ -220,12 +221,10 @@ def _peer_available() -> bool:
 
 
 def run_llama(run: Run, args: argparse.Namespace, out: Path) -> None:
-    from ds4tw._llama import resolve_model
-
     from . import _raw
 
     doc = run.doc
-    model_path = str(resolve_model(run.settings.model))
+    model_path = _settings.model_path(run.settings.model)
     s = dataclasses.replace(run.settings, model=model_path)
     doc["model"] = _model_info(model_path)
     work = out / "logs"
@@ -449,14 +448,13 @@ def run_cancel_only(run: Run, out: Path) -> None:
     """
     Issue 8's numbers, same run: cancel latency with the abort flag
     checked inside a step, then with the check between steps only
-    (C{DS4TW_ABORT_IN_STEP=0}, ds4tw before issue 8), then decode
-    throughput with and without the abort callback.
+    (L{ds4tw.EngineOptions.abort_in_step} off, ds4tw before issue 8;
+    L{ds4tw.bench._serve}), then decode throughput with and without the
+    abort callback.
     """
-    from ds4tw._llama import resolve_model
-
     from . import _abort, _raw
 
-    model_path = str(resolve_model(run.settings.model))
+    model_path = _settings.model_path(run.settings.model)
     s = dataclasses.replace(run.settings, model=model_path)
     run.doc["model"] = _model_info(model_path)
     run.doc["notes"].append(
@@ -472,15 +470,9 @@ def run_cancel_only(run: Run, out: Path) -> None:
         return [t for n, t in batches if n == s.batch]
 
     def cancel(name: str, in_step: bool) -> dict[str, Any]:
-        previous = os.environ.get("DS4TW_ABORT_IN_STEP")
-        os.environ["DS4TW_ABORT_IN_STEP"] = "1" if in_step else "0"
-        try:
-            server = _servers.ds4tw_twistd(s, work, name, keepalive=_cancel.CANCEL_KEEPALIVE)
-        finally:
-            if previous is None:
-                del os.environ["DS4TW_ABORT_IN_STEP"]
-            else:
-                os.environ["DS4TW_ABORT_IN_STEP"] = previous
+        server = _servers.ds4tw_twistd(
+            s, work, name, keepalive=_cancel.CANCEL_KEEPALIVE, abort_in_step=in_step
+        )
         with _servers.running(server) as ds:
             return _cancel.measure(
                 ds, s, batch_reference=batch_reference if raw is not None else None
@@ -516,9 +508,7 @@ def _one_part_settings(run: Run) -> Settings:
         run.doc["model"] = {"name": "scripted", "token_ms": s.scripted_token_ms}
         run.doc["notes"].append("scripted engine: raw llama-cpp-python and the peer were skipped")
         return s
-    from ds4tw._llama import resolve_model
-
-    model_path = str(resolve_model(s.model))
+    model_path = _settings.model_path(s.model)
     run.doc["model"] = _model_info(model_path)
     return dataclasses.replace(s, model=model_path)
 

@@ -1,7 +1,7 @@
 """
 The abort check's cost: decode throughput of one in-process
 L{ds4tw.LlamaEngine} with llama.cpp's abort callback installed (libc
-C{strlen} on the job's L{ds4tw._engine.AbortFlag}, ggml calls it before
+C{strlen} on the job's L{ds4tw.AbortFlag}, ggml calls it before
 every graph node) against the same engine with no callback, trials
 interleaved in the same run, each with a busy Python thread beside the
 decode (as the reactor is beside the model thread: a check that took the
@@ -31,7 +31,7 @@ def _busy(stop: threading.Event) -> None:
 
 
 def _decode_tps(engine: Any, prompt: list[int], tokens: int) -> float:
-    from ds4tw._engine import AbortFlag, SamplingParams, Token
+    from ds4tw import AbortFlag, SamplingParams, Token
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     times = []
@@ -62,10 +62,9 @@ def _pairs(
         # Alternate which goes first, so drift hits both alike.
         order = (True, False) if i % 2 == 0 else (False, True)
         for on in order:
+            # Every trial after the warm-up reuses the prompt's cells from the
+            # slot: the same work every time.
             engine.abort_in_step = on
-            # A fresh cache each trial: the same work every time.
-            engine._llm.reset()
-            engine._llm._ctx.kv_cache_clear()
             (with_cb if on else without).append(_decode_tps(engine, prompt, tokens))
     engine.abort_in_step = True
     return with_cb, without
@@ -81,7 +80,7 @@ def measure(settings: Settings, load_engine: Callable[[], Any], trials: int = 7)
     """
     engine = load_engine()
     try:
-        from ds4tw._llama import abort_callback
+        from ds4tw import abort_callback
 
         installed = abort_callback() is not None
         prompt = engine.tokenize("Write a long story about a lighthouse keeper.")

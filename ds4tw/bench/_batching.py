@@ -10,7 +10,7 @@ in the same run, most of them moments apart:
   1. scaling: aggregate decode tok/s with 1, 2, 4 and 8 concurrent
      streams (greedy, C{ignore_eos}, the same C{max_tokens} each), on
      ds4tw and on the raw batch API (L{RawBatched}: C{llama_batch_init} /
-     C{llama_decode} on a context opened by L{ds4tw._llama.open_llama}
+     C{llama_decode} on a context opened by L{ds4tw.open_llama}
      with C{n_seq=8}, so per-sequence KV streams as ds4tw has; one token
      per sequence per step after the prompts' prefill, the same sampler
      chain as ds4tw's greedy C{ignore_eos} request). Raw and ds4tw trials
@@ -331,12 +331,14 @@ class RawBatched:
     def __init__(self, settings: Settings, n_seq: int = PARALLEL) -> None:
         import llama_cpp
 
-        from ds4tw._llama import eog_tokens, open_llama, resolve_model
+        from ds4tw import eog_tokens, open_llama
+
+        from ._settings import model_path
 
         self._C = llama_cpp
         t0 = time.perf_counter()
         self.llm = open_llama(
-            str(resolve_model(settings.model)),
+            model_path(settings.model),
             n_ctx=settings.ctx,
             n_batch=settings.batch,
             n_threads=settings.threads,
@@ -382,7 +384,7 @@ class RawBatched:
         each, prompts prefilled together within the batch size, then one
         token per sequence per step); every token's time, per sequence.
         """
-        from ds4tw._llama import token_piece
+        from ds4tw import token_piece
 
         if len(prompts) > self.n_seq:
             raise ValueError(f"at most {self.n_seq} sequences")

@@ -80,8 +80,6 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ds4tw._kvcache._file import SUFFIX
-
 from . import _client
 from ._batching import Foreign, scripted_model, words_for
 from ._servers import READY_TIMEOUT, ServerProcess, ds4tw_twistd, running
@@ -460,6 +458,14 @@ def _done_line(server: ServerProcess, offset: int) -> dict[str, Any] | None:
     return None
 
 
+def _cache_files(directory: Path) -> list[Path]:
+    """
+    The prompt cache's files in its C{--kv-disk-dir}, a directory of the
+    bench's own: every file but the hidden ones a save is still writing.
+    """
+    return [p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")]
+
+
 def drop_page_cache(directory: Path) -> int:
     """
     Drop the cache files' pages from the OS page cache (they are clean:
@@ -467,7 +473,7 @@ def drop_page_cache(directory: Path) -> int:
     Returns the files dropped.
     """
     n = 0
-    for path in directory.glob("*" + SUFFIX):
+    for path in _cache_files(directory):
         with contextlib.suppress(OSError):
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -480,7 +486,7 @@ def drop_page_cache(directory: Path) -> int:
 
 
 def _disk_files(directory: Path) -> dict[str, Any]:
-    sizes = [p.stat().st_size for p in directory.glob("*" + SUFFIX)]
+    sizes = [p.stat().st_size for p in _cache_files(directory)]
     return {"files": len(sizes), "bytes": sum(sizes)}
 
 

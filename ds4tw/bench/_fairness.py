@@ -123,7 +123,7 @@ def scripted_engine(settings: Settings) -> Any:
     scripted server (a step takes its prompt tokens over the run's
     scripted prefill rate), with L{SLOTS} slots and C{--batch} as budget.
     """
-    from ds4tw._scripted import ScriptedEngine
+    from ds4tw.testing import ScriptedEngine
 
     prefill_tps = settings.scripted_prefill_batch * 1000.0 / settings.scripted_prefill_ms
     engine = ScriptedEngine(
@@ -174,7 +174,7 @@ def trial(
     stops after C{cap_steps} steps when given); what it took, in seconds
     and steps, and what the short prompts got meanwhile.
     """
-    from ds4tw._engine import PrefillProgress, SamplingParams, Token
+    from ds4tw import PrefillProgress, SamplingParams, Token
 
     params = SamplingParams(max_tokens=1, temperature=0.0)
     foreign = Foreign()

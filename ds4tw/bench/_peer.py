@@ -4,7 +4,7 @@ workaround as ds4tw.
 
 llama-cpp-python 0.3.36's ggml segfaults in its AMX matmul on the first
 multi-token batch of the Q4_1 demo model on CPUs with AMX; ds4tw loads
-with C{use_extra_bufts=False} there (L{ds4tw._llama._no_extra_buffers}).
+with C{use_extra_bufts=False} there (L{ds4tw.open_llama}).
 The peer must load the same way, or the comparison is between different
 matmul kernels (and the peer crashes). llama_cpp.server has no option
 for it, so this launcher patches the default model parameters for the
@@ -24,12 +24,13 @@ from typing import Any
 def patch_default_params(amx: bool | None = None) -> bool:
     """
     Make every model load without extra buffer types when the CPU has AMX
-    (the condition ds4tw itself uses; C{amx} overrides the detection).
+    (the condition ds4tw itself uses, the CPU's C{amx_tile} flag; C{amx}
+    overrides the detection).
     Returns whether it patched.
     """
-    from ds4tw._llama import _cpu_has_amx
+    from ._report import cpu_info
 
-    if not (_cpu_has_amx() if amx is None else amx):
+    if not (cpu_info()[1] if amx is None else amx):
         return False
     import llama_cpp.llama_cpp as C
 

@@ -75,7 +75,8 @@ def pieces() -> list[tuple[str, float]]:
     from twisted.internet.task import LoopingCall
 
     from ds4tw._engine import Token
-    from ds4tw._openai.render import ChatStream, CompletionStream
+    from ds4tw._openai.render import ChatBuilder as ChatStream
+    from ds4tw._openai.render import CompletionBuilder as CompletionStream
     from ds4tw._pipeline import OutputPipeline
     from ds4tw._sse import SSEStream
     from ds4tw._types import ContentText

@@ -25,18 +25,12 @@ import ctypes
 import itertools
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from ds4tw._llama import (
-    _cpu_has_amx,
-    eog_tokens,
-    open_llama,
-    resolve_model,
-    reuse_prefix,
-    token_piece,
-)
+from ds4tw import eog_tokens, open_llama, token_piece
 
-from ._settings import Settings
+from ._settings import Settings, model_path
 from ._stats import decode_rate
 
 
@@ -44,12 +38,13 @@ class RawLlama:
     """One loaded model and the minimal generation loop."""
 
     def __init__(self, settings: Settings) -> None:
-        self.model_path = str(resolve_model(settings.model))
-        self.use_extra_bufts = not _cpu_has_amx()
+        self.model_path = model_path(settings.model)
         t0 = time.perf_counter()
         self.llm = open_llama(
             self.model_path, n_ctx=settings.ctx, n_batch=settings.batch, n_threads=settings.threads
         )
+        # As open_llama loaded it: off on AMX CPUs (its workaround).
+        self.use_extra_bufts = bool(self.llm.model_params.use_extra_bufts)
         self.load_s = time.perf_counter() - t0
         self.n_batch = settings.batch
         self.eog_ids = eog_tokens(self.llm)
@@ -116,6 +111,25 @@ class RawLlama:
             "prefill_eval_s": r["prefill_s"],
             "cached_tokens": r["cached_tokens"],
         }
+
+
+def reuse_prefix(llm: Any, prompt: Sequence[int]) -> int:
+    """
+    Keep the KV entries shared with C{prompt}; return how many. At least
+    one prompt token is always left to evaluate, because sampling needs
+    fresh logits.
+    """
+    held = llm.input_ids[: llm.n_tokens]
+    limit = min(len(held), len(prompt) - 1)
+    common = 0
+    while common < limit and held[common] == prompt[common]:
+        common += 1
+    if common > 0 and llm._ctx.kv_cache_seq_rm(-1, common, -1):
+        llm.n_tokens = common
+        return common
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+    return 0
 
 
 def greedy_sampler(llm: Any, eog_ids: list[int]) -> Any:

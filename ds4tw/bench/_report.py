@@ -69,7 +69,7 @@ def targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
 # -- the document ----------------------------------------------------------
 
 
-def _cpuinfo() -> tuple[str, bool]:
+def cpu_info() -> tuple[str, bool]:
     """The CPU's model name, and whether it has AMX (its C{amx_tile} flag)."""
     model, amx = "", False
     try:
@@ -108,7 +108,7 @@ def _git_commit() -> str | None:
 
 
 def machine() -> dict[str, Any]:
-    cpu, amx = _cpuinfo()
+    cpu, amx = cpu_info()
     return {
         "platform": platform.platform(),
         "cpu": cpu,

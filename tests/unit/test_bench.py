@@ -328,7 +328,7 @@ def test_cancel_lines_parse_what_ds4tw_logs() -> None:
         job = Job([1, 2], SamplingParams(), label="cmpl-abc completion stream=True")
         job.cancel("client disconnected")
         assert job.cancel_requested_at is not None
-        job._outcome.stopped_at = job.cancel_requested_at + 0.00321
+        job.work.stopped_at = job.cancel_requested_at + 0.00321
         _log_job(job, Failure(JobCancelled(Stage.DECODE, "client disconnected")))
         queued = Job([1], SamplingParams(), label="cmpl-q completion stream=True")
         _log_job(queued, Failure(JobCancelled(Stage.QUEUED, "client disconnected")))
@@ -974,7 +974,7 @@ def test_fairness_measure_on_an_instant_scripted_engine() -> None:
     assert got["cached_tokens_max"] == 0
     # The engine's own order is back, and everything was released and closed.
     assert engines[0]._prefill_order.aging_steps == _fairness.AGING_STEPS
-    assert engines[0].closed and not engines[0]._open
+    assert engines[0].closed
 
 
 def fairness_section() -> dict[str, Any]:

@@ -29,7 +29,8 @@ def test_public_names() -> None:
             "LlamaEngine", "Options", "PrefillProgress", "PromptCache", "SamplingParams", "Server",
             "ServerConfig", "Stage", "StepResult", "Timings", "Token", "Usage", "WorkerThreads",
             "__version__",
-            "demo_model_path", "generate", "makeService",
+            "abort_callback", "demo_model_path", "eog_tokens", "generate", "makeService",
+            "open_llama", "token_piece",
         ]
     )  # fmt: skip
     assert ds4tw.Server is _app.Server
@@ -45,6 +46,11 @@ def test_public_names() -> None:
     assert ds4tw.Stage is _types.Stage
     assert ds4tw.LlamaEngine is _llama.LlamaEngine
     assert ds4tw.EngineOptions is _llama.EngineOptions
+    # The raw llama-cpp-python layer the engine is built on (the benchmark's raw baseline).
+    assert ds4tw.open_llama is _llama.open_llama
+    assert ds4tw.eog_tokens is _llama.eog_tokens
+    assert ds4tw.token_piece is _llama.token_piece
+    assert ds4tw.abort_callback is _llama.abort_callback
     assert ds4tw.Options is _tap.Options
     assert ds4tw.Job is _worker.Job
     assert ds4tw.WorkerThreads is _worker.WorkerThreads
