@@ -1,10 +1,11 @@
 """
 The Anthropic dialect (C{/v1/messages}, C{/v1/messages/count_tokens}) on
-the scripted engine: golden event sequences, thinking blocks built from
-reasoning that arrives token by token (split tags, split stop sequences,
-split UTF-8), hidden thinking covered by keepalives (SSE comments, or
-C{event: ping}), disconnects at every stage, and every invalid request
-answered in Anthropic's error shape before anything is queued.
+the scripted engine: golden event sequences, stop reasons, thinking
+blocks on, off and omitted, count_tokens, the keepalive as
+C{event: ping}, and every invalid request answered in
+Anthropic's error shape before anything is queued. What every dialect
+does alike (disconnects, split tags, stop sequences and UTF-8, hidden
+thinking under the keepalive, 503s) is in tests/unit/test_dialects.py.
 
 Every event and body is also validated against the official C{anthropic}
 SDK's own types, so a renamed or missing field fails here, not only in
@@ -347,28 +348,7 @@ def test_display_omitted_sends_signed_empty_thinking_blocks() -> None:
     ]
 
 
-# -- reasoning arriving in pieces ------------------------------------------------
-
-
-def test_think_block_token_by_token_with_split_tags() -> None:
-    pieces = ("<", "think", ">", "Let me", " think.", "</", "think", ">", "\n\n", "The answer", ".")
-    rig = make_rig([Reply.of(*pieces)])
-    ex = stream(rig, thinking=ENABLED)
-    rig.threads.step(3)  # prefill and "<", "think", ">": a whole tag, nothing to send yet
-    assert sequence(ex) == ["message_start"]
-    rig.threads.step(2)
-    assert streamed(ex, "thinking_delta") == "Let me think."
-    rig.threads.step(3)  # "</", "think", ">": the closing tag is never sent as thinking
-    assert streamed(ex, "thinking_delta") == "Let me think."
-    assert "content_block_stop" not in sequence(ex)
-    rig.threads.step(2)  # "\n\n" (dropped after the tag), "The answer"
-    assert streamed(ex, "text_delta") == "The answer"
-    rig.threads.run_until_idle()
-    assert (streamed(ex, "thinking_delta"), streamed(ex, "text_delta")) == (
-        "Let me think.",
-        "The answer.",
-    )
-    assert "<" not in json.dumps(events(ex))
+# -- a template that opens the block ------------------------------------------
 
 
 def test_template_that_opens_the_block_starts_in_a_thinking_block() -> None:
@@ -379,68 +359,9 @@ def test_template_that_opens_the_block_starts_in_a_thinking_block() -> None:
     assert [b.get("thinking", b.get("text")) for b in body(ex)["content"]] == ["Hmm.", "Yes."]
 
 
-def test_split_stop_sequence_is_held_back_and_never_sent() -> None:
-    rig = make_rig([Reply.of("Hello ST", "O", "P never", "not computed")])
-    ex = stream(rig, stop_sequences=["STOP"])
-    rig.threads.step(2)
-    assert streamed(ex, "text_delta") == "Hello "
-    rig.threads.step()
-    assert streamed(ex, "text_delta") == "Hello "
-    rig.threads.run_until_idle()
-    assert streamed(ex, "text_delta") == "Hello "
-    assert message_delta(ex)["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "STOP"}
-
-
-def test_a_stop_sequence_prefix_that_does_not_match_is_released() -> None:
-    rig = make_rig([Reply.of("ST", "ART", " end")])
-    ex = stream(rig, stop_sequences=["STOP"])
-    rig.threads.step()  # prefill and "ST": a prefix of STOP, held back
-    assert streamed(ex, "text_delta") == ""
-    rig.threads.step()
-    assert streamed(ex, "text_delta") == "START"
-    rig.threads.run_until_idle()
-    assert message_delta(ex)["delta"]["stop_reason"] == "end_turn"
-
-
-def test_split_multibyte_characters_are_never_sent_in_halves() -> None:
-    euro, e_acute = "€".encode(), "é".encode()
-    pieces = (b"<think>", *(euro[i : i + 1] for i in range(3)), b"</think>", b"caf")
-    rig = make_rig([Reply((*pieces, e_acute[:1], e_acute[1:], b"!"))])
-    ex = stream(rig, thinking=ENABLED)
-    rig.threads.step(3)  # prefill and <think>, two bytes of three
-    assert streamed(ex, "thinking_delta") == ""
-    rig.threads.step()
-    assert streamed(ex, "thinking_delta") == "€"
-    rig.threads.step(3)  # </think>, "caf", half of é
-    assert streamed(ex, "text_delta") == "caf"
-    rig.threads.step()
-    assert streamed(ex, "text_delta") == "café"
-    rig.threads.run_until_idle()
-    assert streamed(ex, "text_delta") == "café!"
-    assert "\\ufffd" not in ex.body.decode() and "\ufffd" not in ex.body.decode()
-
-
-# -- hidden thinking and the keepalive -------------------------------------------
+# -- the keepalive as Anthropic's ping ---------------------------------------------
 
 LONG_THINK = Reply.of("<think>", *["hmm "] * 8, "</think>", "Done.")
-
-
-@pytest.mark.parametrize("thinking", [None, {"type": "disabled"}])
-def test_hidden_thinking_is_covered_by_decode_comments(thinking: dict[str, Any] | None) -> None:
-    """A long hidden think: tokens are computed but nothing is sendable."""
-    rig = make_rig([LONG_THINK], keepalive=15)
-    ex = stream(rig, **({} if thinking is None else {"thinking": thinking}))
-    rig.threads.step(2)  # prefill, "<think>"
-    assert sequence(ex) == ["message_start"]
-    for _ in range(8):  # eight reasoning tokens, 10 s apart
-        rig.threads.step()
-        rig.clock.advance(10)
-    assert sequence(ex) == ["message_start"]  # nothing of the thinking was sent
-    assert ex.comments() == ["decode"] * 5  # 80 s of silence, one frame per 15 s
-    rig.threads.run_until_idle()
-    assert "thinking" not in "".join(sequence(ex))
-    assert streamed(ex, "text_delta") == "Done."
-    assert message_delta(ex)["usage"]["output_tokens_details"] == {"thinking_tokens": 10}
 
 
 def test_anthropic_ping_replaces_the_comment_frames() -> None:
@@ -483,66 +404,6 @@ def test_plain_comments_while_queued_by_default() -> None:
     rig.clock.advance(15)
     assert queued.comments() == ["queued", "queued"]
     assert b"event: ping" not in queued.body
-
-
-# -- disconnects ---------------------------------------------------------------
-
-
-def test_disconnect_while_queued_removes_the_job_untouched() -> None:
-    rig = make_rig(["one two three", "second", "third"])
-    first = stream(rig)
-    rig.threads.step()
-    queued = stream(rig, messages=[{"role": "user", "content": "queued prompt"}])
-    third = stream(rig, messages=[{"role": "user", "content": "third prompt"}])
-    assert rig.server.worker.queue_depth == 2
-    queued.disconnect()
-    assert rig.server.worker.queue_depth == 1
-    rig.threads.run_until_idle()
-    assert len(rig.engine.calls) == 2
-    assert "third prompt" in prompt_text(rig, 1)
-    assert "queued prompt" not in prompt_text(rig, 0) + prompt_text(rig, 1)
-    assert sequence(first)[-1] == sequence(third)[-1] == "message_stop"
-
-
-def test_disconnect_during_prefill_stops_at_the_next_batch() -> None:
-    rig = make_rig(["never sent", "next"], prefill_batch=8)
-    ex = stream(rig)
-    rig.threads.step(2)
-    assert rig.engine.computed == [("prefill", 8), ("prefill", 16)]
-    ex.disconnect()
-    rig.threads.step()
-    assert rig.engine.computed == [("prefill", 8), ("prefill", 16), ("closed", None)]
-    assert not rig.threads.busy
-    nxt = stream(rig)
-    rig.threads.run_until_idle()
-    assert sequence(nxt)[-1] == "message_stop" and nxt.finished
-
-
-def test_disconnect_during_decode_stops_before_the_next_token() -> None:
-    rig = make_rig(["a b c d e f g h i j", "next"])
-    ex = stream(rig, thinking=ENABLED)
-    rig.threads.step(3)  # prefill and token 0, tokens 1 and 2
-    ex.disconnect()
-    rig.threads.step()
-    assert [i for kind, i in rig.engine.computed if kind == "token"] == [0, 1, 2]
-    assert rig.engine.computed[-1] == ("closed", None)
-    assert not rig.threads.busy
-    nxt = post(rig)
-    rig.threads.run_until_idle()
-    assert body(nxt)["content"] == [{"type": "text", "text": "next"}]
-
-
-def test_disconnect_of_a_non_streaming_request_cancels_it() -> None:
-    rig = make_rig(["a b c d e f g h i j", "next"])
-    ex = post(rig)
-    rig.threads.step(2)  # prefill and token 0, token 1
-    assert not ex.headers_sent
-    ex.disconnect()
-    rig.threads.step()
-    assert [k for k, _ in rig.engine.computed] == ["prefill", "token", "token", "closed"]
-    assert not rig.threads.busy
-    text = 'ds4tw_cancelled_jobs_total{stage="decode"} 1.0'
-    assert text in rig.http.get("/metrics").body.decode()
 
 
 # -- request translation -------------------------------------------------------
@@ -761,26 +622,14 @@ def test_api_key_in_x_api_key() -> None:
     assert ok.status == 200 and body(ok)["stop_reason"] == "end_turn"
 
 
-def test_a_full_queue_is_overloaded_with_retry_after() -> None:
-    rig = make_rig(max_queue=1)
-    stream(rig)
-    rig.threads.step()
-    stream(rig)
-    full = stream(rig)
-    assert full.status == 503
-    assert full.header("retry-after") == "1"
-    assert full.json()["error"]["type"] == "overloaded_error"
-    assert rig.server.worker.queue_depth == 1
-
-
-def test_a_loading_model_is_overloaded_with_retry_after() -> None:
+def test_count_tokens_is_overloaded_while_the_model_loads() -> None:
+    # /v1/messages itself: tests/unit/test_dialects.py.
     rig = make_rig()
     rig.server.worker.ready = False
-    for path in ("/v1/messages", "/v1/messages/count_tokens"):
-        ex = post(rig, path)
-        assert ex.status == 503
-        assert ex.header("retry-after") == "5"
-        assert ex.json()["error"]["type"] == "overloaded_error"
+    ex = post(rig, "/v1/messages/count_tokens")
+    assert ex.status == 503
+    assert ex.header("retry-after") == "5"
+    assert ex.json()["error"]["type"] == "overloaded_error"
     assert rig.engine.template_kwargs == []
 
 

@@ -1,12 +1,13 @@
 """
 Tool use in the Anthropic dialect on the scripted engine: C{tool_use}
 blocks streamed live (C{input_json_delta} per fragment the model writes)
-and collected, C{stop_reason: tool_use}, markup split at every boundary,
-forced and lazy grammars from C{tool_choice}, one call only with
-C{disable_parallel_tool_use}, tools and earlier calls and results in the
-prompt (fallback system text, and a template with tool support), a
-disconnect mid-call, string-encoded arguments held until the call ends
-under the decode keepalive, C{output_config.format}, and every 400.
+and collected, C{stop_reason: tool_use}, tools and earlier calls and
+results in the prompt (fallback system text, and a template with tool
+support), a call cut by C{max_tokens}, C{output_config.format}, and
+every 400. What every dialect does alike with calls (splits, malformed
+calls, one call only, held arguments under the keepalive, a disconnect
+mid-call, the grammar each C{tool_choice} builds) is in
+tests/unit/test_dialects.py.
 
 The scripted engine's ChatML template has no tool support, so the model's
 calls are written in the Hermes syntax (the fallback parser's). Every
@@ -27,7 +28,9 @@ from ds4tw import _turn
 from ds4tw._anthropic.schema import MessagesRequest
 from ds4tw.testing import Exchange, Reply
 
+from . import tools
 from .conftest import Rig, make_rig
+from .dialects import blocks
 from .test_anthropic import (
     BASE,
     ENABLED,
@@ -39,21 +42,10 @@ from .test_anthropic import (
     sequence,
     stream,
 )
+from .tools import anthropic_tool
 
-WEATHER = {
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "input_schema": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-    },
-}
-TIME = {
-    "name": "get_time",
-    "description": "The time in a timezone.",
-    "input_schema": {"type": "object", "properties": {"tz": {"type": "string"}}},
-}
+WEATHER = anthropic_tool(tools.WEATHER)
+TIME = anthropic_tool(tools.TIME)
 TOOLS = [WEATHER, TIME]
 
 PARIS = (
@@ -76,12 +68,6 @@ UTC = (
     "}",
     "</tool_call>",
 )
-
-
-def decode(rig: Rig, tokens: int) -> None:
-    """Run the model thread through the prefill and C{tokens} decode steps."""
-    while [k for k, _ in rig.engine.computed].count("token") < tokens:
-        rig.threads.step()
 
 
 def tool_stream(rig: Rig, **kw: Any) -> Exchange:
@@ -116,32 +102,6 @@ def stop_reason(ex: Exchange) -> str:
     (delta,) = [e for e in events(ex) if e["type"] == "message_delta"]
     reason: str = delta["delta"]["stop_reason"]
     return reason
-
-
-def blocks(ex: Exchange) -> list[dict[str, Any]]:
-    """
-    The stream as whole blocks: each block's start with its deltas
-    joined, ids dropped, so that streams that differ only in how the
-    text was fragmented compare equal.
-    """
-    out: list[dict[str, Any]] = []
-    for e in events(ex):
-        if e["type"] == "content_block_start":
-            block = {k: v for k, v in e["content_block"].items() if k != "id"}
-            out.append({"index": e["index"], "block": block, "deltas": {}, "stopped": False})
-        elif e["type"] == "content_block_delta":
-            assert out[-1]["index"] == e["index"] and not out[-1]["stopped"]
-            delta = dict(e["delta"])
-            kind = delta.pop("type")
-            (value,) = delta.values()
-            deltas = out[-1]["deltas"]
-            deltas[kind] = deltas.get(kind, "") + value
-        elif e["type"] == "content_block_stop":
-            assert out[-1]["index"] == e["index"]
-            out[-1]["stopped"] = True
-        elif e["type"] == "message_delta":
-            out.append({"stop_reason": e["delta"]["stop_reason"]})
-    return out
 
 
 # -- golden event sequences ----------------------------------------------------
@@ -259,111 +219,6 @@ def message_usage(ex: Exchange) -> dict[str, Any]:
     (delta,) = [e for e in events(ex) if e["type"] == "message_delta"]
     usage: dict[str, Any] = delta["usage"]
     return usage
-
-
-def test_markup_split_at_every_boundary_gives_the_same_blocks() -> None:
-    text = "Sure.<tool_call>\n" + json.dumps(
-        {"name": "get_weather", "arguments": {"city": "Zürich"}}, ensure_ascii=False
-    )
-    text += "\n</tool_call>"
-    splits: list[tuple[str, ...]] = [tuple(text), (text,)]
-    splits += [(text[:i], text[i:]) for i in range(1, len(text))]
-    # Byte boundaries too: the ü split between two tokens.
-    raw = text.encode()
-    cut = raw.index("ü".encode()) + 1
-    rig = make_rig([Reply.of(*s) for s in splits] + [Reply((raw[:cut], raw[cut:]))])
-    expected = [
-        {
-            "index": 0,
-            "block": {"type": "text", "text": ""},
-            "deltas": {"text_delta": "Sure."},
-            "stopped": True,
-        },
-        {
-            "index": 1,
-            "block": {"type": "tool_use", "name": "get_weather", "input": {}},
-            "deltas": {"input_json_delta": '{"city": "Zürich"}'},
-            "stopped": True,
-        },
-        {"stop_reason": "tool_use"},
-    ]
-    for pieces in [*splits, (raw[:cut], raw[cut:])]:
-        ex = tool_stream(rig, max_tokens=len(text) + 1)
-        rig.threads.run_until_idle()
-        assert blocks(ex) == expected, pieces
-        assert "<tool_call>" not in ex.body.decode(), pieces
-
-
-def test_a_malformed_call_under_auto_comes_out_as_text() -> None:
-    rig = make_rig([Reply.of("<tool_call>", "not json", "</tool_call>", " ok")])
-    ex = tool_stream(rig)
-    plain = tool_post(rig)
-    rig.threads.run_until_idle()
-    assert blocks(ex) == [
-        {
-            "index": 0,
-            "block": {"type": "text", "text": ""},
-            "deltas": {"text_delta": "<tool_call>not json</tool_call> ok"},
-            "stopped": True,
-        },
-        {"stop_reason": "end_turn"},
-    ]
-    got = body(plain)
-    assert got["content"] == [{"type": "text", "text": "<tool_call>not json</tool_call> ok"}]
-    assert got["stop_reason"] == "end_turn"
-
-
-def test_disable_parallel_tool_use_stops_decoding_after_the_first_call() -> None:
-    rig = make_rig([Reply.of(*PARIS, "\n", *UTC, "never")])
-    ex = tool_stream(rig, tool_choice={"type": "auto", "disable_parallel_tool_use": True})
-    rig.threads.run_until_idle()
-    assert [b.get("block", {}).get("name") for b in blocks(ex)] == ["get_weather", None]
-    assert stop_reason(ex) == "tool_use"
-    # The call's object closed at PARIS' eighth piece: nothing after it was computed.
-    tokens = [i for kind, i in rig.engine.computed if kind == "token"]
-    assert tokens == list(range(PARIS.index("}") + 1))
-    assert rig.engine.computed[-1] == ("closed", None)
-    assert rig.engine.calls[0][1].grammar is not None
-
-
-# -- tool_choice and the grammar -------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("choice", "forced"),
-    [
-        ({"type": "any"}, True),
-        ({"type": "tool", "name": "get_time"}, True),
-        ({"type": "auto"}, False),
-        (None, False),
-    ],
-)
-def test_tool_choice_builds_a_forced_or_a_lazy_grammar(
-    choice: dict[str, Any] | None, forced: bool
-) -> None:
-    rig = make_rig([Reply.of(*UTC)])
-    extra = {} if choice is None else {"tool_choice": choice}
-    ex = tool_stream(rig, **extra)
-    rig.threads.run_until_idle()
-    grammar = rig.engine.calls[-1][1].grammar
-    assert grammar is not None
-    assert (grammar.triggers == ()) is forced
-    if choice is not None and choice["type"] == "tool":
-        # Only the named tool can be written.
-        assert '\\"get_time\\"' in grammar.gbnf and "get_weather" not in grammar.gbnf
-    assert stop_reason(ex) == "tool_use"
-
-
-def test_tool_choice_none_offers_no_tools() -> None:
-    rig = make_rig([Reply.of(*PARIS)])
-    ex = tool_stream(rig, tool_choice={"type": "none"})
-    rig.threads.run_until_idle()
-    assert rig.engine.calls[0][1].grammar is None
-    assert "get_weather" not in prompt_text(rig)
-    assert rig.engine.template_messages[0] == [{"role": "user", "content": "hi"}]
-    # Nothing parses calls either: the markup is the model's text.
-    assert stop_reason(ex) == "end_turn"
-    assert "content_block_start:tool_use" not in sequence(ex)
 
 
 # -- the prompt ----------------------------------------------------------------
@@ -599,66 +454,6 @@ def test_a_cut_call_keeps_its_complete_fields() -> None:
     ex = tool_post(rig, max_tokens=3)
     rig.threads.run_until_idle()
     assert body(ex)["content"][0]["input"] == {"tz": "UTC", "x": 1}
-
-
-# -- disconnects and the keepalive -------------------------------------------------
-
-
-def test_disconnect_mid_call_cancels_the_job() -> None:
-    rig = make_rig([Reply.of(*PARIS), "next"])
-    ex = tool_stream(rig)
-    decode(rig, 6)  # the call is open, its arguments begun
-    assert sequence(ex)[-2:] == [
-        "content_block_start:tool_use",
-        "content_block_delta:input_json_delta",
-    ]
-    ex.disconnect()
-    rig.threads.step()
-    assert [i for kind, i in rig.engine.computed if kind == "token"] == list(range(6))
-    assert rig.engine.computed[-1] == ("closed", None)
-    assert not rig.threads.busy
-    assert "content_block_stop" not in sequence(ex)
-    nxt = post(rig)
-    rig.threads.run_until_idle()
-    assert body(nxt)["content"] == [{"type": "text", "text": "next"}]
-
-
-def test_string_encoded_arguments_are_held_under_the_decode_keepalive() -> None:
-    """
-    The model writes the arguments as a JSON string: they must be decoded
-    before the client may see them, so nothing goes out until the call
-    ends, and the keepalive fills the silence.
-    """
-    pieces = (
-        "<tool_call>",
-        '{"name": "get_weather", ',
-        '"arguments": "',
-        '{\\"city\\": ',
-        '\\"Paris',
-        '\\"}',
-        '"}',
-        "</tool_call>",
-    )
-    rig = make_rig([Reply.of(*pieces)], keepalive=15)
-    ex = tool_stream(rig)
-    decode(rig, 3)  # the opening tag, the name, the string opens
-    assert sequence(ex) == ["message_start"]
-    for _ in range(3):  # the string's three pieces, 10 s apart
-        rig.threads.step()
-        rig.clock.advance(10)
-    assert ex.comments() == ["decode", "decode"]
-    assert sequence(ex) == ["message_start"]
-    assert b"input_json_delta" not in ex.body
-    rig.threads.run_until_idle()  # the string and the object close: the call ends
-    assert sequence(ex)[1:] == [
-        "content_block_start:tool_use",
-        "content_block_delta:input_json_delta",
-        "content_block_stop",
-        "message_delta",
-        "message_stop",
-    ]
-    assert partial_json(ex, 0) == '{"city": "Paris"}'
-    assert final(ex).content[0].input == {"city": "Paris"}  # type: ignore[union-attr]
 
 
 # -- count_tokens and structured output --------------------------------------------

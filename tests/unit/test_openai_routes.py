@@ -1,8 +1,9 @@
 """
 The OpenAI dialect on the scripted engine: wire shapes, sampling
-parameters reaching the engine, stop sequences and partial UTF-8 held
-back, and every invalid request answered with a 400 in OpenAI's shape
-before anything is queued.
+parameters reaching the engine, and every invalid request answered with
+a 400 in OpenAI's shape before anything is queued. Stop sequences and
+partial UTF-8 held back, and the 503 while loading, are checked for
+every dialect alike in tests/unit/test_dialects.py.
 """
 
 from __future__ import annotations
@@ -13,17 +14,8 @@ from typing import Any
 import pytest
 
 from ds4tw import AbortFlag, Failed, StepResult
-from ds4tw.testing import Reply
 
 from .conftest import make_rig
-
-
-def content(chunks: list[Any]) -> str:
-    return "".join(
-        c["choices"][0]["delta"].get("content") or ""
-        for c in chunks
-        if c != "[DONE]" and c["choices"]
-    )
 
 
 def test_chat_stream_shape() -> None:
@@ -125,48 +117,6 @@ def test_default_max_tokens_is_the_rest_of_the_context() -> None:
     rig.threads.run_until_idle()
     prompt, params = rig.engine.calls[0]
     assert params.max_tokens == 200 - len(prompt)
-
-
-@pytest.mark.parametrize("stream", [True, False])
-def test_stop_sequence_split_across_tokens_is_never_sent(stream: bool) -> None:
-    rig = make_rig([Reply.of("The answer", " is 4", "2. ST", "O", "P and more", "never computed")])
-    ex = rig.chat(stop=["STOP"], stream=stream)
-    rig.threads.run_until_idle()
-    if stream:
-        text = content(ex.data())
-        finish = ex.data()[-2]["choices"][0]["finish_reason"]
-    else:
-        text = ex.json()["choices"][0]["message"]["content"]
-        finish = ex.json()["choices"][0]["finish_reason"]
-    assert text == "The answer is 42. "
-    assert finish == "stop"
-    # Decoding stopped at the match: the piece after it was never computed.
-    assert [k for k, _ in rig.engine.computed].count("token") == 5
-
-
-def test_prefix_of_a_stop_sequence_is_released_when_it_does_not_match() -> None:
-    rig = make_rig([Reply.of("ST", "ART", " end")])
-    ex = rig.stream(stop=["STOP"])
-    rig.threads.step()  # prefill, which samples "ST"
-    assert content(ex.data()) == ""  # "ST" is held back
-    rig.threads.step()
-    assert content(ex.data()) == "START"
-    rig.threads.run_until_idle()
-    assert content(ex.data()) == "START end"
-
-
-def test_partial_utf8_is_never_sent() -> None:
-    euro = "€".encode()
-    rig = make_rig([Reply((b"price: ", euro[:1], euro[1:2], euro[2:], b"5"))])
-    ex = rig.stream()
-    rig.threads.step(2)  # prefill and "price: ", the euro sign's first byte
-    assert content(ex.data()) == "price: "
-    rig.threads.step()
-    assert content(ex.data()) == "price: "
-    rig.threads.step()
-    assert content(ex.data()) == "price: €"
-    rig.threads.run_until_idle()
-    assert content(ex.data()) == "price: €5"
 
 
 def test_completions_stream_and_non_stream() -> None:
@@ -282,18 +232,6 @@ def test_invalid_completion_requests() -> None:
         assert ex.status == 400, payload
         assert fragment in ex.json()["error"]["message"], payload
     assert rig.engine.calls == []
-
-
-def test_503_while_the_model_loads() -> None:
-    rig = make_rig()
-    rig.server.worker.ready = False
-    ex = rig.chat()
-    assert ex.status == 503
-    assert ex.header("retry-after") == "5"
-    assert ex.json()["error"]["code"] == "model_not_ready"
-    assert ex.json()["error"]["message"] == "the model is still loading; retry shortly"
-    health = rig.http.get("/health")
-    assert health.status == 503 and health.json()["status"] == "loading"
 
 
 @pytest.mark.logs_engine_errors

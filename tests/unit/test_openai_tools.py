@@ -2,8 +2,10 @@
 Tool calls, structured output and logprobs in OpenAI chat completions (and
 logprobs in completions) on the scripted engine: the chunks, validated
 against the official SDK's own types, the tools and earlier calls reaching
-the chat template, the grammar each choice builds, held arguments covered
-by the keepalive, disconnects mid-call, and 400s for bad tool input.
+the chat template, structured output, and 400s for bad tool input. What
+every dialect does alike with calls (splits, malformed calls, one call
+only, held arguments under the keepalive, a disconnect mid-call, the
+grammar each choice builds) is in tests/unit/test_dialects.py.
 
 Caveat: the scripted engine ignores the grammar it is given (the tests
 assert which grammar was built); the real sampler is covered by
@@ -16,30 +18,18 @@ import json
 from typing import Any
 
 import pytest
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletion
 
 from ds4tw._scripted import TOKEN_LOGPROB
 from ds4tw.testing import Exchange, Reply
 
+from . import tools
 from .conftest import Rig, make_rig
+from .dialects import chunks
+from .tools import CALL, chat_tool
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
-}
-CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+WEATHER = chat_tool(tools.WEATHER)
+TIME = chat_tool(tools.TIME)
 
 #: A Hermes/Qwen-style template that renders tools, calls and results itself.
 TOOL_TEMPLATE = (
@@ -51,21 +41,6 @@ TOOL_TEMPLATE = (
     "{% if m.role == 'tool' %}[{{ m.tool_call_id }}]{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def chars(text: str, eos: bool = True) -> Reply:
-    """One piece per character: every tag and argument split everywhere."""
-    return Reply.of(*text, eos=eos)
-
-
-def chunks(ex: Exchange) -> list[dict[str, Any]]:
-    out = []
-    for c in ex.data():
-        if c == "[DONE]":
-            continue
-        ChatCompletionChunk.model_validate(c)
-        out.append(c)
-    return out
 
 
 def tool_deltas(ex: Exchange) -> list[dict[str, Any]]:
@@ -122,29 +97,6 @@ def test_one_call_streams_name_first_then_arguments_live() -> None:
     assert "<tool_call>" not in ex.body.decode()
 
 
-def test_markup_split_at_every_character_gives_the_same_calls() -> None:
-    text = f"Let me look.\n{CALL}\n" + CALL.replace("Paris", "Rome")
-    whole = ask(make_rig([Reply.of(text)]))
-    split = ask(make_rig([chars(text)]))
-    for ex in (whole, split):
-        assert text_of(ex) == "Let me look.\n"
-        assert {i: json.loads(c["arguments"]) for i, c in calls_of(ex).items()} == {
-            0: {"city": "Paris"},
-            1: {"city": "Rome"},
-        }
-        assert finish_reason(ex) == "tool_calls"
-    assert "<tool_call>" not in split.body.decode()
-    assert "</tool_call>" not in split.body.decode()
-
-
-@pytest.mark.parametrize("cut", range(1, len(CALL)))
-def test_any_two_way_split_of_a_call(cut: int) -> None:
-    ex = ask(make_rig([Reply.of(CALL[:cut], CALL[cut:])]))
-    assert calls_of(ex)[0]["name"] == "get_weather"
-    assert calls_of(ex)[0]["arguments"] == '{"city": "Paris"}'
-    assert text_of(ex) == ""
-
-
 def test_a_call_after_reasoning() -> None:
     rig = make_rig([Reply.of("<think>", "Need the", " weather.", "</think>", "\n", CALL)])
     ex = ask(rig)
@@ -154,14 +106,6 @@ def test_a_call_after_reasoning() -> None:
     assert reasoning == "Need the weather."
     assert calls_of(ex)[0]["name"] == "get_weather"
     assert text_of(ex) == ""
-
-
-def test_malformed_call_under_auto_is_text() -> None:
-    bad = '<tool_call>{"name": "launch_rockets", "arguments": {}}</tool_call>'
-    ex = ask(make_rig([chars(bad)]))
-    assert calls_of(ex) == {}
-    assert text_of(ex) == bad
-    assert finish_reason(ex) == "stop"
 
 
 def test_non_streaming_body() -> None:
@@ -184,38 +128,6 @@ def test_only_calls_means_null_content() -> None:
     assert ex.json()["choices"][0]["message"]["content"] is None
 
 
-def test_no_parallel_calls_stops_decoding_after_the_first() -> None:
-    rig = make_rig([chars(CALL + "\n" + CALL + " and more text", eos=False)])
-    ex = ask(rig, parallel_tool_calls=False, max_tokens=500)
-    assert list(calls_of(ex)) == [0]
-    assert finish_reason(ex) == "tool_calls"
-    # The model thread stopped at the first call's closing brace: the end
-    # marker, the second call and the text after it were never computed.
-    tokens = [n for kind, n in rig.engine.computed if kind == "token"]
-    assert len(tokens) == CALL.index("}}") + 2
-
-
-def test_tool_choice_builds_the_grammar_it_needs() -> None:
-    rig = make_rig([Reply.of(CALL)] * 5)
-    ask(rig, tool_choice="required")
-    forced = rig.engine.calls[-1][1].grammar
-    assert forced is not None and forced.triggers == ()
-    assert "get_weather" in forced.gbnf and "get_time" in forced.gbnf
-
-    ask(rig, tool_choice={"type": "function", "function": {"name": "get_time"}})
-    named = rig.engine.calls[-1][1].grammar
-    assert named is not None and named.triggers == ()
-    assert "get_time" in named.gbnf and "get_weather" not in named.gbnf
-
-    ask(rig)  # auto: constrained only once the model opens a call
-    lazy = rig.engine.calls[-1][1].grammar
-    assert lazy is not None and lazy.triggers and "<tool_call>" in lazy.triggers[0]
-
-    ask(rig, tool_choice="none")
-    assert rig.engine.calls[-1][1].grammar is None
-    assert "get_weather" not in json.dumps(rig.engine.template_messages[-1])
-
-
 def test_the_lazy_trigger_is_disarmed_inside_reasoning() -> None:
     rig = make_rig([Reply.of("<think>", "hmm", "</think>", "ok")], prefill_batch=100_000)
     ex = rig.stream("weather?", tools=[WEATHER])
@@ -233,11 +145,6 @@ def test_the_lazy_trigger_is_disarmed_inside_reasoning() -> None:
     # armed again once it is closed.
     assert armed == [("prefill", True), ("token", False), ("token", False), ("token", True)]
     assert text_of(ex) == "ok"
-
-
-def test_tool_choice_none_leaves_call_markup_as_text() -> None:
-    ex = ask(make_rig([Reply.of(CALL)]), tool_choice="none")
-    assert calls_of(ex) == {} and text_of(ex) == CALL
 
 
 def test_fallback_prompt_describes_tools_and_rewrites_history() -> None:
@@ -293,34 +200,6 @@ def test_a_tool_template_gets_tools_and_history_natively() -> None:
     # Arguments reach the template as a mapping, as Hugging Face templates expect.
     assert '<tool_call>get_weather:{"city": "Oslo"}</tool_call>' in prompt
     assert "<|im_start|>tool\nrain[call_9]<|im_end|>" in prompt
-
-
-def test_arguments_written_as_a_string_are_held_and_the_keepalive_covers_them() -> None:
-    pieces = ["<tool_call>", '{"name": "get_weather", "arguments": "', '{\\"city\\"',
-              ': \\"Paris\\"}', '"}', "</tool_call>"]  # fmt: skip
-    rig = make_rig([Reply.of(*pieces)], keepalive=5, prefill_batch=100_000)
-    ex = rig.stream("weather?", tools=[WEATHER])
-    rig.threads.step(1)  # prefill, in one batch, which samples "<tool_call>"
-    rig.threads.step(3)  # the head and the string-encoded arguments
-    assert tool_deltas(ex) == []  # they must be decoded before they can go out
-    before = len(ex.comments())
-    rig.clock.advance(5)
-    assert ex.comments()[before:] == ["decode"]
-    rig.threads.run_until_idle()
-    assert calls_of(ex)[0]["arguments"] == '{"city": "Paris"}'
-
-
-def test_disconnect_mid_call_cancels_the_decode() -> None:
-    rig = make_rig([chars(CALL, eos=False)], prefill_batch=100_000)
-    ex = rig.stream("weather?", tools=[WEATHER], max_tokens=500)
-    into_arguments = CALL.index('{"city') + 3
-    # Prefill in one batch (which samples the first token), then into the arguments.
-    rig.threads.step(into_arguments)
-    assert calls_of(ex)[0]["arguments"] == '{"c'
-    ex.disconnect()
-    rig.threads.run_until_idle()
-    assert rig.engine.computed[-1] == ("closed", None)
-    assert len([1 for kind, _ in rig.engine.computed if kind == "token"]) == into_arguments
 
 
 def test_response_format_builds_a_json_grammar() -> None:

@@ -1,7 +1,7 @@
 """
 Reasoning split from content: the streaming splitter on its own, then
-through the chat route (reasoning_content, hidden reasoning and the
-keepalive that covers it).
+through the chat route (reasoning_content, hidden reasoning; the
+keepalive that covers it is in tests/unit/test_dialects.py).
 """
 
 from __future__ import annotations
@@ -134,21 +134,6 @@ def test_reasoning_effort_none_turns_thinking_off_and_hides_it() -> None:
     rig.threads.run_until_idle()
     assert rig.engine.template_kwargs[-1] == {"enable_thinking": False, "thinking": False}
     assert ex.json()["choices"][0]["message"] == {"role": "assistant", "content": "It is 4."}
-
-
-def test_hidden_reasoning_is_covered_by_decode_keepalives() -> None:
-    """A long hidden think: tokens are computed but nothing is sendable."""
-    rig = make_rig([Reply.of("<think>", *["hmm "] * 8, "</think>", "Done.")], keepalive=15)
-    ex = rig.stream(reasoning_effort="none")
-    rig.threads.step(2)  # prefill, "<think>"
-    role = len(ex.data())
-    for _ in range(8):  # eight reasoning tokens, 10 s apart
-        rig.threads.step()
-        rig.clock.advance(10)
-    assert len(ex.data()) == role  # nothing of the thinking was sent
-    assert ex.comments() == ["decode"] * 5  # 80 s of silence, one frame per 15 s
-    rig.threads.run_until_idle()
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in ex.data()[:-1]) == "Done."
 
 
 def test_completions_do_not_split_reasoning() -> None:

@@ -1,10 +1,11 @@
 """
 The OpenAI Responses dialect (C{POST /v1/responses}) on the scripted
 engine: golden event sequences, every event and body validated against
-the installed C{openai} SDK's own models, reasoning arriving token by
-token (split tags, split UTF-8, hidden reasoning covered by keepalives),
-disconnects at every stage, and every unsupported or invalid request
-answered with an OpenAI-shaped 400 before anything is queued.
+the installed C{openai} SDK's own models, reasoning effort, and every
+unsupported or invalid request answered with an OpenAI-shaped 400 before
+anything is queued. What every dialect does alike (disconnects, split
+tags and UTF-8, hidden reasoning under the keepalive, 503s) is in
+tests/unit/test_dialects.py.
 
 Caveat: the SDK models prove required fields and types, not the SDK's
 stream-accumulation rules (event order, item identity); the integration
@@ -435,46 +436,6 @@ def test_default_max_output_tokens_is_the_rest_of_the_context() -> None:
 # -- reasoning -------------------------------------------------------------
 
 
-def test_think_block_token_by_token_with_split_tags() -> None:
-    rig = make_rig([Reply.of("<th", "ink>", "Let", " me", "</th", "ink>", "\n\nIt", " is 4.")])
-    ex = post(rig, stream=True)
-    seen = []
-    for _ in range(8):  # one token a step, the first with the prefill
-        rig.threads.step()
-        seen.append(texts(ex))
-    assert seen == [
-        ("", ""),  # "<th" could be the tag: held back
-        ("", ""),  # "<think>": the block opens, nothing to say yet
-        ("Let", ""),
-        ("Let me", ""),
-        ("Let me", ""),  # "</th" held back
-        ("Let me", ""),  # the block closes
-        ("Let me", "It"),  # the newlines after the tag are dropped
-        ("Let me", "It is 4."),
-    ]
-    rig.threads.run_until_idle()
-    assert final(ex).output_text == "It is 4."
-
-
-def test_split_multibyte_characters_are_never_sent_in_halves() -> None:
-    e_acute, euro = "é".encode(), "€".encode()
-    pieces = (b"<think>caf", e_acute[:1], e_acute[1:], b"</think>", euro[:2], euro[2:] + b"5")
-    rig = make_rig([Reply(pieces)])
-    ex = post(rig, stream=True)
-    seen = []
-    for _ in range(len(pieces)):  # one piece a step, the first with the prefill
-        rig.threads.step()
-        seen.append(texts(ex))
-    assert seen == [
-        ("caf", ""),
-        ("caf", ""),
-        ("café", ""),
-        ("café", ""),
-        ("café", ""),
-        ("café", "€5"),
-    ]
-
-
 @pytest.mark.parametrize("effort", ["none", "minimal"])
 def test_effort_none_or_minimal_turns_thinking_off_and_hides_it(effort: str) -> None:
     rig = make_rig([THINKING])
@@ -500,88 +461,6 @@ def test_other_efforts_leave_thinking_on() -> None:
         "reasoning_effort": "low",
     }
     assert [i.type for i in body(ex).output] == ["reasoning", "message"]
-
-
-def test_hidden_reasoning_is_covered_by_decode_keepalives() -> None:
-    """A long hidden think: tokens are computed but nothing is sendable."""
-    rig = make_rig([Reply.of("<think>", *["hmm "] * 8, "</think>", "Done.")], keepalive=15)
-    ex = post(rig, stream=True, reasoning={"effort": "none"})
-    rig.threads.step(2)  # prefill, "<think>"
-    assert types(ex) == OPEN
-    for _ in range(8):  # eight reasoning tokens, 10 s apart
-        rig.threads.step()
-        rig.clock.advance(10)
-    assert types(ex) == OPEN  # nothing of the thinking was sent
-    assert ex.comments() == ["decode"] * 5  # 80 s of silence, one frame per 15 s
-    rig.threads.run_until_idle()
-    assert "response.reasoning_text.delta" not in types(ex)
-    response = final(ex)
-    assert response.output_text == "Done."
-    assert [i.type for i in response.output] == ["message"]
-    # The hidden thinking was still computed, and is still counted.
-    assert response.usage is not None
-    assert response.usage.output_tokens_details.reasoning_tokens == 10
-
-
-# -- disconnects -----------------------------------------------------------
-
-
-def test_disconnect_while_queued_never_reaches_the_engine() -> None:
-    rig = make_rig(["one two three", "never", "third"])
-    first = post(rig, stream=True)
-    rig.threads.step()
-    queued = post(rig, stream=True, input="queued prompt")
-    third = post(rig, stream=True, input="third prompt")
-    assert rig.server.worker.queue_depth == 2
-    queued.disconnect()
-    assert rig.server.worker.queue_depth == 1
-    rig.threads.run_until_idle()
-    assert len(rig.engine.calls) == 2
-    assert "queued prompt" not in prompt_text(rig, 1) and "third prompt" in prompt_text(rig, 1)
-    assert first.finished and third.finished
-    assert final(third).output_text == "never"
-
-
-def test_disconnect_during_prefill_stops_at_the_next_batch() -> None:
-    rig = make_rig(["never sent", "next"], prefill_batch=8)
-    ex = post(rig, stream=True, input="a prompt that needs many prefill batches to get through")
-    rig.threads.step(2)
-    assert rig.engine.computed == [("prefill", 8), ("prefill", 16)]
-    ex.disconnect()
-    rig.threads.step()
-    assert rig.engine.computed == [("prefill", 8), ("prefill", 16), ("closed", None)]
-    assert not rig.threads.busy
-    nxt = post(rig, stream=True)
-    rig.threads.run_until_idle()
-    assert nxt.finished and final(nxt).output_text == "next"
-
-
-def test_disconnect_during_decode_stops_before_the_next_token() -> None:
-    rig = make_rig(["a b c d e f g h i j", "next"])
-    ex = post(rig, stream=True)
-    rig.threads.step(3)  # prefill and token 0, tokens 1 and 2
-    assert texts(ex) == ("", "a b c")
-    ex.disconnect()
-    rig.threads.step()
-    assert [i for kind, i in rig.engine.computed if kind == "token"] == [0, 1, 2]
-    assert rig.engine.computed[-1] == ("closed", None)
-    assert not rig.threads.busy
-    nxt = post(rig, stream=True)
-    rig.threads.run_until_idle()
-    assert final(nxt).output_text == "next"
-
-
-def test_disconnect_of_a_non_streaming_request_cancels_it() -> None:
-    rig = make_rig(["a b c d e f g h i j", "next"])
-    ex = post(rig)
-    rig.threads.step(2)  # prefill and token 0, token 1
-    assert not ex.headers_sent
-    ex.disconnect()
-    rig.threads.step()
-    assert [k for k, _ in rig.engine.computed] == ["prefill", "token", "token", "closed"]
-    nxt = post(rig)
-    rig.threads.run_until_idle()
-    assert body(nxt).output_text == "next"
 
 
 # -- errors ----------------------------------------------------------------
@@ -678,25 +557,6 @@ def test_context_overflow_is_a_400_with_both_sizes() -> None:
     )
     assert "100 tokens" in error["message"] and f"{prompt_tokens} tokens" in error["message"]
     assert rig.engine.calls == [] and rig.server.worker.queue_depth == 0
-
-
-def test_503_while_the_model_loads() -> None:
-    rig = make_rig()
-    rig.server.worker.ready = False
-    ex = post(rig, stream=True)
-    assert ex.status == 503 and ex.header("retry-after") == "5"
-    assert ex.json()["error"]["code"] == "model_not_ready"
-
-
-def test_503_when_the_queue_is_full() -> None:
-    rig = make_rig(max_queue=1)
-    post(rig, stream=True)
-    rig.threads.step()
-    post(rig, stream=True)
-    full = post(rig, stream=True)
-    assert full.status == 503 and full.header("retry-after") == "1"
-    assert full.json()["error"]["code"] == "server_busy"
-    assert len(rig.engine.calls) == 1
 
 
 def test_api_key_is_required_when_set() -> None:

@@ -3,10 +3,12 @@ Tools, structured output and logprobs in the OpenAI Responses dialect on
 the scripted engine: golden event sequences for function and custom
 (free-form) tool calls, every event and body validated against the
 installed C{openai} SDK's models; a custom call's input held until it is
-decoded while the keepalive covers the silence; every split of the call
-markup giving the same events; the grammar each choice builds; logprobs;
-disconnects mid-call; a Codex-shaped multi-turn conversation reaching the
-prompt in order; and the 400s, before anything is queued.
+decoded while the keepalive covers the silence; a custom call split at
+every character; the grammars of custom and allowed-tools choices;
+logprobs; a Codex-shaped multi-turn conversation reaching the prompt in
+order; and the 400s, before anything is queued. What every dialect does
+alike with calls (splits, malformed calls, one call only, a disconnect
+mid-call, the common choices' grammars) is in tests/unit/test_dialects.py.
 
 The scripted engine's ChatML template has no tool support, so the tools
 reach the prompt by the Hermes fallback and the model writes
@@ -31,8 +33,11 @@ from ds4tw._scripted import TOKEN_LOGPROB
 from ds4tw._tools import spec
 from ds4tw.testing import Exchange, Reply
 
+from . import tools
 from .conftest import Rig, make_rig
+from .dialects import collapsed
 from .test_responses import body, events, final, post, prompt_text, types
+from .tools import CALL, chars, responses_tool
 
 SHELL = {
     "type": "function",
@@ -50,16 +55,7 @@ SHELL = {
         "additionalProperties": False,
     },
 }
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-    },
-}
+WEATHER = responses_tool(tools.WEATHER)
 LARK = 'start: begin_patch hunk+ end_patch\nbegin_patch: "*** Begin Patch" LF\n'
 #: Codex's apply_patch as it sends it to GPT-5-family models: a custom tool.
 APPLY_PATCH = {
@@ -70,7 +66,6 @@ APPLY_PATCH = {
 }
 TOOLS = [WEATHER, SHELL, APPLY_PATCH]
 
-CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+Hello\n*** End Patch\n"
 PATCH_CALL = (
     "<tool_call>\n"
@@ -93,46 +88,12 @@ MESSAGE_DONE = [
 ]
 
 
-def chars(text: str, eos: bool = True) -> Reply:
-    """One piece per character: every tag and argument split everywhere."""
-    return Reply.of(*text, eos=eos)
-
-
 def ask(rig: Rig, stream: bool = True, **kw: Any) -> Exchange:
     kw.setdefault("tools", TOOLS)
     kw.setdefault("input", "weather in Paris?")
     ex = post(rig, stream=stream, **kw)
     rig.threads.run_until_idle()
     return ex
-
-
-def collapsed(ex: Exchange) -> list[dict[str, Any]]:
-    """
-    The events with consecutive deltas of one item joined, and the
-    response's own id (random) and sequence numbers left out: what must
-    not depend on how the model's text was split into tokens.
-    """
-    out: list[dict[str, Any]] = []
-    for e in events(ex):
-        e = {k: v for k, v in e.items() if k != "sequence_number"}
-        if "response" in e:
-            # Token counts depend on the split; everything else must not.
-            e["response"] = {**e["response"], "usage": None}
-        last = out[-1] if out else None
-        if (
-            last is not None
-            and e["type"].endswith(".delta")
-            and last["type"] == e["type"]
-            and last["item_id"] == e["item_id"]
-        ):
-            last["delta"] += e["delta"]
-            continue
-        out.append(e)
-    text = re.sub(r"resp_[0-9a-f]{32}", "resp_X", json.dumps(out))
-    text = re.sub(r'"(created_at|completed_at)": \d+', r'"\1": 0', text)
-    return list(
-        json.loads(re.sub(r"_[0-9a-f]{32}_", "_X_", re.sub(r"_[0-9a-f]{20}_", "_X_", text)))
-    )
 
 
 def call_items(response: Response) -> list[tuple[str, str, str]]:
@@ -282,80 +243,34 @@ def test_streamed_and_non_streamed_responses_agree() -> None:
     assert strip(streamed) == strip(plain)
 
 
-# -- splits and malformed calls -----------------------------------------------
+# -- a custom call split -------------------------------------------------------
 
 
 TWO = f"Let me look.\n{CALL}\n{PATCH_CALL}"
 
 
-def test_markup_split_at_every_character_gives_the_same_events() -> None:
+def test_a_custom_call_split_at_every_character_gives_the_same_events() -> None:
+    # Function calls split anywhere, in every dialect: tests/unit/test_dialects.py.
     whole = collapsed(ask(make_rig([Reply.of(TWO)])))
     split = collapsed(ask(make_rig([chars(TWO)])))
     assert split == whole
     assert [e["type"] for e in whole].count("response.output_item.done") == 3
 
 
-@pytest.mark.parametrize("cut", range(1, len(CALL)))
-def test_any_two_way_split_of_a_call(cut: int) -> None:
-    whole = collapsed(ask(make_rig([Reply.of(CALL)])))
-    assert collapsed(ask(make_rig([Reply.of(CALL[:cut], CALL[cut:])]))) == whole
-
-
-def test_malformed_call_under_auto_is_text() -> None:
-    bad = '<tool_call>{"name": "launch_rockets", "arguments": {}}</tool_call>'
-    ex = ask(make_rig([chars(bad)]))
-    response = final(ex)
-    assert call_items(response) == []
-    assert response.output_text == bad and response.status == "completed"
-
-
-def test_no_parallel_calls_stops_decoding_after_the_first() -> None:
-    rig = make_rig([chars(CALL + "\n" + CALL + " and more text", eos=False)])
-    ex = ask(rig, parallel_tool_calls=False, max_output_tokens=500)
-    response = final(ex)
-    assert len(call_items(response)) == 1 and response.parallel_tool_calls is False
-    # The model thread stopped at the first call's closing brace.
-    tokens = [n for kind, n in rig.engine.computed if kind == "token"]
-    assert len(tokens) == CALL.index("}}") + 2
-
-
-def test_disconnect_mid_call_cancels_the_job() -> None:
-    rig = make_rig([chars(CALL, eos=False)], prefill_batch=100_000)
-    ex = post(rig, stream=True, input="weather?", tools=[WEATHER], max_output_tokens=500)
-    into_arguments = CALL.index('{"city') + 3
-    # Prefill in one batch (which samples the first token), then into the arguments.
-    rig.threads.step(into_arguments)
-    assert "".join(e["delta"] for e in events(ex) if e["type"].endswith("arguments.delta")) == (
-        '{"c'
-    )
-    ex.disconnect()
-    rig.threads.run_until_idle()
-    assert rig.engine.computed[-1] == ("closed", None)
-    assert len([1 for kind, _ in rig.engine.computed if kind == "token"]) == into_arguments
-
-
 # -- grammars ---------------------------------------------------------------------
 
 
-def test_tool_choice_builds_the_grammar_it_needs() -> None:
-    rig = make_rig([Reply.of(CALL)] * 6)
+def test_custom_and_allowed_tools_choices_build_their_grammars() -> None:
+    # "auto", "required", a named function and "none": tests/unit/test_dialects.py.
+    rig = make_rig([Reply.of(CALL)] * 3)
     ask(rig, tool_choice="required")
     forced = rig.engine.calls[-1][1].grammar
     assert forced is not None and forced.triggers == ()
     assert all(n in forced.gbnf for n in ("get_weather", "shell", "apply_patch"))
 
-    ask(rig, tool_choice={"type": "function", "name": "shell"})
-    named = rig.engine.calls[-1][1].grammar
-    assert named is not None and named.triggers == ()
-    assert "shell" in named.gbnf and "get_weather" not in named.gbnf
-
     ask(rig, tool_choice={"type": "custom", "name": "apply_patch"})
     custom = rig.engine.calls[-1][1].grammar
     assert custom is not None and custom.triggers == () and "apply_patch" in custom.gbnf
-
-    ask(rig)  # auto: constrained only once the model opens a call
-    lazy = rig.engine.calls[-1][1].grammar
-    assert lazy is not None and lazy.triggers and "<tool_call>" in lazy.triggers[0]
 
     ask(
         rig,
@@ -368,10 +283,6 @@ def test_tool_choice_builds_the_grammar_it_needs() -> None:
     allowed = rig.engine.calls[-1][1].grammar
     assert allowed is not None and allowed.triggers == ()
     assert "get_weather" in allowed.gbnf and "shell" not in allowed.gbnf
-
-    ask(rig, tool_choice="none")
-    assert rig.engine.calls[-1][1].grammar is None
-    assert "get_weather" not in prompt_text(rig, -1)
 
 
 def test_text_format_json_schema_builds_a_grammar() -> None:
