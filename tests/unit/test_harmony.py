@@ -23,39 +23,13 @@ from ds4tw._reasoning import PlainSplitter
 from ds4tw._reasoning.harmony import MAX_HEADER, HarmonyReasoningParser, HarmonySplitter
 from ds4tw._template import ChatTemplate
 from ds4tw._tools.parsers.harmony import HarmonyParser
-from ds4tw._tools.spec import ToolChoice, Tooling, ToolSpec
+from ds4tw._tools.spec import ToolChoice, Tooling
 from ds4tw._types import ContentText, ToolCallArgs, ToolCallEnd, ToolCallStart
 
 from .calls import seen
 from .gbnf import Grammar as Recogniser
+from .tools import PATCH, RUN, WEATHER
 
-WEATHER = ToolSpec(
-    "get_weather",
-    "The weather.",
-    {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string"},
-            "days": {"type": "integer"},
-            "units": {"type": "string", "enum": ["c", "f"]},
-        },
-        "required": ["city"],
-    },
-)
-RUN = ToolSpec(
-    "run",
-    "Run a command.",
-    {
-        "type": "object",
-        "properties": {
-            "command": {"type": "string"},
-            "options": {"type": "object", "properties": {"timeout": {"type": "number"}}},
-            "dry": {"type": "boolean"},
-        },
-        "required": ["command"],
-    },
-)
-PATCH = ToolSpec("apply_patch", "Edit files.", kind="custom")
 TOOLS = Tooling((WEATHER, RUN, PATCH))
 PROMPT = "<|start|>user<|message|>Hi<|end|><|start|>assistant"
 

@@ -24,42 +24,13 @@ from ds4tw._template import ChatTemplate
 from ds4tw._tools.parsers import HermesParser, Llama3JSONParser, MistralParser, ToolCallParser
 from ds4tw._tools.parsers.deepseek import DeepSeekV3Parser, DeepSeekV31Parser, DeepSeekV32Parser
 from ds4tw._tools.parsers.kimi_k2 import KimiK2Parser, call_name
-from ds4tw._tools.spec import ToolChoice, Tooling, ToolSpec
+from ds4tw._tools.spec import ToolChoice, Tooling
 from ds4tw._types import ContentText, ToolCallArgs, ToolCallEnd, ToolCallStart
 
 from .calls import seen, splits
 from .gbnf import Grammar as Recogniser
+from .tools import PATCH, RUN, WEATHER
 
-WEATHER = ToolSpec(
-    "get_weather",
-    "The weather.",
-    {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string"},
-            "days": {"type": "integer"},
-            "units": {"enum": ["c", "f"]},
-        },
-        "required": ["city"],
-    },
-)
-RUN = ToolSpec(
-    "run",
-    "Run a command.",
-    {
-        "type": "object",
-        "properties": {
-            "command": {"type": "string"},
-            "options": {
-                "type": "object",
-                "properties": {"timeout": {"type": "number"}, "env": {"type": "object"}},
-            },
-            "dry": {"type": "boolean"},
-        },
-        "required": ["command"],
-    },
-)
-PATCH = ToolSpec("apply_patch", "Edit files.", kind="custom")
 TOOLS = Tooling((WEATHER, RUN, PATCH))
 
 TEMPLATES = Path(__file__).parent.parent / "data" / "templates"

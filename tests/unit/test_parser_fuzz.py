@@ -25,36 +25,13 @@ from hypothesis import strategies as st
 from ds4tw._pipeline import OutputPipeline
 from ds4tw._reasoning import ReasoningSplitter, reasoning_parser
 from ds4tw._tools.parsers import TOOL_CALL_PARSERS, ToolCallParser
-from ds4tw._tools.spec import Tooling, ToolSpec
+from ds4tw._tools.spec import Tooling
 
 from .calls import seen, splits
+from .tools import PATCH, RUN, WEATHER
 
 EXAMPLES = int(os.environ.get("DS4TW_FUZZ_EXAMPLES", "100"))
 
-WEATHER = ToolSpec(
-    "get_weather",
-    "The weather.",
-    {
-        "type": "object",
-        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-        "required": ["city"],
-    },
-)
-RUN = ToolSpec(
-    "run",
-    "Run a command.",
-    {
-        "type": "object",
-        "properties": {
-            "command": {"type": "string"},
-            "options": {"type": "object"},
-            "dry": {"type": "boolean"},
-        },
-        "required": ["command"],
-    },
-)
-#: A free-form tool (Codex's apply_patch): its input is decoded, not streamed.
-PATCH = ToolSpec("apply_patch", "Edit files.", kind="custom")
 TOOLS = Tooling((WEATHER, RUN, PATCH))
 CALLS: list[tuple[str, Any]] = [
     ("get_weather", {"city": 'Par"is <b>\nnow', "days": 3}),

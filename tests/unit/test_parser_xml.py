@@ -27,38 +27,8 @@ from ds4tw._types import ContentText, ToolCallArgs, ToolCallEnd, ToolCallStart
 
 from .calls import seen, splits
 from .gbnf import Grammar as Recogniser
+from .tools import PATCH, RUN, WEATHER
 
-WEATHER = ToolSpec(
-    "get_weather",
-    "The weather.",
-    {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string"},
-            "days": {"type": "integer"},
-            "units": {"type": "string", "enum": ["c", "f"]},
-        },
-        "required": ["city"],
-    },
-)
-RUN = ToolSpec(
-    "run",
-    "Run a command.",
-    {
-        "type": "object",
-        "properties": {
-            "command": {"type": "string"},
-            "options": {
-                "type": "object",
-                "properties": {"timeout": {"type": "number"}, "env": {"type": "object"}},
-            },
-            "dry": {"type": "boolean"},
-            "tags": {"type": "array", "items": {"type": "string"}},
-        },
-        "required": ["command"],
-    },
-)
-PATCH = ToolSpec("apply_patch", "Edit files.", kind="custom")
 TOOLS = Tooling((WEATHER, RUN, PATCH))
 
 QWEN, GLM, MINIMAX = Qwen3CoderParser(), GLM45Parser(), MiniMaxM2Parser()

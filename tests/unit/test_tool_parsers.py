@@ -22,17 +22,12 @@ from ds4tw._tools.parsers import (
     tool_call_parser,
 )
 from ds4tw._tools.scan import Malformed, ValueScanner
-from ds4tw._tools.spec import ToolChoice, Tooling, ToolSpec
+from ds4tw._tools.spec import ToolChoice, Tooling
 from ds4tw._types import ContentText, ToolCallArgs, ToolCallStart
 
 from .calls import seen, splits
+from .tools import PATCH, WEATHER
 
-WEATHER = ToolSpec(
-    "get_weather",
-    "The weather.",
-    {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-)
-PATCH = ToolSpec("apply_patch", "Edit files.", kind="custom")
 TOOLS = Tooling((WEATHER, PATCH))
 
 Summary = tuple[str, list[tuple[str, str]]]

@@ -1,6 +1,7 @@
 """
-The tools the route tests offer, written once as ds4tw's own L{ToolSpec}
-and put in each dialect's wire shape by one function per dialect; the
+The tools the parser and route tests offer, written once as ds4tw's own
+L{ToolSpec} and put in each dialect's wire shape by one function per
+dialect; the
 Hermes markup the scripted model writes to call one (the scripted
 engine's ChatML template has no tool support, so calls are parsed by the
 Hermes fallback); and a reply split at every character.
@@ -16,8 +17,37 @@ from ds4tw.testing import Reply
 WEATHER = ToolSpec(
     "get_weather",
     "The weather in a city.",
-    {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "days": {"type": "integer"},
+            "units": {"type": "string", "enum": ["c", "f"]},
+        },
+        "required": ["city"],
+    },
 )
+#: Arguments of every JSON type a call syntax must carry: a string, a
+#: nested object, a boolean and an array.
+RUN = ToolSpec(
+    "run",
+    "Run a command.",
+    {
+        "type": "object",
+        "properties": {
+            "command": {"type": "string"},
+            "options": {
+                "type": "object",
+                "properties": {"timeout": {"type": "number"}, "env": {"type": "object"}},
+            },
+            "dry": {"type": "boolean"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["command"],
+    },
+)
+#: A free-form tool (Codex's apply_patch): its input is decoded, not streamed.
+PATCH = ToolSpec("apply_patch", "Edit files.", kind="custom")
 TIME = ToolSpec(
     "get_time",
     "The time in a timezone.",
