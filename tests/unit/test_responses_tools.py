@@ -36,7 +36,17 @@ from ds4tw.testing import Exchange, Reply
 from . import tools
 from .conftest import Rig, make_rig
 from .dialects import collapsed
-from .test_responses import body, events, final, post, prompt_text, types
+from .test_responses import (
+    MESSAGE_DONE,
+    MESSAGE_OPEN,
+    OPEN,
+    body,
+    events,
+    final,
+    post,
+    prompt_text,
+    types,
+)
 from .tools import CALL, chars, responses_tool
 
 SHELL = {
@@ -73,17 +83,10 @@ PATCH_CALL = (
     + "\n</tool_call>"
 )
 
-OPEN = ["response.created", "response.in_progress"]
 FUNCTION_CALL = [
     "response.output_item.added",
     "response.function_call_arguments.delta",
     "response.function_call_arguments.done",
-    "response.output_item.done",
-]
-MESSAGE_OPEN = ["response.output_item.added", "response.content_part.added"]
-MESSAGE_DONE = [
-    "response.output_text.done",
-    "response.content_part.done",
     "response.output_item.done",
 ]
 
