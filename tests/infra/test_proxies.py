@@ -30,6 +30,14 @@ from .conftest import KINDS, Proxy, Twistd, start_twistd, stop_twistd
 
 URL = "/v1/chat/completions"
 IDLE = 2.0  # the proxies' idle timeout, seconds
+KEEPALIVE = 1.0  # the keepalive replica's --keepalive, seconds
+#: How much later than KEEPALIVE a frame may reach the client: the
+#: reactor's lateness (a LoopingCall fires late, never early, when the
+#: machine is busy) plus the proxy's and the client's. Measured on a
+#: 2-core machine saturated by other jobs (the prefill took 290 s): a
+#: longest silence of 1.37 s through HAProxy, 1.27 s through nginx.
+#: KEEPALIVE + SLACK stays under IDLE, so passing it is still the proof.
+SLACK = 0.6
 PROMPT_WORDS = 2000  # prefills in well over IDLE on the demo model (~300-400 tok/s)
 REFUSED = re.compile(r'"POST [^"]*" 503 ')
 PREFILL = re.compile(r"done: finish=\w+ prompt=(\d+) cached=(\d+) .*? prefill=([0-9.]+)s")
@@ -87,6 +95,18 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Twis
 def test_long_prefill_through_an_idle_timeout(
     kind: str, servers: dict[str, Twistd], proxies: Callable[..., Proxy]
 ) -> None:
+    """
+    The promise: while a prefill runs, the client never waits more than
+    the keepalive interval (plus a measured slack) for its next byte, so a
+    proxy whose idle timeout is above that lets the stream through, and
+    the answer arrives. The control shows the same proxy cutting the same
+    request from a replica without keepalives.
+
+    Caveat: it asserts the longest silence, not how many frames were sent:
+    a loaded machine fires a late keepalive once instead of twice (a
+    LoopingCall skips what it missed), which changes the count but not
+    the promise.
+    """
     ka, silent = servers["keepalive"], servers["silent"]
     with_ka = proxies(kind, IDLE, [ka.port])
     without = proxies(kind, IDLE, [silent.port])
@@ -99,9 +119,12 @@ def test_long_prefill_through_an_idle_timeout(
     assert m is not None, ka.log_text()[offset:]
     prefill_s = float(m.group(3))
     assert prefill_s > 1.5 * IDLE, f"prefill took {prefill_s}s: raise PROMPT_WORDS"
-    assert sum(1 for _, line in ok.lines if line == ": prefill") >= int(prefill_s) - 1
+    # Between the request and its first line: the template, the first
+    # keepalive and the proxy's connect; after it, only keepalives and the answer.
     gaps = [b - a for (a, _), (b, _) in zip([(0.0, ""), *ok.lines], ok.lines, strict=False)]
     assert max(gaps) < IDLE, gaps
+    assert max(gaps[1:]) < KEEPALIVE + SLACK, gaps
+    assert ": prefill" in {line for _, line in ok.lines}  # the frames say what is running
 
     # The control: the same through the same proxy, from a replica that
     # sends no keepalives. The proxy cuts it at its idle timeout: a 504 if
