@@ -50,16 +50,19 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-#: Why generation ended, as the engine sees it (the worker adds
+from ._kvcache import CacheStats, PromptCache
+
+#: Why generation ended, as the engine sees it (the scheduler adds
 #: C{"tool_calls"} when the text held complete calls).
 FinishReason = Literal["stop", "length"]
 
 
 class Aborted(Exception):
     """
-    Raised from L{Engine.generate} when its L{AbortFlag} stopped a step
-    in the middle (the step's work is undone: the engine is ready for the
-    next request as if the step had never started).
+    Raised from L{Engine.step} (and so from L{generate}) when its
+    L{AbortFlag} stopped the step in the middle (the step's work is
+    undone: the engine is ready for the next step as if this one had never
+    started).
     """
 
 
@@ -265,10 +268,17 @@ class Engine(Protocol):
 
     #: The name clients use for the model (C{/v1/models}).
     model_id: str
+    #: Saved prefix states beyond the slots, in memory and on disk (None:
+    #: none); C{/metrics} shows its tiers.
+    prompt_cache: PromptCache | None
 
     @property
     def n_ctx(self) -> int:
         """Context size in tokens (valid after L{load})."""
+
+    @property
+    def n_vocab(self) -> int:
+        """Token ids are below this (valid after L{load})."""
 
     @property
     def chat_template(self) -> str:
@@ -295,6 +305,14 @@ class Engine(Protocol):
     @property
     def slots(self) -> int:
         """How many sequences the context holds, so requests at once."""
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        """
+        Prefix reuse counters: hits by source, misses, and the prompt
+        cache's restores and saves (its own when there is one); C{/metrics}
+        reads them at scrape time, outside the model thread (plain ints).
+        """
 
     def open(self, prompt: Sequence[int], params: SamplingParams) -> int:
         """

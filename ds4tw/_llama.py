@@ -34,10 +34,9 @@ import math
 import os
 import platform
 import re
-from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,20 +47,16 @@ from ._engine import (
     Aborted,
     AbortFlag,
     ChatPrompt,
-    EngineEvent,
     Failed,
     Finished,
-    FinishReason,
     Grammar,
-    PrefillProgress,
     SamplingParams,
     StepEvent,
     StepResult,
     Token,
-    generate,
 )
-from ._kvcache import CacheStats, Prefixes, PromptCache, Restore, template_opening
-from ._prefill import PrefillOrder
+from ._kvcache import PromptCache, Restore
+from ._sequences import Seq, SequenceEngine
 from ._slots import SlotTable
 from ._template import CHATML_TEMPLATE, ChatTemplate
 
@@ -1057,35 +1052,17 @@ class _Batch:
             self.batch = None
 
 
-@dataclass
-class _Seq:
-    """One open sequence of L{LlamaEngine}."""
+@dataclass(kw_only=True)
+class _Seq(Seq):
+    """One open sequence of L{LlamaEngine}: its samplers and its place in the step."""
 
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    cached: int
-    #: Tokens of this sequence in the KV cache (the next position).
-    n_past: int
     sampler: Any = None
     constrained: _ConstrainedSampler | None = None
     #: Sampled and reported, not yet in the KV cache (decoded next step).
     pending: int | None = None
-    #: Tokens to emit next in place of sampling (L{LlamaEngine.force}).
-    forced: deque[int] = field(default_factory=deque)
-    emitted: int = 0
-    finished: bool = False
     #: This step: where its logits are in the batch, how many tokens it added.
     idx: int = -1
     added: int = 0
-    #: A prefix state to load before prefilling (the prompt cache).
-    restore: Restore | None = None
-    #: Where the cached prefix came from (L{PrefillProgress.source}).
-    source: str | None = None
-
-    @property
-    def prefilling(self) -> bool:
-        return self.n_past < len(self.prompt)
 
 
 #: A prefix is copied from another slot only when it is at least
@@ -1096,7 +1073,7 @@ class _Seq:
 COPY_WORTH = 100
 
 
-class LlamaEngine:
+class LlamaEngine(SequenceEngine[_Seq]):
     """
     A GGUF model through llama-cpp-python, with C{slots} sequences in one
     context (a KV stream of C{n_ctx} cells per slot, so each request may
@@ -1134,32 +1111,28 @@ class LlamaEngine:
         prompt_cache: PromptCache | None = None,
         options: EngineOptions | None = None,
     ) -> None:
-        if slots < 1:
-            raise ValueError("slots must be at least 1")
+        super().__init__(
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_batch_decoding=n_batch_decoding,
+            slots=slots,
+            prompt_cache=prompt_cache,
+        )
         self.options = options or EngineOptions()
         self.options.check()
         #: What llama.cpp took of the options (L{settings}), once loaded.
         self._settings: dict[str, Any] = {}
         #: What llama.cpp logged while loading (L{_llama_log}).
         self._load_log: list[str] = []
-        self._n_batch_decoding = min(n_batch, n_batch_decoding or n_batch)
         self.model_path = Path(model_path)
         self.model_id = model_id or self.model_path.stem
-        self._n_ctx = n_ctx
         self._n_threads = n_threads or os.cpu_count() or 1
-        self._n_batch = n_batch
         self._template_override = chat_template
         self._llm: Any = None
         self._template: ChatTemplate | None = None
         self._eog_ids: list[int] = []
         self._eog: set[int] = set()
         self._bytes: _VocabBytes | None = None
-        self._table = SlotTable(slots)
-        #: Saved prefixes beyond the slots, in memory and on disk (None: none).
-        self.prompt_cache = prompt_cache
-        self._prefixes = Prefixes(self._table, prompt_cache)
-        self._seqs: dict[int, _Seq] = {}
-        self._prefill_order = PrefillOrder()
         self._batch: _Batch | None = None
         self._buf = ctypes.create_string_buffer(64)
         #: Never set: the callback's data for a step given no flag, so that
@@ -1174,17 +1147,8 @@ class LlamaEngine:
         self.abort_in_step = self.options.abort_in_step
 
     @property
-    def n_ctx(self) -> int:
-        return self._n_ctx
-
-    @property
-    def slots(self) -> int:
-        return self._table.n
-
-    @property
-    def cache_stats(self) -> CacheStats:
-        """Prefix reuse counters (hits by source, restores, saves, ...)."""
-        return self._prefixes.stats
+    def n_vocab(self) -> int:
+        return 0 if self._llm is None else int(self._llm.n_vocab())
 
     @property
     def table(self) -> SlotTable:
@@ -1212,7 +1176,7 @@ class LlamaEngine:
         llm = open_llama(
             str(self.model_path),
             n_ctx=self._n_ctx,
-            n_batch=self._n_batch,
+            n_batch=self.n_batch,
             n_threads=self._n_threads,
             n_seq=self.slots,
             options=self.options,
@@ -1233,17 +1197,15 @@ class LlamaEngine:
         self._eog_ids = eog_tokens(llm)
         self._eog = set(self._eog_ids)
         self._llm = llm
-        self._prefixes.opening = template_opening(self._template, self.tokenize)
-        self._batch = _Batch(self._n_batch)
+        self._start_cache(
+            self._template,
+            lambda: model_identity(
+                self.model_path, llm, flash_attn=self._settings["flash_attn"] == "on"
+            ),
+        )
+        self._batch = _Batch(self.n_batch)
         self._abort_cb = abort_callback()
         self._watch(None)
-        if self.prompt_cache is not None:
-            self.prompt_cache.start(
-                model_identity(
-                    self.model_path, llm, flash_attn=self._settings["flash_attn"] == "on"
-                ),
-                self._n_ctx,
-            )
         log.info(
             "ds4tw: loaded {path} (slots={slots} x n_ctx={n_ctx}: {cells} KV cells, "
             "~{mib:.0f} MiB; n_batch={n_batch}, threads={threads})",
@@ -1252,7 +1214,7 @@ class LlamaEngine:
             n_ctx=self._n_ctx,
             cells=llm.n_ctx(),
             mib=kv_bytes_per_token(llm) * llm.n_ctx() / 2**20,
-            n_batch=self._n_batch,
+            n_batch=self.n_batch,
             threads=self._n_threads,
         )
         e = self._settings
@@ -1275,11 +1237,8 @@ class LlamaEngine:
         )
 
     def close(self) -> None:
-        for seq in list(self._seqs):
-            self.release(seq, keep_output=False)
-        if self._llm is not None:
-            # The graceful shutdown path: what the slots hold goes to disk.
-            self._prefixes.close(self)
+        # The graceful shutdown path: what the slots hold goes to disk.
+        self._close_sequences(save=self._llm is not None)
         if self._batch is not None:
             self._batch.close()
             self._batch = None
@@ -1380,54 +1339,49 @@ class LlamaEngine:
             self._vocab_bytes(),
         )
 
-    def open(self, prompt: Sequence[int], params: SamplingParams) -> int:
-        import llama_cpp
+    # -- sequences (L{ds4tw._sequences.SequenceEngine}) -------------------
 
-        tokens = list(prompt)
-        if not tokens:
+    def _new_seq(self, prompt: list[int], params: SamplingParams) -> _Seq:
+        if not prompt:
             raise ValueError("an empty prompt")
         # Before anything is allocated: a grammar that does not parse fails here.
         constrained = self._constrained(params) if params.grammar is not None else None
         sampler = self._sampler(params) if constrained is None else None
-        opened = self._prefixes.open(tokens, self)
-        claim, restore = opened.claim, opened.restore
+        return _Seq(prompt=prompt, params=params, sampler=sampler, constrained=constrained)
+
+    def _copy_prefix(self, slot: int, source: int, cached: int, restore: Restore | None) -> bool:
+        # Not when the prompt cache has more of it, nor for a small share
+        # of what the source holds (the copy moves all of it).
+        held = len(self._table.slots[source].tokens)
+        if restore is not None or cached * COPY_WORTH < held:
+            return False
+        return self.restore(slot, self.state(source), cached)
+
+    def _trim(self, slot: int, keep: int) -> bool:
+        import llama_cpp
+
+        if self._llm is None:
+            return True
         mem = llama_cpp.llama_get_memory(self._llm._ctx.ctx)
-        cached = claim.cached
-        source = "slot" if cached else None
-        if claim.source is not None and claim.source != claim.slot:
-            # The prefix lives in another sequence (a parallel subagent with
-            # the same system prompt and tools): copy its cells over, unless
-            # the prompt cache has more of it.
-            held = len(self._table.slots[claim.source].tokens)
-            source = "copy"
-            if (
-                restore is not None
-                or cached * COPY_WORTH < held
-                or not self.restore(claim.slot, self.state(claim.source), cached)
-            ):
-                llama_cpp.llama_memory_seq_rm(mem, claim.slot, -1, -1)
-                cached, source = 0, None
-                self._table.slots[claim.slot].tokens.clear()
-        elif not llama_cpp.llama_memory_seq_rm(mem, claim.slot, cached, -1):
-            # A cache that cannot drop a tail (recurrent, SWA): start over.
-            llama_cpp.llama_memory_seq_rm(mem, claim.slot, -1, -1)
-            cached, source = 0, None
-            self._table.slots[claim.slot].tokens.clear()
-        self._prefill_order.forget(claim.slot)
-        self._seqs[claim.slot] = _Seq(
-            claim.slot,
-            tokens,
-            params,
-            cached,
-            cached,
-            sampler,
-            constrained,
-            restore=restore,
-            source=source,
-        )
-        if restore is None:
-            self._prefixes.count(source, cached)
-        return claim.slot
+        return bool(llama_cpp.llama_memory_seq_rm(mem, slot, keep, -1))
+
+    def _clear(self, slot: int) -> None:
+        import llama_cpp
+
+        mem = llama_cpp.llama_get_memory(self._llm._ctx.ctx)
+        llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
+
+    def _end(self, s: _Seq) -> None:
+        if s.constrained is not None:
+            s.constrained.close()
+        if s.sampler is not None:
+            s.sampler.close()
+
+    def _live(self) -> list[_Seq]:
+        # In sequence order: llama.cpp splits a batch by sequence, and with
+        # the sequences out of order a step of 8 took 38 ms instead of 29.5
+        # (demo model, 2 threads; measured after slots were reused).
+        return sorted(super()._live(), key=lambda s: s.id)
 
     # -- per-sequence state (L{ds4tw._kvcache.States}) -------------------
 
@@ -1472,66 +1426,27 @@ class LlamaEngine:
         llama_cpp.llama_memory_seq_rm(mem, slot, keep, -1)
         return True
 
-    def release(self, seq: int, *, keep_output: bool = True) -> None:
-        import llama_cpp
-
-        s = self._seqs.pop(seq)
-        if s.restore is not None:
-            s.restore.cancel()  # a disk read in flight stops within a chunk
-        if s.constrained is not None:
-            s.constrained.close()
-        if s.sampler is not None:
-            s.sampler.close()
-        self._table.release(seq, None if keep_output else min(s.n_past, len(s.prompt)))
-        if self._llm is not None:
-            mem = llama_cpp.llama_get_memory(self._llm._ctx.ctx)
-            kept = len(self._table.slots[seq].tokens)
-            if not llama_cpp.llama_memory_seq_rm(mem, seq, kept, -1):
-                llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
-                self._table.slots[seq].tokens.clear()
-
     def step(self, abort: AbortFlag | None = None) -> StepResult:
         import llama_cpp
 
         batch = self._batch
         assert batch is not None, "load() first"
         batch.clear()
-        # In sequence order: llama.cpp splits a batch by sequence, and with
-        # the sequences out of order a step of 8 took 38 ms instead of 29.5
-        # (demo model, 2 threads; measured after slots were reused).
-        live = sorted((s for s in self._seqs.values() if not s.finished), key=lambda s: s.id)
-        events: list[tuple[int, StepEvent]] = []
-        waiting: list[_Seq] = []
-        if any(s.restore is not None for s in live):
-            # Restores come first, in the step (the cancel flag and the
-            # keepalive see them like a prefill batch); a sequence whose
-            # state is still being read from disk sits this step out.
-            if abort is not None and abort.is_set:
-                raise Aborted
-            waiting = self._restore(live, events)
-            live = [s for s in live if s not in waiting]
+        live, waiting, events = self._begin_step(abort)
         decoding = [s for s in live if s.pending is not None]
         for s in decoding:
             assert s.pending is not None
             s.idx = batch.add(s.pending, s.n_past, s.id, True)
             s.added = 1
-        filling = {s.id: s for s in live if s.prefilling}
-        # While others decode, a smaller step bounds their stall.
-        limit = self._n_batch_decoding if decoding else batch.size
-        budget = min(batch.size - batch.n, max(limit - batch.n, 1 if filling else 0))
         prefilled: list[_Seq] = []
-        remaining = {i: len(s.prompt) - s.n_past for i, s in filling.items()}
-        for i, n in self._prefill_order.plan(remaining, budget):
-            s = filling[i]
+        for s, n in self._plan_prefill(live, batch.n, batch.size - batch.n):
             end = s.n_past + n
             for pos in range(s.n_past, end):
                 idx = batch.add(s.prompt[pos], pos, s.id, pos == len(s.prompt) - 1)
             s.idx, s.added = idx, n
             prefilled.append(s)
         if batch.n == 0:
-            if waiting and not events:
-                self._prefixes.await_any([s.restore for s in waiting if s.restore], abort)
-            return StepResult(tuple(events))
+            return self._idle(waiting, events, abort)
         ctx = self._llm._ctx.ctx
         # Every decode sets the flag it runs under first, so the flag stays
         # installed between steps (one C call only when it changes).
@@ -1556,9 +1471,9 @@ class LlamaEngine:
             start = s.n_past
             s.n_past += s.added
             self._table.slots[s.id].tokens.extend(s.prompt[start : s.n_past])
-            events.append((s.id, PrefillProgress(s.n_past, len(s.prompt), s.cached, s.source)))
+            events.append((s.id, s.progress()))
             if not s.prefilling:
-                self._prefixes.computed(s.id, s.prompt, len(s.prompt) - s.cached, self)
+                self._prompt_done(s)
                 events += [(s.id, e) for e in self._sample(s)]
         return StepResult(
             tuple(events),
@@ -1566,22 +1481,6 @@ class LlamaEngine:
             len(decoding),
             sum(s.added for s in prefilled),
         )
-
-    def _restore(self, live: list[_Seq], events: list[tuple[int, StepEvent]]) -> list[_Seq]:
-        """Run the restores whose state is loaded; return the sequences still waiting."""
-        waiting = []
-        for s in live:
-            r = s.restore
-            if r is None:
-                continue
-            if not r.done():
-                waiting.append(s)
-                continue
-            s.restore = None
-            s.cached, s.source = self._prefixes.settle(s.id, s.prompt, r, self, s.cached, s.source)
-            s.n_past = s.cached
-            events.append((s.id, PrefillProgress(s.n_past, len(s.prompt), s.cached, s.source)))
-        return waiting
 
     def _sample(self, s: _Seq) -> list[StepEvent]:
         """Sample C{s}'s next token from its logits of this step."""
@@ -1643,9 +1542,6 @@ class LlamaEngine:
             return None
         return token
 
-    def force(self, seq: int, tokens: Sequence[int]) -> None:
-        self._seqs[seq].forced.extend(tokens)
-
     def is_special(self, token: int) -> bool:
         """
         Whether C{token}'s text is hidden unless kept: it renders only with
@@ -1674,12 +1570,6 @@ class LlamaEngine:
             lp,
             tuple((t, token_piece(llm, t, self._buf, t in keep), v) for t, v in best),
         )
-
-    def generate(
-        self, prompt: Sequence[int], params: SamplingParams, abort: AbortFlag | None = None
-    ) -> Generator[EngineEvent, None, FinishReason]:
-        """One request alone (L{ds4tw._engine.generate})."""
-        return generate(self, prompt, params, abort)
 
 
 def model_identity(path: Path, llm: Any, *, flash_attn: bool | None = None) -> dict[str, Any]:

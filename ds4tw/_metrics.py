@@ -17,7 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from twisted.python.failure import Failure
 
-from ._kvcache import CacheStats, PromptCache
+from ._engine import Engine
 from ._kvcache._file import REASONS
 from ._scheduler import StepStats
 from ._types import Finish
@@ -129,10 +129,9 @@ class Metrics:
         if slots is not None:
             self.slots.set_function(lambda: float(slots()))
 
-    def watch_cache(self, engine: Any) -> None:
-        """Export C{engine}'s prefix reuse counters and prompt cache (if it has them)."""
-        if isinstance(getattr(engine, "cache_stats", None), CacheStats):
-            self.registry.register(_CacheCollector(engine))
+    def watch_cache(self, engine: Engine) -> None:
+        """Export C{engine}'s prefix reuse counters and its prompt cache's (if it has one)."""
+        self.registry.register(_CacheCollector(engine))
 
     def step_done(self, stats: StepStats) -> None:
         self.step_seconds.observe(stats.seconds)
@@ -176,12 +175,12 @@ class _CacheCollector(Collector):
     model thread owns them; a scrape reads plain ints).
     """
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[Any]:
-        stats: CacheStats = self.engine.cache_stats
-        cache: PromptCache | None = getattr(self.engine, "prompt_cache", None)
+        stats = self.engine.cache_stats
+        cache = self.engine.prompt_cache
 
         def counter(name: str, doc: str, label: str, values: dict[str, int]) -> Any:
             family = CounterMetricFamily(name, doc, labels=[label])

@@ -11,7 +11,7 @@ alternatives below it.
 
 It runs C{slots} sequences at once (one by default) in steps shaped like
 L{ds4tw.LlamaEngine}'s: each step emits a token for every decoding
-sequence and prefills prompt chunks within a budget of C{prefill_batch}
+sequence and prefills prompt chunks within a budget of C{n_batch}
 tokens (L{ds4tw._prefill}: shortest remaining first, with aging); the
 step that completes a prompt also emits its first token. L{steps}
 records every step's units by slot.
@@ -55,27 +55,22 @@ import re
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ._engine import (
     Aborted,
     AbortFlag,
     ChatPrompt,
-    EngineEvent,
     Finished,
-    FinishReason,
-    PrefillProgress,
     SamplingParams,
     StepEvent,
     StepResult,
     Token,
-    generate,
 )
-from ._kvcache import CacheStats, Prefixes, PromptCache, Restore, template_opening
-from ._prefill import PrefillOrder
-from ._slots import SlotTable
+from ._kvcache import PromptCache, Restore
+from ._sequences import Seq, SequenceEngine
 from ._template import CHATML_TEMPLATE, ChatTemplate
 
 #: A scripted slot's "state" is its tokens as 32-bit integers.
@@ -110,43 +105,32 @@ class Reply:
         return cls.of(*[p for p in parts if p], eos=eos)
 
 
-@dataclass
-class _Seq:
-    """One open sequence of the scripted engine."""
+@dataclass(kw_only=True)
+class _Seq(Seq):
+    """One open sequence of the scripted engine: its reply, and where it is."""
 
-    prompt: list[int]
-    params: SamplingParams
     reply: Reply
-    cached: int
-    done: int
-    #: Tokens emitted so far (forced ones included).
-    emitted: int = 0
     #: The next piece of the reply to emit.
     pos: int = 0
-    #: Tokens to emit next in place of the reply (L{ScriptedEngine.force}).
-    forced: deque[int] = field(default_factory=deque)
     #: The text forced so far, not yet matched in the reply.
     forced_text: bytes = b""
-    finished: bool = False
-    restore: Restore | None = None
-    source: str | None = None
 
 
-class ScriptedEngine:
+class ScriptedEngine(SequenceEngine[_Seq]):
     """
     An L{Engine} that plays back L{Reply}s in order (the last one repeats),
     one per opened sequence; or, for a prompt that contains the text of
     one of C{when}'s pairs, that pair's reply.
 
-    @param prefill_batch: the step budget: tokens per step, one for each
+    @param n_batch: the step budget: tokens per step, one for each
         decoding sequence and the rest for prompt chunks.
     @param tps: decode speed in steps per second (0: instant); a step
         decodes every decoding sequence at once.
     @param prefill_tps: prefill speed in prompt tokens per second (0: instant).
     @param prefix_cache: reuse the longest prefix a slot holds.
     @param slots: sequences at once.
-    @param decoding_batch: the step budget while some sequence decodes
-        (default: C{prefill_batch}).
+    @param n_batch_decoding: the step budget while some sequence decodes
+        (default: C{n_batch}).
     @param prompt_cache: a L{ds4tw._kvcache.PromptCache} (needs
         C{prefix_cache}); a slot's "state" is its tokens, packed.
     @param when: (text, reply) pairs: a prompt containing C{text} is
@@ -155,6 +139,8 @@ class ScriptedEngine:
         own beside the conversation (a title, a summary), sometimes at
         once, get the reply meant for each, in any order; and a reply can
         answer what a tool returned.
+    @param prefill_batch: the old name of C{n_batch}, still taken.
+    @param decoding_batch: the old name of C{n_batch_decoding}, still taken.
     """
 
     #: A paced step checks the abort flag this often (seconds).
@@ -165,45 +151,45 @@ class ScriptedEngine:
         replies: Iterable[Reply | str] = ("Hello from the scripted engine.",),
         *,
         n_ctx: int = 4096,
-        prefill_batch: int = 64,
+        n_batch: int = 64,
         model_id: str = "scripted",
         chat_template: str = CHATML_TEMPLATE,
         tps: float = 0.0,
         prefill_tps: float = 0.0,
         prefix_cache: bool = False,
         slots: int = 1,
-        decoding_batch: int | None = None,
+        n_batch_decoding: int | None = None,
         prompt_cache: PromptCache | None = None,
         when: Iterable[tuple[str, Reply | str]] = (),
+        prefill_batch: int | None = None,
+        decoding_batch: int | None = None,
     ) -> None:
         if tps < 0 or prefill_tps < 0:
             raise ValueError("tps and prefill_tps must be >= 0")
+        super().__init__(
+            n_ctx=n_ctx,
+            n_batch=prefill_batch or n_batch,
+            n_batch_decoding=decoding_batch or n_batch_decoding,
+            slots=slots,
+            prompt_cache=prompt_cache,
+            reuse=prefix_cache,
+        )
         self.model_id = model_id
         self.tps = tps
         self.prefill_tps = prefill_tps
         #: What each slot's "KV cache" holds (L{ds4tw._slots.SlotTable}).
-        self.table = SlotTable(slots, reuse=prefix_cache)
-        #: Saved prefixes beyond the slots (its states are the tokens, packed).
-        self.prompt_cache = prompt_cache
-        self._prefixes = Prefixes(self.table, prompt_cache)
+        self.table = self._table
         #: Every restore run: (slot, tier, tokens kept).
         self.restores: list[tuple[int, str, int]] = []
         #: What each slot's "KV cells" hold, kept apart from the table (as
         #: llama.cpp's cells are), so that a saved "state" is what the
         #: cells held and a restore must bring back exactly the prompt's.
         self._cells: list[list[int]] = [[] for _ in range(slots)]
-        self._n_ctx = n_ctx
-        self.prefill_batch = prefill_batch
-        #: The step budget while some sequence decodes (L{ds4tw.LlamaEngine}'s
-        #: C{n_batch_decoding}).
-        self.decoding_batch = min(prefill_batch, decoding_batch or prefill_batch)
         self._replies: deque[Reply] = deque(
             r if isinstance(r, Reply) else Reply.words(r) for r in replies
         )
         self._when = [(t, r if isinstance(r, Reply) else Reply.words(r)) for t, r in when]
         self._template = ChatTemplate(chat_template, eos_token="<|im_end|>")
-        self._open: dict[int, _Seq] = {}
-        self._prefill_order = PrefillOrder()
         self.loaded = False
         self.closed = False
         #: Work done, in order: ("prefill", tokens_done), ("token", index),
@@ -228,16 +214,13 @@ class ScriptedEngine:
         self.generation_prompt_suffix = ""
 
     @property
-    def n_ctx(self) -> int:
-        return self._n_ctx
-
-    @property
-    def slots(self) -> int:
-        return self.table.n
-
-    @property
     def chat_template(self) -> str:
         return self._template.source
+
+    @property
+    def n_vocab(self) -> int:
+        # Tokens are characters (tokenize): any code point is an id.
+        return 0x110000
 
     @property
     def prefix_cache(self) -> bool:
@@ -256,22 +239,15 @@ class ScriptedEngine:
     def add_reply(self, reply: Reply | str) -> None:
         self._replies.append(reply if isinstance(reply, Reply) else Reply.words(reply))
 
-    @property
-    def cache_stats(self) -> CacheStats:
-        return self._prefixes.stats
-
     def load(self) -> None:
         self.loaded = True
-        self._prefixes.opening = template_opening(self._template, self.tokenize)
-        if self.prompt_cache is not None:
-            self.prompt_cache.start(
-                {"model": "scripted", "kv_bytes_per_token": STATE_BYTES_PER_TOKEN}, self._n_ctx
-            )
+        self._start_cache(
+            self._template,
+            lambda: {"model": "scripted", "kv_bytes_per_token": STATE_BYTES_PER_TOKEN},
+        )
 
     def close(self) -> None:
-        for i in list(self._open):
-            self.release(i, keep_output=False)
-        self._prefixes.close(self)
+        self._close_sequences(save=True)
         self.closed = True
 
     # -- per-sequence state (L{ds4tw._kvcache.States}) -------------------
@@ -318,39 +294,33 @@ class ScriptedEngine:
         top += [(i, f" alt{i}".encode(), TOKEN_LOGPROB - i) for i in range(1, logprobs)]
         return Token(token_id, piece, TOKEN_LOGPROB, tuple(top[:logprobs]))
 
-    # -- sequences ---------------------------------------------------------
+    # -- sequences (L{ds4tw._sequences.SequenceEngine}) -------------------
 
-    def open(self, prompt: Sequence[int], params: SamplingParams) -> int:
+    def _new_seq(self, prompt: list[int], params: SamplingParams) -> _Seq:
         self.calls.append((list(prompt), params))
-        opened = self._prefixes.open(prompt, self)
-        claim = opened.claim
-        # The cells of the reused prefix: the slot's own, or copied over.
-        self._cells[claim.slot] = self._cells[claim.slot if claim.source is None else claim.source][
-            : claim.cached
-        ]
-        source = None if not claim.cached else "slot" if claim.source == claim.slot else "copy"
-        self._prefill_order.forget(claim.slot)
-        self._open[claim.slot] = _Seq(
-            list(prompt),
-            params,
-            self._next_reply(prompt),
-            claim.cached,
-            claim.cached,
-            restore=opened.restore,
-            source=source,
-        )
-        if opened.restore is None:
-            self._prefixes.count(source, claim.cached)
-        return claim.slot
+        return _Seq(prompt=prompt, params=params, reply=self._next_reply(prompt))
 
-    def release(self, seq: int, *, keep_output: bool = True) -> None:
-        s = self._open.pop(seq)
-        if s.restore is not None:
-            s.restore.cancel()
+    def _copy_prefix(self, slot: int, source: int, cached: int, restore: Restore | None) -> bool:
+        self._cells[slot] = self._cells[source][:cached]
+        return True
+
+    def _trim(self, slot: int, keep: int) -> bool:
+        del self._cells[slot][keep:]
+        return True
+
+    def _clear(self, slot: int) -> None:
+        self._cells[slot] = []
+
+    def _end(self, s: _Seq) -> None:
         if not s.finished:
             self.computed.append(("closed", None))
-        self.table.release(seq, None if keep_output else s.done)
-        del self._cells[seq][len(self.table.slots[seq].tokens) :]
+
+    def _restored(self, s: _Seq, restore: Restore) -> None:
+        if self._cells[s.id] != self.table.slots[s.id].tokens:
+            raise AssertionError(f"slot {s.id}: the restored state is not the prompt's prefix")
+        if s.source == restore.tier:
+            self.restores.append((s.id, restore.tier, s.cached))
+        self.computed.append(("restore", s.cached))
 
     def _piece(self, s: _Seq) -> bytes | None:
         """The next piece of C{s}'s reply, None at its end-of-generation."""
@@ -375,7 +345,7 @@ class ScriptedEngine:
         reasoning early, goes on as it would have after closing it), and
         otherwise goes on where it was. L{forced} records each one.
         """
-        self._open[seq].forced.extend(tokens)
+        super().force(seq, tokens)
 
     @staticmethod
     def _skip_to_after(s: _Seq, text: bytes) -> None:
@@ -398,15 +368,11 @@ class ScriptedEngine:
                 s.pos += i + 1
                 return
 
-    def _plan(self) -> list[tuple[int, str, int]]:
+    def _plan(self, live: list[_Seq]) -> list[tuple[int, str, int]]:
         """This step's units: a token per decoding sequence, then prompt chunks."""
-        live = [(i, s) for i, s in self._open.items() if not s.finished and s.restore is None]
-        units = [(i, "token", s.emitted) for i, s in live if s.done >= len(s.prompt)]
-        limit = self.decoding_batch if units else self.prefill_batch
-        budget = max(1, limit - len(units))
-        remaining = {i: len(s.prompt) - s.done for i, s in live if s.done < len(s.prompt)}
-        for i, n in self._prefill_order.plan(remaining, budget):
-            units.append((i, "prefill", self._open[i].done + n))
+        units = [(s.id, "token", s.emitted) for s in live if not s.prefilling]
+        for s, n in self._plan_prefill(live, len(units)):
+            units.append((s.id, "prefill", s.n_past + n))
         return units
 
     def _pace(self, seconds: float, abort: AbortFlag | None) -> None:
@@ -416,45 +382,17 @@ class ScriptedEngine:
                 raise Aborted
             time.sleep(min(left, self.ABORT_SLICE_S))
 
-    def _restore(self, events: list[tuple[int, StepEvent]]) -> list[Restore]:
-        """Run the restores whose state is loaded; return those still loading."""
-        waiting = []
-        for i, s in self._open.items():
-            r = s.restore
-            if r is None or s.finished:
-                continue
-            if not r.done():
-                waiting.append(r)
-                continue
-            s.restore = None
-            s.cached, s.source = self._prefixes.settle(i, s.prompt, r, self, s.cached, s.source)
-            s.done = s.cached
-            if self._cells[i] != self.table.slots[i].tokens:
-                raise AssertionError(f"slot {i}: the restored state is not the prompt's prefix")
-            if s.source == r.tier:
-                self.restores.append((i, r.tier, s.cached))
-            self.computed.append(("restore", s.cached))
-            events.append((i, PrefillProgress(s.done, len(s.prompt), s.cached, s.source)))
-        return waiting
-
     def step(self, abort: AbortFlag | None = None) -> StepResult:
-        events: list[tuple[int, StepEvent]] = []
-        waiting: list[Restore] = []
-        if any(s.restore is not None for s in self._open.values()):
-            if abort is not None and abort.is_set:
-                raise Aborted
-            waiting = self._restore(events)
-        units = self._plan()
+        live, waiting, events = self._begin_step(abort)
+        units = self._plan(live)
         if not units:
-            if waiting and not events:
-                self._prefixes.await_any(waiting, abort)
-            return StepResult(tuple(events))
+            return self._idle(waiting, events, abort)
         # What ends now needs no compute: a reply at its end-of-generation.
         ended: list[int] = []
         work: list[tuple[int, str, int]] = []
         for unit in units:
             i, kind, _ = unit
-            if kind == "token" and self._piece(self._open[i]) is None:
+            if kind == "token" and self._piece(self._seqs[i]) is None:
                 ended.append(i)
             else:
                 work.append(unit)
@@ -466,7 +404,7 @@ class ScriptedEngine:
         prefilled = 0
         for i, kind, n in work:
             if kind == "prefill":
-                prefilled += n - self._open[i].done
+                prefilled += n - self._seqs[i].n_past
         decoding = sum(1 for _, kind, _ in work if kind == "token")
         seconds = prefilled / self.prefill_tps if self.prefill_tps else 0.0
         if decoding and self.tps:
@@ -475,19 +413,19 @@ class ScriptedEngine:
             self._pace(seconds, abort)
         # The step happened: nothing above changed any sequence.
         for i in ended:
-            self._open[i].finished = True
+            self._seqs[i].finished = True
             events.append((i, Finished("stop")))
         for i, kind, n in work:
-            s = self._open[i]
+            s = self._seqs[i]
             if kind == "prefill":
                 self.computed.append(("prefill", n))
-                self.table.slots[i].tokens[s.done :] = s.prompt[s.done : n]
-                self._cells[i][s.done :] = s.prompt[s.done : n]
-                s.done = n
-                events.append((i, PrefillProgress(n, len(s.prompt), s.cached, s.source)))
-                if n < len(s.prompt):
+                self.table.slots[i].tokens[s.n_past :] = s.prompt[s.n_past : n]
+                self._cells[i][s.n_past :] = s.prompt[s.n_past : n]
+                s.n_past = n
+                events.append((i, s.progress()))
+                if s.prefilling:
                     continue
-                self._prefixes.computed(i, s.prompt, len(s.prompt) - s.cached, self)
+                self._prompt_done(s)
             events.extend((i, e) for e in self._emit(i, s))
         self.steps.append(tuple(work))
         return StepResult(
@@ -519,17 +457,12 @@ class ScriptedEngine:
         # The token's cell, as the real engine has it after the next step.
         self.table.slots[i].tokens.append(token)
         self._cells[i].append(token)
+        s.n_past += 1
         out: list[StepEvent] = [self._token(token, piece, s.params.logprobs)]
         if s.emitted >= s.params.max_tokens or len(s.prompt) + s.emitted >= self._n_ctx:
             s.finished = True
             out.append(Finished("length"))
         return out
-
-    def generate(
-        self, prompt: Sequence[int], params: SamplingParams, abort: AbortFlag | None = None
-    ) -> Generator[EngineEvent, None, FinishReason]:
-        """One request alone (L{ds4tw._engine.generate})."""
-        return generate(self, prompt, params, abort)
 
 
 # -- twistd ds4tw --model scripted:SPEC -----------------------------------
@@ -561,14 +494,20 @@ class ScriptedSpec:
         self,
         *,
         n_ctx: int = 4096,
-        prefill_batch: int = 64,
+        n_batch: int = 64,
         model_id: str | None = None,
         chat_template: str | None = None,
         slots: int = 1,
-        decoding_batch: int | None = None,
+        n_batch_decoding: int | None = None,
         prompt_cache: PromptCache | None = None,
+        prefill_batch: int | None = None,
+        decoding_batch: int | None = None,
     ) -> ScriptedEngine:
-        """A paced engine with a prefix cache, as a model would be."""
+        """
+        A paced engine with a prefix cache, as a model would be
+        (C{prefill_batch} and C{decoding_batch}: the old names of
+        C{n_batch} and C{n_batch_decoding}, still taken).
+        """
         thinking = ("<think>", *[" thinking"] * self.think, "</think>\n\n") if self.think else ()
 
         def reply(text: str) -> Reply:
@@ -577,14 +516,14 @@ class ScriptedSpec:
         return ScriptedEngine(
             [reply(r) for r in self.replies],
             n_ctx=n_ctx,
-            prefill_batch=prefill_batch,
+            n_batch=prefill_batch or n_batch,
             model_id=model_id or "scripted",
             chat_template=chat_template or CHATML_TEMPLATE,
             tps=self.tps,
             prefill_tps=self.prefill_tps,
             prefix_cache=True,
             slots=slots,
-            decoding_batch=decoding_batch,
+            n_batch_decoding=decoding_batch or n_batch_decoding,
             prompt_cache=prompt_cache,
             when=[(text, reply(r)) for text, r in self.when],
         )

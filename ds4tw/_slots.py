@@ -5,8 +5,10 @@ A context holds L{SlotTable.n} sequences ("slots"). A slot is busy while
 its request runs; when the request ends its cells stay (a retained slot),
 so the next turn of that conversation, which resends the whole history,
 continues from them. This table is the engines' shared bookkeeping of
-which tokens each slot holds; the engine applies its decisions to the KV
-cache (L{ds4tw._llama}: C{llama_memory_seq_rm} / C{llama_memory_seq_cp}).
+which tokens each slot holds; the engine applies its decisions to its
+cells (L{ds4tw._sequences.SequenceEngine}; in L{ds4tw._llama}, dropping a
+tail is C{llama_memory_seq_rm} and a copy between slots loads the source's
+per-sequence state, since separate KV streams cannot share cells).
 
 A new prompt (L{SlotTable.claim}) reuses the longest common token prefix
 found in any slot, busy ones included: the engine copies that prefix's

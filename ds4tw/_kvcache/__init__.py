@@ -1,5 +1,5 @@
 """
-The prompt cache (issue 10): saved prefix states in memory and on disk,
+The prompt cache: saved prefix states in memory and on disk,
 so that a conversation's next turn, after other conversations took its
 slot or after a restart, prefills only what is new.
 

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.logger import Logger
 
-from .._engine import Aborted, AbortFlag
 from .._slots import Claim, SlotTable, common_prefix
-from .._template import ChatTemplate
 from ._cache import CacheStats, PromptCache, Restore, State
+
+if TYPE_CHECKING:
+    # Only named: the prompt cache sits below the engine interface
+    # (ds4tw._engine names its types), which the template module imports.
+    from .._template import ChatTemplate
 
 log = Logger()
 
@@ -129,18 +132,6 @@ class Prefixes:
             cached, source = got, restore.tier if got else None
         self.count(source, cached)
         return cached, source
-
-    @staticmethod
-    def await_any(restores: Sequence[Restore], abort: AbortFlag | None) -> None:
-        """
-        Nothing else can run this step: wait up to ~50 ms for one of the
-        disk reads, watching the abort flag (L{Aborted}: nothing changed).
-        """
-        for _ in range(10):
-            if abort is not None and abort.is_set:
-                raise Aborted
-            if any(r.wait(0.005 / len(restores)) for r in restores):
-                return
 
     def count(self, source: str | None, cached: int) -> None:
         """

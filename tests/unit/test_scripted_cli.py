@@ -116,7 +116,7 @@ def test_the_service_serves_the_scripted_engine() -> None:
     (server,) = [s for s in makeService(o) if isinstance(s, Server)]  # type: ignore[attr-defined]
     engine = server.engine
     assert isinstance(engine, ScriptedEngine)
-    assert (engine.n_ctx, engine.prefill_batch, engine.model_id) == (512, 16, "scripted")
+    assert (engine.n_ctx, engine.n_batch, engine.model_id) == (512, 16, "scripted")
     assert engine.prefix_cache
     named = parse("--model", "scripted:", "--model-id", "fake-llm")
     (server,) = [s for s in makeService(named) if isinstance(s, Server)]  # type: ignore[attr-defined]
@@ -157,7 +157,7 @@ def test_a_prompt_containing_a_when_text_gets_its_reply_out_of_turn() -> None:
 
 
 def test_pacing_takes_real_time_per_token_and_prefill_token() -> None:
-    engine = ScriptedEngine(["a b c d"], tps=200, prefill_tps=1000, prefill_batch=10)
+    engine = ScriptedEngine(["a b c d"], tps=200, prefill_tps=1000, n_batch=10)
     t0 = time.perf_counter()
     assert pieces(engine, list(range(20))) == [b"a", b" b", b" c", b" d"]
     elapsed = time.perf_counter() - t0
@@ -166,7 +166,7 @@ def test_pacing_takes_real_time_per_token_and_prefill_token() -> None:
 
 
 def test_a_paced_step_stops_inside_itself_at_an_abort() -> None:
-    engine = ScriptedEngine(["a"], prefill_tps=1, prefill_batch=10)
+    engine = ScriptedEngine(["a"], prefill_tps=1, n_batch=10)
     flag = AbortFlag()
     gen = engine.generate(list(range(10)), SamplingParams(max_tokens=5), flag)
     timer = threading.Timer(0.05, flag.set)  # as the reactor sets it, mid-step
@@ -196,7 +196,7 @@ def progress(engine: ScriptedEngine, prompt: list[int]) -> list[PrefillProgress]
 
 
 def test_the_prefix_shared_with_the_last_prompt_is_cached() -> None:
-    engine = ScriptedEngine(["a"], prefill_batch=4, prefix_cache=True)
+    engine = ScriptedEngine(["a"], n_batch=4, prefix_cache=True)
     first = progress(engine, list(range(10)))
     assert [(p.done, p.cached) for p in first] == [(4, 0), (8, 0), (10, 0)]
     # A second turn: the whole first prompt, then more.
@@ -212,7 +212,7 @@ def test_the_prefix_shared_with_the_last_prompt_is_cached() -> None:
 
 
 def test_a_cancelled_prefill_caches_only_what_it_computed() -> None:
-    engine = ScriptedEngine(["a"], prefill_batch=4, prefix_cache=True)
+    engine = ScriptedEngine(["a"], n_batch=4, prefix_cache=True)
     gen = engine.generate(list(range(12)), SamplingParams(max_tokens=2))
     assert next(gen) == PrefillProgress(4, 12, 0)
     gen.close()
@@ -220,7 +220,7 @@ def test_a_cancelled_prefill_caches_only_what_it_computed() -> None:
 
 
 def test_prefill_pacing_costs_only_the_uncached_tokens() -> None:
-    engine = ScriptedEngine(["a"], prefill_tps=500, prefill_batch=64, prefix_cache=True)
+    engine = ScriptedEngine(["a"], prefill_tps=500, n_batch=64, prefix_cache=True)
     progress(engine, list(range(50)))  # 100 ms
     t0 = time.perf_counter()
     progress(engine, [*range(50), 7])  # 1 token: 2 ms
