@@ -111,7 +111,8 @@ _CACHE_TYPE_HELP = ", ".join(CACHE_TYPES)
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
-        "Serve a GGUF model over the OpenAI API. Streams never go silent for longer than "
+        "Serve a GGUF model over the OpenAI (chat, completions, responses) and Anthropic "
+        "(messages) APIs. Streams never go silent for longer than "
         "--keepalive seconds, and a client that disconnects stops its work at once."
     )
 

@@ -1,8 +1,10 @@
 """
-The request lifecycle, shared by every API dialect:
+The request lifecycle, shared by every API dialect, once the prompt is
+built (L{ds4tw._prompt}: off the reactor, a 400 before anything is
+queued):
 
-  1. prompt: chat template and tokenization off the reactor thread, then
-     the context check (400 before anything is queued);
+  1. the job: the output pipeline (reasoning, tool calls, stops) and the
+     sampling the prompt's grammar and reasoning budget add;
   2. admission: the bounded queue (503 + Retry-After when full);
   3. streaming: headers at once, keepalive running, the dialect's
      renderer turning job events into frames; or collecting: the whole
@@ -14,8 +16,8 @@ The request lifecycle, shared by every API dialect:
      dialect's error frame, a non-streaming request gets a 503
      (L{ds4tw._routing.api}); docs/operations.md.
 
-A dialect supplies only a L{StreamRenderer} and its request/response
-shapes.
+A dialect supplies only data (L{ds4tw._api.dialect}); the handler that
+runs these steps in order is L{ds4tw._api.serve}.
 
 Covered by tests/unit/test_keepalive.py, tests/unit/test_cancel.py and
 tests/unit/test_openai_routes.py.
@@ -25,34 +27,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from ._engine import Grammar, SamplingParams
-from ._errors import (
-    APIError,
-    ContextExceeded,
-    busy,
-    cut_off_by_shutdown,
-    invalid,
-    not_ready,
-    shutting_down,
-)
+from ._engine import SamplingParams
+from ._errors import APIError, cut_off_by_shutdown
 from ._host import Host
-from ._normalise import normalise
 from ._pipeline import OutputPipeline
+from ._prompt import Prompt, admission_error
 from ._reasoning import PlainSplitter
-from ._reasoning.settings import ReasoningSettings
 from ._sse import DISCONNECTED, SSEStream, progress_text, wants_progress
-from ._tools.parsers import GrammarCache
-from ._tools.prompt import template_inputs, without_thinking_alias
-from ._tools.spec import ResponseFormat, Tooling
+from ._tools.spec import Tooling
 from ._types import (
     Collected,
     Collector,
@@ -63,168 +52,9 @@ from ._types import (
     Stage,
     StreamRenderer,
 )
-from ._worker import Job, JobCancelled, NotReady, QueueFull, ShuttingDown
+from ._worker import Job, JobCancelled, NotReady, QueueFull
 
-_GRAMMARS = GrammarCache()
 log = Logger()
-
-
-@dataclass(frozen=True)
-class Prompt:
-    tokens: list[int]
-    #: Stop strings implied by the chat template (e.g. its end-of-turn text).
-    stops: tuple[str, ...] = ()
-    #: The rendered text, when there was one (the reasoning parser looks
-    #: at how it ends).
-    text: str = ""
-    #: What constrains sampling: forced or lazy tool calls, structured output.
-    grammar: Grammar | None = None
-    #: Whether the grammar was built for this request (not found cached).
-    grammar_built: bool = False
-    #: Reasoning tokens allowed before the engine closes the block, and
-    #: the tokens that close it (L{ds4tw._reasoning.settings}).
-    reasoning_budget: int | None = None
-    reasoning_close: tuple[int, ...] = ()
-    #: Special tokens whose text the parsers read (L{SamplingParams.keep_special}).
-    keep_special: frozenset[int] = frozenset()
-
-
-def context_exceeded(prompt_tokens: int, n_ctx: int, param: str) -> ContextExceeded:
-    return ContextExceeded(
-        400,
-        f"This model's maximum context length is {n_ctx} tokens, but the prompt is "
-        f"{prompt_tokens} tokens long (at least one token must be left to generate).",
-        param=param,
-        code="context_length_exceeded",
-        prompt_tokens=prompt_tokens,
-        limit=n_ctx - 1,
-    )
-
-
-async def chat_prompt(
-    server: Host,
-    messages: Sequence[dict[str, Any]],
-    reasoning: ReasoningSettings | None = None,
-    *,
-    tooling: Tooling | None = None,
-    response_format: ResponseFormat | None = None,
-    continuation: str = "",
-    param: str = "messages",
-    check: bool = True,
-    constrain: bool = True,
-) -> Prompt:
-    """
-    Render C{messages} with the chat template and tokenize, and build the
-    grammar the request needs, all off the reactor.
-
-    @param messages: Hugging Face chat messages (L{ds4tw._tools.prompt}
-        says how calls and results are shaped).
-    @param reasoning: what the request asks of the model's reasoning: it
-        reaches the template, and its budget the engine.
-    @param tooling: the request's tools; they reach the template (or the
-        fallback system text), and constrain sampling as the choice says.
-    @param response_format: structured output, constrained by a grammar.
-    @param continuation: text the model's reply starts with (Anthropic's
-        trailing assistant turn), appended after the generation prompt.
-    @param param: the request field the messages came from, for errors.
-    @param check: refuse a prompt that does not fit the context (off when
-        only counting tokens).
-    @param constrain: build the grammar (off when only counting tokens:
-        nothing will be sampled).
-    """
-    engine = server.engine
-    reasoning = reasoning or ReasoningSettings()
-    budget = reasoning.budget_or(server.config.reasoning_budget)
-
-    def render() -> Prompt:
-        parser = server.tool_parser()
-        msgs, extra = template_inputs(normalise(messages), tooling, server.chat_template(), parser)
-        kwargs = {**extra, **reasoning.template_kwargs()}
-        try:
-            chat = engine.apply_chat_template(msgs, **kwargs)
-        except Exception as e:  # jinja's raise_exception and friends
-            retry = without_thinking_alias(msgs)
-            try:
-                if retry is None:
-                    raise
-                chat = engine.apply_chat_template(retry, **kwargs)
-            except Exception:
-                raise invalid(f"the chat template rejected these messages: {e}", param) from e
-        text = chat.text + continuation
-        grammar, built = None, False
-        roomy = False
-        if constrain and tooling is not None and tooling.active:
-            # With structured output too: calls, or an answer in the format.
-            answer = None if response_format is None else response_format.json_schema()
-            grammar, built = _GRAMMARS.get(parser, tooling, answer)
-            roomy = parser.reasons_first
-        elif constrain and response_format is not None:
-            grammar, built = _GRAMMARS.json(response_format.schema)
-        if grammar is not None and not grammar.triggers and not roomy:
-            # From the first token: a thinking model still thinks first.
-            grammar = server.reasoning_parser().before(grammar, text)
-        # The template already carries BOS where the model wants one.
-        tokens = engine.tokenize(text, add_bos=False)
-        close: tuple[int, ...] = ()
-        if budget is not None:
-            close = tuple(engine.tokenize(server.reasoning_parser().close, add_bos=False))
-        return Prompt(
-            tokens,
-            chat.stop,
-            text,
-            grammar,
-            built and grammar is not None,
-            budget if close else None,
-            close,
-            server.kept_special(),
-        )
-
-    prompt: Prompt = await _offload(server, render)
-    if prompt.grammar is not None and prompt.grammar_built and prompt.grammar.loosened:
-        # Once per tool set or schema (the cache keeps the grammar), naming
-        # the tool and the place; the request is served all the same.
-        log.warn(
-            "grammar loosened where a schema cannot be expressed: {loosened}",
-            loosened=prompt.grammar.loosened,
-        )
-    return checked(server, prompt, param) if check else prompt
-
-
-async def text_prompt(server: Host, prompt: str | list[int]) -> Prompt:
-    if isinstance(prompt, list):
-        return checked(server, Prompt(prompt), "prompt")
-    tokens: list[int] = await _offload(server, server.engine.tokenize, prompt)
-    return checked(server, Prompt(tokens, text=prompt), "prompt")
-
-
-def checked(server: Host, prompt: Prompt, param: str) -> Prompt:
-    if not prompt.tokens:
-        raise invalid("the prompt is empty", param)
-    if len(prompt.tokens) >= server.engine.n_ctx:
-        raise context_exceeded(len(prompt.tokens), server.engine.n_ctx, param)
-    return prompt
-
-
-async def _offload(server: Host, f: Callable[..., Any], *args: Any) -> Any:
-    try:
-        server.worker.check_ready()
-    except NotReady as e:
-        raise _admission_error(e) from e
-    return await server.worker.threads.offload(f, *args)
-
-
-def max_tokens_for(server: Host, prompt: Prompt, requested: int | None) -> int:
-    """What is left of the context, capped by what the client asked for."""
-    room = server.engine.n_ctx - len(prompt.tokens)
-    return room if requested is None else min(requested, room)
-
-
-def _admission_error(e: QueueFull | NotReady) -> APIError:
-    if isinstance(e, QueueFull):
-        return busy(str(e))
-    if isinstance(e, ShuttingDown):
-        return shutting_down()
-    return not_ready(f"{e}; retry shortly")
 
 
 def new_job(
@@ -234,26 +64,14 @@ def new_job(
     label: str,
     reasoning: bool = True,
     tooling: Tooling | None = None,
-    session: str | None = None,
-    request_id: str | None = None,
 ) -> Job:
     """
-    @param label: what the job's log line calls it.
+    @param label: what the job's log line calls it (L{ds4tw._ids.job_label}).
     @param reasoning: split reasoning from content with the server's
-        reasoning parser (chat routes); off for raw text completions.
+        reasoning parser (chat turns); off for raw text completions.
     @param tooling: parse tool calls out of the content with the server's
         tool-call parser, when the request offers tools.
-    @param session: the client's session key (C{X-Session-Id} or its
-        agent's own header, L{ds4tw._routing.session_id}), added to the
-        label.
-    @param request_id: the request's C{X-Request-Id}, added to the label,
-        so an operator finds a client's request in the log by the id the
-        client saw.
     """
-    if request_id is not None:
-        label = f"{label} request={request_id}"
-    if session is not None:
-        label = f"{label} session={session}"
     splitter = server.reasoning_parser().splitter(prompt.text) if reasoning else PlainSplitter()
     tools = None
     if tooling is not None and tooling.active:
@@ -282,7 +100,7 @@ def admit(server: Host, job: Job) -> None:
     try:
         server.worker.submit(job)
     except (QueueFull, NotReady) as e:
-        raise _admission_error(e) from e
+        raise admission_error(e) from e
 
 
 def stream(
@@ -301,7 +119,7 @@ def stream(
         request,
         server.clock,
         server.config.keepalive,
-        stage=lambda: (job.stage if job.stage is not Stage.DONE else Stage.DECODE).value,
+        stage=lambda: job.stage.value,
         on_lost=lambda: job.cancel(sse.lost_reason or DISCONNECTED),
         keepalive_frame=keepalive_frame,
         on_keepalive=server.metrics.keepalive_sent,
@@ -318,8 +136,7 @@ def stream(
 
     class Listener:
         def stage_changed(self, stage: Stage) -> None:
-            if stage is not Stage.DONE:
-                sse.report_progress()
+            sse.report_progress()
             send(renderer.stage(stage))
 
         def output(self, event: Output) -> None:

@@ -20,9 +20,9 @@ from typing import Any
 from twisted.web.server import Request
 
 from .._api.dialect import Api, Begun, Dialect, Endpoint, Operation, Turn
-from .._api.serve import prompt_for
 from .._errors import APIError
 from .._host import Host, ServerConfig
+from .._prompt import prompt_for
 from .._routing import json_response, parse
 from . import render
 from .schema import Conversation, CountTokensRequest, MessagesRequest

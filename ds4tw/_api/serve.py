@@ -21,31 +21,9 @@ from twisted.web.server import Request
 from .. import _routing, _turn
 from .._host import Host
 from .._ids import job_label, response_id
+from .._prompt import max_tokens_for, prompt_for
 from .._routing import json_response
-from .._turn import Prompt
-from .dialect import Begun, Dialect, Endpoint, Turn
-
-
-async def prompt_for(server: Host, turn: Turn, *, check: bool = True) -> Prompt:
-    """
-    C{turn}'s prompt. C{check=False} counts a prompt even when it would not
-    fit the context (a token count is how a client learns how much to
-    cut), and builds no grammar (nothing will be sampled).
-    """
-    if turn.messages is None:
-        assert turn.text is not None
-        return await _turn.text_prompt(server, turn.text)
-    return await _turn.chat_prompt(
-        server,
-        turn.messages,
-        turn.reasoning,
-        tooling=turn.tooling,
-        response_format=turn.response_format,
-        continuation=turn.continuation,
-        param=turn.param,
-        check=check,
-        constrain=check,
-    )
+from .dialect import Begun, Dialect, Endpoint
 
 
 async def run_turn(
@@ -55,7 +33,7 @@ async def run_turn(
     req = endpoint.read(_routing.read_json(request, server.config.max_body_bytes))
     turn = endpoint.turn(req)
     prompt = await prompt_for(server, turn)
-    max_tokens = _turn.max_tokens_for(server, prompt, turn.max_tokens)
+    max_tokens = max_tokens_for(server, prompt, turn.max_tokens)
     params = turn.sampling(max_tokens, prompt.stops)
     rid = response_id(turn.id_kind)
     job = _turn.new_job(

@@ -228,7 +228,9 @@ class ChatCompletionRequest(_Sampling):
         kept = []
         for tool in v:
             kind = tool.get("type") if isinstance(tool, dict) else None
-            if kind in OPENAI_HOSTED_TOOLS:
+            # A type that is not a string (a fuzzer's dict) is left for
+            # validation to refuse by name, not a TypeError here.
+            if isinstance(kind, str) and kind in OPENAI_HOSTED_TOOLS:
                 left_out("chat.completions", str(kind))
             else:
                 kept.append(tool)

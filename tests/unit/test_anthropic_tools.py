@@ -24,7 +24,7 @@ import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message
 
-from ds4tw import _turn
+from ds4tw import _prompt
 from ds4tw._anthropic.schema import MessagesRequest
 from ds4tw.testing import Exchange, Reply
 
@@ -475,7 +475,7 @@ def test_count_tokens_counts_the_tools() -> None:
 def test_count_tokens_builds_no_grammar(monkeypatch: pytest.MonkeyPatch) -> None:
     # Nothing is sampled: Claude Code counts its whole tool list often.
     built: list[Any] = []
-    monkeypatch.setattr(_turn._GRAMMARS, "_cached", lambda *a: built.append(a))
+    monkeypatch.setattr(_prompt._GRAMMARS, "_cached", lambda *a: built.append(a))
     rig = make_rig()
     payload = {"model": "m", "messages": BASE["messages"], "tools": TOOLS}
     ex = rig.http.post("/v1/messages/count_tokens", payload)

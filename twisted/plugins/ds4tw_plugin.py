@@ -5,6 +5,6 @@ from twisted.application.service import ServiceMaker
 ds4tw = ServiceMaker(
     "ds4tw",
     "ds4tw._tap",
-    "Serve a GGUF model over the OpenAI API, with keepalives and instant cancel.",
+    "Serve a GGUF model over the OpenAI and Anthropic APIs, with keepalives and instant cancel.",
     "ds4tw",
 )
