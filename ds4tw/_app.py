@@ -17,7 +17,6 @@ from __future__ import annotations
 import hmac
 import json
 import re
-import time
 from typing import Any
 from urllib.parse import quote
 
@@ -38,6 +37,7 @@ from ._engine import Engine, ReportsSettings, special_token_ids
 from ._errors import invalid, method_not_allowed, not_found, unauthorized
 from ._host import ServerConfig
 from ._ids import request_key
+from ._joblog import log_job
 from ._metrics import CONTENT_TYPE_LATEST, Metrics
 from ._openapi import openapi_document
 from ._reasoning import ReasoningParser, reasoning_parser
@@ -49,9 +49,8 @@ from ._routing import (
 )
 from ._template import ChatTemplate
 from ._tools.parsers import ToolCallParser, tool_call_parser
-from ._types import Finish
 from ._ui import add_routes as ui_routes
-from ._worker import Job, JobCancelled, PoolThreads, Worker, WorkerThreads
+from ._worker import PoolThreads, Worker, WorkerThreads
 
 log = Logger()
 
@@ -112,7 +111,7 @@ class Server(MultiService):
             lambda: self.worker.slots,
         )
         self.metrics.watch_cache(engine)
-        self.worker.observers += [self.metrics.job_ended, _log_job]
+        self.worker.observers += [self.metrics.job_ended, log_job]
         self.worker.step_observers.append(self.metrics.step_done)
         self.worker.loaded.addCallback(self._log_parsers)
         self.app = Klein()
@@ -405,40 +404,3 @@ def _to_mount_point(request: Request, segment: bytes) -> bytes:
     request.setResponseCode(308)
     request.setHeader(b"location", target.encode("latin-1"))
     return b""
-
-
-def _log_job(job: Job, outcome: Finish | Failure) -> None:
-    """The one log line per generation job: outcome, tokens, timings."""
-    if isinstance(outcome, Finish):
-        u, t = outcome.usage, outcome.timings
-        rate = u.completion_tokens / t.decode if t.decode > 0 else 0.0
-        log.info(
-            "{label} done: finish={reason} prompt={prompt} cached={cached}{cached_from} "
-            "completion={completion} queued={queued:.3f}s prefill={prefill:.3f}s "
-            "decode={decode:.3f}s ({rate:.1f} tok/s) shared steps with {peers} other requests",
-            label=job.label,
-            reason=outcome.reason,
-            prompt=u.prompt_tokens,
-            cached=u.cached_tokens,
-            cached_from=f" (from {u.cached_from})" if u.cached_from else "",
-            completion=u.completion_tokens,
-            queued=t.queued,
-            prefill=t.prefill,
-            decode=t.decode,
-            rate=rate,
-            peers=job.peers,
-        )
-    elif isinstance(outcome.value, JobCancelled):
-        latency = job.cancel_latency
-        log.info(
-            "{label} cancelled at {stage} ({reason}); stopped {latency} after the cancel, "
-            "{age:.3f}s after submission; shared steps with {peers} other requests",
-            label=job.label,
-            stage=outcome.value.stage.value,
-            reason=outcome.value.reason,
-            latency="-" if latency is None else f"{latency * 1000:.2f}ms",
-            age=time.monotonic() - job.submitted_at,
-            peers=job.peers,
-        )
-    else:
-        log.failure("{label} error", outcome, label=job.label)

@@ -180,10 +180,10 @@ def checked(server: Host, prompt: Prompt, param: str) -> Prompt:
 
 async def _offload(server: Host, f: Callable[..., Any], *args: Any) -> Any:
     try:
-        server.worker.check_ready()
+        pending = server.worker.offload(f, *args)
     except NotReady as e:
         raise admission_error(e) from e
-    return await server.worker.threads.offload(f, *args)
+    return await pending
 
 
 def max_tokens_for(server: Host, prompt: Prompt, requested: int | None) -> int:

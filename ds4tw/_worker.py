@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._engine import AbortFlag, Engine
+from ._host import ServerConfig
 from ._job import SHUTTING_DOWN, Job, JobCancelled, JobListener, Work
 from ._scheduler import BatchLoop, StepStats
 from ._types import Finish
@@ -178,9 +179,9 @@ class Worker(Service):
         self,
         engine: Engine,
         threads: WorkerThreads,
-        max_queue: int = 128,
+        max_queue: int = ServerConfig.max_queue,
         *,
-        drain_timeout: float = 0.0,
+        drain_timeout: float = ServerConfig.drain_timeout,
         clock: IReactorTime | None = None,
     ) -> None:
         self.engine = engine
@@ -330,6 +331,15 @@ class Worker(Service):
             raise ShuttingDown("the server is shutting down")
         if not self.ready:
             raise NotReady("the model is still loading")
+
+    def offload(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """
+        C{f(*args)} on a helper thread (templating, tokenizing: work that
+        needs the loaded model but not the model thread), once jobs can be
+        admitted; raises L{NotReady} (saying why) at once otherwise.
+        """
+        self.check_ready()
+        return self.threads.offload(f, *args)
 
     def submit(self, job: Job) -> Deferred[Finish]:
         """

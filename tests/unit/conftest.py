@@ -84,7 +84,7 @@ def no_logged_errors(request: pytest.FixtureRequest) -> Iterator[None]:
     finally:
         globalLogPublisher.removeObserver(observe)
     if request.node.get_closest_marker("logs_engine_errors"):
-        errors = [e for e in errors if e.get("log_namespace") != "ds4tw._app"]
+        errors = [e for e in errors if e.get("log_namespace") != "ds4tw._joblog"]
     if request.node.get_closest_marker("logs_unhandled_errors"):
         errors = [e for e in errors if e.get("log_namespace") != "ds4tw._routing"]
     assert not errors, [formatEvent(e) + str(e.get("log_failure", "")) for e in errors]

@@ -25,7 +25,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from ds4tw import Job, JobCancelled, Stage
-from ds4tw._app import _log_job
+from ds4tw._joblog import log_job as _log_job
 from ds4tw._engine import SamplingParams
 from ds4tw._metrics import Metrics
 from ds4tw._scheduler import StepStats
@@ -321,7 +321,7 @@ def test_summarise_reports_raw_intervals_and_full_batches() -> None:
 
 
 def test_cancel_lines_parse_what_ds4tw_logs() -> None:
-    """The regex reads the line ds4tw's own _log_job writes (a format drift fails here)."""
+    """The regex reads the line ds4tw's own log_job writes (a format drift fails here)."""
     events: list[Any] = []
     globalLogPublisher.addObserver(events.append)
     try:
@@ -1093,7 +1093,7 @@ def test_cache_conversation_appends_answers_like_an_agent() -> None:
 
 
 def test_cache_done_lines_parse_what_ds4tw_logs() -> None:
-    """The regex reads the line ds4tw's own _log_job writes (a format drift fails here)."""
+    """The regex reads the line ds4tw's own log_job writes (a format drift fails here)."""
     from ds4tw._types import Finish, Timings, Usage
 
     events: list[Any] = []
