@@ -198,3 +198,20 @@ class Collector:
             tuple(self._calls),
             tuple(self._logprobs),
         )
+
+
+def replay(renderer: StreamRenderer, got: Collected) -> None:
+    """
+    Feed a collected turn through a stream's renderer, in the order a
+    stream produces it (reasoning, the answer, then each call), dropping
+    the frames: what a builder's C{body} reads is the state this leaves.
+    """
+    if got.reasoning:
+        renderer.reasoning(got.reasoning)
+    if got.content or got.logprobs:
+        renderer.content(ContentText(got.content, got.logprobs))
+    for call in got.tool_calls:
+        renderer.tool_call(ToolCallStart(call.index, call.name))
+        renderer.tool_call(ToolCallArgs(call.index, call.arguments))
+        renderer.tool_call(ToolCallEnd(call.index, call.arguments))
+    renderer.finish(got.finish)

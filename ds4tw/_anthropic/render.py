@@ -22,14 +22,13 @@ and, against the official SDK, tests/integration/test_anthropic_sdk.py.
 from __future__ import annotations
 
 import hashlib
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic_core import from_json
 
 from .._errors import APIError, ContextExceeded
-from .._openai.render import replay
+from .._ids import response_id
 from .._sse import json_frame
 from .._types import (
     Collected,
@@ -42,6 +41,7 @@ from .._types import (
     ToolCallEvent,
     ToolCallStart,
     Usage,
+    replay,
 )
 from .schema import ThinkingDisplay
 
@@ -88,7 +88,7 @@ StopReason = Literal[
 
 
 def tool_use_id() -> str:
-    return f"toolu_{uuid.uuid4().hex[:24]}"
+    return response_id("toolu")
 
 
 def stop_reason(

@@ -17,12 +17,12 @@ and, against the official SDK, tests/integration/test_openai_sdk.py.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import APIError
+from .._ids import response_id
 from .._sse import frame, json_frame
 from .._types import (
     Collected,
@@ -36,30 +36,14 @@ from .._types import (
     ToolCallEvent,
     ToolCallStart,
     Usage,
+    replay,
 )
 
 DONE = frame("[DONE]")
 
 
 def call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def replay(renderer: StreamRenderer, got: Collected) -> None:
-    """
-    Feed a collected turn through a stream's renderer, in the order a
-    stream produces it (reasoning, the answer, then each call), dropping
-    the frames: what a builder's C{body} reads is the state this leaves.
-    """
-    if got.reasoning:
-        renderer.reasoning(got.reasoning)
-    if got.content or got.logprobs:
-        renderer.content(ContentText(got.content, got.logprobs))
-    for call in got.tool_calls:
-        renderer.tool_call(ToolCallStart(call.index, call.name))
-        renderer.tool_call(ToolCallArgs(call.index, call.arguments))
-        renderer.tool_call(ToolCallEnd(call.index, call.arguments))
-    renderer.finish(got.finish)
+    return response_id("call")
 
 
 def logprob_entry(t: TokenLogprob) -> dict[str, Any]:

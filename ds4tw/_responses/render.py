@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .._errors import APIError
-from .._openai.render import logprob_entry, replay
+from .._openai.render import logprob_entry
 from .._sse import json_frame
 from .._types import (
     Collected,
@@ -55,6 +55,7 @@ from .._types import (
     ToolCallEvent,
     ToolCallStart,
     Usage,
+    replay,
 )
 
 TextKind = Literal["reasoning", "message"]

@@ -75,16 +75,15 @@ def pieces() -> list[tuple[str, float]]:
     from twisted.internet.task import LoopingCall
 
     from ds4tw._engine import Token
-    from ds4tw._openai.render import ChatBuilder as ChatStream
-    from ds4tw._openai.render import CompletionBuilder as CompletionStream
+    from ds4tw._openai.render import ChatBuilder, CompletionBuilder
     from ds4tw._pipeline import OutputPipeline
     from ds4tw._sse import SSEStream
     from ds4tw._types import ContentText
 
     out: list[tuple[str, float]] = []
     hi = ContentText(" hi")
-    completion = CompletionStream("cmpl-0123456789abcdef01234567", "SmolLM2", False)
-    chat = ChatStream("chatcmpl-0123456789abcdef01234567", "SmolLM2", False)
+    completion = CompletionBuilder("cmpl-0123456789abcdef01234567", "SmolLM2", False)
+    chat = ChatBuilder("chatcmpl-0123456789abcdef01234567", "SmolLM2", False)
     chat.content(ContentText("warm"))  # the role chunk goes out once
     out.append(("render: completion chunk (json.dumps)", cost_us(lambda: completion.content(hi))))
     out.append(("render: chat chunk (json.dumps)", cost_us(lambda: chat.content(hi))))
