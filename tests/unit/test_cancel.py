@@ -5,6 +5,10 @@ every stage, streaming or not, and the model moves on to the next job.
 The scripted engine records every unit of work it does (engine.computed),
 so these tests assert exactly how much ran after the disconnect: none.
 
+A disconnect while queued, prefilling or decoding, streaming or not, is
+tested for every dialect in tests/unit/test_dialects.py; this file keeps
+what lies below the dialects (the worker's queue, the abort flag).
+
 Caveat: SteppedThreads makes "at once" mean "at the next engine step";
 the real-model test in tests/integration measures it on a real thread.
 """
@@ -21,69 +25,6 @@ from .conftest import make_rig
 
 def metric(rig, line: str) -> bool:  # type: ignore[no-untyped-def]
     return line in rig.http.get("/metrics").body.decode()
-
-
-def test_disconnect_while_queued_removes_the_job_untouched() -> None:
-    rig = make_rig(["one two three", "second", "third"])
-    first = rig.stream()
-    rig.threads.step()
-    queued = rig.stream("queued prompt")
-    third = rig.stream("third prompt")
-    assert rig.server.worker.queue_depth == 2
-    queued.disconnect()
-    assert rig.server.worker.queue_depth == 1
-    rig.threads.run_until_idle()
-    # The engine never saw the cancelled prompt: two generate() calls,
-    # for the first and the third request.
-    prompts = ["".join(chr(t) for t in p[1:] if t > 1) for p, _ in rig.engine.calls]
-    assert len(prompts) == 2
-    assert "queued prompt" not in prompts[1] and "third prompt" in prompts[1]
-    assert first.finished and third.finished
-    assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="queued"} 1.0')
-
-
-def test_disconnect_during_prefill_stops_at_the_next_batch() -> None:
-    rig = make_rig(["never sent", "next"], prefill_batch=8)
-    ex = rig.stream("a prompt that needs many prefill batches to get through")
-    rig.threads.step(2)  # two prefill batches
-    assert rig.engine.computed == [("prefill", 8), ("prefill", 16)]
-    ex.disconnect()
-    rig.threads.step()  # the model thread's next check sees the flag
-    assert rig.engine.computed == [("prefill", 8), ("prefill", 16), ("closed", None)]
-    assert not rig.threads.busy
-    assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="prefill"} 1.0')
-    # The worker is free: the next request runs to completion.
-    nxt = rig.stream()
-    rig.threads.run_until_idle()
-    assert nxt.finished and nxt.data()[-1] == "[DONE]"
-
-
-def test_disconnect_during_decode_stops_before_the_next_token() -> None:
-    rig = make_rig(["a b c d e f g h i j"])
-    ex = rig.stream()
-    rig.threads.step(3)  # prefill and token 0, tokens 1 and 2
-    ex.disconnect()
-    rig.threads.step()
-    tokens = [i for kind, i in rig.engine.computed if kind == "token"]
-    assert tokens == [0, 1, 2]
-    assert rig.engine.computed[-1] == ("closed", None)
-    assert not rig.threads.busy
-    assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="decode"} 1.0')
-
-
-def test_disconnect_of_a_non_streaming_request_cancels_it() -> None:
-    rig = make_rig(["a b c d e f g h i j", "next"])
-    ex = rig.chat()
-    rig.threads.step(2)  # prefill and token 0, token 1
-    assert not ex.headers_sent
-    ex.disconnect()
-    rig.threads.step()
-    assert [k for k, _ in rig.engine.computed] == ["prefill", "token", "token", "closed"]
-    assert not rig.threads.busy
-    assert metric(rig, 'ds4tw_cancelled_jobs_total{stage="decode"} 1.0')
-    nxt = rig.chat()
-    rig.threads.run_until_idle()
-    assert nxt.json()["choices"][0]["message"]["content"] == "next"
 
 
 def test_disconnect_of_a_queued_non_streaming_request() -> None:
