@@ -10,7 +10,9 @@ prompt chunks for the prefilling ones (continuous batching).
 
 A sequence's cells stay in its slot after its request ends, and a new
 prompt reuses the longest common token prefix any slot holds (a
-multi-turn chat re-sends its history every turn; L{ds4tw._slots}).
+multi-turn chat re-sends its history every turn; L{ds4tw._slots}): the
+bookkeeping is the one the scripted engine keeps too
+(L{ds4tw._sequences}), applied here to llama.cpp's KV streams.
 
 Inside a step, the worker's L{AbortFlag} is llama.cpp's abort callback
 data, checked between graph nodes with no Python on the way (see
