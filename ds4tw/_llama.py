@@ -566,25 +566,6 @@ def token_piece(llm: Any, token: int, buf: Any, special: bool = False) -> bytes:
     return bytes(buf.raw[:n])
 
 
-def reuse_prefix(llm: Any, prompt: Sequence[int]) -> int:
-    """
-    Keep the KV entries shared with C{prompt}; return how many. At least
-    one prompt token is always left to evaluate, because sampling needs
-    fresh logits.
-    """
-    held = llm.input_ids[: llm.n_tokens]
-    limit = min(len(held), len(prompt) - 1)
-    common = 0
-    while common < limit and held[common] == prompt[common]:
-        common += 1
-    if common > 0 and llm._ctx.kv_cache_seq_rm(-1, common, -1):
-        llm.n_tokens = common
-        return common
-    llm.reset()
-    llm._ctx.kv_cache_clear()
-    return 0
-
-
 #: When the freely sampled token is rejected, the grammar is tried on the
 #: most likely candidates in these growing tiers before the whole
 #: vocabulary (see L{_ConstrainedSampler}).
