@@ -139,8 +139,6 @@ class ScriptedEngine(SequenceEngine[_Seq]):
         own beside the conversation (a title, a summary), sometimes at
         once, get the reply meant for each, in any order; and a reply can
         answer what a tool returned.
-    @param prefill_batch: the old name of C{n_batch}, still taken.
-    @param decoding_batch: the old name of C{n_batch_decoding}, still taken.
     """
 
     #: A paced step checks the abort flag this often (seconds).
@@ -161,15 +159,13 @@ class ScriptedEngine(SequenceEngine[_Seq]):
         n_batch_decoding: int | None = None,
         prompt_cache: PromptCache | None = None,
         when: Iterable[tuple[str, Reply | str]] = (),
-        prefill_batch: int | None = None,
-        decoding_batch: int | None = None,
     ) -> None:
         if tps < 0 or prefill_tps < 0:
             raise ValueError("tps and prefill_tps must be >= 0")
         super().__init__(
             n_ctx=n_ctx,
-            n_batch=prefill_batch or n_batch,
-            n_batch_decoding=decoding_batch or n_batch_decoding,
+            n_batch=n_batch,
+            n_batch_decoding=n_batch_decoding,
             slots=slots,
             prompt_cache=prompt_cache,
             reuse=prefix_cache,
@@ -500,14 +496,8 @@ class ScriptedSpec:
         slots: int = 1,
         n_batch_decoding: int | None = None,
         prompt_cache: PromptCache | None = None,
-        prefill_batch: int | None = None,
-        decoding_batch: int | None = None,
     ) -> ScriptedEngine:
-        """
-        A paced engine with a prefix cache, as a model would be
-        (C{prefill_batch} and C{decoding_batch}: the old names of
-        C{n_batch} and C{n_batch_decoding}, still taken).
-        """
+        """A paced engine with a prefix cache, as a model would be."""
         thinking = ("<think>", *[" thinking"] * self.think, "</think>\n\n") if self.think else ()
 
         def reply(text: str) -> Reply:
@@ -516,14 +506,14 @@ class ScriptedSpec:
         return ScriptedEngine(
             [reply(r) for r in self.replies],
             n_ctx=n_ctx,
-            n_batch=prefill_batch or n_batch,
+            n_batch=n_batch,
             model_id=model_id or "scripted",
             chat_template=chat_template or CHATML_TEMPLATE,
             tps=self.tps,
             prefill_tps=self.prefill_tps,
             prefix_cache=True,
             slots=slots,
-            n_batch_decoding=decoding_batch or n_batch_decoding,
+            n_batch_decoding=n_batch_decoding,
             prompt_cache=prompt_cache,
             when=[(text, reply(r)) for text, r in self.when],
         )

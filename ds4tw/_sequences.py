@@ -49,6 +49,9 @@ from ._prefill import PrefillOrder
 from ._slots import Claim, SlotTable
 from ._template import ChatTemplate
 
+#: Aging off: no prompt is passed over this many steps.
+_NEVER = 10**9
+
 
 @dataclass(kw_only=True)
 class Seq:
@@ -136,6 +139,21 @@ class SequenceEngine(ABC, Generic[S]):
         self._prefixes = Prefixes(self._table, prompt_cache)
         self._seqs: dict[int, S] = {}
         self._prefill_order = PrefillOrder()
+
+    @property
+    def prefill_aging(self) -> int | None:
+        """
+        Steps in a row a prefilling prompt may get less than its fair
+        share before it goes first (L{ds4tw._prefill.PrefillOrder}); None
+        when aging is off, which only a benchmark wants (it measures what
+        aging buys). Settable on a loaded engine, between steps.
+        """
+        steps = self._prefill_order.aging_steps
+        return None if steps >= _NEVER else steps
+
+    @prefill_aging.setter
+    def prefill_aging(self, steps: int | None) -> None:
+        self._prefill_order = PrefillOrder(_NEVER if steps is None else steps)
 
     @property
     def n_ctx(self) -> int:

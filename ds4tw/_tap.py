@@ -447,11 +447,11 @@ def makeService(options: Options) -> IService:
     if options["scripted"] is not None:
         engine = options["scripted"].engine(
             n_ctx=options["ctx"],
-            prefill_batch=options["batch"],
+            n_batch=options["batch"],
             model_id=options["model-id"],
             chat_template=options["chat-template-text"],
             slots=options["parallel"],
-            decoding_batch=options["batch-decoding"],
+            n_batch_decoding=options["batch-decoding"],
             prompt_cache=prompt_cache(options),
         )
     else:

@@ -1,7 +1,7 @@
 """
 Prefill fairness: a long prompt's time to first token while the other
 slots get a flood of short prompts, with the prefill order's aging
-(L{ds4tw._prefill.PrefillOrder}) and without it, against the same kind
+(C{prefill_aging} on the engine) and without it, against the same kind
 of prompt alone, in one process and one run.
 
 The engine runs in this process (L{ds4tw.LlamaEngine} on the run's model,
@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ds4tw._prefill import AGING_STEPS, PrefillOrder
+from ds4tw import Engine
 
 from ._batching import Foreign
 from ._settings import Settings
@@ -68,7 +68,9 @@ SHORT_TOKENS = 200
 #: The flood without aging stops after this many times the aging bound.
 CAP_FACTOR = 2
 #: An aging threshold no prompt reaches: the order without aging.
-NEVER = 10**9
+#: The engines' default for how long a prompt may be passed over
+#: (LlamaEngine.prefill_aging); the part reads the loaded engine's own.
+AGING_STEPS = 8
 #: Token ids are drawn from this range (cut to the vocabulary): clear of the
 #: low ids where vocabularies keep their special tokens.
 VOCAB_LOW, VOCAB_HIGH = 1000, 40000
@@ -101,11 +103,11 @@ def bound_steps(long_tokens: int, batch: int, aging_steps: int = AGING_STEPS) ->
     return (aging_steps + 1) * math.ceil(long_tokens / batch)
 
 
-def sizes(settings: Settings) -> Sizes:
+def sizes(settings: Settings, aging_steps: int = AGING_STEPS) -> Sizes:
     # The long prompt and its token must fit one slot's --ctx.
     room = max(64, settings.ctx - 64)
     long = min(QUICK_LONG_TOKENS if settings.quick else LONG_TOKENS, room)
-    bound = bound_steps(long, settings.batch)
+    bound = bound_steps(long, settings.batch, aging_steps)
     return Sizes(
         long_tokens=long,
         short_tokens=min(SHORT_TOKENS, room),
@@ -128,7 +130,7 @@ def scripted_engine(settings: Settings) -> Any:
     prefill_tps = settings.scripted_prefill_batch * 1000.0 / settings.scripted_prefill_ms
     engine = ScriptedEngine(
         n_ctx=settings.ctx,
-        prefill_batch=settings.batch,
+        n_batch=settings.batch,
         prefill_tps=prefill_tps,
         slots=SLOTS,
     )
@@ -155,10 +157,9 @@ class Prompts:
         return [first, *rest]
 
 
-def _vocab(engine: Any) -> int:
-    """The model's vocabulary size (the scripted engine takes any id)."""
-    llm = getattr(engine, "_llm", None)
-    return int(llm.n_vocab()) if llm is not None else VOCAB_HIGH
+def _vocab(engine: Engine) -> int:
+    """The model's vocabulary size (the scripted engine takes any id: capped by the caller)."""
+    return engine.n_vocab
 
 
 def trial(
@@ -307,8 +308,9 @@ def measure(
     The whole part on the engine C{load_engine} returns (loaded, with at
     least L{SLOTS} slots and C{--batch} as its step budget; closed here).
     """
-    sz = sz or sizes(settings)
     engine = load_engine()
+    aging_steps = engine.prefill_aging
+    sz = sz or sizes(settings, aging_steps)
     try:
         prompts = Prompts(settings.seed + 17, _vocab(engine))
         # Not counted: the first steps of a fresh context (buffers, graphs).
@@ -318,12 +320,11 @@ def measure(
         mark("prefill fairness: flood, aging")
         aging = trial(engine, prompts, sz, flood=True)
         mark("prefill fairness: flood, no aging")
-        order = engine._prefill_order
-        engine._prefill_order = PrefillOrder(NEVER)
+        engine.prefill_aging = None
         try:
             no_aging = trial(engine, prompts, sz, flood=True, cap_steps=sz.cap_steps)
         finally:
-            engine._prefill_order = order
+            engine.prefill_aging = aging_steps
         mark("prefill fairness: alone again")
         alone += [trial(engine, prompts, sz, flood=False) for _ in range(sz.alone_trials - 1)]
     finally:
@@ -332,7 +333,7 @@ def measure(
     return {
         **got,
         "slots": SLOTS,
-        "aging_steps": AGING_STEPS,
+        "aging_steps": aging_steps,
         "sizes": dataclasses.asdict(sz),
         "source": "time.perf_counter() around open() and each step(); StepResult events",
         "where": (

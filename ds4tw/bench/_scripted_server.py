@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine = ScriptedEngine(
         [Reply.words("The scripted engine speaks at a steady pace.", eos=False)],
         n_ctx=args.ctx,
-        prefill_batch=args.prefill_batch,
+        n_batch=args.prefill_batch,
         tps=1000.0 / args.token_ms if args.token_ms > 0 else 0.0,
         prefill_tps=args.prefill_batch * 1000.0 / args.prefill_ms if args.prefill_ms > 0 else 0.0,
     )

@@ -41,11 +41,11 @@ def make_rig(replies: Any = ("Hello there friend.",), **config: Any) -> Rig:
         k: config.pop(k)
         for k in (
             "n_ctx",
-            "prefill_batch",
+            "n_batch",
             "chat_template",
             "slots",
             "prefix_cache",
-            "decoding_batch",
+            "n_batch_decoding",
             "prompt_cache",
         )
         if k in config

@@ -25,8 +25,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from ds4tw import Job, JobCancelled, Stage
-from ds4tw._joblog import log_job as _log_job
 from ds4tw._engine import SamplingParams
+from ds4tw._joblog import log_job as _log_job
 from ds4tw._metrics import Metrics
 from ds4tw._scheduler import StepStats
 from ds4tw.bench import (
@@ -57,6 +57,7 @@ from ds4tw.bench._sse import (
     usage,
 )
 from ds4tw.bench._workload import Prompts, completion_body, plan, silent_chat_body
+from ds4tw.testing import ScriptedEngine
 
 # -- helpers ---------------------------------------------------------------
 
@@ -889,9 +890,8 @@ def test_validate_names_what_is_wrong_in_batching(breakage: Any, expected: str) 
 
 
 def test_fairness_sizes_and_bound() -> None:
-    from ds4tw._prefill import AGING_STEPS
-
-    assert _fairness.bound_steps(1024, 256) == (AGING_STEPS + 1) * 4
+    assert _fairness.bound_steps(1024, 256) == (_fairness.AGING_STEPS + 1) * 4
+    assert ScriptedEngine().prefill_aging == _fairness.AGING_STEPS
     assert _fairness.bound_steps(1025, 256, aging_steps=2) == 3 * 5
     full, quick = (
         _fairness.sizes(make_settings(quick=False)),
@@ -956,7 +956,7 @@ def test_fairness_measure_on_an_instant_scripted_engine() -> None:
     engines: list[ScriptedEngine] = []
 
     def load() -> ScriptedEngine:
-        engines.append(ScriptedEngine(prefill_batch=settings.batch, slots=_fairness.SLOTS))
+        engines.append(ScriptedEngine(n_batch=settings.batch, slots=_fairness.SLOTS))
         return engines[-1]
 
     got = _fairness.measure(settings, load)

@@ -41,8 +41,6 @@ STILL_PRIVATE = {
     ("_profile.py", "ds4tw._pipeline"),
     ("_profile.py", "ds4tw._sse"),
     ("_profile.py", "ds4tw._types"),
-    # Prefill aging switched off on a loaded engine (no engine option for it).
-    ("_fairness.py", "ds4tw._prefill"),
 }
 
 

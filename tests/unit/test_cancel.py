@@ -107,7 +107,7 @@ def _disconnect_inside(rig, ex, step: tuple[str, int]) -> None:  # type: ignore[
 
 
 def test_an_abort_inside_a_prefill_batch_is_a_cancel_at_prefill() -> None:
-    rig = make_rig(["never sent", "next"], prefill_batch=8)
+    rig = make_rig(["never sent", "next"], n_batch=8)
     ex = rig.stream("a prompt that needs many prefill batches to get through")
     _disconnect_inside(rig, ex, ("prefill", 16))
     rig.threads.step(2)
@@ -140,7 +140,7 @@ def test_an_abort_inside_a_decode_step_is_a_cancel_at_decode() -> None:
 
 
 def test_an_abort_of_a_job_object_is_recorded_at_its_stage() -> None:
-    rig = make_rig(["a b c d e f"], prefill_batch=4)
+    rig = make_rig(["a b c d e f"], n_batch=4)
     job = Job([1, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams())
     rig.engine.step_hook = lambda step: job.cancel() if step == ("prefill", 8) else None
     failures: list[JobCancelled] = []

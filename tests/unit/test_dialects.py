@@ -138,7 +138,7 @@ def test_disconnect_while_queued_never_reaches_the_engine(d: Dialect) -> None:
 
 @ALL
 def test_disconnect_during_prefill_stops_at_the_next_batch(d: Dialect) -> None:
-    rig = make_rig(["never sent", "next"], prefill_batch=8)
+    rig = make_rig(["never sent", "next"], n_batch=8)
     ex = post(rig, d, "a prompt that needs many prefill batches to get through")
     rig.threads.step(2)
     assert rig.engine.computed == [("prefill", 8), ("prefill", 16)]
@@ -363,7 +363,7 @@ def test_one_call_only_stops_decoding_after_the_first(d: Dialect) -> None:
 
 @ALL
 def test_disconnect_mid_call_cancels_the_decode(d: Dialect) -> None:
-    rig = make_rig([chars(CALL, eos=False), "next"], prefill_batch=100_000)
+    rig = make_rig([chars(CALL, eos=False), "next"], n_batch=100_000)
     ex = with_tools(rig, d, max_tokens=500)
     into_arguments = CALL.index('{"city') + 3
     # Prefill in one batch (which samples the first token), then into the arguments.
@@ -390,7 +390,7 @@ def test_string_encoded_arguments_are_held_under_the_decode_keepalive(d: Dialect
     """
     pieces = ("<tool_call>", '{"name": "get_weather", ', '"arguments": "', '{\\"city\\": ',
               '\\"Paris', '\\"}', '"}', "</tool_call>")  # fmt: skip
-    rig = make_rig([Reply.of(*pieces)], keepalive=15, prefill_batch=100_000)
+    rig = make_rig([Reply.of(*pieces)], keepalive=15, n_batch=100_000)
     ex = with_tools(rig, d)
     rig.threads.step(3)  # the opening tag, the name, the string opens
     opened = frames(ex)

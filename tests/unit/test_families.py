@@ -240,7 +240,7 @@ def seen_stream(dialect: str, ex: Exchange) -> Seen:
 
 
 def serve(c: dict[str, Any], reply: Reply, dialect: str, stream: bool) -> tuple[Rig, Exchange]:
-    rig = make_rig([reply], chat_template=c["source"], n_ctx=65536, prefill_batch=65536)
+    rig = make_rig([reply], chat_template=c["source"], n_ctx=65536, n_batch=65536)
     path, payload = request(dialect, c, stream)
     ex = rig.http.post(path, payload)
     rig.threads.run_until_idle()

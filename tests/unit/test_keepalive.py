@@ -69,7 +69,7 @@ def test_queued_stream_gets_headers_at_once_and_queued_comments() -> None:
 
 
 def test_prefill_comment_after_exactly_k_idle_seconds() -> None:
-    rig = make_rig(prefill_batch=4)
+    rig = make_rig(n_batch=4)
     ex = rig.stream("a prompt long enough to need several prefill batches")
     rig.threads.step()  # one prefill batch
     assert ex.body == b""
@@ -84,7 +84,7 @@ def test_a_keepalive_during_the_first_prefill_batch_says_prefill() -> None:
     256-token batch can on a slow CPU), nor when the reactor gets round to
     what the model thread sent it (held here until the batch is over).
     """
-    rig = make_rig(prefill_batch=4)
+    rig = make_rig(n_batch=4)
     held: list[tuple[Callable[..., object], tuple[object, ...]]] = []
     rig.threads.to_reactor = lambda f, *args: held.append((f, args))  # type: ignore[method-assign]
     real_step = rig.engine.step
@@ -383,7 +383,7 @@ def test_progress_says_the_queue_position_at_once_and_when_it_moves() -> None:
 
 
 def test_progress_reports_prefill_at_most_once_a_second_then_decode() -> None:
-    rig = make_rig(["one two three"], prefill_batch=4)
+    rig = make_rig(["one two three"], n_batch=4)
     ex = progress_stream(rig, "a prompt long enough to need a good many prefill batches")
     watch = Watch(rig, ex)
     while rig.threads.busy:  # one engine step every 0.25 s of the clock
@@ -409,7 +409,7 @@ def test_progress_reports_prefill_at_most_once_a_second_then_decode() -> None:
 
 def test_without_the_header_a_busy_prefill_carries_no_comment() -> None:
     """The same prefill as above, for a client that did not ask: today's stream."""
-    rig = make_rig(["one two three"], prefill_batch=4)
+    rig = make_rig(["one two three"], n_batch=4)
     ex = rig.stream("a prompt long enough to need a good many prefill batches")
     while rig.threads.busy:
         rig.threads.step()
@@ -454,7 +454,7 @@ def test_keepalive_of_a_stream_that_did_not_ask_is_the_bare_stage_name() -> None
 
 
 def test_no_progress_while_paused_and_none_after_the_end() -> None:
-    rig = make_rig(["one two three"], prefill_batch=4)
+    rig = make_rig(["one two three"], n_batch=4)
     ex = progress_stream(rig, "a prompt long enough to need a good many prefill batches")
     rig.threads.step()
     seen = ex.comments()
@@ -490,7 +490,7 @@ def test_progress_with_anthropic_pings() -> None:
 
 def test_progress_survives_a_stop_in_prefill() -> None:
     """A client that asked for progress and hangs up mid-prefill cancels as any other."""
-    rig = make_rig(["one two three"], prefill_batch=4)
+    rig = make_rig(["one two three"], n_batch=4)
     ex = progress_stream(rig, "a prompt long enough to need a good many prefill batches")
     rig.threads.step(3)
     rig.clock.advance(1)

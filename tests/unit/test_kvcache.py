@@ -305,7 +305,7 @@ def test_a_disconnect_during_a_restore_stops_it(tmp_path: Path, slow_disk: Any) 
 
 
 def test_a_cancelled_prefill_is_never_saved_as_complete(tmp_path: Path) -> None:
-    rig = cache_rig(tmp_path, slots=1, prefill_batch=16)
+    rig = cache_rig(tmp_path, slots=1, n_batch=16)
     ex = rig.stream(long_question("A"))
     for _ in range(3):
         rig.threads.step()

@@ -129,7 +129,7 @@ def test_only_calls_means_null_content() -> None:
 
 
 def test_the_lazy_trigger_is_disarmed_inside_reasoning() -> None:
-    rig = make_rig([Reply.of("<think>", "hmm", "</think>", "ok")], prefill_batch=100_000)
+    rig = make_rig([Reply.of("<think>", "hmm", "</think>", "ok")], n_batch=100_000)
     ex = rig.stream("weather?", tools=[WEATHER])
     armed: list[tuple[str, bool]] = []
 

@@ -198,7 +198,7 @@ def test_golden_custom_tool_call_is_held_until_decoded_under_the_keepalive() -> 
     head = '<tool_call>\n{"name": "apply_patch", "arguments": {"input": "'
     encoded = json.dumps(PATCH)[1:-1]
     pieces = [head, encoded[:20], encoded[20:], '"}}\n', "</tool_call>"]
-    rig = make_rig([Reply.of(*pieces)], keepalive=5, prefill_batch=100_000)
+    rig = make_rig([Reply.of(*pieces)], keepalive=5, n_batch=100_000)
     ex = post(rig, stream=True, input="add hello.txt", tools=TOOLS)
     rig.threads.step(1)  # prefill, in one batch, which samples the head
     rig.threads.step(2)  # the encoded patch

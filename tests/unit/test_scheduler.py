@@ -122,7 +122,7 @@ def decoding(ex: Exchange) -> bool:
 
 
 def test_one_step_holds_a_decoding_token_and_another_requests_prefill_chunk() -> None:
-    rig = make_rig([LONG, "short answer"], slots=2, prefill_batch=8)
+    rig = make_rig([LONG, "short answer"], slots=2, n_batch=8)
     a = rig.stream("x", max_tokens=100)
     step_until(rig, lambda: decoding(a))
     b = rig.stream("a prompt long enough for several prefill chunks")
@@ -135,7 +135,7 @@ def test_one_step_holds_a_decoding_token_and_another_requests_prefill_chunk() ->
 
 
 def test_a_long_prefill_is_split_and_the_decoding_stream_gets_a_token_every_step() -> None:
-    rig = make_rig([LONG, "done"], slots=2, prefill_batch=8)
+    rig = make_rig([LONG, "done"], slots=2, n_batch=8)
     stats: list[StepStats] = []
     rig.server.worker.step_observers.append(stats.append)
     a = rig.stream("x", max_tokens=100)
@@ -163,7 +163,7 @@ def test_a_long_prefill_is_split_and_the_decoding_stream_gets_a_token_every_step
 
 
 def test_a_smaller_step_while_others_decode_and_the_full_one_alone() -> None:
-    rig = make_rig(["a b c d e f g h i j", "done"], slots=2, prefill_batch=32, decoding_batch=8)
+    rig = make_rig(["a b c d e f g h i j", "done"], slots=2, n_batch=32, n_batch_decoding=8)
     a = rig.stream("p" * 80, max_tokens=10)
     rig.threads.step()
     # Nobody decodes yet: a's prompt goes in full --batch chunks.
@@ -185,7 +185,7 @@ def test_a_smaller_step_while_others_decode_and_the_full_one_alone() -> None:
 
 
 def test_the_shortest_remaining_prompt_is_prefilled_first() -> None:
-    rig = make_rig(["a b c d e f g h"], slots=3, prefill_batch=8)
+    rig = make_rig(["a b c d e f g h"], slots=3, n_batch=8)
     jobs = [
         Job(list(range(100, 120)), SamplingParams(max_tokens=8)),  # 20 tokens, slot 0
         Job(list(range(200, 205)), SamplingParams(max_tokens=8)),  # 5 tokens, slot 1
@@ -211,7 +211,7 @@ def test_a_long_prompt_is_not_starved_by_a_flood_of_short_ones() -> None:
     each is done in the step that prefills it); a 40-token prompt in the
     third slot still moves, leading one step in every AGING_STEPS + 1.
     """
-    rig = make_rig(["a b"], slots=3, prefill_batch=8)
+    rig = make_rig(["a b"], slots=3, n_batch=8)
     long = Job(list(range(1000, 1040)), SamplingParams(max_tokens=1))
     rig.server.worker.submit(long)
     shorts = [Job([2000 + i] * 8, SamplingParams(max_tokens=1)) for i in range(100)]
@@ -236,7 +236,7 @@ def test_batched_streams_say_exactly_what_each_says_alone() -> None:
     assert solo_a == ("one two three four", "length")
     assert solo_b == ("alpha beta gamma", "stop")
 
-    rig = make_rig([reply_a, reply_b], slots=2, prefill_batch=8)
+    rig = make_rig([reply_a, reply_b], slots=2, n_batch=8)
     a = rig.stream("first question", **kw_a)
     rig.threads.step(3)
     b = rig.stream("second, a longer question than the first", **kw_b)
@@ -275,7 +275,7 @@ def test_each_step_is_one_hand_off_to_the_reactor() -> None:
 
 
 def test_a_disconnect_mid_batch_drops_only_that_sequence_and_its_output_cells() -> None:
-    rig = make_rig([LONG, LONG], slots=2, prefill_batch=8, prefix_cache=True)
+    rig = make_rig([LONG, LONG], slots=2, n_batch=8, prefix_cache=True)
     a = rig.stream("x", max_tokens=40)
     rig.threads.step()
     b = rig.stream("y", max_tokens=40)
@@ -307,7 +307,7 @@ def test_a_disconnect_mid_batch_drops_only_that_sequence_and_its_output_cells() 
 
 
 def test_a_disconnect_during_prefill_keeps_only_the_computed_prompt_prefix() -> None:
-    rig = make_rig([LONG, "never"], slots=2, prefill_batch=8, prefix_cache=True)
+    rig = make_rig([LONG, "never"], slots=2, n_batch=8, prefix_cache=True)
     a = rig.stream("x", max_tokens=40)
     step_until(rig, lambda: decoding(a))
     b = rig.stream("a prompt long enough to need many prefill chunks, " * 3)
@@ -554,7 +554,7 @@ def test_health_reports_slots_and_slots_busy_while_requests_run() -> None:
 
 
 def test_metrics_report_slots_and_every_step() -> None:
-    rig = make_rig(["one two three four five", "six seven eight"], slots=2, prefill_batch=16)
+    rig = make_rig(["one two three four five", "six seven eight"], slots=2, n_batch=16)
     a = rig.stream("first")
     rig.threads.step()
     b = rig.stream("second")
