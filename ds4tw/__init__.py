@@ -17,11 +17,12 @@ Beneath L{LlamaEngine}, the model as ds4tw loads and reads it with
 llama-cpp-python, for work beside the engine (the benchmark's raw
 baseline is built on these): L{open_llama} (a C{llama_cpp.Llama} loaded
 as the engine loads one, with its workarounds), L{eog_tokens},
-L{token_piece} and L{abort_callback}.
+L{token_piece}, L{abort_callback}, and L{no_extra_buffers} (llama.cpp's
+AMX workaround, for a model another library loads).
 """
 
-from ._app import Server
-from ._engine import (
+from ._api.host import ServerConfig
+from ._engine.interface import (
     Aborted,
     AbortFlag,
     ChatPrompt,
@@ -35,22 +36,23 @@ from ._engine import (
     Token,
     generate,
 )
-from ._host import ServerConfig
-from ._http import LimitedSite
-from ._kvcache import CacheStats, PromptCache
-from ._llama import (
+from ._engine.kvcache import CacheStats, PromptCache
+from ._engine.llama import (
     EngineOptions,
     LlamaEngine,
     abort_callback,
     demo_model_path,
     eog_tokens,
+    no_extra_buffers,
     open_llama,
     token_piece,
 )
-from ._tap import Options, makeService
+from ._runtime.worker import Job, JobCancelled, WorkerThreads
+from ._server.app import Server
+from ._server.http import LimitedSite
+from ._server.tap import Options, makeService
 from ._types import Finish, Stage, Timings, Usage
 from ._version import __version__
-from ._worker import Job, JobCancelled, WorkerThreads
 
 __all__ = [
     "AbortFlag",
@@ -85,6 +87,7 @@ __all__ = [
     "eog_tokens",
     "generate",
     "makeService",
+    "no_extra_buffers",
     "open_llama",
     "token_piece",
 ]

@@ -1,7 +1,7 @@
 """
 API errors, independent of dialect. Each dialect renders an L{APIError}
-in its own shape (see C{_openai/render.py} and, later, the Anthropic
-renderer); routes raise, never format.
+in its own shape (L{ds4tw._api.dialect.Dialect.error_body}); handlers
+raise, never format.
 
 Covered by tests/unit/test_app.py, tests/unit/test_fuzz.py and each dialect's
 route tests.

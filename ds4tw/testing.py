@@ -35,8 +35,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
-from ._http import DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT, LimitedSite
-from ._scripted import Reply, ScriptedEngine
+from ._engine.scripted import Reply, ScriptedEngine
+from ._server.http import DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT, LimitedSite
 
 __all__ = ["Exchange", "HTTPHarness", "Reply", "ScriptedEngine", "SteppedThreads"]
 
@@ -45,7 +45,7 @@ _T = TypeVar("_T")
 
 class SteppedThreads:
     """
-    A L{ds4tw._worker.WorkerThreads} with no threads: model-thread work
+    A L{ds4tw._runtime.worker.WorkerThreads} with no threads: model-thread work
     runs only when the test calls L{step}, one engine step of the batch loop per step, and
     "from the model thread to the reactor" calls happen inline.
     """
@@ -253,7 +253,7 @@ class HTTPHarness:
     Drives a resource through twisted.web's real HTTP parser, in memory.
 
     With C{max_body_bytes} or C{request_timeout}, the site is a
-    L{ds4tw._http.LimitedSite} (as C{twistd ds4tw} serves), the other limit
+    L{ds4tw._server.http.LimitedSite} (as C{twistd ds4tw} serves), the other limit
     at its default; otherwise a plain L{Site} with no timeout.
     """
 

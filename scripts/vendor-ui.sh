@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Refresh the chat page's vendored libraries (ds4tw/_ui/page/vendor/) from
+# Refresh the chat page's vendored libraries (ds4tw/_server/ui/page/vendor/) from
 # npm: the pinned versions below, each package's own ES module build and
 # license files, copied unmodified (so anyone can check them against the
 # npm tarball), and vendor/VERSIONS saying what came from where. Run it by
@@ -9,7 +9,7 @@ set -euo pipefail
 MARKED=18.2.1
 DOMPURIFY=3.4.18
 cd "$(dirname "$0")/.."
-dest=ds4tw/_ui/page/vendor
+dest=ds4tw/_server/ui/page/vendor
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 

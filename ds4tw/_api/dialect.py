@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .._engine import SamplingParams
+from .._engine.interface import SamplingParams
 from .._errors import APIError, from_validation
-from .._ids import IdKind
-from .._reasoning.settings import ReasoningSettings
-from .._tools.spec import ResponseFormat, Tooling
+from .._formats.reasoning.settings import ReasoningSettings
+from .._formats.tools.spec import ResponseFormat, Tooling
 from .._types import Collected, StreamRenderer
+from .ids import IdKind
 
 if TYPE_CHECKING:
-    from .._host import Host, ServerConfig
+    from .host import Host, ServerConfig
 
 _R = TypeVar("_R", bound=BaseModel)
 
@@ -48,7 +48,7 @@ class Turn:
     is set.
 
     @param what: the job's kind in its log line (C{chat}, C{messages}...).
-    @param id_kind: the shape of the answer's id (L{ds4tw._ids.response_id}).
+    @param id_kind: the shape of the answer's id (L{ds4tw._api.ids.response_id}).
     @param sampling: the request's sampling for a given token budget and
         the template's own stop strings.
     @param continuation: text the reply starts with (Anthropic's trailing

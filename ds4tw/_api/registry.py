@@ -8,9 +8,9 @@ Covered by tests/unit/test_dialects.py and tests/unit/test_openapi.py.
 
 from __future__ import annotations
 
-from .._anthropic.dialect import DIALECT as ANTHROPIC
-from .._openai.dialect import DIALECT as OPENAI
-from .._responses.dialect import DIALECT as RESPONSES
+from .anthropic.dialect import DIALECT as ANTHROPIC
 from .dialect import Dialect
+from .openai.dialect import DIALECT as OPENAI
+from .responses.dialect import DIALECT as RESPONSES
 
 DIALECTS: tuple[Dialect, ...] = (OPENAI, RESPONSES, ANTHROPIC)

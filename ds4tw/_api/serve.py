@@ -4,7 +4,7 @@ the dialect's request and read it as a L{Turn}; build the prompt (chat
 template, tokens, grammar) off the reactor; make the job; then stream it
 through the dialect's L{Builder}, or collect it into one body. What
 differs between dialects is data (L{ds4tw._api.dialect}); what a request
-lives through is here and in L{ds4tw._turn} (admission, keepalive,
+lives through is here and in L{ds4tw._api.lifecycle} (admission, keepalive,
 cancel).
 
 Covered by tests/unit/test_dialects.py, tests/unit/test_openai_routes.py,
@@ -18,25 +18,25 @@ from typing import Any
 
 from twisted.web.server import Request
 
-from .. import _routing, _turn
-from .._host import Host
-from .._ids import job_label, response_id
-from .._prompt import max_tokens_for, prompt_for
-from .._routing import json_response
+from . import lifecycle, routing
 from .dialect import Begun, Dialect, Endpoint
+from .host import Host
+from .ids import job_label, response_id
+from .prompt import max_tokens_for, prompt_for
+from .routing import json_response
 
 
 async def run_turn(
     server: Host, request: Request, dialect: Dialect, endpoint: Endpoint[Any]
 ) -> bytes | None:
     """Serve one turn of C{endpoint}: a stream (returns None once it ends) or a JSON body."""
-    req = endpoint.read(_routing.read_json(request, server.config.max_body_bytes))
+    req = endpoint.read(routing.read_json(request, server.config.max_body_bytes))
     turn = endpoint.turn(req)
     prompt = await prompt_for(server, turn)
     max_tokens = max_tokens_for(server, prompt, turn.max_tokens)
     params = turn.sampling(max_tokens, prompt.stops)
     rid = response_id(turn.id_kind)
-    job = _turn.new_job(
+    job = lifecycle.new_job(
         server,
         prompt,
         params,
@@ -48,15 +48,15 @@ async def run_turn(
     builder = endpoint.builder(req, Begun(rid, model, len(prompt.tokens), max_tokens, params))
     if turn.stream:
         keepalive = dialect.keepalive_frame(server.config)
-        await _turn.stream(server, request, job, builder.stream(), keepalive)
+        await lifecycle.stream(server, request, job, builder.stream(), keepalive)
         return None
-    got = await _turn.collect(server, job)
+    got = await lifecycle.collect(server, job)
     return json_response(request, builder.body(got))
 
 
 def mount(server: Host, dialect: Dialect) -> None:
-    """Add C{dialect}'s routes to the server's app, each wrapped by L{_routing.api}."""
-    api = _routing.api(server, dialect.error_body)
+    """Add C{dialect}'s routes to the server's app, each wrapped by L{ds4tw._api.routing.api}."""
+    api = routing.api(server, dialect.error_body)
     for endpoint in dialect.endpoints:
         handler = api(_handler(server, dialect, endpoint))
         # Klein keys its handlers by endpoint name: one per route, never the

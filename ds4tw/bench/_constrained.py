@@ -16,7 +16,7 @@ time from holding the prompt text (templating, tokenization and a full
 prefill included: no trial reuses another's KV cache) to the token that
 carries the first byte of the C{arguments} value. (d) is C{auto}: the
 lazy grammar ds4tw builds for C{tool_choice: auto} with the same tool
-(L{ds4tw._tools.parsers.HermesParser}), greedy with C{ignore_eos} and
+(L{ds4tw._formats.tools.parsers.HermesParser}), greedy with C{ignore_eos} and
 (a)'s length, so whatever the model writes, the trigger is searched at
 every token (and fires if it opens a call).
 
@@ -74,8 +74,8 @@ _ARGS = re.compile(rb'"arguments"\s*:\s*')
 
 def auto_grammar() -> Any:
     """(d): ds4tw's own lazy grammar for the tool of (c) under C{auto}."""
-    from ds4tw._tools.parsers import HermesParser
-    from ds4tw._tools.spec import Tooling, ToolSpec
+    from ds4tw._formats.tools.parsers import HermesParser
+    from ds4tw._formats.tools.spec import Tooling, ToolSpec
 
     tool = ToolSpec("get_weather", "", CALL_SCHEMA["properties"]["arguments"])
     return HermesParser().grammar(Tooling((tool,)))

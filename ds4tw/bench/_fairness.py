@@ -30,7 +30,7 @@ and the largest reused count seen is recorded (0 when the premise held).
 
 Every TTFT is from just before C{open()} to the end of the step that
 produced the token. A step "led" by the long prompt is one whose prompt
-chunks start with it (L{ds4tw._engine.StepResult.sequences} lists the
+chunks start with it (L{ds4tw._engine.interface.StepResult.sequences} lists the
 decoding sequences, then the prefilled ones in the order of the plan).
 The aging's promise is checkable in steps, whatever the machine: under a
 flood the long prompt leads at least one step in every C{AGING_STEPS + 1}

@@ -12,7 +12,7 @@ repeated trials:
     request (tools and their schemas checked) and rendering it with a
     ChatML chat template (the scripted engine's, so no model is needed);
   - cold: building the tool-call grammar of the whole tool list
-    (L{ds4tw._tools.parsers.HermesParser}, C{tool_choice: auto}, as the
+    (L{ds4tw._formats.tools.parsers.HermesParser}, C{tool_choice: auto}, as the
     agents send it), and with every tool forced (C{required});
   - cached: the lookup the next turn pays (the tool set's key and a
     cache hit).
@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ds4tw._tools.spec import Tooling
+from ds4tw._formats.tools.spec import Tooling
 
 #: Where the captured requests are, from a checkout.
 FIXTURES = Path("tests/agents/fixtures")
@@ -63,16 +63,16 @@ def request_tooling(route: str, body: dict[str, Any]) -> tuple[Tooling, list[dic
 
 def _parsed(route: str, body: dict[str, Any]) -> tuple[Tooling | None, list[dict[str, Any]]]:
     if route.endswith("/messages"):
-        from ds4tw._anthropic.schema import MessagesRequest
+        from ds4tw._api.anthropic.schema import MessagesRequest
 
         anthropic = MessagesRequest.model_validate(body)
         return anthropic.tooling(), anthropic.template_messages()[0]
     if route.endswith("/responses"):
-        from ds4tw._responses.schema import ResponsesRequest
+        from ds4tw._api.responses.schema import ResponsesRequest
 
         responses = ResponsesRequest.parse(body)
         return responses.tooling(), responses.template_messages()
-    from ds4tw._openai.schema import ChatCompletionRequest
+    from ds4tw._api.openai.schema import ChatCompletionRequest
 
     chat = ChatCompletionRequest.model_validate(body)
     return chat.tooling(), chat.template_messages()
@@ -88,11 +88,11 @@ def _median_ms(f: Callable[[], object], trials: int) -> float:
 
 
 def measure(quick: bool = False, folder: Path = FIXTURES) -> dict[str, Any]:
-    from ds4tw._normalise import normalise
-    from ds4tw._template import ChatTemplate
-    from ds4tw._tools.parsers import GrammarCache, HermesParser
-    from ds4tw._tools.prompt import template_inputs
-    from ds4tw._tools.spec import ToolChoice
+    from ds4tw._engine.template import ChatTemplate
+    from ds4tw._formats.normalise import normalise
+    from ds4tw._formats.tools.parsers import GrammarCache, HermesParser
+    from ds4tw._formats.tools.prompt import template_inputs
+    from ds4tw._formats.tools.spec import ToolChoice
     from ds4tw.testing import ScriptedEngine
 
     requests = agent_requests(folder)

@@ -6,7 +6,7 @@ noisy; best of N repetitions, the parsers interleaved in each, in this
 thread's CPU time):
 
   - splitting: the reasoning splitter and the tool-call splitter chained
-    as the output pipeline chains them (L{ds4tw._pipeline}), fed a reply
+    as the output pipeline chains them (L{ds4tw._formats.pipeline}), fed a reply
     one character at a time, in microseconds per character. The reply is
     built from the parser's own C{format_calls} (two parallel calls to
     Claude Code-like C{Bash} and C{Edit} tools) after ~1,000 characters
@@ -39,10 +39,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .._reasoning import ReasoningSplitter, TagReasoningParser, reasoning_parser
-from .._tools.parsers import TOOL_CALL_PARSERS, ToolCallParser
-from .._tools.parsers.base import ToolCallSplitter
-from .._tools.spec import ToolChoice, Tooling, ToolSpec
+from .._formats.reasoning import ReasoningSplitter, TagReasoningParser, reasoning_parser
+from .._formats.tools.parsers import TOOL_CALL_PARSERS, ToolCallParser
+from .._formats.tools.parsers.base import ToolCallSplitter
+from .._formats.tools.spec import ToolChoice, Tooling, ToolSpec
 from .._types import ContentText, ReasoningText, ToolCallEnd, ToolCallStart
 from ._grammars import FIXTURES, agent_requests, request_tooling
 
@@ -242,7 +242,7 @@ def check(parser: ToolCallParser, r: Reply) -> None:
 
 
 def _feed_seconds(parser: ToolCallParser, r: Reply, tool_calls: bool = True) -> float:
-    """One timed pass of the reply through the splitters, as L{ds4tw._pipeline} routes it."""
+    """One timed pass of the reply through the splitters, as the output pipeline routes it."""
     thinking, tools = _splitters(parser, r)
     text = r.text
     t0 = _clock()

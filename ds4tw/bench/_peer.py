@@ -18,39 +18,15 @@ the full run on the demo model exercises the launcher).
 
 from __future__ import annotations
 
-from typing import Any
-
-
-def patch_default_params(amx: bool | None = None) -> bool:
-    """
-    Make every model load without extra buffer types when the CPU has AMX
-    (the condition ds4tw itself uses, the CPU's C{amx_tile} flag; C{amx}
-    overrides the detection).
-    Returns whether it patched.
-    """
-    from ._report import cpu_info
-
-    if not (cpu_info()[1] if amx is None else amx):
-        return False
-    import llama_cpp.llama_cpp as C
-
-    original = C.llama_model_default_params
-
-    def params() -> Any:
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    C.llama_model_default_params = params
-    return True
+from ds4tw import no_extra_buffers
 
 
 def main() -> None:
-    patched = patch_default_params()
-    print(f"ds4tw.bench._peer: use_extra_bufts=False patch applied: {patched}", flush=True)
     from llama_cpp.server.__main__ import main as server_main
 
-    server_main()
+    with no_extra_buffers() as patched:
+        print(f"ds4tw.bench._peer: use_extra_bufts=False patch applied: {patched}", flush=True)
+        server_main()
 
 
 if __name__ == "__main__":

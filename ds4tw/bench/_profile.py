@@ -5,7 +5,7 @@ What each piece of ds4tw's per-token path costs, in CPU microseconds.
 
 The per-token path of a streamed token, after the model thread has it:
 
-  1. model thread: L{ds4tw._scheduler.BatchLoop}'s per-token work (text assembly,
+  1. model thread: L{ds4tw._runtime.scheduler.BatchLoop}'s per-token work (text assembly,
      reasoning split, counting) and C{reactor.callFromThread} (a write
      to the reactor's waker pipe);
   2. reactor thread, first wake-up: the waker, the thread-call queue,
@@ -74,10 +74,10 @@ def pieces() -> list[tuple[str, float]]:
     from twisted.internet import reactor
     from twisted.internet.task import LoopingCall
 
-    from ds4tw._engine import Token
-    from ds4tw._openai.render import ChatBuilder, CompletionBuilder
-    from ds4tw._pipeline import OutputPipeline
-    from ds4tw._sse import SSEStream
+    from ds4tw._api.openai.render import ChatBuilder, CompletionBuilder
+    from ds4tw._api.sse import SSEStream
+    from ds4tw._engine.interface import Token
+    from ds4tw._formats.pipeline import OutputPipeline
     from ds4tw._types import ContentText
 
     out: list[tuple[str, float]] = []

@@ -28,10 +28,10 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from ds4tw._ui import SECURITY_HEADERS
+from ds4tw._server.ui import SECURITY_HEADERS
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGE_DIR = ROOT / "ds4tw" / "_ui" / "page"
+PAGE_DIR = ROOT / "ds4tw" / "_server" / "ui" / "page"
 JS_TESTS = Path(__file__).resolve().parent / "js"
 ARTIFACTS = ROOT / "_artifacts" / "browser"
 

@@ -26,8 +26,8 @@ import pytest
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from ds4tw import LlamaEngine, SamplingParams, Token, demo_model_path
-from ds4tw._tools.parsers import HermesParser
-from ds4tw._tools.spec import ToolChoice, Tooling
+from ds4tw._formats.tools.parsers import HermesParser
+from ds4tw._formats.tools.spec import ToolChoice, Tooling
 from ds4tw.bench._grammars import agent_requests, request_tooling
 
 FIXTURES = Path(__file__).parent.parent / "agents" / "fixtures"

@@ -32,8 +32,8 @@ import openai
 import pytest
 
 from ds4tw import LlamaEngine, PrefillProgress, SamplingParams, Token, demo_model_path
-from ds4tw._engine import Failed, Finished
-from ds4tw._slots import common_prefix
+from ds4tw._engine.interface import Failed, Finished
+from ds4tw._engine.slots import common_prefix
 
 from .conftest import Twistd, start_twistd, stop_twistd
 

@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from ds4tw import EngineOptions, LlamaEngine, SamplingParams, Token, demo_model_path
-from ds4tw._llama import CACHE_TYPES
+from ds4tw._engine.llama import CACHE_TYPES
 
 from .conftest import start_twistd, stop_twistd
 

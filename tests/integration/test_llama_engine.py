@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from ds4tw import Grammar, LlamaEngine, PrefillProgress, SamplingParams, Token, demo_model_path
-from ds4tw._engine import Aborted, AbortFlag
+from ds4tw._engine.interface import Aborted, AbortFlag
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from ds4tw._kvcache import _file
+from ds4tw._engine.kvcache import _file
 
 from .conftest import Twistd, start_twistd, stop_twistd
 

@@ -19,12 +19,12 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from ds4tw import Grammar, LlamaEngine, SamplingParams, Server, ServerConfig, Token, demo_model_path
-from ds4tw._engine import Finished, PrefillProgress, special_token_ids
-from ds4tw._pipeline import OutputPipeline
-from ds4tw._reasoning.tags import TagReasoningParser
-from ds4tw._template import CHATML_TEMPLATE
+from ds4tw._engine.interface import Finished, PrefillProgress, special_token_ids
+from ds4tw._engine.template import CHATML_TEMPLATE
+from ds4tw._formats.pipeline import OutputPipeline
+from ds4tw._formats.reasoning.tags import TagReasoningParser
+from ds4tw._runtime.worker import Job
 from ds4tw._types import ContentText, Finish, Output, ReasoningText
-from ds4tw._worker import Job
 from ds4tw.testing import SteppedThreads
 
 IM_START = 1

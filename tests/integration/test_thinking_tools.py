@@ -26,7 +26,7 @@ import openai
 import pytest
 from jsonschema import validate
 
-from ds4tw._template import CHATML_TEMPLATE
+from ds4tw._engine.template import CHATML_TEMPLATE
 
 from .conftest import WEATHER_SCHEMA, Twistd, start_twistd, stop_twistd
 

@@ -58,9 +58,12 @@ def test_wheel_ships_the_plugin_file(tmp_path: Path) -> None:
     assert "twisted/plugins/ds4tw_plugin.py" in names
     # Shipping these would shadow Twisted's own packages.
     assert "twisted/__init__.py" not in names and "twisted/plugins/__init__.py" not in names
-    assert "ds4tw/__init__.py" in names and "ds4tw/_openai/routes.py" in names
+    assert "ds4tw/__init__.py" in names and "ds4tw/_api/openai/dialect.py" in names
     # The chat page's files are package data: the page works from an installed wheel.
-    assert {"ds4tw/_ui/page/index.html", "ds4tw/_ui/page/vendor/purify.es.mjs"} <= set(names)
+    assert {
+        "ds4tw/_server/ui/page/index.html",
+        "ds4tw/_server/ui/page/vendor/purify.es.mjs",
+    } <= set(names)
     assert not any(n.startswith("tests/") for n in names)
 
 

@@ -84,9 +84,9 @@ def no_logged_errors(request: pytest.FixtureRequest) -> Iterator[None]:
     finally:
         globalLogPublisher.removeObserver(observe)
     if request.node.get_closest_marker("logs_engine_errors"):
-        errors = [e for e in errors if e.get("log_namespace") != "ds4tw._joblog"]
+        errors = [e for e in errors if e.get("log_namespace") != "ds4tw._runtime.joblog"]
     if request.node.get_closest_marker("logs_unhandled_errors"):
-        errors = [e for e in errors if e.get("log_namespace") != "ds4tw._routing"]
+        errors = [e for e in errors if e.get("log_namespace") != "ds4tw._api.routing"]
     assert not errors, [formatEvent(e) + str(e.get("log_failure", "")) for e in errors]
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from ds4tw._tools.spec import ToolSpec
+from ds4tw._formats.tools.spec import ToolSpec
 from ds4tw.testing import Exchange
 
 from . import test_anthropic as anthropic

@@ -24,8 +24,8 @@ import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message
 
-from ds4tw import _prompt
-from ds4tw._anthropic.schema import MessagesRequest
+from ds4tw._api import prompt as _prompt
+from ds4tw._api.anthropic.schema import MessagesRequest
 from ds4tw.testing import Exchange, Reply
 
 from . import tools
@@ -720,7 +720,7 @@ def test_tool_schemas_are_checked_once_not_every_turn(monkeypatch: pytest.Monkey
     # still a 400 every time.
     from jsonschema import Draft202012Validator
 
-    from ds4tw._tools import spec
+    from ds4tw._formats.tools import spec
 
     spec._schema_problem.cache_clear()
     checked: list[Any] = []

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from twisted.logger import formatEvent, globalLogPublisher
 
-from ds4tw import _routing
+from ds4tw._api import routing as _routing
 
 from .conftest import make_rig
 
@@ -283,7 +283,7 @@ def test_an_unhandled_error_mid_stream_aborts_the_connection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Once the status is sent no 500 can be: the client must not see a clean end."""
-    from ds4tw import _turn
+    from ds4tw._api import lifecycle
 
     async def broken_stream(server: Any, request: Any, *args: Any, **kw: Any) -> None:
         request.setHeader(b"content-type", b"text/event-stream")
@@ -291,7 +291,7 @@ def test_an_unhandled_error_mid_stream_aborts_the_connection(
         raise RuntimeError("a bug mid-stream")
 
     rig = make_rig()
-    monkeypatch.setattr(_turn, "stream", broken_stream)
+    monkeypatch.setattr(lifecycle, "stream", broken_stream)
     ex = rig.stream()
     assert ex.status == 200
     assert ex.transport.disconnected  # aborted

@@ -25,10 +25,10 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from ds4tw import Job, JobCancelled, Stage
-from ds4tw._engine import SamplingParams
-from ds4tw._joblog import log_job as _log_job
-from ds4tw._metrics import Metrics
-from ds4tw._scheduler import StepStats
+from ds4tw._engine.interface import SamplingParams
+from ds4tw._runtime.joblog import log_job as _log_job
+from ds4tw._runtime.metrics import Metrics
+from ds4tw._runtime.scheduler import StepStats
 from ds4tw.bench import (
     _batching,
     _cache,
@@ -335,7 +335,9 @@ def test_cancel_lines_parse_what_ds4tw_logs() -> None:
         _log_job(queued, Failure(JobCancelled(Stage.QUEUED, "client disconnected")))
     finally:
         globalLogPublisher.removeObserver(events.append)
-    text = "\n".join("2026-01-01T00:00:00+0000 [ds4tw._app#info] " + formatEvent(e) for e in events)
+    text = "\n".join(
+        "2026-01-01T00:00:00+0000 [ds4tw._server.app#info] " + formatEvent(e) for e in events
+    )
     lines = parse_cancel_lines(text)
     assert lines == [
         {"stage": "decode", "reason": "client disconnected", "latency_ms": pytest.approx(3.21)},
@@ -651,16 +653,14 @@ def test_peer_launcher_loads_without_extra_buffers() -> None:
     """The peer gets ds4tw's AMX workaround: default model params say use_extra_bufts=False."""
     import llama_cpp.llama_cpp as C
 
-    from ds4tw.bench import _peer
+    from ds4tw import no_extra_buffers
 
     original = C.llama_model_default_params
-    try:
-        assert not _peer.patch_default_params(amx=False)
-        assert C.llama_model_default_params is original
-        assert _peer.patch_default_params(amx=True)
-        assert C.llama_model_default_params().use_extra_bufts is False
-    finally:
-        C.llama_model_default_params = original
+    with no_extra_buffers(False) as patched:
+        assert not patched and C.llama_model_default_params is original
+    with no_extra_buffers(True) as patched:
+        assert patched and C.llama_model_default_params().use_extra_bufts is False
+    assert C.llama_model_default_params is original
 
 
 # -- continuous batching (issue 9) -------------------------------------------
@@ -767,7 +767,7 @@ def test_scaling_summary_and_reactor_cpu() -> None:
 
 
 def test_scripted_model_spec_parses() -> None:
-    from ds4tw._scripted import parse_spec
+    from ds4tw._engine.scripted import parse_spec
 
     spec = parse_spec(_batching.scripted_model(make_settings(quick=True, engine="scripted"))[9:])
     assert spec.tps == pytest.approx(250.0) and spec.prefill_tps == pytest.approx(2560.0)
@@ -950,7 +950,7 @@ def test_fairness_summary() -> None:
 
 def test_fairness_measure_on_an_instant_scripted_engine() -> None:
     """The whole part's loop, model-free: the step counts are the policy's, exactly."""
-    from ds4tw._scripted import ScriptedEngine
+    from ds4tw._engine.scripted import ScriptedEngine
 
     settings = make_settings(quick=False, engine="scripted")
     engines: list[ScriptedEngine] = []
@@ -1107,7 +1107,9 @@ def test_cache_done_lines_parse_what_ds4tw_logs() -> None:
             _log_job(job, Finish("length", usage, timings=Timings(0.001, 0.25, 0.4)))
     finally:
         globalLogPublisher.removeObserver(observer)
-    text = "\n".join("2026-01-01T00:00:00+0000 [ds4tw._app#info] " + formatEvent(e) for e in events)
+    text = "\n".join(
+        "2026-01-01T00:00:00+0000 [ds4tw._server.app#info] " + formatEvent(e) for e in events
+    )
     lines = _cache.parse_done_lines(text + "\nsomething else\n")
     assert [(x["prompt"], x["cached"], x["source"]) for x in lines] == [
         (2034, 1990, "ram"),
@@ -1120,7 +1122,7 @@ def test_cache_done_lines_parse_what_ds4tw_logs() -> None:
 
 
 def test_cache_metrics_parse_ds4tw_metrics_and_name_the_source() -> None:
-    from ds4tw._kvcache import CacheStats
+    from ds4tw._engine.kvcache import CacheStats
 
     class Engine:
         cache_stats = CacheStats()

@@ -20,26 +20,26 @@ BENCH = Path(ds4tw.bench.__file__).parent
 STILL_PRIVATE = {
     # The output parsers' and grammars' own costs, measured on the parser
     # objects themselves (no public parser or tool-list type yet).
-    ("_parsers.py", "ds4tw._reasoning"),
-    ("_parsers.py", "ds4tw._tools.parsers"),
-    ("_parsers.py", "ds4tw._tools.parsers.base"),
-    ("_parsers.py", "ds4tw._tools.spec"),
+    ("_parsers.py", "ds4tw._formats.reasoning"),
+    ("_parsers.py", "ds4tw._formats.tools.parsers"),
+    ("_parsers.py", "ds4tw._formats.tools.parsers.base"),
+    ("_parsers.py", "ds4tw._formats.tools.spec"),
     ("_parsers.py", "ds4tw._types"),
-    ("_grammars.py", "ds4tw._tools.spec"),
-    ("_grammars.py", "ds4tw._anthropic.schema"),
-    ("_grammars.py", "ds4tw._responses.schema"),
-    ("_grammars.py", "ds4tw._openai.schema"),
-    ("_grammars.py", "ds4tw._normalise"),
-    ("_grammars.py", "ds4tw._template"),
-    ("_grammars.py", "ds4tw._tools.parsers"),
-    ("_grammars.py", "ds4tw._tools.prompt"),
-    ("_constrained.py", "ds4tw._tools.parsers"),
-    ("_constrained.py", "ds4tw._tools.spec"),
+    ("_grammars.py", "ds4tw._formats.tools.spec"),
+    ("_grammars.py", "ds4tw._api.anthropic.schema"),
+    ("_grammars.py", "ds4tw._api.responses.schema"),
+    ("_grammars.py", "ds4tw._api.openai.schema"),
+    ("_grammars.py", "ds4tw._formats.normalise"),
+    ("_grammars.py", "ds4tw._engine.template"),
+    ("_grammars.py", "ds4tw._formats.tools.parsers"),
+    ("_grammars.py", "ds4tw._formats.tools.prompt"),
+    ("_constrained.py", "ds4tw._formats.tools.parsers"),
+    ("_constrained.py", "ds4tw._formats.tools.spec"),
     # The reactor's per-token work, profiled on the renderers themselves.
-    ("_profile.py", "ds4tw._engine"),
-    ("_profile.py", "ds4tw._openai.render"),
-    ("_profile.py", "ds4tw._pipeline"),
-    ("_profile.py", "ds4tw._sse"),
+    ("_profile.py", "ds4tw._engine.interface"),
+    ("_profile.py", "ds4tw._api.openai.render"),
+    ("_profile.py", "ds4tw._formats.pipeline"),
+    ("_profile.py", "ds4tw._api.sse"),
     ("_profile.py", "ds4tw._types"),
 }
 
@@ -70,7 +70,7 @@ def private_imports(path: Path) -> set[tuple[str, str]]:
 
 
 def test_private_imports_are_found() -> None:
-    assert _private("ds4tw._llama") and _private("ds4tw._tools.spec")
+    assert _private("ds4tw._engine.llama") and _private("ds4tw._formats.tools.spec")
     assert not _private("ds4tw") and not _private("ds4tw.testing")
     assert not _private("ds4tw.bench._report") and not _private("llama_cpp._internals")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from ds4tw._tools.parsers import TOOL_CALL_PARSERS, HermesParser, Qwen3CoderParser
+from ds4tw._formats.tools.parsers import TOOL_CALL_PARSERS, HermesParser, Qwen3CoderParser
 from ds4tw.bench import _parsers
 from ds4tw.bench.__main__ import main, parse
 

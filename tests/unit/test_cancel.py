@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 from ds4tw import JobCancelled, SamplingParams, Stage
-from ds4tw._worker import Job, QueueFull
+from ds4tw._runtime.worker import Job, QueueFull
 
 from .conftest import make_rig
 

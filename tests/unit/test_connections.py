@@ -1,5 +1,5 @@
 """
-Closing connections at shutdown (L{ds4tw._http.LimitedSite.close_connections},
+Closing connections at shutdown (L{ds4tw._server.http.LimitedSite.close_connections},
 which C{twistd ds4tw} runs once the drain is over and its ports are closed):
 a request already on its way still gets its answer, a response is never
 cut, idle connections close, and a client that never finishes is aborted.
@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.main import CONNECTION_DONE
 
-from ds4tw._http import CLOSE_GRACE, CLOSE_SETTLE, LimitedSite
+from ds4tw._server.http import CLOSE_GRACE, CLOSE_SETTLE, LimitedSite
 from ds4tw.testing import Exchange, HTTPHarness
 
 from .conftest import Rig, make_rig

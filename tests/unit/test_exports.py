@@ -16,7 +16,16 @@ from typing import Any
 
 import ds4tw
 import ds4tw.testing
-from ds4tw import _app, _engine, _host, _http, _kvcache, _llama, _scripted, _tap, _types, _worker
+from ds4tw import _types
+from ds4tw._api import host as _host
+from ds4tw._engine import interface as _engine
+from ds4tw._engine import kvcache as _kvcache
+from ds4tw._engine import llama as _llama
+from ds4tw._engine import scripted as _scripted
+from ds4tw._runtime import worker as _worker
+from ds4tw._server import app as _app
+from ds4tw._server import http as _http
+from ds4tw._server import tap as _tap
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +39,7 @@ def test_public_names() -> None:
             "ServerConfig", "Stage", "StepResult", "Timings", "Token", "Usage", "WorkerThreads",
             "__version__",
             "abort_callback", "demo_model_path", "eog_tokens", "generate", "makeService",
-            "open_llama", "token_piece",
+            "no_extra_buffers", "open_llama", "token_piece",
         ]
     )  # fmt: skip
     assert ds4tw.Server is _app.Server
@@ -48,6 +57,7 @@ def test_public_names() -> None:
     assert ds4tw.EngineOptions is _llama.EngineOptions
     # The raw llama-cpp-python layer the engine is built on (the benchmark's raw baseline).
     assert ds4tw.open_llama is _llama.open_llama
+    assert ds4tw.no_extra_buffers is _llama.no_extra_buffers
     assert ds4tw.eog_tokens is _llama.eog_tokens
     assert ds4tw.token_piece is _llama.token_piece
     assert ds4tw.abort_callback is _llama.abort_callback
@@ -87,16 +97,16 @@ def test_every_public_name_is_its_implementation() -> None:
 
 # Signatures that name a private type on purpose, and why.
 PRIVATE_ON_PURPOSE = {
-    # Jobs are made by the dialects (ds4tw._turn.new_job); the public side of
+    # Jobs are made by the dialects (ds4tw._api.lifecycle.new_job); the public side of
     # a Job is what observers and cancels see: its label, stage, deferred, cancel().
-    ("Job.__init__", "ds4tw._pipeline.OutputPipeline"),
-    ("Job.__init__", "ds4tw._job.JobListener"),
+    ("Job.__init__", "ds4tw._formats.pipeline.OutputPipeline"),
+    ("Job.__init__", "ds4tw._runtime.job.JobListener"),
     # The engine's slot bookkeeping, shown for tests and diagnostics: internal plumbing.
-    ("LlamaEngine.table", "ds4tw._slots.SlotTable"),
-    # What the dialects use through ds4tw._host.Host: internal plumbing.
-    ("Server.chat_template", "ds4tw._template.ChatTemplate"),
-    ("Server.tool_parser", "ds4tw._tools.parsers.base.ToolCallParser"),
-    ("Server.reasoning_parser", "ds4tw._reasoning.base.ReasoningParser"),
+    ("LlamaEngine.table", "ds4tw._engine.slots.SlotTable"),
+    # What the dialects use through ds4tw._api.host.Host: internal plumbing.
+    ("Server.chat_template", "ds4tw._engine.template.ChatTemplate"),
+    ("Server.tool_parser", "ds4tw._formats.tools.parsers.base.ToolCallParser"),
+    ("Server.reasoning_parser", "ds4tw._formats.reasoning.base.ReasoningParser"),
 }
 
 
@@ -170,7 +180,11 @@ def test_scripted_engine_satisfies_the_engine_protocol() -> None:
 _COVERAGE = re.compile(r"(Covered (by|through)|Exercised by|[Pp]inned by)(.*?)(\n\n|$)", re.S)
 _TEST_FILE = re.compile(r"[\w/]*test_\w+\.py|tests/[\w/]+\.py")
 # Modules with nothing to cover.
-_NO_COVERAGE_LINE = {"ds4tw/_version.py", "ds4tw/_openai/__init__.py", "ds4tw/_tools/__init__.py"}
+_NO_COVERAGE_LINE = {
+    "ds4tw/_version.py",
+    "ds4tw/_api/openai/__init__.py",
+    "ds4tw/_formats/tools/__init__.py",
+}
 
 
 def _modules() -> list[Path]:

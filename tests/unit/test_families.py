@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from ds4tw._reasoning import reasoning_parser
-from ds4tw._template import ChatTemplate
-from ds4tw._tools.parsers import tool_call_parser
-from ds4tw._tools.prompt import template_inputs
-from ds4tw._tools.spec import Tooling, ToolSpec
+from ds4tw._engine.template import ChatTemplate
+from ds4tw._formats.reasoning import reasoning_parser
+from ds4tw._formats.tools.parsers import tool_call_parser
+from ds4tw._formats.tools.prompt import template_inputs
+from ds4tw._formats.tools.spec import Tooling, ToolSpec
 from ds4tw.testing import Exchange, Reply
 
 from .conftest import Rig, make_rig

@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from ds4tw._anthropic.schema import CountTokensRequest, MessagesRequest
-from ds4tw._openai.schema import ChatCompletionRequest, CompletionRequest
-from ds4tw._responses.schema import ResponsesRequest
+from ds4tw._api.anthropic.schema import CountTokensRequest, MessagesRequest
+from ds4tw._api.openai.schema import ChatCompletionRequest, CompletionRequest
+from ds4tw._api.responses.schema import ResponsesRequest
 
 from .conftest import Rig, make_rig
 

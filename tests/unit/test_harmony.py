@@ -19,11 +19,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ds4tw._reasoning import PlainSplitter
-from ds4tw._reasoning.harmony import MAX_HEADER, HarmonyReasoningParser, HarmonySplitter
-from ds4tw._template import ChatTemplate
-from ds4tw._tools.parsers.harmony import HarmonyParser
-from ds4tw._tools.spec import ToolChoice, Tooling
+from ds4tw._engine.template import ChatTemplate
+from ds4tw._formats.reasoning import PlainSplitter
+from ds4tw._formats.reasoning.harmony import MAX_HEADER, HarmonyReasoningParser, HarmonySplitter
+from ds4tw._formats.tools.parsers.harmony import HarmonyParser
+from ds4tw._formats.tools.spec import ToolChoice, Tooling
 from ds4tw._types import ContentText, ToolCallArgs, ToolCallEnd, ToolCallStart
 
 from .calls import seen

@@ -1,6 +1,6 @@
 """
-Grammars from any JSON Schema an agent sends (L{ds4tw._jsonschema} puts
-the schema into the converter's terms; L{ds4tw._grammar} builds the
+Grammars from any JSON Schema an agent sends (L{ds4tw._formats.jsonschema} puts
+the schema into the converter's terms; L{ds4tw._formats.grammar} builds the
 rules): for each construct, JSON that the schema allows is accepted and
 JSON it forbids is stopped, read by a GBNF recogniser (tests/unit/gbnf.py)
 and checked by llama.cpp's own grammar parser; what cannot be expressed
@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llama_cpp.llama_grammar import LlamaGrammar
 
-from ds4tw._grammar import RuleSet, json_grammar
-from ds4tw._jsonschema import GBNF, integer_range, simplify
+from ds4tw._formats.grammar import RuleSet, json_grammar
+from ds4tw._formats.jsonschema import GBNF, integer_range, simplify
 
 from .gbnf import Grammar as Recogniser
 

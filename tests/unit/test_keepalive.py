@@ -20,7 +20,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from ds4tw._sse import SSEStream
+from ds4tw._api.sse import SSEStream
 from ds4tw.testing import Exchange, Reply
 
 from .conftest import Rig, make_rig

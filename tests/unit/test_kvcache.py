@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from ds4tw import PromptCache
-from ds4tw._kvcache import _file
+from ds4tw._engine.kvcache import _file
 
 from .conftest import Rig, make_rig
 from .test_scheduler import answer, cached, chat, log_lines, metrics, next_turn, sample

@@ -1,5 +1,5 @@
 """
-The prompt cache's file format (L{ds4tw._kvcache._file}): round trips,
+The prompt cache's file format (L{ds4tw._engine.kvcache._file}): round trips,
 atomic writes, and every way a file is rejected before its state is
 loaded into the model.
 
@@ -24,8 +24,8 @@ from typing import Any, NoReturn
 
 import pytest
 
-from ds4tw._kvcache import _file
-from ds4tw._kvcache._file import Cancelled, Head, Rejected
+from ds4tw._engine.kvcache import _file
+from ds4tw._engine.kvcache._file import Cancelled, Head, Rejected
 
 IDENTITY: dict[str, Any] = {
     "model": "aaaaaaaaaaaaaaaa",

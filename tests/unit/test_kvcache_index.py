@@ -1,5 +1,5 @@
 """
-One tier of the prompt cache (L{ds4tw._kvcache._index}): lookup by the
+One tier of the prompt cache (L{ds4tw._engine.kvcache._index}): lookup by the
 longest shared token prefix, the eviction score, and the admission rule
 against store-then-evict thrash. Entries are fakes (sizes, no states);
 time is an injected clock.
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from ds4tw._kvcache._index import (
+from ds4tw._engine.kvcache._index import (
     HALF_LIFE,
     Entry,
     PrefixIndex,

@@ -1,5 +1,5 @@
 """
-Limits before work (ds4tw._http.LimitedSite): a body over the bound is
+Limits before work (ds4tw._server.http.LimitedSite): a body over the bound is
 refused before it is read, a request that does not arrive whole in time
 is closed, and none of it touches a stream that is legitimately long.
 """

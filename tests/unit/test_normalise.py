@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
-from ds4tw import _normalise
-from ds4tw._normalise import normalise
+from ds4tw._formats import normalise as _normalise
+from ds4tw._formats.normalise import normalise
 
 LINE = "x-anthropic-billing-header: cc_version=2.1.117.48f; cc_entrypoint=cli; cch=71fea;"
 OTHER = "x-anthropic-billing-header: cc_version=2.1.118.9a0; cc_entrypoint=cli; cch=0aaa9;"

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from openai.types.chat import ChatCompletion
 
-from ds4tw._scripted import TOKEN_LOGPROB
+from ds4tw._engine.scripted import TOKEN_LOGPROB
 from ds4tw.testing import Exchange, Reply
 
 from . import tools

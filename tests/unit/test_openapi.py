@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
-from ds4tw._anthropic.schema import MessagesRequest
-from ds4tw._openai.schema import ChatCompletionRequest
+from ds4tw._api.anthropic.schema import MessagesRequest
+from ds4tw._api.openai.schema import ChatCompletionRequest
 
 from .conftest import make_rig
 
@@ -128,7 +128,7 @@ def test_every_described_route_exists() -> None:
 
 
 def test_the_description_names_every_session_header() -> None:
-    from ds4tw._ids import SESSION_HEADERS
+    from ds4tw._api.ids import SESSION_HEADERS
 
     text = document()["info"]["description"].lower()
     assert all(name.decode() in text for name in SESSION_HEADERS)

@@ -19,12 +19,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ds4tw._reasoning import TagReasoningParser
-from ds4tw._template import ChatTemplate
-from ds4tw._tools.parsers import HermesParser, Llama3JSONParser, MistralParser, ToolCallParser
-from ds4tw._tools.parsers.deepseek import DeepSeekV3Parser, DeepSeekV31Parser, DeepSeekV32Parser
-from ds4tw._tools.parsers.kimi_k2 import KimiK2Parser, call_name
-from ds4tw._tools.spec import ToolChoice, Tooling
+from ds4tw._engine.template import ChatTemplate
+from ds4tw._formats.reasoning import TagReasoningParser
+from ds4tw._formats.tools.parsers import (
+    HermesParser,
+    Llama3JSONParser,
+    MistralParser,
+    ToolCallParser,
+)
+from ds4tw._formats.tools.parsers.deepseek import (
+    DeepSeekV3Parser,
+    DeepSeekV31Parser,
+    DeepSeekV32Parser,
+)
+from ds4tw._formats.tools.parsers.kimi_k2 import KimiK2Parser, call_name
+from ds4tw._formats.tools.spec import ToolChoice, Tooling
 from ds4tw._types import ContentText, ToolCallArgs, ToolCallEnd, ToolCallStart
 
 from .calls import seen, splits

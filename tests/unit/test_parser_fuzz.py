@@ -22,10 +22,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ds4tw._pipeline import OutputPipeline
-from ds4tw._reasoning import ReasoningSplitter, reasoning_parser
-from ds4tw._tools.parsers import TOOL_CALL_PARSERS, ToolCallParser
-from ds4tw._tools.spec import Tooling
+from ds4tw._formats.pipeline import OutputPipeline
+from ds4tw._formats.reasoning import ReasoningSplitter, reasoning_parser
+from ds4tw._formats.tools.parsers import TOOL_CALL_PARSERS, ToolCallParser
+from ds4tw._formats.tools.spec import Tooling
 
 from .calls import seen, splits
 from .tools import PATCH, RUN, WEATHER

@@ -17,12 +17,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ds4tw._tools.parsers import HermesParser, ToolCallParser
-from ds4tw._tools.parsers.glm45 import GLM45Parser
-from ds4tw._tools.parsers.minimax_m2 import MiniMaxM2Parser
-from ds4tw._tools.parsers.qwen3_coder import Qwen3CoderParser
-from ds4tw._tools.parsers.xmlargs import convert, types_of
-from ds4tw._tools.spec import ToolChoice, Tooling, ToolSpec
+from ds4tw._formats.tools.parsers import HermesParser, ToolCallParser
+from ds4tw._formats.tools.parsers.glm45 import GLM45Parser
+from ds4tw._formats.tools.parsers.minimax_m2 import MiniMaxM2Parser
+from ds4tw._formats.tools.parsers.qwen3_coder import Qwen3CoderParser
+from ds4tw._formats.tools.parsers.xmlargs import convert, types_of
+from ds4tw._formats.tools.spec import ToolChoice, Tooling, ToolSpec
 from ds4tw._types import ContentText, ToolCallArgs, ToolCallEnd, ToolCallStart
 
 from .calls import seen, splits

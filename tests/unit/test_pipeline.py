@@ -7,11 +7,11 @@ call a request allowed.
 
 from __future__ import annotations
 
-from ds4tw._engine import Token
-from ds4tw._pipeline import OutputPipeline
-from ds4tw._reasoning import TagSplitter
-from ds4tw._tools.parsers import HermesParser
-from ds4tw._tools.spec import Tooling, ToolSpec
+from ds4tw._engine.interface import Token
+from ds4tw._formats.pipeline import OutputPipeline
+from ds4tw._formats.reasoning import TagSplitter
+from ds4tw._formats.tools.parsers import HermesParser
+from ds4tw._formats.tools.spec import Tooling, ToolSpec
 from ds4tw._types import (
     Collector,
     ContentText,

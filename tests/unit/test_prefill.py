@@ -1,12 +1,12 @@
 """
-The prefill policy (L{ds4tw._prefill.PrefillOrder}): shortest remaining
+The prefill policy (L{ds4tw._engine.prefill.PrefillOrder}): shortest remaining
 prompt first, and no prompt starves behind a stream of shorter ones.
 Through the worker and the scripted engine in tests/unit/test_scheduler.py.
 """
 
 from __future__ import annotations
 
-from ds4tw._prefill import AGING_STEPS, PrefillOrder
+from ds4tw._engine.prefill import AGING_STEPS, PrefillOrder
 
 
 def test_the_shortest_remaining_prompt_goes_first_and_the_next_gets_what_is_left() -> None:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ds4tw._reasoning import Delta, TagSplitter, reasoning_parser
+from ds4tw._formats.reasoning import Delta, TagSplitter, reasoning_parser
 from ds4tw._types import ContentText, ReasoningText
 from ds4tw.testing import Reply
 
@@ -147,8 +147,8 @@ def test_completions_do_not_split_reasoning() -> None:
 
 
 def _forced_hermes() -> Any:
-    from ds4tw._tools.parsers import HermesParser
-    from ds4tw._tools.spec import ToolChoice, Tooling, ToolSpec
+    from ds4tw._formats.tools.parsers import HermesParser
+    from ds4tw._formats.tools.spec import ToolChoice, Tooling, ToolSpec
 
     weather = ToolSpec("get_weather", parameters={"type": "object", "properties": {}})
     return HermesParser().grammar(Tooling((weather,), ToolChoice("required")))
@@ -196,7 +196,7 @@ def test_no_room_for_a_model_not_known_to_think() -> None:
 
 
 def test_gpt_oss_answers_structured_output_in_its_final_channel() -> None:
-    from ds4tw._grammar import json_grammar
+    from ds4tw._formats.grammar import json_grammar
 
     answer = json_grammar({"type": "object", "properties": {"n": {"type": "integer"}}})
     parser = reasoning_parser("gpt_oss")

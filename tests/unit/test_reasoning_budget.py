@@ -2,7 +2,7 @@
 The reasoning budget (L{ds4tw.SamplingParams.reasoning_budget}): once a
 reply has spent it inside a reasoning block, the worker's batch loop has
 the engine write the block's closing text in the model's place
-(L{ds4tw._engine.Engine.force}), token by token, and the model goes on
+(L{ds4tw._engine.interface.Engine.force}), token by token, and the model goes on
 with its answer. Driven through the worker with the scripted engine,
 whose L{ScriptedEngine.forced} records every token written for the model;
 a forced reply skips past its own closing tag, as a model would go on
@@ -19,10 +19,10 @@ import pytest
 from twisted.logger import globalLogPublisher
 
 from ds4tw import SamplingParams
-from ds4tw._pipeline import OutputPipeline
-from ds4tw._reasoning.tags import TagReasoningParser
+from ds4tw._formats.pipeline import OutputPipeline
+from ds4tw._formats.reasoning.tags import TagReasoningParser
+from ds4tw._runtime.worker import Job
 from ds4tw._types import ContentText, Finish, Output, ReasoningText
-from ds4tw._worker import Job
 from ds4tw.testing import Reply, ScriptedEngine
 
 from .conftest import Rig, make_rig

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from ds4tw._reasoning.settings import ReasoningSettings
+from ds4tw._formats.reasoning.settings import ReasoningSettings
 from ds4tw.testing import Reply
 
 from .conftest import make_rig

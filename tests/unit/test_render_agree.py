@@ -54,9 +54,14 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic_core import from_json
 
-from ds4tw._anthropic.render import MessageBuilder
-from ds4tw._openai.render import ChatBuilder, CompletionBuilder, chat_logprobs, completion_logprobs
-from ds4tw._responses.render import ResponseBuilder
+from ds4tw._api.anthropic.render import MessageBuilder
+from ds4tw._api.openai.render import (
+    ChatBuilder,
+    CompletionBuilder,
+    chat_logprobs,
+    completion_logprobs,
+)
+from ds4tw._api.responses.render import ResponseBuilder
 from ds4tw._types import (
     Collector,
     ContentText,

@@ -29,8 +29,8 @@ import pytest
 from openai.types.responses import Response
 from twisted.logger import formatEvent, globalLogPublisher
 
-from ds4tw._scripted import TOKEN_LOGPROB
-from ds4tw._tools import spec
+from ds4tw._engine.scripted import TOKEN_LOGPROB
+from ds4tw._formats.tools import spec
 from ds4tw.testing import Exchange, Reply
 
 from . import tools

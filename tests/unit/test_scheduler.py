@@ -1,5 +1,5 @@
 """
-Continuous batching through the worker's batch loop (L{ds4tw._scheduler}):
+Continuous batching through the worker's batch loop (L{ds4tw._runtime.scheduler}):
 several requests share engine steps, a long prefill never stalls a
 decoding stream, a request that leaves drops only its own sequence, more
 requests than slots wait in the queue, and a finished conversation's slot
@@ -25,9 +25,9 @@ import pytest
 from twisted.logger import formatEvent, globalLogPublisher
 
 from ds4tw import JobCancelled, SamplingParams, Stage
-from ds4tw._engine import AbortFlag, Failed, StepResult, Token
-from ds4tw._prefill import AGING_STEPS
-from ds4tw._worker import Job, StepStats
+from ds4tw._engine.interface import AbortFlag, Failed, StepResult, Token
+from ds4tw._engine.prefill import AGING_STEPS
+from ds4tw._runtime.worker import Job, StepStats
 from ds4tw.testing import Exchange
 
 from .conftest import Rig, make_rig

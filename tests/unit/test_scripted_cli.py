@@ -17,8 +17,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 
 from ds4tw import Options, Server, makeService
-from ds4tw._engine import Aborted, AbortFlag, PrefillProgress, SamplingParams, Token
-from ds4tw._scripted import ScriptedSpec, parse_spec
+from ds4tw._engine.interface import Aborted, AbortFlag, PrefillProgress, SamplingParams, Token
+from ds4tw._engine.scripted import ScriptedSpec, parse_spec
 from ds4tw.testing import ScriptedEngine
 
 from .conftest import make_rig

@@ -1,5 +1,5 @@
 """
-The slot table alone (L{ds4tw._slots.SlotTable}), on made-up token lists:
+The slot table alone (L{ds4tw._engine.slots.SlotTable}), on made-up token lists:
 which slot a new prompt runs in, what it may reuse, and what is evicted.
 
 The engine extends a claimed slot's C{tokens} as it computes; L{compute}
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from ds4tw._slots import Claim, SlotTable
+from ds4tw._engine.slots import Claim, SlotTable
 
 
 def compute(table: SlotTable, claim: Claim, prompt: list[int]) -> None:

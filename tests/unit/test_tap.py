@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.python import usage
 
 from ds4tw import EngineOptions, LlamaEngine, Options, Server, makeService
-from ds4tw._llama import demo_model_path
+from ds4tw._engine.llama import demo_model_path
 from ds4tw.testing import Exchange, HTTPHarness, ScriptedEngine, SteppedThreads
 
 

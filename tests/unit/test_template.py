@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ds4tw._template import ChatTemplate, TemplateError
+from ds4tw._engine.template import ChatTemplate, TemplateError
 from ds4tw.testing import Reply, ScriptedEngine
 
 from .conftest import make_rig

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ds4tw._text import StopMatcher, TextAssembler
+from ds4tw._formats.text import StopMatcher, TextAssembler
 
 
 def feed_all(m: StopMatcher, pieces: list[str]) -> tuple[str, str | None]:

@@ -14,15 +14,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ds4tw._tools.parsers import (
+from ds4tw._formats.tools.parsers import (
     HermesParser,
     Llama3JSONParser,
     MistralParser,
     ToolCallParser,
     tool_call_parser,
 )
-from ds4tw._tools.scan import Malformed, ValueScanner
-from ds4tw._tools.spec import ToolChoice, Tooling
+from ds4tw._formats.tools.scan import Malformed, ValueScanner
+from ds4tw._formats.tools.spec import ToolChoice, Tooling
 from ds4tw._types import ContentText, ToolCallArgs, ToolCallStart
 
 from .calls import seen, splits
@@ -241,7 +241,7 @@ def test_unknown_parser_name() -> None:
 
 
 def test_grammars_are_cached_by_tool_set() -> None:
-    from ds4tw._tools.parsers import GrammarCache
+    from ds4tw._formats.tools.parsers import GrammarCache
 
     cache = GrammarCache(size=2)
     hermes = HermesParser()

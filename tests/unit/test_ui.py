@@ -1,5 +1,5 @@
 """
-The chat page as HTTP serves it (ds4tw/_ui): routes, content types,
+The chat page as HTTP serves it (ds4tw/_server/ui): routes, content types,
 headers, caching, --no-ui, mounting, and the package data that ships it.
 
 Caveat: no browser here; tests/browser runs the page in Chromium (its CSP
@@ -18,13 +18,13 @@ from klein import Klein
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from ds4tw._ui import CONTENT_SECURITY_POLICY, load_assets
+from ds4tw._server.ui import CONTENT_SECURITY_POLICY, load_assets
 from ds4tw.testing import HTTPHarness
 
 from .conftest import make_rig
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGE = ROOT / "ds4tw" / "_ui" / "page"
+PAGE = ROOT / "ds4tw" / "_server" / "ui" / "page"
 
 
 def test_root_serves_the_page_with_strict_headers() -> None:
@@ -173,7 +173,7 @@ def test_the_package_data_ships_every_page_file() -> None:
     """A page file that setup.cfg's patterns miss would be absent from the wheel."""
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
-    patterns = cfg["options.package_data"]["ds4tw._ui"].split()
+    patterns = cfg["options.package_data"]["ds4tw._server.ui"].split()
     # setuptools expands the patterns as glob does: "*" stops at a "/".
     shipped = {f for p in patterns for f in glob.glob(p, root_dir=PAGE.parent)}
     files = {p.relative_to(PAGE.parent).as_posix() for p in PAGE.rglob("*") if p.is_file()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ds4tw._tools.spec import ToolSpec
+from ds4tw._formats.tools.spec import ToolSpec
 from ds4tw.testing import Reply
 
 WEATHER = ToolSpec(

@@ -1,0 +1,92 @@
+"""
+What the API dialects and the request lifecycle see of the server: its
+configuration (L{ServerConfig}) and the L{Host} protocol that
+L{ds4tw._server.app.Server} satisfies. The dialects and L{ds4tw._api.lifecycle} are typed
+against L{Host}, so nothing below L{ds4tw._server.app} imports it, and
+L{ds4tw._server.app} imports the dialects' routes like any other module.
+
+Covered by tests/unit/test_app.py and every dialect's route tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from klein import Klein
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.web.server import Request
+
+    from .._engine.interface import Engine
+    from .._engine.template import ChatTemplate
+    from .._formats.reasoning import ReasoningParser
+    from .._formats.tools.parsers import ToolCallParser
+    from .._runtime.metrics import Metrics
+    from .._runtime.worker import Worker
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """
+    @param keepalive: seconds of silence before a keepalive frame; 0 disables.
+    @param max_queue: jobs allowed to wait for the model; more get 503.
+    @param api_key: when set, /v1 routes need C{Authorization: Bearer KEY}
+        or C{x-api-key: KEY}.
+    @param cors_origins: origins allowed by CORS (C{"*"} for any).
+    @param reasoning_parser: C{"auto"}, a name from
+        L{ds4tw._formats.reasoning.REASONING_PARSERS} or C{"START,END"} tags.
+    """
+
+    keepalive: float = 15.0
+    max_queue: int = 128
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    #: The largest request body accepted (413 before it is read, with
+    #: L{ds4tw.LimitedSite}; 413 after, with a plain twisted.web Site).
+    max_body_bytes: int = 16 * 1024 * 1024
+    #: Seconds for a whole request to arrive (L{ds4tw.LimitedSite}).
+    request_timeout: float = 60.0
+    #: Bytes a stream holds for a client that stopped reading; past this
+    #: the job is cancelled ("client not reading") and the connection closed.
+    max_unsent_bytes: int = 1024 * 1024
+    #: How the model marks reasoning (L{ds4tw._formats.reasoning.reasoning_parser});
+    #: C{"auto"} reads it from the chat template.
+    reasoning_parser: str = "auto"
+    #: On /v1/messages, keep streams alive with Anthropic's own
+    #: C{event: ping} frame instead of an SSE comment.
+    anthropic_ping: bool = False
+    #: Reasoning tokens a request may spend before the engine closes the
+    #: block (a request's own budget wins); None for no limit.
+    reasoning_budget: int | None = None
+    #: How the model writes tool calls (L{ds4tw._formats.tools.parsers}); C{"auto"}
+    #: reads it from the chat template.
+    tool_call_parser: str = "auto"
+    #: Seconds a shutdown (SIGTERM) gives the running and queued jobs to
+    #: finish before cancelling them; 0 cancels at once (docs/operations.md).
+    drain_timeout: float = 30.0
+    #: Serve the chat page at C{/} (docs/ui.md); C{twistd ds4tw --no-ui} turns it off.
+    ui: bool = True
+
+
+class Host(Protocol):
+    """The server as a dialect's routes and the request lifecycle use it."""
+
+    app: Klein
+    engine: Engine
+    config: ServerConfig
+    worker: Worker
+    metrics: Metrics
+    clock: IReactorTime
+
+    def chat_template(self) -> ChatTemplate: ...
+
+    def reasoning_parser(self) -> ReasoningParser: ...
+
+    def kept_special(self) -> frozenset[int]: ...
+
+    def tool_parser(self) -> ToolCallParser: ...
+
+    def authorize(self, request: Request) -> None: ...
+
+    def cors(self, request: Request) -> None: ...

@@ -1,0 +1,158 @@
+"""
+The OpenAI dialect: C{/v1/chat/completions} and C{/v1/completions} as
+turns (schema.py validates, render.py answers), the model list, and
+OpenAI's error shape, which is also every path's error shape that no other
+dialect claims.
+
+Covered by tests/unit/test_openai_routes.py, tests/unit/test_dialects.py
+and tests/integration/test_openai_sdk.py.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.web.server import Request
+
+from ..._errors import APIError
+from ..dialect import Api, Begun, Dialect, Endpoint, Operation, Turn
+from ..host import Host
+from ..routing import json_response
+from . import render
+from .schema import ChatCompletionRequest, CompletionRequest
+
+#: What a completion writes when the client names no budget: OpenAI's default.
+COMPLETION_MAX_TOKENS = 16
+
+OPENAI_ERROR: dict[str, Any] = {
+    "type": "object",
+    "description": "An OpenAI-shaped error.",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def chat_turn(req: ChatCompletionRequest) -> Turn:
+    # In this order, so that a request with several faults is refused for
+    # the same one as ever: the tools first.
+    tooling = req.tooling()
+    return Turn(
+        "chat",
+        "chatcmpl",
+        req.stream,
+        req.model,
+        req.sampling,
+        messages=req.template_messages(),
+        reasoning=req.reasoning_settings(),
+        tooling=tooling,
+        response_format=req.structured(),
+        max_tokens=req.requested_max_tokens(),
+    )
+
+
+def chat_builder(req: ChatCompletionRequest, begun: Begun) -> render.ChatBuilder:
+    return render.ChatBuilder(
+        begun.id, begun.model, req.include_usage(), req.thinking(), req.logprobs
+    )
+
+
+def completion_turn(req: CompletionRequest) -> Turn:
+    return Turn(
+        "completion",
+        "cmpl",
+        req.stream,
+        req.model,
+        req.sampling,
+        text=req.prompt_text_or_tokens(),
+        max_tokens=req.requested_max_tokens() or COMPLETION_MAX_TOKENS,
+        param="prompt",
+    )
+
+
+def completion_builder(req: CompletionRequest, begun: Begun) -> render.CompletionBuilder:
+    return render.CompletionBuilder(
+        begun.id, begun.model, req.include_usage(), req.logprobs is not None
+    )
+
+
+def model_routes(server: Host, api: Api) -> None:
+    """C{/v1/models}: the one model this server runs, with its context size."""
+    app = server.app
+    created = int(time.time())
+
+    @app.route("/v1/models", methods=["GET"])
+    @api
+    async def models(request: Request) -> bytes:
+        card = render.model_card(server.engine.model_id, created, server.engine.n_ctx)
+        return json_response(request, {"object": "list", "data": [card]})
+
+    @app.route("/v1/models/<path:model_id>", methods=["GET"])
+    @api
+    async def model(request: Request, model_id: str) -> bytes:
+        if model_id != server.engine.model_id:
+            raise APIError(404, f"The model '{model_id}' does not exist", code="model_not_found")
+        return json_response(request, render.model_card(model_id, created, server.engine.n_ctx))
+
+
+def _described(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+
+
+DIALECT = Dialect(
+    "openai",
+    render.error_body,
+    "OpenAIError",
+    OPENAI_ERROR,
+    endpoints=(
+        Endpoint(
+            "/v1/chat/completions",
+            ChatCompletionRequest,
+            "OpenAI chat completion",
+            chat_turn,
+            chat_builder,
+        ),
+        Endpoint(
+            "/v1/completions",
+            CompletionRequest,
+            "OpenAI text completion",
+            completion_turn,
+            completion_builder,
+        ),
+    ),
+    routes=model_routes,
+    operations=(
+        Operation(
+            "/v1/models",
+            "get",
+            "v1_models",
+            "The one loaded model",
+            responses={"200": _described("An OpenAI model list.")},
+        ),
+        Operation(
+            "/v1/models/{model_id}",
+            "get",
+            "v1_model",
+            "The loaded model, by name",
+            parameters=(
+                {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}},
+            ),
+            responses={"200": _described("An OpenAI model card.")},
+            errors=("404",),
+        ),
+    ),
+)

@@ -1,0 +1,402 @@
+"""
+L{Server}: one model behind a Klein app. It is a Twisted service (start
+it, or give it a parent) and its L{Server.resource} mounts anywhere in a
+twisted.web tree, including under a Klein branch route of another app.
+
+This module owns the server's own routes and what every route shares:
+auth, CORS, health, metrics, C{/openapi.json} (L{ds4tw._api.openapi}),
+JSON 404/405/500 in the shape of the dialect that owns the path. Every
+registered dialect's routes are mounted from L{ds4tw._api.registry} by
+L{ds4tw._api.serve.mount}.
+
+Covered by tests/unit/test_app.py, tests/unit/test_openapi.py and
+tests/unit/test_embedding.py.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from typing import Any
+from urllib.parse import quote
+
+from klein import Klein
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from .._api.dialect import dialect_for
+from .._api.host import ServerConfig
+from .._api.ids import request_key
+from .._api.openapi import openapi_document
+from .._api.registry import DIALECTS
+from .._api.routing import ErrorBody, error_response, json_response, unexpected
+from .._api.serve import mount
+from .._engine.interface import Engine, ReportsSettings, special_token_ids
+from .._engine.template import ChatTemplate
+from .._errors import invalid, method_not_allowed, not_found, unauthorized
+from .._formats.reasoning import ReasoningParser, reasoning_parser
+from .._formats.tools.parsers import ToolCallParser, tool_call_parser
+from .._runtime.joblog import log_job
+from .._runtime.metrics import CONTENT_TYPE_LATEST, Metrics
+from .._runtime.worker import PoolThreads, Worker, WorkerThreads
+from .ui import add_routes as ui_routes
+
+log = Logger()
+
+
+def _header(request: Request, name: bytes) -> str:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if isinstance(value, bytes) else (value or "")
+
+
+class Server(MultiService):
+    """
+    Serve C{engine} over every registered API dialect (L{ds4tw._api.registry}).
+
+    @param threads: the model-thread boundary; defaults to a real thread.
+        Tests pass L{ds4tw.testing.SteppedThreads}.
+    @param clock: time source for keepalives; defaults to the reactor.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: ServerConfig | None = None,
+        *,
+        clock: IReactorTime | None = None,
+        threads: WorkerThreads | None = None,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.engine = engine
+        self.config = config or ServerConfig()
+        # A bad name fails here, not per request.
+        reasoning_parser(self.config.reasoning_parser)
+        tool_call_parser(self.config.tool_call_parser)
+        self._reasoning_parser: ReasoningParser | None = None
+        self._kept_special: frozenset[int] | None = None
+        self._template: ChatTemplate | None = None
+        self._tool_parser: ToolCallParser | None = None
+        self._openapi: bytes | None = None
+        self.clock: IReactorTime = clock or reactor
+        self.worker = Worker(
+            engine,
+            threads or PoolThreads(reactor),
+            self.config.max_queue,
+            drain_timeout=self.config.drain_timeout,
+            clock=self.clock,
+        )
+        self.worker.setServiceParent(self)
+        self.metrics = Metrics()
+        self.metrics.watch(
+            lambda: self.worker.queue_depth,
+            lambda: self.worker.busy,
+            lambda: self.worker.ready,
+            lambda: self.worker.slots_busy,
+            lambda: self.worker.slots,
+        )
+        self.metrics.watch_cache(engine)
+        self.worker.observers += [self.metrics.job_ended, log_job]
+        self.worker.step_observers.append(self.metrics.step_done)
+        self.worker.loaded.addCallback(self._log_parsers)
+        self.app = Klein()
+        # werkzeug answers a path with repeated slashes by a redirect to the
+        # merged one, which escapes Klein as a 500; _Tagged collapses them
+        # before routing, so this only keeps a path that bypassed it a 404.
+        self.app.url_map.merge_slashes = False
+        self._routes()
+        # Each registered dialect's routes (typed against _host.Host, so
+        # none of them imports this module).
+        for dialect in DIALECTS:
+            mount(self, dialect)
+        if self.config.ui:
+            ui_routes(self)
+
+    def stopService(self) -> Deferred[None]:
+        """Drain the worker (L{Worker.stopService}) and log how that went."""
+        w = self.worker
+        log.info(
+            "ds4tw: shutting down: draining {running} running and {queued} queued jobs "
+            "for up to {timeout}s",
+            running=w.slots_busy,
+            queued=w.queue_depth,
+            timeout=w.drain_timeout,
+        )
+        d: Deferred[None] = super().stopService()
+
+        def done(result: object) -> object:
+            r = w.drain_result
+            if r is not None:
+                log.info(
+                    "ds4tw: shut down after {seconds:.1f}s: {drained} drained, {cancelled} "
+                    "cancelled at the drain timeout, {other} ended otherwise",
+                    seconds=r.seconds,
+                    drained=r.drained,
+                    cancelled=r.cancelled,
+                    other=r.other,
+                )
+            return result
+
+        return d.addBoth(done)
+
+    def resource(self) -> IResource:
+        return _Tagged(self.app.resource())
+
+    def chat_template(self) -> ChatTemplate:
+        """The engine's chat template, for what it can render (after load)."""
+        if self._template is None:
+            self._template = ChatTemplate(self.engine.chat_template)
+        return self._template
+
+    def tool_parser(self) -> ToolCallParser:
+        """The tool-call parser: configured, or chosen from the template (after load)."""
+        if self._tool_parser is None:
+            self._tool_parser = tool_call_parser(
+                self.config.tool_call_parser, self.engine.chat_template
+            )
+        return self._tool_parser
+
+    def parsers(self) -> dict[str, str]:
+        """The parsers in use (what C{auto} read from the template), after load."""
+        return {"tool_call": self.tool_parser().name, "reasoning": self.reasoning_parser().name}
+
+    def _log_parsers(self, result: object) -> object:
+        log.info(
+            "parsers: tool calls {tool_call}, reasoning {reasoning} (configured: {tc}, {rp})",
+            tc=self.config.tool_call_parser,
+            rp=self.config.reasoning_parser,
+            **self.parsers(),
+        )
+        return result
+
+    def kept_special(self) -> frozenset[int]:
+        """
+        The special tokens whose text the parsers read (gpt-oss's channels,
+        Kimi's and DeepSeek's call markers); every other special token's
+        text stays hidden from the client. Any thread, after load.
+        """
+        if self._kept_special is None:
+            texts = (
+                *self.tool_parser().preserved_tokens,
+                *self.reasoning_parser().preserved_tokens,
+            )
+            self._kept_special = special_token_ids(self.engine, texts)
+        return self._kept_special
+
+    def reasoning_parser(self) -> ReasoningParser:
+        """The reasoning parser: configured, or chosen from the template (after load)."""
+        if self._reasoning_parser is None:
+            self._reasoning_parser = reasoning_parser(
+                self.config.reasoning_parser, self.engine.chat_template
+            )
+        return self._reasoning_parser
+
+    # -- shared request handling -----------------------------------------
+
+    def authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if not key:
+            return
+        bearer = _header(request, b"authorization")
+        given = (
+            bearer[7:] if bearer.lower().startswith("bearer ") else _header(request, b"x-api-key")
+        )
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise unauthorized()
+
+    def cors(self, request: Request) -> None:
+        origins = self.config.cors_origins
+        if not origins:
+            return
+        origin = _header(request, b"origin")
+        if "*" in origins:
+            request.setHeader(b"access-control-allow-origin", b"*")
+        elif origin in origins:
+            request.setHeader(b"access-control-allow-origin", origin.encode())
+            request.setHeader(b"vary", b"Origin")
+        else:
+            return
+        # A page's script may read these (the SDKs do: request ids in
+        # their errors, Retry-After for their back-off).
+        request.setHeader(b"access-control-expose-headers", _EXPOSE_HEADERS)
+
+    def _routes(self) -> None:
+        app = self.app
+
+        @app.route("/health", methods=["GET"])
+        def health(request: Request) -> bytes:
+            w = self.worker
+            if w.draining:
+                # From the first moment of a shutdown: load balancers stop sending.
+                status = "draining"
+            else:
+                status = "ok" if w.ready else ("error" if w.load_error else "loading")
+            payload = {
+                "status": status,
+                "model": self.engine.model_id,
+                "queue_depth": w.queue_depth,
+                "busy": w.busy,
+                "slots": w.slots,
+                "slots_busy": w.slots_busy,
+            }
+            if isinstance(self.engine, ReportsSettings) and w.ready:
+                # As llama.cpp took them (docs/operations.md, "Engine settings").
+                payload["engine"] = self.engine.settings
+            if w.ready:
+                payload["parsers"] = self.parsers()
+            ok = w.ready and not w.draining
+            if not ok:
+                request.setHeader(b"retry-after", b"5")
+            return json_response(request, payload, 200 if ok else 503)
+
+        @app.route("/metrics", methods=["GET"])
+        def metrics(request: Request) -> bytes:
+            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+            return self.metrics.render()
+
+        @app.route("/openapi.json", methods=["GET"])
+        def openapi(request: Request) -> bytes:
+            self.cors(request)
+            if self._openapi is None:
+                self._openapi = json.dumps(
+                    openapi_document(DIALECTS, bool(self.config.api_key), self.config.ui)
+                ).encode()
+            request.setHeader(b"content-type", b"application/json")
+            return self._openapi
+
+        # Routing misses and unhandled errors outside a dialect's handlers
+        # (which catch their own): JSON in the path's dialect, never
+        # twisted.web's or werkzeug's HTML.
+        @app.handle_errors(NotFound, MethodNotAllowed)
+        def no_route(request: Any, failure: Failure) -> bytes:
+            self.cors(request)
+            path = request.path.decode("latin-1")
+            method = request.method.decode("latin-1")
+            valid = getattr(failure.value, "valid_methods", None) or []
+            allowed = sorted(m for m in valid if m not in ("OPTIONS", "HEAD"))
+            if failure.check(MethodNotAllowed) and allowed:
+                error = method_not_allowed(method, path, allowed)
+            else:  # no route; or only the CORS preflight's catch-all matched
+                error = not_found(path)
+            return error_response(request, error, _error_body_for(path))
+
+        @app.handle_errors(Exception)
+        def failed(request: Any, failure: Failure) -> bytes | Deferred[None]:
+            return unexpected(request, failure, _error_body_for(request.path.decode("latin-1")))
+
+        @app.route("/v1/<path:rest>", methods=["OPTIONS"])
+        def preflight(request: Request, rest: str) -> bytes:
+            self.cors(request)
+            request.setHeader(b"access-control-allow-methods", b"GET, POST, OPTIONS")
+            request.setHeader(b"access-control-allow-headers", _allowed_headers(request))
+            if request.responseHeaders.hasHeader(b"access-control-allow-origin"):
+                # The answer depends on the headers asked for: a cache must not
+                # give one page's preflight to another's.
+                vary = b"Origin, Access-Control-Request-Headers"
+                request.setHeader(b"vary", vary)
+            request.setHeader(b"access-control-max-age", b"600")
+            request.setResponseCode(204)
+            return b""
+
+
+#: What a preflight allows when it names no headers (or names them badly).
+_ALLOW_HEADERS = (
+    b"authorization, content-type, x-api-key, anthropic-version, openai-organization, "
+    b"x-ds4tw-progress, x-session-id, x-request-id"
+)
+#: Response headers a cross-origin script may read.
+_EXPOSE_HEADERS = b"x-request-id, x-session-id, retry-after"
+#: A comma-separated list of header names (RFC 9110 tokens), nothing else.
+_HEADER_NAMES = re.compile(
+    rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*"
+)
+
+
+def _allowed_headers(request: Request) -> bytes:
+    """
+    The headers a preflight allows: those it asks for (as Starlette's
+    CORS middleware does for vLLM). The origin is the boundary
+    (C{--cors}) and the key is checked on the request itself; a fixed
+    list only broke pages whose SDK sends headers of its own (the OpenAI
+    and Anthropic JS SDKs send C{x-stainless-*}, C{anthropic-beta},
+    C{anthropic-dangerous-direct-browser-access}). A bare C{*} would not
+    do: it never covers C{Authorization}.
+    """
+    asked = (request.getHeader(b"access-control-request-headers") or b"").strip()
+    if asked and _HEADER_NAMES.fullmatch(asked):
+        return asked
+    return _ALLOW_HEADERS
+
+
+def _error_body_for(path: str) -> ErrorBody:
+    """The error shape of the dialect that owns C{path} (L{dialect_for})."""
+    return dialect_for(DIALECTS, path).error_body
+
+
+class _Tagged(Resource):
+    """
+    The app's resource, with an C{X-Request-Id} on every response, a
+    JSON 400 for a path that is not UTF-8 once unquoted (Klein would log
+    an error and answer in plain text), a relative redirect from the
+    mount point without its slash to the mount point (L{_to_mount_point}),
+    and repeated slashes served as one (L{_collapse_slashes}).
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request: Request) -> Any:
+        request_key(request)
+        try:
+            for segment in list(request.prepath or ()) + list(request.postpath or ()):
+                segment.decode("utf-8")
+        except UnicodeDecodeError:
+            path = request.path.decode("latin-1")
+            error = invalid("the request path is not UTF-8 once percent-decoded")
+            return error_response(request, error, _error_body_for(path))
+        if request.prepath and not request.postpath:
+            return _to_mount_point(request, request.prepath[-1])
+        request.postpath = _collapse_slashes(request.postpath or [])
+        return self._inner.render(request)
+
+
+def _collapse_slashes(segments: list[bytes]) -> list[bytes]:
+    """
+    The path's segments with the empty ones dropped, but a last one (a
+    trailing slash, which is part of a route): C{/v1//chat/completions},
+    what a client joining a base URL that ends in a slash asks for, is
+    C{/v1/chat/completions}. Served as that path rather than redirected,
+    since many clients follow a redirect of a POST with a GET, or without
+    its body.
+    """
+    return [s for s in segments[:-1] if s] + segments[-1:]
+
+
+def _to_mount_point(request: Request, segment: bytes) -> bytes:
+    """
+    A request for C{/llm} when the app is mounted at C{/llm/}: 308 to
+    C{llm/}. Without the slash the chat page's relative URLs would
+    resolve one level up. Relative, unlike werkzeug's own redirect, so
+    that the scheme and host a proxy in front used are kept.
+    """
+    target = quote(segment, safe="") + "/"
+    query = request.uri.partition(b"?")[2]
+    if query:
+        target += "?" + query.decode("latin-1")
+    request.setResponseCode(308)
+    request.setHeader(b"location", target.encode("latin-1"))
+    return b""
