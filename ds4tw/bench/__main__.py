@@ -32,14 +32,14 @@ C{twistd ds4tw --model scripted:...}), raw, peer, the raw batched baseline
 and the constrained decode are skipped (notes in the JSON say so), and
 everything else runs the same.
 
-C{--only cancel} runs issue 8's cancel numbers alone; C{--only batching}
-runs the continuous-batching part alone (issue 9) and then the prefill
+C{--only cancel} runs the cancel numbers alone; C{--only batching}
+runs the continuous-batching part alone and then the prefill
 fairness part (a long prompt's TTFT under a flood of short ones, with and
 without the prefill order's aging, on an in-process engine:
-L{ds4tw.bench._fairness}), C{--only cache} the prompt cache part alone
-(issue 10), each of the last two on either engine, and C{--only grammar}
-the grammar build time of real agents' tool lists (issue 18,
-L{ds4tw.bench._grammars}; no model); C{--only parsers} every tool-call
+L{ds4tw.bench._fairness}), C{--only cache} the prompt cache part alone,
+each of the last two on either engine, and C{--only grammar} the grammar
+build time of real agents' tool lists (L{ds4tw.bench._grammars}; no
+model); C{--only parsers} every tool-call
 syntax's splitting and grammar build cost against Hermes' (no model).
 
 A part that fails is recorded in the JSON's C{errors} and the run goes
@@ -116,13 +116,13 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         choices=("cancel", "batching", "cache", "grammar", "parsers"),
         default=None,
         help="cancel: only the cancel latency (in-step abort, then between steps only, "
-        "as before issue 8) and the abort check's cost; batching: only the continuous "
-        "batching part (issue 9: streams at once vs raw batched decode, TTFT beside a "
+        "as before the in-step abort) and the abort check's cost; batching: only the continuous "
+        "batching part (streams at once vs raw batched decode, TTFT beside a "
         "long decode, token gaps during a long prefill, reactor CPU per token; then a long "
         "prompt's TTFT under a flood of short ones, prefill aging on and off); cache: only "
-        "the prompt cache part (issue 10: TTFT from a slot, memory and disk over cold, "
+        "the prompt cache part (TTFT from a slot, memory and disk over cold, "
         "interleaved conversations' hit rate and prefill time with the cache on and off); "
-        "grammar: only the grammar build time of real agents' tool lists (issue 18, from "
+        "grammar: only the grammar build time of real agents' tool lists (from "
         "tests/agents/fixtures in a checkout), cold and cached, against the request's own "
         "validation and templating; parsers: only every tool-call syntax's splitting cost "
         "per character and grammar build time for Claude Code's tools, against Hermes'",
@@ -448,7 +448,7 @@ def run_cancel_only(run: Run, out: Path) -> None:
     """
     Issue 8's numbers, same run: cancel latency with the abort flag
     checked inside a step, then with the check between steps only
-    (L{ds4tw.EngineOptions.abort_in_step} off, ds4tw before issue 8;
+    (L{ds4tw.EngineOptions.abort_in_step} off, ds4tw before the in-step abort;
     L{ds4tw.bench._serve}), then decode throughput with and without the
     abort callback.
     """

@@ -1,5 +1,5 @@
 """
-Continuous batching (issue 9): several requests decoded at once as
+Continuous batching: several requests decoded at once as
 sequences of one llama.cpp context, against llama.cpp's own batch API.
 
 One part, one ds4tw server (C{twistd -n ds4tw --parallel 8}, same model,
@@ -18,7 +18,7 @@ in the same run, most of them moments apart:
      measured just before or after it (the paired ratio). Every ds4tw
      stream must be whole: C{max_tokens} tokens, C{finish_reason:
      length}. The single stream against the raw single sequence is
-     issue 4's decode target, measured here with C{--parallel 8}.
+     the decode target, measured here with C{--parallel 8}.
   2. reactor CPU: the twistd process's main thread (the reactor) over
      each scaling trial, from C{/proc/PID/task/PID/schedstat} (ns) and
      C{stat} (utime + stime, 10 ms ticks), per streamed token: one

@@ -1,5 +1,5 @@
 """
-The prompt cache (issue 10): how long the next turn of a conversation
+The prompt cache: how long the next turn of a conversation
 waits for its first token when its ~2,000-token prefix comes from a
 retained slot, from the cache's memory, or from its disk after a restart,
 against the same conversation's cold first turn; and how often an agent's
@@ -52,7 +52,7 @@ run, on servers of the run's model, threads, ctx and batch:
      their prompts are the same (L{compare_answers}; greedy: what was
      reused should not change them).
 
-Targets (issue 10): memory hit <= 0.10 of cold, disk hit <= 0.25 of cold,
+Targets: memory hit <= 0.10 of cold, disk hit <= 0.25 of cold,
 interleaved hit rate >= 90 %.
 
 With the scripted engine (C{twistd ds4tw --model scripted:...} at the

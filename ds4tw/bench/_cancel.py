@@ -12,7 +12,7 @@ per stage (sum and count, a cross-check). The client adds one number the
 server cannot know: from its hang-up to /health reporting the worker
 idle (polled every 2 ms, so an upper bound that includes the poll).
 
-Targets (issue 4): decode latency at most one token time; prefill
+Targets: decode latency at most one token time; prefill
 latency at most one prefill batch time. The machine's speed varies (it is
 shared), so each trial has its own reference, taken at the same moment:
 for a decode cancel, the median interval between the tokens the client

@@ -1,5 +1,5 @@
 """
-Grammar build time for the tool lists real agents send (issue 18), from
+Grammar build time for the tool lists real agents send, from
 their captured first requests (tests/agents/fixtures: Claude Code on
 C{/v1/messages}, Codex on C{/v1/responses}, opencode on chat
 completions; aider sends no tools).

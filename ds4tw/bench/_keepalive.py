@@ -31,7 +31,7 @@ from ._sse import ResponseReader, comments, finish_reason, text_times, usage
 from ._stats import gaps, summary
 from ._workload import Prompts, completion_body, silent_chat_body
 
-#: What a gap may exceed the keepalive interval by (issue 4's target).
+#: What a gap may exceed the keepalive interval by (the keepalive target).
 SLACK_S = 0.1
 
 

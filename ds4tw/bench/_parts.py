@@ -285,7 +285,7 @@ class Cancel(Part):
                 self.DECODE_MEDIAN_MS if decode else None,
                 "ms",
                 True,
-                "issue 8: the abort flag stops a decode step between graph nodes",
+                "in-step abort: the abort flag stops a decode step between graph nodes",
             ),
             target(
                 "median cancel latency in prefill",
@@ -293,7 +293,7 @@ class Cancel(Part):
                 self.PREFILL_MEDIAN_MS if prefill else None,
                 "ms",
                 True,
-                "issue 8: the abort flag stops a prefill batch between graph nodes",
+                "in-step abort: the abort flag stops a prefill batch between graph nodes",
             ),
         ]
 

@@ -2,7 +2,7 @@
 C{twistd ds4tw}'s service, run by this launcher instead of twistd, with
 one engine option twistd does not offer: the in-step abort off
 (L{ds4tw.EngineOptions.abort_in_step}), so that the cancel part can time
-a server that cancels between steps only, as ds4tw did before issue 8.
+a server that cancels between steps only, as ds4tw did before the in-step abort.
 The options are twistd's (L{ds4tw.Options}) and so is the service
 (L{ds4tw.makeService}); only the process around it differs.
 

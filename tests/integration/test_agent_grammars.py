@@ -1,5 +1,5 @@
 """
-Real agents' tool lists on the demo model (issue 18): each agent's
+Real agents' tool lists on the demo model: each agent's
 captured first request (tests/agents/fixtures, refreshed by
 scripts/refresh-agent-fixtures.py) gets its grammars built, and llama.cpp's
 own parser accepts them, for C{auto} (lazy) and C{required} over the whole

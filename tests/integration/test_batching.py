@@ -1,5 +1,5 @@
 """
-Continuous batching on the demo model (issue 9), greedy, so every output
+Continuous batching on the demo model, greedy, so every output
 is compared token for token with the same request run alone.
 
 Engine level: L{LlamaEngine} with four slots, stepped directly as the

@@ -166,7 +166,7 @@ def test_prefill_cancel_stops_inside_the_batch(twistd: Twistd) -> None:
     """
     The abort flag reaches llama.cpp between graph nodes: a hang-up in
     the middle of a prefill batch stops it within milliseconds, not at
-    the batch's end (before issue 8: up to one whole batch).
+    the batch's end (before the in-step abort: up to one whole batch).
     """
     twistd.wait_idle()
     # This machine's batch time, now: a long prompt prefilled to the end.

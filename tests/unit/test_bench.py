@@ -663,7 +663,7 @@ def test_peer_launcher_loads_without_extra_buffers() -> None:
     assert C.llama_model_default_params is original
 
 
-# -- continuous batching (issue 9) -------------------------------------------
+# -- continuous batching -------------------------------------------
 
 
 def test_aggregate_rate_counts_tokens_after_each_first() -> None:
@@ -1037,7 +1037,7 @@ def test_validate_names_what_is_wrong_in_fairness(breakage: Any, expected: str) 
     assert any(expected in p for p in problems), problems
 
 
-# -- prompt cache (issue 10) -----------------------------------------------
+# -- prompt cache -----------------------------------------------
 
 
 def test_only_cache_is_an_option() -> None:
