@@ -104,6 +104,13 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--keepalive", type=float, default=None, help="K for the keepalive parts")
     p.add_argument("--no-peer", action="store_true", help="skip llama_cpp.server")
     p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="DIR",
+        help="a ds4tw source tree (e.g. git worktree add DIR REV) served beside this one in the "
+        "throughput part, interleaved: an A/B of two versions in one run",
+    )
+    p.add_argument(
         "--wait-quiet",
         type=float,
         default=0.0,
@@ -113,9 +120,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument(
         "--only",
-        choices=("cancel", "batching", "cache", "grammar", "parsers"),
+        choices=("throughput", "cancel", "batching", "cache", "grammar", "parsers"),
         default=None,
-        help="cancel: only the cancel latency (in-step abort, then between steps only, "
+        help="throughput: only raw, ds4tw, the peer and any --baseline, interleaved; "
+        "cancel: only the cancel latency (in-step abort, then between steps only, "
         "as before the in-step abort) and the abort check's cost; batching: only the continuous "
         "batching part (streams at once vs raw batched decode, TTFT beside a "
         "long decode, token gaps during a long prefill, reactor CPU per token; then a long "
@@ -262,6 +270,16 @@ def run_llama(run: Run, args: argparse.Namespace, out: Path) -> None:
                     runners["peer"] = _throughput.http_runner(peer, "peer", eog_ids=raw.eog_ids)
                     runners["peer_natural"] = _throughput.http_runner(peer, "peer", fixed=False)
                     pids["peer"] = peer.pid
+                if args.baseline:
+                    base = servers.enter_context(
+                        _servers.running(
+                            _servers.ds4tw_twistd(
+                                s, work, "ds4tw-baseline", source=Path(args.baseline).absolute()
+                            )
+                        )
+                    )
+                    runners["baseline"] = _throughput.http_runner(base, "ds4tw")
+                    pids["baseline"] = base.pid
                 got = _throughput.measure(
                     runners, s, workload, decode_only=["peer_natural"], pids=pids, reference="raw"
                 )
@@ -279,6 +297,11 @@ def run_llama(run: Run, args: argparse.Namespace, out: Path) -> None:
             doc["ds4tw"] = got["ds4tw"]
             if "peer" in got:
                 doc["peer"] = {"fixed": got["peer"], "natural": got["peer_natural"]}
+            if "baseline" in got:
+                doc["baseline"] = {**got["baseline"], "source": str(args.baseline)}
+        if args.only == "throughput":
+            doc["notes"].append("--only throughput: the other parts did not run")
+            return
 
         def batch_reference(text: str) -> list[float]:
             assert raw is not None

@@ -129,11 +129,15 @@ class Throughput(Part):
 
     @staticmethod
     def stacks(doc: Mapping[str, Any]) -> dict[str, Any]:
-        return {
+        stacks = {
             "ds4tw": doc.get("ds4tw"),
             "peer": (doc.get("peer") or {}).get("fixed"),
             "peer_natural": (doc.get("peer") or {}).get("natural"),
         }
+        if doc.get("baseline") is not None:
+            # --baseline: another ds4tw tree, the A/B of two versions.
+            stacks["baseline"] = doc["baseline"]
+        return stacks
 
     def ratios(self, doc: Mapping[str, Any]) -> dict[str, Any]:
         """
@@ -166,6 +170,10 @@ class Throughput(Part):
         out["ds4tw_over_peer_decode"] = ratio(
             median(doc.get("ds4tw"), "decode_tps"), median(stacks["peer"], "decode_tps")
         )
+        if "baseline" in stacks:
+            # Both paired against the same raw trials, interleaved: the
+            # ratio of the two is this version's decode over the baseline's.
+            out["ds4tw_over_baseline_decode"] = ratio(out["ds4tw_decode"], out["baseline_decode"])
         return out
 
     def targets(self, doc: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -235,6 +243,14 @@ class Throughput(Part):
         cpu("CPU ms/token, main thread", "main_ms")
         cpu("CPU ms/token, all threads", "total_ms")
         cpu("CPU ms/token, bench client", "client_ms")
+        base = doc.get("baseline")
+        if base:
+            lines.append(
+                f"{'baseline decode tok/s':<28}{'':>10}{fmt(median(base, 'decode_tps')):>10}"
+                f"{'':>10}{fmt(r.get('baseline_decode'), '.3f'):>11}"
+                f"   this/baseline {fmt(r.get('ds4tw_over_baseline_decode'), '.3f')}"
+                f" ({base.get('source')})"
+            )
         if natural:
             lines.append(
                 f"{'peer decode, no logit_bias':<28}{'':>10}{'':>10}"

@@ -123,7 +123,13 @@ class ServerProcess:
 
 
 def _spawn(
-    name: str, command: list[str], workdir: Path, port: int, log: Path, ready_path: str
+    name: str,
+    command: list[str],
+    workdir: Path,
+    port: int,
+    log: Path,
+    ready_path: str,
+    env: dict[str, str] | None = None,
 ) -> ServerProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     out = open(workdir / f"{name}.out", "wb")  # noqa: SIM115 - closed by stop()
@@ -134,7 +140,7 @@ def _spawn(
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     except BaseException:
         out.close()
@@ -164,13 +170,16 @@ def ds4tw_twistd(
     cache_ram_mb: int | None = None,
     kv_disk_dir: Path | None = None,
     abort_in_step: bool = True,
+    source: Path | None = None,
 ) -> ServerProcess:
     """
     C{twistd -n ds4tw} on the real model, as a user would run it
     (C{parallel}, C{cache_ram_mb}, C{kv_disk_dir}: its C{--parallel},
     C{--cache-ram-mb}, C{--kv-disk-dir}; None for the server's default).
     Without C{abort_in_step}, the same service with the in-step abort off,
-    through L{ds4tw.bench._serve} (twistd has no option for it).
+    through L{ds4tw.bench._serve} (twistd has no option for it). With
+    C{source}, the ds4tw of that source tree (another checkout, for an
+    A/B of two versions in one run) instead of the one installed.
     """
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +215,10 @@ def ds4tw_twistd(
         sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
         "--nodaemon", "--pidfile=", f"--logfile={log}", "ds4tw", *args,
     ]  # fmt: skip
-    return _spawn(name, command, workdir, port, log, "/health")
+    # First on the path: its ds4tw package, and its twisted/plugins file
+    # (twistd finds a plugin in every twisted/plugins on the path).
+    env = None if source is None else {"PYTHONPATH": str(source)}
+    return _spawn(name, command, workdir, port, log, "/health", env)
 
 
 def ds4tw_scripted(

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from twisted.logger import formatEvent, globalLogPublisher
 
-from ds4tw._api import routing as _routing
+from ds4tw._api import routing
 
 from .conftest import make_rig
 
@@ -258,7 +258,7 @@ def test_an_unhandled_error_is_a_500_in_the_dialect_shape_and_logged(
         def boom(request: Any, limit: int) -> Any:
             raise RuntimeError("a bug")
 
-        monkeypatch.setattr(_routing, "read_json", boom)
+        monkeypatch.setattr(routing, "read_json", boom)
         for path in OPENAI_POSTS:
             ex = rig.http.post(path, {}, headers={"X-Request-Id": "bug-1"})
             err = assert_openai_error(ex, 500)

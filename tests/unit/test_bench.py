@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 
 from ds4tw import Job, JobCancelled, Stage
 from ds4tw._engine.interface import SamplingParams
-from ds4tw._runtime.joblog import log_job as _log_job
+from ds4tw._runtime.joblog import log_job
 from ds4tw._runtime.metrics import Metrics
 from ds4tw._runtime.scheduler import StepStats
 from ds4tw.bench import (
@@ -330,9 +330,9 @@ def test_cancel_lines_parse_what_ds4tw_logs() -> None:
         job.cancel("client disconnected")
         assert job.cancel_requested_at is not None
         job.work.stopped_at = job.cancel_requested_at + 0.00321
-        _log_job(job, Failure(JobCancelled(Stage.DECODE, "client disconnected")))
+        log_job(job, Failure(JobCancelled(Stage.DECODE, "client disconnected")))
         queued = Job([1], SamplingParams(), label="cmpl-q completion stream=True")
-        _log_job(queued, Failure(JobCancelled(Stage.QUEUED, "client disconnected")))
+        log_job(queued, Failure(JobCancelled(Stage.QUEUED, "client disconnected")))
     finally:
         globalLogPublisher.removeObserver(events.append)
     text = "\n".join(
@@ -549,6 +549,20 @@ def test_ratios_and_targets() -> None:
     }
 
 
+def test_a_baseline_tree_is_an_ab_of_two_versions_in_one_run() -> None:
+    """--baseline DIR: another ds4tw served beside this one; its decode over this one's."""
+    assert parse(["--baseline", "/tmp/base"]).baseline == "/tmp/base"
+    doc = synthetic_doc()
+    assert "ds4tw_over_baseline_decode" not in doc["ratios"]  # no baseline, no key
+    doc["baseline"] = {**doc["raw"], "decode_tps": summary_of(97.0), "source": "/tmp/base"}
+    doc["ratios"] = _report.ratios(doc)
+    r = doc["ratios"]
+    assert r["baseline_decode"] == pytest.approx(97.0 / 101.0)
+    assert r["ds4tw_over_baseline_decode"] == pytest.approx(98.5 / 97.0)
+    line = next(x for x in _report.table(doc).splitlines() if x.startswith("baseline decode"))
+    assert "1.015" in line and "/tmp/base" in line
+
+
 def test_abort_check_ratio_and_target() -> None:
     from ds4tw.bench._abort import summarize
 
@@ -565,6 +579,7 @@ def test_abort_check_ratio_and_target() -> None:
 
 def test_only_cancel_is_an_option() -> None:
     assert parse(["--only", "cancel"]).only == "cancel"
+    assert parse(["--only", "throughput", "--baseline", "b"]).only == "throughput"
     assert parse(["--only", "batching", "--quick"]).only == "batching"
     assert parse([]).only is None
     with pytest.raises(SystemExit):
@@ -1104,7 +1119,7 @@ def test_cache_done_lines_parse_what_ds4tw_logs() -> None:
             job = Job([1, 2], SamplingParams(), label="chatcmpl-1 chat stream=True")
             usage = Usage(prompt_tokens=2034, completion_tokens=16, cached_tokens=cached)
             usage.cached_from = source
-            _log_job(job, Finish("length", usage, timings=Timings(0.001, 0.25, 0.4)))
+            log_job(job, Finish("length", usage, timings=Timings(0.001, 0.25, 0.4)))
     finally:
         globalLogPublisher.removeObserver(observer)
     text = "\n".join(
