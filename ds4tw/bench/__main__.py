@@ -380,7 +380,7 @@ def _parsers_part(run: Run, token_s: float | None, fixtures_required: bool) -> N
 
 
 def _batching_part(run: Run, s: Settings, work: Path) -> None:
-    """Issue 9's part; the throughput part's ds4tw/raw decode ratio goes beside its own."""
+    """Continuous batching; the throughput part's ds4tw/raw decode ratio goes beside its own."""
     throughput_ratio = _report.ratios(run.doc).get("ds4tw_decode") if run.doc["raw"] else None
     run.doc["batching"] = run.part(
         "continuous batching",
@@ -394,7 +394,7 @@ def _batching_part(run: Run, s: Settings, work: Path) -> None:
 
 
 def _cache_part(run: Run, s: Settings, work: Path) -> None:
-    """Issue 10's part; a half of it that failed is one of the run's errors."""
+    """The prompt cache part; a half of it that failed is one of the run's errors."""
     got = run.part("prompt cache", lambda: _cache.measure(s, work, mark=run.noise.mark))
     run.doc["cache"] = got
     if got is not None:
@@ -469,7 +469,7 @@ def run_scripted(run: Run, out: Path) -> None:
 
 def run_cancel_only(run: Run, out: Path) -> None:
     """
-    Issue 8's numbers, same run: cancel latency with the abort flag
+    The in-step abort's numbers, same run: cancel latency with the abort flag
     checked inside a step, then with the check between steps only
     (L{ds4tw.EngineOptions.abort_in_step} off, ds4tw before the in-step abort;
     L{ds4tw.bench._serve}), then decode throughput with and without the
@@ -538,7 +538,7 @@ def _one_part_settings(run: Run) -> Settings:
 
 def run_batching_only(run: Run, out: Path) -> None:
     """
-    Issue 9's numbers alone (L{ds4tw.bench._batching}), then the prefill
+    Continuous batching's numbers alone (L{ds4tw.bench._batching}), then the prefill
     fairness part (L{ds4tw.bench._fairness}), on either engine.
     """
     s = _one_part_settings(run)
@@ -576,7 +576,7 @@ def run_batching_only(run: Run, out: Path) -> None:
 
 
 def run_cache_only(run: Run, out: Path) -> None:
-    """Issue 10's numbers alone (L{ds4tw.bench._cache}), on either engine."""
+    """The prompt cache's numbers alone (L{ds4tw.bench._cache}), on either engine."""
     s = _one_part_settings(run)
     run.doc["notes"].append(
         "--only cache: no throughput part (raw, ds4tw, peer sections empty); every cache "
@@ -586,7 +586,7 @@ def run_cache_only(run: Run, out: Path) -> None:
 
 
 def run_grammar_only(run: Run) -> None:
-    """Issue 18's grammar build times alone (L{ds4tw.bench._grammars}); no model."""
+    """Real agents' tool lists' grammar build times alone (L{ds4tw.bench._grammars}); no model."""
     from . import _grammars
 
     run.doc["notes"].append(

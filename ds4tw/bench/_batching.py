@@ -100,7 +100,7 @@ GAP_PROMPT_TOKENS = 3000
 #: Per-request bound (seconds).
 REQUEST_TIMEOUT = 300.0
 
-# Issue 9's targets.
+# Continuous batching's targets.
 AGGREGATE_AT_4_TARGET = 1.4
 TTFT_STEPS_TARGET = 2.0
 #: The worst gap while another request prefills, in steps of that prefill:

@@ -106,7 +106,7 @@ COLD_SHARE = 20
 #: The calibration prompts' system prompt lengths (words).
 CALIBRATION_WORDS = (40, 160)
 
-# Issue 10's targets.
+# The prompt cache's targets.
 RAM_TARGET = 0.10
 DISK_TARGET = 0.25
 HIT_RATE_TARGET = 0.90

@@ -20,7 +20,7 @@ from typing import Any
 from . import _parsers
 from ._stats import ratio
 
-#: Issue 4's targets: ds4tw's decode over raw (also the abort callback's
+#: The throughput targets: ds4tw's decode over raw (also the abort callback's
 #: and the batched single stream's), its TTFT overhead over raw.
 DECODE_RATIO_TARGET = 0.97
 TTFT_OVERHEAD_TARGET_MS = 5.0
@@ -264,7 +264,7 @@ class Throughput(Part):
 
 
 class Cancel(Part):
-    """Issue 8's cancel latency (L{ds4tw.bench._cancel})."""
+    """The cancel latency (L{ds4tw.bench._cancel})."""
 
     key = "cancel"
     #: The median cancel latency inside a step, whatever the batch or
@@ -536,7 +536,7 @@ class Constrained(Part):
 
 
 class Batching(Part):
-    """Issue 9's continuous batching (L{ds4tw.bench._batching})."""
+    """Continuous batching (L{ds4tw.bench._batching})."""
 
     key = "batching"
     #: Aggregate decode at four streams over one; a short request's TTFT
@@ -550,7 +550,7 @@ class Batching(Part):
 
     def ratios(self, doc: Mapping[str, Any]) -> dict[str, Any]:
         """
-        Issue 9's headline numbers: ds4tw's aggregate at N streams over one
+        The headline numbers: ds4tw's aggregate at N streams over one
         and over raw batched at N (median of paired trials), raw's own
         scaling, the single stream over raw, the TTFT excess in steps, the
         worst gap in prefill steps per --batch, the reactor CPU ratio.
@@ -573,7 +573,7 @@ class Batching(Part):
         return out
 
     def targets(self, doc: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Issue 9's targets (none when the batching part did not run)."""
+        """Continuous batching's targets (none when the batching part did not run)."""
         b = doc.get("batching")
         if not b:
             return []
@@ -869,7 +869,7 @@ class Fairness(Part):
 
 
 class Cache(Part):
-    """Issue 10's prompt cache (L{ds4tw.bench._cache})."""
+    """The prompt cache (L{ds4tw.bench._cache})."""
 
     key = "cache"
     #: The next turn's TTFT from the prompt cache's memory and from its
@@ -881,7 +881,7 @@ class Cache(Part):
 
     def ratios(self, doc: Mapping[str, Any]) -> dict[str, Any]:
         """
-        Issue 10's headline numbers: each tier's median TTFT over the median
+        The headline numbers: each tier's median TTFT over the median
         cold TTFT, the interleaved hit rates (cache on and off) and prefill
         time on over off.
         """
@@ -902,7 +902,7 @@ class Cache(Part):
         return out
 
     def targets(self, doc: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Issue 10's targets (none when the cache part did not run)."""
+        """The prompt cache's targets (none when the cache part did not run)."""
         c = doc.get("cache")
         if not c:
             return []
