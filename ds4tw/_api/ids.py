@@ -11,7 +11,9 @@ Every id a request meets, made in one place:
   - the ids of what a dialect answers (L{response_id}): C{chatcmpl-...},
     C{cmpl-...}, C{msg_...}, C{resp_...}, and the ids of tool calls and
     tool-use blocks (C{call_...}, C{toolu_...}), each in the shape its
-    API's own server uses.
+    API's own server uses;
+  - what a client sent, made safe to echo (L{sane}) and to log
+    (L{one_line}).
 
 Covered by tests/unit/test_app.py (request and session ids on every
 response), tests/unit/test_connections.py and each dialect's route tests.
@@ -24,6 +26,28 @@ import uuid
 from typing import Literal
 
 from twisted.web.server import Request
+
+#: The most of an error's message one log line carries (a schema a grammar
+#: could not take can be long).
+LOGGED_MESSAGE_CHARS = 2000
+#: Characters that would break a log line or a terminal: C0 and C1
+#: controls, and the two Unicode line separators.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def one_line(text: str, limit: int = LOGGED_MESSAGE_CHARS) -> str:
+    """
+    C{text} for a log line: controls escaped (a path or a message may carry
+    what the client sent), cut at C{limit} characters.
+    """
+    text = _UNPRINTABLE.sub(_escape, text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more)"
+
 
 #: An id a client gives (its C{X-Request-Id}, a session key) is used only
 #: when it is 1-128 of these characters: safe in a header and a log line.
@@ -59,7 +83,8 @@ def sane(text: str) -> str | None:
     return text if SANE_ID.fullmatch(text) else None
 
 
-def _header(request: Request, name: bytes) -> str:
+def header_text(request: Request, name: bytes) -> str:
+    """The request header C{name} as text (latin-1, as HTTP has it), or C{""}."""
     given = request.getHeader(name)
     return given.decode("latin-1") if isinstance(given, bytes) else (given or "")
 
@@ -76,7 +101,7 @@ def request_key(request: Request) -> str:
     """
     rid: str | None = getattr(request, _KEY_ATTR, None)
     if rid is None:
-        rid = sane(_header(request, b"x-request-id")) or new_request_id()
+        rid = sane(header_text(request, b"x-request-id")) or new_request_id()
         setattr(request, _KEY_ATTR, rid)
         request.setHeader(b"x-request-id", rid.encode())
         session = session_key(request)
@@ -111,7 +136,7 @@ def session_key(request: Request) -> str | None:
     header: the balancer, which cannot tell, hashed on it.
     """
     for name in SESSION_HEADERS:
-        text = _header(request, name)
+        text = header_text(request, name)
         if text:
             return sane(text)
     return None

@@ -27,9 +27,8 @@ from twisted.web.server import Request
 
 from .._errors import APIError, cut_off_by_shutdown, from_validation, internal_error, invalid
 from .._runtime.worker import JobCancelled
-from .._server.http import one_line
 from .host import Host
-from .ids import request_key, session_key
+from .ids import one_line, request_key, session_key
 
 Handler = Callable[..., Awaitable[bytes | None]]
 ErrorBody = Callable[[APIError], dict[str, Any]]
@@ -224,10 +223,14 @@ def read_json(request: Request, limit: int) -> dict[str, Any]:
     return load_json_object(body)
 
 
-def parse(request: Request, model: type[_M], limit: int) -> _M:
-    """The body as C{model}, or a 400 naming the first bad field."""
-    payload = read_json(request, limit)
+def validated(model: type[_M], payload: dict[str, Any]) -> _M:
+    """C{payload} as C{model}, or a 400 naming the first bad field."""
     try:
         return model.model_validate(payload)
     except ValidationError as e:
         raise from_validation(e) from e
+
+
+def parse(request: Request, model: type[_M], limit: int) -> _M:
+    """The body as C{model}, or a 400/413 that says why not."""
+    return validated(model, read_json(request, limit))

@@ -33,7 +33,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .._api.dialect import dialect_for
 from .._api.host import ServerConfig
-from .._api.ids import request_key
+from .._api.ids import header_text, request_key
 from .._api.openapi import openapi_document
 from .._api.registry import DIALECTS
 from .._api.routing import ErrorBody, error_response, json_response, unexpected
@@ -49,11 +49,6 @@ from .._runtime.worker import PoolThreads, Worker, WorkerThreads
 from .ui import add_routes as ui_routes
 
 log = Logger()
-
-
-def _header(request: Request, name: bytes) -> str:
-    value = request.getHeader(name)
-    return value.decode("latin-1") if isinstance(value, bytes) else (value or "")
 
 
 class Server(MultiService):
@@ -208,9 +203,11 @@ class Server(MultiService):
         key = self.config.api_key
         if not key:
             return
-        bearer = _header(request, b"authorization")
+        bearer = header_text(request, b"authorization")
         given = (
-            bearer[7:] if bearer.lower().startswith("bearer ") else _header(request, b"x-api-key")
+            bearer[7:]
+            if bearer.lower().startswith("bearer ")
+            else header_text(request, b"x-api-key")
         )
         if not hmac.compare_digest(given.encode(), key.encode()):
             raise unauthorized()
@@ -219,7 +216,7 @@ class Server(MultiService):
         origins = self.config.cors_origins
         if not origins:
             return
-        origin = _header(request, b"origin")
+        origin = header_text(request, b"origin")
         if "*" in origins:
             request.setHeader(b"access-control-allow-origin", b"*")
         elif origin in origins:

@@ -44,7 +44,6 @@ tests/integration/test_limits.py and tests/integration/test_twistd.py.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -57,7 +56,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from .._api.host import ServerConfig
-from .._api.ids import new_request_id, sane
+from .._api.ids import header_text, new_request_id, one_line, sane
 
 log = Logger()
 
@@ -67,30 +66,6 @@ DEFAULT_REQUEST_TIMEOUT = ServerConfig.request_timeout
 #: connections still get answers, then seconds for responses to finish.
 CLOSE_SETTLE = 0.5
 CLOSE_GRACE = 5.0
-
-# -- what a client sends, made safe to echo and to log ------------------------
-
-#: The most of an error's message one log line carries (a schema a grammar
-#: could not take can be long).
-LOGGED_MESSAGE_CHARS = 2000
-#: Characters that would break a log line or a terminal: C0 and C1
-#: controls, and the two Unicode line separators.
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def one_line(text: str, limit: int = LOGGED_MESSAGE_CHARS) -> str:
-    """
-    C{text} for a log line: controls escaped (a path or a message may carry
-    what the client sent), cut at C{limit} characters.
-    """
-    text = _UNPRINTABLE.sub(_escape, text)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more)"
-
 
 # -- refusals --------------------------------------------------------------
 
@@ -269,8 +244,7 @@ class LimitedChannel(HTTPChannel):
 
     def _request_id(self) -> str:
         """The client's X-Request-Id, if its headers have arrived and it is sane; else a new one."""
-        given = self.requests[-1].getHeader(b"x-request-id") if self.requests else None
-        text = given.decode("latin-1") if isinstance(given, bytes) else ""
+        text = header_text(self.requests[-1], b"x-request-id") if self.requests else ""
         return sane(text) or new_request_id()
 
     def _route(self) -> str:
