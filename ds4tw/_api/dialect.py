@@ -7,7 +7,7 @@ A dialect is a L{Dialect}: its error body, the paths whose errors take
 that shape, its L{Endpoint}s (each a model turn: parse the body into the
 dialect's pydantic request, read that into a uniform L{Turn}, and make a
 L{Builder} for the answer), and any routes of its own beyond turns (model
-lists, token counts). It is registered in L{ds4tw._api.DIALECTS}; the
+lists, token counts). It is registered in L{ds4tw._api.registry}; the
 routes, the error shapes and C{/openapi.json} come from there.
 
 Covered by tests/unit/test_openapi.py, tests/unit/test_dialects.py and
@@ -21,21 +21,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from .._engine.interface import SamplingParams
-from .._errors import APIError, from_validation
 from .._formats.reasoning.settings import ReasoningSettings
 from .._formats.tools.spec import ResponseFormat, Tooling
 from .._types import Collected, StreamRenderer
 from .ids import IdKind
+from .routing import ErrorBody, validated
 
 if TYPE_CHECKING:
     from .host import Host, ServerConfig
 
 _R = TypeVar("_R", bound=BaseModel)
-
-ErrorBody = Callable[[APIError], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -123,10 +121,7 @@ class Endpoint(Generic[_R]):
         """The body as this endpoint's request, or a 400 naming the first bad field."""
         if self.parse is not None:
             return self.parse(payload)
-        try:
-            return self.request.model_validate(payload)
-        except ValidationError as e:
-            raise from_validation(e) from e
+        return validated(self.request, payload)
 
     @property
     def name(self) -> str:
