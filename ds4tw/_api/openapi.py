@@ -49,7 +49,8 @@ def _errors(schema: str, statuses: list[str]) -> dict[str, Any]:
     }
 
 
-def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+def described(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON response described by C{description} (its body, when not modelled: an object)."""
     return {
         "description": description,
         "content": {"application/json": {"schema": schema or {"type": "object"}}},
@@ -145,8 +146,10 @@ def openapi_document(
             "summary": "Readiness",
             "operationId": "health",
             "responses": {
-                "200": _json("Ready.", _HEALTH),
-                "503": _json("Loading, failed to load, or draining (see Retry-After).", _HEALTH),
+                "200": described("Ready.", _HEALTH),
+                "503": described(
+                    "Loading, failed to load, or draining (see Retry-After).", _HEALTH
+                ),
             },
         }
     }
@@ -166,7 +169,7 @@ def openapi_document(
         "get": {
             "summary": "This document",
             "operationId": "openapi",
-            "responses": {"200": _json("OpenAPI 3.1.")},
+            "responses": {"200": described("OpenAPI 3.1.")},
         }
     }
     if ui:

@@ -18,6 +18,7 @@ from twisted.web.server import Request
 from ..._errors import APIError
 from ..dialect import Api, Begun, Dialect, Endpoint, Operation, Turn
 from ..host import Host
+from ..openapi import described
 from ..routing import json_response
 from . import render
 from .schema import ChatCompletionRequest, CompletionRequest
@@ -106,13 +107,6 @@ def model_routes(server: Host, api: Api) -> None:
         return json_response(request, render.model_card(model_id, created, server.engine.n_ctx))
 
 
-def _described(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"type": "object"}}},
-    }
-
-
 DIALECT = Dialect(
     "openai",
     render.error_body,
@@ -141,7 +135,7 @@ DIALECT = Dialect(
             "get",
             "v1_models",
             "The one loaded model",
-            responses={"200": _described("An OpenAI model list.")},
+            responses={"200": described("An OpenAI model list.")},
         ),
         Operation(
             "/v1/models/{model_id}",
@@ -151,7 +145,7 @@ DIALECT = Dialect(
             parameters=(
                 {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}},
             ),
-            responses={"200": _described("An OpenAI model card.")},
+            responses={"200": described("An OpenAI model card.")},
             errors=("404",),
         ),
     ),
