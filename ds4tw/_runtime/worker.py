@@ -39,7 +39,6 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .._api.host import ServerConfig
 from .._engine.interface import AbortFlag, Engine
 from .._types import Finish
 from .job import SHUTTING_DOWN, Job, JobCancelled, JobListener, Work
@@ -179,9 +178,9 @@ class Worker(Service):
         self,
         engine: Engine,
         threads: WorkerThreads,
-        max_queue: int = ServerConfig.max_queue,
+        max_queue: int,
         *,
-        drain_timeout: float = ServerConfig.drain_timeout,
+        drain_timeout: float,
         clock: IReactorTime | None = None,
     ) -> None:
         self.engine = engine
