@@ -443,29 +443,25 @@ def prompt_cache(options: Options) -> PromptCache | None:
 
 def makeService(options: Options) -> IService:
     sys.setswitchinterval(SWITCH_INTERVAL)
+    # Both engines take the same names for what they share.
+    common: dict[str, Any] = dict(
+        n_ctx=options["ctx"],
+        n_batch=options["batch"],
+        model_id=options["model-id"],
+        chat_template=options["chat-template-text"],
+        slots=options["parallel"],
+        n_batch_decoding=options["batch-decoding"],
+        prompt_cache=prompt_cache(options),
+    )
     engine: Engine
     if options["scripted"] is not None:
-        engine = options["scripted"].engine(
-            n_ctx=options["ctx"],
-            n_batch=options["batch"],
-            model_id=options["model-id"],
-            chat_template=options["chat-template-text"],
-            slots=options["parallel"],
-            n_batch_decoding=options["batch-decoding"],
-            prompt_cache=prompt_cache(options),
-        )
+        engine = options["scripted"].engine(**common)
     else:
         engine = LlamaEngine(
             options["model-path"],
-            n_ctx=options["ctx"],
             n_threads=options["threads"],
-            n_batch=options["batch"],
-            model_id=options["model-id"],
-            chat_template=options["chat-template-text"],
-            slots=options["parallel"],
-            n_batch_decoding=options["batch-decoding"],
-            prompt_cache=prompt_cache(options),
             options=options.engine_options(),
+            **common,
         )
     config = ServerConfig(
         keepalive=options["keepalive"],
