@@ -52,6 +52,11 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from .kvcache import CacheStats, PromptCache
 
+# What a chat template renders (defined beside the templates, which the
+# prompt cache reads too): part of the interface, as apply_chat_template
+# returns it.
+from .template import ChatPrompt
+
 #: Why generation ended, as the engine sees it (the scheduler adds
 #: C{"tool_calls"} when the text held complete calls).
 FinishReason = Literal["stop", "length"]
@@ -250,14 +255,6 @@ class StepResult:
     #: prefilled in this step.
     decode_tokens: int = 0
     prefill_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class ChatPrompt:
-    """A rendered chat prompt: the text and any extra stop strings."""
-
-    text: str
-    stop: tuple[str, ...] = field(default=())
 
 
 @runtime_checkable

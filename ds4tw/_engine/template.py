@@ -33,6 +33,7 @@ import functools
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -40,7 +41,14 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .interface import ChatPrompt
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A rendered chat prompt: the text and any extra stop strings."""
+
+    text: str
+    stop: tuple[str, ...] = field(default=())
+
 
 #: ChatML, for GGUF files that carry no template (and the scripted engine).
 CHATML_TEMPLATE = (
