@@ -194,6 +194,10 @@ class PromptCache:
         """
         self.identity = dict(identity)
         self.max_tokens = max_tokens
+        # Started again after a close (a model unloaded and loaded again):
+        # the directory is the truth, scanned afresh below.
+        with self._lock:
+            self.disk.entries.clear()
         if self.disk_dir is None or self.disk.budget <= 0:
             return
         directory = self.disk_dir
@@ -261,8 +265,10 @@ class PromptCache:
 
     def close(self, retained: Iterable[tuple[Sequence[int], Callable[[], State]]] = ()) -> None:
         """
-        At shutdown: save what would be lost (the slots' prefixes and the
-        memory tier) to disk, and wait for every write to land.
+        At shutdown or when the model is unloaded: save what would be lost
+        (the slots' prefixes and the memory tier) to disk, wait for every
+        write to land, and empty the memory tier. L{start} may run again
+        after it.
         """
         if self.disk_on:
             started = time.monotonic()
