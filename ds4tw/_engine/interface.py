@@ -2,9 +2,20 @@
 The engine interface: what the worker asks of a model.
 
 An engine owns one model and one context holding up to L{Engine.slots}
-sequences at once. Everything here except L{Engine.apply_chat_template}
-and L{Engine.tokenize} runs only in the model's worker thread, so an
-implementation needs no locking of its own.
+sequences at once. Everything here except L{Engine.prepare},
+L{Engine.apply_chat_template}, L{Engine.tokenize} and L{Engine.memory}
+runs only in the model's worker thread, so an implementation needs no
+locking of its own.
+
+Its life: L{Engine.prepare} (any thread, cheap) makes the prompt side
+available without the weights (the tokenizer, the chat template, the
+special tokens) and an estimate of the memory a load will take
+(L{Engine.memory}, L{MemoryUse}); L{Engine.load} loads the weights and
+makes the context, reporting its progress to a callback that can stop it
+(L{LoadAborted}); L{Engine.close} frees them again, and a later
+L{Engine.load} brings the same engine back (a multi-model server unloads
+an idle model and reloads it on demand). The prompt side stays usable
+throughout.
 
 The worker schedules steps, not requests (L{ds4tw._runtime.scheduler}): it
 L{Engine.open}s a sequence for each admitted request, calls
@@ -36,11 +47,12 @@ ids).
 L{generate} runs one request alone on any engine (tests, benchmarks,
 embedders that want one answer without a worker).
 
-Covered by tests/unit/test_scheduler.py, tests/unit/test_cancel.py and
-tests/unit/test_reasoning_budget.py (through the scripted engine) and
-tests/integration/test_llama_engine.py,
-tests/integration/test_batching.py and
-tests/integration/test_special_tokens.py (the real one).
+Covered by tests/unit/test_scheduler.py, tests/unit/test_cancel.py,
+tests/unit/test_reasoning_budget.py and tests/unit/test_engine_lifecycle.py
+(through the scripted engine) and tests/integration/test_llama_engine.py,
+tests/integration/test_batching.py,
+tests/integration/test_special_tokens.py and
+tests/integration/test_engine_lifecycle.py (the real one).
 """
 
 from __future__ import annotations
@@ -69,6 +81,58 @@ class Aborted(Exception):
     undone: the engine is ready for the next step as if this one had never
     started).
     """
+
+
+class LoadAborted(Exception):
+    """
+    Raised from L{Engine.load} when its progress callback returned False
+    (nobody waits for the model any more). The engine is left unloaded and
+    clean: nothing of the partial load is kept, and a later L{Engine.load}
+    starts over.
+    """
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """
+    What a loaded model takes, in bytes (L{Engine.memory}): estimated from
+    the model file before the load (C{measured} False), as the backend
+    reported it once loaded (C{measured} True).
+
+    @ivar weights: the model's tensors (on every device).
+    @ivar kv: the KV cache, all slots.
+    @ivar compute: the backend's scratch buffers for a step (the
+        compute graph, the logits).
+    @ivar cache: the prompt cache's memory tier at its budget (its disk
+        tier is not memory).
+    """
+
+    weights: int
+    kv: int
+    compute: int
+    cache: int
+    measured: bool
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute + self.cache
+
+    def mib(self) -> dict[str, float]:
+        """Each part and the total in MiB (for logs and C{/health})."""
+        parts = {
+            "weights": self.weights,
+            "kv": self.kv,
+            "compute": self.compute,
+            "cache": self.cache,
+            "total": self.total,
+        }
+        return {k: round(v / 2**20, 1) for k, v in parts.items()}
+
+
+#: What L{Engine.load} reports its progress to: called with the fraction
+#: loaded (0 to 1) in the loading thread; returning False stops the load
+#: (L{LoadAborted}).
+LoadProgress = Callable[[float], bool]
 
 
 class AbortFlag:
@@ -271,21 +335,45 @@ class Engine(Protocol):
 
     @property
     def n_ctx(self) -> int:
-        """Context size in tokens (valid after L{load})."""
+        """Context size in tokens (per sequence)."""
 
     @property
     def n_vocab(self) -> int:
-        """Token ids are below this (valid after L{load})."""
+        """Token ids are below this (valid after L{prepare})."""
 
     @property
     def chat_template(self) -> str:
         """
-        The Jinja source of the chat template in use (valid after L{load});
-        tool calling reads it to learn what the template can render.
+        The Jinja source of the chat template in use (valid after
+        L{prepare}); tool calling reads it to learn what the template can
+        render.
         """
 
-    def load(self) -> None:
-        """Load the model (worker thread; may take seconds)."""
+    def prepare(self) -> None:
+        """
+        Make the prompt side available without loading the weights (any
+        thread; cheap, idempotent): L{tokenize}, L{apply_chat_template},
+        L{chat_template}, L{n_vocab}, the special tokens, and the estimate
+        of L{memory}. Raises, with a message that names the fix, when the
+        model cannot be used at all (a file that does not exist). L{load}
+        calls it first when it has not run.
+        """
+
+    def load(self, progress: LoadProgress | None = None) -> None:
+        """
+        Load the model (worker thread; may take seconds). C{progress}, when
+        given, is called with the fraction loaded as the backend reports
+        it; when it returns False the load stops and raises
+        L{LoadAborted}, leaving the engine unloaded. Also loads a model
+        that was L{close}d (an unload, then a reload).
+        """
+
+    def memory(self) -> MemoryUse:
+        """
+        What the model takes loaded (any thread): measured once loaded,
+        else estimated from the model file (prepares the engine if it was
+        not).
+        """
 
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], **template_kwargs: Any
@@ -297,7 +385,10 @@ class Engine(Protocol):
         """
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        """Tokenize, parsing special tokens (any thread, after L{load})."""
+        """
+        Tokenize, parsing special tokens (any thread, after L{prepare}; the
+        same tokens loaded or not).
+        """
 
     @property
     def slots(self) -> int:
@@ -351,7 +442,12 @@ class Engine(Protocol):
         """
 
     def close(self) -> None:
-        """Free the model (worker thread)."""
+        """
+        Free the model and its context (worker thread): every sequence is
+        released, the prompt cache's memory tier and the slots' prefixes go
+        to its disk tier (if it has one) and are dropped from memory. The
+        prompt side stays (L{prepare}), and L{load} may run again.
+        """
 
 
 @runtime_checkable
@@ -385,7 +481,8 @@ def special_token_ids(engine: Engine, texts: Iterable[str]) -> frozenset[int]:
     tokens parsed) to exactly one token that C{engine} hides. Other texts
     are ignored: a parser's markup that this model writes as plain text
     reaches the output anyway, and one it does not have cannot appear
-    (llama-server's C{preserved_tokens} rule). Any thread, after load.
+    (llama-server's C{preserved_tokens} rule). Any thread, after
+    L{Engine.prepare}.
     """
     if not isinstance(engine, HasSpecialTokens):
         return frozenset()

@@ -42,9 +42,19 @@ found aborted is not computed and raises L{Aborted}), and L{step_hook},
 when set, is called there first, so a test can set the flag "in the
 middle" of a step, as the reactor does beside a real engine.
 
-Covered by tests/unit/test_exports.py (the Engine protocol) and
-tests/unit/test_reasoning_budget.py (forced tokens), and used by most unit
-tests (tests/unit/conftest.py).
+Its life is the real engine's: L{ScriptedEngine.prepare} (nothing to
+read: the prompt side always works), L{ScriptedEngine.load} reporting
+C{load_steps} progress steps to its callback (so a test can stop a load
+half way: L{LoadAborted}), L{ScriptedEngine.close} dropping what the
+slots held (their prefixes go to the prompt cache's disk tier, as a real
+unload's do), and a later load bringing it back. L{ScriptedEngine.memory}
+reports C{memory_mb} as the model's weights, so a memory budget can be
+tested without a model.
+
+Covered by tests/unit/test_exports.py (the Engine protocol),
+tests/unit/test_reasoning_budget.py (forced tokens) and
+tests/unit/test_engine_lifecycle.py (load, abort, unload, reload,
+memory), and used by most unit tests (tests/unit/conftest.py).
 """
 
 from __future__ import annotations
@@ -64,6 +74,9 @@ from .interface import (
     AbortFlag,
     ChatPrompt,
     Finished,
+    LoadAborted,
+    LoadProgress,
+    MemoryUse,
     SamplingParams,
     StepEvent,
     StepResult,
@@ -139,6 +152,10 @@ class ScriptedEngine(SequenceEngine[_Seq]):
         own beside the conversation (a title, a summary), sometimes at
         once, get the reply meant for each, in any order; and a reply can
         answer what a tool returned.
+    @param load_steps: progress reports of a L{load} (C{i / load_steps}
+        for i from 1), each a chance for its callback to stop the load.
+    @param memory_mb: what L{memory} reports the model's weights take
+        (MiB), loaded or not.
     """
 
     #: A paced step checks the abort flag this often (seconds).
@@ -159,9 +176,13 @@ class ScriptedEngine(SequenceEngine[_Seq]):
         n_batch_decoding: int | None = None,
         prompt_cache: PromptCache | None = None,
         when: Iterable[tuple[str, Reply | str]] = (),
+        load_steps: int = 0,
+        memory_mb: float = 0.0,
     ) -> None:
         if tps < 0 or prefill_tps < 0:
             raise ValueError("tps and prefill_tps must be >= 0")
+        if load_steps < 0 or memory_mb < 0:
+            raise ValueError("load_steps and memory_mb must be >= 0")
         super().__init__(
             n_ctx=n_ctx,
             n_batch=n_batch,
@@ -186,8 +207,21 @@ class ScriptedEngine(SequenceEngine[_Seq]):
         )
         self._when = [(t, r if isinstance(r, Reply) else Reply.words(r)) for t, r in when]
         self._template = ChatTemplate(chat_template, eos_token="<|im_end|>")
+        self.load_steps = load_steps
+        self.memory_mb = memory_mb
+        #: L{prepare} ran (the scripted prompt side works without it).
+        self.prepared = False
+        #: Loaded now: set by a L{load} that finished, cleared by L{close}.
         self.loaded = False
+        #: Closed since the last load.
         self.closed = False
+        #: Loads that finished, loads stopped by their progress callback
+        #: (L{LoadAborted}), and closes of a loaded engine.
+        self.loads = 0
+        self.aborted_loads = 0
+        self.unloads = 0
+        #: Every progress fraction reported, over all loads.
+        self.load_progress: list[float] = []
         #: Work done, in order: ("prefill", tokens_done), ("token", index),
         #: ("restore", tokens_cached) when a prompt-cache restore settled,
         #: ("closed", None) when a sequence is released unfinished.
@@ -235,8 +269,19 @@ class ScriptedEngine(SequenceEngine[_Seq]):
     def add_reply(self, reply: Reply | str) -> None:
         self._replies.append(reply if isinstance(reply, Reply) else Reply.words(reply))
 
-    def load(self) -> None:
+    def prepare(self) -> None:
+        self.prepared = True
+
+    def load(self, progress: LoadProgress | None = None) -> None:
+        self.prepare()
+        for i in range(1, self.load_steps + 1):
+            self.load_progress.append(i / self.load_steps)
+            if progress is not None and not progress(i / self.load_steps):
+                self.aborted_loads += 1
+                raise LoadAborted(f"{self.model_id}: load stopped at step {i}/{self.load_steps}")
         self.loaded = True
+        self.closed = False
+        self.loads += 1
         self._start_cache(
             self._template,
             lambda: {"model": "scripted", "kv_bytes_per_token": STATE_BYTES_PER_TOKEN},
@@ -244,7 +289,23 @@ class ScriptedEngine(SequenceEngine[_Seq]):
 
     def close(self) -> None:
         self._close_sequences(save=True)
+        # The "context" goes: what the cells held is gone, as a real
+        # unload's KV cache is.
+        self._cells = [[] for _ in range(self.slots)]
+        if self.loaded:
+            self.unloads += 1
+        self.loaded = False
         self.closed = True
+
+    def memory(self) -> MemoryUse:
+        cache = self.prompt_cache
+        return MemoryUse(
+            weights=int(self.memory_mb * 2**20),
+            kv=0,
+            compute=0,
+            cache=cache.ram.budget if cache is not None else 0,
+            measured=self.loaded,
+        )
 
     # -- per-sequence state (L{ds4tw._engine.kvcache.States}) -------------------
 

@@ -17,10 +17,11 @@ they are copied, trimmed and saved (llama.cpp's KV streams; the scripted
 engine's lists of tokens), how a token is chosen, what a step costs.
 Each extends L{Seq} with its own per-sequence state.
 
-Covered by tests/unit/test_scripted_cli.py, tests/unit/test_kvcache.py
-and tests/unit/test_scheduler.py (through the scripted engine) and
-tests/integration/test_llama_engine.py, tests/integration/test_batching.py
-and tests/integration/test_prompt_cache.py (the real one).
+Covered by tests/unit/test_scripted_cli.py, tests/unit/test_kvcache.py,
+tests/unit/test_scheduler.py and tests/unit/test_engine_lifecycle.py
+(through the scripted engine) and tests/integration/test_llama_engine.py,
+tests/integration/test_batching.py, tests/integration/test_prompt_cache.py
+and tests/integration/test_engine_lifecycle.py (the real one).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from .interface import (
     ChatPrompt,
     EngineEvent,
     FinishReason,
+    LoadProgress,
+    MemoryUse,
     PrefillProgress,
     SamplingParams,
     StepEvent,
@@ -179,10 +182,16 @@ class SequenceEngine(ABC, Generic[S]):
     def n_vocab(self) -> int: ...
 
     @abstractmethod
-    def load(self) -> None: ...
+    def prepare(self) -> None: ...
+
+    @abstractmethod
+    def load(self, progress: LoadProgress | None = None) -> None: ...
 
     @abstractmethod
     def close(self) -> None: ...
+
+    @abstractmethod
+    def memory(self) -> MemoryUse: ...
 
     @abstractmethod
     def apply_chat_template(
@@ -292,11 +301,20 @@ class SequenceEngine(ABC, Generic[S]):
             self.prompt_cache.start(identity(), self._n_ctx)
 
     def _close_sequences(self, *, save: bool) -> None:
-        """Release every sequence; with C{save}, the slots' prefixes go to the prompt cache."""
+        """
+        Release every sequence; with C{save}, the slots' prefixes go to the
+        prompt cache (its disk tier; its memory tier is emptied). Then the
+        slots hold nothing: the cells are about to go with the context,
+        and a reload starts from empty slots (the prompt cache's disk tier
+        is what carries prefixes over an unload).
+        """
         for seq in list(self._seqs):
             self.release(seq, keep_output=False)
         if save:
             self._prefixes.close(self)
+        for slot in self._table.slots:
+            slot.tokens.clear()
+        self._prefill_order = PrefillOrder(self._prefill_order.aging_steps)
 
     # -- the start of a step -----------------------------------------------
 
