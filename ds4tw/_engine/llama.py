@@ -20,12 +20,22 @@ L{abort_callback}): when every running request has been cancelled the
 step stops within milliseconds, its KV cells are dropped, and
 L{LlamaEngine.step} raises L{Aborted}.
 
+The prompt side (tokenizer, chat template, special tokens) comes from
+the model's vocabulary loaded alone (L{LlamaEngine.prepare}), so it works
+before the weights are loaded and after they are freed: a multi-model
+server renders and counts a prompt for a model that is not loaded, loads
+it on demand with its progress heard (and stopped: L{LoadAborted}),
+unloads it when idle and loads it again; L{LlamaEngine.memory} says what
+it takes, estimated from the GGUF before the load and as llama.cpp
+reported it after.
+
 Covered by tests/integration/test_llama_engine.py,
 tests/integration/test_batching.py,
 tests/integration/test_special_tokens.py (kept special tokens, a
-reasoning budget's forced tokens) and
+reasoning budget's forced tokens),
 tests/integration/test_engine_options.py (each L{EngineOptions} setting
-read back from llama.cpp).
+read back from llama.cpp) and tests/integration/test_engine_lifecycle.py
+(prepare, load progress and abort, unload and reload, memory).
 """
 
 from __future__ import annotations
@@ -36,7 +46,10 @@ import math
 import os
 import platform
 import re
-from collections.abc import Iterator, Sequence
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +65,9 @@ from .interface import (
     Failed,
     Finished,
     Grammar,
+    LoadAborted,
+    LoadProgress,
+    MemoryUse,
     SamplingParams,
     StepEvent,
     StepResult,
@@ -477,32 +493,110 @@ def _flash_attn(mode: int) -> Iterator[None]:
         internals.LlamaContext = original  # type: ignore[misc]
 
 
-@contextmanager
-def _llama_log(lines: list[str]) -> Iterator[None]:
+#: Where llama.cpp's log goes while a thread collects it (L{_llama_log}):
+#: each thread's own list, so a load in the model thread and a
+#: vocabulary read in another (L{LlamaEngine.prepare}) keep theirs apart.
+_log_local = threading.local()
+#: The one log callback installed (kept alive as long as llama.cpp may call it).
+_log_dispatch: Any = None
+
+
+def _collecting_log() -> None:
     """
-    Collect what llama.cpp logs into C{lines} (one entry per line),
-    passing every message on to llama-cpp-python's own logger as before.
-    The log is how llama.cpp says what it made of the settings (each
-    layer's device, the resolved flash attention, the KV cache's types
-    and size, the load mode), which its API does not report.
+    Install the log callback that hands every line to the calling
+    thread's collector, if it has one, and on to llama-cpp-python's own
+    logger as before. Installed once and left in place: swapping callbacks
+    around each load would race with a load in another thread.
     """
+    global _log_dispatch
     import llama_cpp
     import llama_cpp._logger as llama_logger
 
-    previous = llama_logger.llama_log_callback
+    if _log_dispatch is None:
+        previous = llama_logger.llama_log_callback
+
+        @llama_cpp.llama_log_callback
+        def dispatch(level: int, text: bytes, user_data: Any) -> None:
+            parts = getattr(_log_local, "parts", None)
+            if parts is not None:
+                parts.append(text.decode("utf-8", "replace"))
+            previous(level, text, user_data)
+
+        _log_dispatch = dispatch
+    # Again every time: something else may have set its own meanwhile.
+    llama_cpp.llama_log_set(_log_dispatch, ctypes.c_void_p(0))
+
+
+@contextmanager
+def _llama_log(lines: list[str]) -> Iterator[None]:
+    """
+    Collect what llama.cpp logs in this thread into C{lines} (one entry per
+    line), passing every message on to llama-cpp-python's own logger as
+    before. The log is how llama.cpp says what it made of the settings
+    (each layer's device, the resolved flash attention, the KV cache's
+    types and size, the load mode, the buffers it allocated), which its
+    API does not report.
+    """
+    _collecting_log()
+    outer = getattr(_log_local, "parts", None)
     parts: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level: int, text: bytes, user_data: Any) -> None:
-        parts.append(text.decode("utf-8", "replace"))
-        previous(level, text, user_data)
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    _log_local.parts = parts
     try:
         yield
     finally:
-        llama_cpp.llama_log_set(previous, ctypes.c_void_p(0))
+        _log_local.parts = outer
+        if outer is not None:
+            outer.extend(parts)
         lines.extend("".join(parts).splitlines())
+
+
+@contextmanager
+def _load_progress(progress: LoadProgress | None) -> Iterator[Callable[[], BaseException | None]]:
+    """
+    Hand C{progress} to llama.cpp as the model load's progress callback
+    (C{llama_model_params.progress_callback}, which C{Llama()} has no
+    argument for: the default model params are patched for the call, as
+    L{no_extra_buffers} does). Yields a function that says why the load
+    was stopped: L{LoadAborted} when C{progress} returned False, what it
+    raised when it raised (llama.cpp is told to stop then too), None when
+    it was not stopped.
+
+    llama.cpp calls it in the loading thread, once per tensor (273 times
+    for the demo model), from 0.0 to 1.0; returning false makes
+    C{llama_model_load_from_file} free what it loaded and return NULL.
+    """
+    if progress is None:
+        yield lambda: None
+        return
+    import llama_cpp.llama_cpp as C
+
+    stopped: list[BaseException] = []
+
+    @C.llama_progress_callback
+    def report(fraction: float, user_data: Any) -> bool:
+        if stopped:
+            return False
+        try:
+            go_on = bool(progress(float(fraction)))
+        except BaseException as e:  # it must not unwind through C
+            stopped.append(e)
+            return False
+        if not go_on:
+            stopped.append(LoadAborted(f"the load stopped at {fraction:.0%}"))
+        return go_on
+
+    original = C.llama_model_default_params
+
+    def params() -> Any:
+        p = original()
+        p.progress_callback = report
+        return p
+
+    C.llama_model_default_params = params
+    try:
+        yield lambda: stopped[0] if stopped else None
+    finally:
+        C.llama_model_default_params = original
 
 
 def open_llama(
@@ -514,15 +608,16 @@ def open_llama(
     n_seq: int = 1,
     options: EngineOptions | None = None,
     log_lines: list[str] | None = None,
+    progress: LoadProgress | None = None,
 ) -> Any:
     """
     A C{llama_cpp.Llama} loaded as ds4tw loads it (the benchmark's raw
     baseline loads through here too, so both measure the same thing).
     With C{n_seq} sequences the context has C{n_seq * n_ctx} cells.
-    What llama.cpp logs meanwhile goes into C{log_lines}.
+    What llama.cpp logs meanwhile goes into C{log_lines}. C{progress}
+    hears the model load's progress and may stop it by returning False:
+    then nothing stays loaded and L{LoadAborted} is raised.
     """
-    from llama_cpp import Llama
-
     o = options or EngineOptions()
     overrides = dict(parse_override_kv(spec) for spec in o.override_kv)
     gpu_layers = _gpu_layers(o)
@@ -531,33 +626,64 @@ def open_llama(
         _sequences(n_seq) if n_seq > 1 else nullcontext(),
         _flash_attn(FLASH_ATTN[o.flash_attn_mode(gpu_layers)]),
         _llama_log(log_lines if log_lines is not None else []),
+        _load_progress(progress) as stopped,
     ):
-        return Llama(
-            model_path=path,
-            n_ctx=n_ctx * n_seq,
-            n_batch=n_batch,
-            n_ubatch=n_batch,
-            n_threads=n_threads,
-            n_threads_batch=o.threads_batch or n_threads,
-            n_gpu_layers=gpu_layers,
-            split_mode=SPLIT_MODES[o.split_mode],
-            main_gpu=o.main_gpu,
-            tensor_split=list(o.tensor_split) or None,
-            use_mmap=o.mmap,
-            use_mlock=o.mlock,
-            kv_overrides=overrides or None,
-            type_k=CACHE_TYPES[o.cache_type_k][0],
-            type_v=CACHE_TYPES[o.cache_type_v][0],
-            verbose=False,
-        )
+        try:
+            llm = _new_llama(path, n_ctx, n_batch, n_threads, n_seq, o, overrides, gpu_layers)
+        except ValueError:
+            why = stopped()
+            if why is not None:
+                raise why from None
+            raise
+        why = stopped()
+        if why is not None:  # stopped once the weights were in: let them go all the same
+            llm.close()
+            raise why
+        return llm
+
+
+def _new_llama(
+    path: str,
+    n_ctx: int,
+    n_batch: int,
+    n_threads: int,
+    n_seq: int,
+    o: EngineOptions,
+    overrides: dict[str, bool | int | float | str],
+    gpu_layers: int,
+) -> Any:
+    from llama_cpp import Llama
+
+    return Llama(
+        model_path=path,
+        n_ctx=n_ctx * n_seq,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        n_threads=n_threads,
+        n_threads_batch=o.threads_batch or n_threads,
+        n_gpu_layers=gpu_layers,
+        split_mode=SPLIT_MODES[o.split_mode],
+        main_gpu=o.main_gpu,
+        tensor_split=list(o.tensor_split) or None,
+        use_mmap=o.mmap,
+        use_mlock=o.mlock,
+        kv_overrides=overrides or None,
+        type_k=CACHE_TYPES[o.cache_type_k][0],
+        type_v=CACHE_TYPES[o.cache_type_v][0],
+        verbose=False,
+    )
 
 
 def eog_tokens(llm: Any) -> list[int]:
     """Every end-of-generation token of the model's vocabulary."""
+    model = llm._model
+    return _eog_ids(model.vocab, model.n_vocab())
+
+
+def _eog_ids(vocab: Any, n_vocab: int) -> list[int]:
     import llama_cpp
 
-    model = llm._model
-    return [t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, t)]
+    return [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
 
 
 def token_piece(llm: Any, token: int, buf: Any, special: bool = False) -> bytes:
@@ -566,14 +692,277 @@ def token_piece(llm: Any, token: int, buf: Any, special: bool = False) -> bytes:
     when C{special}, else nothing. (llama-cpp-python's own token_to_piece
     returns the whole buffer, trailing NULs included.)
     """
+    return _piece(llm._model.vocab, token, buf, special)
+
+
+def _piece(vocab: Any, token: int, buf: Any, special: bool) -> bytes:
     import llama_cpp
 
-    vocab = llm._model.vocab
     n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
     if n < 0:  # the buffer was too small; -n is the size needed
         buf = ctypes.create_string_buffer(-n)
         n = llama_cpp.llama_token_to_piece(vocab, token, buf, -n, 0, special)
     return bytes(buf.raw[:n])
+
+
+def _kv_overrides(overrides: dict[str, bool | int | float | str]) -> Any:
+    """
+    C{overrides} as llama.cpp's NUL-key-terminated
+    C{llama_model_kv_override} array (what C{Llama(kv_overrides=...)}
+    builds), for a model loaded without C{Llama()}.
+    """
+    import llama_cpp
+
+    array = (llama_cpp.llama_model_kv_override * (len(overrides) + 1))()
+    for entry, (key, v) in zip(array, overrides.items(), strict=False):
+        entry.key = key.encode("utf-8")
+        if isinstance(v, bool):
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_BOOL
+            entry.value.val_bool = v
+        elif isinstance(v, int):
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            entry.value.val_i64 = v
+        elif isinstance(v, float):
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_FLOAT
+            entry.value.val_f64 = v
+        else:
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            # A char[128] in a union: written in place (the array is zeroed,
+            # and parse_override_kv keeps it under 128 bytes, so it ends in NUL).
+            union: Any = llama_cpp.llama_model_kv_override_value
+            data = v.encode("utf-8")
+            ctypes.memmove(ctypes.addressof(entry.value) + union.val_str.offset, data, len(data))
+    return array
+
+
+def _metadata(model: Any) -> dict[str, str]:
+    """The GGUF's key-value metadata, every value as llama.cpp prints it."""
+    import llama_cpp
+
+    out: dict[str, str] = {}
+    buf = ctypes.create_string_buffer(1024)
+    for i in range(llama_cpp.llama_model_meta_count(model)):
+        pair = []
+        for read in (
+            llama_cpp.llama_model_meta_key_by_index,
+            llama_cpp.llama_model_meta_val_str_by_index,
+        ):
+            n = read(model, i, buf, len(buf))
+            if n >= len(buf):  # cut short: n is the length it needs
+                buf = ctypes.create_string_buffer(n + 1)
+                n = read(model, i, buf, len(buf))
+            pair.append(buf.raw[: max(n, 0)].decode("utf-8", "replace"))
+        out[pair[0]] = pair[1]
+    return out
+
+
+class _Vocab:
+    """
+    The prompt side of a model, loaded without its weights: llama.cpp's
+    vocabulary-only model (C{llama_model_params.vocab_only}), its metadata
+    and special tokens. About 0.13 s and a few MiB for the demo model, and
+    no context: C{Llama(vocab_only=True)} would make one (and swap the
+    process's stdout and stderr file descriptors around the load, which
+    another thread's output would not survive).
+
+    Everything here only reads the vocabulary, so any thread may call it,
+    beside a load or a decode in the model thread.
+    """
+
+    def __init__(self, path: Path, overrides: dict[str, bool | int | float | str]) -> None:
+        import llama_cpp
+        import llama_cpp._logger as llama_logger
+        import llama_cpp.llama_cpp as C
+
+        # Quiet, as the engine's Llama(verbose=False) is.
+        llama_logger.set_verbose(False)
+        params = C.llama_model_default_params()
+        params.vocab_only = True
+        # Not a load in progress in the model thread's patched defaults.
+        params.progress_callback = C.llama_progress_callback()
+        params.progress_callback_user_data = None
+        self._overrides = _kv_overrides(overrides) if overrides else None
+        if self._overrides is not None:
+            params.kv_overrides = self._overrides
+        lines: list[str] = []
+        with _llama_log(lines):
+            model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
+        if not model:
+            said = [line for line in lines if "error" in line.lower() or "failed" in line.lower()]
+            raise ValueError(
+                f"cannot read the model file {path}: "
+                + ("; ".join(x.strip() for x in said[-2:]) or "llama.cpp refused it")
+            )
+        self.model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.metadata = _metadata(model)
+        self.eos = int(llama_cpp.llama_vocab_eos(self.vocab))
+        self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.eog = _eog_ids(self.vocab, self.n_vocab)
+
+    def text(self, token: int) -> str:
+        """A token's text as the vocabulary writes it ("" for -1, none)."""
+        import llama_cpp
+
+        if token < 0:
+            return ""
+        return bytes(llama_cpp.llama_vocab_get_text(self.vocab, token)).decode("utf-8", "replace")
+
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+        """Tokens of C{text}, special tokens parsed (as C{Llama.tokenize})."""
+        import llama_cpp
+
+        data = text.encode("utf-8")
+        # A token is at least one byte, plus BOS / EOS the vocabulary adds.
+        size = len(data) + 2
+        tokens = (llama_cpp.llama_token * size)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, size, add_bos, True)
+        if n < 0:  # -n: the tokens it needs
+            size = -n
+            tokens = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, size, add_bos, True)
+            if n < 0:
+                raise RuntimeError(f"llama_tokenize failed ({n}) on {len(data)} bytes")
+        return list(tokens[:n])
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+
+def model_files(path: Path) -> list[Path]:
+    """
+    The files of the model at C{path}: itself, or every shard of a split
+    GGUF (C{NAME-00001-of-00003.gguf}, llama.cpp's C{llama_split_path}
+    naming) that exists.
+    """
+    m = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", path.name)
+    if m is None:
+        return [path]
+    count = int(m.group(3))
+    shards = [
+        path.with_name(f"{m.group(1)}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)
+    ]
+    return [p for p in shards if p.is_file()] or [path]
+
+
+def _meta_int(meta: dict[str, str], key: str, default: int) -> int:
+    """An integer from the metadata, C{default} when absent or not one (a per-layer array)."""
+    try:
+        return int(meta[key])
+    except (KeyError, ValueError):
+        return default
+
+
+def _row_bytes(cache_type: str, values: int) -> int:
+    """Bytes of C{values} values in a cache of type C{cache_type}."""
+    _, block_bytes, per_block = CACHE_TYPES[cache_type]
+    return -(-values // per_block) * block_bytes
+
+
+def estimate_memory(
+    meta: dict[str, str],
+    *,
+    weights: int,
+    n_vocab: int,
+    n_ctx: int,
+    slots: int,
+    n_batch: int,
+    options: EngineOptions,
+    flash_attn: bool,
+    cache: int,
+) -> MemoryUse:
+    """
+    What a model will take loaded, from its GGUF metadata (the file's
+    C{{arch}.*} hyperparameters) and the engine's settings, before any
+    weight is read:
+
+      - weights: the model files' size (C{weights}; the tensors are all
+        but a few hundred KiB of it);
+      - kv: C{slots * n_ctx} cells of C{n_layer} layers, each a K row of
+        C{head_count_kv * key_length} values and a V row of
+        C{head_count_kv * value_length}, in the cache types asked for
+        (every layer counted full: sliding-window layers make the real
+        cache smaller, never larger);
+      - compute: what llama.cpp's graph reserves for one step of
+        C{n_batch} tokens (the engine's ubatch), which is the larger of
+        the logits (C{n_batch * n_vocab} floats) and, without flash
+        attention, the attention scores and mask (C{n_batch * n_ctx *
+        (head_count + 1)} floats, one KV stream per slot), plus C{n_batch
+        * (3 * n_embd + n_ff)} floats of activations and the output
+        buffer (C{slots * n_vocab} floats). That rule matches the demo
+        model's logged compute buffers within 3% across n_ctx 1024-16384,
+        n_batch 64-512, 1-8 slots, flash attention on and off
+        (tests/integration/test_engine_lifecycle.py);
+      - cache: the prompt cache's memory budget (C{cache}).
+    """
+    arch = meta.get("general.architecture", "")
+    n_layer = _meta_int(meta, f"{arch}.block_count", 0)
+    n_embd = _meta_int(meta, f"{arch}.embedding_length", 0)
+    n_head = max(1, _meta_int(meta, f"{arch}.attention.head_count", 1))
+    n_head_kv = _meta_int(meta, f"{arch}.attention.head_count_kv", n_head)
+    head = n_embd // n_head
+    k_len = _meta_int(meta, f"{arch}.attention.key_length", head)
+    v_len = _meta_int(meta, f"{arch}.attention.value_length", head)
+    n_ff = _meta_int(meta, f"{arch}.feed_forward_length", 4 * n_embd)
+    per_token = n_layer * (
+        _row_bytes(options.cache_type_k, n_head_kv * k_len)
+        + _row_bytes(options.cache_type_v, n_head_kv * v_len)
+    )
+    floats = 4
+    logits = n_batch * n_vocab * floats
+    scores = 0 if flash_attn else n_batch * n_ctx * (n_head + 1) * floats
+    compute = (
+        max(logits, scores) + n_batch * (3 * n_embd + n_ff) * floats + slots * n_vocab * floats
+    )
+    return MemoryUse(
+        weights=weights,
+        kv=per_token * n_ctx * slots,
+        compute=compute,
+        cache=cache,
+        measured=False,
+    )
+
+
+_BUFFER_LOG = re.compile(r"\b(KV|RS|compute|output) buffer size = +([\d.]+) MiB")
+
+
+def logged_buffers(log_lines: Sequence[str]) -> dict[str, int]:
+    """
+    What llama.cpp says it allocated, in bytes, from its load log: C{"kv"}
+    (every C{KV buffer size} line, and a recurrent model's C{RS}),
+    C{"compute"} (every C{compute buffer size} and C{output buffer size}
+    line: the graph's scratch and the logits' output, on every device).
+    A part it did not log is absent.
+    """
+    out: dict[str, float] = {}
+    for line in log_lines:
+        m = _BUFFER_LOG.search(line)
+        if m is not None:
+            part = "kv" if m.group(1) in ("KV", "RS") else "compute"
+            out[part] = out.get(part, 0.0) + float(m.group(2)) * 2**20
+    return {k: round(v) for k, v in out.items()}
+
+
+def trim_heap() -> None:
+    """
+    Give the C heap's free memory back to the system (glibc's
+    C{malloc_trim}; nothing elsewhere). glibc keeps freed blocks below its
+    mmap threshold for reuse, so without it a closed model's process stays
+    larger than before its load (measured on the demo model: 15 MiB above
+    the pre-load RSS after close, 4 MiB after a trim).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has none)
+        return
+    trim(0)
 
 
 #: When the freely sampled token is rejected, the grammar is tried on the
@@ -633,12 +1022,10 @@ class _VocabBytes:
     skip the tokens whose first byte the grammar already rules out.
     """
 
-    def __init__(self, llm: Any, eog_ids: Sequence[int]) -> None:
+    def __init__(self, vocab: Any, n_vocab: int, eog_ids: Sequence[int]) -> None:
         import llama_cpp
         import numpy as np
 
-        vocab = llm._model.vocab
-        n_vocab = llm.n_vocab()
         buf = ctypes.create_string_buffer(256)
         first = np.full(n_vocab, 256, dtype=np.int16)  # 256: an empty piece
         self.token_of: dict[int, int] = {}
@@ -1088,6 +1475,11 @@ class LlamaEngine(SequenceEngine[_Seq]):
     @param options: llama.cpp's settings (GPU layers, flash attention, KV
         cache types, ...; L{EngineOptions}); raises ValueError at once if
         they cannot work.
+
+    Its life (L{ds4tw.Engine}): L{prepare} reads the vocabulary, the chat
+    template and the hyperparameters without the weights (L{_Vocab});
+    L{load} loads the weights and makes the context; L{close} frees both
+    and leaves the prompt side, and L{load} may run again.
     """
 
     def __init__(
@@ -1121,6 +1513,13 @@ class LlamaEngine(SequenceEngine[_Seq]):
         self.model_id = model_id or self.model_path.stem
         self._n_threads = n_threads or os.cpu_count() or 1
         self._template_override = chat_template
+        #: The prompt side (L{prepare}); kept over unloads.
+        self._vocab: _Vocab | None = None
+        self._prepare_lock = threading.Lock()
+        #: What the loaded model takes, as llama.cpp reported it (None: not loaded).
+        self._measured: MemoryUse | None = None
+        #: Seconds the last load took.
+        self.load_seconds = 0.0
         self._llm: Any = None
         self._template: ChatTemplate | None = None
         self._eog_ids: list[int] = []
@@ -1141,7 +1540,12 @@ class LlamaEngine(SequenceEngine[_Seq]):
 
     @property
     def n_vocab(self) -> int:
-        return 0 if self._llm is None else int(self._llm.n_vocab())
+        return 0 if self._vocab is None else self._vocab.n_vocab
+
+    @property
+    def loaded(self) -> bool:
+        """The weights are in and the context made (L{load}, until L{close})."""
+        return self._llm is not None
 
     @property
     def table(self) -> SlotTable:
@@ -1150,7 +1554,7 @@ class LlamaEngine(SequenceEngine[_Seq]):
 
     @property
     def chat_template(self) -> str:
-        # Before load() only an override is known; the GGUF's comes with the model.
+        # Before prepare() only an override is known; the GGUF's comes with the vocabulary.
         if self._template is None:
             return self._template_override or ""
         return self._template.source
@@ -1160,55 +1564,102 @@ class LlamaEngine(SequenceEngine[_Seq]):
         """
         The engine's settings as llama.cpp took them, read back from the
         context, the model params it was given and its load log (empty
-        before L{load}); C{/health} reports them.
+        while not loaded); C{/health} reports them.
         """
         return dict(self._settings)
 
-    def load(self) -> None:
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The GGUF's metadata, every value as text (empty before L{prepare})."""
+        return dict(self._vocab.metadata) if self._vocab is not None else {}
+
+    def prepare(self) -> None:
+        """
+        Read the vocabulary, the metadata and the chat template without
+        the weights (L{_Vocab}; any thread, once: later calls return at
+        once). The chat template, BOS / EOS and end-of-generation tokens
+        come from here, as a load used to set them. Raises L{ModelNotFound}
+        for a file that is not there, ValueError for one llama.cpp cannot
+        read.
+        """
+        if self._vocab is not None:
+            return
+        with self._prepare_lock:
+            if self._vocab is not None:
+                return
+            if not self.model_path.is_file():
+                raise ModelNotFound(
+                    f"model file not found: {self.model_path} (give a path to a .gguf file)"
+                )
+            overrides = dict(parse_override_kv(spec) for spec in self.options.override_kv)
+            vocab = _Vocab(self.model_path, overrides)
+            template = (
+                self._template_override
+                or vocab.metadata.get("tokenizer.chat_template")
+                or CHATML_TEMPLATE
+            )
+            self._template = ChatTemplate(
+                template, eos_token=vocab.text(vocab.eos), bos_token=vocab.text(vocab.bos)
+            )
+            self._eog_ids = list(vocab.eog)
+            self._eog = set(self._eog_ids)
+            # Last: the other threads' readers test this one.
+            self._vocab = vocab
+
+    def load(self, progress: LoadProgress | None = None) -> None:
+        self.prepare()
+        assert self._llm is None, "loaded already: close() first"
         self._load_log = []
-        llm = open_llama(
-            str(self.model_path),
-            n_ctx=self._n_ctx,
-            n_batch=self.n_batch,
-            n_threads=self._n_threads,
-            n_seq=self.slots,
-            options=self.options,
-            log_lines=self._load_log,
-        )
-        self._settings = engine_settings(llm, self.options, self._load_log)
-        model = llm._model
-        eos = model.token_eos()
-        bos = model.token_bos()
-        eos_text = model.token_get_text(eos) if eos >= 0 else ""
-        bos_text = model.token_get_text(bos) if bos >= 0 else ""
-        template = (
-            self._template_override
-            or llm.metadata.get("tokenizer.chat_template")
-            or CHATML_TEMPLATE
-        )
-        self._template = ChatTemplate(template, eos_token=eos_text, bos_token=bos_text)
-        self._eog_ids = eog_tokens(llm)
-        self._eog = set(self._eog_ids)
-        self._llm = llm
-        self._start_cache(
-            self._template,
-            lambda: model_identity(
-                self.model_path, llm, flash_attn=self._settings["flash_attn"] == "on"
-            ),
-        )
-        self._batch = _Batch(self.n_batch)
-        self._abort_cb = abort_callback()
-        self._watch(None)
+        started = time.monotonic()
+        try:
+            llm = open_llama(
+                str(self.model_path),
+                n_ctx=self._n_ctx,
+                n_batch=self.n_batch,
+                n_threads=self._n_threads,
+                n_seq=self.slots,
+                options=self.options,
+                log_lines=self._load_log,
+                progress=progress,
+            )
+        except LoadAborted:
+            log.info(
+                "ds4tw: loading {path} stopped after {s:.2f}s: nobody waits for it",
+                path=str(self.model_path),
+                s=time.monotonic() - started,
+            )
+            trim_heap()
+            raise
+        try:
+            self._settings = engine_settings(llm, self.options, self._load_log)
+            self._llm = llm
+            self._start_cache(
+                self._template,  # type: ignore[arg-type]  # set by prepare()
+                lambda: model_identity(
+                    self.model_path, llm, flash_attn=self._settings["flash_attn"] == "on"
+                ),
+            )
+            self._batch = _Batch(self.n_batch)
+            self._abort_cb = abort_callback()
+            self._watch(None)
+            self._measured = self._measure(llm)
+        except BaseException:
+            self.close()
+            raise
+        self.load_seconds = time.monotonic() - started
+        m = self._measured.mib()
         log.info(
-            "ds4tw: loaded {path} (slots={slots} x n_ctx={n_ctx}: {cells} KV cells, "
-            "~{mib:.0f} MiB; n_batch={n_batch}, threads={threads})",
+            "ds4tw: loaded {path} in {s:.2f}s (slots={slots} x n_ctx={n_ctx}: {cells} KV cells; "
+            "n_batch={n_batch}, threads={threads}); memory {total:.0f} MiB: weights "
+            "{weights:.0f}, KV {kv:.0f}, compute {compute:.0f}, prompt cache {cache:.0f}",
             path=str(self.model_path),
+            s=self.load_seconds,
             slots=self.slots,
             n_ctx=self._n_ctx,
             cells=llm.n_ctx(),
-            mib=kv_bytes_per_token(llm) * llm.n_ctx() / 2**20,
             n_batch=self.n_batch,
             threads=self._n_threads,
+            **m,
         )
         e = self._settings
         log.info(
@@ -1230,8 +1681,9 @@ class LlamaEngine(SequenceEngine[_Seq]):
         )
 
     def close(self) -> None:
-        # The graceful shutdown path: what the slots hold goes to disk.
-        self._close_sequences(save=self._llm is not None)
+        # An unload or the shutdown: what the slots hold goes to disk.
+        loaded = self._llm is not None
+        self._close_sequences(save=loaded)
         if self._batch is not None:
             self._batch.close()
             self._batch = None
@@ -1239,6 +1691,64 @@ class LlamaEngine(SequenceEngine[_Seq]):
             self._llm.close()
             self._llm = None
             self._watched = None
+        self._measured = None
+        self._settings = {}
+        if loaded:
+            trim_heap()
+
+    def memory(self) -> MemoryUse:
+        """
+        Measured once loaded (L{_measure}), else estimated from the GGUF
+        (L{estimate_memory}; prepares the engine first). Any thread.
+        """
+        measured = self._measured
+        if measured is not None:
+            return measured
+        return self.estimate()
+
+    def estimate(self) -> MemoryUse:
+        """What the model will take loaded, from its metadata (L{estimate_memory})."""
+        self.prepare()
+        assert self._vocab is not None
+        gpu_layers = _gpu_layers(self.options)
+        return estimate_memory(
+            self._vocab.metadata,
+            weights=sum(p.stat().st_size for p in model_files(self.model_path)),
+            n_vocab=self._vocab.n_vocab,
+            n_ctx=self._n_ctx,
+            slots=self.slots,
+            n_batch=self.n_batch,
+            options=self.options,
+            # auto counts as off: the larger of the two, for a budget.
+            flash_attn=self.options.flash_attn_mode(gpu_layers) == "on",
+            cache=self._cache_budget(),
+        )
+
+    def _cache_budget(self) -> int:
+        cache = self.prompt_cache
+        return cache.ram.budget if cache is not None else 0
+
+    def _measure(self, llm: Any) -> MemoryUse:
+        """
+        What the loaded model takes: its tensors (C{llama_model_size}), and
+        the KV cache and compute buffers llama.cpp logged allocating
+        (L{logged_buffers}; a llama.cpp that does not log them: the KV
+        cache from the model's shape, the compute buffers estimated).
+        """
+        import llama_cpp
+
+        logged = logged_buffers(self._load_log)
+        kv = logged.get("kv", kv_bytes_per_token(llm) * llm.n_ctx())
+        compute = logged.get("compute")
+        if compute is None:
+            compute = self.estimate().compute
+        return MemoryUse(
+            weights=int(llama_cpp.llama_model_size(llm._model.model)),
+            kv=int(kv),
+            compute=int(compute),
+            cache=self._cache_budget(),
+            measured=True,
+        )
 
     def _watch(self, abort: AbortFlag | None) -> None:
         """
@@ -1266,13 +1776,15 @@ class LlamaEngine(SequenceEngine[_Seq]):
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], **template_kwargs: Any
     ) -> ChatPrompt:
-        assert self._template is not None, "load() first"
+        assert self._template is not None, "prepare() first"
         return self._template.render(messages, **template_kwargs)
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        # llama_tokenize only reads the vocabulary, so this is safe beside
-        # a decode running in the model thread.
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+        # The vocabulary-only model: no weights needed, and nothing the
+        # model thread's load or decode touches.
+        vocab = self._vocab
+        assert vocab is not None, "prepare() first"
+        return vocab.tokenize(text, add_bos)
 
     # -- model thread only -----------------------------------------------
 
@@ -1316,7 +1828,8 @@ class LlamaEngine(SequenceEngine[_Seq]):
     def _vocab_bytes(self) -> _VocabBytes:
         """The grammar's view of the vocabulary's bytes (scanned once, on first use)."""
         if self._bytes is None:
-            self._bytes = _VocabBytes(self._llm, self._eog_ids)
+            assert self._vocab is not None
+            self._bytes = _VocabBytes(self._vocab.vocab, self._vocab.n_vocab, self._eog_ids)
         return self._bytes
 
     def _constrained(self, params: SamplingParams) -> _ConstrainedSampler:
@@ -1540,9 +2053,10 @@ class LlamaEngine(SequenceEngine[_Seq]):
         Whether C{token}'s text is hidden unless kept: it renders only with
         special tokens on (a control token; L{SamplingParams.keep_special}).
         """
-        assert self._llm is not None, "load() first"
+        vocab = self._vocab
+        assert vocab is not None, "prepare() first"
         buf = ctypes.create_string_buffer(64)
-        return token_piece(self._llm, token, buf, True) != token_piece(self._llm, token, buf, False)
+        return _piece(vocab.vocab, token, buf, True) != _piece(vocab.vocab, token, buf, False)
 
     def _with_logprobs(self, s: _Seq, token: int, piece: bytes) -> Token:
         import llama_cpp
