@@ -53,6 +53,17 @@ def from_validation(error: ValidationError) -> APIError:
     return invalid(f"{loc}: {msg}" if loc else msg, param=loc or None)
 
 
+def model_not_found(name: str) -> APIError:
+    """A request naming a model this server does not run (OpenAI's wording and code)."""
+    return APIError(
+        404,
+        f"The model `{name}` does not exist or you do not have access to it.",
+        "not_found_error",
+        "model",
+        "model_not_found",
+    )
+
+
 def not_ready(message: str) -> APIError:
     return APIError(
         503, message, "server_error", code="model_not_ready", headers={"Retry-After": "5"}

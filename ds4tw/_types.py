@@ -22,6 +22,8 @@ from ._errors import APIError
 
 
 class Stage(StrEnum):
+    #: Queued for a model that is still loading (L{ds4tw.Worker.on_demand}).
+    LOADING = "loading"
     QUEUED = "queued"
     PREFILL = "prefill"
     DECODE = "decode"

@@ -24,6 +24,7 @@ public names, tests/unit/test_exports.py.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -51,8 +52,14 @@ class SteppedThreads:
     """
 
     def __init__(self) -> None:
-        self._current: tuple[Iterator[None], Deferred[None]] | None = None
+        #: The batch loops on the "model thread", stepped in turn (several
+        #: models share one thread: L{ds4tw._runtime.modelthread}).
+        self._loops: deque[tuple[Iterator[None], Deferred[None]]] = deque()
         self.steps_taken = 0
+        #: While True, L{call} work (a model's load or unload) waits in
+        #: L{called} until L{release_calls}; otherwise it runs inline.
+        self.hold_calls = False
+        self.called: list[tuple[Callable[[], Any], Deferred[Any]]] = []
         self.stopped = False
         #: While True, L{offload} work (chat templating, tokenization) waits
         #: in L{offloaded} until L{release}; otherwise it runs inline.
@@ -66,14 +73,22 @@ class SteppedThreads:
         self.stopped = True
 
     def call(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        try:
-            return succeed(f(*args))
-        except BaseException:
-            return fail(Failure())
+        if self.hold_calls:
+            d: Deferred[_T] = Deferred()
+            self.called.append((lambda: f(*args), d))
+            return d
+        return _now(f, *args)
+
+    def release_calls(self, n: int | None = None) -> None:
+        """Run the first C{n} held calls (all by default), in order."""
+        count = len(self.called) if n is None else n
+        held, self.called = self.called[:count], self.called[count:]
+        for work, d in held:
+            _now(work).chainDeferred(d)
 
     def offload(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
         if not self.hold_offload:
-            return self.call(f, *args)
+            return _now(f, *args)
         # Like deferToThreadPool's Deferred: no canceller (the work cannot
         # be stopped; a cancelled caller just stops waiting for it).
         d: Deferred[_T] = Deferred()
@@ -84,12 +99,11 @@ class SteppedThreads:
         """Run the held offload work, in order, and fire each caller's Deferred."""
         held, self.offloaded = self.offloaded, []
         for work, d in held:
-            self.call(work).chainDeferred(d)
+            _now(work).chainDeferred(d)
 
     def run(self, steps: Iterator[None]) -> Deferred[None]:
-        assert self._current is None, "the model thread runs one batch loop at a time"
         d: Deferred[None] = Deferred()
-        self._current = (steps, d)
+        self._loops.append((steps, d))
         return d
 
     def to_reactor(self, f: Callable[..., object], *args: Any) -> None:
@@ -98,31 +112,41 @@ class SteppedThreads:
     @property
     def busy(self) -> bool:
         """A job is on the model thread."""
-        return self._current is not None
+        return bool(self._loops)
 
     def step(self, n: int = 1) -> None:
-        """Let the model thread take C{n} engine steps (across jobs)."""
+        """
+        Let the model thread take C{n} engine steps (across jobs). With
+        several models' loops, each step is the next loop's, in turn.
+        """
         for _ in range(n):
-            if self._current is None:
+            if not self._loops:
                 return
-            steps, d = self._current
+            steps, d = self._loops.popleft()
             try:
                 next(steps)
                 self.steps_taken += 1
             except StopIteration:
-                self._current = None
                 d.callback(None)
             except BaseException:
-                self._current = None
                 d.errback(Failure())
+            else:
+                self._loops.append((steps, d))
 
     def run_until_idle(self, limit: int = 100_000) -> None:
         """Step until no job is on the model thread (including queued ones it picks up)."""
         for _ in range(limit):
-            if self._current is None:
+            if not self._loops:
                 return
             self.step()
         raise AssertionError(f"still busy after {limit} steps")
+
+
+def _now(f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+    try:
+        return succeed(f(*args))
+    except BaseException:
+        return fail(Failure())
 
 
 class Exchange:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .._engine.template import ChatTemplate
     from .._formats.reasoning import ReasoningParser
     from .._formats.tools.parsers import ToolCallParser
+    from .._runtime.fleet import Fleet
     from .._runtime.metrics import Metrics
     from .._runtime.worker import Worker
 
@@ -70,14 +71,47 @@ class ServerConfig:
 
 
 class Host(Protocol):
-    """The server as a dialect's routes and the request lifecycle use it."""
+    """
+    The server as a dialect's routes and the request lifecycle use it:
+    its shared parts, and one model's (the server itself answers for
+    its first model; L{for_model} gives the host of the model a request
+    names).
+    """
 
-    app: Klein
-    engine: Engine
-    config: ServerConfig
-    worker: Worker
-    metrics: Metrics
-    clock: IReactorTime
+    @property
+    def app(self) -> Klein: ...
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def config(self) -> ServerConfig: ...
+
+    @property
+    def worker(self) -> Worker: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    @property
+    def fleet(self) -> Fleet:
+        """Every model of the server (C{/v1/models}, C{/health})."""
+        ...
+
+    async def for_model(self, name: str | None) -> Host:
+        """
+        The host of the model that serves C{name}, with its prompt side
+        ready; raises the 404 C{model_not_found} when no model does.
+        """
+        ...
+
+    @property
+    def model_name(self) -> str:
+        """The name of this host's model (C{/v1/models})."""
+        ...
 
     def chat_template(self) -> ChatTemplate: ...
 

@@ -142,11 +142,12 @@ def session_key(request: Request) -> str | None:
     return None
 
 
-def job_label(request: Request, rid: str, what: str, stream: bool) -> str:
+def job_label(request: Request, rid: str, what: str, stream: bool, model: str) -> str:
     """
-    The job's name in its log line: the response id, what it is, whether
-    it streams, and the request's and conversation's keys.
+    The job's name in its log line: the response id, what it is, the
+    model that serves it, whether it streams, and the request's and
+    conversation's keys.
     """
-    label = f"{rid} {what} stream={stream} request={request_key(request)}"
+    label = f"{rid} {what} model={model} stream={stream} request={request_key(request)}"
     session = session_key(request)
     return label if session is None else f"{label} session={session}"

@@ -174,6 +174,9 @@ def stream(
 def engine_failure(f: Failure) -> APIError:
     if isinstance(f.value, APIError):
         return f.value
+    if isinstance(f.value, NotReady):
+        # The model it waited for did not load (or cannot fit the budget).
+        return admission_error(f.value)
     return APIError(
         500, f"generation failed: {f.getErrorMessage()}", "server_error", code="engine_error"
     )

@@ -29,28 +29,33 @@ from .routing import json_response
 async def run_turn(
     server: Host, request: Request, dialect: Dialect, endpoint: Endpoint[Any]
 ) -> bytes | None:
-    """Serve one turn of C{endpoint}: a stream (returns None once it ends) or a JSON body."""
+    """
+    Serve one turn of C{endpoint} on the model it names (L{Host.for_model}):
+    a stream (returns None once it ends) or a JSON body.
+    """
     req = endpoint.read(routing.read_json(request, server.config.max_body_bytes))
     turn = endpoint.turn(req)
-    prompt = await prompt_for(server, turn)
-    max_tokens = max_tokens_for(server, prompt, turn.max_tokens)
+    host = await server.for_model(turn.model)
+    prompt = await prompt_for(host, turn)
+    max_tokens = max_tokens_for(host, prompt, turn.max_tokens)
     params = turn.sampling(max_tokens, prompt.stops)
     rid = response_id(turn.id_kind)
     job = lifecycle.new_job(
-        server,
+        host,
         prompt,
         params,
-        job_label(request, rid, turn.what, turn.stream),
+        job_label(request, rid, turn.what, turn.stream, host.model_name),
         reasoning=turn.messages is not None,
         tooling=turn.tooling,
     )
-    model = turn.model or server.engine.model_id
+    # The name the client asked for, as it asked (an alias stays an alias).
+    model = turn.model or host.model_name
     builder = endpoint.builder(req, Begun(rid, model, len(prompt.tokens), max_tokens, params))
     if turn.stream:
         keepalive = dialect.keepalive_frame(server.config)
-        await lifecycle.stream(server, request, job, builder.stream(), keepalive)
+        await lifecycle.stream(host, request, job, builder.stream(), keepalive)
         return None
-    got = await lifecycle.collect(server, job)
+    got = await lifecycle.collect(host, job)
     return json_response(request, builder.body(got))
 
 

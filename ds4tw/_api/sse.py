@@ -90,7 +90,8 @@ def wants_progress(request: Request) -> bool:
 
 def progress_text(job: Job) -> str:
     """
-    What an opted-in stream's comment says about C{job}: C{queued 2},
+    What an opted-in stream's comment says about C{job}: C{loading 40%},
+    C{queued 2},
     C{prefill 1024/3641} or C{decode}. Never more than the stage name and
     two numbers, so a client can parse it with one split.
 
@@ -100,6 +101,8 @@ def progress_text(job: Job) -> str:
     progress, not for the queue.
     """
     stage = job.stage
+    if stage is Stage.LOADING:
+        return f"loading {job.load_percent}%"
     if stage is Stage.QUEUED:
         position = job.queue_position
         if position is not None:

@@ -115,6 +115,9 @@ class Work:
         #: place in the queue (L{Worker.queue_position}).
         self.on_cancel: Callable[[Job], None] | None = None
         self.locate: Callable[[Job], int | None] | None = None
+        #: Set by an on-demand worker: how far its model's load is (0..1),
+        #: or None once it is loaded.
+        self.loading: Callable[[], float | None] | None = None
         #: L{end} ran: the job's Deferred has its result.
         self.ended = False
 
@@ -207,12 +210,24 @@ class Job:
     @property
     def stage(self) -> Stage:
         """
-        Where its work is: C{queued}, C{prefill} from the moment the model
-        thread starts its prompt, C{decode} once the prompt is in the KV
-        cache. Never C{done}: after the end, where it stopped. What the
-        stream's keepalive names as it is.
+        Where its work is: C{loading} while it waits for its model to
+        load, C{queued} while it waits for a slot, C{prefill} from the
+        moment the model thread starts its prompt, C{decode} once the
+        prompt is in the KV cache. Never C{done}: after the end, where it
+        stopped. What the stream's keepalive names as it is.
         """
-        return self.work.stage
+        stage = self.work.stage
+        loading = self.work.loading
+        if stage is Stage.QUEUED and loading is not None and loading() is not None:
+            return Stage.LOADING
+        return stage
+
+    @property
+    def load_percent(self) -> int:
+        """How much of its model's load is done, while it waits for it."""
+        loading = self.work.loading
+        fraction = loading() if loading is not None else None
+        return 100 if fraction is None else int(fraction * 100)
 
     @property
     def queue_position(self) -> int | None:
@@ -221,7 +236,7 @@ class Job:
         (or before it was submitted).
         """
         locate = self.work.locate
-        if self.stage is not Stage.QUEUED or locate is None:
+        if self.work.stage is not Stage.QUEUED or locate is None:
             return None
         return locate(self)
 

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._types import Finish
-from .worker import Job, JobCancelled
+from .worker import Job, JobCancelled, NotReady
 
 log = Logger()
 
@@ -53,5 +53,9 @@ def log_job(job: Job, outcome: Finish | Failure) -> None:
             age=time.monotonic() - job.submitted_at,
             peers=job.peers,
         )
+    elif isinstance(outcome.value, NotReady):
+        # Its model did not load, or cannot fit the budget: said where that
+        # happened (the worker, the fleet); here only that it was not served.
+        log.warn("{label} not served: {reason}", label=job.label, reason=outcome.value)
     else:
         log.failure("{label} error", outcome, label=job.label)

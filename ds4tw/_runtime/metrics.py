@@ -8,7 +8,8 @@ tests/unit/test_keepalive.py (through /metrics).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -17,11 +18,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from twisted.python.failure import Failure
 
-from .._engine.interface import Engine
+from .._engine.interface import CacheStats, Engine
 from .._engine.kvcache._file import REASONS
 from .._types import Finish
+from .fleet import Fleet, Model
 from .scheduler import StepStats
-from .worker import Job, JobCancelled
+from .worker import Job, JobCancelled, ModelState
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -129,9 +131,16 @@ class Metrics:
         if slots is not None:
             self.slots.set_function(lambda: float(slots()))
 
-    def watch_cache(self, engine: Engine) -> None:
-        """Export C{engine}'s prefix reuse counters and its prompt cache's (if it has one)."""
-        self.registry.register(_CacheCollector(engine))
+    def watch_cache(self, engines: Callable[[], Sequence[Engine]]) -> None:
+        """
+        Export the engines' prefix reuse counters and their prompt caches'
+        (summed over the models; each model's own are in L{watch_models}).
+        """
+        self.registry.register(_CacheCollector(engines))
+
+    def watch_models(self, fleet: Fleet) -> None:
+        """Export each model's state, queue, slots and memory, labelled by model."""
+        self.registry.register(_ModelCollector(fleet))
 
     def step_done(self, stats: StepStats) -> None:
         self.step_seconds.observe(stats.seconds)
@@ -175,12 +184,13 @@ class _CacheCollector(Collector):
     model thread owns them; a scrape reads plain ints).
     """
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engines: Callable[[], Sequence[Engine]]) -> None:
+        self.engines = engines
 
     def collect(self) -> Iterator[Any]:
-        stats = self.engine.cache_stats
-        cache = self.engine.prompt_cache
+        engines = self.engines()
+        stats = _summed([e.cache_stats for e in engines])
+        caches = [e.prompt_cache for e in engines if e.prompt_cache is not None]
 
         def counter(name: str, doc: str, label: str, values: dict[str, int]) -> Any:
             family = CounterMetricFamily(name, doc, labels=[label])
@@ -235,9 +245,9 @@ class _CacheCollector(Collector):
             "Cache files that could not be written (full disk, read-only directory).",
             value=stats.write_errors,
         )
-        if cache is None:
+        if not caches:
             return
-        used = cache.usage()
+        usages = [cache.usage() for cache in caches]
         for name, doc, index in (
             ("ds4tw_prompt_cache_bytes", "Bytes the saved states take, by tier.", 1),
             ("ds4tw_prompt_cache_entries", "Saved prefix states, by tier.", 0),
@@ -245,5 +255,86 @@ class _CacheCollector(Collector):
         ):
             gauge = GaugeMetricFamily(name, doc, labels=["tier"])
             for tier in _TIERS:
-                gauge.add_metric([tier], used[tier][index])
+                gauge.add_metric([tier], sum(used[tier][index] for used in usages))
             yield gauge
+
+
+def _summed(stats: Sequence[CacheStats]) -> CacheStats:
+    if len(stats) == 1:
+        return stats[0]
+    total = CacheStats()
+    for one in stats:
+        for f in dataclasses.fields(one):
+            mine, theirs = getattr(total, f.name), getattr(one, f.name)
+            if isinstance(mine, dict):
+                for key, value in theirs.items():
+                    mine[key] = mine.get(key, 0) + value
+            else:
+                setattr(total, f.name, mine + theirs)
+    return total
+
+
+class _ModelCollector(Collector):
+    """Each model's state, queue, slots, memory, loads and unloads, read at scrape time."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Any]:
+        models = list(self.fleet.models.values())
+
+        def gauge(name: str, doc: str, value: Callable[[Model], float]) -> Any:
+            family = GaugeMetricFamily(name, doc, labels=["model"])
+            for m in models:
+                family.add_metric([m.name], value(m))
+            return family
+
+        yield gauge(
+            "ds4tw_model_loaded", "1 while the model is loaded.", lambda m: float(m.worker.ready)
+        )
+        yield gauge(
+            "ds4tw_model_loading",
+            "1 while the model is loading.",
+            lambda m: float(m.worker.state is ModelState.LOADING),
+        )
+        yield gauge(
+            "ds4tw_model_queue_depth",
+            "Jobs waiting for the model (a slot, or its load).",
+            lambda m: float(m.worker.queue_depth),
+        )
+        yield gauge("ds4tw_model_slots", "The model's slots.", lambda m: float(m.worker.slots))
+        yield gauge(
+            "ds4tw_model_slots_busy",
+            "The model's slots running a request now.",
+            lambda m: float(m.worker.slots_busy),
+        )
+        yield gauge(
+            "ds4tw_model_memory_bytes",
+            "What the memory budget counts for the model: measured once loaded, estimated "
+            "from the GGUF before.",
+            lambda m: float(m.memory()),
+        )
+        yield gauge(
+            "ds4tw_model_load_seconds",
+            "How long the model's last load took.",
+            lambda m: m.worker.load_seconds,
+        )
+        loads = CounterMetricFamily("ds4tw_model_loads", "Loads of the model.", labels=["model"])
+        unloads = CounterMetricFamily(
+            "ds4tw_model_unloads",
+            "Unloads of the model, by why: evicted (room for another) or idle.",
+            labels=["model", "reason"],
+        )
+        for m in models:
+            loads.add_metric([m.name], m.worker.loads)
+            for reason in ("evicted", "idle"):
+                unloads.add_metric([m.name, reason], m.unloads.get(reason, 0))
+        yield loads
+        yield unloads
+        budget = self.fleet.budget
+        if budget is not None:
+            yield GaugeMetricFamily(
+                "ds4tw_models_memory_budget_bytes",
+                "The models' memory budget (--models-memory-mb).",
+                value=float(budget),
+            )

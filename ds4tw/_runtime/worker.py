@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
@@ -39,7 +40,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .._engine.interface import AbortFlag, Engine
+from .._engine.interface import AbortFlag, Engine, LoadAborted
 from .._types import Finish
 from .job import SHUTTING_DOWN, Job, JobCancelled, JobListener, Work
 from .scheduler import BatchLoop, StepStats
@@ -50,6 +51,7 @@ __all__ = [
     "Job",
     "JobCancelled",
     "JobListener",
+    "ModelState",
     "NotReady",
     "PoolThreads",
     "QueueFull",
@@ -78,6 +80,15 @@ class NotReady(Exception):
 
 class ShuttingDown(NotReady):
     """The server is draining for shutdown and admits no new work."""
+
+
+class ModelState(StrEnum):
+    """Where a worker's model is: on disk, on its way in or out, or loaded."""
+
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
 
 
 class WorkerThreads(Protocol):
@@ -161,6 +172,14 @@ class Worker(Service):
     once, taking waiting ones in FIFO order from a queue of at most
     C{max_queue}.
 
+    With C{on_demand}, the model is not loaded at start: the first job
+    queues and asks for it (L{demand}, which L{ds4tw._runtime.fleet.Fleet}
+    answers with L{load} once the memory budget has room), and L{unload}
+    gives the memory back while nothing runs or waits. A job waiting for
+    the load is a queued job like any other (its stream says
+    C{: loading}); when the last waiting job's client leaves, the load
+    itself is stopped (L{LoadAborted}).
+
     Stopping it drains: no new job is admitted (L{ShuttingDown}), the
     running jobs and the queued ones keep going for up to
     C{drain_timeout} seconds of C{clock}, and whatever is left then is
@@ -182,8 +201,10 @@ class Worker(Service):
         *,
         drain_timeout: float,
         clock: IReactorTime | None = None,
+        on_demand: bool = False,
     ) -> None:
         self.engine = engine
+        self.on_demand = on_demand
         self.threads = threads
         self.max_queue = max_queue
         self.drain_timeout = drain_timeout
@@ -192,7 +213,21 @@ class Worker(Service):
 
             clock = reactor
         self.clock: IReactorTime = clock
-        self.ready = False
+        self.state = ModelState.UNLOADED
+        #: The load's progress (0..1) as llama.cpp reports it, while loading.
+        self.load_progress = 0.0
+        #: Read by the load's progress callback in the model thread: stop.
+        self._stop_load = False
+        #: Loads and unloads done (for /metrics).
+        self.loads = 0
+        self.unloads = 0
+        #: The clock's time of the last job submitted or ended: the least
+        #: recently used idle model is the first unloaded.
+        self.last_used = self.clock.seconds()
+        #: Called (in the reactor) when a job waits for a model not loaded.
+        self.demand: Callable[[Worker], None] | None = None
+        #: Called when nothing runs or waits any more (the model may go).
+        self.idle_observers: list[Callable[[Worker], None]] = []
         #: Set from the moment L{stopService} begins.
         self.draining = False
         self.drain_result: DrainResult | None = None
@@ -217,21 +252,114 @@ class Worker(Service):
 
     # -- service ---------------------------------------------------------
 
+    @property
+    def ready(self) -> bool:
+        """The model is loaded and runs jobs."""
+        return self.state is ModelState.READY
+
+    @property
+    def idle(self) -> bool:
+        """Nothing runs and nothing waits."""
+        return not (self._running or self._queue)
+
     def startService(self) -> None:
         super().startService()
         self.threads.start()
-        d = self.threads.call(self.engine.load)
+        if not self.on_demand:
+            self.load()
+
+    def load(self) -> Deferred[None]:
+        """
+        Load the model in the model thread. Fires when it is loaded (the
+        queue then moves), or with the failure; an on-demand model that
+        failed is tried again by the next job, and the jobs waiting for
+        this load fail with L{NotReady} saying why.
+        """
+        assert self.state is ModelState.UNLOADED, self.state
+        self.state = ModelState.LOADING
+        self.load_progress = 0.0
+        self._stop_load = False
+        self.load_error = None
+        started = self.clock.seconds()
+        d = self.threads.call(self.engine.load, self._progress)
 
         def loaded(_: object) -> None:
-            self.ready = True
-            self.loaded.callback(None)
+            self.state = ModelState.READY
+            self.loads += 1
+            self.load_seconds = self.clock.seconds() - started
+            if not self.loaded.called:
+                self.loaded.callback(None)
+            self._pump()
+            self._check_idle()
 
         def failed(f: Failure) -> None:
+            self.state = ModelState.UNLOADED
+            if f.check(LoadAborted):
+                log.info(
+                    "ds4tw: {model}: load stopped: nobody waits for it any more",
+                    model=self.engine.model_id,
+                )
+                self._check_idle()
+                return
             self.load_error = f
-            log.failure("ds4tw: the model failed to load", f)
-            self.loaded.errback(f)
+            log.failure("ds4tw: {model}: the model failed to load", f, model=self.engine.model_id)
+            if not self.on_demand:
+                self.loaded.errback(f)
+                return
+            self.refuse(NotReady(f"the model failed to load: {f.getErrorMessage()}"))
 
         d.addCallbacks(loaded, failed)
+        return d
+
+    #: Seconds the last load took (0 before any).
+    load_seconds = 0.0
+
+    def _progress(self, fraction: float) -> bool:
+        # The model thread, inside llama.cpp's load: plain writes and reads.
+        self.load_progress = fraction
+        return not self._stop_load
+
+    def unload(self) -> Deferred[None]:
+        """
+        Close the model (its memory goes back; saved prompt prefixes go to
+        the disk tier), only while nothing runs or waits: an unload never
+        cuts a request off. A job that arrives meanwhile waits for the
+        next load.
+        """
+        assert self.state is ModelState.READY and self.idle, (self.state, self.idle)
+        self.state = ModelState.UNLOADING
+        d = self.threads.call(self.engine.close)
+
+        def unloaded(result: object) -> object:
+            self.state = ModelState.UNLOADED
+            self.unloads += 1
+            if self._queue:
+                self._want()
+            return result
+
+        return d.addBoth(unloaded)
+
+    def refuse(self, error: Exception) -> None:
+        """Fail every job waiting for the model with C{error} (it will not load)."""
+        for job in list(self._queue):
+            self._queue.remove(job)
+            job.work.failure = Failure(error)
+            job.work.stopped_at = time.monotonic()
+            self._notify(job, job.work.end())
+        self._check_drained()
+        self._check_idle()
+
+    def _want(self) -> None:
+        if self.demand is not None and self.state is ModelState.UNLOADED and self._queue:
+            self.demand(self)
+
+    def _check_idle(self) -> None:
+        if self.idle:
+            if self.state is ModelState.LOADING:
+                # The last client waiting for this load left: stop it.
+                self._stop_load = True
+            for observer in list(self.idle_observers):
+                observer(self)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -324,11 +452,11 @@ class Worker(Service):
 
     def check_ready(self) -> None:
         """Raise L{NotReady}, saying why, unless jobs can be admitted."""
-        if self.load_error is not None:
+        if self.load_error is not None and not self.on_demand:
             raise NotReady("the model failed to load")
         if self.draining or not self.running:
             raise ShuttingDown("the server is shutting down")
-        if not self.ready:
+        if not self.ready and not self.on_demand:
             raise NotReady("the model is still loading")
 
     def offload(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
@@ -346,13 +474,26 @@ class Worker(Service):
         that the caller can answer with an error before sending anything.
         """
         self.check_ready()
-        if len(self._running) >= self.slots and len(self._queue) >= self.max_queue:
+        waits = not self.ready or len(self._running) >= self.slots
+        if waits and len(self._queue) >= self.max_queue:
             raise QueueFull(len(self._queue))
         job.work.on_cancel = self._cancelled
         job.work.locate = self.queue_position
+        job.work.loading = self.loading
         self._queue.append(job)
+        self.last_used = self.clock.seconds()
+        self._want()
         self._pump()
         return job.deferred
+
+    def loading(self) -> float | None:
+        """
+        While jobs here wait for the model itself (its load, or an unload
+        before it): how far the load is (0..1). None once it is loaded.
+        """
+        if self.state is ModelState.READY:
+            return None
+        return self.load_progress if self.state is ModelState.LOADING else 0.0
 
     def _cancelled(self, job: Job) -> None:
         if job in self._queue:
@@ -360,6 +501,7 @@ class Worker(Service):
             self._queue.remove(job)
             self._drop_queued(job)
             self._check_drained()
+            self._check_idle()
             return
         if job not in self._running:
             return
@@ -373,6 +515,7 @@ class Worker(Service):
             self._drop_queued(job)
             self._pump()
             self._check_drained()
+            self._check_idle()
             return
         # Running: its sequence leaves before the next step. When nobody
         # else in the step still wants it, stop the step itself.
@@ -386,7 +529,7 @@ class Worker(Service):
 
     def _pump(self) -> None:
         """Admit waiting jobs into free slots and make sure the loop runs."""
-        if not self.running and not self.draining:
+        if (not self.running and not self.draining) or not self.ready:
             return
         while self._queue and len(self._running) < self.slots:
             job = self._queue.popleft()
@@ -428,12 +571,14 @@ class Worker(Service):
         job = work.job
         if job in self._running:
             self._running.remove(job)
+        self.last_used = self.clock.seconds()
         try:
             self._notify(job, work.end())
         finally:
             # Whatever an observer did, the queue moves on.
             self._pump()
             self._check_drained()
+            self._check_idle()
 
     def _stepped(self, stats: StepStats) -> None:
         for observer in self.step_observers:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -32,20 +33,30 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .._api.dialect import dialect_for
-from .._api.host import ServerConfig
+from .._api.host import Host, ServerConfig
 from .._api.ids import header_text, request_key
 from .._api.openapi import openapi_document
 from .._api.registry import DIALECTS
 from .._api.routing import ErrorBody, error_response, json_response, unexpected
 from .._api.serve import mount
-from .._engine.interface import Engine, ReportsSettings, special_token_ids
+from .._engine.interface import Engine, ReportsSettings
 from .._engine.template import ChatTemplate
-from .._errors import invalid, method_not_allowed, not_found, unauthorized
-from .._formats.reasoning import ReasoningParser, reasoning_parser
-from .._formats.tools.parsers import ToolCallParser, tool_call_parser
+from .._errors import (
+    invalid,
+    method_not_allowed,
+    model_not_found,
+    not_found,
+    not_ready,
+    unauthorized,
+)
+from .._formats.reasoning import ReasoningParser
+from .._formats.tools.parsers import ToolCallParser
+from .._runtime.fleet import Fleet, Model
 from .._runtime.joblog import log_job
 from .._runtime.metrics import CONTENT_TYPE_LATEST, Metrics
-from .._runtime.worker import PoolThreads, Worker, WorkerThreads
+from .._runtime.modelthread import ModelThread
+from .._runtime.worker import ModelState, Worker, WorkerThreads
+from .hosts import ModelHost
 from .ui import add_routes as ui_routes
 
 log = Logger()
@@ -53,58 +64,82 @@ log = Logger()
 
 class Server(MultiService):
     """
-    Serve C{engine} over every registered API dialect (L{ds4tw._api.registry}).
+    Serve C{engine}, or several C{models}, over every registered API
+    dialect (L{ds4tw._api.registry}).
 
-    @param threads: the model-thread boundary; defaults to a real thread.
+    One engine is loaded at start and serves every model name (as a
+    single C{--model} server always has). Several models are loaded on
+    demand within C{memory_budget} bytes, and idle ones unloaded after
+    C{idle_unload} seconds (L{ds4tw._runtime.fleet.Fleet}); a request
+    is served by the model its name or an alias matches, or by
+    C{default}, or answered with a 404 C{model_not_found}.
+
+    @param threads: the model-thread boundary, which every model shares;
+        defaults to a real thread (L{ds4tw._runtime.modelthread.ModelThread}).
         Tests pass L{ds4tw.testing.SteppedThreads}.
     @param clock: time source for keepalives; defaults to the reactor.
     """
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | None = None,
         config: ServerConfig | None = None,
         *,
+        models: Sequence[Model] | None = None,
+        default: str | None = None,
+        memory_budget: int | None = None,
+        idle_unload: float | None = None,
         clock: IReactorTime | None = None,
         threads: WorkerThreads | None = None,
         reactor: Any = None,
     ) -> None:
         super().__init__()
+        if (engine is None) == (models is None):
+            raise TypeError("Server takes an engine or models, not both")
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        self.engine = engine
         self.config = config or ServerConfig()
-        # A bad name fails here, not per request.
-        reasoning_parser(self.config.reasoning_parser)
-        tool_call_parser(self.config.tool_call_parser)
-        self._reasoning_parser: ReasoningParser | None = None
-        self._kept_special: frozenset[int] | None = None
-        self._template: ChatTemplate | None = None
-        self._tool_parser: ToolCallParser | None = None
         self._openapi: bytes | None = None
         self.clock: IReactorTime = clock or reactor
-        self.worker = Worker(
-            engine,
-            threads or PoolThreads(reactor),
-            self.config.max_queue,
-            drain_timeout=self.config.drain_timeout,
+        single = models is None
+        if models is None:
+            assert engine is not None
+            models = [Model(engine)]
+            default = models[0].name
+        self.fleet = Fleet(
+            models,
+            threads=threads or ModelThread(reactor),
             clock=self.clock,
+            max_queue=self.config.max_queue,
+            drain_timeout=self.config.drain_timeout,
+            on_demand=not single,
+            default=default,
+            budget=memory_budget,
+            idle_unload=idle_unload,
         )
-        self.worker.setServiceParent(self)
+        self.fleet.setServiceParent(self)
+        self._hosts = {m.name: ModelHost(self, m) for m in self.fleet.models.values()}
+        first = next(iter(self.fleet.models.values()))
+        #: The first model's host: what C{engine}, C{worker} and the parser
+        #: methods of the server itself answer for.
+        self.main = self._hosts[first.name]
         self.metrics = Metrics()
+        workers = [m.worker for m in self.fleet.models.values()]
         self.metrics.watch(
-            lambda: self.worker.queue_depth,
-            lambda: self.worker.busy,
-            lambda: self.worker.ready,
-            lambda: self.worker.slots_busy,
-            lambda: self.worker.slots,
+            lambda: sum(w.queue_depth for w in workers),
+            lambda: any(w.busy for w in workers),
+            lambda: all(w.ready for w in workers) if single else self._accepting(),
+            lambda: sum(w.slots_busy for w in workers),
+            lambda: sum(w.slots for w in workers if w.ready or single),
         )
-        self.metrics.watch_cache(engine)
-        self.worker.observers += [self.metrics.job_ended, log_job]
-        self.worker.step_observers.append(self.metrics.step_done)
-        self.worker.loaded.addCallback(self._log_parsers)
+        self.metrics.watch_cache(lambda: [m.engine for m in self.fleet.models.values()])
+        self.metrics.watch_models(self.fleet)
+        for host in self._hosts.values():
+            host.worker.observers += [self.metrics.job_ended, log_job]
+            host.worker.step_observers.append(self.metrics.step_done)
+            host.worker.loaded.addCallback(self._log_parsers, host)
         self.app = Klein()
         # werkzeug answers a path with repeated slashes by a redirect to the
         # merged one, which escapes Klein as a 500; _Tagged collapses them
@@ -118,28 +153,67 @@ class Server(MultiService):
         if self.config.ui:
             ui_routes(self)
 
+    @property
+    def engine(self) -> Engine:
+        """The first model's engine (the only one of a single-model server)."""
+        return self.main.engine
+
+    @property
+    def worker(self) -> Worker:
+        """The first model's worker (the only one of a single-model server)."""
+        return self.main.worker
+
+    @property
+    def model_name(self) -> str:
+        """The first model's name."""
+        return self.main.model_name
+
+    def host(self, name: str) -> ModelHost:
+        """The host of the model named C{name} exactly."""
+        return self._hosts[name]
+
+    async def for_model(self, name: str | None) -> Host:
+        """
+        The host of the model that serves C{name} (L{Fleet.find}), once
+        its prompt side is ready; a 404 C{model_not_found} when none does.
+        """
+        model = self.fleet.find(name)
+        if model is None:
+            raise model_not_found(name or "")
+        try:
+            await self.fleet.prepared(model)
+        except Exception as e:
+            raise not_ready(f"the model {model.name} cannot be read: {e}") from e
+        return self._hosts[model.name]
+
+    def _accepting(self) -> bool:
+        return not any(w.draining for w in self._workers())
+
+    def _workers(self) -> list[Worker]:
+        return [m.worker for m in self.fleet.models.values()]
+
     def stopService(self) -> Deferred[None]:
-        """Drain the worker (L{Worker.stopService}) and log how that went."""
-        w = self.worker
+        """Drain the workers (L{Worker.stopService}) and log how that went."""
+        workers = self._workers()
         log.info(
             "ds4tw: shutting down: draining {running} running and {queued} queued jobs "
             "for up to {timeout}s",
-            running=w.slots_busy,
-            queued=w.queue_depth,
-            timeout=w.drain_timeout,
+            running=sum(w.slots_busy for w in workers),
+            queued=sum(w.queue_depth for w in workers),
+            timeout=self.config.drain_timeout,
         )
         d: Deferred[None] = super().stopService()
 
         def done(result: object) -> object:
-            r = w.drain_result
-            if r is not None:
+            results = [w.drain_result for w in workers if w.drain_result is not None]
+            if results:
                 log.info(
                     "ds4tw: shut down after {seconds:.1f}s: {drained} drained, {cancelled} "
                     "cancelled at the drain timeout, {other} ended otherwise",
-                    seconds=r.seconds,
-                    drained=r.drained,
-                    cancelled=r.cancelled,
-                    other=r.other,
+                    seconds=max(r.seconds for r in results),
+                    drained=sum(r.drained for r in results),
+                    cancelled=sum(r.cancelled for r in results),
+                    other=sum(r.other for r in results),
                 )
             return result
 
@@ -149,53 +223,67 @@ class Server(MultiService):
         return _Tagged(self.app.resource())
 
     def chat_template(self) -> ChatTemplate:
-        """The engine's chat template, for what it can render (after load)."""
-        if self._template is None:
-            self._template = ChatTemplate(self.engine.chat_template)
-        return self._template
+        """The first model's chat template (L{ModelHost.chat_template})."""
+        return self.main.chat_template()
 
     def tool_parser(self) -> ToolCallParser:
-        """The tool-call parser: configured, or chosen from the template (after load)."""
-        if self._tool_parser is None:
-            self._tool_parser = tool_call_parser(
-                self.config.tool_call_parser, self.engine.chat_template
-            )
-        return self._tool_parser
+        """The first model's tool-call parser (L{ModelHost.tool_parser})."""
+        return self.main.tool_parser()
 
     def parsers(self) -> dict[str, str]:
-        """The parsers in use (what C{auto} read from the template), after load."""
-        return {"tool_call": self.tool_parser().name, "reasoning": self.reasoning_parser().name}
-
-    def _log_parsers(self, result: object) -> object:
-        log.info(
-            "parsers: tool calls {tool_call}, reasoning {reasoning} (configured: {tc}, {rp})",
-            tc=self.config.tool_call_parser,
-            rp=self.config.reasoning_parser,
-            **self.parsers(),
-        )
-        return result
-
-    def kept_special(self) -> frozenset[int]:
-        """
-        The special tokens whose text the parsers read (gpt-oss's channels,
-        Kimi's and DeepSeek's call markers); every other special token's
-        text stays hidden from the client. Any thread, after load.
-        """
-        if self._kept_special is None:
-            texts = (
-                *self.tool_parser().preserved_tokens,
-                *self.reasoning_parser().preserved_tokens,
-            )
-            self._kept_special = special_token_ids(self.engine, texts)
-        return self._kept_special
+        """The first model's parsers (L{ModelHost.parsers})."""
+        return self.main.parsers()
 
     def reasoning_parser(self) -> ReasoningParser:
-        """The reasoning parser: configured, or chosen from the template (after load)."""
-        if self._reasoning_parser is None:
-            self._reasoning_parser = reasoning_parser(
-                self.config.reasoning_parser, self.engine.chat_template
-            )
-        return self._reasoning_parser
+        """The first model's reasoning parser (L{ModelHost.reasoning_parser})."""
+        return self.main.reasoning_parser()
+
+    def kept_special(self) -> frozenset[int]:
+        """The first model's kept special tokens (L{ModelHost.kept_special})."""
+        return self.main.kept_special()
+
+    def _model_health(self, host: ModelHost) -> dict[str, Any]:
+        """One model's entry in C{/health}: where it is, its queue, its memory."""
+        model, w = host.model, host.worker
+        memory = model.engine.memory()
+        entry: dict[str, Any] = {
+            "name": model.name,
+            "aliases": list(model.aliases),
+            "kind": model.kind,
+            "state": w.state.value,
+            "queue_depth": w.queue_depth,
+            "slots": w.slots,
+            "slots_busy": w.slots_busy,
+            "memory": {
+                "weights_bytes": memory.weights,
+                "kv_bytes": memory.kv,
+                "compute_bytes": memory.compute,
+                "cache_bytes": memory.cache,
+                "total_bytes": model.memory(),
+                "measured": memory.measured and model.memory_bytes is None,
+            },
+            "loads": w.loads,
+            "unloads": dict(model.unloads),
+            "idle_seconds": round(self.clock.seconds() - w.last_used, 1),
+        }
+        if w.state is ModelState.LOADING:
+            entry["load_progress"] = round(w.load_progress, 3)
+        if w.load_error is not None:
+            entry["load_error"] = w.load_error.getErrorMessage()
+        if w.ready:
+            entry["parsers"] = host.parsers()
+        return entry
+
+    def _log_parsers(self, result: object, host: ModelHost) -> object:
+        log.info(
+            "{model}: parsers: tool calls {tool_call}, reasoning {reasoning} "
+            "(configured: {tc}, {rp})",
+            model=host.model_name,
+            tc=host.tool_call_parser_name,
+            rp=host.reasoning_parser_name,
+            **host.parsers(),
+        )
+        return result
 
     # -- shared request handling -----------------------------------------
 
@@ -234,25 +322,34 @@ class Server(MultiService):
         @app.route("/health", methods=["GET"])
         def health(request: Request) -> bytes:
             w = self.worker
+            single = not w.on_demand
             if w.draining:
                 # From the first moment of a shutdown: load balancers stop sending.
                 status = "draining"
-            else:
+            elif single:
                 status = "ok" if w.ready else ("error" if w.load_error else "loading")
-            payload = {
+            else:
+                # Models load on demand: the server is ready before any is.
+                status = "ok"
+            payload: dict[str, Any] = {
                 "status": status,
                 "model": self.engine.model_id,
-                "queue_depth": w.queue_depth,
-                "busy": w.busy,
+                "queue_depth": sum(x.queue_depth for x in self._workers()),
+                "busy": any(x.busy for x in self._workers()),
                 "slots": w.slots,
-                "slots_busy": w.slots_busy,
+                "slots_busy": sum(x.slots_busy for x in self._workers()),
             }
-            if isinstance(self.engine, ReportsSettings) and w.ready:
+            if single and isinstance(self.engine, ReportsSettings) and w.ready:
                 # As llama.cpp took them (docs/operations.md, "Engine settings").
                 payload["engine"] = self.engine.settings
-            if w.ready:
+            if single and w.ready:
                 payload["parsers"] = self.parsers()
-            ok = w.ready and not w.draining
+            payload["models"] = [self._model_health(h) for h in self._hosts.values()]
+            payload["memory"] = {
+                "budget_bytes": self.fleet.budget,
+                "used_bytes": self.fleet.used(),
+            }
+            ok = status == "ok"
             if not ok:
                 request.setHeader(b"retry-after", b"5")
             return json_response(request, payload, 200 if ok else 503)

@@ -6,6 +6,7 @@ Covered by tests/unit/test_tap.py and tests/integration/test_twistd.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -32,6 +33,15 @@ from .._engine.scripted import SPEC_HELP, parse_spec
 from .._engine.template import ChatTemplate, TemplateError
 from .._formats.reasoning import reasoning_parser
 from .._formats.tools.parsers import TOOL_CALL_PARSERS, tool_call_parser
+from .._runtime.fleet import Model
+from .._runtime.modelset import (
+    ModelSet,
+    ModelSetError,
+    ModelSpec,
+    load_models_file,
+    merge,
+    models_from_dir,
+)
 from .app import Server
 from .http import LimitedSite
 
@@ -125,6 +135,44 @@ class Options(usage.Options):
             "engine for tests without a model: " + SPEC_HELP + ".",
         ],
         ["model-id", None, None, "Model name in /v1/models (default: the file name)."],
+        [
+            "models",
+            None,
+            None,
+            "A TOML file naming several models, each with its options and aliases "
+            "(docs/models.md); they load on demand. Not with --model.",
+        ],
+        [
+            "models-dir",
+            None,
+            None,
+            "Serve every GGUF in this directory under its file name, loaded on demand "
+            "(with --models too: both sets).",
+        ],
+        [
+            "models-memory-mb",
+            None,
+            0,
+            "MiB the loaded models may take together (weights, KV cache, compute buffers, "
+            "prompt cache), as llama.cpp reports them; the least recently used idle model is "
+            "unloaded to make room (0: no limit).",
+            int,
+        ],
+        [
+            "idle-unload",
+            None,
+            0.0,
+            "Seconds a model may go unused before it is unloaded (0: never).",
+            _positive_float,
+        ],
+        [
+            "pooling",
+            None,
+            None,
+            "How an embedding model pools token vectors: mean, cls, last (default: what the "
+            "GGUF says; mean for a chat model).",
+            _choice("pooling", "mean", "cls", "last"),
+        ],
         [
             "ctx",
             "c",
@@ -330,6 +378,12 @@ class Options(usage.Options):
         ["no-ui", None, "Do not serve the chat page at / (docs/ui.md)."],
         ["mlock", None, "Keep the model's weights in RAM (never swapped out)."],
         ["no-mmap", None, "Read the model into memory instead of mapping the file."],
+        [
+            "embeddings",
+            None,
+            "Serve /v1/embeddings from the --model too (llama-server's flag); a models file "
+            'entry says embeddings = true, or kind = "embedding".',
+        ],
     ]
 
     def __init__(self) -> None:
@@ -394,8 +448,23 @@ class Options(usage.Options):
         if self["threads"] is not None and self["threads"] < 1:
             raise usage.UsageError("--threads must be at least 1")
         self["scripted"] = None
+        self["model-set"] = None
+        if self["models-memory-mb"] < 0:
+            raise usage.UsageError("--models-memory-mb must be >= 0")
         model = self["model"]
-        if model is not None and model.startswith("scripted:"):
+        if self["models"] or self["models-dir"]:
+            if model is not None:
+                raise usage.UsageError("--model serves one model: use --models or --models-dir")
+            try:
+                sets = []
+                if self["models"]:
+                    sets.append(load_models_file(self["models"]))
+                if self["models-dir"]:
+                    sets.append(models_from_dir(self["models-dir"]))
+                self["model-set"] = merge(*sets)
+            except ModelSetError as e:
+                raise usage.UsageError(str(e)) from e
+        elif model is not None and model.startswith("scripted:"):
             try:
                 self["scripted"] = parse_spec(model[len("scripted:") :])
             except ValueError as e:
@@ -441,6 +510,50 @@ def prompt_cache(options: Options) -> PromptCache | None:
     )
 
 
+def _model(spec: ModelSpec, options: Options) -> Model:
+    """One model of a models file: its options over the command line's."""
+
+    def given(value: Any, option: str) -> Any:
+        return options[option] if value is None else value
+
+    cache_mb = given(spec.cache_ram_mb, "cache-ram-mb")
+    disk = options["kv-disk-dir"]
+    cache = None
+    if cache_mb or disk:
+        cache = PromptCache(
+            ram_bytes=cache_mb * 2**20,
+            # One directory per model: a prefix of one model is no prefix of another.
+            disk_dir=os.path.join(disk, spec.name) if disk else None,
+            disk_bytes=options["kv-disk-space-mb"] * 2**20,
+            min_tokens=options["kv-cache-min-tokens"],
+        )
+    engine_options = options.engine_options()
+    if spec.gpu_layers is not None:
+        engine_options = dataclasses.replace(engine_options, gpu_layers=spec.gpu_layers)
+    engine = LlamaEngine(
+        spec.path,
+        n_ctx=given(spec.ctx, "ctx"),
+        n_batch=given(spec.batch, "batch"),
+        model_id=spec.name,
+        chat_template=spec.chat_template_text or options["chat-template-text"],
+        slots=given(spec.parallel, "parallel"),
+        n_batch_decoding=min(options["batch-decoding"], given(spec.batch, "batch")),
+        prompt_cache=cache,
+        n_threads=given(spec.threads, "threads"),
+        options=engine_options,
+    )
+    return Model(
+        engine,
+        spec.name,
+        aliases=spec.aliases,
+        kind=spec.kind,
+        memory_bytes=None if spec.memory_mb is None else spec.memory_mb * 2**20,
+        idle_unload=spec.idle_unload,
+        reasoning_parser=spec.reasoning_parser,
+        tool_call_parser=spec.tool_call_parser,
+    )
+
+
 def makeService(options: Options) -> IService:
     sys.setswitchinterval(SWITCH_INTERVAL)
     # Both engines take the same names for what they share.
@@ -453,8 +566,12 @@ def makeService(options: Options) -> IService:
         n_batch_decoding=options["batch-decoding"],
         prompt_cache=prompt_cache(options),
     )
-    engine: Engine
-    if options["scripted"] is not None:
+    engine: Engine | None = None
+    models: list[Model] | None = None
+    model_set: ModelSet | None = options["model-set"]
+    if model_set is not None:
+        models = [_model(spec, options) for spec in model_set]
+    elif options["scripted"] is not None:
         engine = options["scripted"].engine(**common)
     else:
         engine = LlamaEngine(
@@ -478,7 +595,15 @@ def makeService(options: Options) -> IService:
         drain_timeout=options["drain-timeout"],
         ui=not options["no-ui"],
     )
-    server = Server(engine, config)
+    budget = options["models-memory-mb"] * 2**20 or None
+    server = Server(
+        engine,
+        config,
+        models=models,
+        default=None if model_set is None else model_set.default,
+        memory_budget=budget,
+        idle_unload=options["idle-unload"] or None,
+    )
     site = LimitedSite(
         server.resource(),
         max_body_bytes=config.max_body_bytes,
@@ -488,7 +613,9 @@ def makeService(options: Options) -> IService:
     server.setServiceParent(top)
     for description in options["listen"]:
         strports.service(description, site).setServiceParent(top)
-    server.worker.loaded.addErrback(_exit_on_load_failure)
+    if models is None:
+        # One model loaded at start: a server that cannot load it exits.
+        server.worker.loaded.addErrback(_exit_on_load_failure)
     return top
 
 

@@ -84,7 +84,9 @@ def no_logged_errors(request: pytest.FixtureRequest) -> Iterator[None]:
     finally:
         globalLogPublisher.removeObserver(observe)
     if request.node.get_closest_marker("logs_engine_errors"):
-        errors = [e for e in errors if e.get("log_namespace") != "ds4tw._runtime.joblog"]
+        # A job's failure, or a model's failed load, logged with its traceback.
+        engine = ("ds4tw._runtime.joblog", "ds4tw._runtime.worker")
+        errors = [e for e in errors if e.get("log_namespace") not in engine]
     if request.node.get_closest_marker("logs_unhandled_errors"):
         errors = [e for e in errors if e.get("log_namespace") != "ds4tw._api.routing"]
     assert not errors, [formatEvent(e) + str(e.get("log_failure", "")) for e in errors]

@@ -28,6 +28,7 @@ from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
 from ds4tw import AbortFlag, StepResult
+from ds4tw._runtime.worker import ModelState
 from ds4tw.testing import Exchange, Reply
 
 from .conftest import Rig, make_rig
@@ -625,7 +626,7 @@ def test_api_key_in_x_api_key() -> None:
 def test_count_tokens_is_overloaded_while_the_model_loads() -> None:
     # /v1/messages itself: tests/unit/test_dialects.py.
     rig = make_rig()
-    rig.server.worker.ready = False
+    rig.server.worker.state = ModelState.LOADING
     ex = post(rig, "/v1/messages/count_tokens")
     assert ex.status == 503
     assert ex.header("retry-after") == "5"

@@ -17,6 +17,7 @@ from .conftest import make_rig
 def test_health_reports_ready_model_and_queue() -> None:
     rig = make_rig()
     body = rig.http.get("/health").json()
+    models = body.pop("models")
     assert body == {
         "status": "ok",
         "model": "scripted",
@@ -26,7 +27,15 @@ def test_health_reports_ready_model_and_queue() -> None:
         "slots_busy": 0,
         # What auto read from the (ChatML) template.
         "parsers": {"tool_call": "hermes", "reasoning": "think"},
+        # No budget: a single model loaded at start.
+        "memory": {"budget_bytes": None, "used_bytes": 0},
     }
+    [model] = models
+    assert model["name"] == "scripted"
+    assert model["state"] == "ready"
+    assert model["loads"] == 1
+    assert (model["queue_depth"], model["slots"], model["slots_busy"]) == (0, 1, 0)
+    assert model["parsers"] == {"tool_call": "hermes", "reasoning": "think"}
 
 
 def test_health_and_the_log_name_the_parsers_auto_read_from_the_template() -> None:
@@ -43,7 +52,10 @@ def test_health_and_the_log_name_the_parsers_auto_read_from_the_template() -> No
         globalLogPublisher.removeObserver(observe)
     parsers = rig.http.get("/health").json()["parsers"]
     assert parsers == {"tool_call": "gpt_oss", "reasoning": "gpt_oss"}
-    assert "parsers: tool calls gpt_oss, reasoning gpt_oss (configured: auto, auto)" in logged
+    assert (
+        "scripted: parsers: tool calls gpt_oss, reasoning gpt_oss (configured: auto, auto)"
+        in logged
+    )
 
 
 def test_metrics_count_jobs_and_tokens() -> None:

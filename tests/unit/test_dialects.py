@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from ds4tw._api.registry import DIALECTS as REGISTERED
+from ds4tw._runtime.worker import ModelState
 from ds4tw.testing import Exchange, Reply
 
 from .conftest import Rig, make_rig
@@ -91,7 +92,7 @@ def cancelled(rig: Rig, stage: str) -> bool:
 @BOTH
 def test_503_while_the_model_loads(d: Dialect, stream: bool) -> None:
     rig = make_rig()
-    rig.server.worker.ready = False
+    rig.server.worker.state = ModelState.LOADING
     ex = post(rig, d, stream=stream)
     assert ex.status == 503 and ex.header("retry-after") == "5"
     assert d.error(ex) == d.errors["loading"]

@@ -106,7 +106,8 @@ def routes(server: Host, api: Api) -> None:
         req = parse(request, CountTokensRequest, server.config.max_body_bytes)
         # Counted even when it would not fit the context: this is how a
         # client learns how much to cut.
-        prompt = await prompt_for(server, conversation_turn(req), check=False)
+        turn = conversation_turn(req)
+        prompt = await prompt_for(await server.for_model(turn.model), turn, check=False)
         return json_response(request, {"input_tokens": len(prompt.tokens)})
 
     @app.route("/v1/messages", methods=_OTHER_METHODS)

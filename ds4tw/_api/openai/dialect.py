@@ -15,7 +15,8 @@ from typing import Any
 
 from twisted.web.server import Request
 
-from ..._errors import APIError
+from ..._errors import model_not_found
+from ..._runtime.fleet import Model, is_glob
 from ..dialect import Api, Begun, Dialect, Endpoint, Operation, Turn
 from ..host import Host
 from ..openapi import described
@@ -89,22 +90,40 @@ def completion_builder(req: CompletionRequest, begun: Begun) -> render.Completio
 
 
 def model_routes(server: Host, api: Api) -> None:
-    """C{/v1/models}: the one model this server runs, with its context size."""
+    """
+    C{/v1/models}: every model this server runs, and every exact alias,
+    with its context size, kind and whether it is loaded now.
+    """
     app = server.app
     created = int(time.time())
+
+    def card(model: Model, as_name: str | None = None) -> dict[str, object]:
+        return render.model_card(
+            as_name or model.name,
+            created,
+            model.engine.n_ctx,
+            kind=model.kind,
+            state=model.worker.state.value,
+            aliases=model.aliases,
+            alias_of=model.name if as_name not in (None, model.name) else None,
+        )
 
     @app.route("/v1/models", methods=["GET"])
     @api
     async def models(request: Request) -> bytes:
-        card = render.model_card(server.engine.model_id, created, server.engine.n_ctx)
-        return json_response(request, {"object": "list", "data": [card]})
+        cards = []
+        for m in server.fleet.models.values():
+            cards.append(card(m))
+            cards.extend(card(m, alias) for alias in m.aliases if not is_glob(alias))
+        return json_response(request, {"object": "list", "data": cards})
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
     @api
     async def model(request: Request, model_id: str) -> bytes:
-        if model_id != server.engine.model_id:
-            raise APIError(404, f"The model '{model_id}' does not exist", code="model_not_found")
-        return json_response(request, render.model_card(model_id, created, server.engine.n_ctx))
+        found = server.fleet.find(model_id, fallback=False)
+        if found is None:
+            raise model_not_found(model_id)
+        return json_response(request, card(found, model_id))
 
 
 DIALECT = Dialect(

@@ -341,11 +341,33 @@ class CompletionBuilder(_Builder):
         return self._body("text", "".join(self._text), logprobs)
 
 
-def model_card(model_id: str, created: int, n_ctx: int) -> dict[str, Any]:
+def model_card(
+    model_id: str,
+    created: int,
+    n_ctx: int,
+    *,
+    kind: str = "chat",
+    state: str = "ready",
+    aliases: Sequence[str] = (),
+    alias_of: str | None = None,
+) -> dict[str, Any]:
+    """
+    A model in OpenAI's shape; C{meta} says what ds4tw knows of it (its
+    context, whether it is loaded now, the names that reach it).
+    """
+    meta: dict[str, Any] = {
+        "n_ctx": n_ctx,
+        "kind": kind,
+        "loaded": state == "ready",
+        "state": state,
+        "aliases": list(aliases),
+    }
+    if alias_of is not None:
+        meta["alias_of"] = alias_of
     return {
         "id": model_id,
         "object": "model",
         "created": created,
         "owned_by": "ds4tw",
-        "meta": {"n_ctx": n_ctx},
+        "meta": meta,
     }
