@@ -384,6 +384,9 @@ def tool_defs(i: int, raw: Any) -> list[ToolDef]:
     if not isinstance(raw, dict):
         raise invalid(f"{where}: expected a tool object", where)
     kind = raw.get("type")
+    if not isinstance(kind, str):
+        # A list or an object is not a tool type (and would not hash below).
+        raise invalid(f"{where}.type: expected a string", f"{where}.type")
     if kind in OPENAI_HOSTED_TOOLS:
         left_out("responses", str(kind))
         return []
