@@ -30,6 +30,8 @@ from ._engine.interface import (
     Failed,
     Finished,
     Grammar,
+    LoadAborted,
+    MemoryUse,
     PrefillProgress,
     SamplingParams,
     StepResult,
@@ -47,7 +49,8 @@ from ._engine.llama import (
     open_llama,
     token_piece,
 )
-from ._runtime.worker import Job, JobCancelled, WorkerThreads
+from ._runtime.fleet import Model
+from ._runtime.worker import Job, JobCancelled, ModelState, WorkerThreads
 from ._server.app import Server
 from ._server.http import LimitedSite
 from ._server.tap import Options, makeService
@@ -69,6 +72,10 @@ __all__ = [
     "JobCancelled",
     "LimitedSite",
     "LlamaEngine",
+    "LoadAborted",
+    "MemoryUse",
+    "Model",
+    "ModelState",
     "Options",
     "PrefillProgress",
     "PromptCache",

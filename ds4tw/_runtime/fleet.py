@@ -79,9 +79,9 @@ class Model:
     tool_call_parser: str | None = None
     #: Unloads by why: C{evicted} (room for another), C{idle}.
     unloads: dict[str, int] = field(default_factory=dict)
-    _worker: Worker | None = None
-    _prepared: _Once | None = None
-    _idle_timer: IDelayedCall | None = None
+    _worker: Worker | None = field(default=None, init=False, repr=False)
+    _prepared: _Once | None = field(default=None, init=False, repr=False)
+    _idle_timer: IDelayedCall | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -98,7 +98,7 @@ class Model:
             return self.memory_bytes
         return self.engine.memory().total
 
-    def preparation(self, offload: Callable[..., Deferred[Any]]) -> _Once:
+    def _preparation(self, offload: Callable[..., Deferred[Any]]) -> _Once:
         if self._prepared is None:
             self._prepared = _Once(offload(self.engine.prepare))
         return self._prepared
@@ -200,7 +200,7 @@ class Fleet(MultiService):
         Deferred each call, so that one caller cancelling it (its client
         left) leaves the others waiting.
         """
-        return model.preparation(self._offload).wait()
+        return model._preparation(self._offload).wait()
 
     # -- memory ----------------------------------------------------------------
 

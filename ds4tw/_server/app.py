@@ -124,7 +124,7 @@ class Server(MultiService):
         first = next(iter(self.fleet.models.values()))
         #: The first model's host: what C{engine}, C{worker} and the parser
         #: methods of the server itself answer for.
-        self.main = self._hosts[first.name]
+        self._main = self._hosts[first.name]
         self.metrics = Metrics()
         workers = [m.worker for m in self.fleet.models.values()]
         self.metrics.watch(
@@ -156,21 +156,17 @@ class Server(MultiService):
     @property
     def engine(self) -> Engine:
         """The first model's engine (the only one of a single-model server)."""
-        return self.main.engine
+        return self._main.engine
 
     @property
     def worker(self) -> Worker:
         """The first model's worker (the only one of a single-model server)."""
-        return self.main.worker
+        return self._main.worker
 
     @property
     def model_name(self) -> str:
         """The first model's name."""
-        return self.main.model_name
-
-    def host(self, name: str) -> ModelHost:
-        """The host of the model named C{name} exactly."""
-        return self._hosts[name]
+        return self._main.model_name
 
     async def for_model(self, name: str | None) -> Host:
         """
@@ -224,23 +220,23 @@ class Server(MultiService):
 
     def chat_template(self) -> ChatTemplate:
         """The first model's chat template (L{ModelHost.chat_template})."""
-        return self.main.chat_template()
+        return self._main.chat_template()
 
     def tool_parser(self) -> ToolCallParser:
         """The first model's tool-call parser (L{ModelHost.tool_parser})."""
-        return self.main.tool_parser()
+        return self._main.tool_parser()
 
     def parsers(self) -> dict[str, str]:
         """The first model's parsers (L{ModelHost.parsers})."""
-        return self.main.parsers()
+        return self._main.parsers()
 
     def reasoning_parser(self) -> ReasoningParser:
         """The first model's reasoning parser (L{ModelHost.reasoning_parser})."""
-        return self.main.reasoning_parser()
+        return self._main.reasoning_parser()
 
     def kept_special(self) -> frozenset[int]:
         """The first model's kept special tokens (L{ModelHost.kept_special})."""
-        return self.main.kept_special()
+        return self._main.kept_special()
 
     def _model_health(self, host: ModelHost) -> dict[str, Any]:
         """One model's entry in C{/health}: where it is, its queue, its memory."""

@@ -1144,7 +1144,7 @@ def test_cache_metrics_parse_ds4tw_metrics_and_name_the_source() -> None:
         prompt_cache = None
 
     m = Metrics()
-    m.watch_cache(Engine())
+    m.watch_cache(lambda: [Engine()])
     before = _cache.parse_cache_metrics(m.render().decode())
     assert before["hits"] == {"slot": 0.0, "copy": 0.0, "ram": 0.0, "disk": 0.0}
     assert before["misses"] == 0.0

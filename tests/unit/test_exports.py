@@ -22,6 +22,7 @@ from ds4tw._engine import interface as _engine
 from ds4tw._engine import kvcache as _kvcache
 from ds4tw._engine import llama as _llama
 from ds4tw._engine import scripted as _scripted
+from ds4tw._runtime import fleet as _fleet
 from ds4tw._runtime import worker as _worker
 from ds4tw._server import app as _app
 from ds4tw._server import http as _http
@@ -35,7 +36,7 @@ def test_public_names() -> None:
         [
             "AbortFlag", "Aborted", "CacheStats", "ChatPrompt", "Engine", "EngineOptions",
             "Failed", "Finish", "Finished", "Grammar", "Job", "JobCancelled", "LimitedSite",
-            "LlamaEngine", "Options", "PrefillProgress", "PromptCache", "SamplingParams", "Server",
+            "LlamaEngine", "LoadAborted", "MemoryUse", "Model", "ModelState", "Options", "PrefillProgress", "PromptCache", "SamplingParams", "Server",
             "ServerConfig", "Stage", "StepResult", "Timings", "Token", "Usage", "WorkerThreads",
             "__version__",
             "abort_callback", "demo_model_path", "eog_tokens", "generate", "makeService",
@@ -63,6 +64,10 @@ def test_public_names() -> None:
     assert ds4tw.abort_callback is _llama.abort_callback
     assert ds4tw.Options is _tap.Options
     assert ds4tw.Job is _worker.Job
+    assert ds4tw.ModelState is _worker.ModelState
+    assert ds4tw.Model is _fleet.Model
+    assert ds4tw.MemoryUse is _engine.MemoryUse
+    assert ds4tw.LoadAborted is _engine.LoadAborted
     assert ds4tw.WorkerThreads is _worker.WorkerThreads
     assert ds4tw.LimitedSite is _http.LimitedSite
     assert ds4tw.PromptCache is _kvcache.PromptCache
@@ -107,6 +112,10 @@ PRIVATE_ON_PURPOSE = {
     ("Server.chat_template", "ds4tw._engine.template.ChatTemplate"),
     ("Server.tool_parser", "ds4tw._formats.tools.parsers.base.ToolCallParser"),
     ("Server.reasoning_parser", "ds4tw._formats.reasoning.base.ReasoningParser"),
+    ("Server.for_model", "ds4tw._api.host.Host"),
+    # A model's queue, slots and load state: read by tests and /health, made by the fleet.
+    ("Server.worker", "ds4tw._runtime.worker.Worker"),
+    ("Model.worker", "ds4tw._runtime.worker.Worker"),
 }
 
 

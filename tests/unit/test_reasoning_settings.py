@@ -97,7 +97,7 @@ def test_thinking_disabled_spends_no_budget() -> None:
 def test_each_request_carries_the_kept_special_tokens_and_its_budget() -> None:
     rig = make_rig([LONG_THOUGHT], chat_template=OPENS)
     # As a real vocabulary would answer (the scripted one has no special tokens).
-    rig.server._kept_special = frozenset({7, 9})
+    rig.server._main._kept_special = frozenset({7, 9})
     rig.http.post("/v1/messages", anthropic(5))
     rig.threads.run_until_idle()
     (_, params) = rig.engine.calls[-1]

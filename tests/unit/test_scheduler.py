@@ -532,6 +532,7 @@ def test_health_reports_slots_and_slots_busy_while_requests_run() -> None:
     c = rig.stream("c", max_tokens=3)
     rig.threads.step()
     health = rig.http.get("/health").json()
+    (model,) = health.pop("models")
     assert health == {
         "status": "ok",
         "model": "scripted",
@@ -540,7 +541,9 @@ def test_health_reports_slots_and_slots_busy_while_requests_run() -> None:
         "slots": 2,
         "slots_busy": 2,
         "parsers": {"tool_call": "hermes", "reasoning": "think"},
+        "memory": {"budget_bytes": None, "used_bytes": 0},
     }
+    assert (model["queue_depth"], model["slots"], model["slots_busy"]) == (1, 2, 2)
     step_until(rig, lambda: a.finished)
     # c took a's slot at once.
     health = rig.http.get("/health").json()
