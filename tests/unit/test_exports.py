@@ -36,8 +36,9 @@ def test_public_names() -> None:
         [
             "AbortFlag", "Aborted", "CacheStats", "ChatPrompt", "Engine", "EngineOptions",
             "Failed", "Finish", "Finished", "Grammar", "Job", "JobCancelled", "LimitedSite",
-            "LlamaEngine", "LoadAborted", "MemoryUse", "Model", "ModelState", "Options", "PrefillProgress", "PromptCache", "SamplingParams", "Server",
-            "ServerConfig", "Stage", "StepResult", "Timings", "Token", "Usage", "WorkerThreads",
+            "LlamaEngine", "LoadAborted", "MemoryUse", "Model", "ModelState", "Options",
+            "PrefillProgress", "PromptCache", "SamplingParams", "Server", "ServerConfig", "Stage",
+            "StepResult", "Timings", "Token", "Usage", "WorkerThreads",
             "__version__",
             "abort_callback", "demo_model_path", "eog_tokens", "generate", "makeService",
             "no_extra_buffers", "open_llama", "token_piece",
