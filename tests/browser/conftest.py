@@ -3,8 +3,9 @@ The chat page in a real headless browser: Debian's Chromium and
 chromedriver (packages chromium and chromium-driver; scripts/test.sh
 installs them), driven by Selenium, against real servers on loopback
 ports: twistd -n ds4tw on the demo model and on the scripted engine (the
-integration tests' helpers start them), and a host Klein app with ds4tw
-mounted under a branch route.
+integration tests' helpers start them), a host Klein app with ds4tw
+mounted under a branch route (mounted_app.py), and a server with two
+models loaded on demand (fleet_app.py).
 
 Screenshots go to _artifacts/browser/ (the path is printed at the end of
 the run).
@@ -12,14 +13,19 @@ the run).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import shutil
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver import Chrome as WebDriver
@@ -29,6 +35,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from ds4tw._server.ui import SECURITY_HEADERS
+from tests.integration.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE_DIR = ROOT / "ds4tw" / "_server" / "ui" / "page"
@@ -149,6 +156,42 @@ def js_test_server() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- servers the page runs against ------------------------------------------
+
+
+@contextlib.contextmanager
+def run_app(script: str, health: str) -> Iterator[str]:
+    """
+    C{python tests/browser/SCRIPT PORT} on a free loopback port, until its
+    C{health} path answers 200; yields its base URL.
+    """
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name(script)), str(port)])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, f"{script} exited"
+            try:
+                if httpx.get(base + health, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"{script} did not start"
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mounted() -> Iterator[str]:
+    """A host Klein app with ds4tw (one scripted model) under C{/llm/}."""
+    with run_app("mounted_app.py", "/llm/health") as base:
+        yield base
 
 
 # -- driving the chat page -------------------------------------------------

@@ -1,12 +1,13 @@
 """
 The page's own logic, unit-tested in Chromium: tests/browser/js/index.html
-imports the page's modules (sse.js, stage.js, markdown.js, chat.js) and
-runs the assertions in tests/browser/js/test_*.js; this reads the results.
+imports the page's modules (sse.js, stage.js, markdown.js, chat.js,
+models.js) and runs the assertions in tests/browser/js/test_*.js; this
+reads the results.
 The test page is served with the chat page's own security headers, so the
 modules run under its Content-Security-Policy and Trusted Types.
 
-Caveat: a scripted fetch stands in for the server in test_chat.js; the
-real server is in test_page.py.
+Caveat: a scripted fetch stands in for the server in test_chat.js and
+test_models.js; the real servers are in test_page.py and test_models.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from .conftest import console_problems
 
-SUITES = ["sse", "stage", "markdown", "chat"]
+SUITES = ["sse", "stage", "markdown", "chat", "models"]
 
 
 @pytest.fixture(scope="module")

@@ -17,19 +17,16 @@ progress interval on an idle machine, and the waits are generous.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from selenium.webdriver import Chrome as WebDriver
 from selenium.webdriver.common.by import By
 
-from tests.integration.conftest import Twistd, free_port, start_twistd, stop_twistd, unique_words
+from tests.integration.conftest import Twistd, start_twistd, stop_twistd, unique_words
 
 from .conftest import ChatPage, screenshot
 
@@ -66,29 +63,6 @@ def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Twistd]:
     server = start_twistd(tmp_path_factory.mktemp("scripted"), "--model", spec, "--api-key", KEY)
     yield server
     _stop(server)
-
-
-@pytest.fixture(scope="module")
-def mounted() -> Iterator[str]:
-    port = free_port()
-    app = Path(__file__).with_name("mounted_app.py")
-    proc = subprocess.Popen([sys.executable, str(app), str(port)])
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, "the host app exited"
-            try:
-                if httpx.get(base + "/llm/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the host app did not start"
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def long_prompt(seed: int) -> str:

@@ -5,12 +5,13 @@ trying the server in a browser. docs/ui.md says what it shows.
 
 The page is static: plain JS modules, no build step, no external request;
 it talks to the server it came from with relative URLs only
-(C{v1/chat/completions}, C{health}), so it works wherever the server is
-mounted. Every response carries a strict Content-Security-Policy (no
-inline script or style, nothing from another origin, Trusted Types for
-the one HTML sink), C{X-Content-Type-Options: nosniff}, and
-C{Cache-Control: no-cache} with an ETag: a browser revalidates each time
-(a 304 is a few bytes) and never runs an old page against a new server.
+(C{v1/chat/completions}, C{v1/models} for its model picker, C{health}),
+so it works wherever the server is mounted. Every response carries a
+strict Content-Security-Policy (no inline script or style, nothing from
+another origin, Trusted Types for the one HTML sink),
+C{X-Content-Type-Options: nosniff}, and C{Cache-Control: no-cache} with an
+ETag: a browser revalidates each time (a 304 is a few bytes) and never
+runs an old page against a new server.
 No CORS header is added: the page is same-origin, and C{--cors} stays
 what it was. No auth either: the page holds no secret, and the API
 behind it asks for the key (the page prompts on a 401).

@@ -4,6 +4,7 @@ import "./test_sse.js";
 import "./test_stage.js";
 import "./test_markdown.js";
 import "./test_chat.js";
+import "./test_models.js";
 
 const results = await runAll();
 document.getElementById("results").textContent = results

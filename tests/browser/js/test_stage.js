@@ -150,3 +150,65 @@ test(S, "tool-call deltas", () => {
   life.delta({ tool_calls: [{ index: 0, function: { name: "f", arguments: "" } }] });
   assertEqual(life.label, "calling a tool");
 });
+
+test(S, "parseComment: a model being loaded, with and without its progress", () => {
+  assertEqual(parseComment("loading"), { stage: "loading", percent: null });
+  assertEqual(parseComment("loading 40%"), { stage: "loading", percent: 40 });
+  assertEqual(parseComment("loading 0%"), { stage: "loading", percent: 0 });
+  for (const text of ["loading 40", "loading %", "loading 4/10", "loading forty%", "loaded"]) {
+    assertEqual(parseComment(text), null, JSON.stringify(text));
+  }
+});
+
+test(S, "a model loaded on demand: loading N%, then prefill, then text", () => {
+  const { life, clock } = lifeAt();
+  life.accepted();
+  assertEqual(life.label, "queued");
+  life.comment("loading 0%");
+  // The page's guess ("queued" at the headers) gives way: no queued stage left behind.
+  assertEqual([life.stage, life.label], ["loading", "loading the model 0%"]);
+  clock.t = 1200;
+  life.comment("loading 40%");
+  assertEqual(life.label, "loading the model 40%");
+  assertEqual(life.current.detail, { percent: 40 });
+  clock.t = 2500;
+  life.comment("prefill 0/12");
+  assertEqual(life.label, "prefill 0/12 (0%)");
+  assertEqual(life.comment("loading 90%"), false, "a late load report");
+  clock.t = 2600;
+  life.comment("decode");
+  life.delta({ content: "Hi" });
+  clock.t = 3000;
+  life.finish("stop");
+  assertEqual(life.timeline.map((t) => t.text), [
+    "model load 2.5 s", "prefill 12 tokens 0.1 s", "writing 0.4 s",
+  ]);
+});
+
+test(S, "loading, then queued behind the requests that waited with it", () => {
+  const { life } = lifeAt();
+  life.accepted();
+  life.comment("loading 70%");
+  life.comment("queued 2");
+  assertEqual(life.label, "queued: 2nd in line");
+  assertEqual(life.comment("loading 100%"), false);
+  life.stopped();
+  assertEqual(life.label, "stopped during queued");
+  const early = lifeAt().life;
+  early.accepted();
+  early.comment("loading");
+  assertEqual(early.label, "loading the model");
+  early.stopped();
+  assertEqual(early.label, "stopped during model load");
+});
+
+test(S, "a load over at once is left off the timeline", () => {
+  const { life, clock } = lifeAt();
+  life.accepted();
+  life.comment("loading 100%");
+  clock.t = 20;
+  life.comment("decode");
+  clock.t = 500;
+  life.delta({ content: "x" });
+  assertEqual(life.timeline.map((t) => t.stage), ["generating", "writing"]);
+});

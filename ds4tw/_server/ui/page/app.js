@@ -1,15 +1,20 @@
 // The chat page: the conversation (kept in the page only), one streamed
-// answer at a time, its life on screen, Stop, and the API key prompt.
+// answer at a time, its life on screen, Stop, the API key prompt, and the
+// model picker.
 //
-// The logic worth unit-testing lives in sse.js, stage.js, markdown.js and
-// chat.js (tests/browser/js/); this module wires them to the DOM, and
-// tests/browser/test_page.py drives it against a real server.
+// The logic worth unit-testing lives in sse.js, stage.js, markdown.js,
+// chat.js and models.js (tests/browser/js/); this module wires them to
+// the DOM, and tests/browser/test_page.py and test_models.py drive it
+// against real servers.
 
 import { HTTPError, mergeToolCalls, streamChat } from "./chat.js";
 import { renderMarkdown } from "./markdown.js";
+import { choose, listModels, optionLabel, optionTitle, storageKey } from "./models.js";
 import { Life, speed } from "./stage.js";
 
 const KEY_STORAGE = "ds4tw.apiKey";
+/** The picked model, remembered across reloads: a choice, not a secret. */
+const MODEL_STORAGE = storageKey(location.pathname);
 
 const $ = (id) => document.getElementById(id);
 
@@ -30,10 +35,20 @@ let running = null;
 /** Bumped by New chat: an answer from before it must not come back. */
 let epoch = 0;
 
+/** The server's chat models, as last listed: [{id, state, ...}]. */
+let models = [];
+
+/** The model the next turn goes to (null when the server named none). */
+function currentModel() {
+  return $("model-select").value || models[0]?.id || null;
+}
+
 /** One assistant answer on screen. */
 class AnswerView {
   constructor(log) {
     this.epoch = epoch;
+    /** Said under the answer when the server has several models. */
+    this.model = null;
     this.life = new Life();
     this.root = el("article", { className: "msg assistant" });
     this.stage = el("p", { className: "stage" });
@@ -71,10 +86,14 @@ class AnswerView {
     this.root.dataset.stage = stage;
     this.stageText.textContent = life.label;
     const prefill = stage === "prefill" && detail.total;
-    this.bar.hidden = !prefill;
+    const loading = stage === "loading" && Number.isFinite(detail.percent);
+    this.bar.hidden = !prefill && !loading;
     if (prefill) {
       this.bar.max = detail.total;
       this.bar.value = detail.done;
+    } else if (loading) {
+      this.bar.max = 100;
+      this.bar.value = detail.percent;
     }
     this.timeline.replaceChildren(
       ...life.timeline.map(({ stage: s, text }) => {
@@ -83,7 +102,7 @@ class AnswerView {
         return li;
       }),
     );
-    this.stats.textContent = speed(life, this.usage);
+    this.stats.textContent = [this.model, speed(life, this.usage)].filter(Boolean).join(" · ");
     if (this.reasoningBox !== null && stage !== "thinking") {
       const thought = life.timeline.find((t) => t.stage === "thinking");
       const took = thought ? ` (${thought.text.replace(/^thinking /, "")})` : "";
@@ -188,6 +207,7 @@ async function withKey(request, view) {
       const key = await askKey(sessionStorage.getItem(KEY_STORAGE) !== null);
       if (key === null) throw e;
       sessionStorage.setItem(KEY_STORAGE, key);
+      refreshModels(); // v1/models answers now: the picker learns what /health did not say
     }
   }
 }
@@ -211,6 +231,11 @@ async function send(text) {
   running = { controller, view };
   setBusy(true);
   scrollToEnd();
+  // A server with several models answers only a request that names one;
+  // one with a single model is sent its name too.
+  if (currentModel() === null) await refreshModels();
+  const model = currentModel();
+  if (models.length > 1) view.model = model;
   const update = (changed) => {
     if (changed) view.show();
   };
@@ -221,11 +246,21 @@ async function send(text) {
   try {
     const complete = await withKey(
       {
-        body: { messages, stream_options: { include_usage: true }, ...settings() },
+        body: {
+          ...(model === null ? {} : { model }),
+          messages,
+          stream_options: { include_usage: true },
+          ...settings(),
+        },
         signal: controller.signal,
         on: {
           accepted: () => update(life.accepted()),
-          comment: (text) => update(life.comment(text)),
+          comment: (text) => {
+            const before = life.stage;
+            update(life.comment(text));
+            // The picker says "loading now" while this turn waits for the load.
+            if (life.stage === "loading" && before !== "loading") refreshModels();
+          },
           delta: (delta) => {
             if (delta.reasoning_content) view.addReasoning(delta.reasoning_content);
             if (delta.content) view.addContent(delta.content);
@@ -261,19 +296,76 @@ async function send(text) {
     setBusy(false);
     scrollToEnd();
     refreshServer();
+    refreshModels(); // the model that answered is loaded now; another may be gone
   }
 }
 
-/** The model's name and the server's slots, from /health (no key needed). */
+/** The picked model's slots and the server's status, from /health (no key needed). */
 async function refreshServer() {
   try {
     const health = await (await fetch("health", { cache: "no-store" })).json();
-    $("model").textContent = health.model ?? "";
-    const slots = health.slots === 1 ? "1 slot" : `${health.slots} slots`;
+    const mine = (health.models ?? []).find((m) => m.name === currentModel());
+    const n = mine?.slots ?? health.slots;
+    const slots = n === 1 ? "1 slot" : `${n} slots`;
     $("server").textContent = `${slots} · ${health.status}`;
   } catch {
     $("server").textContent = "server unreachable";
   }
+}
+
+/** Fill the picker: one option per chat model, saying whether it is loaded now. */
+function showModels(list) {
+  const select = $("model-select");
+  const remembered = localStorage.getItem(MODEL_STORAGE);
+  const picked = choose(list, select.value || remembered);
+  const byId = new Map([...select.options].map((o) => [o.value, o]));
+  const options = list.map((m) => {
+    const option = byId.get(m.id) ?? el("option", { value: m.id });
+    option.textContent = optionLabel(m);
+    option.title = optionTitle(m);
+    option.dataset.state = m.state;
+    return option;
+  });
+  // Updated in place when the set is the same: an open picker stays open.
+  const same =
+    options.length === select.options.length && options.every((o, i) => select.options[i] === o);
+  if (!same) select.replaceChildren(...options);
+  if (picked !== null) select.value = picked;
+  models = list;
+  // One model: nothing to pick; its name is shown as before the picker.
+  const several = list.length > 1;
+  $("model-picker").hidden = !several;
+  $("model").hidden = several;
+  $("model").textContent = several ? "" : (list[0]?.id ?? "");
+}
+
+/** The listing in flight, and whether another was asked for meanwhile. */
+let listing = null;
+let listAgain = false;
+
+/**
+ * Ask the server for its models again: one request at a time, and one
+ * more after it when asked meanwhile (the answer in flight may be older
+ * than what the caller knows changed).
+ */
+function refreshModels() {
+  if (listing !== null) {
+    listAgain = true;
+    return listing;
+  }
+  listing = listModels({ apiKey: sessionStorage.getItem(KEY_STORAGE) })
+    .then(showModels)
+    .catch(() => {
+      // The server is unreachable: /health's line says so; keep what the picker shows.
+    })
+    .finally(() => {
+      listing = null;
+      if (listAgain) {
+        listAgain = false;
+        refreshModels();
+      }
+    });
+  return listing;
 }
 
 function main() {
@@ -301,7 +393,15 @@ function main() {
     $("status").textContent = "ready";
     $("status").dataset.stage = "idle";
   });
-  refreshServer();
+  const select = $("model-select");
+  // Whether each model is loaded changes under the page: ask again when
+  // the user comes to choose.
+  select.addEventListener("focus", () => refreshModels());
+  select.addEventListener("change", () => {
+    localStorage.setItem(MODEL_STORAGE, select.value);
+    refreshServer();
+  });
+  refreshModels().then(refreshServer);
   $("prompt").focus();
 }
 

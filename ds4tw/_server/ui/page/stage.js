@@ -1,12 +1,13 @@
 // The life of one streamed answer, as the page shows it: which stage it
 // is in now, what the server said about it, and how long each stage took.
 //
-// The server's part comes from SSE comments (docs/ui.md): "queued 2"
-// (place in the queue, 1 is next), "prefill 1024/3641" (prompt tokens
-// processed, of all), "decode"; without numbers too, as every ds4tw
-// keepalive says them. The rest comes from the chunks themselves:
-// reasoning deltas mean thinking, content deltas writing, tool-call
-// deltas a tool call; then the end, however it came.
+// The server's part comes from SSE comments (docs/ui.md): "loading 40%"
+// (the model the request asked for is being loaded), "queued 2" (place in
+// the queue, 1 is next), "prefill 1024/3641" (prompt tokens processed, of
+// all), "decode"; without numbers too, as every ds4tw keepalive says them.
+// The rest comes from the chunks themselves: reasoning deltas mean
+// thinking, content deltas writing, tool-call deltas a tool call; then the
+// end, however it came.
 // Tested in the browser by tests/browser/js/test_stage.js.
 
 /** Stages after which nothing changes any more. */
@@ -16,18 +17,26 @@ export const FINAL = new Set(["done", "stopped", "cancelled", "error"]);
 const GENERATING = new Set(["generating", "thinking", "writing", "tool"]);
 
 /** Stages the timeline shows only when they lasted. */
-const BRIEF = new Set(["queued", "generating"]);
+const BRIEF = new Set(["loading", "queued", "generating"]);
 
-const ORDER = ["connecting", "queued", "prefill", "generating", "thinking", "writing", "tool"];
+const ORDER = [
+  "connecting", "loading", "queued", "prefill", "generating", "thinking", "writing", "tool",
+];
 
 /**
  * A stage comment's meaning, or null for a comment that is not one.
  * @param {string} text the comment, without its colon
- * @returns {{stage: "queued", position: number | null}
+ * @returns {{stage: "loading", percent: number | null}
+ *   | {stage: "queued", position: number | null}
  *   | {stage: "prefill", done: number | null, total: number | null}
  *   | {stage: "decode"} | null}
  */
 export function parseComment(text) {
+  const loading = /^loading(?: +(\d+)%)? *$/.exec(text);
+  if (loading !== null) {
+    const percent = loading[1] === undefined ? null : Math.min(100, Number(loading[1]));
+    return { stage: "loading", percent };
+  }
   const m = /^(queued|prefill|decode)(?: +(\d+)(?:\/(\d+))?)? *$/.exec(text);
   if (m === null) return null;
   const [, stage, a, b] = m;
@@ -105,8 +114,14 @@ export class Life {
       if (GENERATING.has(this.stage) || at === -1) return false;
       return this.enter("generating");
     }
-    if (at === -1 || at > ORDER.indexOf(said.stage)) return false;
     const { stage, ...detail } = said;
+    if (stage === "loading" && this.stage === "queued" && !this.current.detail.position) {
+      // "queued" was the page's guess when the headers came (accepted());
+      // the server's first word says the wait is for the model instead.
+      Object.assign(this.current, { stage, detail });
+      return true;
+    }
+    if (at === -1 || at > ORDER.indexOf(said.stage)) return false;
     return this.enter(stage, detail);
   }
 
@@ -146,6 +161,10 @@ export class Life {
     switch (stage) {
       case "connecting":
         return "sending…";
+      case "loading":
+        return detail.percent === null || detail.percent === undefined
+          ? "loading the model"
+          : `loading the model ${detail.percent}%`;
       case "queued":
         return detail.position ? `queued: ${ordinal(detail.position)} in line` : "queued";
       case "prefill": {
@@ -174,7 +193,8 @@ export class Life {
 
   /**
    * The stages so far with their durations, for the timeline under an
-   * answer. A wait of a moment is left out: "queued" when a slot was free,
+   * answer. A wait of a moment is left out: a model load that was over at
+   * once, "queued" when a slot was free,
    * "generating" when the first token was text at once (a long one is
    * hidden reasoning, worth showing).
    */
@@ -207,6 +227,7 @@ export function speed(life, usage) {
 
 const STAGE_WORDS = {
   connecting: "sending",
+  loading: "model load",
   queued: "queued",
   prefill: "prefill",
   generating: "generating",
