@@ -1,7 +1,7 @@
 """
-A ds4tw server with two scripted chat models and an embedding-free model
-set, loaded on demand, on a loopback port: what the page's model picker
-is tested against in tests/browser/test_models.py.
+A ds4tw server with two scripted chat models, each loaded on its first
+request, on a loopback port: what the page's model picker is tested
+against in tests/browser/test_models.py.
 
 C{big} (aliases C{claude-*} and the exact C{gpt-big}) and C{small} each
 answer with their own name. Their loads take a moment (C{LOAD_S}
