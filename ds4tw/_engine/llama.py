@@ -40,6 +40,7 @@ read back from llama.cpp) and tests/integration/test_engine_lifecycle.py
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import math
@@ -832,6 +833,12 @@ class _Vocab:
         if self.model:
             llama_cpp.llama_model_free(self.model)
             self.model = None
+
+    def __del__(self) -> None:
+        # The engine dropped without a word: free the C model all the same
+        # (at interpreter exit the bindings may be gone already).
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 def model_files(path: Path) -> list[Path]:

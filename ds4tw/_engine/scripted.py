@@ -154,6 +154,10 @@ class ScriptedEngine(SequenceEngine[_Seq]):
         answer what a tool returned.
     @param load_steps: progress reports of a L{load} (C{i / load_steps}
         for i from 1), each a chance for its callback to stop the load.
+    @param load_seconds: how long a L{load} takes, in real time, shared
+        out before each of its steps (ten when C{load_steps} is 0), so a
+        server's "loading" stage can be watched (C{--model
+        scripted:load_seconds=...}).
     @param memory_mb: what L{memory} reports the model's weights take
         (MiB), loaded or not.
     """
@@ -178,11 +182,12 @@ class ScriptedEngine(SequenceEngine[_Seq]):
         when: Iterable[tuple[str, Reply | str]] = (),
         load_steps: int = 0,
         memory_mb: float = 0.0,
+        load_seconds: float = 0.0,
     ) -> None:
         if tps < 0 or prefill_tps < 0:
             raise ValueError("tps and prefill_tps must be >= 0")
-        if load_steps < 0 or memory_mb < 0:
-            raise ValueError("load_steps and memory_mb must be >= 0")
+        if load_steps < 0 or memory_mb < 0 or load_seconds < 0:
+            raise ValueError("load_steps, load_seconds and memory_mb must be >= 0")
         super().__init__(
             n_ctx=n_ctx,
             n_batch=n_batch,
@@ -207,7 +212,8 @@ class ScriptedEngine(SequenceEngine[_Seq]):
         )
         self._when = [(t, r if isinstance(r, Reply) else Reply.words(r)) for t, r in when]
         self._template = ChatTemplate(chat_template, eos_token="<|im_end|>")
-        self.load_steps = load_steps
+        self.load_steps = load_steps or (10 if load_seconds else 0)
+        self.load_seconds = load_seconds
         self.memory_mb = memory_mb
         #: L{prepare} ran (the scripted prompt side works without it).
         self.prepared = False
@@ -275,6 +281,8 @@ class ScriptedEngine(SequenceEngine[_Seq]):
     def load(self, progress: LoadProgress | None = None) -> None:
         self.prepare()
         for i in range(1, self.load_steps + 1):
+            if self.load_seconds:
+                time.sleep(self.load_seconds / self.load_steps)
             self.load_progress.append(i / self.load_steps)
             if progress is not None and not progress(i / self.load_steps):
                 self.aborted_loads += 1
@@ -528,7 +536,8 @@ class ScriptedEngine(SequenceEngine[_Seq]):
 SPEC_HELP = (
     "scripted:KEY=VALUE,... (or ;-separated) with keys tps (decode tokens/s, 0: instant), "
     "prefill_tps (prompt tokens/s, 0: instant), think (reasoning tokens before the answer), "
-    "eos (1: the reply ends; 0: it pads to max_tokens) and reply (the answer text; last, it "
+    "eos (1: the reply ends; 0: it pads to max_tokens), load_seconds (how long a load takes), "
+    "memory_mb (what the model says it takes) and reply (the answer text; last, it "
     "takes the rest of the spec verbatim, commas included); or scripted:FILE.json, an object "
     'with the same keys ("reply" may be a list of replies played in turn) and "when", an '
     "object mapping a text to the reply for any prompt that contains it"
@@ -546,6 +555,8 @@ class ScriptedSpec:
     eos: bool = True
     #: (text, reply): the reply for a prompt that contains the text.
     when: tuple[tuple[str, str], ...] = ()
+    load_seconds: float = 0.0
+    memory_mb: float = 0.0
 
     def engine(
         self,
@@ -577,10 +588,12 @@ class ScriptedSpec:
             n_batch_decoding=n_batch_decoding,
             prompt_cache=prompt_cache,
             when=[(text, reply(r)) for text, r in self.when],
+            load_seconds=self.load_seconds,
+            memory_mb=self.memory_mb,
         )
 
 
-_SPEC_KEYS = ("reply", "tps", "prefill_tps", "think", "eos", "when")
+_SPEC_KEYS = ("reply", "tps", "prefill_tps", "think", "eos", "when", "load_seconds", "memory_mb")
 
 
 def parse_spec(text: str) -> ScriptedSpec:
@@ -675,4 +688,13 @@ def _spec_from(values: dict[str, Any], where: str) -> ScriptedSpec:
             "scripted spec: when must be an object of texts to non-empty replies "
             f"(in a file){where}"
         )
-    return ScriptedSpec(tuple(replies), tps, prefill_tps, think, eos, tuple(when.items()))
+    return ScriptedSpec(
+        tuple(replies),
+        tps,
+        prefill_tps,
+        think,
+        eos,
+        tuple(when.items()),
+        number("load_seconds", float),
+        number("memory_mb", float),
+    )

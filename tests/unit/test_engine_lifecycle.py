@@ -4,7 +4,8 @@ engine: the prompt side before any load (prepare), a load that reports
 progress and stops when its callback says so (LoadAborted, nothing
 loaded, a later load works), an unload (close) and a reload that serve
 the same answers from empty slots, the prompt cache across the unload
-(its memory tier dropped, its disk tier kept), and what memory() says.
+(its memory tier dropped, its disk tier kept), what memory() says, and a
+paced load (--model scripted:load_seconds=...).
 
 The real engine's side of the same contract, with llama.cpp's own load
 progress and buffers, is tests/integration/test_engine_lifecycle.py.
@@ -12,12 +13,14 @@ progress and buffers, is tests/integration/test_engine_lifecycle.py.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from ds4tw import Engine, PrefillProgress, PromptCache, SamplingParams, Token
 from ds4tw._engine.interface import LoadAborted, MemoryUse
+from ds4tw._engine.scripted import parse_spec
 from ds4tw.testing import ScriptedEngine
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
@@ -151,3 +154,23 @@ def test_bad_arguments_are_refused() -> None:
         ScriptedEngine(load_steps=-1)
     with pytest.raises(ValueError):
         ScriptedEngine(memory_mb=-1)
+
+
+def test_a_paced_load_shares_its_seconds_out_before_each_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)  # no real waiting
+    engine = ScriptedEngine(load_seconds=2.0)
+    seen: list[float] = []
+    engine.load(lambda f: seen.append(f) or True)
+    assert slept == [0.2] * 10 and seen == [i / 10 for i in range(1, 11)]
+
+
+def test_the_scripted_spec_sets_the_load_time_and_the_memory() -> None:
+    spec = parse_spec("load_seconds=3,memory_mb=512,reply=Hi.")
+    engine = spec.engine()
+    assert (engine.load_seconds, engine.load_steps) == (3.0, 10)
+    assert engine.memory().weights == 512 << 20
+    with pytest.raises(ValueError, match="load_seconds must be a number >= 0"):
+        parse_spec("load_seconds=-1")
