@@ -27,6 +27,9 @@ The modules, each one concern:
     silently decoding stream;
   - L{ds4tw.bench._many}: many waiting clients (keepalive on time, RSS per
     connection, clean completion or cancellation);
+  - L{ds4tw.bench._models}: several models in one server (load and first
+    token cold, warm and after an eviction; RSS against the memory budget;
+    two models decoding at once against one);
   - L{ds4tw.bench._report}: the JSON document, its schema check, the
     summary table, the targets and the PNG chart.
 

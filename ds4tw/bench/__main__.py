@@ -1,6 +1,6 @@
 """
 C{ds4tw-bench [--quick] [--out DIR] [--clients N] [--engine llama|scripted]
-[--only cancel|batching|cache|grammar|parsers]}
+[--only cancel|batching|cache|models|grammar|parsers]}
 
 One run, in this order:
 
@@ -17,19 +17,24 @@ One run, in this order:
      the next turns from a retained slot, from memory and from disk after
      a restart, and four conversations round-robin on two slots with the
      cache on and off (L{ds4tw.bench._cache});
-  5. constrained decode: unconstrained, JSON-schema and forced-tool-call
+  5. several models in one server: TTFT of a cold, a warm, an evicting
+     and a reloading model, the server's RSS under a mix over three model
+     names with a budget that fits two, and two models decoding at once
+     against one (L{ds4tw.bench._models});
+  6. constrained decode: unconstrained, JSON-schema and forced-tool-call
      grammars on a LlamaEngine in this process
      (L{ds4tw.bench._constrained});
-  6. keepalive timing and many waiting clients on a second ds4tw server
+  7. keepalive timing and many waiting clients on a second ds4tw server
      with a small C{--keepalive} and a template that makes a silent decode;
-  7. every tool-call syntax's splitting cost per character (also as a
+  8. every tool-call syntax's splitting cost per character (also as a
      share of the throughput part's decoded token) and grammar build time
      (L{ds4tw.bench._parsers}; no model).
 
 With C{--engine scripted} there is no model: ds4tw runs on a paced
 scripted engine (L{ds4tw.bench._scripted_server}; the batching part on
-C{twistd ds4tw --model scripted:...}), raw, peer, the raw batched baseline
-and the constrained decode are skipped (notes in the JSON say so), and
+C{twistd ds4tw --model scripted:...}), raw, peer, the raw batched baseline,
+the models part (a models file serves GGUF files only) and the
+constrained decode are skipped (notes in the JSON say so), and
 everything else runs the same.
 
 C{--only cancel} runs the cancel numbers alone; C{--only batching}
@@ -37,7 +42,8 @@ runs the continuous-batching part alone and then the prefill
 fairness part (a long prompt's TTFT under a flood of short ones, with and
 without the prefill order's aging, on an in-process engine:
 L{ds4tw.bench._fairness}), C{--only cache} the prompt cache part alone,
-each of the last two on either engine, and C{--only grammar} the grammar
+each of the last two on either engine, C{--only models} the models part
+alone (the real model only), and C{--only grammar} the grammar
 build time of real agents' tool lists (L{ds4tw.bench._grammars}; no
 model); C{--only parsers} every tool-call
 syntax's splitting and grammar build cost against Hermes' (no model).
@@ -73,6 +79,7 @@ from . import (
     _fairness,
     _keepalive,
     _many,
+    _models,
     _noise,
     _report,
     _servers,
@@ -120,7 +127,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument(
         "--only",
-        choices=("throughput", "cancel", "batching", "cache", "grammar", "parsers"),
+        choices=("throughput", "cancel", "batching", "cache", "models", "grammar", "parsers"),
         default=None,
         help="throughput: only raw, ds4tw, the peer and any --baseline, interleaved; "
         "cancel: only the cancel latency (in-step abort, then between steps only, "
@@ -130,6 +137,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         "prompt's TTFT under a flood of short ones, prefill aging on and off); cache: only "
         "the prompt cache part (TTFT from a slot, memory and disk over cold, "
         "interleaved conversations' hit rate and prefill time with the cache on and off); "
+        "models: only the models part (one twistd with three model names: TTFT of a cold, "
+        "warm, evicting and reloading model, RSS against the memory budget under a request "
+        "mix, two models decoding at once against one; the real model only); "
         "grammar: only the grammar build time of real agents' tool lists (from "
         "tests/agents/fixtures in a checkout), cold and cached, against the request's own "
         "validation and templating; parsers: only every tool-call syntax's splitting cost "
@@ -138,6 +148,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.clients is not None and args.clients < 1:
         p.error("--clients must be at least 1")
+    if args.only == "models" and args.engine != "llama":
+        p.error("--only models needs --engine llama: a models file serves GGUF files only")
     return args
 
 
@@ -174,6 +186,7 @@ class Run:
             "batching": None,
             "prefill_fairness": None,
             "cache": None,
+            "models": None,
             "targets": [],
         }
 
@@ -323,6 +336,7 @@ def run_llama(run: Run, args: argparse.Namespace, out: Path) -> None:
     # (a --parallel 8 server and an 8-sequence raw context).
     _batching_part(run, s, work)
     _cache_part(run, s, work)
+    _models_part(run, s, work)
 
     def load_engine() -> Any:
         from ds4tw import LlamaEngine
@@ -401,6 +415,14 @@ def _cache_part(run: Run, s: Settings, work: Path) -> None:
         run.doc["errors"] += [f"prompt cache: {e}" for e in got["errors"]]
 
 
+def _models_part(run: Run, s: Settings, work: Path) -> None:
+    """The models part (the real model only); a measurement of it that failed is a run error."""
+    got = run.part("several models", lambda: _models.measure(s, work, mark=run.noise.mark))
+    run.doc["models"] = got
+    if got is not None:
+        run.doc["errors"] += [f"models: {e}" for e in got["errors"]]
+
+
 def _keepalive_and_many(run: Run, start: Callable[[], _servers.ServerProcess]) -> None:
     s = run.settings
 
@@ -431,6 +453,7 @@ def run_scripted(run: Run, out: Path) -> None:
         "ds4tw ran on a paced ScriptedEngine, so its numbers show the server layer only"
     )
     doc["notes"].append("constrained decode skipped: it measures the real sampler (no model)")
+    doc["notes"].append("models part skipped: a models file serves GGUF files only (no model)")
     workload = plan(s)
 
     def throughput() -> dict[str, Any]:
@@ -585,6 +608,17 @@ def run_cache_only(run: Run, out: Path) -> None:
     _cache_part(run, s, out / "logs")
 
 
+def run_models_only(run: Run, out: Path) -> None:
+    """Several models in one server alone (L{ds4tw.bench._models}); the real model only."""
+    s = _one_part_settings(run)
+    run.doc["notes"].append(
+        "--only models: no throughput part (raw, ds4tw, peer sections empty); every models "
+        "figure is a ratio against a baseline of its own part (a warm model's TTFT, the "
+        "server's RSS with nothing loaded, one stream on one model)"
+    )
+    _models_part(run, s, out / "logs")
+
+
 def run_grammar_only(run: Run) -> None:
     """Real agents' tool lists' grammar build times alone (L{ds4tw.bench._grammars}); no model."""
     from . import _grammars
@@ -630,6 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_batching_only(run, out)
     elif args.only == "cache":
         run_cache_only(run, out)
+    elif args.only == "models":
+        run_models_only(run, out)
     elif args.only == "grammar":
         run_grammar_only(run)
     elif args.only == "parsers":

@@ -9,7 +9,7 @@ L{ds4tw.bench._report} runs every registered part in L{PARTS}' order
 for each of the four, so the order of the ratios, the targets and the
 summary's sections is that list's.
 
-Covered by tests/unit/test_bench.py.
+Covered by tests/unit/test_bench.py and tests/unit/test_bench_models.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from . import _parsers
+from . import _models, _parsers
 from ._stats import ratio
 
 #: The throughput targets: ds4tw's decode over raw (also the abort callback's
@@ -1057,6 +1057,218 @@ class Cache(Part):
         return lines
 
 
+class Models(Part):
+    """Several models in one server (L{ds4tw.bench._models})."""
+
+    key = "models"
+    #: Peak RSS over the nothing-loaded RSS and the budget, at most (MiB).
+    MARGIN_MB = _models.MARGIN_MB
+    #: Two models decoding at once over one alone (aggregate tok/s), at least.
+    TWO_MODELS_TARGET = _models.TWO_MODELS_TARGET
+
+    def ratios(self, doc: Mapping[str, Any]) -> dict[str, Any]:
+        """
+        The headline numbers: TTFT of a cold, evicting and reloading model
+        over a warm one's (medians); the RSS margin over the budget (MiB);
+        the aggregate decode tok/s of two streams on one model and of one
+        stream on each of two models over one stream's.
+        """
+        m = self.section(doc)
+        if not m:
+            return {}
+        load = (m.get("load") or {}).get("ratios") or {}
+        budget = m.get("budget") or {}
+        dec = (m.get("decode") or {}).get("ratios") or {}
+        margin = budget.get("margin_bytes")
+        return {
+            "models_cold_over_warm": load.get("cold_over_warm"),
+            "models_evict_over_warm": load.get("evict_over_warm"),
+            "models_reload_over_warm": load.get("reload_over_warm"),
+            "models_rss_margin_mb": None if margin is None else margin / 2**20,
+            "models_batched_over_one": dec.get("batched_over_one"),
+            "models_two_models_over_one": dec.get("two_models_over_one"),
+        }
+
+    def targets(self, doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The models part's targets (none when it did not run)."""
+        m = self.section(doc)
+        if not m:
+            return []
+        r = self.ratios(doc)
+        load, budget, dec = m.get("load") or {}, m.get("budget") or {}, m.get("decode") or {}
+        flags = [f for got in (load.get("proven") or {}).values() for f in got]
+        two = dec.get("two_models") or {}
+        return [
+            target(
+                "every cold, warm, evicting and reloading request proven by /metrics",
+                sum(flags) / len(flags) if flags else None,
+                1.0 if flags else None,
+                "fraction",
+                False,
+                f"{sum(flags)}/{len(flags)} requests: the loads and the LRU victim their role "
+                "says, nothing else, and the stream whole",
+            ),
+            target(
+                "peak RSS - nothing-loaded RSS - budget, over a mix of three models",
+                r.get("models_rss_margin_mb"),
+                self.MARGIN_MB if budget else None,
+                "MiB",
+                True,
+                f"budget {fmt(budget.get('budget_bytes'), '.0f', 2**-20)} MiB fits two of three; "
+                f"peak {fmt(budget.get('peak_rss_bytes'), '.0f', 2**-20)} MiB (VmHWM), nothing "
+                f"loaded {fmt(median(budget, 'baseline_rss_bytes'), '.0f', 2**-20)} MiB",
+            ),
+            target(
+                "streams of the three-model mix whole",
+                ratio(budget.get("whole"), budget.get("requests")) if budget else None,
+                1.0 if budget else None,
+                "fraction",
+                False,
+                f"{budget.get('whole')}/{budget.get('requests')} whole, "
+                f"{budget.get('answered')} answered, {budget.get('clients')} clients",
+            ),
+            target(
+                "two models decoding at once / one model alone (aggregate tok/s)",
+                r.get("models_two_models_over_one"),
+                self.TWO_MODELS_TARGET if dec else None,
+                "ratio",
+                False,
+                "medians; one stream on each of two models, taking turns on the one model "
+                f"thread (paired {fmt(median(two, 'paired_over_one'), '.3f')})",
+            ),
+        ]
+
+    def validate(self, doc: Mapping[str, Any], errors: list[str]) -> None:
+        m = self.section(doc)
+        if m is None:
+            return
+        if not isinstance(m, dict):
+            errors.append("models: not an object")
+            return
+        for key in ("source", "where"):
+            if not isinstance(m.get(key), str):
+                errors.append(f"models.{key}: missing")
+        if not isinstance(m.get("budget_mb"), int):
+            errors.append("models.budget_mb: not an integer")
+        if m.get("load") is None and m.get("budget") is None and m.get("decode") is None:
+            errors.append("models: neither load, budget nor decode")
+        load = m.get("load")
+        if load is not None:
+            for role in _models.ROLES:
+                check_summary(
+                    f"models.load.ttft_s.{role}", (load.get("ttft_s") or {}).get(role), errors
+                )
+            if not isinstance(load.get("proven"), dict):
+                errors.append("models.load.proven: missing")
+        budget = m.get("budget")
+        if budget is not None:
+            check_summary(
+                "models.budget.baseline_rss_bytes", budget.get("baseline_rss_bytes"), errors
+            )
+            for key in ("peak_rss_bytes", "requests", "answered", "whole"):
+                if not isinstance(budget.get(key), _NUM):
+                    errors.append(f"models.budget.{key}: not a number")
+        dec = m.get("decode")
+        if dec is not None:
+            for cfg in _models.CONFIGS:
+                entry = dec.get(cfg)
+                if not isinstance(entry, dict):
+                    errors.append(f"models.decode.{cfg}: missing")
+                    continue
+                check_summary(
+                    f"models.decode.{cfg}.aggregate_tps", entry.get("aggregate_tps"), errors
+                )
+
+    def table(self, doc: Mapping[str, Any]) -> list[str]:
+        """The models part's lines of the printed summary (none when it did not run)."""
+        m = self.section(doc)
+        if not m:
+            return []
+        mib = 2**-20
+        ctx = "/".join(str(c) for c in (m.get("ctx") or {}).values())
+        lines = [
+            "",
+            f"models: {', '.join(m.get('names') or [])} (one file, ctx {ctx}, --parallel "
+            f"{m.get('parallel')}), budget {m.get('budget_mb')} MiB (fits two: estimated "
+            f"{fmt((m.get('budget_fits_two') or {}).get('estimated'))}, measured "
+            f"{fmt((m.get('budget_fits_two') or {}).get('measured'))})",
+        ]
+        load = m.get("load") or {}
+        if load:
+            ttft, load_s = load.get("ttft_s") or {}, load.get("load_s") or {}
+            rest, proven = load.get("rest_s") or {}, load.get("proven") or {}
+            cached = load.get("cached_tokens") or {}
+            ratios, paired = load.get("ratios") or {}, load.get("paired_over_warm") or {}
+            lines.append(
+                f"{'first token':<14}{'TTFT ms':>9}{'/warm':>8}{'paired':>8}{'load ms':>9}"
+                f"{'rest ms':>9}{'cached':>8}{'proven':>8}{'n':>4}"
+            )
+            for role in _models.ROLES:
+                flags = proven.get(role) or []
+                over = ratios.get(f"{role}_over_warm")
+                if role == "warm":
+                    over = 1.0 if median(ttft, "warm") is not None else None
+                lines.append(
+                    f"{role:<14}{fmt(median(ttft, role), '.1f', 1e3):>9}{fmt(over, '.2f'):>8}"
+                    f"{fmt(median(paired, role), '.2f'):>8}"
+                    f"{fmt(median(load_s, role), '.1f', 1e3):>9}"
+                    f"{fmt(median(rest, role), '.1f', 1e3):>9}"
+                    f"{fmt(median(cached, role), '.0f'):>8}"
+                    f"{str(sum(flags)) + '/' + str(len(flags)):>8}"
+                    f"{(ttft.get(role) or {}).get('n', 0):>4}"
+                )
+            sizes = load.get("measured_memory_bytes") or {}
+            lines.append(
+                "(cold: never loaded, room free; evict: never loaded, the LRU model unloaded "
+                "first; reload: loaded before, evicting; rest = TTFT - load; cached: prompt "
+                "tokens reused from a slot) measured MiB: "
+                + ", ".join(f"{k} {fmt(v, '.0f', mib)}" for k, v in sizes.items())
+            )
+        budget = m.get("budget") or {}
+        if budget:
+            lines.append(
+                f"budget: {budget.get('requests')} requests, {budget.get('clients')} clients: "
+                f"answered {budget.get('answered')}, whole {budget.get('whole')}; RSS nothing "
+                f"loaded {fmt(median(budget, 'baseline_rss_bytes'), '.0f', mib)} MiB, peak "
+                f"{fmt(budget.get('peak_rss_bytes'), '.0f', mib)} MiB (+"
+                f"{fmt(budget.get('peak_over_baseline_bytes'), '.0f', mib)} against a budget of "
+                f"{fmt(budget.get('budget_bytes'), '.0f', mib)}: margin "
+                f"{fmt(budget.get('margin_bytes'), '+.0f', mib)} MiB); server's count at most "
+                f"{fmt(budget.get('used_bytes_max'), '.0f', mib)} MiB, models loaded at most "
+                f"{budget.get('loaded_max')} (loading, loaded or unloading: "
+                f"{budget.get('in_memory_max')})"
+            )
+            for error in budget.get("errors") or []:
+                lines.append(f"  mix error: {error}")
+        dec = m.get("decode") or {}
+        if dec:
+            lines.append(
+                f"{'decode (' + str(dec.get('decode_tokens')) + ' tokens)':<26}{'agg tok/s':>10}"
+                f"{'/one':>7}{'paired':>8}{'per stream':>11}{'whole':>7}{'noise':>7}"
+            )
+            labels = {
+                "one": "one model, 1 stream",
+                "batched": "one model, 2 streams",
+                "two_models": "two models, 1 each",
+            }
+            one = median(dec.get("one"), "aggregate_tps")
+            for cfg in _models.CONFIGS:
+                e = dec.get(cfg) or {}
+                lines.append(
+                    f"{labels[cfg]:<26}{fmt(median(e, 'aggregate_tps')):>10}"
+                    f"{fmt(ratio(median(e, 'aggregate_tps'), one), '.3f'):>7}"
+                    f"{fmt(median(e, 'paired_over_one'), '.3f'):>8}"
+                    f"{fmt(median(e, 'per_stream_tps')):>11}"
+                    f"{str(e.get('streams_whole')) + '/' + str(e.get('streams_total')):>7}"
+                    f"{fmt((e.get('foreign_cores') or {}).get('max'), '.2f'):>7}"
+                )
+        for note in m.get("notes") or []:
+            lines.append(f"models note: {note}")
+        for error in m.get("errors") or []:
+            lines.append(f"models error: {error.splitlines()[0] if error else error}")
+        return lines
+
+
 class Parsers(Part):
     """Every tool-call syntax's splitting and grammar cost (L{ds4tw.bench._parsers})."""
 
@@ -1087,6 +1299,7 @@ PARTS: tuple[Part, ...] = (
     Batching(),
     Fairness(),
     Cache(),
+    Models(),
     Parsers(),
     Grammars(),
 )

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,11 +171,13 @@ def ds4tw_twistd(
     kv_disk_dir: Path | None = None,
     abort_in_step: bool = True,
     source: Path | None = None,
+    extra: Sequence[str] = (),
 ) -> ServerProcess:
     """
     C{twistd -n ds4tw} on the real model, as a user would run it
     (C{parallel}, C{cache_ram_mb}, C{kv_disk_dir}: its C{--parallel},
-    C{--cache-ram-mb}, C{--kv-disk-dir}; None for the server's default).
+    C{--cache-ram-mb}, C{--kv-disk-dir}; None for the server's default;
+    C{extra}: more of its options, such as C{--models FILE}).
     Without C{abort_in_step}, the same service with the in-step abort off,
     through L{ds4tw.bench._serve} (twistd has no option for it). With
     C{source}, the ds4tw of that source tree (another checkout, for an
@@ -204,6 +206,7 @@ def ds4tw_twistd(
         template = workdir / f"{name}.jinja"
         template.write_text(chat_template, encoding="utf-8")
         args += ["--chat-template", str(template)]
+    args += list(extra)
     if not abort_in_step:
         command = [
             sys.executable, "-m", "ds4tw.bench._serve",

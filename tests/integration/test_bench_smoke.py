@@ -17,6 +17,12 @@ so); the full run on the demo model is what exercises them
 C{twistd ds4tw --parallel 2 --model scripted:...} (a restore is instant
 there, so its ratios say nothing of the real cache's speed; that every
 turn came from the tier it claims, and the hit rates, they do).
+
+The models part needs GGUF files (a models file serves files only), so
+it has its own quick run on the demo model: every load and eviction
+proven by /metrics, every stream of the mix whole, never more models in
+memory than the budget fits, and no load during a decode trial. Its
+speeds and its RSS margin are reported, not asserted.
 """
 
 from __future__ import annotations
@@ -25,7 +31,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from ds4tw import demo_model_path
 from ds4tw.bench._report import validate
 
 #: The whole quick scripted run takes about 30 s; this bounds a hang.
@@ -90,5 +100,46 @@ def test_quick_scripted_run_writes_valid_results(tmp_path: Path) -> None:
 
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Every server the run started was stopped.
+    for log in (out / "logs").glob("*.log"):
+        assert "Traceback" not in log.read_text(errors="replace"), log
+
+
+def check_models_run(doc: dict[str, Any]) -> None:
+    """What a quick models run must show, whatever the machine's speed."""
+    assert validate(doc) == []
+    assert doc["errors"] == [], doc["errors"]
+    models = doc["models"]
+    assert models["budget_fits_two"] == {"estimated": True, "measured": True}
+    load = models["load"]
+    for role, flags in load["proven"].items():
+        assert flags and all(flags), (role, load["trials"])
+    # The cold and evicting TTFTs include a load; a warm one does not.
+    for role in ("cold", "evict", "reload"):
+        assert load["ttft_s"][role]["min"] > load["ttft_s"]["warm"]["median"], role
+    budget = models["budget"]
+    assert budget["requests"] == budget["answered"] == budget["whole"] > 0, budget["errors"]
+    assert budget["loaded_max"] == 2
+    assert budget["peak_rss_bytes"] > budget["baseline_rss_bytes"]["median"]
+    decode = models["decode"]
+    for cfg in ("one", "batched", "two_models"):
+        entry = decode[cfg]
+        assert entry["streams_whole"] == entry["streams_total"] > 0, (cfg, entry["errors"])
+        assert entry["loads_during"] == 0, cfg
+        assert entry["aggregate_tps"]["n"] == len(decode["rounds"]), cfg
+
+
+@pytest.mark.skipif(demo_model_path() is None, reason="the demo model is not installed")
+def test_quick_models_run_on_the_demo_model(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [*bench_command(), "--only", "models", "--quick", "--threads", "2", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "two models, 1 each" in proc.stdout
+    check_models_run(json.loads((out / "bench.json").read_text()))
     for log in (out / "logs").glob("*.log"):
         assert "Traceback" not in log.read_text(errors="replace"), log
