@@ -372,7 +372,7 @@ def peers(server: Twistd, rid: str, timeout: float = 5) -> int:
     """How many other requests the job log line of C{rid} says shared its steps."""
     pattern = re.compile(
         re.escape(rid)
-        + r" chat stream=True request=\S+ done: .* shared steps with (\d+) other requests"
+        + r" chat model=\S+ stream=True request=\S+ done: .* shared steps with (\d+) other requests"
     )
     deadline = time.monotonic() + timeout
     while True:
