@@ -22,6 +22,7 @@ AMX workaround, for a model another library loads).
 """
 
 from ._api.host import ServerConfig
+from ._engine.embed import Embedder, LlamaEmbedder
 from ._engine.interface import (
     Aborted,
     AbortFlag,
@@ -62,6 +63,7 @@ __all__ = [
     "Aborted",
     "CacheStats",
     "ChatPrompt",
+    "Embedder",
     "Engine",
     "EngineOptions",
     "Failed",
@@ -71,6 +73,7 @@ __all__ = [
     "Job",
     "JobCancelled",
     "LimitedSite",
+    "LlamaEmbedder",
     "LlamaEngine",
     "LoadAborted",
     "MemoryUse",

@@ -36,10 +36,18 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from ._engine.embed import ScriptedEmbedder
 from ._engine.scripted import Reply, ScriptedEngine
 from ._server.http import DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT, LimitedSite
 
-__all__ = ["Exchange", "HTTPHarness", "Reply", "ScriptedEngine", "SteppedThreads"]
+__all__ = [
+    "Exchange",
+    "HTTPHarness",
+    "Reply",
+    "ScriptedEmbedder",
+    "ScriptedEngine",
+    "SteppedThreads",
+]
 
 _T = TypeVar("_T")
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .._runtime.fleet import Fleet
     from .._runtime.metrics import Metrics
     from .._runtime.worker import Worker
+    from .openai.embeddings import EmbeddingTarget
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,13 @@ class Host(Protocol):
     @property
     def model_name(self) -> str:
         """The name of this host's model (C{/v1/models})."""
+        ...
+
+    async def embedding_target(self, name: str | None) -> EmbeddingTarget:
+        """
+        The embedding model that serves C{name}, its vocabulary ready; a
+        404 C{model_not_found}, or a 400 for a model that does not embed.
+        """
         ...
 
     def chat_template(self) -> ChatTemplate: ...

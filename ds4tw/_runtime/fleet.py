@@ -29,7 +29,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
@@ -37,7 +37,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .._engine.interface import Engine
+from .._engine.embed import Embedder
+from .._engine.interface import Engine, MemoryUse
+from .embedding import EmbeddingWorker
 from .worker import ModelState, NotReady, Worker, WorkerThreads
 
 __all__ = ["Fleet", "Model", "ModelTooLarge", "is_glob"]
@@ -51,16 +53,50 @@ class ModelTooLarge(NotReady):
     """The model alone needs more memory than the budget allows."""
 
 
+class Runner(Protocol):
+    """
+    What the fleet loads and unloads: a chat model's L{Worker} or an
+    embedding model's L{EmbeddingWorker}, which keep their own queues.
+    """
+
+    name: str
+    state: ModelState
+    last_used: float
+    load_seconds: float
+    load_progress: float
+    loads: int
+    load_error: Failure | None
+    draining: bool
+
+    @property
+    def idle(self) -> bool: ...
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    def load(self) -> Deferred[None]: ...
+
+    def unload(self) -> Deferred[None]: ...
+
+    def refuse(self, error: Exception) -> None: ...
+
+
 @dataclass(eq=False)
 class Model:
     """
-    One model of a server: its engine, the names that reach it, and how
-    the fleet treats it. The fleet gives it its L{worker}.
+    One model of a server: its engine (chat) and/or embedder, the names
+    that reach it, and how the fleet treats it. The fleet gives it its
+    workers.
 
     @ivar name: what C{/v1/models} lists (default: the engine's model id).
     @ivar aliases: other names requests may use: exact names, or glob
         patterns (C{claude-haiku-*}, fnmatch syntax).
-    @ivar kind: C{chat}, or C{embedding} for a model that only embeds.
+    @ivar embedder: serves C{/v1/embeddings}: alone (an embedding model),
+        or beside the chat engine (C{--embeddings}: a second context on
+        the same file, loaded when first asked for).
     @ivar memory_bytes: what the budget counts for it instead of what
         the engine reports (a models file's C{memory_mb}).
     @ivar idle_unload: seconds unused before it is unloaded (None: the
@@ -69,10 +105,10 @@ class Model:
     @ivar tool_call_parser: overrides the server's C{--tool-call-parser}.
     """
 
-    engine: Engine
+    engine: Engine | None = None
     name: str = ""
     aliases: tuple[str, ...] = ()
-    kind: Literal["chat", "embedding"] = "chat"
+    embedder: Embedder | None = None
     memory_bytes: int | None = None
     idle_unload: float | None = None
     reasoning_parser: str | None = None
@@ -80,28 +116,96 @@ class Model:
     #: Unloads by why: C{evicted} (room for another), C{idle}.
     unloads: dict[str, int] = field(default_factory=dict)
     _worker: Worker | None = field(default=None, init=False, repr=False)
+    _embedding_worker: EmbeddingWorker | None = field(default=None, init=False, repr=False)
+    _units: list[_Unit] = field(default_factory=list, init=False, repr=False)
     _prepared: _Once | None = field(default=None, init=False, repr=False)
-    _idle_timer: IDelayedCall | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.engine is None and self.embedder is None:
+            raise ValueError("a model needs an engine, an embedder, or both")
         if not self.name:
-            self.name = self.engine.model_id
+            first = self.engine if self.engine is not None else self.embedder
+            assert first is not None
+            self.name = first.model_id
+
+    @property
+    def kind(self) -> Literal["chat", "embedding"]:
+        """C{chat}, or C{embedding} for a model that only embeds."""
+        return "chat" if self.engine is not None else "embedding"
 
     @property
     def worker(self) -> Worker:
-        assert self._worker is not None, "not in a fleet yet"
+        """The chat model's worker (a model that only embeds has none)."""
+        assert self._worker is not None, "no chat engine, or not in a fleet yet"
         return self._worker
+
+    @property
+    def embedding_worker(self) -> EmbeddingWorker | None:
+        return self._embedding_worker
+
+    @property
+    def runner(self) -> Runner:
+        """The main worker: the chat one, else the embedding one."""
+        return self._units[0].runner
+
+    @property
+    def n_ctx(self) -> int:
+        if self.engine is not None:
+            return self.engine.n_ctx
+        assert self.embedder is not None
+        return self.embedder.n_ctx
 
     def memory(self) -> int:
         """Bytes the budget counts for this model (measured once loaded)."""
-        if self.memory_bytes is not None:
-            return self.memory_bytes
-        return self.engine.memory().total
+        return sum(unit.memory() for unit in self._units)
+
+    def memory_use(self) -> MemoryUse:
+        """What llama.cpp reports (or the estimate), summed over its engines."""
+        parts = [unit.memory_of() for unit in self._units]
+        return MemoryUse(
+            weights=sum(p.weights for p in parts),
+            kv=sum(p.kv for p in parts),
+            compute=sum(p.compute for p in parts),
+            cache=sum(p.cache for p in parts),
+            measured=all(p.measured for p in parts),
+        )
 
     def _preparation(self, offload: Callable[..., Deferred[Any]]) -> _Once:
         if self._prepared is None:
-            self._prepared = _Once(offload(self.engine.prepare))
+            self._prepared = _Once(offload(self._prepare))
         return self._prepared
+
+    def _prepare(self) -> None:
+        if self.engine is not None:
+            self.engine.prepare()
+        if self.embedder is not None:
+            self.embedder.prepare()
+
+
+@dataclass(eq=False)
+class _Unit:
+    """One thing the budget counts and the fleet loads: a model's chat engine or its embedder."""
+
+    model: Model
+    runner: Runner
+    memory_of: Callable[[], MemoryUse]
+    #: The model's own C{memory_bytes} applies to its first unit.
+    first: bool
+    what: str
+    timer: IDelayedCall | None = None
+
+    @property
+    def label(self) -> str:
+        return self.model.name if self.first else f"{self.model.name} ({self.what})"
+
+    def memory(self) -> int:
+        if self.first and self.model.memory_bytes is not None:
+            return self.model.memory_bytes
+        return self.memory_of().total
+
+    @property
+    def in_memory(self) -> bool:
+        return self.runner.state is not ModelState.UNLOADED
 
 
 class Fleet(MultiService):
@@ -110,6 +214,8 @@ class Fleet(MultiService):
 
     @param models: in order: the first one that matches a name by glob
         serves it.
+    @param on_demand: load each model at its first request (False: load
+        every model at start, as a single C{--model} server does).
     @param default: the model for a request naming none, or a name that
         matches nothing (None: a 404).
     @param budget: bytes the loaded models may take (None: no limit).
@@ -145,26 +251,46 @@ class Fleet(MultiService):
         self.idle_unload = idle_unload
         self.clock = clock
         self._offload = threads.offload
-        #: Models whose requests wait for a load, in the order they asked.
-        self._wanting: list[Model] = []
+        self.units: list[_Unit] = []
+        #: Units whose requests wait for a load, in the order they asked.
+        self._wanting: list[_Unit] = []
+        several = len(models) > 1
         for model in models:
-            worker = model._worker = Worker(
-                model.engine,
-                threads,
-                max_queue,
-                drain_timeout=drain_timeout,
-                clock=clock,
-                on_demand=on_demand,
-            )
-            if len(models) > 1:
-                worker.name = f"ds4tw-worker-{model.name}"
-            worker.demand = self._bind(self._demanded, model)
-            worker.idle_observers.append(self._bind(self._went_idle, model))
-            worker.setServiceParent(self)
+            if model.engine is not None:
+                worker = model._worker = Worker(
+                    model.engine,
+                    threads,
+                    max_queue,
+                    drain_timeout=drain_timeout,
+                    clock=clock,
+                    on_demand=on_demand,
+                )
+                if several:
+                    worker.name = f"ds4tw-worker-{model.name}"
+                self._add(_Unit(model, worker, model.engine.memory, True, "chat"), worker)
+            if model.embedder is not None:
+                embedding = model._embedding_worker = EmbeddingWorker(
+                    model.embedder,
+                    threads,
+                    max_queue,
+                    drain_timeout=drain_timeout,
+                    clock=clock,
+                    # Beside a chat engine, the embedding context loads when
+                    # first asked for, whatever the chat model does.
+                    on_demand=on_demand or model.engine is not None,
+                )
+                embedding.name = f"ds4tw-embeddings-{model.name}"
+                first = model.engine is None
+                self._add(
+                    _Unit(model, embedding, model.embedder.memory, first, "embeddings"), embedding
+                )
 
-    @staticmethod
-    def _bind(f: Callable[[Model], None], model: Model) -> Callable[[Worker], None]:
-        return lambda _worker: f(model)
+    def _add(self, unit: _Unit, runner: Worker | EmbeddingWorker) -> None:
+        self.units.append(unit)
+        unit.model._units.append(unit)
+        runner.demand = lambda _runner: self._demanded(unit)
+        runner.idle_observers.append(lambda _runner: self._went_idle(unit))
+        runner.setServiceParent(self)
 
     # -- names -----------------------------------------------------------------
 
@@ -205,8 +331,8 @@ class Fleet(MultiService):
     # -- memory ----------------------------------------------------------------
 
     def used(self) -> int:
-        """Bytes the budget counts now: every model loaded, loading or unloading."""
-        return sum(m.memory() for m in self.models.values() if _in_memory(m))
+        """Bytes the budget counts now: everything loaded, loading or unloading."""
+        return sum(u.memory() for u in self.units if u.in_memory)
 
     # -- loading and unloading ---------------------------------------------------
 
@@ -219,59 +345,59 @@ class Fleet(MultiService):
     def _unreadable(self, failure: Failure, model: Model) -> None:
         log.failure("ds4tw: {model}: cannot read the model", failure, model=model.name)
 
-    def _demanded(self, model: Model) -> None:
-        if model not in self._wanting:
-            self._wanting.append(model)
+    def _demanded(self, unit: _Unit) -> None:
+        if unit not in self._wanting:
+            self._wanting.append(unit)
         self._schedule()
 
-    def _went_idle(self, model: Model) -> None:
-        if model in self._wanting and model.worker.idle:
-            self._wanting.remove(model)
-        self._arm_idle_unload(model)
+    def _went_idle(self, unit: _Unit) -> None:
+        if unit in self._wanting and unit.runner.idle:
+            self._wanting.remove(unit)
+        self._arm_idle_unload(unit)
         self._schedule()
 
     def _schedule(self) -> None:
         """Load the waiting models, in order, while the budget has room."""
         while self._wanting:
-            model = self._wanting[0]
-            worker = model.worker
-            if worker.state is not ModelState.UNLOADED or worker.idle:
+            unit = self._wanting[0]
+            runner = unit.runner
+            if runner.state is not ModelState.UNLOADED or runner.idle:
                 # Loading or loaded already (its queue moves), or nobody waits.
                 self._wanting.pop(0)
                 continue
             if not self.running:
                 return
-            need = model.memory()
+            need = unit.memory()
             if self.budget is None or self.used() + need <= self.budget:
                 self._wanting.pop(0)
-                self._load(model)
+                self._load(unit)
                 continue
-            self._make_room(model, need)
+            self._make_room(unit, need)
             # Strictly in order: the next model waits behind this one.
             return
 
-    def _make_room(self, model: Model, need: int) -> None:
+    def _make_room(self, unit: _Unit, need: int) -> None:
         assert self.budget is not None
         if need > self.budget:
-            self._wanting.remove(model)
+            self._wanting.remove(unit)
             error = ModelTooLarge(
-                f"the model {model.name} needs {need / _MIB:.0f} MiB, more than the "
+                f"the model {unit.label} needs {need / _MIB:.0f} MiB, more than the "
                 f"server's model memory budget ({self.budget / _MIB:.0f} MiB, "
                 "--models-memory-mb)"
             )
-            model.worker.refuse(error)
+            unit.runner.refuse(error)
             return
         idle = sorted(
-            (m for m in self.models.values() if m.worker.ready and m.worker.idle),
-            key=lambda m: m.worker.last_used,
+            (u for u in self.units if u.runner.ready and u.runner.idle),
+            key=lambda u: u.runner.last_used,
         )
         # What is being unloaded now is as good as free: wait for it.
         used = sum(
-            m.memory()
-            for m in self.models.values()
-            if _in_memory(m) and m.worker.state is not ModelState.UNLOADING
+            u.memory()
+            for u in self.units
+            if u.in_memory and u.runner.state is not ModelState.UNLOADING
         )
-        if used - sum(m.memory() for m in idle) + need > self.budget:
+        if used - sum(u.memory() for u in idle) + need > self.budget:
             # Not even with every idle model gone: wait for running ones to end.
             return
         for victim in idle:
@@ -280,10 +406,10 @@ class Fleet(MultiService):
             log.info(
                 "ds4tw: unloading {victim} (unused for {idle:.0f}s, {mib:.0f} MiB) to make room "
                 "for {model} ({need:.0f} MiB; budget {budget:.0f} MiB, in use {used:.0f} MiB)",
-                victim=victim.name,
-                idle=self.clock.seconds() - victim.worker.last_used,
+                victim=victim.label,
+                idle=self.clock.seconds() - victim.runner.last_used,
                 mib=victim.memory() / _MIB,
-                model=model.name,
+                model=unit.label,
                 need=need / _MIB,
                 budget=self.budget / _MIB,
                 used=used / _MIB,
@@ -291,81 +417,83 @@ class Fleet(MultiService):
             used -= victim.memory()
             self._unload(victim, "evicted")
 
-    def _load(self, model: Model) -> None:
+    def _load(self, unit: _Unit) -> None:
         log.info(
             "ds4tw: loading {model} (~{need:.0f} MiB; {used:.0f} MiB in use{budget})",
-            model=model.name,
-            need=model.memory() / _MIB,
+            model=unit.label,
+            need=unit.memory() / _MIB,
             used=self.used() / _MIB,
             budget=f" of {self.budget / _MIB:.0f}" if self.budget is not None else "",
         )
-        d = model.worker.load()
+        d = unit.runner.load()
 
         def loaded(_: object) -> None:
-            memory = model.engine.memory()
+            memory = unit.memory_of()
             log.info(
                 "ds4tw: {model} loaded in {seconds:.2f}s: {total:.0f} MiB (weights {weights:.0f}, "
                 "KV {kv:.0f}, compute {compute:.0f}, prompt cache {cache:.0f})",
-                model=model.name,
-                seconds=model.worker.load_seconds,
+                model=unit.label,
+                seconds=unit.runner.load_seconds,
                 total=memory.total / _MIB,
                 weights=memory.weights / _MIB,
                 kv=memory.kv / _MIB,
                 compute=memory.compute / _MIB,
                 cache=memory.cache / _MIB,
             )
-            self._arm_idle_unload(model)
+            self._arm_idle_unload(unit)
 
         d.addCallbacks(loaded, lambda _: None)
         d.addBoth(lambda _: self._schedule())
 
-    def _unload(self, model: Model, why: str) -> None:
-        self._cancel_idle_timer(model)
-        d = model.worker.unload()
-        d.addErrback(lambda f: log.failure("ds4tw: {model}: unload failed", f, model=model.name))
+    def _unload(self, unit: _Unit, why: str) -> None:
+        self._cancel_idle_timer(unit)
+        d = unit.runner.unload()
+        d.addErrback(lambda f: log.failure("ds4tw: {model}: unload failed", f, model=unit.label))
         d.addBoth(lambda _: self._schedule())
-        model.unloads[why] = model.unloads.get(why, 0) + 1
+        unloads = unit.model.unloads
+        unloads[why] = unloads.get(why, 0) + 1
 
     # -- idle unload ---------------------------------------------------------------
 
-    def _idle_seconds(self, model: Model) -> float | None:
-        return model.idle_unload if model.idle_unload is not None else self.idle_unload
+    def _idle_seconds(self, unit: _Unit) -> float | None:
+        seconds = unit.model.idle_unload
+        return seconds if seconds is not None else self.idle_unload
 
-    def _arm_idle_unload(self, model: Model) -> None:
-        seconds = self._idle_seconds(model)
-        worker = model.worker
-        if not seconds or worker.state is not ModelState.READY or not worker.idle:
+    def _arm_idle_unload(self, unit: _Unit) -> None:
+        seconds = self._idle_seconds(unit)
+        runner = unit.runner
+        if not seconds or not runner.ready or not runner.idle:
             return
-        self._cancel_idle_timer(model)
-        due = worker.last_used + seconds - self.clock.seconds()
-        model._idle_timer = self.clock.callLater(max(due, 0.0), self._idle_due, model)
+        self._cancel_idle_timer(unit)
+        due = runner.last_used + seconds - self.clock.seconds()
+        unit.timer = self.clock.callLater(max(due, 0.0), self._idle_due, unit)
 
-    def _cancel_idle_timer(self, model: Model) -> None:
-        timer, model._idle_timer = model._idle_timer, None
+    def _cancel_idle_timer(self, unit: _Unit) -> None:
+        timer, unit.timer = unit.timer, None
         if timer is not None and timer.active():
             timer.cancel()
 
-    def _idle_due(self, model: Model) -> None:
-        model._idle_timer = None
-        worker = model.worker
-        seconds = self._idle_seconds(model)
-        if not seconds or worker.state is not ModelState.READY or not worker.idle:
+    def _idle_due(self, unit: _Unit) -> None:
+        unit.timer = None
+        runner = unit.runner
+        seconds = self._idle_seconds(unit)
+        if not seconds or not runner.ready or not runner.idle:
             return
-        unused = self.clock.seconds() - worker.last_used
+        unused = self.clock.seconds() - runner.last_used
         if unused < seconds:
-            self._arm_idle_unload(model)
+            self._arm_idle_unload(unit)
             return
         log.info(
             "ds4tw: unloading {model}: unused for {unused:.0f}s (--idle-unload {seconds:g})",
-            model=model.name,
+            model=unit.label,
             unused=unused,
             seconds=seconds,
         )
-        self._unload(model, "idle")
+        self._unload(unit, "idle")
 
     def stopService(self) -> Deferred[None]:
-        for model in self.models.values():
-            self._cancel_idle_timer(model)
+        for unit in self.units:
+            self._cancel_idle_timer(unit)
         self._wanting.clear()
         d: Deferred[None] = super().stopService()
         return d
@@ -374,10 +502,6 @@ class Fleet(MultiService):
 def is_glob(pattern: str) -> bool:
     """An alias that is a pattern (C{claude-*}), not a name."""
     return any(c in pattern for c in "*?[")
-
-
-def _in_memory(model: Model) -> bool:
-    return model.worker.state is not ModelState.UNLOADED
 
 
 class _Once:

@@ -35,6 +35,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from .._api.dialect import dialect_for
 from .._api.host import Host, ServerConfig
 from .._api.ids import header_text, request_key
+from .._api.openai.embeddings import EmbeddingTarget, WorkerTarget
 from .._api.openapi import openapi_document
 from .._api.registry import DIALECTS
 from .._api.routing import ErrorBody, error_response, json_response, unexpected
@@ -68,7 +69,8 @@ class Server(MultiService):
     dialect (L{ds4tw._api.registry}).
 
     One engine is loaded at start and serves every model name (as a
-    single C{--model} server always has). Several models are loaded on
+    single C{--model} server always has); so are C{models} with
+    C{preload}. Several models are loaded on
     demand within C{memory_budget} bytes, and idle ones unloaded after
     C{idle_unload} seconds (L{ds4tw._runtime.fleet.Fleet}); a request
     is served by the model its name or an alias matches, or by
@@ -86,6 +88,7 @@ class Server(MultiService):
         config: ServerConfig | None = None,
         *,
         models: Sequence[Model] | None = None,
+        preload: bool | None = None,
         default: str | None = None,
         memory_budget: int | None = None,
         idle_unload: float | None = None,
@@ -103,10 +106,12 @@ class Server(MultiService):
         self.config = config or ServerConfig()
         self._openapi: bytes | None = None
         self.clock: IReactorTime = clock or reactor
-        single = models is None
+        single = models is None if preload is None else preload
         if models is None:
             assert engine is not None
             models = [Model(engine)]
+        if single and default is None:
+            # One model, loaded at start, serves every name (as ds4tw always has).
             default = models[0].name
         self.fleet = Fleet(
             models,
@@ -120,13 +125,15 @@ class Server(MultiService):
             idle_unload=idle_unload,
         )
         self.fleet.setServiceParent(self)
-        self._hosts = {m.name: ModelHost(self, m) for m in self.fleet.models.values()}
-        first = next(iter(self.fleet.models.values()))
-        #: The first model's host: what C{engine}, C{worker} and the parser
-        #: methods of the server itself answer for.
-        self._main = self._hosts[first.name]
+        self._hosts = {
+            m.name: ModelHost(self, m) for m in self.fleet.models.values() if m.engine is not None
+        }
+        #: The first chat model's host: what C{engine}, C{worker} and the
+        #: parser methods of the server itself answer for (None: the server
+        #: runs embedding models only).
+        self._main = next(iter(self._hosts.values()), None)
         self.metrics = Metrics()
-        workers = [m.worker for m in self.fleet.models.values()]
+        workers = self._workers()
         self.metrics.watch(
             lambda: sum(w.queue_depth for w in workers),
             lambda: any(w.busy for w in workers),
@@ -134,7 +141,9 @@ class Server(MultiService):
             lambda: sum(w.slots_busy for w in workers),
             lambda: sum(w.slots for w in workers if w.ready or single),
         )
-        self.metrics.watch_cache(lambda: [m.engine for m in self.fleet.models.values()])
+        self.metrics.watch_cache(
+            lambda: [m.engine for m in self.fleet.models.values() if m.engine is not None]
+        )
         self.metrics.watch_models(self.fleet)
         for host in self._hosts.values():
             host.worker.observers += [self.metrics.job_ended, log_job]
@@ -154,19 +163,25 @@ class Server(MultiService):
             ui_routes(self)
 
     @property
+    def _main_host(self) -> ModelHost:
+        if self._main is None:
+            raise AttributeError("this server runs no chat model")
+        return self._main
+
+    @property
     def engine(self) -> Engine:
-        """The first model's engine (the only one of a single-model server)."""
-        return self._main.engine
+        """The first chat model's engine (the only one of a single-model server)."""
+        return self._main_host.engine
 
     @property
     def worker(self) -> Worker:
-        """The first model's worker (the only one of a single-model server)."""
-        return self._main.worker
+        """The first chat model's worker (the only one of a single-model server)."""
+        return self._main_host.worker
 
     @property
     def model_name(self) -> str:
-        """The first model's name."""
-        return self._main.model_name
+        """The first chat model's name."""
+        return self._main_host.model_name
 
     async def for_model(self, name: str | None) -> Host:
         """
@@ -176,17 +191,44 @@ class Server(MultiService):
         model = self.fleet.find(name)
         if model is None:
             raise model_not_found(name or "")
+        if model.engine is None:
+            raise invalid(
+                f"the model {model.name} is an embedding model: use /v1/embeddings", "model"
+            )
         try:
             await self.fleet.prepared(model)
         except Exception as e:
             raise not_ready(f"the model {model.name} cannot be read: {e}") from e
         return self._hosts[model.name]
 
+    async def embedding_target(self, name: str | None) -> EmbeddingTarget:
+        """
+        The model that serves C{name}'s embeddings (L{Fleet.find}), its
+        vocabulary ready: a 404 C{model_not_found} when no model serves the
+        name, a 400 when that model does not embed.
+        """
+        model = self.fleet.find(name)
+        if model is None:
+            raise model_not_found(name or "")
+        worker = model.embedding_worker
+        if worker is None:
+            raise invalid(
+                f"the model {model.name} does not serve embeddings (serve it with --embeddings, "
+                'or in a models file with kind = "embedding" or embeddings = true)',
+                "model",
+            )
+        try:
+            await self.fleet.prepared(model)
+        except Exception as e:
+            raise not_ready(f"the model {model.name} cannot be read: {e}") from e
+        return WorkerTarget(worker)
+
     def _accepting(self) -> bool:
-        return not any(w.draining for w in self._workers())
+        return not any(u.runner.draining for u in self.fleet.units)
 
     def _workers(self) -> list[Worker]:
-        return [m.worker for m in self.fleet.models.values()]
+        """The chat models' workers."""
+        return [m.worker for m in self.fleet.models.values() if m.engine is not None]
 
     def stopService(self) -> Deferred[None]:
         """Drain the workers (L{Worker.stopService}) and log how that went."""
@@ -220,36 +262,34 @@ class Server(MultiService):
 
     def chat_template(self) -> ChatTemplate:
         """The first model's chat template (L{ModelHost.chat_template})."""
-        return self._main.chat_template()
+        return self._main_host.chat_template()
 
     def tool_parser(self) -> ToolCallParser:
         """The first model's tool-call parser (L{ModelHost.tool_parser})."""
-        return self._main.tool_parser()
+        return self._main_host.tool_parser()
 
     def parsers(self) -> dict[str, str]:
         """The first model's parsers (L{ModelHost.parsers})."""
-        return self._main.parsers()
+        return self._main_host.parsers()
 
     def reasoning_parser(self) -> ReasoningParser:
         """The first model's reasoning parser (L{ModelHost.reasoning_parser})."""
-        return self._main.reasoning_parser()
+        return self._main_host.reasoning_parser()
 
     def kept_special(self) -> frozenset[int]:
         """The first model's kept special tokens (L{ModelHost.kept_special})."""
-        return self._main.kept_special()
+        return self._main_host.kept_special()
 
-    def _model_health(self, host: ModelHost) -> dict[str, Any]:
+    def _model_health(self, model: Model) -> dict[str, Any]:
         """One model's entry in C{/health}: where it is, its queue, its memory."""
-        model, w = host.model, host.worker
-        memory = model.engine.memory()
+        runner = model.runner
+        memory = model.memory_use()
         entry: dict[str, Any] = {
             "name": model.name,
             "aliases": list(model.aliases),
             "kind": model.kind,
-            "state": w.state.value,
-            "queue_depth": w.queue_depth,
-            "slots": w.slots,
-            "slots_busy": w.slots_busy,
+            "state": runner.state.value,
+            "queue_depth": runner.queue_depth,
             "memory": {
                 "weights_bytes": memory.weights,
                 "kv_bytes": memory.kv,
@@ -258,16 +298,23 @@ class Server(MultiService):
                 "total_bytes": model.memory(),
                 "measured": memory.measured and model.memory_bytes is None,
             },
-            "loads": w.loads,
+            "loads": runner.loads,
             "unloads": dict(model.unloads),
-            "idle_seconds": round(self.clock.seconds() - w.last_used, 1),
+            "idle_seconds": round(self.clock.seconds() - runner.last_used, 1),
         }
-        if w.state is ModelState.LOADING:
-            entry["load_progress"] = round(w.load_progress, 3)
-        if w.load_error is not None:
-            entry["load_error"] = w.load_error.getErrorMessage()
-        if w.ready:
-            entry["parsers"] = host.parsers()
+        if model.engine is not None:
+            entry["slots"] = model.worker.slots
+            entry["slots_busy"] = model.worker.slots_busy
+        embedding = model.embedding_worker
+        if embedding is not None and model.engine is not None:
+            # A chat model's own embedding context (--embeddings).
+            entry["embeddings"] = {"state": embedding.state.value, "loads": embedding.loads}
+        if runner.state is ModelState.LOADING:
+            entry["load_progress"] = round(runner.load_progress, 3)
+        if runner.load_error is not None:
+            entry["load_error"] = runner.load_error.getErrorMessage()
+        if runner.ready and model.name in self._hosts:
+            entry["parsers"] = self._hosts[model.name].parsers()
         return entry
 
     def _log_parsers(self, result: object, host: ModelHost) -> object:
@@ -317,30 +364,32 @@ class Server(MultiService):
 
         @app.route("/health", methods=["GET"])
         def health(request: Request) -> bytes:
-            w = self.worker
-            single = not w.on_demand
-            if w.draining:
+            workers = self._workers()
+            w = self._main.worker if self._main is not None else None
+            single = w is not None and not w.on_demand
+            if not self._accepting():
                 # From the first moment of a shutdown: load balancers stop sending.
                 status = "draining"
-            elif single:
+            elif single and w is not None:
                 status = "ok" if w.ready else ("error" if w.load_error else "loading")
             else:
                 # Models load on demand: the server is ready before any is.
                 status = "ok"
+            first = next(iter(self.fleet.models.values()))
             payload: dict[str, Any] = {
                 "status": status,
-                "model": self.engine.model_id,
-                "queue_depth": sum(x.queue_depth for x in self._workers()),
-                "busy": any(x.busy for x in self._workers()),
-                "slots": w.slots,
-                "slots_busy": sum(x.slots_busy for x in self._workers()),
+                "model": self.engine.model_id if self._main is not None else first.name,
+                "queue_depth": sum(x.queue_depth for x in workers),
+                "busy": any(x.busy for x in workers),
+                "slots": w.slots if w is not None else 0,
+                "slots_busy": sum(x.slots_busy for x in workers),
             }
-            if single and isinstance(self.engine, ReportsSettings) and w.ready:
-                # As llama.cpp took them (docs/operations.md, "Engine settings").
-                payload["engine"] = self.engine.settings
-            if single and w.ready:
+            if single and w is not None and w.ready:
+                if isinstance(self.engine, ReportsSettings):
+                    # As llama.cpp took them (docs/operations.md, "Engine settings").
+                    payload["engine"] = self.engine.settings
                 payload["parsers"] = self.parsers()
-            payload["models"] = [self._model_health(h) for h in self._hosts.values()]
+            payload["models"] = [self._model_health(m) for m in self.fleet.models.values()]
             payload["memory"] = {
                 "budget_bytes": self.fleet.budget,
                 "used_bytes": self.fleet.used(),

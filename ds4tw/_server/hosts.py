@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from twisted.web.server import Request
 
     from .._api.host import Host, ServerConfig
+    from .._api.openai.embeddings import EmbeddingTarget
     from .._runtime.metrics import Metrics
     from .app import Server
 
@@ -74,11 +75,16 @@ class ModelHost:
     async def for_model(self, name: str | None) -> Host:
         return await self.server.for_model(name)
 
+    async def embedding_target(self, name: str | None) -> EmbeddingTarget:
+        return await self.server.embedding_target(name)
+
     # -- this model ------------------------------------------------------------------
 
     @property
     def engine(self) -> Engine:
-        return self.model.engine
+        engine = self.model.engine
+        assert engine is not None, "an embedding model has no chat host"
+        return engine
 
     @property
     def worker(self) -> Worker:

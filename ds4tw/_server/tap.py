@@ -19,6 +19,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from .._api.host import ServerConfig
+from .._engine.embed import LlamaEmbedder
 from .._engine.interface import Engine
 from .._engine.kvcache import DEFAULT_MIN_TOKENS, PromptCache
 from .._engine.llama import (
@@ -530,6 +531,23 @@ def _model(spec: ModelSpec, options: Options) -> Model:
     engine_options = options.engine_options()
     if spec.gpu_layers is not None:
         engine_options = dataclasses.replace(engine_options, gpu_layers=spec.gpu_layers)
+    embedder = None
+    if spec.kind == "embedding" or spec.embeddings:
+        embedder = LlamaEmbedder(
+            spec.path,
+            model_id=spec.name,
+            n_ctx=spec.ctx if spec.kind == "embedding" and spec.ctx else EMBEDDING_CTX,
+            pooling=spec.pooling or options["pooling"],
+            n_threads=given(spec.threads, "threads"),
+        )
+    if spec.kind == "embedding":
+        return Model(
+            name=spec.name,
+            aliases=spec.aliases,
+            embedder=embedder,
+            memory_bytes=None if spec.memory_mb is None else spec.memory_mb * 2**20,
+            idle_unload=spec.idle_unload,
+        )
     engine = LlamaEngine(
         spec.path,
         n_ctx=given(spec.ctx, "ctx"),
@@ -546,12 +564,18 @@ def _model(spec: ModelSpec, options: Options) -> Model:
         engine,
         spec.name,
         aliases=spec.aliases,
-        kind=spec.kind,
+        embedder=embedder,
         memory_bytes=None if spec.memory_mb is None else spec.memory_mb * 2**20,
         idle_unload=spec.idle_unload,
         reasoning_parser=spec.reasoning_parser,
         tool_call_parser=spec.tool_call_parser,
     )
+
+
+#: The longest input an embedder takes, in tokens, unless a models file
+#: gives an embedding model its own ctx: llama-server's default physical
+#: batch (a pooled input must fit one).
+EMBEDDING_CTX = 512
 
 
 def makeService(options: Options) -> IService:
@@ -580,6 +604,17 @@ def makeService(options: Options) -> IService:
             options=options.engine_options(),
             **common,
         )
+        if options["embeddings"]:
+            # One model, loaded at start, serving embeddings too.
+            embedder = LlamaEmbedder(
+                options["model-path"],
+                model_id=engine.model_id,
+                n_ctx=EMBEDDING_CTX,
+                pooling=options["pooling"],
+                n_threads=options["threads"],
+            )
+            models = [Model(engine, embedder=embedder)]
+            engine = None
     config = ServerConfig(
         keepalive=options["keepalive"],
         max_queue=options["max-queue"],
@@ -600,6 +635,7 @@ def makeService(options: Options) -> IService:
         engine,
         config,
         models=models,
+        preload=model_set is None,
         default=None if model_set is None else model_set.default,
         memory_budget=budget,
         idle_unload=options["idle-unload"] or None,
@@ -613,7 +649,7 @@ def makeService(options: Options) -> IService:
     server.setServiceParent(top)
     for description in options["listen"]:
         strports.service(description, site).setServiceParent(top)
-    if models is None:
+    if model_set is None:
         # One model loaded at start: a server that cannot load it exits.
         server.worker.loaded.addErrback(_exit_on_load_failure)
     return top

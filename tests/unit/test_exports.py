@@ -18,6 +18,7 @@ import ds4tw
 import ds4tw.testing
 from ds4tw import _types
 from ds4tw._api import host as _host
+from ds4tw._engine import embed as _embed
 from ds4tw._engine import interface as _engine
 from ds4tw._engine import kvcache as _kvcache
 from ds4tw._engine import llama as _llama
@@ -34,11 +35,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_public_names() -> None:
     assert sorted(ds4tw.__all__) == sorted(
         [
-            "AbortFlag", "Aborted", "CacheStats", "ChatPrompt", "Engine", "EngineOptions",
-            "Failed", "Finish", "Finished", "Grammar", "Job", "JobCancelled", "LimitedSite",
-            "LlamaEngine", "LoadAborted", "MemoryUse", "Model", "ModelState", "Options",
-            "PrefillProgress", "PromptCache", "SamplingParams", "Server", "ServerConfig", "Stage",
-            "StepResult", "Timings", "Token", "Usage", "WorkerThreads",
+            "AbortFlag", "Aborted", "CacheStats", "ChatPrompt", "Embedder", "Engine",
+            "EngineOptions", "Failed", "Finish", "Finished", "Grammar", "Job", "JobCancelled",
+            "LimitedSite", "LlamaEmbedder", "LlamaEngine", "LoadAborted", "MemoryUse", "Model",
+            "ModelState", "Options", "PrefillProgress", "PromptCache", "SamplingParams", "Server",
+            "ServerConfig", "Stage", "StepResult", "Timings", "Token", "Usage", "WorkerThreads",
             "__version__",
             "abort_callback", "demo_model_path", "eog_tokens", "generate", "makeService",
             "no_extra_buffers", "open_llama", "token_piece",
@@ -69,6 +70,8 @@ def test_public_names() -> None:
     assert ds4tw.Model is _fleet.Model
     assert ds4tw.MemoryUse is _engine.MemoryUse
     assert ds4tw.LoadAborted is _engine.LoadAborted
+    assert ds4tw.Embedder is _embed.Embedder
+    assert ds4tw.LlamaEmbedder is _embed.LlamaEmbedder
     assert ds4tw.WorkerThreads is _worker.WorkerThreads
     assert ds4tw.LimitedSite is _http.LimitedSite
     assert ds4tw.PromptCache is _kvcache.PromptCache
@@ -77,9 +80,10 @@ def test_public_names() -> None:
 
 def test_testing_module() -> None:
     assert sorted(ds4tw.testing.__all__) == [
-        "Exchange", "HTTPHarness", "Reply", "ScriptedEngine", "SteppedThreads",
+        "Exchange", "HTTPHarness", "Reply", "ScriptedEmbedder", "ScriptedEngine", "SteppedThreads",
     ]  # fmt: skip
     assert ds4tw.testing.ScriptedEngine is _scripted.ScriptedEngine
+    assert ds4tw.testing.ScriptedEmbedder is _embed.ScriptedEmbedder
 
 
 def public_objects() -> dict[str, Any]:
@@ -117,6 +121,9 @@ PRIVATE_ON_PURPOSE = {
     # A model's queue, slots and load state: read by tests and /health, made by the fleet.
     ("Server.worker", "ds4tw._runtime.worker.Worker"),
     ("Model.worker", "ds4tw._runtime.worker.Worker"),
+    ("Model.embedding_worker", "ds4tw._runtime.embedding.EmbeddingWorker"),
+    ("Model.runner", "ds4tw._runtime.fleet.Runner"),
+    ("Server.embedding_target", "ds4tw._api.openai.embeddings.EmbeddingTarget"),
 }
 
 

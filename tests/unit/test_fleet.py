@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 
 from ds4tw import Server, ServerConfig
 from ds4tw._runtime.fleet import Model
-from ds4tw.testing import Exchange, HTTPHarness, ScriptedEngine, SteppedThreads
+from ds4tw.testing import Exchange, HTTPHarness, ScriptedEmbedder, ScriptedEngine, SteppedThreads
 
 MIB = 2**20
 
@@ -37,7 +37,7 @@ class Fleet:
         return self.http.post("/v1/chat/completions", {**payload, "stream": stream})
 
     def state(self, name: str) -> str:
-        return self.server.fleet.models[name].worker.state.value
+        return self.server.fleet.models[name].runner.state.value
 
     def run(self) -> None:
         """Load what waits and step until every model is idle."""
@@ -388,3 +388,88 @@ def test_the_log_line_names_the_model() -> None:
         globalLogPublisher.removeObserver(observe)
     done = [line for line in lines if " done: finish=" in line]
     assert done and "model=a " in done[-1]
+
+
+def embedding_fleet(budget_mb: float | None = None) -> tuple[Fleet, ScriptedEmbedder]:
+    embedder = ScriptedEmbedder("embed", memory_mb=30, n_ctx=1000, n_vocab=0x110000)
+    threads = SteppedThreads()
+    threads.hold_calls = True
+    clock = Clock()
+    chat = ScriptedEngine(("Reply from chat.",), model_id="chat", memory_mb=60)
+    server = Server(
+        models=[
+            Model(chat, aliases=("claude-*",)),
+            Model(embedder=embedder, aliases=("text-embedding-*",)),
+        ],
+        config=ServerConfig(keepalive=2.0),
+        memory_budget=None if budget_mb is None else int(budget_mb * MIB),
+        clock=clock,
+        threads=threads,
+    )
+    server.startService()
+    f = Fleet(threads, clock, server, HTTPHarness(server.resource(), clock), {"chat": chat})
+    return f, embedder
+
+
+def test_an_embedding_model_loads_on_demand_and_answers_by_alias() -> None:
+    f, embedder = embedding_fleet()
+    assert f.server.fleet.models["embed"].kind == "embedding"
+    r = f.http.post("/v1/embeddings", {"model": "text-embedding-3-small", "input": ["a", "bc"]})
+    assert f.state("embed") == "loading"
+    f.run()
+    body = r.json()
+    assert r.status == 200, body
+    assert [d["index"] for d in body["data"]] == [0, 1]
+    assert body["model"] == "text-embedding-3-small"
+    tokens = len(embedder.tokenize("a")) + len(embedder.tokenize("bc"))
+    assert body["usage"]["prompt_tokens"] == tokens > 0
+    # The chat model was never loaded for it.
+    assert f.state("chat") == "unloaded"
+    cards = {c["id"]: c["meta"] for c in f.http.get("/v1/models").json()["data"]}
+    assert cards["embed"]["kind"] == "embedding" and cards["embed"]["loaded"]
+
+
+def test_each_kind_of_request_is_refused_by_the_other_kind_of_model() -> None:
+    f, _ = embedding_fleet()
+    chat = f.chat("embed", stream=False)
+    assert chat.status == 400
+    assert "embedding model" in chat.json()["error"]["message"]
+    emb = f.http.post("/v1/embeddings", {"model": "claude-sonnet-4-5", "input": "x"})
+    assert emb.status == 400
+    assert "does not serve embeddings" in emb.json()["error"]["message"]
+    assert f.http.post("/v1/embeddings", {"model": "nothing", "input": "x"}).status == 404
+
+
+def test_the_budget_counts_an_embedder_and_evicts_it_when_idle() -> None:
+    f, _ = embedding_fleet(budget_mb=80)
+    r = f.http.post("/v1/embeddings", {"model": "embed", "input": "hello"})
+    f.run()
+    assert r.status == 200
+    assert f.server.fleet.used() == 30 * MIB
+    c = f.chat("claude-sonnet-4-5")
+    # 30 + 60 > 80: the idle embedder goes first.
+    assert f.state("embed") == "unloading"
+    f.run()
+    assert content(c) == "Reply from chat."
+    assert (f.state("embed"), f.state("chat")) == ("unloaded", "ready")
+    assert f.server.fleet.models["embed"].unloads == {"evicted": 1}
+
+
+def test_a_chat_model_can_serve_embeddings_too() -> None:
+    threads = SteppedThreads()
+    clock = Clock()
+    chat = ScriptedEngine(("hi",), model_id="both")
+    embedder = ScriptedEmbedder("both", n_ctx=1000, n_vocab=0x110000)
+    server = Server(
+        models=[Model(chat, embedder=embedder)], preload=True, clock=clock, threads=threads
+    )
+    server.startService()
+    http = HTTPHarness(server.resource(), clock)
+    # Loaded at start, serving every name, as --model always has.
+    assert server.worker.ready
+    r = http.post("/v1/embeddings", {"model": "anything", "input": "abc"})
+    threads.run_until_idle()
+    assert r.status == 200 and len(r.json()["data"]) == 1
+    health = http.get("/health").json()
+    assert health["status"] == "ok"
+    assert health["models"][0]["embeddings"] == {"state": "ready", "loads": 1}

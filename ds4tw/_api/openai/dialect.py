@@ -21,7 +21,7 @@ from ..dialect import Api, Begun, Dialect, Endpoint, Operation, Turn
 from ..host import Host
 from ..openapi import described
 from ..routing import json_response
-from . import render
+from . import embeddings, render
 from .schema import ChatCompletionRequest, CompletionRequest
 
 #: What a completion writes when the client names no budget: OpenAI's default.
@@ -92,8 +92,10 @@ def completion_builder(req: CompletionRequest, begun: Begun) -> render.Completio
 def model_routes(server: Host, api: Api) -> None:
     """
     C{/v1/models}: every model this server runs, and every exact alias,
-    with its context size, kind and whether it is loaded now.
+    with its context size, kind and whether it is loaded now; and
+    C{/v1/embeddings} (L{ds4tw._api.openai.embeddings}).
     """
+    embeddings.add_routes(server, api, server)
     app = server.app
     created = int(time.time())
 
@@ -101,9 +103,9 @@ def model_routes(server: Host, api: Api) -> None:
         return render.model_card(
             as_name or model.name,
             created,
-            model.engine.n_ctx,
+            model.n_ctx,
             kind=model.kind,
-            state=model.worker.state.value,
+            state=model.runner.state.value,
             aliases=model.aliases,
             alias_of=model.name if as_name not in (None, model.name) else None,
         )
@@ -153,19 +155,20 @@ DIALECT = Dialect(
             "/v1/models",
             "get",
             "v1_models",
-            "The one loaded model",
+            "Every model and exact alias, and whether each is loaded",
             responses={"200": described("An OpenAI model list.")},
         ),
         Operation(
             "/v1/models/{model_id}",
             "get",
             "v1_model",
-            "The loaded model, by name",
+            "A model, by name or alias",
             parameters=(
                 {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}},
             ),
             responses={"200": described("An OpenAI model card.")},
             errors=("404",),
         ),
+        embeddings.OPERATION,
     ),
 )
