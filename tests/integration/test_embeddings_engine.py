@@ -3,9 +3,9 @@ Embeddings on the demo model: L{ds4tw._engine.embed.LlamaEmbedder} through
 the L{ds4tw._runtime.embedding.EmbeddingWorker} on a real model thread,
 checked against llama-cpp-python's own C{Llama.embed} on the same texts,
 alone and batched (batching must not change the vectors); a cancel that
-stops a decode from inside; and the official C{openai} SDK against the
-route on a real loopback port (pytest-twisted: the reactor runs in this
-process, the SDK in a thread beside it).
+stops a decode from inside; and the official C{openai} SDK against
+C{twistd ds4tw --embeddings} on a real loopback port, the same server
+still answering chat.
 
 The reference C{Llama} runs before the worker starts, never beside it
 (one ggml compute thread at a time). The throughput comparison at the
@@ -21,27 +21,24 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import pytest_twisted
-from klein import Klein
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThread
-from twisted.web.server import Site
 
-from ds4tw import ServerConfig, demo_model_path
-from ds4tw._api.openai.embeddings import EmbeddingTarget, WorkerTarget, add_routes
-from ds4tw._api.openai.render import error_body
-from ds4tw._api.routing import api
+from ds4tw import demo_model_path
 from ds4tw._engine.embed import LlamaEmbedder
 from ds4tw._engine.interface import Aborted, AbortFlag
 from ds4tw._engine.llama import no_extra_buffers
-from ds4tw._errors import APIError
 from ds4tw._runtime.embedding import BatchStats, EmbeddingWorker
 from ds4tw._runtime.worker import PoolThreads
+
+from .conftest import start_twistd, stop_twistd
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -89,51 +86,20 @@ class Served:
     worker: EmbeddingWorker
     embedder: LlamaEmbedder
     batches: list[BatchStats]
-    url: str = ""
-
-
-@dataclass
-class Models:
-    target: WorkerTarget
-
-    async def embedding_target(self, model: str | None) -> EmbeddingTarget:
-        if model in (None, "text-embedding-3-small", self.target.model_id):
-            return self.target
-        raise APIError(404, f"The model '{model}' does not exist", code="model_not_found")
-
-
-@dataclass
-class Host:
-    app: Klein
-    config: ServerConfig
-
-    def cors(self, request: object) -> None:
-        pass
-
-    def authorize(self, request: object) -> None:
-        pass
 
 
 @asynccontextmanager
-async def serving(path: str, listen: bool = False, **kw: Any) -> AsyncIterator[Served]:
+async def serving(path: str, **kw: Any) -> AsyncIterator[Served]:
     embedder = LlamaEmbedder(path, n_threads=2, **kw)
     worker = EmbeddingWorker(embedder, PoolThreads(reactor), 128, drain_timeout=5)
     batches: list[BatchStats] = []
     worker.batch_observers.append(batches.append)
     worker.startService()
     served = Served(worker, embedder, batches)
-    port = None
     try:
         await worker.loaded
-        if listen:
-            host = Host(Klein(), ServerConfig())
-            add_routes(host, api(host, error_body), Models(WorkerTarget(worker)))  # type: ignore[arg-type]
-            port = reactor.listenTCP(0, Site(host.app.resource()), interface="127.0.0.1")
-            served.url = f"http://127.0.0.1:{port.getHost().port}/v1"
         yield served
     finally:
-        if port is not None:
-            await port.stopListening()
         await worker.stopService()
 
 
@@ -240,12 +206,28 @@ def sdk_calls(url: str) -> dict[str, Any]:
     return {"default": default, "floats": floats, "tokens": tokens, "refused": refused}
 
 
-@pytest_twisted.ensureDeferred
-async def test_the_openai_sdk_float_and_its_default_base64(
-    model_path: str, reference: dict[str, list[float]]
+def test_the_openai_sdk_against_twistd_with_embeddings(
+    tmp_path: Path, reference: dict[str, list[float]]
 ) -> None:
-    async with serving(model_path, listen=True) as served:
-        got = await deferToThread(sdk_calls, served.url)
+    """
+    C{twistd ds4tw --embeddings}: the one model serves chat and
+    embeddings; the SDK's default (base64, decoded by the SDK) and float
+    answers agree with Llama.embed.
+    """
+    server = start_twistd(
+        tmp_path, "--embeddings", "--ctx", "1024", "--threads", "2", "--cache-ram-mb", "0"
+    )
+    try:
+        got = sdk_calls(server.url + "/v1")
+        import openai
+
+        chat = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        reply = chat.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
+        health = httpx.get(server.url + "/health").json()
+    finally:
+        stop_twistd(server)
     default, floats = got["default"], got["floats"]
     assert [d.index for d in default.data] == [0, 1, 2]
     for text, d in zip(TEXTS[:3], default.data, strict=True):
@@ -259,6 +241,9 @@ async def test_the_openai_sdk_float_and_its_default_base64(
     refused = got["refused"]
     assert refused is not None and refused.status_code == 400
     assert refused.body["param"] == "dimensions"
+    # The same server still chats; its embedding context loaded when first asked for.
+    assert reply.choices[0].message.content
+    assert health["models"][0]["embeddings"] == {"state": "ready", "loads": 1}
 
 
 @pytest_twisted.ensureDeferred
