@@ -48,19 +48,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._engine.embed import Embedder, fits
-from .._engine.interface import Aborted, AbortFlag, LoadAborted
+from .._engine.interface import Aborted, AbortFlag
 from .._types import Stage
 from .job import SHUTTING_DOWN, JobCancelled
-from .worker import DrainResult, ModelState, NotReady, QueueFull, ShuttingDown, WorkerThreads
+from .runner import ModelRunner, QueueFull, WorkerThreads
 
 __all__ = ["BatchStats", "EmbeddingWorker"]
 
@@ -102,7 +101,7 @@ class _Request:
 _Outcome = list[list[float]] | Failure | None
 
 
-class EmbeddingWorker(Service):
+class EmbeddingWorker(ModelRunner):
     """
     Runs one L{Embedder}'s requests, batching inputs across them, with a
     queue of at most C{max_queue} waiting requests.
@@ -123,39 +122,17 @@ class EmbeddingWorker(Service):
         clock: IReactorTime | None = None,
         on_demand: bool = False,
     ) -> None:
+        super().__init__(
+            embedder,
+            threads,
+            max_queue,
+            drain_timeout=drain_timeout,
+            clock=clock,
+            on_demand=on_demand,
+        )
         self.embedder = embedder
-        self.threads = threads
-        self.max_queue = max_queue
-        self.drain_timeout = drain_timeout
-        self.on_demand = on_demand
-        if clock is None:
-            from twisted.internet import reactor
-
-            clock = reactor
-        self.clock: IReactorTime = clock
-        self.state = ModelState.UNLOADED
-        #: The load's progress (0..1) as the backend reports it, while loading.
-        self.load_progress = 0.0
-        #: Seconds the last load took (0 before any).
-        self.load_seconds = 0.0
-        self.load_error: Failure | None = None
-        self._stop_load = False
-        self.loads = 0
-        self.unloads = 0
-        #: The clock's time of the last request submitted or ended.
-        self.last_used = self.clock.seconds()
-        #: Called (in the reactor) when a request waits for a model not loaded.
-        self.demand: Callable[[EmbeddingWorker], None] | None = None
-        #: Called when nothing runs or waits any more (the model may go).
-        self.idle_observers: list[Callable[[EmbeddingWorker], None]] = []
         #: Called in the reactor after every batch.
         self.batch_observers: list[Callable[[BatchStats], None]] = []
-        self.loaded: Deferred[None] = Deferred()
-        self.draining = False
-        self.drain_result: DrainResult | None = None
-        self._drained: Deferred[None] | None = None
-        self._drain_timer: IDelayedCall | None = None
-        self._drain_started = 0.0
         #: Guards L{_queue}, each request's C{taken}, L{_batch} and the
         #: decisions to set or clear L{_abort}.
         self._lock = threading.Lock()
@@ -168,12 +145,7 @@ class EmbeddingWorker(Service):
         self._abort = AbortFlag()
         self._loop: Deferred[None] | None = None
 
-    # -- state -----------------------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        """The model is loaded and runs requests."""
-        return self.state is ModelState.READY
+    # -- what the runner asks ------------------------------------------------
 
     @property
     def idle(self) -> bool:
@@ -190,98 +162,11 @@ class EmbeddingWorker(Service):
         """The model thread is working on (or about to pick) a batch."""
         return self._loop is not None
 
-    def check_ready(self) -> None:
-        """Raise L{NotReady}, saying why, unless requests can be admitted."""
-        if self.load_error is not None and not self.on_demand:
-            raise NotReady("the model failed to load")
-        if self.draining or not self.running:
-            raise ShuttingDown("the server is shutting down")
-        if not self.ready and not self.on_demand:
-            raise NotReady("the model is still loading")
+    def _waiting(self) -> bool:
+        return bool(self._queue)
 
-    def offload(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        """C{f(*args)} off the reactor (tokenizing), once requests can be admitted."""
-        self.check_ready()
-        return self.threads.offload(f, *args)
-
-    # -- service, load, unload -------------------------------------------
-
-    def startService(self) -> None:
-        super().startService()
-        self.threads.start()
-        if not self.on_demand:
-            self.load()
-
-    def load(self) -> Deferred[None]:
-        """
-        Load the model in the model thread. Fires when it is loaded (the
-        queue then moves) or with the failure; the requests waiting for an
-        on-demand load that failed fail with L{NotReady}.
-        """
-        assert self.state is ModelState.UNLOADED, self.state
-        self.state = ModelState.LOADING
-        self.load_progress = 0.0
-        self._stop_load = False
-        self.load_error = None
-        started = self.clock.seconds()
-        d = self.threads.call(self.embedder.load, self._progress)
-
-        def loaded(_: object) -> None:
-            self.state = ModelState.READY
-            self.loads += 1
-            self.load_seconds = self.clock.seconds() - started
-            if not self.loaded.called:
-                self.loaded.callback(None)
-            self._start_loop()
-            self._check_idle()
-
-        def failed(f: Failure) -> None:
-            self.state = ModelState.UNLOADED
-            if f.check(LoadAborted):
-                log.info(
-                    "ds4tw: {model}: load stopped: nobody waits for it any more",
-                    model=self.embedder.model_id,
-                )
-                self._check_idle()
-                return
-            self.load_error = f
-            log.failure(
-                "ds4tw: {model}: the embedding model failed to load",
-                f,
-                model=self.embedder.model_id,
-            )
-            if not self.on_demand:
-                self.loaded.errback(f)
-                return
-            self.refuse(NotReady(f"the model failed to load: {f.getErrorMessage()}"))
-
-        d.addCallbacks(loaded, failed)
-        return d
-
-    def _progress(self, fraction: float) -> bool:
-        # The model thread, inside llama.cpp's load: plain writes and reads.
-        self.load_progress = fraction
-        return not self._stop_load
-
-    def loading(self) -> float | None:
-        """How far the load is (0..1) while requests wait for it; None once loaded."""
-        if self.state is ModelState.READY:
-            return None
-        return self.load_progress if self.state is ModelState.LOADING else 0.0
-
-    def unload(self) -> Deferred[None]:
-        """Close the model, only while nothing runs or waits."""
-        assert self.state is ModelState.READY and self.idle, (self.state, self.idle)
-        self.state = ModelState.UNLOADING
-        d = self.threads.call(self.embedder.close)
-
-        def unloaded(result: object) -> object:
-            self.state = ModelState.UNLOADED
-            self.unloads += 1
-            self._want()
-            return result
-
-        return d.addBoth(unloaded)
+    def _go(self) -> None:
+        self._start_loop()
 
     def refuse(self, error: Exception) -> None:
         """Fail every request still waiting for the model with C{error}."""
@@ -294,65 +179,13 @@ class EmbeddingWorker(Service):
         self._check_drained()
         self._check_idle()
 
-    def _want(self) -> None:
-        if self.demand is not None and self.state is ModelState.UNLOADED and self._queue:
-            self.demand(self)
-
-    def _check_idle(self) -> None:
-        if not self.idle:
-            return
-        if self.state is ModelState.LOADING:
-            # The last client waiting for this load left: stop it.
-            self._stop_load = True
-        for observer in list(self.idle_observers):
-            observer(self)
-
-    def stopService(self) -> Deferred[None]:
-        """
-        Drain: no new request; the queued and running ones get
-        C{drain_timeout} seconds, then fail as cut off by the shutdown.
-        Then close the model and stop the model thread.
-        """
-        super().stopService()
-        self.draining = True
-        self.drain_result = DrainResult()
-        self._drain_started = self.clock.seconds()
-        pending: Deferred[None] = Deferred()
-        self._drained = pending
-        if self.drain_timeout > 0:
-            self._drain_timer = self.clock.callLater(self.drain_timeout, self._drain_expired)
-        else:
-            self._drain_expired()
-        self._check_drained()
-
-        def close(_: object) -> Deferred[None]:
-            return self.threads.call(self.embedder.close)
-
-        def stop(_: object) -> None:
-            self.threads.stop()
-
-        pending.addBoth(close)
-        pending.addBoth(stop)
-        return pending
-
-    def _drain_expired(self) -> None:
-        self._drain_timer = None
-        if self.drain_result is not None:
-            self.drain_result.timed_out = bool(self._requests)
+    def _cut_off(self) -> bool:
+        """The drain timeout: every request left fails as cut off by the shutdown."""
+        left = bool(self._requests)
         for r in list(self._requests):
             stage = Stage.QUEUED if r.taken == 0 else Stage.PREFILL
             self._cancel(r, Failure(JobCancelled(stage, SHUTTING_DOWN)))
-
-    def _check_drained(self) -> None:
-        if self._drained is None or self._requests or self._loop is not None:
-            return
-        drained, self._drained = self._drained, None
-        if self._drain_timer is not None and self._drain_timer.active():
-            self._drain_timer.cancel()
-        self._drain_timer = None
-        assert self.drain_result is not None
-        self.drain_result.seconds = self.clock.seconds() - self._drain_started
-        drained.callback(None)
+        return left
 
     # -- requests ----------------------------------------------------------
 

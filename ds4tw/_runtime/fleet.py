@@ -29,7 +29,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from .._engine.embed import Embedder
 from .._engine.interface import Engine, MemoryUse
 from .embedding import EmbeddingWorker
+from .runner import ModelRunner
 from .worker import ModelState, NotReady, Worker, WorkerThreads
 
 __all__ = ["Fleet", "Model", "ModelTooLarge", "is_glob"]
@@ -51,37 +52,6 @@ _MIB = 2**20
 
 class ModelTooLarge(NotReady):
     """The model alone needs more memory than the budget allows."""
-
-
-class Runner(Protocol):
-    """
-    What the fleet loads and unloads: a chat model's L{Worker} or an
-    embedding model's L{EmbeddingWorker}, which keep their own queues.
-    """
-
-    name: str
-    state: ModelState
-    last_used: float
-    load_seconds: float
-    load_progress: float
-    loads: int
-    load_error: Failure | None
-    draining: bool
-
-    @property
-    def idle(self) -> bool: ...
-
-    @property
-    def queue_depth(self) -> int: ...
-
-    @property
-    def ready(self) -> bool: ...
-
-    def load(self) -> Deferred[None]: ...
-
-    def unload(self) -> Deferred[None]: ...
-
-    def refuse(self, error: Exception) -> None: ...
 
 
 @dataclass(eq=False)
@@ -144,7 +114,7 @@ class Model:
         return self._embedding_worker
 
     @property
-    def runner(self) -> Runner:
+    def runner(self) -> ModelRunner:
         """The main worker: the chat one, else the embedding one."""
         return self._units[0].runner
 
@@ -187,7 +157,7 @@ class _Unit:
     """One thing the budget counts and the fleet loads: a model's chat engine or its embedder."""
 
     model: Model
-    runner: Runner
+    runner: ModelRunner
     memory_of: Callable[[], MemoryUse]
     #: The model's own C{memory_bytes} applies to its first unit.
     first: bool

@@ -36,7 +36,7 @@ from ds4tw._engine.embed import LlamaEmbedder
 from ds4tw._engine.interface import Aborted, AbortFlag
 from ds4tw._engine.llama import no_extra_buffers
 from ds4tw._runtime.embedding import BatchStats, EmbeddingWorker
-from ds4tw._runtime.worker import PoolThreads
+from ds4tw._runtime.modelthread import ModelThread
 
 from .conftest import start_twistd, stop_twistd
 
@@ -91,7 +91,7 @@ class Served:
 @asynccontextmanager
 async def serving(path: str, **kw: Any) -> AsyncIterator[Served]:
     embedder = LlamaEmbedder(path, n_threads=2, **kw)
-    worker = EmbeddingWorker(embedder, PoolThreads(reactor), 128, drain_timeout=5)
+    worker = EmbeddingWorker(embedder, ModelThread(reactor), 128, drain_timeout=5)
     batches: list[BatchStats] = []
     worker.batch_observers.append(batches.append)
     worker.startService()

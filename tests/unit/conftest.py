@@ -85,7 +85,7 @@ def no_logged_errors(request: pytest.FixtureRequest) -> Iterator[None]:
         globalLogPublisher.removeObserver(observe)
     if request.node.get_closest_marker("logs_engine_errors"):
         # A job's failure, or a model's failed load, logged with its traceback.
-        engine = ("ds4tw._runtime.joblog", "ds4tw._runtime.worker")
+        engine = ("ds4tw._runtime.joblog", "ds4tw._runtime.runner")
         errors = [e for e in errors if e.get("log_namespace") not in engine]
     if request.node.get_closest_marker("logs_unhandled_errors"):
         errors = [e for e in errors if e.get("log_namespace") != "ds4tw._api.routing"]

@@ -122,7 +122,7 @@ PRIVATE_ON_PURPOSE = {
     ("Server.worker", "ds4tw._runtime.worker.Worker"),
     ("Model.worker", "ds4tw._runtime.worker.Worker"),
     ("Model.embedding_worker", "ds4tw._runtime.embedding.EmbeddingWorker"),
-    ("Model.runner", "ds4tw._runtime.fleet.Runner"),
+    ("Model.runner", "ds4tw._runtime.runner.ModelRunner"),
     ("Server.embedding_target", "ds4tw._api.openai.embeddings.EmbeddingTarget"),
 }
 
