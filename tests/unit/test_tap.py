@@ -258,3 +258,100 @@ def test_a_chat_template_that_cannot_render_is_a_usage_error(tmp_path: Path) -> 
     good = tmp_path / "good.jinja"
     good.write_text("{% for m in messages %}{{ m.content }}{% endfor %}", encoding="utf-8")
     assert parse("--chat-template", str(good))["chat-template-text"].startswith("{% for")
+
+
+def _models_file(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "models.toml"
+    path.write_text(body.format(model=demo_model_path()))
+    return str(path)
+
+
+MODELS = """
+default = "coder"
+
+[models.coder]
+path = "{model}"
+aliases = ["claude-sonnet-*"]
+ctx = 2048
+parallel = 2
+tool_call_parser = "hermes"
+
+[models.small]
+path = "{model}"
+aliases = ["claude-haiku-*"]
+embeddings = true
+cache_ram_mb = 0
+
+[models.embed]
+path = "{model}"
+kind = "embedding"
+ctx = 256
+pooling = "cls"
+aliases = ["text-embedding-*"]
+"""
+
+
+def test_a_models_file_builds_a_fleet_loaded_on_demand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "setswitchinterval", lambda v: None)
+    o = Options()
+    o.parseOptions(
+        ["--models", _models_file(tmp_path, MODELS), "--models-memory-mb", "900"]
+        + ["--idle-unload", "600", "--cache-ram-mb", "64"]
+    )
+    service = makeService(o)
+    server = next(s for s in service if isinstance(s, Server))
+    fleet = server.fleet
+    assert list(fleet.models) == ["coder", "small", "embed"]
+    assert (fleet.default, fleet.budget, fleet.idle_unload) == ("coder", 900 * 2**20, 600)
+    coder, small, embed = fleet.models.values()
+    # The file's options over the command line's, the rest from it.
+    assert coder.engine is not None and coder.engine.n_ctx == 2048 and coder.engine.slots == 2
+    assert coder.tool_call_parser == "hermes"
+    assert coder.engine.prompt_cache is not None
+    assert small.engine is not None and small.engine.prompt_cache is None
+    assert small.embedder is not None and small.kind == "chat"
+    assert embed.engine is None and embed.kind == "embedding"
+    assert embed.embedder is not None
+    assert (embed.embedder.n_ctx, embed.embedder.pooling) == (256, "cls")
+    # Nothing loads at start.
+    assert all(m.runner.on_demand for m in fleet.models.values())
+    assert fleet.find("claude-haiku-4-5") is small
+
+
+def test_models_and_a_single_model_do_not_mix(tmp_path: Path) -> None:
+    with pytest.raises(usage.UsageError, match="--model serves one model"):
+        Options().parseOptions(
+            ["--model", str(demo_model_path()), "--models", _models_file(tmp_path, MODELS)]
+        )
+
+
+def test_a_bad_models_file_is_a_usage_error_naming_the_key(tmp_path: Path) -> None:
+    bad = _models_file(tmp_path, '[models.x]\npath = "{model}"\nctxx = 4\n')
+    with pytest.raises(usage.UsageError, match="ctxx"):
+        Options().parseOptions(["--models", bad])
+
+
+def test_a_models_dir_serves_every_gguf_under_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "setswitchinterval", lambda v: None)
+    (tmp_path / "alpha.gguf").symlink_to(demo_model_path())
+    (tmp_path / "mmproj-alpha.gguf").symlink_to(demo_model_path())
+    o = Options()
+    o.parseOptions(["--models-dir", str(tmp_path)])
+    server = next(s for s in makeService(o) if isinstance(s, Server))
+    assert list(server.fleet.models) == ["alpha"]
+    assert server.fleet.default is None
+
+
+def test_embeddings_serves_the_single_model_from_a_second_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "setswitchinterval", lambda v: None)
+    o = Options()
+    o.parseOptions(["--model", str(demo_model_path()), "--embeddings", "--pooling", "last"])
+    server = next(s for s in makeService(o) if isinstance(s, Server))
+    (model,) = server.fleet.models.values()
+    assert model.engine is not None and model.embedder is not None
+    assert model.embedder.pooling == "last"
+    # The chat model loads at start, as --model always has; the embedder when asked.
+    assert not model.worker.on_demand
+    assert model.embedding_worker is not None and model.embedding_worker.on_demand
