@@ -291,13 +291,14 @@ aliases = ["text-embedding-*"]
 """
 
 
-def test_a_models_file_builds_a_fleet_loaded_on_demand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_models_file_builds_a_fleet_loaded_on_demand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(sys, "setswitchinterval", lambda v: None)
     o = Options()
-    o.parseOptions(
-        ["--models", _models_file(tmp_path, MODELS), "--models-memory-mb", "900"]
-        + ["--idle-unload", "600", "--cache-ram-mb", "64"]
-    )
+    models = _models_file(tmp_path, MODELS)
+    budget = ["--models-memory-mb", "900", "--idle-unload", "600", "--cache-ram-mb", "64"]
+    o.parseOptions(["--models", models, *budget])
     service = makeService(o)
     server = next(s for s in service if isinstance(s, Server))
     fleet = server.fleet
@@ -331,7 +332,9 @@ def test_a_bad_models_file_is_a_usage_error_naming_the_key(tmp_path: Path) -> No
         Options().parseOptions(["--models", bad])
 
 
-def test_a_models_dir_serves_every_gguf_under_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_models_dir_serves_every_gguf_under_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(sys, "setswitchinterval", lambda v: None)
     (tmp_path / "alpha.gguf").symlink_to(demo_model_path())
     (tmp_path / "mmproj-alpha.gguf").symlink_to(demo_model_path())
