@@ -8,9 +8,8 @@ C{twistd ds4tw --embeddings} on a real loopback port, the same server
 still answering chat.
 
 The reference C{Llama} runs before the worker starts, never beside it
-(one ggml compute thread at a time). The throughput comparison at the
-end prints its numbers; it asserts only that the batched run really
-batched, since timings on a shared 2-core machine are not a test.
+(one ggml compute thread at a time). How much batching saves is measured
+outside the tests; here only that inputs waiting together share decodes.
 """
 
 from __future__ import annotations
@@ -247,23 +246,17 @@ def test_the_openai_sdk_against_twistd_with_embeddings(
 
 
 @pytest_twisted.ensureDeferred
-async def test_measure_batched_against_one_at_a_time(model_path: str) -> None:
+async def test_inputs_that_wait_together_share_decodes(model_path: str) -> None:
+    """
+    64 requests submitted at once take a few decodes, not 64. (How much
+    that saves is the benchmark's business, not a test's: batched ran
+    1.2-1.5x the embeddings per second of one at a time here.)
+    """
     texts = [f"Short sentence number {i} about the weather in a small town." for i in range(64)]
     async with serving(model_path, n_ctx=512, n_seq=64) as served:
         tokens = [served.embedder.tokenize(t) for t in texts]
-        await served.worker.submit(tokens[:2])  # warm up
-        started = time.monotonic()
-        for t in tokens:
-            await served.worker.submit([t])
-        alone = time.monotonic() - started
         before = len(served.batches)
-        started = time.monotonic()
         results = await DeferredList([served.worker.submit([t]) for t in tokens])
-        batched = time.monotonic() - started
         decodes = len(served.batches) - before
     assert all(ok for ok, _ in results)
     assert decodes < 64 / 4
-    print(
-        f"\n64 short texts ({sum(map(len, tokens))} tokens): one at a time {64 / alone:.1f}/s, "
-        f"batched {64 / batched:.1f}/s in {decodes} decodes: x{alone / batched:.2f}"
-    )
