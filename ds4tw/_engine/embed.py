@@ -63,6 +63,7 @@ from .llama import (
     DECODE_ABORTED,
     _Batch,
     _llama_log,
+    _Vocab,
     abort_callback,
     no_extra_buffers,
 )
@@ -263,7 +264,42 @@ def measured_memory(lines: Sequence[str]) -> MemoryUse:
     )
 
 
-class LlamaEmbedder:
+class _Sizes:
+    """What every embedder says of its shape (set by each one's constructor or prepare)."""
+
+    _n_ctx: int
+    _n_batch: int
+    _n_seq: int
+    _n_embd: int
+    _n_vocab: int
+    _pooling: str
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    @property
+    def n_batch(self) -> int:
+        return self._n_batch
+
+    @property
+    def n_seq(self) -> int:
+        return self._n_seq
+
+    @property
+    def n_embd(self) -> int:
+        return self._n_embd
+
+    @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    @property
+    def pooling(self) -> str:
+        return self._pooling
+
+
+class LlamaEmbedder(_Sizes):
     """
     A GGUF model through llama-cpp-python, loaded for embeddings.
 
@@ -313,7 +349,7 @@ class LlamaEmbedder:
         self._pooling_option = pooling
         self._pooling = pooling or "mean"
         self._prepare_lock = threading.Lock()
-        self._vocab: Any = None
+        self._vocab: _Vocab | None = None
         self._metadata: dict[str, str] = {}
         self._n_embd = 0
         self._n_vocab = 0
@@ -326,48 +362,17 @@ class LlamaEmbedder:
 
     # -- any thread ------------------------------------------------------
 
-    @property
-    def n_ctx(self) -> int:
-        return self._n_ctx
-
-    @property
-    def n_batch(self) -> int:
-        return self._n_batch
-
-    @property
-    def n_seq(self) -> int:
-        return self._n_seq
-
-    @property
-    def n_embd(self) -> int:
-        return self._n_embd
-
-    @property
-    def n_vocab(self) -> int:
-        return self._n_vocab
-
-    @property
-    def pooling(self) -> str:
-        return self._pooling
-
     def prepare(self) -> None:
         with self._prepare_lock:
             if self._vocab is not None:
                 return
-            from llama_cpp import _internals
-            from llama_cpp import llama_cpp as C
-
             if not self.model_path.is_file():
                 raise FileNotFoundError(f"model file not found: {self.model_path}")
-            params = C.llama_model_default_params()
-            params.vocab_only = True
-            # The vocabulary only: no context, no weights (a tenth of a
-            # second for the demo model), so tokenizing and the model's
-            # shape are known before the load is even decided.
-            vocab = _internals.LlamaModel(
-                path_model=str(self.model_path), params=params, verbose=False
-            )
-            md = vocab.metadata()
+            # The vocabulary only, as the chat engine reads it: no context, no
+            # weights, so tokenizing and the model's shape are known before
+            # the load is even decided.
+            vocab = _Vocab(self.model_path, {})
+            md = vocab.metadata
             arch = md.get("general.architecture", "")
             try:
                 self._n_embd = int(md[f"{arch}.embedding_length"])
@@ -375,7 +380,7 @@ class LlamaEmbedder:
                 raise ValueError(
                     f"{self.model_path}: no {arch}.embedding_length in the GGUF"
                 ) from e
-            self._n_vocab = int(vocab.n_vocab())
+            self._n_vocab = vocab.n_vocab
             train = int(md.get(f"{arch}.context_length", "0") or 0)
             if train and self._n_ctx > train:
                 log.info(
@@ -406,8 +411,8 @@ class LlamaEmbedder:
 
     def tokenize(self, text: str) -> list[int]:
         self.prepare()
-        tokens: list[int] = self._vocab.tokenize(text.encode("utf-8"), True, True)
-        return tokens
+        assert self._vocab is not None
+        return self._vocab.tokenize(text, add_bos=True)
 
     def memory(self) -> MemoryUse:
         if self._memory is not None:
@@ -560,7 +565,7 @@ class LlamaEmbedder:
         return out
 
 
-class ScriptedEmbedder:
+class ScriptedEmbedder(_Sizes):
     """
     An L{Embedder} with no model, for tests (public as
     C{ds4tw.testing.ScriptedEmbedder}).
@@ -610,30 +615,6 @@ class ScriptedEmbedder:
         #: Calls stopped by their abort flag.
         self.aborted: list[list[list[int]]] = []
         self.embed_hook: Callable[[], object] | None = None
-
-    @property
-    def n_ctx(self) -> int:
-        return self._n_ctx
-
-    @property
-    def n_batch(self) -> int:
-        return self._n_batch
-
-    @property
-    def n_seq(self) -> int:
-        return self._n_seq
-
-    @property
-    def n_embd(self) -> int:
-        return self._n_embd
-
-    @property
-    def n_vocab(self) -> int:
-        return self._n_vocab
-
-    @property
-    def pooling(self) -> str:
-        return self._pooling
 
     @property
     def inputs_per_call(self) -> list[int]:
