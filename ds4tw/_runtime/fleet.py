@@ -26,7 +26,6 @@ Covered by tests/unit/test_fleet.py and tests/integration/test_models.py.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,10 +39,11 @@ from twisted.python.failure import Failure
 from .._engine.embed import Embedder
 from .._engine.interface import Engine, MemoryUse
 from .embedding import EmbeddingWorker
+from .modelset import Names
 from .runner import ModelRunner
 from .worker import ModelState, NotReady, Worker, WorkerThreads
 
-__all__ = ["Fleet", "Model", "ModelTooLarge", "is_glob"]
+__all__ = ["Fleet", "Model", "ModelTooLarge"]
 
 log = Logger()
 
@@ -217,6 +217,7 @@ class Fleet(MultiService):
         if default is not None and default not in self.models:
             raise ValueError(f"the default model {default!r} is not one of the models")
         self.default = default
+        self._names = Names(((m.name, m.aliases) for m in models), default)
         self.budget = budget
         self.idle_unload = idle_unload
         self.clock = clock
@@ -271,23 +272,8 @@ class Fleet(MultiService):
         C{fallback}) the default: a single C{--model} server's one model
         serves every name, as it always has.
         """
-        if name:
-            found = self.models.get(name)
-            if found is not None:
-                return found
-            for model in self.models.values():
-                if name in model.aliases:
-                    return model
-            for model in self.models.values():
-                if any(fnmatch.fnmatchcase(name, a) for a in model.aliases if is_glob(a)):
-                    return model
-        if not fallback:
-            return None
-        if self.default is not None:
-            return self.models[self.default]
-        if len(self.models) == 1 and not name:
-            return next(iter(self.models.values()))
-        return None
+        found = self._names.match(name, fallback=fallback)
+        return None if found is None else self.models[found[0]]
 
     def prepared(self, model: Model) -> Deferred[None]:
         """
@@ -467,11 +453,6 @@ class Fleet(MultiService):
         self._wanting.clear()
         d: Deferred[None] = super().stopService()
         return d
-
-
-def is_glob(pattern: str) -> bool:
-    """An alias that is a pattern (C{claude-*}), not a name."""
-    return any(c in pattern for c in "*?[")
 
 
 class _Once:

@@ -103,6 +103,56 @@ def is_glob(alias: str) -> bool:
     return not GLOB_CHARS.isdisjoint(alias)
 
 
+class Names:
+    """
+    Which model a request's C{model} field means: the model of that name,
+    else the model with that exact alias, else the first glob alias that
+    matches in configured order, else the default; no name at all means
+    the default, or the only model. Shared by the configuration
+    (L{ModelSet}) and the running fleet (L{ds4tw._runtime.fleet.Fleet}),
+    so the two never disagree.
+    """
+
+    def __init__(
+        self, models: Iterable[tuple[str, Iterable[str]]], default: str | None = None
+    ) -> None:
+        self._names: list[str] = []
+        self._exact: dict[str, str] = {}
+        self._globs: list[tuple[str, str]] = []
+        for model, aliases in models:
+            self._names.append(model)
+            for alias in aliases:
+                if is_glob(alias):
+                    self._globs.append((alias, model))
+                elif alias != model:
+                    self._exact.setdefault(alias, model)
+        self._known = set(self._names)
+        self.default = default
+
+    def match(self, name: str | None, *, fallback: bool = True) -> tuple[str, str] | None:
+        """
+        The model's name and how it was matched, for the log: C{"name"},
+        C{"alias PATTERN"}, C{"default"} or C{"only model"}; None when
+        nothing matches (or only the fallback would, without C{fallback}).
+        """
+        if name:
+            if name in self._known:
+                return name, "name"
+            model = self._exact.get(name)
+            if model is not None:
+                return model, f"alias {name}"
+            for pattern, model in self._globs:
+                if fnmatchcase(name, pattern):
+                    return model, f"alias {pattern}"
+        if not fallback:
+            return None
+        if self.default is not None:
+            return self.default, "default"
+        if not name and len(self._names) == 1:
+            return self._names[0], "only model"
+        return None
+
+
 # strict: TOML has types, so a quoted number or a boolean where a number
 # belongs is a mistake to report, not to coerce.
 @dataclass(frozen=True, config=ConfigDict(extra="forbid", strict=True))
@@ -272,8 +322,6 @@ class ModelSet:
                 raise ModelSetError(f"model {spec.name!r} is defined twice: {where}")
             self._by_name[spec.name] = spec
             self._sources[spec.name] = source
-        self._exact: dict[str, ModelSpec] = {}
-        self._globs: list[tuple[str, ModelSpec]] = []
         owner: dict[str, ModelSpec] = {}
         for spec in self._specs:
             for alias in spec.aliases:
@@ -289,16 +337,13 @@ class ModelSet:
                         f"{self._other(owner[alias], spec)}"
                     )
                 owner[alias] = spec
-                if is_glob(alias):
-                    self._globs.append((alias, spec))
-                elif alias != spec.name:
-                    self._exact[alias] = spec
         if default is not None and default not in self._by_name:
             raise ModelSetError(
                 f"{default_source}: default {default!r} names no model "
                 f"(models: {', '.join(self._by_name) or 'none'})"
             )
         self._default = default
+        self._names = Names(((spec.name, spec.aliases) for spec in self._specs), default)
 
     def _at(self, spec: ModelSpec) -> str:
         return f"{self._sources[spec.name]}: model {spec.name!r}"
@@ -355,21 +400,11 @@ class ModelSet:
         C{"name"}, C{"alias PATTERN"}, C{"default"} or C{"only model"}
         (no name, one model). C{None}: no model, and no default.
         """
-        if name:
-            spec = self._by_name.get(name)
-            if spec is not None:
-                return spec, "name"
-            spec = self._exact.get(name)
-            if spec is not None:
-                return spec, f"alias {name}"
-            for pattern, spec in self._globs:
-                if fnmatchcase(name, pattern):
-                    return spec, f"alias {pattern}"
-        if self._default is not None:
-            return self._by_name[self._default], "default"
-        if not name and len(self._specs) == 1:
-            return self._specs[0], "only model"
-        return None
+        found = self._names.match(name)
+        if found is None:
+            return None
+        model, how = found
+        return self._by_name[model], how
 
     def resolve(self, name: str | None) -> ModelSpec | None:
         """

@@ -16,7 +16,8 @@ from typing import Any
 from twisted.web.server import Request
 
 from ..._errors import model_not_found
-from ..._runtime.fleet import Model, is_glob
+from ..._runtime.fleet import Model
+from ..._runtime.modelset import is_glob
 from ..dialect import Api, Begun, Dialect, Endpoint, Operation, Turn
 from ..host import Host
 from ..openapi import described
