@@ -22,10 +22,10 @@ if TYPE_CHECKING:
     from .._engine.template import ChatTemplate
     from .._formats.reasoning import ReasoningParser
     from .._formats.tools.parsers import ToolCallParser
+    from .._runtime.embedding import EmbeddingWorker
     from .._runtime.fleet import Fleet
     from .._runtime.metrics import Metrics
     from .._runtime.worker import Worker
-    from .openai.embeddings import EmbeddingTarget
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,30 @@ class ServerConfig:
     drain_timeout: float = 30.0
     #: Serve the chat page at C{/} (docs/ui.md); C{twistd ds4tw --no-ui} turns it off.
     ui: bool = True
+
+
+class EmbeddingTarget(Protocol):
+    """The model that answers an embeddings request, as the route sees it."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def n_ctx(self) -> int:
+        """The most tokens one input may have."""
+
+    @property
+    def n_vocab(self) -> int: ...
+
+    @property
+    def n_embd(self) -> int:
+        """The vectors' length."""
+
+    @property
+    def worker(self) -> EmbeddingWorker: ...
+
+    def tokenize(self, text: str) -> list[int]:
+        """Any thread; the route calls it in the offload pool."""
 
 
 class Host(Protocol):

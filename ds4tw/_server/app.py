@@ -33,9 +33,9 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .._api.dialect import dialect_for
-from .._api.host import Host, ServerConfig
+from .._api.host import EmbeddingTarget, Host, ServerConfig
 from .._api.ids import header_text, request_key
-from .._api.openai.embeddings import EmbeddingTarget, WorkerTarget
+from .._api.openai.embeddings import WorkerTarget
 from .._api.openapi import openapi_document
 from .._api.registry import DIALECTS
 from .._api.routing import ErrorBody, error_response, json_response, unexpected

@@ -24,16 +24,14 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
     from twisted.web.server import Request
 
-    from .._api.host import Host, ServerConfig
-    from .._api.openai.embeddings import EmbeddingTarget
+    from .._api.host import EmbeddingTarget, Host, ServerConfig
     from .._runtime.metrics import Metrics
-    from .app import Server
 
 
 class ModelHost:
     """One model of C{server}, with its template and parsers (read once, after prepare)."""
 
-    def __init__(self, server: Server, model: Model) -> None:
+    def __init__(self, server: Host, model: Model) -> None:
         self.server = server
         self.model = model
         self._reasoning_parser: ReasoningParser | None = None

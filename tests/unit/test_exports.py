@@ -123,7 +123,7 @@ PRIVATE_ON_PURPOSE = {
     ("Model.worker", "ds4tw._runtime.worker.Worker"),
     ("Model.embedding_worker", "ds4tw._runtime.embedding.EmbeddingWorker"),
     ("Model.runner", "ds4tw._runtime.runner.ModelRunner"),
-    ("Server.embedding_target", "ds4tw._api.openai.embeddings.EmbeddingTarget"),
+    ("Server.embedding_target", "ds4tw._api.host.EmbeddingTarget"),
 }
 
 

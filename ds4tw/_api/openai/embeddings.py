@@ -44,6 +44,7 @@ from ..._errors import APIError, invalid
 from ..._runtime.embedding import EmbeddingWorker
 from ..._runtime.worker import NotReady, QueueFull
 from ..dialect import Api, Operation
+from ..host import EmbeddingTarget
 from ..openapi import described
 from ..prompt import admission_error
 from ..routing import json_response, parse
@@ -107,30 +108,6 @@ class EmbeddingsRequest(BaseModel):
         if isinstance(value[0], int):
             return [[int(t) for t in value]]
         return [[int(t) for t in x] for x in value if isinstance(x, list)]
-
-
-class EmbeddingTarget(Protocol):
-    """The model that answers a request, as the route sees it."""
-
-    @property
-    def model_id(self) -> str: ...
-
-    @property
-    def n_ctx(self) -> int:
-        """The most tokens one input may have."""
-
-    @property
-    def n_vocab(self) -> int: ...
-
-    @property
-    def n_embd(self) -> int:
-        """The vectors' length."""
-
-    @property
-    def worker(self) -> EmbeddingWorker: ...
-
-    def tokenize(self, text: str) -> list[int]:
-        """Any thread; the route calls it in the offload pool."""
 
 
 class Embedders(Protocol):
