@@ -67,6 +67,8 @@ class ModelThread:
         self._users = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
+        #: The thread L{stop} let go, for L{join}.
+        self._ended: threading.Thread | None = None
 
     # -- WorkerThreads ------------------------------------------------------
 
@@ -80,17 +82,28 @@ class ModelThread:
             self._thread.start()
 
     def stop(self) -> None:
-        """Stop the thread once the last user stops and its queued work is done."""
+        """
+        Let the thread end once the last user stops and its queued work is
+        done. Not joined here: this runs in the reactor thread, which must
+        never wait on the model thread (its users stop it only after their
+        last call, the model's close, has come back, so nothing of theirs
+        is left on it); L{join} waits for it where waiting is fine.
+        """
         with self._lock:
             self._users -= 1
             if self._users > 0 or self._thread is None:
                 return
             self._stopping = True
-            thread, self._thread = self._thread, None
+            self._ended, self._thread = self._thread, None
             self._lock.notify()
-        # Work still queued runs first (a close after a drain); joined so
-        # that the reactor's shutdown never leaves the thread in ggml.
-        thread.join()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait (never in the reactor thread) for a stopped thread to end; whether it has."""
+        ended = self._ended
+        if ended is not None:
+            ended.join(timeout)
+            return not ended.is_alive()
+        return self._thread is None
 
     def call(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
         d: Deferred[_T] = Deferred()

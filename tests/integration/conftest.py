@@ -83,13 +83,18 @@ def start_twistd(tmp: Path, *args: str, port: int | None = None) -> Twistd:
         str(BIN / "twistd"), "--nodaemon", "--pidfile=", f"--logfile={log}",
         "ds4tw", "--listen", f"tcp:{port}:interface=127.0.0.1", *args,
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # faulthandler: a server that hangs is made to say where (stop_twistd).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+    with open(tmp / "stderr.log", "wb") as stderr:  # the child keeps its own copy
+        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stderr=stderr)
     server = Twistd(proc, port, log)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            said = (tmp / "stderr.log").read_text(errors="replace")
             raise AssertionError(
                 f"twistd exited with {proc.returncode}:\n{log.read_text() if log.exists() else ''}"
+                f"{said}"
             )
         try:
             if httpx.get(server.url + "/health", timeout=1).status_code == 200:
@@ -106,8 +111,16 @@ def stop_twistd(server: Twistd) -> None:
     try:
         server.proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        server.proc.kill()
-        raise AssertionError("twistd did not stop within 30 s of SIGTERM") from None
+        # Every thread's Python stack, written by faulthandler on SIGABRT.
+        server.proc.send_signal(signal.SIGABRT)
+        try:
+            server.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+        stacks = (server.log.parent / "stderr.log").read_text(errors="replace")
+        raise AssertionError(
+            f"twistd did not stop within 30 s of SIGTERM; its threads:\n{stacks[-6000:]}"
+        ) from None
 
 
 @pytest.fixture(scope="module")

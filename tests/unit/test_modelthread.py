@@ -53,6 +53,7 @@ def test_two_models_loops_take_turns_one_step_each() -> None:
     reactor.settle(done, 2)
     thread.stop()
     thread.stop()
+    assert thread.join(timeout=10)
     # Neither waits for the other's whole reply.
     assert order == ["a", "b", "a", "b", "a", "b"]
 
@@ -77,6 +78,7 @@ def test_calls_run_in_order_between_steps_and_failures_reach_the_caller() -> Non
     thread.call(fails).addErrback(results.append)
     reactor.settle(results, 3)
     thread.stop()
+    assert thread.join(timeout=10)
     assert seen.index("load") < len(seen) - 1  # a load does not wait for a whole loop
     failure = next(r for r in results if isinstance(r, Failure))
     assert failure.check(OSError) and "no such model" in str(failure.value)
@@ -92,7 +94,10 @@ def test_the_thread_stops_after_the_last_user_once_its_work_is_done() -> None:
     assert "ds4tw-model" in names  # one user left
     closed: list[object] = []
     thread.call(closed.append, "closed")
-    thread.stop()  # joins: the queued close ran first
+    # Never waits in the reactor thread: the thread ends by itself once the
+    # queued close has run.
+    thread.stop()
+    assert thread.join(timeout=10)
     f, args = reactor.calls.get(timeout=1)
     f(*args)
     assert closed == ["closed"]
