@@ -48,7 +48,6 @@ the worker and the route) and tests/integration/test_embeddings_engine.py
 from __future__ import annotations
 
 import os
-import re
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -65,6 +64,7 @@ from .llama import (
     _llama_log,
     _Vocab,
     abort_callback,
+    logged_buffers,
     no_extra_buffers,
 )
 
@@ -240,25 +240,19 @@ def _load_progress(progress: LoadProgress | None) -> Iterator[Callable[[], bool]
         C.llama_model_default_params = original
 
 
-_BUFFER_LOG = re.compile(r"(\S+)\s+(model|KV|output|compute) buffer size =\s+([\d.]+) MiB")
-
-
-def measured_memory(lines: Sequence[str]) -> MemoryUse:
+def measured_memory(llm: Any, lines: Sequence[str]) -> MemoryUse:
     """
-    What llama.cpp said it allocated while loading (its load log): model
-    buffers are the weights, KV buffers the cache, output and compute
-    buffers the scratch for a decode.
+    What the loaded embedder takes, measured as the chat engine measures
+    itself: its tensors (C{llama_model_size}), and the KV and compute
+    buffers llama.cpp logged allocating while loading (L{logged_buffers}).
     """
-    parts = {"model": 0.0, "KV": 0.0, "output": 0.0, "compute": 0.0}
-    for line in lines:
-        m = _BUFFER_LOG.search(line)
-        if m:
-            parts[m.group(2)] += float(m.group(3))
-    mib = 2**20
+    import llama_cpp
+
+    logged = logged_buffers(lines)
     return MemoryUse(
-        weights=int(parts["model"] * mib),
-        kv=int(parts["KV"] * mib),
-        compute=int((parts["output"] + parts["compute"]) * mib),
+        weights=int(llama_cpp.llama_model_size(llm._model.model)),
+        kv=logged.get("kv", 0),
+        compute=logged.get("compute", 0),
         cache=0,
         measured=True,
     )
@@ -490,7 +484,7 @@ class LlamaEmbedder(_Sizes):
         self._abort_cb = abort_callback()
         self._watched = None
         self._watch(None)
-        self._memory = measured_memory(lines)
+        self._memory = measured_memory(llm, lines)
         log.info(
             "ds4tw: loaded {path} for embeddings ({pooling} pooling, {n_embd} dimensions; "
             "inputs up to {n_ctx} tokens, {n_seq} inputs and {n_batch} tokens per decode, "
