@@ -63,8 +63,10 @@ def test_calls_run_in_order_between_steps_and_failures_reach_the_caller() -> Non
     thread = ModelThread(reactor)
     seen: list[str] = []
     results: list[object] = []
+    gate = threading.Event()
 
     def loop() -> Iterator[None]:
+        gate.wait(10)  # the calls are queued while the first step runs
         for i in range(3):
             seen.append(f"step {i}")
             yield
@@ -76,6 +78,7 @@ def test_calls_run_in_order_between_steps_and_failures_reach_the_caller() -> Non
     thread.run(loop()).addCallback(results.append)
     thread.call(seen.append, "load").addCallback(results.append)
     thread.call(fails).addErrback(results.append)
+    gate.set()
     reactor.settle(results, 3)
     thread.stop()
     assert thread.join(timeout=10)
