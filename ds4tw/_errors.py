@@ -53,14 +53,22 @@ def from_validation(error: ValidationError) -> APIError:
     return invalid(f"{loc}: {msg}" if loc else msg, param=loc or None)
 
 
+@dataclass
+class ModelNotFound(APIError):
+    """A request naming a model this server does not run (Ollama words it its own way)."""
+
+    name: str = ""
+
+
 def model_not_found(name: str) -> APIError:
     """A request naming a model this server does not run (OpenAI's wording and code)."""
-    return APIError(
+    return ModelNotFound(
         404,
         f"The model `{name}` does not exist or you do not have access to it.",
         "not_found_error",
         "model",
         "model_not_found",
+        name=name,
     )
 
 

@@ -17,7 +17,7 @@ each dialect's route tests.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -29,6 +29,7 @@ from .._formats.tools.spec import ResponseFormat, Tooling
 from .._types import Collected, StreamRenderer
 from .ids import IdKind
 from .routing import ErrorBody, validated
+from .sse import SSE, Framing
 
 if TYPE_CHECKING:
     from .host import Host, ServerConfig
@@ -54,6 +55,8 @@ class Turn:
     @param max_tokens: what the client asked for; None for whatever the
         context leaves.
     @param param: the request field the prompt came from, for errors.
+    @param context: a context smaller than the model's that the client
+        asked to run in (Ollama's C{num_ctx}); None for the model's.
     """
 
     what: str
@@ -69,6 +72,7 @@ class Turn:
     response_format: ResponseFormat | None = None
     max_tokens: int | None = None
     param: str = "messages"
+    context: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,9 @@ class Begun:
     #: The token budget the job runs with (the client's, capped by the context).
     max_tokens: int
     params: SamplingParams
+    #: When the request's handler began (C{time.monotonic()}), for
+    #: dialects that report a total duration (Ollama's).
+    started: float = 0.0
 
 
 class Builder(Protocol):
@@ -108,6 +115,9 @@ class Endpoint(Generic[_R]):
     @param builder: the answer's L{Builder}.
     @param parse: how a JSON body becomes the request, when it is more than
         C{request.model_validate} (the Responses API validates item by item).
+    @param early: answers a request that is not a model turn itself, with
+        a JSON body (Ollama's load and unload requests); None to run the
+        turn.
     """
 
     path: str
@@ -116,6 +126,7 @@ class Endpoint(Generic[_R]):
     turn: Callable[[_R], Turn]
     builder: Callable[[_R, Begun], Builder]
     parse: Callable[[dict[str, Any]], _R] | None = None
+    early: Callable[[Host, _R], Awaitable[dict[str, Any] | None]] | None = None
 
     def read(self, payload: dict[str, Any]) -> _R:
         """The body as this endpoint's request, or a 400 naming the first bad field."""
@@ -153,6 +164,11 @@ class Operation:
     errors: tuple[str, ...] = ()
 
 
+#: A dialect's keepalive for one stream: from the server's configuration and
+#: the answer's renderer, the frame for a stage name (None: an SSE comment).
+KeepaliveFrame = Callable[["ServerConfig", StreamRenderer], Callable[[str], bytes] | None]
+
+
 @dataclass(frozen=True)
 class Dialect:
     """
@@ -164,9 +180,13 @@ class Dialect:
         with no pattern is the fallback.
     @param error_schema: the error body's JSON Schema, named
         C{error_name} in C{/openapi.json}.
-    @param keepalive_frame: the frame that keeps this dialect's streams
-        alive under the server's configuration, given the stage; None for
-        an SSE comment naming the stage.
+    @param keepalive_frame: the frame that keeps one of this dialect's
+        streams alive under the server's configuration, given the stage;
+        None for an SSE comment naming the stage. It may ask the answer's
+        renderer (an Ollama keepalive is an empty chunk naming the
+        answer's model).
+    @param framing: SSE, or NDJSON (which has no comments: its dialect
+        gives a keepalive frame for every stream).
     """
 
     name: str
@@ -177,7 +197,8 @@ class Dialect:
     routes: ExtraRoutes | None = None
     operations: tuple[Operation, ...] = ()
     owns: re.Pattern[str] | None = None
-    keepalive_frame: Callable[[ServerConfig], Callable[[str], bytes] | None] = lambda _config: None
+    keepalive_frame: KeepaliveFrame = lambda _config, _renderer: None
+    framing: Framing = SSE
 
     def claims(self, path: str) -> bool:
         return self.owns is not None and self.owns.search(path) is not None

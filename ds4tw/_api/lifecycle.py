@@ -52,7 +52,7 @@ from .._types import (
 )
 from .host import Host
 from .prompt import Prompt, admission_error
-from .sse import DISCONNECTED, SSEStream, progress_text, wants_progress
+from .sse import DISCONNECTED, SSE, Framing, SSEStream, progress_text, wants_progress
 
 log = Logger()
 
@@ -109,6 +109,7 @@ def stream(
     job: Job,
     renderer: StreamRenderer,
     keepalive_frame: Callable[[str], bytes] | None = None,
+    framing: Framing = SSE,
 ) -> Deferred[None]:
     """
     Admit C{job} and stream it. Raises L{APIError} (nothing sent yet) if
@@ -124,7 +125,12 @@ def stream(
         keepalive_frame=keepalive_frame,
         on_keepalive=server.metrics.keepalive_sent,
         max_unsent=server.config.max_unsent_bytes,
-        progress=functools.partial(progress_text, job) if wants_progress(request) else None,
+        progress=(
+            functools.partial(progress_text, job)
+            if framing.comments and wants_progress(request)
+            else None
+        ),
+        framing=framing,
     )
     # Klein cancels the route's Deferred when the client goes: the same
     # path as the stream's own signals (SSEStream.lost).

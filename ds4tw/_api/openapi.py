@@ -20,6 +20,7 @@ from pydantic.json_schema import models_json_schema
 
 from .._version import __version__
 from .dialect import Dialect, Endpoint, Operation
+from .sse import Framing
 
 _REF = "#/components/schemas/{model}"
 
@@ -98,7 +99,7 @@ def openapi_document(
     for d, e in posts:
         # A turn streams, and takes the progress header; an operation says.
         if isinstance(e, Endpoint):
-            operation_id, parameters = e.name, [_PROGRESS]
+            operation_id, parameters = e.name, [_PROGRESS] if d.framing.comments else []
         else:
             operation_id, parameters = e.operation_id, list(e.parameters)
         paths[e.path] = {
@@ -112,14 +113,7 @@ def openapi_document(
                     "content": {"application/json": {"schema": names[(_body(e), "validation")]}},
                 },
                 "responses": {
-                    "200": {
-                        "description": "The result; with stream set to true, server-sent events "
-                        "(kept alive with comment frames while the model is busy).",
-                        "content": {
-                            "application/json": {"schema": {"type": "object"}},
-                            "text/event-stream": {"schema": {"type": "string"}},
-                        },
-                    },
+                    "200": _streamed(d.framing),
                     **_errors(d.error_name, ["400", *auth_errors, "405", "413", "500", "503"]),
                 },
             }
@@ -192,6 +186,23 @@ def openapi_document(
                 "bearerAuth": {"type": "http", "scheme": "bearer"},
                 "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"},
             },
+        },
+    }
+
+
+def _streamed(framing: Framing) -> dict[str, Any]:
+    """A turn's answer: one JSON body, or a stream in the dialect's framing."""
+    kind = framing.headers[b"content-type"].decode().split(";")[0]
+    how = (
+        "server-sent events (kept alive with comment frames while the model is busy)"
+        if framing.comments
+        else "newline-delimited JSON (kept alive with empty chunks while the model is busy)"
+    )
+    return {
+        "description": f"The result; with stream set to true, {how}.",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            kind: {"schema": {"type": "string"}},
         },
     }
 

@@ -179,9 +179,25 @@ async def _offload(server: Host, f: Callable[..., Any], *args: Any) -> Any:
     return await pending
 
 
-def max_tokens_for(server: Host, prompt: Prompt, requested: int | None) -> int:
-    """What is left of the context, capped by what the client asked for."""
-    room = server.engine.n_ctx - len(prompt.tokens)
+def max_tokens_for(
+    server: Host,
+    prompt: Prompt,
+    requested: int | None,
+    context: int | None = None,
+    param: str = "messages",
+) -> int:
+    """
+    What is left of the context, capped by what the client asked for.
+
+    @param context: a smaller context the client asked to run in
+        (Ollama's C{num_ctx}); a prompt that leaves it no room is a 400.
+    """
+    n_ctx = server.engine.n_ctx
+    if context is not None and context < n_ctx:
+        n_ctx = context
+    room = n_ctx - len(prompt.tokens)
+    if room < 1:
+        raise context_exceeded(len(prompt.tokens), n_ctx, param)
     return room if requested is None else min(requested, room)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from .anthropic.dialect import DIALECT as ANTHROPIC
 from .dialect import Dialect
+from .ollama.dialect import DIALECT as OLLAMA
 from .openai.dialect import DIALECT as OPENAI
 from .responses.dialect import DIALECT as RESPONSES
 
-DIALECTS: tuple[Dialect, ...] = (OPENAI, RESPONSES, ANTHROPIC)
+DIALECTS: tuple[Dialect, ...] = (OPENAI, RESPONSES, ANTHROPIC, OLLAMA)

@@ -13,6 +13,7 @@ tests/unit/test_anthropic.py and tests/unit/test_responses.py.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,11 +34,16 @@ async def run_turn(
     Serve one turn of C{endpoint} on the model it names (L{Host.for_model}):
     a stream (returns None once it ends) or a JSON body.
     """
+    started = time.monotonic()
     req = endpoint.read(routing.read_json(request, server.config.max_body_bytes))
+    if endpoint.early is not None:
+        answer = await endpoint.early(server, req)
+        if answer is not None:
+            return json_response(request, answer)
     turn = endpoint.turn(req)
     host = await server.for_model(turn.model)
     prompt = await prompt_for(host, turn)
-    max_tokens = max_tokens_for(host, prompt, turn.max_tokens)
+    max_tokens = max_tokens_for(host, prompt, turn.max_tokens, turn.context, turn.param)
     params = turn.sampling(max_tokens, prompt.stops)
     rid = response_id(turn.id_kind)
     job = lifecycle.new_job(
@@ -50,10 +56,12 @@ async def run_turn(
     )
     # The name the client asked for, as it asked (an alias stays an alias).
     model = turn.model or host.model_name
-    builder = endpoint.builder(req, Begun(rid, model, len(prompt.tokens), max_tokens, params))
+    begun = Begun(rid, model, len(prompt.tokens), max_tokens, params, started)
+    builder = endpoint.builder(req, begun)
     if turn.stream:
-        keepalive = dialect.keepalive_frame(server.config)
-        await lifecycle.stream(host, request, job, builder.stream(), keepalive)
+        renderer = builder.stream()
+        keepalive = dialect.keepalive_frame(server.config, renderer)
+        await lifecycle.stream(host, request, job, renderer, keepalive, dialect.framing)
         return None
     got = await lifecycle.collect(host, job)
     return json_response(request, builder.body(got))

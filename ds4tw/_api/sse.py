@@ -1,6 +1,7 @@
 """
-Server-sent events on a twisted.web request, the keepalive, and the
-stream's end, whichever way it comes.
+Server-sent events on a twisted.web request (or newline-delimited JSON,
+for Ollama's dialect: L{Framing}), the keepalive, and the stream's end,
+whichever way it comes.
 
 The keepalive is a per-stream L{LoopingCall} with interval K that writes
 an SSE comment frame naming what the server is doing (C{: queued},
@@ -40,13 +41,20 @@ untouched: a busy stream carries no comments, and a keepalive is the bare
 stage name, which clients and ds4tw's own benchmark match exactly.
 docs/ui.md has the format.
 
-Covered by tests/unit/test_keepalive.py and tests/unit/test_cancel.py.
+NDJSON (L{NDJSON}) has no comment lines, and its clients parse every line
+as JSON: such a stream's keepalive is a frame of the dialect's own that
+its clients ignore (an empty chunk), given by the answer's renderer, and
+it carries no progress comments.
+
+Covered by tests/unit/test_keepalive.py, tests/unit/test_cancel.py and
+tests/unit/test_ollama.py.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -74,6 +82,34 @@ SSE_HEADERS: dict[bytes, bytes] = {
     # keepalive keeps nothing alive.
     b"x-accel-buffering": b"no",
 }
+
+NDJSON_HEADERS: dict[bytes, bytes] = {
+    # Ollama's own content type for its streams.
+    b"content-type": b"application/x-ndjson",
+    b"cache-control": b"no-cache",
+    b"x-accel-buffering": b"no",
+}
+
+
+@dataclass(frozen=True)
+class Framing:
+    """
+    How a dialect's streams look on the wire.
+
+    @param headers: the response's headers, sent before the first frame.
+    @param comments: the format has comment frames (SSE does): the
+        default keepalive and progress comments are possible. Without
+        them a stream needs a keepalive frame of the dialect's own.
+    """
+
+    headers: Mapping[bytes, bytes]
+    comments: bool = True
+
+
+#: Server-sent events: the OpenAI, Responses and Anthropic dialects.
+SSE = Framing(SSE_HEADERS)
+#: Newline-delimited JSON: Ollama's dialect.
+NDJSON = Framing(NDJSON_HEADERS, comments=False)
 
 
 #: The request header that opts a stream into progress comments.
@@ -145,6 +181,8 @@ class SSEStream:
     @param max_unsent: bytes held for a paused client before giving up on it.
     @param progress: the progress text (L{progress_text}), for a client
         that asked for it; None for every other stream.
+    @param framing: the stream's headers, and whether it has comments
+        (without them, a C{keepalive_frame} is required).
     """
 
     def __init__(
@@ -159,8 +197,12 @@ class SSEStream:
         max_unsent: int = DEFAULT_MAX_UNSENT,
         progress: Callable[[], str] | None = None,
         progress_interval: float = PROGRESS_INTERVAL,
+        framing: Framing = SSE,
     ) -> None:
+        if not framing.comments and (keepalive_frame is None or progress is not None):
+            raise ValueError("a stream without comments needs a keepalive frame and no progress")
         self._request = request
+        self._headers = framing.headers
         self._stage = stage
         self._on_lost = on_lost
         self._frame = keepalive_frame or comment
@@ -195,7 +237,7 @@ class SSEStream:
 
     def start(self) -> None:
         """Send the status line and headers now, and start the keepalive."""
-        for name, value in SSE_HEADERS.items():
+        for name, value in self._headers.items():
             self._request.setHeader(name, value)
         self._request.notifyFinish().addErrback(lambda _: self.lost(DISCONNECTED))
         self.open = True

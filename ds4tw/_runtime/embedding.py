@@ -150,7 +150,7 @@ class EmbeddingWorker(ModelRunner):
     @property
     def idle(self) -> bool:
         """Nothing runs and nothing waits (nor is a batch on its way back)."""
-        return not self._requests and self._loop is None
+        return not self._requests and self._loop is None and not self.warming
 
     @property
     def queue_depth(self) -> int:

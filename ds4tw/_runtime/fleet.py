@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -163,6 +163,11 @@ class _Unit:
     first: bool
     what: str
     timer: IDelayedCall | None = None
+    #: Seconds idle before an unload a client asked for (Ollama's
+    #: C{keep_alive}; None: never), over the model's and the server's.
+    keep_alive: float | Literal["unset"] | None = "unset"
+    #: A client asked for an unload while the model was busy: unload once idle.
+    release: bool = False
 
     @property
     def label(self) -> str:
@@ -220,6 +225,9 @@ class Fleet(MultiService):
         self._names = Names(((m.name, m.aliases) for m in models), default)
         self.budget = budget
         self.idle_unload = idle_unload
+        #: Models load when asked for, and may be unloaded (False: the
+        #: models load at start and stay).
+        self.on_demand = on_demand
         self.clock = clock
         self._offload = threads.offload
         self.units: list[_Unit] = []
@@ -284,6 +292,54 @@ class Fleet(MultiService):
         """
         return model._preparation(self._offload).wait()
 
+    def _main_unit(self, model: Model) -> _Unit:
+        return next(u for u in model._units if u.first)
+
+    def warm(self, model: Model) -> Deferred[None]:
+        """
+        Load C{model} now, with no request for it (Ollama's load request):
+        fires once it is in (at once when it is), or fails with
+        L{NotReady} saying why not. Cancelling it is the client leaving.
+        """
+        unit = self._main_unit(model)
+        unit.release = False
+        return unit.runner.warm()
+
+    def release(self, model: Model) -> Deferred[None]:
+        """
+        Unload C{model} (Ollama's C{keep_alive: 0}): now when it is idle,
+        else once what runs and waits for it is done. Fires once it is
+        out or asked to go; a server that does not load on demand never
+        unloads (L{NotReady}).
+        """
+        if not self.on_demand:
+            return fail(
+                NotReady("this server keeps its model loaded; it does not unload on request")
+            )
+        waits = []
+        for unit in model._units:
+            runner = unit.runner
+            if runner.state is ModelState.READY and runner.idle:
+                waits.append(self._unload(unit, "requested"))
+            elif unit.in_memory:
+                unit.release = True
+        return gatherResults(waits).addCallback(lambda _: None)
+
+    def keep_alive(self, model: Model, seconds: float | None) -> None:
+        """
+        Keep C{model} loaded C{seconds} once idle (None: for ever), as a
+        client asked (Ollama's C{keep_alive}), until another asks
+        otherwise. A server that does not load on demand keeps its model
+        anyway; under a memory budget an idle model may still be evicted.
+        """
+        if not self.on_demand:
+            return
+        for unit in model._units:
+            unit.keep_alive = seconds
+            if unit.runner.ready and unit.runner.idle:
+                self._cancel_idle_timer(unit)
+                self._arm_idle_unload(unit)
+
     # -- memory ----------------------------------------------------------------
 
     def used(self) -> int:
@@ -309,7 +365,10 @@ class Fleet(MultiService):
     def _went_idle(self, unit: _Unit) -> None:
         if unit in self._wanting and unit.runner.idle:
             self._wanting.remove(unit)
-        self._arm_idle_unload(unit)
+        if unit.release and unit.runner.ready:
+            self._unload(unit, "requested")
+        else:
+            self._arm_idle_unload(unit)
         self._schedule()
 
     def _schedule(self) -> None:
@@ -342,6 +401,7 @@ class Fleet(MultiService):
                 "--models-memory-mb)"
             )
             unit.runner.refuse(error)
+            unit.runner.fail_warming(error)
             return
         idle = sorted(
             (u for u in self.units if u.runner.ready and u.runner.idle),
@@ -401,17 +461,21 @@ class Fleet(MultiService):
         d.addCallbacks(loaded, lambda _: None)
         d.addBoth(lambda _: self._schedule())
 
-    def _unload(self, unit: _Unit, why: str) -> None:
+    def _unload(self, unit: _Unit, why: str) -> Deferred[None]:
+        unit.release = False
         self._cancel_idle_timer(unit)
         d = unit.runner.unload()
         d.addErrback(lambda f: log.failure("ds4tw: {model}: unload failed", f, model=unit.label))
         d.addBoth(lambda _: self._schedule())
         unloads = unit.model.unloads
         unloads[why] = unloads.get(why, 0) + 1
+        return d
 
     # -- idle unload ---------------------------------------------------------------
 
     def _idle_seconds(self, unit: _Unit) -> float | None:
+        if unit.keep_alive != "unset":
+            return unit.keep_alive
         seconds = unit.model.idle_unload
         return seconds if seconds is not None else self.idle_unload
 

@@ -28,7 +28,7 @@ from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -178,6 +178,8 @@ class ModelRunner(Service):
         self._drained: Deferred[None] | None = None
         self._drain_timer: IDelayedCall | None = None
         self._drain_started = 0.0
+        #: Callers waiting for a load with no request of their own (L{warm}).
+        self._warming: list[Deferred[None]] = []
 
     # -- what a subclass says ------------------------------------------------
 
@@ -233,6 +235,39 @@ class ModelRunner(Service):
         self.check_ready()
         return self.threads.offload(f, *args)
 
+    def warm(self) -> Deferred[None]:
+        """
+        Load the model with no request waiting for it (Ollama's load
+        request): fires once it is in, or fails with L{NotReady} saying why
+        not. While it waits it counts as a request waiting (the model is
+        not idle); cancelling it is a client leaving.
+        """
+        self.last_used = self.clock.seconds()
+        if self.state is ModelState.READY:
+            return succeed(None)
+        self.check_ready()
+
+        def left(d: Deferred[None]) -> None:
+            if d in self._warming:
+                self._warming.remove(d)
+                self._check_idle()
+
+        d: Deferred[None] = Deferred(left)
+        self._warming.append(d)
+        self._want()
+        return d
+
+    @property
+    def warming(self) -> bool:
+        """Someone waits for L{warm}."""
+        return bool(self._warming)
+
+    def fail_warming(self, error: Exception) -> None:
+        """Fail every L{warm} caller with C{error} (the model will not load)."""
+        waiting, self._warming = self._warming, []
+        for d in waiting:
+            d.errback(error)
+
     def loading(self) -> float | None:
         """
         While requests here wait for the model itself (its load, or an
@@ -270,6 +305,9 @@ class ModelRunner(Service):
             if not self.loaded.called:
                 self.loaded.callback(None)
             self._go()
+            waiting, self._warming = self._warming, []
+            for w in waiting:
+                w.callback(None)
             self._check_idle()
 
         def failed(f: Failure) -> None:
@@ -281,6 +319,7 @@ class ModelRunner(Service):
                 return
             self.load_error = f
             log.failure("ds4tw: {model}: the model failed to load", f, model=model)
+            self.fail_warming(NotReady(f"the model failed to load: {f.getErrorMessage()}"))
             if not self.on_demand:
                 self.loaded.errback(f)
                 return
@@ -314,7 +353,8 @@ class ModelRunner(Service):
         return d.addBoth(unloaded)
 
     def _want(self) -> None:
-        if self.demand is not None and self.state is ModelState.UNLOADED and self._waiting():
+        waiting = self._waiting() or bool(self._warming)
+        if self.demand is not None and self.state is ModelState.UNLOADED and waiting:
             self.demand(self)
 
     def _check_idle(self) -> None:
@@ -337,6 +377,7 @@ class ModelRunner(Service):
         """
         super().stopService()
         self.draining = True
+        self.fail_warming(ShuttingDown("the server is shutting down"))
         self.drain_result = DrainResult()
         self._drain_started = self.clock.seconds()
         pending: Deferred[None] = Deferred()

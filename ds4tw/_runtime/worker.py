@@ -137,8 +137,8 @@ class Worker(ModelRunner):
 
     @property
     def idle(self) -> bool:
-        """Nothing runs and nothing waits."""
-        return not (self._running or self._queue)
+        """Nothing runs and nothing waits (nor does anyone wait for a load)."""
+        return not (self._running or self._queue or self.warming)
 
     def _waiting(self) -> bool:
         return bool(self._queue)

@@ -24,6 +24,8 @@ ROUTES = {
     ("post", "/v1/messages"),
     ("post", "/v1/messages/count_tokens"),
     ("post", "/v1/embeddings"),
+    ("post", "/api/chat"),
+    ("post", "/api/generate"),
     ("get", "/"),
     ("get", "/ui/{name}"),
 }
@@ -61,8 +63,21 @@ def test_the_progress_header_is_declared_where_a_response_can_stream() -> None:
     doc = document()
     for path, ops in doc["paths"].items():
         names = {p["name"] for p in ops.get("post", {}).get("parameters", [])}
-        streams = "post" in ops and path not in ("/v1/messages/count_tokens", "/v1/embeddings")
+        # Ollama's NDJSON streams have no comments to carry progress in.
+        streams = (
+            "post" in ops
+            and path.startswith("/v1/")
+            and path not in ("/v1/messages/count_tokens", "/v1/embeddings")
+        )
         assert ("X-DS4TW-Progress" in names) is streams, path
+
+
+def test_a_stream_is_described_in_its_own_framing() -> None:
+    paths = document()["paths"]
+    ndjson = paths["/api/chat"]["post"]["responses"]["200"]["content"]
+    sse = paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert set(ndjson) == {"application/json", "application/x-ndjson"}
+    assert set(sse) == {"application/json", "text/event-stream"}
 
 
 def test_request_bodies_come_from_the_pydantic_models() -> None:

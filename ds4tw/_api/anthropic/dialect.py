@@ -20,6 +20,7 @@ from typing import Any
 from twisted.web.server import Request
 
 from ..._errors import APIError
+from ..._types import StreamRenderer
 from ..dialect import Api, Begun, Dialect, Endpoint, Operation, Turn
 from ..host import Host, ServerConfig
 from ..prompt import prompt_for
@@ -92,7 +93,9 @@ def message_builder(req: MessagesRequest, begun: Begun) -> render.MessageBuilder
     )
 
 
-def keepalive_frame(config: ServerConfig) -> Callable[[str], bytes] | None:
+def keepalive_frame(
+    config: ServerConfig, _renderer: StreamRenderer
+) -> Callable[[str], bytes] | None:
     return (lambda _stage: render.PING) if config.anthropic_ping else None
 
 
