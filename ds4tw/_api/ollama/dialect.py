@@ -149,6 +149,13 @@ def _early(
                 server.fleet.keep_alive(model, None if keep_alive < 0 else keep_alive)
             return None
         if keep_alive == 0:
+            if not server.fleet.on_demand:
+                raise invalid(
+                    "keep_alive: 0 asks to unload the model, but this server keeps its model "
+                    "loaded (started with --model); a server started with --models or "
+                    "--models-dir loads and unloads its models on demand",
+                    "keep_alive",
+                )
             await _settle(server.fleet.release(model))
             return render.loaded_body(kind, name, "unload")
         if keep_alive is not None:

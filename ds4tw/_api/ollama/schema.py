@@ -103,7 +103,7 @@ def _duration(value: Any) -> float | None:
         try:
             seconds = float(text)
         except ValueError:
-            parts = re.fullmatch(r"-?((\d+(\.\d+)?)(h|m|s|ms|us|µs|ns))+", text)
+            parts = re.fullmatch(r"-?((\d+(\.\d+)?)(h|ms|us|µs|ns|m|s))+", text)
             if parts is None:
                 raise ValueError(
                     f"keep_alive: {text!r} is not a duration such as '5m', '30s' or '-1'"
@@ -111,7 +111,7 @@ def _duration(value: Any) -> float | None:
             scale = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
             seconds = sum(
                 float(n) * scale[unit]
-                for n, _, unit in re.findall(r"(\d+(\.\d+)?)(h|m|s|ms|us|µs|ns)", text)
+                for n, _, unit in re.findall(r"(\d+(\.\d+)?)(h|ms|us|µs|ns|m|s)", text)
             )
             if text.startswith("-"):
                 seconds = -seconds
