@@ -445,8 +445,19 @@ def test_an_engine_failure_mid_stream_is_a_last_error_line() -> None:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("5m", 300.0), ("1h30m", 5400.0), ("10s", 10.0), ("1.5s", 1.5), ("0", 0.0), (0, 0.0)]
-    + [("-1", None), (-1, None), ("-1m", None), (30, 30.0), ("250ms", 0.25)],
+    [
+        ("5m", 300.0),
+        ("1h30m", 5400.0),
+        ("10s", 10.0),
+        ("1.5s", 1.5),
+        ("250ms", 0.25),
+        ("0", 0.0),
+        (0, 0.0),
+        (30, 30.0),
+        ("-1", None),
+        (-1, None),
+        ("-1m", None),
+    ],
 )
 def test_keep_alive_reads_ollama_durations(value: Any, seconds: float | None) -> None:
     assert _duration(value) == seconds
