@@ -19,6 +19,10 @@ bytes itself). C{dimensions} (shortening the vectors) needs a model
 trained for it (OpenAI's text-embedding-3); none served here is, so any
 other value than the model's own size is a 400 that says so.
 
+L{embed} (tokenize, check, batch, wait) is shared with Ollama's
+C{/api/embed} (L{ds4tw._api.ollama.embed}), which may also cut inputs
+to fit (L{fit}).
+
 Which model answers is the server's business (L{Embedders}): a name it
 does not know is a 404 C{model_not_found}, a chat model's name a 400.
 The server adds the route with L{add_routes}; L{OPERATION} describes it
@@ -62,8 +66,10 @@ __all__ = [
     "EmbeddingsRequest",
     "WorkerTarget",
     "add_routes",
+    "embed",
     "embeddings_body",
     "encode",
+    "fit",
 ]
 
 #: Inputs per request, as OpenAI allows.
@@ -193,6 +199,49 @@ def _checked(target: EmbeddingTarget, inputs: list[list[int]]) -> list[list[int]
     return inputs
 
 
+def fit(tokens: list[int], n_ctx: int, added: list[int]) -> list[int]:
+    """
+    C{tokens} cut to C{n_ctx}, keeping the special tokens the tokenizer
+    adds at the end (C{added} is what it makes of an empty text: BOS,
+    or CLS and SEP), as Ollama's C{truncate} keeps them when it
+    re-tokenizes the cut text.
+    """
+    if len(tokens) <= n_ctx:
+        return tokens
+    tail = len(added) - (1 if added and tokens[0] == added[0] else 0)
+    if tail <= 0 or tail >= n_ctx or tokens[-tail:] != added[-tail:]:
+        return tokens[:n_ctx]
+    return tokens[: n_ctx - tail] + tokens[-tail:]
+
+
+async def embed(
+    target: EmbeddingTarget, given: list[str] | list[list[int]], *, truncate: bool = False
+) -> tuple[list[list[int]], list[list[float]]]:
+    """
+    C{given}'s token arrays and vectors, from C{target}'s worker: strings
+    tokenized off the reactor, all in one hop; with C{truncate}, inputs
+    longer than the model embeds cut to fit (L{fit}), else refused (400).
+    """
+    worker = target.worker
+    try:
+        if given and isinstance(given[0], str):
+            texts = [str(t) for t in given]
+            if truncate:
+                texts.append("")
+            inputs = await worker.offload(_tokenize_all, target.tokenize, texts)
+            if truncate:
+                added = inputs.pop()
+                inputs = [fit(x, target.n_ctx, added) for x in inputs]
+        else:
+            inputs = [list(x) for x in given if isinstance(x, list)]
+            if truncate:
+                inputs = [x[: target.n_ctx] for x in inputs]
+        pending = worker.submit(_checked(target, inputs))
+    except (QueueFull, NotReady) as e:
+        raise admission_error(e) from e
+    return inputs, await pending
+
+
 async def embeddings_body(target: EmbeddingTarget, req: EmbeddingsRequest) -> dict[str, Any]:
     """The answer to C{req}, from C{target}'s worker."""
     if req.dimensions is not None and req.dimensions != target.n_embd:
@@ -202,18 +251,7 @@ async def embeddings_body(target: EmbeddingTarget, req: EmbeddingsRequest) -> di
             "dimensions",
             "unsupported_parameter",
         )
-    worker = target.worker
-    given = req.texts_or_tokens()
-    try:
-        if given and isinstance(given[0], str):
-            texts = [str(t) for t in given]
-            inputs = await worker.offload(_tokenize_all, target.tokenize, texts)
-        else:
-            inputs = [list(x) for x in given if isinstance(x, list)]
-        pending = worker.submit(_checked(target, inputs))
-    except (QueueFull, NotReady) as e:
-        raise admission_error(e) from e
-    vectors = await pending
+    inputs, vectors = await embed(target, req.texts_or_tokens())
     tokens = sum(len(x) for x in inputs)
     return {
         "object": "list",
