@@ -26,6 +26,17 @@ ROUTES = {
     ("post", "/v1/embeddings"),
     ("post", "/api/chat"),
     ("post", "/api/generate"),
+    ("get", "/api/version"),
+    ("get", "/api/tags"),
+    ("get", "/api/ps"),
+    ("post", "/api/show"),
+    ("post", "/api/embed"),
+    ("post", "/api/embeddings"),
+    ("post", "/api/pull"),
+    ("post", "/api/push"),
+    ("post", "/api/create"),
+    ("post", "/api/copy"),
+    ("delete", "/api/delete"),
     ("get", "/"),
     ("get", "/ui/{name}"),
 }
@@ -119,7 +130,7 @@ def test_auth_is_declared_and_required_only_with_a_key() -> None:
     keyed = document(api_key="sekrit")
     for method, path in ROUTES:
         op = keyed["paths"][path][method]
-        if path.startswith("/v1/"):
+        if path.startswith(("/v1/", "/api/")):
             assert op["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}]
             assert "401" in op["responses"]
         else:
