@@ -340,6 +340,28 @@ class Fleet(MultiService):
                 self._cancel_idle_timer(unit)
                 self._arm_idle_unload(unit)
 
+    def unload_due(self, model: Model) -> float | None:
+        """
+        When (the clock's seconds) C{model} is unloaded for being idle, if
+        nothing uses it meanwhile; a busy model counts its idle time from
+        now. None: never (or not loaded).
+        """
+        if not self.on_demand:
+            return None
+        due: float | None = None
+        for unit in model._units:
+            if not unit.runner.ready:
+                continue
+            if unit.timer is not None and unit.timer.active():
+                at = unit.timer.getTime()
+            else:
+                seconds = self._idle_seconds(unit)
+                if not seconds:
+                    return None  # this part stays: so does the model
+                at = self.clock.seconds() + seconds
+            due = at if due is None else max(due, at)
+        return due
+
     # -- memory ----------------------------------------------------------------
 
     def used(self) -> int:

@@ -308,30 +308,13 @@ class _Models:
         return size, vram
 
     def expires_at(self, model: Model) -> str:
-        """When the idle unload will fire (the fleet's rule, read from its units)."""
+        """When the idle unload will fire (L{ds4tw._runtime.fleet.Fleet.unload_due})."""
         fleet = self.server.fleet
         now = datetime.now(UTC)
-        clock_now = fleet.clock.seconds()
-        due: float | None = None
-        forever = not getattr(fleet, "on_demand", True)
-        for unit in fleet.units:
-            if forever or unit.model is not model or not unit.runner.ready:
-                continue
-            if unit.timer is not None and unit.timer.active():
-                at = unit.timer.getTime()
-            else:
-                # Busy (no timer yet): at least the idle time from now.
-                keep = getattr(unit, "keep_alive", "unset")
-                idle = model.idle_unload if model.idle_unload is not None else fleet.idle_unload
-                seconds = idle if keep == "unset" else keep
-                if not isinstance(seconds, int | float) or not seconds:
-                    forever = True  # this part stays: so does the model
-                    continue
-                at = clock_now + seconds
-            due = at if due is None else max(due, at)
-        if forever or due is None:
+        due = fleet.unload_due(model)
+        if due is None:
             return _z(now + FOREVER)
-        return _z(now + timedelta(seconds=max(0.0, due - clock_now)))
+        return _z(now + timedelta(seconds=max(0.0, due - fleet.clock.seconds())))
 
 
 def _z(when: datetime) -> str:
