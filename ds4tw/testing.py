@@ -273,6 +273,14 @@ class Exchange:
             out.append(d if d == "[DONE]" else json.loads(d))
         return out
 
+    def lines(self) -> list[Any]:
+        """
+        Decoded JSON of each complete line of a newline-delimited JSON
+        body so far (Ollama's streams). A blank line fails, as it fails
+        a client that parses every line.
+        """
+        return [json.loads(line) for line in self.body.split(b"\n")[:-1]]
+
     def disconnect(self) -> None:
         """The client goes away (connectionLost)."""
         self.lost = True

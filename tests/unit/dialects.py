@@ -1,15 +1,18 @@
 """
-The three chat dialects as a table, for the behaviour every dialect
-shares (tests/unit/test_dialects.py): where each is served, how its
-request says what the neutral tests ask for, which of its words means
-which ending or error, and how a client reads a reply, streamed or not,
-into one neutral L{Said}.
+The chat dialects as a table, for the behaviour every dialect shares
+(tests/unit/test_dialects.py): where each is served, how its request
+says what the neutral tests ask for (a dotted field is nested: Ollama's
+C{options.num_predict}), which of its words means which ending or error,
+how a client reads a reply, streamed or not, into one neutral L{Said},
+how it tells a keepalive from the stream's frames (an SSE comment, or
+Ollama's empty chunk), and what it cannot say (L{Dialect.lacks}).
 
 Keyed by the dialect's name, so that the table can later come from the
 server's own dialect registry (the route and the error shape) with only
 the readers staying here. Each reader checks every event or body it
 reads against that dialect's SDK types (through the dialect's own test
-module), as the per-dialect tests do.
+module, or for Ollama the C{ollama} library's C{ChatResponse} and
+C{GenerateResponse}, keepalives included), as the per-dialect tests do.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ollama._types import ChatResponse, GenerateResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ds4tw._formats.tools.spec import ToolSpec
@@ -41,6 +45,20 @@ class Said:
     #: The dialect's own word for why the reply ended; None while it runs.
     finish: str | None = None
     reasoning_tokens: int | None = None
+    #: Every token of the answer, thinking included (Ollama's C{eval_count}).
+    output_tokens: int | None = None
+
+
+def _comments(ex: Exchange) -> list[str | None]:
+    return list(ex.comments())
+
+
+def _sse_frames(ex: Exchange) -> list[Any]:
+    return [f for f in ex.events() if f[0] != "comment"]
+
+
+def _sse_message(ex: Exchange) -> str:
+    return str(ex.json()["error"]["message"])
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,7 @@ class Dialect:
     route: str
     #: A request for C{text}, with this dialect's required fields.
     ask: Callable[[str], dict[str, Any]]
+    #: The field for the token limit, a dotted path if nested (Ollama's C{options}).
     max_tokens: str
     tool: Callable[[ToolSpec], dict[str, Any]]
     #: Fields that allow one tool call only.
@@ -59,7 +78,7 @@ class Dialect:
     hidden: dict[str, Any]
     #: C{tool_choice} by neutral name: "auto", "required", "named" (get_time), "none".
     choices: dict[str, Any]
-    #: The field for stop sequences, if the dialect has them.
+    #: The field for stop sequences, if the dialect has them (a dotted path if nested).
     stop: str | None
     #: Neutral ending ("stop", "length", "tools", "stop_sequence") to this dialect's word.
     finish: dict[str, str]
@@ -71,23 +90,52 @@ class Dialect:
     #: The stream with each run of deltas joined and random ids dropped:
     #: what must not depend on how the model's text was cut into tokens.
     folded: Callable[[Exchange], Any]
+    #: The stream's keepalives so far, each as the stage it names (None
+    #: for a keepalive that names none: Ollama's empty chunk).
+    keepalives: Callable[[Exchange], list[str | None]] = _comments
+    #: The stream's frames so far, keepalives left out.
+    frames: Callable[[Exchange], list[Any]] = _sse_frames
+    #: A keepalive's frame names the stage (an SSE comment does).
+    names_stages: bool = True
+    #: A tool call goes out whole once complete (Ollama), not as it is written.
+    whole_calls: bool = False
+    #: The message of a non-streamed error.
+    message: Callable[[Exchange], str] = _sse_message
+    #: What the neutral suite asks that this dialect cannot say, and why:
+    #: "tools", "one_call" (a switch for one call only), "tool_choice",
+    #: "reasoning_tokens" (a count of the thinking apart from the answer).
+    lacks: dict[str, str] = field(default_factory=dict)
 
     def request(
         self, text: str = "hi", *, stream: bool = True, max_tokens: int | None = None, **kw: Any
     ) -> dict[str, Any]:
-        payload = {**self.ask(text), "stream": stream, **kw}
+        payload = {**self.ask(text), "stream": stream}
         if max_tokens is not None:
-            payload[self.max_tokens] = max_tokens
+            kw[self.max_tokens] = max_tokens
+        for name, value in kw.items():
+            *outer, last = name.split(".")
+            at = payload
+            for part in outer:
+                at = at.setdefault(part, {})
+            at[last] = value
         return payload
 
     def said(self, ex: Exchange, stream: bool = True) -> Said:
         return self.streamed(ex) if stream else self.body(ex)
+
+    def keepalive(self, stage: str) -> str | None:
+        """How one of L{keepalives} reads for C{stage}."""
+        return stage if self.names_stages else None
 
     def error(self, ex: Exchange) -> str:
         """The name of a non-streamed error, after checking the dialect's error shape."""
         got = ex.json()
         if self.name == "anthropic":
             assert got["type"] == "error" and set(got) == {"type", "error"}, got
+        elif self.name.startswith("ollama"):
+            # Ollama's error is its message alone: the message names it.
+            assert set(got) == {"error"} and isinstance(got["error"], str), got
+            return str(got["error"])
         else:
             assert set(got["error"]) == {"message", "type", "param", "code"}, got
         return str(got["error"][self.error_field])
@@ -300,6 +348,109 @@ def collapsed(ex: Exchange) -> list[dict[str, Any]]:
     )
 
 
+# -- Ollama ---------------------------------------------------------------------
+
+
+def ollama_lines(ex: Exchange, kind: str) -> list[dict[str, Any]]:
+    """
+    Every line of an Ollama stream so far, each checked against the
+    C{ollama} library's type for its endpoint (C{kind} "chat" or
+    "generate"), as that library reads it; an error line is left as it is.
+    """
+    out = []
+    for line in ex.lines():
+        if set(line) != {"error"}:
+            (ChatResponse if kind == "chat" else GenerateResponse).model_validate(line)
+            assert line["model"] == "scripted" and line["created_at"].endswith("Z"), line
+        out.append(line)
+    return out
+
+
+def _is_keepalive(line: dict[str, Any], kind: str) -> bool:
+    """An empty chunk that is not the last: no text, no thinking, no call."""
+    empty = (
+        {"message": {"role": "assistant", "content": ""}} if kind == "chat" else {"response": ""}
+    )
+    return line == {
+        "model": line.get("model"),
+        "created_at": line.get("created_at"),
+        **empty,
+        "done": False,
+    }
+
+
+def _ollama_keepalives(kind: str) -> Callable[[Exchange], list[str | None]]:
+    return lambda ex: [None for line in ollama_lines(ex, kind) if _is_keepalive(line, kind)]
+
+
+def _ollama_frames(kind: str) -> Callable[[Exchange], list[Any]]:
+    return lambda ex: [line for line in ollama_lines(ex, kind) if not _is_keepalive(line, kind)]
+
+
+def _ollama_said(line: dict[str, Any], kind: str, out: Said) -> None:
+    """Add what one chunk (or the one body) says to C{out}."""
+    said = line["message"] if kind == "chat" else line
+    out.content += said.get("content" if kind == "chat" else "response") or ""
+    out.reasoning += said.get("thinking") or ""
+    for call in said.get("tool_calls") or []:
+        function = call["function"]
+        out.calls.append([function["name"], json.dumps(function["arguments"], ensure_ascii=False)])
+    if line["done"]:
+        out.finish = line["done_reason"]
+        out.output_tokens = line["eval_count"]
+
+
+def _ollama_streamed(kind: str) -> Callable[[Exchange], Said]:
+    def streamed(ex: Exchange) -> Said:
+        assert ex.header("content-type") == "application/x-ndjson"
+        out = Said()
+        lines = ollama_lines(ex, kind)
+        for i, line in enumerate(lines):
+            assert not line.get("error"), line
+            # Nothing follows the last chunk.
+            assert not line["done"] or i == len(lines) - 1, lines
+            _ollama_said(line, kind, out)
+        return out
+
+    return streamed
+
+
+def _ollama_body(kind: str) -> Callable[[Exchange], Said]:
+    def body(ex: Exchange) -> Said:
+        assert ex.header("content-type") == "application/json"
+        line = ex.json()
+        (ChatResponse if kind == "chat" else GenerateResponse).model_validate(line)
+        assert line["done"] is True, line
+        out = Said()
+        _ollama_said(line, kind, out)
+        return out
+
+    return body
+
+
+def _ollama_folded(kind: str) -> Callable[[Exchange], list[list[Any]]]:
+    def folded(ex: Exchange) -> list[list[Any]]:
+        """[kind, text] runs and whole calls, the ids, times and counters dropped."""
+        out: list[list[Any]] = []
+        for line in ollama_lines(ex, kind):
+            said = line["message"] if kind == "chat" else line
+            runs: list[list[Any]] = [
+                [k, said.get(k)] for k in ("thinking", "content", "response") if said.get(k)
+            ]
+            for call in said.get("tool_calls") or []:
+                runs.append(["call", {k: v for k, v in call.items() if k != "id"}])
+            if line["done"]:
+                runs.append(["done", line["done_reason"]])
+            for run in runs:
+                if out and out[-1][0] == run[0] and run[0] in ("thinking", "content", "response"):
+                    out[-1][1] += run[1]
+                else:
+                    out.append(run)
+        return out
+
+    return folded
+
+
 # -- the table ------------------------------------------------------------------
 
 DIALECTS: dict[str, Dialect] = {
@@ -387,6 +538,66 @@ DIALECTS: dict[str, Dialect] = {
             streamed=_responses_streamed,
             body=_responses_body,
             folded=collapsed,
+        ),
+        Dialect(
+            name="ollama",
+            route="/api/chat",
+            ask=lambda text: {"model": "scripted", "messages": [{"role": "user", "content": text}]},
+            max_tokens="options.num_predict",
+            tool=chat_tool,  # Ollama's tools are OpenAI's
+            one_call={},
+            thinking={},
+            hidden={"think": False},
+            choices={},
+            stop="options.stop",
+            finish={"stop": "stop", "length": "length", "tools": "stop", "stop_sequence": "stop"},
+            error_field="error",
+            errors={
+                "loading": "the model is still loading; retry shortly",
+                "busy": "server is busy: 1 requests are already waiting",
+            },
+            streamed=_ollama_streamed("chat"),
+            body=_ollama_body("chat"),
+            folded=_ollama_folded("chat"),
+            keepalives=_ollama_keepalives("chat"),
+            frames=_ollama_frames("chat"),
+            names_stages=False,
+            whole_calls=True,
+            message=lambda ex: str(ex.json()["error"]),
+            lacks={
+                "one_call": "Ollama has no parallel-tool-calls switch: the model may call many",
+                "tool_choice": "Ollama has no tool_choice: the model decides (auto)",
+                "reasoning_tokens": "Ollama counts the thinking among the eval_count tokens",
+            },
+        ),
+        Dialect(
+            name="ollama-generate",
+            route="/api/generate",
+            ask=lambda text: {"model": "scripted", "prompt": text},
+            max_tokens="options.num_predict",
+            tool=chat_tool,  # Ollama's tools are OpenAI's
+            one_call={},
+            thinking={},
+            hidden={"think": False},
+            choices={},
+            stop="options.stop",
+            finish={"stop": "stop", "length": "length", "stop_sequence": "stop"},
+            error_field="error",
+            errors={
+                "loading": "the model is still loading; retry shortly",
+                "busy": "server is busy: 1 requests are already waiting",
+            },
+            streamed=_ollama_streamed("generate"),
+            body=_ollama_body("generate"),
+            folded=_ollama_folded("generate"),
+            keepalives=_ollama_keepalives("generate"),
+            frames=_ollama_frames("generate"),
+            names_stages=False,
+            message=lambda ex: str(ex.json()["error"]),
+            lacks={
+                "tools": "/api/generate takes a single prompt and no tools",
+                "reasoning_tokens": "Ollama counts the thinking among the eval_count tokens",
+            },
         ),
     )
 }
