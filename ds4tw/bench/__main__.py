@@ -1,6 +1,6 @@
 """
 C{ds4tw-bench [--quick] [--out DIR] [--clients N] [--engine llama|scripted]
-[--only cancel|batching|cache|models|grammar|parsers]}
+[--only cancel|batching|cache|models|dialects|grammar|parsers]}
 
 One run, in this order:
 
@@ -46,7 +46,11 @@ each of the last two on either engine, C{--only models} the models part
 alone (the real model only), and C{--only grammar} the grammar
 build time of real agents' tool lists (L{ds4tw.bench._grammars}; no
 model); C{--only parsers} every tool-call
-syntax's splitting and grammar build cost against Hermes' (no model).
+syntax's splitting and grammar build cost against Hermes' (no model);
+C{--only dialects} the same greedy streamed turn through the four
+dialects (chat completions, Responses, Anthropic Messages, Ollama) on one
+server, interleaved, each against chat completions
+(L{ds4tw.bench._dialects}; either engine; only with C{--only}).
 
 A part that fails is recorded in the JSON's C{errors} and the run goes
 on; the exit status is 1 if any part failed, 0 otherwise. Targets are
@@ -76,6 +80,7 @@ from . import (
     _cache,
     _cancel,
     _constrained,
+    _dialects,
     _fairness,
     _keepalive,
     _many,
@@ -127,7 +132,16 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument(
         "--only",
-        choices=("throughput", "cancel", "batching", "cache", "models", "grammar", "parsers"),
+        choices=(
+            "throughput",
+            "cancel",
+            "batching",
+            "cache",
+            "models",
+            "dialects",
+            "grammar",
+            "parsers",
+        ),
         default=None,
         help="throughput: only raw, ds4tw, the peer and any --baseline, interleaved; "
         "cancel: only the cancel latency (in-step abort, then between steps only, "
@@ -140,6 +154,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         "models: only the models part (one twistd with three model names: TTFT of a cold, "
         "warm, evicting and reloading model, RSS against the memory budget under a request "
         "mix, two models decoding at once against one; the real model only); "
+        "dialects: only the four dialects compared (the same greedy streamed turn through "
+        "chat completions, Responses, Anthropic Messages and Ollama on one server, interleaved: "
+        "TTFT, decode tok/s, bytes per token and reactor CPU against chat completions); "
         "grammar: only the grammar build time of real agents' tool lists (from "
         "tests/agents/fixtures in a checkout), cold and cached, against the request's own "
         "validation and templating; parsers: only every tool-call syntax's splitting cost "
@@ -187,6 +204,7 @@ class Run:
             "prefill_fairness": None,
             "cache": None,
             "models": None,
+            "dialects": None,
             "targets": [],
         }
 
@@ -619,6 +637,19 @@ def run_models_only(run: Run, out: Path) -> None:
     _models_part(run, s, out / "logs")
 
 
+def run_dialects_only(run: Run, out: Path) -> None:
+    """The four dialects compared on one server (L{ds4tw.bench._dialects}), on either engine."""
+    s = _one_part_settings(run)
+    run.doc["notes"].append(
+        "--only dialects: no throughput part (raw, ds4tw, peer sections empty); every dialects "
+        "figure is also a ratio against /v1/chat/completions in the same rounds"
+    )
+    run.doc["dialects"] = run.part(
+        "the four dialects",
+        lambda: _dialects.measure(s, out / "logs", mark=run.noise.mark),
+    )
+
+
 def run_grammar_only(run: Run) -> None:
     """Real agents' tool lists' grammar build times alone (L{ds4tw.bench._grammars}); no model."""
     from . import _grammars
@@ -666,6 +697,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_cache_only(run, out)
     elif args.only == "models":
         run_models_only(run, out)
+    elif args.only == "dialects":
+        run_dialects_only(run, out)
     elif args.only == "grammar":
         run_grammar_only(run)
     elif args.only == "parsers":

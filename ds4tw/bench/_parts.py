@@ -9,7 +9,8 @@ L{ds4tw.bench._report} runs every registered part in L{PARTS}' order
 for each of the four, so the order of the ratios, the targets and the
 summary's sections is that list's.
 
-Covered by tests/unit/test_bench.py and tests/unit/test_bench_models.py.
+Covered by tests/unit/test_bench.py, tests/unit/test_bench_models.py and
+tests/unit/test_bench_dialects.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from . import _models, _parsers
+from . import _dialects, _models, _parsers
 from ._stats import ratio
 
 #: The throughput targets: ds4tw's decode over raw (also the abort callback's
@@ -1279,6 +1280,155 @@ class Parsers(Part):
         return ["", *_parsers.table(section)] if section else []
 
 
+class Dialects(Part):
+    """The four dialects on one server, against chat completions (L{ds4tw.bench._dialects})."""
+
+    key = "dialects"
+
+    def ratios(self, doc: Mapping[str, Any]) -> dict[str, Any]:
+        """
+        Every dialect against the baseline: the median over rounds of the
+        paired ratio (TTFT, client and server decode rate, wire bytes per
+        token), the TTFT's paired difference (ms), and the reactor CPU per
+        token over the baseline's.
+        """
+        section = self.section(doc)
+        if not section:
+            return {}
+        out: dict[str, Any] = {}
+        for d, entry in (section.get("vs_baseline") or {}).items():
+            for key, label in (
+                ("ttft_s", "ttft"),
+                ("ttft_diff_ms", "ttft_diff_ms"),
+                ("decode_tps", "decode"),
+                ("server_decode_tps", "server_decode"),
+                ("wire_bytes_per_token", "wire_bytes_per_token"),
+            ):
+                out[f"dialects_{d}_{label}"] = median(entry, key)
+            out[f"dialects_{d}_reactor_cpu"] = entry.get("reactor_ms_per_token")
+        return out
+
+    def targets(self, doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Not speeds: that the comparison compared like with like, every stream whole."""
+        section = self.section(doc)
+        if not section:
+            return []
+        same = section.get("same_answer") or {}
+        per = section.get("per_dialect") or {}
+        trials = sum(int(e.get("trials") or 0) for e in per.values())
+        whole = sum(int(e.get("whole") or 0) for e in per.values())
+        return [
+            target(
+                "the same greedy answer through the four dialects",
+                ratio(same.get("same_text"), same.get("compared")),
+                1.0 if same.get("compared") else None,
+                "fraction",
+                False,
+                f"{same.get('same_text')}/{same.get('compared')} rounds the same text, "
+                f"{same.get('same_tokens')} the same token count",
+            ),
+            target(
+                "dialect streams whole",
+                ratio(whole, trials),
+                1.0 if trials else None,
+                "fraction",
+                False,
+                f"{whole}/{trials}: 200, no error, the final frame, text, tokens counted",
+            ),
+        ]
+
+    def validate(self, doc: Mapping[str, Any], errors: list[str]) -> None:
+        section = self.section(doc)
+        if section is None:
+            return
+        if not isinstance(section, dict):
+            errors.append("dialects: not an object")
+            return
+        per, vs = section.get("per_dialect"), section.get("vs_baseline")
+        if not isinstance(per, dict) or not isinstance(vs, dict):
+            errors.append("dialects: per_dialect or vs_baseline missing")
+            return
+        for d in _dialects.DIALECTS:
+            entry = per.get(d)
+            if not isinstance(entry, dict):
+                errors.append(f"dialects.per_dialect.{d}: missing")
+                continue
+            for key in ("ttft_s", "decode_tps", "wire_bytes_per_token"):
+                check_summary(f"dialects.per_dialect.{d}.{key}", entry.get(key), errors)
+            if d == _dialects.BASELINE:
+                continue
+            pair = vs.get(d)
+            if not isinstance(pair, dict):
+                errors.append(f"dialects.vs_baseline.{d}: missing")
+                continue
+            for key in ("ttft_s", "ttft_diff_ms", "decode_tps", "wire_bytes_per_token"):
+                check_summary(f"dialects.vs_baseline.{d}.{key}", pair.get(key), errors)
+        if not isinstance(section.get("rounds"), list):
+            errors.append("dialects.rounds: not a list")
+
+    def table(self, doc: Mapping[str, Any]) -> list[str]:
+        section = self.section(doc)
+        if not section:
+            return []
+        per, vs = section.get("per_dialect") or {}, section.get("vs_baseline") or {}
+        sz = section.get("sizes") or {}
+        base = section.get("baseline")
+
+        def iqr(entry: Mapping[str, Any] | None, spec: str) -> str:
+            e = entry or {}
+            return f"[{fmt(e.get('p25'), spec)}, {fmt(e.get('p75'), spec)}]"
+
+        lines = [
+            "",
+            f"dialects: {sz.get('rounds')} rounds x {sz.get('max_tokens')} tokens, greedy, "
+            f"interleaved on one server; /{base}: median of the rounds' paired ratios "
+            "[quartiles]",
+            f"{'dialect':<10}{'TTFT ms':>8}{'/' + str(base):>7}{'':>15}{'+ms':>7}"
+            f"{'tok/s':>8}{'/' + str(base):>7}{'':>15}{'server':>8}{'/' + str(base):>7}"
+            f"{'whole':>7}",
+        ]
+        for d in _dialects.DIALECTS:
+            e, p = per.get(d) or {}, vs.get(d) or {}
+            one = d == base
+            lines.append(
+                f"{d:<10}{fmt(median(e, 'ttft_s'), '.1f', 1e3):>8}"
+                f"{fmt(1.0 if one else median(p, 'ttft_s'), '.3f'):>7}"
+                f"{'' if one else iqr(p.get('ttft_s'), '.3f'):>15}"
+                f"{fmt(0.0 if one else median(p, 'ttft_diff_ms'), '+.2f'):>7}"
+                f"{fmt(median(e, 'decode_tps')):>8}"
+                f"{fmt(1.0 if one else median(p, 'decode_tps'), '.3f'):>7}"
+                f"{'' if one else iqr(p.get('decode_tps'), '.3f'):>15}"
+                f"{fmt(median(e, 'server_decode_tps')):>8}"
+                f"{fmt(1.0 if one else median(p, 'server_decode_tps'), '.3f'):>7}"
+                f"{str(e.get('whole')) + '/' + str(e.get('trials')):>7}"
+            )
+        lines.append(
+            f"{'dialect':<10}{'wire B/tok':>11}{'/' + str(base):>7}{'body B/tok':>11}"
+            f"{'B/frame':>9}{'other B':>9}{'reactor ms/tok':>15}{'/' + str(base):>7}"
+        )
+        for d in _dialects.DIALECTS:
+            e, p = per.get(d) or {}, vs.get(d) or {}
+            one = d == base
+            cpu = e.get("cpu_per_token") or {}
+            lines.append(
+                f"{d:<10}{fmt(median(e, 'wire_bytes_per_token')):>11}"
+                f"{fmt(1.0 if one else median(p, 'wire_bytes_per_token'), '.3f'):>7}"
+                f"{fmt(median(e, 'body_bytes_per_token')):>11}"
+                f"{fmt(median(e, 'content_frame_bytes'), '.0f'):>9}"
+                f"{fmt(median(e, 'other_body_bytes'), '.0f'):>9}"
+                f"{fmt(cpu.get('main_ms'), '.3f'):>15}"
+                f"{fmt(1.0 if one else p.get('reactor_ms_per_token'), '.3f'):>7}"
+            )
+        same = section.get("same_answer") or {}
+        ollama = per.get("ollama") or {}
+        lines.append(
+            f"same answer in all four: {same.get('same_text')}/{same.get('compared')} rounds; "
+            f"ollama's own eval_count/eval_duration {fmt(median(ollama, 'eval_tps'))} tok/s; "
+            f"noise {fmt((section.get('foreign_cores') or {}).get('max'), '.2f')} cores at most"
+        )
+        return lines
+
+
 class Grammars(Part):
     """
     Real agents' grammar build times (L{ds4tw.bench._grammars}): the
@@ -1300,6 +1450,7 @@ PARTS: tuple[Part, ...] = (
     Fairness(),
     Cache(),
     Models(),
+    Dialects(),
     Parsers(),
     Grammars(),
 )

@@ -132,6 +132,10 @@ class ResponseReader:
     #: Every read, as (time, length): the byte-arrival timeline.
     reads: list[tuple[float, int]] = field(default_factory=list)
     body: bytearray = field(default_factory=bytearray)
+    #: (time, body length after that read) for every read that carried body
+    #: bytes: when any byte of the body arrived, whatever its framing (an
+    #: NDJSON line's time is that of the read that completed it).
+    body_ends: list[tuple[float, int]] = field(default_factory=list)
     complete: bool = False
     _head: bytes = b""
     _chunked: ChunkedDecoder | None = None
@@ -159,6 +163,8 @@ class ResponseReader:
             if self._length is not None and len(self.body) + len(body) >= self._length:
                 self.complete = True
         self.body += body
+        if body:
+            self.body_ends.append((t, len(self.body)))
         new = self._sse.feed(t, body)
         self.events.extend(new)
         return new

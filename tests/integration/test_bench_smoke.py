@@ -23,6 +23,12 @@ it has its own quick run on the demo model: every load and eviction
 proven by /metrics, every stream of the mix whole, never more models in
 memory than the budget fits, and no load during a decode trial. Its
 speeds and its RSS margin are reported, not asserted.
+
+The dialects part (C{--only dialects}) has a quick run of its own on the
+scripted engine (about 10 s): the four dialects' streams whole, the same
+answer through each, every ratio against chat completions there. Its
+speeds are reported, not asserted; the frames' sizes are the dialects'
+own, so Ollama's NDJSON costs fewer bytes a token than chat's SSE.
 """
 
 from __future__ import annotations
@@ -141,5 +147,37 @@ def test_quick_models_run_on_the_demo_model(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "two models, 1 each" in proc.stdout
     check_models_run(json.loads((out / "bench.json").read_text()))
+    for log in (out / "logs").glob("*.log"):
+        assert "Traceback" not in log.read_text(errors="replace"), log
+
+
+def test_quick_dialects_run_on_the_scripted_engine(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    command = ["--only", "dialects", "--quick", "--engine", "scripted", "--out", str(out)]
+    proc = subprocess.run(
+        [*bench_command(), *command],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "same answer in all four" in proc.stdout
+    doc = json.loads((out / "bench.json").read_text())
+    assert validate(doc) == []
+    assert doc["errors"] == [], doc["errors"]
+    section = doc["dialects"]
+    rounds = section["sizes"]["rounds"]
+    for name, entry in section["per_dialect"].items():
+        assert entry["whole"] == entry["trials"] == rounds, (name, entry["errors"])
+        assert entry["ttft_s"]["n"] == entry["decode_tps"]["n"] == rounds, name
+    same = section["same_answer"]
+    assert same["same_text"] == same["same_tokens"] == same["compared"] == rounds, same
+    # Every turn after the prime found its prompt in the slot.
+    for r in section["rounds"]:
+        for name, t in r.items():
+            assert t["server_cached"] >= t["server_prompt"] - 2, (name, t)
+    assert set(section["vs_baseline"]) == {"responses", "messages", "ollama"}
+    assert doc["ratios"]["dialects_ollama_wire_bytes_per_token"] < 1.0
     for log in (out / "logs").glob("*.log"):
         assert "Traceback" not in log.read_text(errors="replace"), log
