@@ -72,29 +72,17 @@ def chat_turn(req: ChatRequest) -> Turn:
 
 
 def generate_turn(req: GenerateRequest) -> Turn:
+    """The prompt through the chat template (with C{system}), or with C{raw} as it is."""
     req.check()
-    model = _model(req)
-    if req.raw:
-        return Turn(
-            "ollama-generate",
-            "cmpl",
-            req.stream,
-            model,
-            req.sampling,
-            text=req.prompt,
-            response_format=req.structured(),
-            max_tokens=req.opts.max_tokens(),
-            param="prompt",
-            context=req.opts.num_ctx,
-        )
     return Turn(
         "ollama-generate",
         "cmpl",
         req.stream,
-        model,
+        _model(req),
         req.sampling,
-        messages=req.template_messages(),
-        reasoning=req.reasoning_settings(),
+        messages=None if req.raw else req.template_messages(),
+        text=req.prompt if req.raw else None,
+        reasoning=None if req.raw else req.reasoning_settings(),
         response_format=req.structured(),
         max_tokens=req.opts.max_tokens(),
         param="prompt",
