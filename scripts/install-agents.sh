@@ -2,7 +2,8 @@
 # Install the coding agents tests/agents runs against ds4tw, at pinned
 # releases, outside the checkout: Claude Code, Codex and opencode from npm
 # (their Linux binaries come inside npm packages), aider from PyPI in a venv
-# of its own (its pins clash with ours). One directory per agent and
+# of its own (its pins clash with ours); and the client library tests/clients
+# drives, ollama-js (npm `ollama`). One directory per agent and
 # version under $DS4TW_AGENTS_DIR, so a new pin installs beside the old one
 # and an installed pin costs nothing. Quiet; idempotent.
 #
@@ -18,6 +19,7 @@ CLAUDE_CODE_VERSION=${CLAUDE_CODE_VERSION:-2.1.332}
 CODEX_VERSION=${CODEX_VERSION:-0.171.0}
 OPENCODE_VERSION=${OPENCODE_VERSION:-1.18.33}
 AIDER_VERSION=${AIDER_VERSION:-0.86.2}
+OLLAMA_JS_VERSION=${OLLAMA_JS_VERSION:-0.6.4}
 
 DIR=${DS4TW_AGENTS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ds4tw-agents}
 PYTHON=${PYTHON:-python3}
@@ -82,14 +84,22 @@ if ! installed "$aider"; then
     touch "$aider/.installed"
 fi
 
+ollama_js=$DIR/ollama-js-$OLLAMA_JS_VERSION
+if ! installed "$ollama_js"; then
+    npm_install "$ollama_js" "ollama@$OLLAMA_JS_VERSION"
+    touch "$ollama_js/.installed"
+fi
+
 if [ "${1:-}" = --paths ]; then
     echo "claude-code=$claude/node_modules/.bin/claude"
     echo "codex=$codex/node_modules/.bin/codex"
     echo "opencode=$opencode/node_modules/.bin/opencode"
     echo "opencode_config=$opencode/config-opencode"
     echo "aider=$aider/bin/aider"
+    echo "ollama-js=$ollama_js"
     echo "claude-code_version=$CLAUDE_CODE_VERSION"
     echo "codex_version=$CODEX_VERSION"
     echo "opencode_version=$OPENCODE_VERSION"
     echo "aider_version=$AIDER_VERSION"
+    echo "ollama-js_version=$OLLAMA_JS_VERSION"
 fi
