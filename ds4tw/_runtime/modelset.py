@@ -103,6 +103,10 @@ def is_glob(alias: str) -> bool:
     return not GLOB_CHARS.isdisjoint(alias)
 
 
+#: Ollama's tag for an untagged name (C{llama3} is C{llama3:latest}).
+LATEST = ":latest"
+
+
 class Names:
     """
     Which model a request's C{model} field means: the model of that name,
@@ -129,21 +133,32 @@ class Names:
         self._known = set(self._names)
         self.default = default
 
+    def _named(self, name: str) -> tuple[str, str] | None:
+        if name in self._known:
+            return name, "name"
+        model = self._exact.get(name)
+        if model is not None:
+            return model, f"alias {name}"
+        for pattern, model in self._globs:
+            if fnmatchcase(name, pattern):
+                return model, f"alias {pattern}"
+        return None
+
     def match(self, name: str | None, *, fallback: bool = True) -> tuple[str, str] | None:
         """
         The model's name and how it was matched, for the log: C{"name"},
         C{"alias PATTERN"}, C{"default"} or C{"only model"}; None when
         nothing matches (or only the fallback would, without C{fallback}).
+        A name ending in Ollama's default tag C{:latest} that matches
+        nothing is read without it, as Ollama reads an untagged name with
+        it (people copy names from C{ollama list}).
         """
         if name:
-            if name in self._known:
-                return name, "name"
-            model = self._exact.get(name)
-            if model is not None:
-                return model, f"alias {name}"
-            for pattern, model in self._globs:
-                if fnmatchcase(name, pattern):
-                    return model, f"alias {pattern}"
+            found = self._named(name)
+            if found is None and name.endswith(LATEST):
+                found = self._named(name.removesuffix(LATEST))
+            if found is not None:
+                return found
         if not fallback:
             return None
         if self.default is not None:

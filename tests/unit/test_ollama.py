@@ -580,3 +580,16 @@ def test_a_client_that_leaves_a_load_request_stops_the_load() -> None:
     assert runner.idle
     settle(threads)
     assert runner.state.value == "unloaded"
+
+
+def test_a_name_with_ollamas_latest_tag_is_the_untagged_model() -> None:
+    server, http, threads, _ = fleet()
+    ex = http.post(
+        "/api/chat", {"model": "a:latest", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    settle(threads)
+    got = lines(ex)
+    assert text_of(got) == "Reply." and got[0]["model"] == "a:latest"
+    assert server.fleet.find("b:latest") is server.fleet.models["b"]
+    missing = http.post("/api/chat", {"model": "c:latest", "messages": []})
+    assert missing.status == 404 and missing.json() == {"error": "model 'c:latest' not found"}
