@@ -55,4 +55,18 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+# Arguments that name tests (a path, a node id, an option's value) run as
+# they are, in one pytest. Otherwise the unit tests (tests/unit: no reactor,
+# no sockets, no sleeps, time from a Clock) run on every core with
+# pytest-xdist, then the rest one at a time: their real-time tests measure
+# gaps and cancels, and a busy neighbour would only blur them.
+for arg in "$@"; do
+    case $arg in
+        -*) ;;
+        *) exec .venv/bin/python -m pytest "$@" ;;
+    esac
+done
+status=0
+.venv/bin/python -m pytest -n auto tests/unit "$@" || status=$?
+.venv/bin/python -m pytest --ignore=tests/unit "$@" || status=$((status ? status : $?))
+exit "$status"

@@ -18,20 +18,35 @@ saw it, no wait longer than C{--keepalive} plus a margin (L{MARGIN_S}).
 Proves that each agent's SSE client reads comment frames as SSE and does
 not give up on a long silent-but-alive stream; it cannot prove the agents
 would wait for a prefill longer than their own idle timeouts.
+
+Beside them, in the same window, the official C{ollama} Python library
+streams a 40 s prefill on Ollama's C{/api/chat} and C{/api/generate} with
+C{--keepalive 2}, whose NDJSON keepalive is an empty chunk
+(tests/integration/test_ollama_keepalive.py has the run and its checks):
+the suite pays one long wait for both.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from tests.integration.conftest import Twistd, start_twistd, stop_twistd
+from tests.integration.test_ollama_keepalive import (
+    Streams,
+    check_long_prefills,
+    start_slow_servers,
+    stop_slow_servers,
+    stream_long_prefills,
+)
 
 from .agents import Agent, Run, run_agent
 from .conftest import TITLE, Stage
@@ -90,8 +105,31 @@ def slow_server(tmp: Path, tokens: int) -> Twistd:
     )
 
 
+OllamaRuns = tuple[dict[str, Twistd], "Future[tuple[dict[str, int], Streams]]"]
+
+
+@pytest.fixture(scope="module")
+def ollama_long_prefills(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OllamaRuns]:
+    """
+    The C{ollama} library's 40 s prefills (issue 22's acceptance test,
+    tests/integration/test_ollama_keepalive.py), streaming in the
+    background from the moment this fixture is first asked for: the
+    agents' test asks for it first, so the two long waits overlap.
+    """
+    servers = start_slow_servers(tmp_path_factory)
+    pool = ThreadPoolExecutor(1)
+    try:
+        yield servers, pool.submit(stream_long_prefills, servers)
+    finally:
+        pool.shutdown(wait=True)
+        stop_slow_servers(servers)
+
+
 def test_each_agent_waits_through_a_long_prefill(
-    stage: Stage, agents: dict[str, Agent], tmp_path: Path
+    stage: Stage,
+    agents: dict[str, Agent],
+    tmp_path: Path,
+    ollama_long_prefills: OllamaRuns,
 ) -> None:
     names = list(agents)
     tokens = {name: fixture_tokens(stage, name) for name in names}
@@ -139,3 +177,16 @@ def test_each_agent_waits_through_a_long_prefill(
         silence = longest.longest_silence()
         assert silence <= KEEPALIVE_S + MARGIN_S, (name, silence, prefill)
         print(f"{name}: prefill {prefill:.1f} s, longest silence {silence:.2f} s")
+
+
+def test_the_ollama_library_waits_through_a_40s_prefill(
+    ollama_long_prefills: OllamaRuns,
+) -> None:
+    """
+    A 40 s prefill behind C{--keepalive 2}, on C{/api/chat} and
+    C{/api/generate}, streamed by the C{ollama} library (its checks are
+    L{check_long_prefills}').
+    """
+    servers, streams = ollama_long_prefills
+    offsets, got = streams.result(timeout=180)
+    check_long_prefills(servers, offsets, got)

@@ -1,7 +1,11 @@
 """
-Issue 22's acceptance test: a 40 s prefill behind C{--keepalive 2}
-survives in the official C{ollama} Python library, on C{/api/chat} and
-C{/api/generate}.
+The Ollama dialect's stream under a long prefill, with real clients: raw
+httpx here, and the pieces of issue 22's acceptance test, a 40 s prefill
+behind C{--keepalive 2} that survives in the official C{ollama} Python
+library on C{/api/chat} and C{/api/generate} (L{stream_long_prefills},
+L{check_long_prefills}), which runs in
+tests/agents/test_long_prefill.py: beside the agents' own long prefills,
+so that the suite waits through one long prefill, not two.
 
 The scripted engine under C{twistd -n ds4tw} paces its prefill at
 L{PREFILL_TPS} prompt tokens a second (one token per character), so a
@@ -15,10 +19,9 @@ false}, so the joined text is exactly the reply; and the server's job
 line says the prefill really took its 40 s (the test proves a long
 prefill, not a fast one). Chat and generate run at once, each against a
 server of its own (an engine's steps are shared by its slots, so one
-server would pace the two prompts together), so the suite pays one
-prefill, not two.
+server would pace the two prompts together).
 
-And with raw httpx: a keepalive line is exactly one JSON object and a
+Here, with raw httpx: a keepalive line is exactly one JSON object and a
 C{\\n} (never a blank line, never an SSE comment, which the library would
 fail to parse), and a client that hangs up during the paced prefill
 cancels the job there, as the server's log says.
@@ -75,8 +78,9 @@ def prompt(word: str) -> str:
     return (f"{word} " * PROMPT_CHARS)[:PROMPT_CHARS]
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Twistd]]:
+def start_slow_servers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Twistd]:
+    """One paced scripted server for chat and one for generate, started at once."""
+
     def start(name: str) -> Twistd:
         tmp = tmp_path_factory.mktemp(f"ollama-keepalive-{name}")
         spec = tmp / "spec.json"
@@ -86,13 +90,20 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Twis
         )
 
     with ThreadPoolExecutor(2) as pool:
-        started = dict(
-            zip(("chat", "generate"), pool.map(start, ("chat", "generate")), strict=True)
-        )
-    yield started
+        return dict(zip(("chat", "generate"), pool.map(start, ("chat", "generate")), strict=True))
+
+
+def stop_slow_servers(started: dict[str, Twistd]) -> None:
     for server in started.values():
         stop_twistd(server)
         assert "Traceback" not in server.log_text(), server.log_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Twistd]]:
+    started = start_slow_servers(tmp_path_factory)
+    yield started
+    stop_slow_servers(started)
 
 
 def timed(chunks: Iterable[Any]) -> list[tuple[float, Any]]:
@@ -183,7 +194,15 @@ def test_keepalive_lines_are_one_json_object_each_and_a_hang_up_cancels_the_pref
         server.wait_idle()
 
 
-def test_a_40s_prefill_survives_in_the_ollama_library(servers: dict[str, Twistd]) -> None:
+Streams = dict[str, list[tuple[float, Any]]]
+
+
+def stream_long_prefills(servers: dict[str, Twistd]) -> tuple[dict[str, int], Streams]:
+    """
+    Stream a 40 s prefill's turn through the C{ollama} library on both
+    servers at once: where each server's log stood before, and every
+    chunk with its arrival time.
+    """
     offsets = {name: len(s.log_text()) for name, s in servers.items()}
 
     def chat() -> list[tuple[float, Any]]:
@@ -197,8 +216,11 @@ def test_a_40s_prefill_survives_in_the_ollama_library(servers: dict[str, Twistd]
 
     with ThreadPoolExecutor(2) as pool:
         runs = {"chat": pool.submit(chat), "generate": pool.submit(generate)}
-        got = {name: run.result() for name, run in runs.items()}
+        return offsets, {name: run.result() for name, run in runs.items()}
 
+
+def check_long_prefills(servers: dict[str, Twistd], offsets: dict[str, int], got: Streams) -> None:
+    """The promise, as the library saw L{stream_long_prefills}' turns."""
     for name, chunks in got.items():
 
         def text(chunk: Any, name: str = name) -> str:
