@@ -327,14 +327,20 @@ class Fleet(MultiService):
 
     def keep_alive(self, model: Model, seconds: float | None) -> None:
         """
-        Keep C{model} loaded C{seconds} once idle (None: for ever), as a
-        client asked (Ollama's C{keep_alive}), until another asks
-        otherwise. A server that does not load on demand keeps its model
-        anyway; under a memory budget an idle model may still be evicted.
+        Keep C{model} loaded C{seconds} once idle (None: for ever; 0:
+        unload it as soon as it is idle), as a client asked (Ollama's
+        C{keep_alive}), until another asks otherwise. A server that does
+        not load on demand keeps its model anyway; under a memory budget
+        an idle model may still be evicted.
         """
         if not self.on_demand:
             return
         for unit in model._units:
+            if seconds == 0:
+                # Not "idle for 0 s, never": Ollama unloads the model as
+                # soon as the request that said so is done.
+                unit.release = unit.in_memory or unit.first
+                continue
             unit.keep_alive = seconds
             if unit.runner.ready and unit.runner.idle:
                 self._cancel_idle_timer(unit)

@@ -593,3 +593,15 @@ def test_a_name_with_ollamas_latest_tag_is_the_untagged_model() -> None:
     assert server.fleet.find("b:latest") is server.fleet.models["b"]
     missing = http.post("/api/chat", {"model": "c:latest", "messages": []})
     assert missing.status == 404 and missing.json() == {"error": "model 'c:latest' not found"}
+
+
+def test_a_turn_with_keep_alive_zero_unloads_the_model_when_it_is_done() -> None:
+    server, http, threads, _ = fleet()
+    ex = http.post(
+        "/api/chat",
+        {"model": "a", "keep_alive": 0, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    settle(threads)
+    assert text_of(lines(ex)) == "Reply."
+    model = server.fleet.models["a"]
+    assert model.runner.state.value == "unloaded" and model.unloads == {"requested": 1}
