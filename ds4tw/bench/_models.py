@@ -143,10 +143,10 @@ def sizes(settings: Settings) -> Sizes:
     if settings.quick:
         return Sizes(
             load_trials=2,
-            mix_requests=12,
-            mix_tokens=12,
+            mix_requests=8,
+            mix_tokens=8,
             baseline_s=0.5,
-            decode_tokens=64,
+            decode_tokens=32,
             decode_rounds=2,
             prompt_words=12,
         )
