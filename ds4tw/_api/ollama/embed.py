@@ -50,6 +50,7 @@ from ..host import EmbeddingTarget, Host
 from ..openai.embeddings import MAX_INPUTS, embed
 from ..openapi import described
 from ..routing import json_response, parse
+from .render import nanoseconds
 
 __all__ = ["OPERATIONS", "EmbedRequest", "EmbeddingsRequest", "add_routes", "normalised"]
 
@@ -96,10 +97,6 @@ def normalised(vector: list[float]) -> list[float]:
     return [v * scale for v in vector]
 
 
-def _nanoseconds(seconds: float) -> int:
-    return max(0, round(seconds * 1e9))
-
-
 async def embed_body(target: EmbeddingTarget, req: EmbedRequest, started: float) -> dict[str, Any]:
     """The answer to C{req} from C{target}, C{started} being when the request began (monotonic)."""
     texts = req.texts()
@@ -120,8 +117,8 @@ async def embed_body(target: EmbeddingTarget, req: EmbedRequest, started: float)
     return {
         "model": name,
         "embeddings": out,
-        "total_duration": _nanoseconds(elapsed),
-        "load_duration": 0 if was_ready else _nanoseconds(min(worker.load_seconds, elapsed)),
+        "total_duration": nanoseconds(elapsed),
+        "load_duration": 0 if was_ready else nanoseconds(min(worker.load_seconds, elapsed)),
         "prompt_eval_count": sum(len(x) for x in inputs),
     }
 

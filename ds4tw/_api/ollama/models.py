@@ -86,6 +86,7 @@ from ..host import Host
 from ..openapi import described
 from ..prompt import admission_error
 from ..routing import json_response, parse
+from .render import rfc3339
 
 __all__ = ["OLLAMA_VERSION", "OPERATIONS", "ShowRequest", "add_routes", "human_number"]
 
@@ -140,9 +141,9 @@ class Facts:
     path: Path | None
 
 
-def rfc3339(seconds: float) -> str:
+def posix_time(seconds: float) -> str:
     """A POSIX time as Ollama writes times (RFC 3339, UTC)."""
-    return _z(datetime.fromtimestamp(seconds, UTC))
+    return rfc3339(datetime.fromtimestamp(seconds, UTC))
 
 
 def human_number(n: int) -> str:
@@ -182,14 +183,14 @@ def read_facts(model_id: str, path: Path | None, verbose: bool = False) -> Facts
     if path is None:
         # No file (the scripted engine): a stable digest of its name.
         digest = hashlib.sha256(f"ds4tw-scripted:{model_id}".encode()).hexdigest()
-        return Facts(0, rfc3339(0), digest, {}, None)
+        return Facts(0, posix_time(0), digest, {}, None)
     files = model_files(path)
     stats = [p.stat() for p in files]
     size = sum(s.st_size for s in stats)
     header = read_header(files, max_array=None if verbose else 0)
     return Facts(
         size,
-        rfc3339(max(s.st_mtime for s in stats)),
+        posix_time(max(s.st_mtime for s in stats)),
         file_digest(files[0], stats[0].st_size),
         header.metadata,
         path,
@@ -313,12 +314,8 @@ class _Models:
         now = datetime.now(UTC)
         due = fleet.unload_due(model)
         if due is None:
-            return _z(now + FOREVER)
-        return _z(now + timedelta(seconds=max(0.0, due - fleet.clock.seconds())))
-
-
-def _z(when: datetime) -> str:
-    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
+            return rfc3339(now + FOREVER)
+        return rfc3339(now + timedelta(seconds=max(0.0, due - fleet.clock.seconds())))
 
 
 def _names(server: Host) -> list[tuple[str, Model]]:

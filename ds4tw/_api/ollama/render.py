@@ -54,9 +54,14 @@ DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop"}
 Kind = Literal["chat", "generate"]
 
 
+def rfc3339(when: datetime) -> str:
+    """C{when} (aware, UTC) as Ollama writes its timestamps: RFC 3339, microseconds, C{Z}."""
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def created_at() -> str:
-    """Now, as Ollama writes its timestamps (RFC 3339, UTC)."""
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """Now, as Ollama writes it."""
+    return rfc3339(datetime.now(UTC))
 
 
 def line(payload: Any) -> bytes:
