@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from .._engine.embed import Embedder
 from .._engine.interface import Engine, MemoryUse
 from .embedding import EmbeddingWorker
-from .modelset import Names
+from .modelset import Names, is_glob
 from .runner import ModelRunner
 from .worker import ModelState, NotReady, Worker, WorkerThreads
 
@@ -282,6 +282,17 @@ class Fleet(MultiService):
         """
         found = self._names.match(name, fallback=fallback)
         return None if found is None else self.models[found[0]]
+
+    def listed(self) -> list[tuple[str, Model]]:
+        """
+        Every name a client may list: each model's own, then its exact
+        aliases (globs name no one), in the models' order.
+        """
+        out: list[tuple[str, Model]] = []
+        for m in self.models.values():
+            out.append((m.name, m))
+            out.extend((alias, m) for alias in m.aliases if not is_glob(alias))
+        return out
 
     def prepared(self, model: Model) -> Deferred[None]:
         """

@@ -79,7 +79,6 @@ from ..._engine.llama import model_files
 from ..._errors import APIError, invalid, model_not_found
 from ..._formats.reasoning import ReasoningParser
 from ..._runtime.fleet import Model
-from ..._runtime.modelset import is_glob
 from ..._runtime.worker import NotReady, QueueFull
 from ..dialect import Api, Operation
 from ..host import Host
@@ -318,15 +317,6 @@ class _Models:
         return rfc3339(now + timedelta(seconds=max(0.0, due - fleet.clock.seconds())))
 
 
-def _names(server: Host) -> list[tuple[str, Model]]:
-    """Every model's name and exact alias, in the fleet's order (C{/v1/models}' list)."""
-    out: list[tuple[str, Model]] = []
-    for m in server.fleet.models.values():
-        out.append((m.name, m))
-        out.extend((alias, m) for alias in m.aliases if not is_glob(alias))
-    return out
-
-
 def add_routes(server: Host, api: Api) -> None:
     """Add Ollama's model routes to C{server.app}, each wrapped by C{api}."""
     app = server.app
@@ -341,7 +331,7 @@ def add_routes(server: Host, api: Api) -> None:
     @api
     async def tags(request: Request) -> bytes:
         entries = []
-        for name, model in _names(server):
+        for name, model in server.fleet.listed():
             facts = await state.facts(model)
             caps, _ = await state.capabilities(model)
             entries.append(

@@ -17,7 +17,6 @@ from twisted.web.server import Request
 
 from ..._errors import model_not_found
 from ..._runtime.fleet import Model
-from ..._runtime.modelset import is_glob
 from ..dialect import Api, Begun, Dialect, Endpoint, Operation, Turn
 from ..host import Host
 from ..openapi import described
@@ -114,10 +113,7 @@ def model_routes(server: Host, api: Api) -> None:
     @app.route("/v1/models", methods=["GET"])
     @api
     async def models(request: Request) -> bytes:
-        cards = []
-        for m in server.fleet.models.values():
-            cards.append(card(m))
-            cards.extend(card(m, alias) for alias in m.aliases if not is_glob(alias))
+        cards = [card(m, name) for name, m in server.fleet.listed()]
         return json_response(request, {"object": "list", "data": cards})
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
