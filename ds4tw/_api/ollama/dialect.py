@@ -132,11 +132,7 @@ def _early(
         name = _model(req)
         model = _served(server, name)
         keep_alive = req.keep_alive_seconds()
-        if not req.is_load():
-            if keep_alive is not None:
-                server.fleet.keep_alive(model, None if keep_alive < 0 else keep_alive)
-            return None
-        if keep_alive == 0:
+        if req.is_load() and keep_alive == 0:
             if not server.fleet.on_demand:
                 raise invalid(
                     "keep_alive: 0 asks to unload the model, but this server keeps its model "
@@ -148,6 +144,8 @@ def _early(
             return render.loaded_body(kind, name, "unload")
         if keep_alive is not None:
             server.fleet.keep_alive(model, None if keep_alive < 0 else keep_alive)
+        if not req.is_load():
+            return None
         await _settle(server.fleet.warm(model))
         return render.loaded_body(kind, name, "load")
 

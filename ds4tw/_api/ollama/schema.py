@@ -45,8 +45,8 @@ from ..._formats.tools.spec import (
     check_schema,
     check_tools,
 )
+from ..openai.schema import MAX_STOP
 
-MAX_STOP = 16
 #: Ollama's C{think} efforts (C{max} is its newest, read as C{high} by gpt-oss).
 THINK_EFFORTS = ("low", "medium", "high", "max")
 
@@ -217,6 +217,7 @@ class _Request(_Lenient):
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=pick(o.temperature, defaults.temperature),
+            # Ollama's options omit zeros (Go's omitempty): a 0 is unset.
             top_p=pick(o.top_p, defaults.top_p) or defaults.top_p,
             top_k=pick(o.top_k, defaults.top_k),
             min_p=pick(o.min_p, defaults.min_p),
