@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
-from ds4tw import Server, ServerConfig
+from ds4tw import AbortFlag, Server, ServerConfig, StepResult
+from ds4tw._engine.interface import Failed
 from ds4tw.testing import HTTPHarness, Reply, ScriptedEngine, SteppedThreads
 
 
@@ -57,6 +58,21 @@ def make_rig(replies: Any = ("Hello there friend.",), **config: Any) -> Rig:
     server = Server(engine, cfg, clock=clock, threads=threads)
     server.startService()
     return Rig(engine, threads, clock, server, HTTPHarness(server.resource(), clock), cfg)
+
+
+def fail_every_step(rig: Rig, message: str = "the GPU caught fire") -> None:
+    """
+    From now on each engine step runs, but every sequence in it fails with
+    C{RuntimeError(message)}, as a sampler error would.
+    """
+    step = rig.engine.step
+
+    def broken(abort: AbortFlag | None = None) -> StepResult:
+        result = step(abort)
+        error = RuntimeError(message)
+        return replace(result, events=tuple((seq, Failed(error)) for seq in result.sequences))
+
+    rig.engine.step = broken  # type: ignore[method-assign]
 
 
 @pytest.fixture

@@ -16,20 +16,18 @@ turns in tests/unit/test_ollama_models.py.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from typing import Any
 
 import pytest
 from ollama import ChatResponse, GenerateResponse
 from twisted.internet.task import Clock
 
-from ds4tw import AbortFlag, Server, ServerConfig, StepResult
+from ds4tw import Server, ServerConfig
 from ds4tw._api.ollama.schema import ChatRequest, _duration
-from ds4tw._engine.interface import Failed
 from ds4tw._runtime.fleet import Model
 from ds4tw.testing import Exchange, HTTPHarness, Reply, ScriptedEngine, SteppedThreads
 
-from .conftest import Rig, make_rig
+from .conftest import Rig, fail_every_step, make_rig
 from .tools import CALL, WEATHER
 
 THINKING = Reply.of("<think>", "Let me", " see.", "</think>", "It is", " 4.")
@@ -253,7 +251,8 @@ def test_think_reaches_the_template_and_decides_what_is_shown(
     think: bool | None, enabled: bool | None, shown: bool
 ) -> None:
     rig = make_rig([THINKING])
-    ex = chat(rig, stream=False, **({} if think is None else {"think": think}))
+    asked: dict[str, Any] = {} if think is None else {"think": think}
+    ex = chat(rig, stream=False, **asked)
     rig.threads.run_until_idle()
     kwargs = rig.engine.template_kwargs[-1]
     assert kwargs.get("enable_thinking") is enabled
@@ -425,14 +424,7 @@ def test_a_path_under_api_that_does_not_exist_is_a_404_in_ollama_shape() -> None
 @pytest.mark.logs_engine_errors
 def test_an_engine_failure_mid_stream_is_a_last_error_line() -> None:
     rig = make_rig(["a b c"])
-    step = rig.engine.step
-
-    def broken(abort: AbortFlag | None = None) -> StepResult:
-        result = step(abort)
-        error = RuntimeError("the GPU caught fire")
-        return replace(result, events=tuple((seq, Failed(error)) for seq in result.sequences))
-
-    rig.engine.step = broken  # type: ignore[method-assign]
+    fail_every_step(rig)
     ex = chat(rig)
     rig.threads.run_until_idle()
     got = lines(ex)

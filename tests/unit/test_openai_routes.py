@@ -8,14 +8,11 @@ every dialect alike in tests/unit/test_dialects.py.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from ds4tw import AbortFlag, Failed, StepResult
-
-from .conftest import make_rig
+from .conftest import fail_every_step, make_rig
 
 
 def test_chat_stream_shape() -> None:
@@ -237,15 +234,7 @@ def test_invalid_completion_requests() -> None:
 @pytest.mark.logs_engine_errors
 def test_engine_failure_mid_stream_is_an_error_event() -> None:
     rig = make_rig(["a b c"])
-    step = rig.engine.step
-
-    def broken(abort: AbortFlag | None = None) -> StepResult:
-        # The step runs, but every sequence in it fails (as a sampler error would).
-        result = step(abort)
-        error = RuntimeError("the GPU caught fire")
-        return replace(result, events=tuple((seq, Failed(error)) for seq in result.sequences))
-
-    rig.engine.step = broken  # type: ignore[method-assign]
+    fail_every_step(rig)
     ex = rig.stream()
     rig.threads.run_until_idle()
     events = ex.events()
