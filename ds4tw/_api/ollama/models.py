@@ -101,6 +101,15 @@ FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
 #: The bytes at each end of the file that the digest reads.
 _DIGEST_SPAN = 1 << 20
 
+#: Ollama's model management routes, and their methods: all refused here.
+MANAGEMENT = (
+    ("pull", "post"),
+    ("push", "post"),
+    ("create", "post"),
+    ("copy", "post"),
+    ("delete", "delete"),
+)
+
 MANAGED = (
     "this server serves the GGUF files it was started with and does not manage models: "
     "/api/{what} is not available (give ds4tw a model file or a models file instead)"
@@ -404,9 +413,8 @@ def add_routes(server: Host, api: Api) -> None:
         managed.__name__ = f"api_{what}"
         app.route(f"/api/{what}", methods=[method])(api(managed))
 
-    for what in ("pull", "push", "create", "copy"):
-        refuse(what, "POST")
-    refuse("delete", "DELETE")
+    for what, method in MANAGEMENT:
+        refuse(what, method.upper())
 
 
 _MANAGEMENT = tuple(
@@ -417,13 +425,7 @@ _MANAGEMENT = tuple(
         f"Refused: this server does not manage models (Ollama's /api/{what})",
         responses={"403": described("Ollama's error: this server does not manage models.")},
     )
-    for what, method in (
-        ("pull", "post"),
-        ("push", "post"),
-        ("create", "post"),
-        ("copy", "post"),
-        ("delete", "delete"),
-    )
+    for what, method in MANAGEMENT
 )
 
 OPERATIONS: tuple[Operation, ...] = (
