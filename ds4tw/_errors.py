@@ -78,6 +78,17 @@ def not_ready(message: str) -> APIError:
     )
 
 
+def backend_lost(message: str) -> APIError:
+    """The model went away under a request (an RPC worker lost); it is being reloaded."""
+    return APIError(
+        503,
+        f"{message}; the model is being reloaded, retry shortly",
+        "server_error",
+        code="backend_lost",
+        headers={"Retry-After": "5"},
+    )
+
+
 def busy(message: str) -> APIError:
     return APIError(503, message, "server_error", code="server_busy", headers={"Retry-After": "1"})
 

@@ -34,8 +34,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from .._engine.interface import SamplingParams
-from .._errors import APIError, cut_off_by_shutdown
+from .._engine.interface import BackendLost, SamplingParams
+from .._errors import APIError, backend_lost, cut_off_by_shutdown
 from .._formats.pipeline import OutputPipeline
 from .._formats.reasoning import PlainSplitter
 from .._formats.tools.spec import Tooling
@@ -183,6 +183,8 @@ def engine_failure(f: Failure) -> APIError:
     if isinstance(f.value, NotReady):
         # The model it waited for did not load (or cannot fit the budget).
         return admission_error(f.value)
+    if isinstance(f.value, BackendLost):
+        return backend_lost(str(f.value))
     return APIError(
         500, f"generation failed: {f.getErrorMessage()}", "server_error", code="engine_error"
     )

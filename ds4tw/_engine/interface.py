@@ -83,6 +83,17 @@ class Aborted(Exception):
     """
 
 
+class BackendLost(Exception):
+    """
+    Raised from L{Engine.step} or L{Engine.open} when the model itself is
+    gone (the process that held it died: an RPC worker lost, see
+    L{ds4tw._engine.process}). Every open sequence is lost with it; the
+    engine is as if L{Engine.close}d, and a later L{Engine.load} may bring
+    it back. The message says what was lost, for the clients' errors and
+    C{/health}.
+    """
+
+
 class LoadAborted(Exception):
     """
     Raised from L{Engine.load} when its progress callback returned False

@@ -316,8 +316,8 @@ class EngineOptions:
     load a model as ds4tw always has, all on the CPU.
 
     @ivar gpu_layers: layers to offload: a number, C{"all"}, or C{"auto"}
-        (all when the build can offload, C{llama_supports_gpu_offload()},
-        else none).
+        (all when there is a device to take them: a GPU or an RPC worker,
+        L{gpu_device_count}; else none).
     @ivar flash_attn: C{"on"}, C{"off"}, C{"auto"} (llama.cpp decides per
         device: on for the CPU), or None: auto when layers are offloaded
         or the V cache is quantised, else off (L{flash_attn_mode}).
@@ -337,6 +337,11 @@ class EngineOptions:
         (L{parse_override_kv}).
     @ivar seed: the sampling seed of requests that give none (None: a
         random one per request, as before).
+    @ivar rpc: llama.cpp RPC workers (C{"HOST:PORT"} each) whose devices
+        join the model's, in front of the local GPUs, as llama-server's
+        C{--rpc} (L{ds4tw._engine.rpc}). An engine that uses them must run
+        in its own process (L{ds4tw._engine.process}): a lost worker
+        aborts the process that holds the model.
     @ivar abort_in_step: watch the worker's L{AbortFlag} inside a step
         (llama.cpp's abort callback), so a lone cancel stops a prefill
         batch or a decode step within milliseconds. False: a cancel takes
@@ -356,6 +361,7 @@ class EngineOptions:
     threads_batch: int | None = None
     override_kv: tuple[str, ...] = ()
     seed: int | None = None
+    rpc: tuple[str, ...] = ()
     abort_in_step: bool = True
 
     def check(self, gpu_devices: int | None = None) -> None:
@@ -390,14 +396,20 @@ class EngineOptions:
                     f"--tensor-split {_split_text(split)}: llama.cpp takes at most "
                     f"{_MAX_DEVICES} devices"
                 )
-            if gpu_devices is not None and len(split) > gpu_devices:
+            # RPC workers' devices are counted only once they are added.
+            if gpu_devices is not None and not self.rpc and len(split) > gpu_devices:
                 raise ValueError(
                     f"--tensor-split {_split_text(split)} names {len(split)} devices; "
                     f"this llama.cpp build sees {gpu_devices} GPU device(s)"
                 )
         if self.main_gpu < 0:
             raise ValueError("--main-gpu must be >= 0")
-        if gpu_devices is not None and self.main_gpu > 0 and self.main_gpu >= gpu_devices:
+        if (
+            gpu_devices is not None
+            and not self.rpc
+            and self.main_gpu > 0
+            and self.main_gpu >= gpu_devices
+        ):
             raise ValueError(
                 f"--main-gpu {self.main_gpu}: this llama.cpp build sees {gpu_devices} "
                 "GPU device(s), numbered from 0"
@@ -459,13 +471,24 @@ def gpu_device_count() -> int | None:
     return sum(t in (1, 2) for t in types)
 
 
-def _gpu_layers(options: EngineOptions) -> int:
-    """C{n_gpu_layers} for C{Llama()} (-1: all)."""
+def _has_devices() -> bool:
+    """
+    Whether a layer offloaded would go anywhere but the CPU. Not
+    C{llama_supports_gpu_offload()}: that is true in any build with the
+    RPC backend, GPU or none, and "auto" would then move nothing yet turn
+    flash attention on, which changes the greedy text.
+    """
     import llama_cpp
 
+    count = gpu_device_count()
+    return bool(llama_cpp.llama_supports_gpu_offload()) if count is None else count > 0
+
+
+def _gpu_layers(options: EngineOptions) -> int:
+    """C{n_gpu_layers} for C{Llama()} (-1: all)."""
     layers = options.gpu_layers
     if layers == "auto":
-        return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+        return -1 if _has_devices() else 0
     if layers == "all":
         return -1
     return int(layers)
@@ -621,6 +644,8 @@ def open_llama(
     """
     o = options or EngineOptions()
     overrides = dict(parse_override_kv(spec) for spec in o.override_kv)
+    if o.rpc:
+        add_rpc_workers(o.rpc)
     gpu_layers = _gpu_layers(o)
     with (
         no_extra_buffers(),
@@ -641,6 +666,59 @@ def open_llama(
             llm.close()
             raise why
         return llm
+
+
+def llama_cpp_dir() -> str:
+    """Where the installed llama_cpp package is (its C{lib} holds ggml)."""
+    import llama_cpp
+
+    return os.path.dirname(llama_cpp.__file__)
+
+
+#: The RPC workers whose devices this process has registered (once each:
+#: a second registration would list their devices twice).
+_RPC_REGISTERED: dict[str, list[Any]] = {}
+
+
+def add_rpc_workers(endpoints: Sequence[str]) -> list[Any]:
+    """
+    Add the RPC workers at C{endpoints} (checked first in plain Python:
+    a worker that is down or busy is L{ds4tw._engine.rpc.WorkerDown},
+    never llama.cpp's abort) and register their backends, as
+    llama-server's C{--rpc} does, so that llama.cpp's own device choice
+    puts them in front of the local GPUs. Logs each worker's devices with
+    their free and total memory; returns them
+    (L{ds4tw._engine.rpc.WorkerDevice}).
+    """
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    from . import rpc
+
+    rpc.library()  # RPCUnavailable, with the command that installs it, first
+    ggml = load_shared_library("ggml", Path(llama_cpp_dir()) / "lib")
+    ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_register.restype = None
+    ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    added: list[Any] = []
+    todo = [e for e in rpc.parse_endpoints(",".join(endpoints)) if str(e) not in _RPC_REGISTERED]
+    for device in rpc.add_workers(todo):
+        _RPC_REGISTERED.setdefault(str(device.endpoint), []).append(device)
+        added.append(device)
+    regs = {ggml.ggml_backend_dev_backend_reg(d.handle) for d in added}
+    for reg in regs:
+        ggml.ggml_backend_register(reg)
+    for d in added:
+        log.info(
+            "ds4tw: RPC worker {endpoint}: device {name} ({description}), "
+            "{free:.0f} MiB free of {total:.0f} MiB",
+            endpoint=str(d.endpoint),
+            name=d.name,
+            description=d.description,
+            free=d.free / 2**20,
+            total=d.total / 2**20,
+        )
+    return [d for e in endpoints for d in _RPC_REGISTERED.get(e, [])]
 
 
 def _new_llama(
@@ -2170,7 +2248,7 @@ def engine_settings(llm: Any, options: EngineOptions, log_lines: Sequence[str]) 
     else:  # a llama.cpp that does not log it: what it was asked for
         layers = n_layer + 1
         asked = mp.n_gpu_layers if mp.n_gpu_layers >= 0 else layers
-        offloaded = min(asked, layers) if llama_cpp.llama_supports_gpu_offload() else 0
+        offloaded = min(asked, layers) if _has_devices() else 0
     flash = {0: "off", 1: "on"}.get(int(llm.context_params.flash_attn_type), "auto")
     for pattern in _FLASH_ATTN_LOG:
         found = [m.group(1) for line in log_lines if (m := pattern.search(line))]
@@ -2204,4 +2282,15 @@ def engine_settings(llm: Any, options: EngineOptions, log_lines: Sequence[str]) 
         "threads_batch": int(llama_cpp.llama_n_threads_batch(ctx)),
         "override_kv": list(options.override_kv),
         "seed": options.seed,
+        "rpc": [
+            {
+                "endpoint": str(d.endpoint),
+                "device": d.name,
+                "description": d.description,
+                "free_bytes": d.free,
+                "total_bytes": d.total,
+            }
+            for e in options.rpc
+            for d in _RPC_REGISTERED.get(e, [])
+        ],
     }

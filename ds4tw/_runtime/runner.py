@@ -12,12 +12,18 @@ thread, whether requests can be admitted, and the shutdown drain.
     next request tries again.
   - B{unload}: only while nothing runs or waits, so that it never cuts a
     request off.
+  - B{loss}: when the model itself goes away under the running requests
+    (L{BackendLost}: its process died, an RPC worker was lost), they fail,
+    so do the queued ones, admission says why (503), and the model is
+    loaded again after L{ModelRunner.RELOAD_FIRST_S}, the wait doubling
+    after each failed reload up to L{ModelRunner.RELOAD_MAX_S} (a model
+    loaded on demand just waits for the next request).
   - B{drain}: from C{stopService}, no new request; the running and queued
     ones get C{drain_timeout} seconds, the rest is cut off; then the model
     is closed and the model thread released.
 
-Covered by tests/unit/test_fleet.py, tests/unit/test_shutdown.py and
-tests/unit/test_embeddings_api.py.
+Covered by tests/unit/test_fleet.py, tests/unit/test_shutdown.py,
+tests/unit/test_backend_lost.py and tests/unit/test_embeddings_api.py.
 """
 
 from __future__ import annotations
@@ -132,6 +138,11 @@ class ModelRunner(Service):
     (L{_cut_off}).
     """
 
+    #: Seconds from a loss (L{lost}) to the first reload, and the longest
+    #: wait between two failed reloads (the wait doubles each time).
+    RELOAD_FIRST_S = 1.0
+    RELOAD_MAX_S = 30.0
+
     def __init__(
         self,
         model: Loadable,
@@ -180,6 +191,12 @@ class ModelRunner(Service):
         self._drain_started = 0.0
         #: Callers waiting for a load with no request of their own (L{warm}).
         self._warming: list[Deferred[None]] = []
+        #: Times the model was lost under its requests (L{lost}), why the
+        #: last time, and the wait before the next reload while it is out.
+        self.losses = 0
+        self.lost_reason: str | None = None
+        self._reload_wait: float | None = None
+        self._reload_call: IDelayedCall | None = None
 
     # -- what a subclass says ------------------------------------------------
 
@@ -218,6 +235,8 @@ class ModelRunner(Service):
 
     def check_ready(self) -> None:
         """Raise L{NotReady}, saying why, unless requests can be admitted."""
+        if self._reload_wait is not None and not self.ready:
+            raise NotReady(f"the model was lost ({self.lost_reason}) and is being reloaded")
         if self.load_error is not None and not self.on_demand:
             raise NotReady("the model failed to load")
         if self.draining or not self.running:
@@ -301,6 +320,9 @@ class ModelRunner(Service):
         def loaded(_: object) -> None:
             self.state = ModelState.READY
             self.loads += 1
+            if self._reload_wait is not None:
+                log.info("ds4tw: {model}: reloaded after its loss", model=self._model.model_id)
+                self._reload_wait = None
             self.load_seconds = self.clock.seconds() - started
             if not self.loaded.called:
                 self.loaded.callback(None)
@@ -320,6 +342,9 @@ class ModelRunner(Service):
             self.load_error = f
             log.failure("ds4tw: {model}: the model failed to load", f, model=model)
             self.fail_warming(NotReady(f"the model failed to load: {f.getErrorMessage()}"))
+            if self._reload_wait is not None:
+                self._reload_later(min(self._reload_wait * 2, self.RELOAD_MAX_S))
+                return
             if not self.on_demand:
                 self.loaded.errback(f)
                 return
@@ -327,6 +352,45 @@ class ModelRunner(Service):
 
         d.addCallbacks(loaded, failed)
         return d
+
+    def lost(self, failure: Failure) -> None:
+        """
+        The model itself is gone (L{BackendLost}, in the reactor, before
+        the running requests' ends): fail what waits, say why at
+        admission (503), and load it again with back-off.
+        """
+        if self.state is not ModelState.READY:
+            return
+        self.state = ModelState.UNLOADED
+        self.losses += 1
+        self.lost_reason = failure.getErrorMessage()
+        self.load_error = failure
+        error = NotReady(f"the model was lost ({self.lost_reason})")
+        self.fail_warming(error)
+        self.refuse(error)
+        if self.on_demand:
+            # The next request asks for it again.
+            return
+        self._reload_later(self.RELOAD_FIRST_S)
+
+    def _reload_later(self, wait: float) -> None:
+        self._reload_wait = wait
+        log.info("ds4tw: {model}: reloading in {wait:.0f} s", model=self._model.model_id, wait=wait)
+        self._reload_call = self.clock.callLater(wait, self._reload)
+
+    def _reload(self) -> None:
+        self._reload_call = None
+        if self.draining or not self.running or self.state is not ModelState.UNLOADED:
+            return
+        self.load()
+
+    @property
+    def reload_in(self) -> float | None:
+        """Seconds until the next reload of a lost model (None: none due)."""
+        call = self._reload_call
+        if call is None or not call.active():
+            return None
+        return max(0.0, call.getTime() - self.clock.seconds())
 
     def _progress(self, fraction: float) -> bool:
         # The model thread, inside llama.cpp's load: plain writes and reads.
@@ -377,6 +441,9 @@ class ModelRunner(Service):
         """
         super().stopService()
         self.draining = True
+        if self._reload_call is not None and self._reload_call.active():
+            self._reload_call.cancel()
+        self._reload_call = None
         self.fail_warming(ShuttingDown("the server is shutting down"))
         self.drain_result = DrainResult()
         self._drain_started = self.clock.seconds()

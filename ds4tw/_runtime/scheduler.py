@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from .._engine.interface import (
     Aborted,
     AbortFlag,
+    BackendLost,
     Engine,
     Failed,
     Finished,
@@ -167,6 +168,7 @@ class BatchLoop:
         abort: AbortFlag,
         ended: Callable[[Work], None],
         stepped: Callable[[StepStats], None],
+        lost: Callable[[Failure], None] = lambda failure: None,
     ) -> None:
         self.engine = engine
         self.to_reactor = to_reactor
@@ -174,6 +176,9 @@ class BatchLoop:
         self.abort = abort
         self.ended = ended
         self.stepped = stepped
+        #: Told (in the reactor, before the jobs' ends) that the model
+        #: itself is gone (L{BackendLost}).
+        self.lost = lost
         self.runs: dict[int, Run] = {}
 
     def steps(self) -> Iterator[None]:
@@ -212,6 +217,11 @@ class BatchLoop:
                 continue
             try:
                 seq = self.engine.open(work.prompt, work.params)
+            except BackendLost:
+                work.failure = Failure()
+                out.add(self.lost, work.failure)
+                out.add(self.ended, work)
+                continue
             except Exception:
                 work.failure = Failure()
                 out.add(self.ended, work)
@@ -273,8 +283,12 @@ class BatchLoop:
             # cancelled: all of them stopped inside this step.
             self._drop_cancelled(out)
             return
-        except Exception:
+        except Exception as e:
             failure = Failure()
+            if isinstance(e, BackendLost):
+                # First, so that the worker stops admitting before the
+                # ends below move its queue.
+                out.add(self.lost, failure)
             for run in list(self.runs.values()):
                 self._fail(run, out, failure)
             return

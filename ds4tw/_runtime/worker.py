@@ -283,6 +283,7 @@ class Worker(ModelRunner):
             self._step_abort,
             self._ended,
             self._stepped,
+            self.lost,
         )
         self._loop = self.threads.run(loop.steps())
         self._loop.addBoth(self._loop_ended)

@@ -313,6 +313,13 @@ class Server(MultiService):
             entry["load_progress"] = round(runner.load_progress, 3)
         if runner.load_error is not None:
             entry["load_error"] = runner.load_error.getErrorMessage()
+        if runner.losses:
+            # Lost under its requests (an RPC worker gone), reloaded with back-off.
+            entry["losses"] = runner.losses
+            entry["lost"] = runner.lost_reason
+            reload_in = runner.reload_in
+            if reload_in is not None:
+                entry["reload_in_seconds"] = round(reload_in, 1)
         if runner.ready and model.name in self._hosts:
             entry["parsers"] = self._hosts[model.name].parsers()
         return entry

@@ -1,0 +1,191 @@
+"""
+A model lost under its requests (L{ds4tw.BackendLost}: its process died,
+an RPC worker went away): the running requests end with their dialect's
+error, the queued ones too, C{/health} and admission say 503 with why,
+and the model is loaded again with back-off (1, 2, 4 ... 30 s) until it
+comes back. The scripted engine stands in for the child process
+(tests/integration/test_process_engine.py and test_rpc_split.py run the
+real ones).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ds4tw import AbortFlag, StepResult
+from ds4tw._engine.interface import BackendLost, LoadProgress
+
+from .conftest import Rig, make_rig
+
+WHY = "RPC worker 127.0.0.1:50053 is down (connection refused)"
+
+
+class Loss:
+    """Makes C{rig}'s engine lose its model at will, and fail reloads."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.rig = rig
+        self.lost = False
+        #: Reloads that fail before one works (the worker still down).
+        self.failing_loads = 0
+        self.load_attempts = 0
+        engine = rig.engine
+        step, open_, load = engine.step, engine.open, engine.load
+
+        def lost_step(abort: AbortFlag | None = None) -> StepResult:
+            if self.lost:
+                raise BackendLost(WHY)
+            return step(abort)
+
+        def lost_open(prompt: Any, params: Any) -> int:
+            if self.lost:
+                raise BackendLost(WHY)
+            return open_(prompt, params)
+
+        def reload(progress: LoadProgress | None = None) -> None:
+            self.load_attempts += 1
+            if self.failing_loads:
+                self.failing_loads -= 1
+                raise ConnectionError(WHY)
+            self.lost = False
+            engine.close()
+            load(progress)
+
+        engine.step = lost_step  # type: ignore[method-assign]
+        engine.open = lost_open  # type: ignore[method-assign]
+        engine.load = reload  # type: ignore[method-assign]
+
+
+def lose(rig: Rig) -> Loss:
+    return Loss(rig)
+
+
+@pytest.mark.logs_engine_errors
+def test_a_lost_model_ends_the_stream_with_an_error_frame_and_health_goes_503() -> None:
+    rig = make_rig(["a b c d e f"])
+    loss = lose(rig)
+    ex = rig.stream()
+    rig.threads.step(3)
+    assert ex.data()[1]["choices"][0]["delta"]["content"] == "a"
+    loss.lost = True
+    rig.threads.run_until_idle()
+    events = ex.events()
+    assert events[-2][0] == "error" and events[-1] == (None, "[DONE]")
+    assert WHY in events[-2][1] and "backend_lost" in events[-2][1]
+    assert ex.finished
+    health = rig.http.get("/health")
+    assert health.status == 503 and health.header("retry-after") == "5"
+    body = health.json()
+    assert body["status"] == "error"
+    model = body["models"][0]
+    assert model["losses"] == 1 and WHY in model["load_error"]
+    assert model["reload_in_seconds"] == 1.0
+    # The next request is refused before anything is sent, saying why.
+    refused = rig.chat()
+    assert refused.status == 503 and refused.header("retry-after") == "5"
+    assert WHY in refused.json()["error"]["message"]
+    assert "reloaded" in refused.json()["error"]["message"]
+
+
+@pytest.mark.logs_engine_errors
+def test_the_lost_model_is_reloaded_with_back_off_until_it_comes_back() -> None:
+    rig = make_rig(["fine again"])
+    loss = lose(rig)
+    rig.chat()
+    rig.threads.run_until_idle()
+    loss.lost = True
+    loss.failing_loads = 3
+    ex = rig.chat()
+    rig.threads.run_until_idle()
+    assert ex.status == 503 and ex.json()["error"]["code"] == "backend_lost"
+    worker = rig.server.worker
+    waits = []
+    for _ in range(4):
+        wait = worker.reload_in
+        assert wait is not None
+        waits.append(wait)
+        before = loss.load_attempts
+        rig.clock.advance(wait - 0.01)
+        assert loss.load_attempts == before  # not a moment early
+        rig.clock.advance(0.01)
+        assert loss.load_attempts == before + 1
+        if worker.ready:
+            break
+        assert rig.http.get("/health").status == 503
+    assert waits == [1.0, 2.0, 4.0, 8.0]
+    assert worker.ready and worker.reload_in is None
+    assert rig.http.get("/health").status == 200
+    again = rig.chat()
+    rig.threads.run_until_idle()
+    assert again.status == 200
+    assert again.json()["choices"][0]["message"]["content"] == "fine again"
+
+
+@pytest.mark.logs_engine_errors
+def test_the_back_off_stops_doubling_at_its_cap() -> None:
+    rig = make_rig()
+    loss = lose(rig)
+    loss.lost = True
+    loss.failing_loads = 100
+    rig.chat()
+    rig.threads.run_until_idle()
+    worker = rig.server.worker
+    seen = []
+    for _ in range(8):
+        wait = worker.reload_in
+        assert wait is not None
+        seen.append(wait)
+        rig.clock.advance(wait)
+    assert seen == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+@pytest.mark.logs_engine_errors
+def test_queued_requests_fail_with_the_loss_too() -> None:
+    rig = make_rig(["a b c d e f"], slots=1)
+    loss = lose(rig)
+    running = rig.stream("first")
+    rig.threads.step(2)
+    queued = rig.chat("second")
+    assert not queued.finished
+    loss.lost = True
+    rig.threads.run_until_idle()
+    assert running.events()[-2][0] == "error"
+    assert queued.status == 503
+    assert WHY in queued.json()["error"]["message"]
+
+
+@pytest.mark.logs_engine_errors
+def test_anthropic_stream_gets_its_own_error_event() -> None:
+    rig = make_rig(["a b c d e f"])
+    loss = lose(rig)
+    ex = rig.http.post(
+        "/v1/messages",
+        {
+            "model": "scripted",
+            "max_tokens": 50,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
+    rig.threads.step(3)
+    loss.lost = True
+    rig.threads.run_until_idle()
+    name, data = ex.events()[-1]
+    assert name == "error"
+    assert WHY in data and '"type": "error"' in data.replace('":"', '": "')
+
+
+@pytest.mark.logs_engine_errors
+def test_a_shutdown_cancels_the_pending_reload() -> None:
+    rig = make_rig()
+    loss = lose(rig)
+    loss.lost = True
+    rig.chat()
+    rig.threads.run_until_idle()
+    assert rig.server.worker.reload_in == 1.0
+    rig.server.stopService()
+    attempts = loss.load_attempts
+    rig.clock.advance(60)
+    assert loss.load_attempts == attempts
