@@ -297,7 +297,7 @@ class ProcessEngine:
         parent, child = _pipe()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "ds4tw._engine.process", str(child.fileno()), str(flag_fd)],
+                [sys.executable, "-c", _CHILD, str(child.fileno()), str(flag_fd)],
                 pass_fds=(child.fileno(), flag_fd),
                 stdin=subprocess.DEVNULL,
             )
@@ -321,16 +321,19 @@ class ProcessEngine:
         if conn is not None:
             conn.close()
 
-    def _lost(self, why: str) -> BackendLost:
+    def _lost(self, why: str | None = None) -> BackendLost:
+        """The child is gone (or is made to go): the L{BackendLost} to raise."""
         proc = self._proc
-        status = ""
+        status = "gone"
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(1.0)
             status = _signal_name(proc.poll())
         self._kill()
         found = self._diagnose() if self._diagnose is not None else None
-        message = f"the model's process ended ({status or why})"
+        message = f"the model's process ended ({status})"
+        if why:
+            message = f"{why}: {message}"
         if found:
             message = f"{found}; {message}"
         log.error("ds4tw: {model}: {message}", model=self.model_id, message=message)
@@ -354,19 +357,19 @@ class ProcessEngine:
             flag.clear()
         try:
             conn.send(message)
-        except OSError as e:
-            raise self._lost(f"the pipe to it broke: {e}") from None
+        except OSError:
+            raise self._lost() from None
         started = time.monotonic()
         while True:
             try:
                 ready = conn.poll(ABORT_POLL_S if abort is not None else 0.1)
-            except OSError as e:
-                raise self._lost(str(e)) from None
+            except OSError:
+                raise self._lost() from None
             if ready:
                 try:
                     kind, value = conn.recv()
                 except (EOFError, OSError):
-                    raise self._lost("it closed its pipe") from None
+                    raise self._lost() from None
                 if kind == "progress":
                     if progress is not None and not progress(value):
                         self._kill()
@@ -380,7 +383,12 @@ class ProcessEngine:
             if timeout is not None and time.monotonic() - started > timeout:
                 assert self._proc is not None
                 self._proc.kill()
-                raise self._lost(f"killed: no answer to a step in {timeout:.0f} s")
+                raise self._lost(f"no answer to a step in {timeout:g} s, killed")
+
+
+#: The child's program: this module's L{main} (not C{-m}, which would
+#: import this module a second time as C{__main__}).
+_CHILD = "import sys; from ds4tw._engine.process import main; main(sys.argv[1:])"
 
 
 def _pipe() -> tuple[Connection, Connection]:
@@ -475,7 +483,7 @@ class _Child:
 
 
 def main(argv: Sequence[str]) -> None:
-    """The child: C{python -m ds4tw._engine.process CONN_FD FLAG_FD}."""
+    """The child: C{main([CONN_FD, FLAG_FD])} (L{_CHILD})."""
     # The parent handles ^C and SIGTERM (its drain closes us); a terminal's
     # ^C reaches the whole process group, and must not kill the model
     # under a draining server.
@@ -492,7 +500,3 @@ def main(argv: Sequence[str]) -> None:
         conn.send(("error", _picklable(e)))
         return
     _Child(conn, flag, engine).serve()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
