@@ -49,6 +49,11 @@ if command -v npm >/dev/null; then
     PYTHON="$PYTHON" bash scripts/install-agents.sh
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# twistd ds4tw --rpc and ds4tw-rpc-worker need llama.cpp's RPC backend:
+# llama-cpp-python built with -DGGML_RPC=ON, from a wheel cached outside
+# the checkout (built once, several minutes); a no-op when installed. The
+# install below then keeps it (it satisfies ds4tw's requirement).
+bash scripts/install-llama.sh .venv/bin/python
 # compat mode: a regular editable install hides twisted/plugins/ds4tw_plugin.py
 # from twistd's plugin discovery. --no-compile: byte-compiling every installed
 # module took 30 of the 80 s of an install into a new venv; Python compiles
