@@ -449,11 +449,10 @@ def gpu_device_count() -> int | None:
     GPU backends; 0 on a CPU-only build), or None when ggml cannot be
     asked.
     """
-    import llama_cpp
-    from llama_cpp._ctypes_extensions import load_shared_library
+    from .rpc import linked_library
 
     try:
-        ggml = load_shared_library("ggml", Path(llama_cpp.__file__).parent / "lib")
+        ggml = linked_library("ggml", Path(llama_cpp_dir()) / "lib")
         ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
         ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
         ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
@@ -665,7 +664,14 @@ def open_llama(
         if why is not None:  # stopped once the weights were in: let them go all the same
             llm.close()
             raise why
-        return llm
+    if o.rpc:
+        from . import rpc
+
+        # ggml's sockets have no timeouts: a worker host that vanishes
+        # without a FIN would hang a step for ever; with keepalive it is
+        # an error (and the process's abort) within seconds.
+        rpc.harden_sockets(rpc.parse_endpoints(",".join(o.rpc)))
+    return llm
 
 
 def llama_cpp_dir() -> str:
@@ -690,14 +696,10 @@ def add_rpc_workers(endpoints: Sequence[str]) -> list[Any]:
     their free and total memory; returns them
     (L{ds4tw._engine.rpc.WorkerDevice}).
     """
-    from llama_cpp._ctypes_extensions import load_shared_library
-
     from . import rpc
 
-    rpc.library()  # RPCUnavailable, with the command that installs it, first
-    ggml = load_shared_library("ggml", Path(llama_cpp_dir()) / "lib")
-    ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    lib = rpc.library()  # RPCUnavailable, with the command that installs it, first
+    ggml = rpc.linked_library("ggml")
     ggml.ggml_backend_register.restype = None
     ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
     added: list[Any] = []
@@ -705,9 +707,10 @@ def add_rpc_workers(endpoints: Sequence[str]) -> list[Any]:
     for device in rpc.add_workers(todo):
         _RPC_REGISTERED.setdefault(str(device.endpoint), []).append(device)
         added.append(device)
-    regs = {ggml.ggml_backend_dev_backend_reg(d.handle) for d in added}
-    for reg in regs:
-        ggml.ggml_backend_register(reg)
+    for endpoint in todo:
+        # The server's own registry (not its devices' shared "RPC" one): the
+        # same one add_workers made, as ggml keeps one per endpoint.
+        ggml.ggml_backend_register(lib.ggml_backend_rpc_add_server(str(endpoint).encode()))
     for d in added:
         log.info(
             "ds4tw: RPC worker {endpoint}: device {name} ({description}), "

@@ -56,9 +56,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, globalLogBeginner
 
 from .interface import (
     Aborted,
@@ -370,6 +370,9 @@ class ProcessEngine:
                     kind, value = conn.recv()
                 except (EOFError, OSError):
                     raise self._lost() from None
+                if kind == "log":
+                    _relog(*value)
+                    continue
                 if kind == "progress":
                     if progress is not None and not progress(value):
                         self._kill()
@@ -384,6 +387,11 @@ class ProcessEngine:
                 assert self._proc is not None
                 self._proc.kill()
                 raise self._lost(f"no answer to a step in {timeout:g} s, killed")
+
+
+def _relog(level: str, namespace: str, text: str) -> None:
+    """A log event from the child, in this process's log under its own namespace."""
+    Logger(namespace=namespace).emit(LogLevel.lookupByName(level), "{text}", text=text)
 
 
 #: The child's program: this module's L{main} (not C{-m}, which would
@@ -409,10 +417,36 @@ def _picklable(error: BaseException) -> BaseException:
     return error
 
 
+class _Pipe:
+    """The child's end: sends from any of its threads (log events too), one at a time."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def recv(self) -> Any:
+        return self.conn.recv()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+    def log(self, event: dict[str, Any]) -> None:
+        """A log observer: the event, formatted, to the parent's log."""
+        level = event.get("log_level", LogLevel.info)
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text = f"{text}\n{failure.getTraceback()}"
+        # A parent that is gone has nobody to tell.
+        with contextlib.suppress(OSError, ValueError):
+            self.send(("log", (level.name, event.get("log_namespace", "-"), text)))
+
+
 class _Child:
     """The child's side: one engine, one message at a time."""
 
-    def __init__(self, conn: Connection, flag: SharedAbortFlag, engine: Engine) -> None:
+    def __init__(self, conn: _Pipe, flag: SharedAbortFlag, engine: Engine) -> None:
         self.conn = conn
         self.flag = flag
         self.engine = engine
@@ -488,9 +522,12 @@ def main(argv: Sequence[str]) -> None:
     # ^C reaches the whole process group, and must not kill the model
     # under a draining server.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn = Connection(int(argv[0]))
+    conn = _Pipe(Connection(int(argv[0])))
     flag = SharedAbortFlag(int(argv[1]))
     os.close(int(argv[1]))
+    # What the engine logs (the load, the workers, warnings) goes to the
+    # server's log, as if it had run there.
+    globalLogBeginner.beginLoggingTo([cast(ILogObserver, conn.log)], redirectStandardIO=False)
     recipe = conn.recv()
     try:
         engine = recipe()

@@ -71,7 +71,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 log = logging.getLogger("ds4tw.rpc")
 
@@ -142,6 +142,9 @@ class RPCUnavailable(RuntimeError):
         )
         self.missing = missing
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RPCUnavailable, (self.missing,))
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -167,6 +170,10 @@ class WorkerDown(ConnectionError):
         super().__init__(f"RPC worker {endpoint}: {reason}")
         self.endpoint = endpoint
         self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Raised in the model's child process, re-raised in the server's.
+        return (WorkerDown, (self.endpoint, self.reason))
 
 
 def parse_endpoints(spec: str) -> tuple[Endpoint, ...]:
@@ -282,14 +289,34 @@ def available() -> bool:
 def _load(directory: Path, base: str) -> ctypes.CDLL:
     if not any((directory / name).exists() for name in _lib_names(base)):
         raise RPCUnavailable(f"no {_lib_names(base)[0]} in {directory}")
-    # Imported only now: importing llama_cpp loads libllama from the same
-    # directory, which may not exist when there is no RPC library either.
-    from llama_cpp._ctypes_extensions import load_shared_library
-
     try:
-        lib: ctypes.CDLL = load_shared_library(base, directory)
+        return linked_library(base, directory)
     except (OSError, RuntimeError) as e:
         raise RPCUnavailable(f"{_lib_names(base)[0]} in {directory} does not load ({e})") from e
+
+
+def linked_library(base: str, directory: Path | None = None) -> ctypes.CDLL:
+    """
+    The copy of ggml's library C{base} (C{"ggml"}, C{"ggml-rpc"}) that
+    libllama itself uses. A wheel holds no symlinks: C{libggml.so} and
+    C{libggml.so.0} are two files, and loading the first beside libllama
+    (which links the second by its soname) gives a second ggml with its
+    own device registry, where workers registered are invisible to
+    llama.cpp (seen: "offloaded 20/31 layers" and every layer on the CPU).
+
+    @raise OSError: it does not load.
+    """
+    directory = directory if directory is not None else lib_dir()
+    # Imported only now: importing llama_cpp loads libllama from the same
+    # directory, which may not exist when there is no RPC library either.
+    import llama_cpp  # noqa: F401  (libllama and the libraries it links, first)
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    linked = directory / f"lib{base}.so.0"
+    if sys.platform.startswith("linux") and linked.exists():
+        # The path libllama's RUNPATH resolved: dlopen hands back that handle.
+        return ctypes.CDLL(str(linked))
+    lib: ctypes.CDLL = load_shared_library(base, directory)
     return lib
 
 

@@ -30,6 +30,9 @@ from .._engine.llama import (
     gpu_device_count,
     resolve_model,
 )
+from .._engine.process import ProcessEngine, Recipe
+from .._engine.rpc import Endpoint, RPCUnavailable, WorkerDown, check_worker, parse_endpoints
+from .._engine.rpc import library as rpc_library
 from .._engine.scripted import SPEC_HELP, parse_spec
 from .._engine.template import ChatTemplate, TemplateError
 from .._formats.reasoning import reasoning_parser
@@ -372,6 +375,23 @@ class Options(usage.Options):
             "Sampling seed of requests that give none (default, or -1: random per request).",
             _seed,
         ],
+        [
+            "rpc",
+            None,
+            None,
+            "llama.cpp RPC workers HOST:PORT[,HOST:PORT...] (ds4tw-rpc-worker on each) whose "
+            "devices take the offloaded layers, in front of local GPUs; the model then runs in "
+            "a child process, so a lost worker fails its requests, not the server "
+            "(docs/deploy.md). No authentication: private networks or tunnels only.",
+        ],
+        [
+            "rpc-timeout",
+            None,
+            300.0,
+            "With --rpc: seconds a step may take before its workers are taken as hung (the "
+            "model's process is then killed and the model reloaded).",
+            float,
+        ],
     ]
 
     optFlags: list[list[Any]] = [
@@ -426,7 +446,29 @@ class Options(usage.Options):
             threads_batch=self["threads-batch"],
             override_kv=tuple(self["override-kv"]),
             seed=self["seed"],
+            rpc=tuple(str(e) for e in self["rpc-endpoints"]),
         )
+
+    def _rpc_endpoints(self) -> tuple[Endpoint, ...]:
+        if not self["rpc"]:
+            return ()
+        if self["models"] or self["models-dir"] or str(self["model"]).startswith("scripted:"):
+            # A worker serves one client at a time: one model holds it.
+            raise usage.UsageError(
+                "--rpc serves the one model of --model (not --models, not scripted)"
+            )
+        if self["rpc-timeout"] <= 0:
+            raise usage.UsageError("--rpc-timeout must be > 0")
+        try:
+            endpoints = parse_endpoints(self["rpc"])
+            rpc_library()
+            # Before anything starts, in plain Python (ggml would abort): a
+            # worker that is down is one clear line and a failed start.
+            for endpoint in endpoints:
+                check_worker(endpoint)
+        except (ValueError, RPCUnavailable, WorkerDown) as e:
+            raise usage.UsageError(f"--rpc: {e}") from e
+        return endpoints
 
     def postOptions(self) -> None:
         if not self["listen"]:
@@ -450,6 +492,7 @@ class Options(usage.Options):
             raise usage.UsageError("--threads must be at least 1")
         self["scripted"] = None
         self["model-set"] = None
+        self["rpc-endpoints"] = self._rpc_endpoints()
         if self["models-memory-mb"] < 0:
             raise usage.UsageError("--models-memory-mb must be >= 0")
         model = self["model"]
@@ -572,6 +615,41 @@ def _model(spec: ModelSpec, options: Options) -> Model:
     )
 
 
+def _in_child(front: LlamaEngine, options: Options, common: dict[str, Any]) -> ProcessEngine:
+    """
+    C{front}'s model in a child process (L{ProcessEngine}), for --rpc:
+    there a lost worker's abort ends the child, not the server. C{front}
+    keeps the prompt side here.
+    """
+    endpoints: tuple[Endpoint, ...] = options["rpc-endpoints"]
+    kwargs = {k: v for k, v in common.items() if k != "prompt_cache"}
+    cache = None
+    if options["cache-ram-mb"] or options["kv-disk-dir"]:
+        cache = dict(
+            ram_bytes=options["cache-ram-mb"] * 2**20,
+            disk_dir=options["kv-disk-dir"],
+            disk_bytes=options["kv-disk-space-mb"] * 2**20,
+            min_tokens=options["kv-cache-min-tokens"],
+        )
+    recipe = Recipe(
+        LlamaEngine,
+        (options["model-path"],),
+        dict(kwargs, n_threads=options["threads"], options=options.engine_options()),
+        prompt_cache=cache,
+    )
+
+    def diagnose() -> str | None:
+        # Which worker went: the child's abort message is on its stderr.
+        for endpoint in endpoints:
+            try:
+                check_worker(endpoint, timeout=2.0)
+            except WorkerDown as e:
+                return str(e)
+        return None
+
+    return ProcessEngine(front, recipe, diagnose=diagnose, step_timeout=options["rpc-timeout"])
+
+
 #: The longest input an embedder takes, in tokens, unless a models file
 #: gives an embedding model its own ctx: llama-server's default physical
 #: batch (a pooled input must fit one).
@@ -604,6 +682,8 @@ def makeService(options: Options) -> IService:
             options=options.engine_options(),
             **common,
         )
+        if options["rpc-endpoints"]:
+            engine = _in_child(engine, options, common)
         if options["embeddings"]:
             # One model, loaded at start, serving embeddings too.
             embedder = LlamaEmbedder(
