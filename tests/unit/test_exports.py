@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -22,6 +23,7 @@ from ds4tw._engine import embed as _embed
 from ds4tw._engine import interface as _engine
 from ds4tw._engine import kvcache as _kvcache
 from ds4tw._engine import llama as _llama
+from ds4tw._engine import process as _process
 from ds4tw._engine import scripted as _scripted
 from ds4tw._runtime import fleet as _fleet
 from ds4tw._runtime import worker as _worker
@@ -35,10 +37,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_public_names() -> None:
     assert sorted(ds4tw.__all__) == sorted(
         [
-            "AbortFlag", "Aborted", "CacheStats", "ChatPrompt", "Embedder", "Engine",
+            "AbortFlag", "Aborted", "BackendLost", "CacheStats", "ChatPrompt", "Embedder", "Engine",
             "EngineOptions", "Failed", "Finish", "Finished", "Grammar", "Job", "JobCancelled",
             "LimitedSite", "LlamaEmbedder", "LlamaEngine", "LoadAborted", "MemoryUse", "Model",
-            "ModelState", "Options", "PrefillProgress", "PromptCache", "SamplingParams", "Server",
+            "ModelState", "Options", "PrefillProgress", "ProcessEngine", "PromptCache", "Recipe",
+            "SamplingParams", "Server",
             "ServerConfig", "Stage", "StepResult", "Timings", "Token", "Usage", "WorkerThreads",
             "__version__",
             "abort_callback", "demo_model_path", "eog_tokens", "generate", "makeService",
@@ -76,6 +79,26 @@ def test_public_names() -> None:
     assert ds4tw.LimitedSite is _http.LimitedSite
     assert ds4tw.PromptCache is _kvcache.PromptCache
     assert ds4tw.CacheStats is _kvcache.CacheStats
+    assert ds4tw.BackendLost is _engine.BackendLost
+    assert ds4tw.ProcessEngine is _process.ProcessEngine
+    assert ds4tw.Recipe is _process.Recipe
+    # Every public name resolves (they are imported on first use).
+    assert all(getattr(ds4tw, name) is not None for name in ds4tw.__all__)
+    assert set(ds4tw.__all__) <= set(dir(ds4tw))
+
+
+def test_a_corner_of_ds4tw_imports_no_server() -> None:
+    """
+    The model's child process and ds4tw-rpc-worker import one engine
+    module: not the server, Klein or the dialects (1.2 s of each start).
+    """
+    code = (
+        "import sys, ds4tw._engine.process, ds4tw._engine.rpc; "
+        "print(sorted(m for m in sys.modules if m == 'klein' or m.startswith('ds4tw._server')"
+        " or m.startswith('ds4tw._api')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_testing_module() -> None:
