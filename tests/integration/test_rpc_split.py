@@ -35,6 +35,9 @@ from .conftest import BIN, Twistd, free_port, start_twistd, stop_twistd
 #: what this compares.
 COMMON = ("--ctx", "2048", "--threads", "1", "--flash-attn", "on")
 SPLIT = ("--gpu-layers", "20", "--tensor-split", "1,1", *COMMON)
+#: A step of the demo model takes milliseconds to a second here: a worker
+#: that has not answered in this long is hung.
+STEP_TIMEOUT = 5
 QUESTIONS = ("What is the capital of France?", "Name three rivers of Europe.")
 
 
@@ -112,7 +115,9 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="module")
 def split(tmp_path_factory: pytest.TempPathFactory, workers: list[Worker]) -> Iterator[Twistd]:
     rpc = ",".join(str(w.endpoint) for w in workers)
-    server = start_twistd(tmp_path_factory.mktemp("split"), "--rpc", rpc, *SPLIT)
+    server = start_twistd(
+        tmp_path_factory.mktemp("split"), "--rpc", rpc, "--rpc-timeout", str(STEP_TIMEOUT), *SPLIT
+    )
     yield server
     stop_twistd(server)
 
@@ -133,8 +138,8 @@ def test_the_split_gives_the_same_greedy_text(
         assert f"RPC worker {w.endpoint}: device" in log and "MiB free of" in log
 
 
-def stream_raw(url: str, question: str, kill: Worker) -> list[str]:
-    """Stream a long answer, killing C{kill} after the third content chunk."""
+def stream_raw(url: str, question: str, kill: Worker, sig: int = signal.SIGKILL) -> list[str]:
+    """Stream a long answer, sending C{kill} C{sig} after the third content chunk."""
     payload = {
         "model": "demo",
         "stream": True,
@@ -153,8 +158,18 @@ def stream_raw(url: str, question: str, kill: Worker) -> list[str]:
             if '"content"' in line:
                 content += 1
                 if content == 3:
-                    kill.kill()
+                    assert kill.proc is not None
+                    kill.proc.send_signal(sig)
+                    if sig == signal.SIGKILL:
+                        kill.proc.wait()
     return lines
+
+
+def wait_healthy(server: Twistd, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(server.url + "/health").status_code != 200:
+        assert time.monotonic() < deadline, server.log_text()[-3000:]
+        time.sleep(0.2)
 
 
 def test_a_worker_killed_mid_stream_fails_it_then_the_server_reloads(
@@ -183,13 +198,38 @@ def test_a_worker_killed_mid_stream_fails_it_then_the_server_reloads(
     assert split.proc.poll() is None
     # The worker comes back on its port; the back-off reload finds it.
     victim.start()
-    deadline = time.monotonic() + 90
-    while httpx.get(split.url + "/health").status_code != 200:
-        assert time.monotonic() < deadline, split.log_text()[-3000:]
-        time.sleep(0.2)
+    wait_healthy(split)
     for question, want in local.items():
         assert greedy(split, question) == want
     assert "reloaded after its loss" in split.log_text()
+
+
+def test_a_hung_worker_is_cut_off_at_the_step_timeout(
+    split: Twistd, workers: list[Worker], local: dict[str, str]
+) -> None:
+    """
+    A worker that stops answering without closing its connection (its
+    host alive, its process stuck: here SIGSTOP) would hang ggml for
+    ever; the step timeout ends the model's process instead.
+    """
+    victim = workers[0]
+    assert victim.proc is not None
+    t = time.monotonic()
+    try:
+        lines = stream_raw(split.url, "A long story about a forest.", victim, signal.SIGSTOP)
+        waited = time.monotonic() - t
+        error = json.loads(lines[-2])["error"]
+        assert error["code"] == "backend_lost"
+        assert f"no answer to a step in {STEP_TIMEOUT} s" in error["message"]
+        # The worker is not down, it just does not answer: the check says so.
+        assert f"RPC worker {victim.endpoint}" in error["message"]
+        assert STEP_TIMEOUT <= waited < STEP_TIMEOUT + 15, waited
+        assert httpx.get(split.url + "/health").status_code == 503
+    finally:
+        victim.proc.send_signal(signal.SIGCONT)
+    # Awake again, it drops the dead connection and takes the reload's.
+    wait_healthy(split)
+    assert greedy(split, QUESTIONS[0]) == local[QUESTIONS[0]]
 
 
 def test_a_worker_down_at_start_is_a_clear_error(tmp_path: Path) -> None:
