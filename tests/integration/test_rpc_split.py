@@ -25,7 +25,8 @@ from openai import OpenAI
 
 from ds4tw._engine.rpc import Endpoint, WorkerDown, check_worker
 
-from .conftest import BIN, Twistd, free_port, start_twistd, stop_twistd
+from .conftest import BIN, Twistd, free_port, sse_lines, start_twistd, stop_twistd, unique_words
+from .test_keepalive_cancel import CANCEL_LINE, DONE_LINE, SLACK, K
 
 #: The demo model has 30 layers and its output layer: 20 go to the workers
 #: (10 each), the rest stay on this machine's CPU.
@@ -33,8 +34,8 @@ from .conftest import BIN, Twistd, free_port, start_twistd, stop_twistd
 #: auto, which turns it on, and on the CPU alone it is off unless asked;
 #: on and off give different greedy text (docs/models.md), which is not
 #: what this compares.
-COMMON = ("--ctx", "2048", "--threads", "1", "--flash-attn", "on")
-SPLIT = ("--gpu-layers", "20", "--tensor-split", "1,1", *COMMON)
+COMMON = ("--ctx", "4096", "--threads", "1", "--flash-attn", "on")
+SPLIT = ("--gpu-layers", "20", "--tensor-split", "1,1", "--keepalive", str(K), *COMMON)
 #: A step of the demo model takes milliseconds to a second here: a worker
 #: that has not answered in this long is hung.
 STEP_TIMEOUT = 5
@@ -136,6 +137,60 @@ def test_the_split_gives_the_same_greedy_text(
     log = split.log_text()
     for w in workers:
         assert f"RPC worker {w.endpoint}: device" in log and "MiB free of" in log
+
+
+def test_over_rpc_the_stream_keeps_alive_and_a_cancel_ends_the_prefill(split: Twistd) -> None:
+    """
+    The two promises with the layers over workers: a long prefill's stream
+    is never silent longer than K (plus the slack tests/integration/
+    test_keepalive_cancel.py measured), and a hang-up during it stops the
+    work before the next batch. Inside a batch, llama.cpp's abort callback
+    reaches the local CPU's part of the graph only: a split sent to a
+    worker runs to its end, so the bound here is one batch, not the
+    quarter batch of the model in one process.
+    """
+    split.wait_idle()
+    offset = len(split.log_text())
+    url = split.url + "/v1/chat/completions"
+    sse_lines(
+        url,
+        {
+            "messages": [{"role": "user", "content": unique_words(1200, seed=21)}],
+            "max_tokens": 1,
+            "stream": True,
+        },
+    )
+    split.wait_idle()
+    done = DONE_LINE.findall(split.log_text()[offset:])
+    assert done, split.log_text()[offset:]
+    prompt, cached, prefill_s = int(done[-1][0]), int(done[-1][1]), float(done[-1][2])
+    batch_ms = prefill_s / -(-(prompt - cached) // 256) * 1000
+
+    def hang_up(lines: list[tuple[float, str]]) -> bool:
+        said_prefill = any(line == ": prefill" for _, line in lines)
+        return (said_prefill and lines[-1][0] >= 2 * K) or not lines[-1][1].startswith(":")
+
+    offset = len(split.log_text())
+    lines = sse_lines(
+        url,
+        {
+            "messages": [{"role": "user", "content": unique_words(1500, seed=22)}],
+            "max_tokens": 5,
+            "stream": True,
+        },
+        stop_after=hang_up,
+    )
+    assert all(line.startswith(":") for _, line in lines), lines
+    gaps = [b - a for (a, _), (b, _) in zip([(0.0, ""), *lines], lines, strict=False)]
+    assert max(gaps) < K + SLACK, gaps
+    split.wait_idle(timeout=10)
+    deadline = time.monotonic() + 10
+    while not (found := CANCEL_LINE.findall(split.log_text()[offset:])):
+        assert time.monotonic() < deadline, split.log_text()[offset:]
+        time.sleep(0.05)
+    stage, latency_ms = found[-1][0], float(found[-1][1])
+    assert stage == "prefill"
+    assert latency_ms < batch_ms + 250, (latency_ms, batch_ms)
 
 
 def stream_raw(url: str, question: str, kill: Worker, sig: int = signal.SIGKILL) -> list[str]:
