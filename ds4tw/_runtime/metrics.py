@@ -325,12 +325,20 @@ class _ModelCollector(Collector):
             "Unloads of the model, by why: evicted (room for another) or idle.",
             labels=["model", "reason"],
         )
+        losses = CounterMetricFamily(
+            "ds4tw_model_losses",
+            "Times the model was lost under its requests (its process died: an RPC worker "
+            "lost) and reloaded with back-off.",
+            labels=["model"],
+        )
         for m in models:
             loads.add_metric([m.name], m.worker.loads)
+            losses.add_metric([m.name], m.worker.losses)
             for reason in ("evicted", "idle"):
                 unloads.add_metric([m.name, reason], m.unloads.get(reason, 0))
         yield loads
         yield unloads
+        yield losses
         budget = self.fleet.budget
         if budget is not None:
             yield GaugeMetricFamily(

@@ -82,6 +82,8 @@ def test_a_lost_model_ends_the_stream_with_an_error_frame_and_health_goes_503() 
     model = body["models"][0]
     assert model["losses"] == 1 and WHY in model["load_error"]
     assert model["reload_in_seconds"] == 1.0
+    metrics = rig.http.get("/metrics").body.decode()
+    assert 'ds4tw_model_losses_total{model="scripted"} 1.0' in metrics
     # The next request is refused before anything is sent, saying why.
     refused = rig.chat()
     assert refused.status == 503 and refused.header("retry-after") == "5"
