@@ -440,7 +440,7 @@ def check_worker(endpoint: Endpoint, timeout: float = 5.0) -> tuple[int, int, in
             raise WorkerDown(
                 endpoint,
                 f"no answer to HELLO within {timeout:g} s: busy with another client "
-                "(a worker serves one client at a time) or not an RPC worker",
+                "(a worker serves one client at a time), stuck, or not an RPC worker",
             ) from None
         except _Closed:
             raise WorkerDown(
