@@ -518,10 +518,13 @@ class _Child:
 
 def main(argv: Sequence[str]) -> None:
     """The child: C{main([CONN_FD, FLAG_FD])} (L{_CHILD})."""
-    # The parent handles ^C and SIGTERM (its drain closes us); a terminal's
-    # ^C reaches the whole process group, and must not kill the model
-    # under a draining server.
+    # The parent handles ^C and SIGTERM: its drain lets the running
+    # requests finish, then closes us. Both reach the whole group (a
+    # terminal's ^C; systemd's stop signals every process of the unit),
+    # and must not kill the model under a draining server. A parent that
+    # dies is seen as the pipe's end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = _Pipe(Connection(int(argv[0])))
     flag = SharedAbortFlag(int(argv[1]))
     os.close(int(argv[1]))

@@ -217,6 +217,22 @@ def test_load_progress_comes_from_the_child_and_can_stop_it() -> None:
     engine.close()
 
 
+def test_the_child_outlives_a_stop_signal_meant_for_the_server() -> None:
+    """
+    systemd's stop (and a terminal's ^C) signals every process of the
+    server: the child must let the server's drain finish its requests.
+    """
+    engine = ProcessEngine(ScriptedEngine(["a b c"]), Recipe(ScriptedEngine, (["a b c"],)))
+    engine.load()
+    try:
+        assert engine.pid is not None
+        os.kill(engine.pid, signal.SIGTERM)
+        os.kill(engine.pid, signal.SIGINT)
+        assert texts(engine, [1, 2], max_tokens=3) == b"a b c"
+    finally:
+        engine.close()
+
+
 def test_the_child_ends_when_the_parent_goes() -> None:
     engine = ProcessEngine(ScriptedEngine(), Recipe(ScriptedEngine))
     engine.load()
