@@ -178,6 +178,8 @@ class ProcessEngine:
         self._lock = threading.Lock()
         #: The child's pid while it runs (tests kill it).
         self.pid: int | None = None
+        #: Why the last child died (for calls made after it did).
+        self._lost_message: str | None = None
 
     # -- the prompt side, here ----------------------------------------------
 
@@ -238,8 +240,11 @@ class ProcessEngine:
         self.front.prepare()
         assert self._proc is None, "loaded already: close() first"
         self._start()
+        self._lost_message = None
         try:
-            info = self._call(("load",), progress=progress)
+            # A load's progress arrives as it goes: silence for a step's
+            # timeout is a worker that took the connection and hangs.
+            info = self._call(("load",), progress=progress, timeout=self.step_timeout)
         except BaseException:
             self._kill()
             raise
@@ -264,7 +269,11 @@ class ProcessEngine:
 
     def release(self, seq: int, *, keep_output: bool = True) -> None:
         self._armed.pop(seq, None)
-        if self._proc is not None:
+        if self._proc is None:
+            return
+        # A child found dead here is reported by the next step or open,
+        # where the worker expects a loss: a release only ends a request.
+        with contextlib.suppress(BackendLost):
             self._call(("release", seq, keep_output))
 
     def force(self, seq: int, tokens: Sequence[int]) -> None:
@@ -336,6 +345,7 @@ class ProcessEngine:
             message = f"{why}: {message}"
         if found:
             message = f"{found}; {message}"
+        self._lost_message = message
         log.error("ds4tw: {model}: {message}", model=self.model_id, message=message)
         return BackendLost(message)
 
@@ -350,7 +360,7 @@ class ProcessEngine:
         """Send C{message} to the child and wait for its answer."""
         conn, flag = self._conn, self._flag
         if conn is None or flag is None:
-            raise BackendLost("the model is not loaded")
+            raise BackendLost(self._lost_message or "the model is not loaded")
         if abort is not None and abort.is_set:
             flag.set()
         else:
@@ -374,6 +384,7 @@ class ProcessEngine:
                     _relog(*value)
                     continue
                 if kind == "progress":
+                    started = time.monotonic()
                     if progress is not None and not progress(value):
                         self._kill()
                         raise LoadAborted()
@@ -386,7 +397,7 @@ class ProcessEngine:
             if timeout is not None and time.monotonic() - started > timeout:
                 assert self._proc is not None
                 self._proc.kill()
-                raise self._lost(f"no answer to a step in {timeout:g} s, killed")
+                raise self._lost(f"no answer to a {message[0]} in {timeout:g} s, killed")
 
 
 def _relog(level: str, namespace: str, text: str) -> None:

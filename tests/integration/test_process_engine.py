@@ -201,6 +201,38 @@ def test_a_step_past_its_timeout_kills_the_child() -> None:
         os.kill(pid, 0)
 
 
+def test_a_load_silent_past_the_timeout_kills_the_child() -> None:
+    # Ten load steps 0.3 s apart are never silent for 1 s: the load goes
+    # through; one step of 3 s is, and is cut off.
+    slow = ProcessEngine(
+        ScriptedEngine(), Recipe(ScriptedEngine, (), {"load_steps": 10, "load_seconds": 3})
+    )
+    slow.step_timeout = 1.0
+    slow.load()
+    slow.close()
+    hung = ProcessEngine(
+        ScriptedEngine(), Recipe(ScriptedEngine, (), {"load_steps": 1, "load_seconds": 3})
+    )
+    hung.step_timeout = 1.0
+    with pytest.raises(BackendLost, match=r"no answer to a load in 1 s"):
+        hung.load()
+    assert not hung.loaded
+
+
+def test_a_release_after_the_child_died_leaves_the_loss_to_the_next_step() -> None:
+    engine = ProcessEngine(ScriptedEngine(), Recipe(ScriptedEngine, (), {"tps": 50}))
+    engine.load()
+    seq = engine.open([1, 2, 3], SamplingParams(max_tokens=50))
+    engine.step()
+    assert engine.pid is not None
+    os.kill(engine.pid, signal.SIGKILL)
+    time.sleep(0.2)
+    engine.release(seq)  # no exception: a release ends a request
+    with pytest.raises(BackendLost, match="SIGKILL"):
+        engine.step()
+    engine.close()
+
+
 def test_load_progress_comes_from_the_child_and_can_stop_it() -> None:
     recipe = Recipe(ScriptedEngine, (), {"load_steps": 5})
     engine = ProcessEngine(ScriptedEngine(), recipe)
