@@ -431,6 +431,9 @@ class Engine(Protocol):
         C{abort}, when given, may be watched inside the step: once it is
         set the engine may stop, undo the step (no sequence advances) and
         raise L{Aborted}; it never raises L{Aborted} while it is clear.
+
+        Raises L{BackendLost} (as may L{open}) when the model itself is
+        gone: every sequence with it, the engine unloaded.
         """
 
     def release(self, seq: int, *, keep_output: bool = True) -> None:
