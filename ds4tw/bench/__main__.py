@@ -1,6 +1,6 @@
 """
 C{ds4tw-bench [--quick] [--out DIR] [--clients N] [--engine llama|scripted]
-[--only cancel|batching|cache|models|dialects|grammar|parsers]}
+[--only cancel|batching|cache|models|dialects|grammar|parsers|rpc]}
 
 One run, in this order:
 
@@ -50,7 +50,10 @@ syntax's splitting and grammar build cost against Hermes' (no model);
 C{--only dialects} the same greedy streamed turn through the four
 dialects (chat completions, Responses, Anthropic Messages, Ollama) on one
 server, interleaved, each against chat completions
-(L{ds4tw.bench._dialects}; either engine; only with C{--only}).
+(L{ds4tw.bench._dialects}; either engine; only with C{--only}); C{--only rpc}
+the model split over llama.cpp RPC workers on loopback against it in this
+process, interleaved, with the bytes and round trips per token on the wire
+(L{ds4tw.bench._rpc}; the real model and an RPC build; only with C{--only}).
 
 A part that fails is recorded in the JSON's C{errors} and the run goes
 on; the exit status is 1 if any part failed, 0 otherwise. Targets are
@@ -141,6 +144,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             "dialects",
             "grammar",
             "parsers",
+            "rpc",
         ),
         default=None,
         help="throughput: only raw, ds4tw, the peer and any --baseline, interleaved; "
@@ -160,13 +164,19 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         "grammar: only the grammar build time of real agents' tool lists (from "
         "tests/agents/fixtures in a checkout), cold and cached, against the request's own "
         "validation and templating; parsers: only every tool-call syntax's splitting cost "
-        "per character and grammar build time for Claude Code's tools, against Hermes'",
+        "per character and grammar build time for Claude Code's tools, against Hermes'; "
+        "rpc: only the model split over llama.cpp RPC workers on loopback (local, in a child "
+        "process, all layers on two workers, half of them) interleaved: TTFT, decode tok/s, "
+        "bytes per token on the wire and round trips (--threads: each engine's and each "
+        "worker's, default 1; the real model only)",
     )
     args = p.parse_args(argv)
     if args.clients is not None and args.clients < 1:
         p.error("--clients must be at least 1")
     if args.only == "models" and args.engine != "llama":
         p.error("--only models needs --engine llama: a models file serves GGUF files only")
+    if args.only == "rpc" and args.engine != "llama":
+        p.error("--only rpc needs --engine llama: llama.cpp's RPC workers run a GGUF model")
     return args
 
 
@@ -664,6 +674,24 @@ def run_grammar_only(run: Run) -> None:
     )
 
 
+def run_rpc_only(run: Run, out: Path, threads: int | None) -> None:
+    """The model split over RPC workers against it in one process (L{ds4tw.bench._rpc})."""
+    from . import _rpc
+
+    s = _one_part_settings(run)
+    run.doc["notes"].append(
+        "--only rpc: no throughput part (raw, ds4tw, peer sections empty); every rpc figure "
+        "is also a ratio against the model in this process in the same rounds"
+    )
+    run.doc["rpc"] = run.part(
+        "a model over RPC workers",
+        lambda: _rpc.measure(
+            s, out / "logs", threads=threads or _rpc.DEFAULT_THREADS, mark=run.noise.mark
+        ),
+    )
+    print("\n".join(_rpc.table(run.doc["rpc"])))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
@@ -701,6 +729,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dialects_only(run, out)
     elif args.only == "grammar":
         run_grammar_only(run)
+    elif args.only == "rpc":
+        run_rpc_only(run, out, args.threads)
     elif args.only == "parsers":
         run.doc["notes"].append(
             "--only parsers: no throughput part (raw, ds4tw, peer sections empty), so no "
