@@ -636,8 +636,7 @@ def options(rpc: Sequence[str] = (), gpu_layers: int | Literal["all"] = 0) -> An
 
 def in_child(path: str, kwargs: dict[str, Any]) -> Any:
     """The model in a child process, its prompt side here (as C{twistd ds4tw --rpc} runs it)."""
-    from ds4tw import LlamaEngine
-    from ds4tw._engine.process import ProcessEngine, Recipe
+    from ds4tw import LlamaEngine, ProcessEngine, Recipe
 
     return ProcessEngine(LlamaEngine(path, **kwargs), Recipe(LlamaEngine, (path,), kwargs))
 
@@ -973,8 +972,8 @@ def measure(
     mark: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """The whole part: four workers, the four arms loaded, warm-up, the rounds, the counted pass."""
+    import ds4tw._engine.rpc as rpc
     from ds4tw import LlamaEngine
-    from ds4tw._engine import rpc
 
     if not rpc.available():
         rpc.library()  # raises RPCUnavailable, with the command that installs a build with RPC

@@ -41,6 +41,9 @@ STILL_PRIVATE = {
     ("_profile.py", "ds4tw._formats.pipeline"),
     ("_profile.py", "ds4tw._api.sse"),
     ("_profile.py", "ds4tw._types"),
+    # The RPC workers' side: starting them, checking them (no public RPC
+    # API: --rpc and ds4tw-rpc-worker are the interface).
+    ("_rpc.py", "ds4tw._engine.rpc"),
 }
 
 
