@@ -35,7 +35,13 @@ from .test_keepalive_cancel import CANCEL_LINE, DONE_LINE, SLACK, K
 #: on and off give different greedy text (docs/models.md), which is not
 #: what this compares.
 COMMON = ("--ctx", "4096", "--threads", "1", "--flash-attn", "on")
-SPLIT = ("--gpu-layers", "20", "--tensor-split", "1,1", "--keepalive", str(K), *COMMON)
+#: Steps of 64 tokens: a prefill step over the workers takes ~0.4 s here,
+#: far inside STEP_TIMEOUT even on a busy machine.
+BATCH = 64
+SPLIT = (
+    "--gpu-layers", "20", "--tensor-split", "1,1", "--keepalive", str(K),
+    "--batch", str(BATCH), *COMMON,
+)  # fmt: skip
 #: A step of the demo model takes milliseconds to a second here: a worker
 #: that has not answered in this long is hung.
 STEP_TIMEOUT = 5
@@ -155,7 +161,7 @@ def test_over_rpc_the_stream_keeps_alive_and_a_cancel_ends_the_prefill(split: Tw
     sse_lines(
         url,
         {
-            "messages": [{"role": "user", "content": unique_words(1200, seed=21)}],
+            "messages": [{"role": "user", "content": unique_words(300, seed=21)}],
             "max_tokens": 1,
             "stream": True,
         },
@@ -164,7 +170,7 @@ def test_over_rpc_the_stream_keeps_alive_and_a_cancel_ends_the_prefill(split: Tw
     done = DONE_LINE.findall(split.log_text()[offset:])
     assert done, split.log_text()[offset:]
     prompt, cached, prefill_s = int(done[-1][0]), int(done[-1][1]), float(done[-1][2])
-    batch_ms = prefill_s / -(-(prompt - cached) // 256) * 1000
+    batch_ms = prefill_s / -(-(prompt - cached) // BATCH) * 1000
 
     def hang_up(lines: list[tuple[float, str]]) -> bool:
         said_prefill = any(line == ": prefill" for _, line in lines)
