@@ -119,10 +119,10 @@ def test_a_grammar_that_does_not_parse_fails_the_open_here(child: ProcessEngine)
 def test_the_abort_flag_stops_a_prefill_batch_inside_the_child(
     local: LlamaEngine, child: ProcessEngine
 ) -> None:
-    # Two prompts of 400 tokens that share nothing but BOS: each is one
+    # Two prompts of 300 tokens that share nothing but BOS: each is one
     # prefill batch, and the second is not cached by the first.
-    timed = child.tokenize(" the tide came in over the flats" * 60)[:400]
-    stopped = child.tokenize(" a wind blew across the dunes at dusk" * 60)[:400]
+    timed = child.tokenize(" the tide came in over the flats" * 50)[:300]
+    stopped = child.tokenize(" a wind blew across the dunes at dusk" * 50)[:300]
     t = time.perf_counter()
     assert texts(child, timed, max_tokens=1)
     batch_s = time.perf_counter() - t
