@@ -465,6 +465,22 @@ class Engine(Protocol):
 
 
 @runtime_checkable
+class Probed(Protocol):
+    """
+    An engine whose backend can be checked while no request runs
+    (L{ds4tw._engine.process.ProcessEngine} over RPC workers): the runner
+    asks every C{probe_interval} seconds, so that C{/health} turns 503
+    when a worker dies between requests, not at the next request.
+    """
+
+    #: Seconds between two probes (0: never).
+    probe_interval: float
+
+    def probe(self) -> str | None:
+        """None while the backend is there, else why it is lost (any thread; cheap)."""
+
+
+@runtime_checkable
 class ReportsSettings(Protocol):
     """
     An engine that can say how its backend took its settings (L{LlamaEngine}:

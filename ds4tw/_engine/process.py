@@ -148,7 +148,9 @@ class ProcessEngine:
     (which RPC worker is down). C{step_timeout}: a step that has not
     answered in this many seconds is taken as a hung backend (a worker
     stuck without closing its socket): the child is killed and the step
-    raises L{BackendLost}.
+    raises L{BackendLost}. C{probe}, when given, is asked every
+    C{probe_interval} seconds while no request runs (L{Probed}): a
+    backend found gone then is a loss too.
     """
 
     #: The prompt cache runs in the child; its tiers are not shown here.
@@ -161,8 +163,13 @@ class ProcessEngine:
         *,
         diagnose: Callable[[], str | None] | None = None,
         step_timeout: float | None = None,
+        probe: Callable[[], str | None] | None = None,
+        probe_interval: float = 0.0,
     ) -> None:
         self.front = front
+        self._probe = probe
+        #: Seconds between two idle probes by the runner (L{Probed}); 0: none.
+        self.probe_interval = probe_interval if probe is not None else 0.0
         self.model_id = front.model_id
         self._recipe = recipe
         self._diagnose = diagnose
@@ -233,6 +240,18 @@ class ProcessEngine:
     @property
     def loaded(self) -> bool:
         return self._proc is not None
+
+    def probe(self) -> str | None:
+        """
+        Why the model is lost while no request runs (L{Probed}): its
+        process ended, or C{probe} found its backend gone. Any thread.
+        """
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is not None:
+            return f"the model's process ended ({_signal_name(proc.returncode)})"
+        return self._probe() if self._probe is not None else None
 
     # -- the model, there -----------------------------------------------------
 

@@ -385,6 +385,31 @@ def _text(raw: bytes | None) -> str:
 # -- the client side -----------------------------------------------------------------------
 
 
+def gone(endpoint: Endpoint, timeout: float = 1.0) -> str | None:
+    """
+    Why the worker at C{endpoint} is certainly gone (its host answers
+    that nothing listens there), or None: it is there, or this cannot
+    tell. For a server's idle probe while the worker serves it: a worker
+    never answers a second client (L{check_worker} would call it busy),
+    and its listen backlog holds two, so a connect that times out says
+    nothing; only a refusal does. The connection is closed at once, and
+    the worker drops it unread when it next accepts.
+    """
+    try:
+        address = socket.gethostbyname(endpoint.host)
+    except OSError:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect((address, endpoint.port))
+        except ConnectionRefusedError:
+            return f"RPC worker {endpoint}: connection refused (the worker is gone)"
+        except OSError:
+            return None
+    return None
+
+
 def check_worker(endpoint: Endpoint, timeout: float = 5.0) -> tuple[int, int, int]:
     """
     Connect to C{endpoint} and say HELLO as ggml-rpc's client does

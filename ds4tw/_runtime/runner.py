@@ -18,6 +18,10 @@ thread, whether requests can be admitted, and the shutdown drain.
     loaded again after L{ModelRunner.RELOAD_FIRST_S}, the wait doubling
     after each failed reload up to L{ModelRunner.RELOAD_MAX_S} (a model
     loaded on demand just waits for the next request).
+    An engine that can be probed (L{Probed}: RPC workers) is asked every
+    C{probe_interval} seconds while loaded and idle, so that a worker that
+    dies between requests turns C{/health} 503 then, not at the next
+    request.
   - B{drain}: from C{stopService}, no new request; the running and queued
     ones get C{drain_timeout} seconds, the rest is cut off; then the model
     is closed and the model thread released.
@@ -36,10 +40,11 @@ from typing import Any, Protocol, TypeVar
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .._engine.interface import LoadAborted, LoadProgress
+from .._engine.interface import BackendLost, LoadAborted, LoadProgress, Probed
 
 __all__ = [
     "DrainResult",
@@ -197,6 +202,9 @@ class ModelRunner(Service):
         self.lost_reason: str | None = None
         self._reload_wait: float | None = None
         self._reload_call: IDelayedCall | None = None
+        #: The idle probes of a loaded model (L{Probed}), and one in flight.
+        self._probes: LoopingCall | None = None
+        self._probing = False
 
     # -- what a subclass says ------------------------------------------------
 
@@ -323,6 +331,7 @@ class ModelRunner(Service):
             if self._reload_wait is not None:
                 log.info("ds4tw: {model}: reloaded after its loss", model=self._model.model_id)
                 self._reload_wait = None
+            self._start_probes()
             self.load_seconds = self.clock.seconds() - started
             if not self.loaded.called:
                 self.loaded.callback(None)
@@ -361,6 +370,7 @@ class ModelRunner(Service):
         """
         if self.state is not ModelState.READY:
             return
+        self._stop_probes()
         self.state = ModelState.UNLOADED
         self.losses += 1
         self.lost_reason = failure.getErrorMessage()
@@ -372,6 +382,44 @@ class ModelRunner(Service):
             # The next request asks for it again.
             return
         self._reload_later(self.RELOAD_FIRST_S)
+
+    def _start_probes(self) -> None:
+        model = self._model
+        if self._probes is not None or not isinstance(model, Probed) or model.probe_interval <= 0:
+            return
+        self._probes = LoopingCall(self._probe)
+        self._probes.clock = self.clock
+        self._probes.start(model.probe_interval, now=False)
+
+    def _stop_probes(self) -> None:
+        if self._probes is not None and self._probes.running:
+            self._probes.stop()
+        self._probes = None
+
+    def _probe(self) -> None:
+        """Ask the idle model's engine whether its backend is still there."""
+        if self.state is not ModelState.READY or not self.idle or self._probing:
+            return  # a running step finds a lost backend by itself
+        model = self._model
+        assert isinstance(model, Probed)
+        self._probing = True
+
+        def verdict(why: str | None) -> None:
+            self._probing = False
+            if why is None or self.state is not ModelState.READY:
+                return
+            log.error("ds4tw: {model}: lost while idle: {why}", model=self._model.model_id, why=why)
+            self.lost(Failure(BackendLost(why)))
+            # Its process (holding the other workers) goes before the reload.
+            self.threads.call(model.close).addErrback(
+                lambda f: log.failure("ds4tw: closing the lost model failed", f)
+            )
+
+        def failed(f: Failure) -> None:
+            self._probing = False
+            log.failure("ds4tw: {model}: the probe failed", f, model=self._model.model_id)
+
+        self.threads.offload(model.probe).addCallbacks(verdict, failed)
 
     def _reload_later(self, wait: float) -> None:
         self._reload_wait = wait
@@ -405,6 +453,7 @@ class ModelRunner(Service):
         next load.
         """
         assert self.state is ModelState.READY and self.idle, (self.state, self.idle)
+        self._stop_probes()
         self.state = ModelState.UNLOADING
         d = self.threads.call(self._model.close)
 
@@ -441,6 +490,7 @@ class ModelRunner(Service):
         """
         super().stopService()
         self.draining = True
+        self._stop_probes()
         if self._reload_call is not None and self._reload_call.active():
             self._reload_call.cancel()
         self._reload_call = None

@@ -31,7 +31,14 @@ from .._engine.llama import (
     resolve_model,
 )
 from .._engine.process import ProcessEngine, Recipe
-from .._engine.rpc import Endpoint, RPCUnavailable, WorkerDown, check_worker, parse_endpoints
+from .._engine.rpc import (
+    Endpoint,
+    RPCUnavailable,
+    WorkerDown,
+    check_worker,
+    gone,
+    parse_endpoints,
+)
 from .._engine.rpc import library as rpc_library
 from .._engine.scripted import SPEC_HELP, parse_spec
 from .._engine.template import ChatTemplate, TemplateError
@@ -392,6 +399,14 @@ class Options(usage.Options):
             "model's process is then killed and the model reloaded).",
             float,
         ],
+        [
+            "rpc-probe",
+            None,
+            5.0,
+            "With --rpc: seconds between two checks, while no request runs, that every worker "
+            "still listens, so /health turns 503 when one dies between requests (0: never).",
+            float,
+        ],
     ]
 
     optFlags: list[list[Any]] = [
@@ -459,6 +474,8 @@ class Options(usage.Options):
             )
         if self["rpc-timeout"] <= 0:
             raise usage.UsageError("--rpc-timeout must be > 0")
+        if self["rpc-probe"] < 0:
+            raise usage.UsageError("--rpc-probe must be >= 0")
         try:
             endpoints = parse_endpoints(self["rpc"])
             rpc_library()
@@ -647,7 +664,23 @@ def _in_child(front: LlamaEngine, options: Options, common: dict[str, Any]) -> P
                 return str(e)
         return None
 
-    return ProcessEngine(front, recipe, diagnose=diagnose, step_timeout=options["rpc-timeout"])
+    def probe() -> str | None:
+        # Between requests: only a refusal is a verdict (a healthy worker
+        # serving this server answers no one else).
+        for endpoint in endpoints:
+            why = gone(endpoint)
+            if why is not None:
+                return why
+        return None
+
+    return ProcessEngine(
+        front,
+        recipe,
+        diagnose=diagnose,
+        step_timeout=options["rpc-timeout"],
+        probe=probe,
+        probe_interval=options["rpc-probe"],
+    )
 
 
 #: The longest input an embedder takes, in tokens, unless a models file

@@ -38,9 +38,11 @@ COMMON = ("--ctx", "4096", "--threads", "1", "--flash-attn", "on")
 #: Steps of 64 tokens: a prefill step over the workers takes ~0.4 s here,
 #: far inside STEP_TIMEOUT even on a busy machine.
 BATCH = 64
+#: Idle probes every second (default 5): a worker that dies between requests.
+PROBE_S = 1
 SPLIT = (
     "--gpu-layers", "20", "--tensor-split", "1,1", "--keepalive", str(K),
-    "--batch", str(BATCH), *COMMON,
+    "--batch", str(BATCH), "--rpc-probe", str(PROBE_S), *COMMON,
 )  # fmt: skip
 #: A step of the demo model takes milliseconds to a second here: a worker
 #: that has not answered in this long is hung.
@@ -263,6 +265,30 @@ def test_a_worker_killed_mid_stream_fails_it_then_the_server_reloads(
     for question, want in local.items():
         assert greedy(split, question) == want
     assert "reloaded after its loss" in split.log_text()
+
+
+def test_a_worker_that_dies_between_requests_turns_health_503(
+    split: Twistd, workers: list[Worker], local: dict[str, str]
+) -> None:
+    """
+    No request runs to find it: the idle probe does (a refusal is the
+    one sure sign: a healthy worker serving this server answers no one
+    else), so load balancers stop sending before a client pays for it.
+    """
+    split.wait_idle()
+    assert httpx.get(split.url + "/health").status_code == 200
+    victim = workers[0]
+    victim.kill()
+    t = time.monotonic()
+    while (health := httpx.get(split.url + "/health")).status_code == 200:
+        assert time.monotonic() - t < PROBE_S + 5, "no probe saw the worker go"
+        time.sleep(0.1)
+    model = health.json()["models"][0]
+    assert f"RPC worker {victim.endpoint}: connection refused (the worker is gone)" in model["lost"]
+    assert "lost while idle" in split.log_text()
+    victim.start()
+    wait_healthy(split)
+    assert greedy(split, QUESTIONS[1]) == local[QUESTIONS[1]]
 
 
 def test_a_hung_worker_is_cut_off_at_the_step_timeout(

@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from twisted.internet.task import Clock
 
-from ds4tw import AbortFlag, StepResult
+from ds4tw import AbortFlag, Server, ServerConfig, StepResult
 from ds4tw._engine.interface import BackendLost, LoadProgress
+from ds4tw.testing import HTTPHarness, ScriptedEngine, SteppedThreads
 
 from .conftest import Rig, make_rig
 
@@ -191,3 +193,78 @@ def test_a_shutdown_cancels_the_pending_reload() -> None:
     attempts = loss.load_attempts
     rig.clock.advance(60)
     assert loss.load_attempts == attempts
+
+
+def probed_rig(interval: float = 5.0) -> tuple[Rig, dict[str, Any]]:
+    """A rig whose engine can be probed (as ProcessEngine over RPC workers)."""
+    engine = ScriptedEngine(["a b c d e f"])
+    state: dict[str, Any] = {"verdict": None, "probes": 0, "loads": 0}
+
+    def probe() -> str | None:
+        state["probes"] += 1
+        return state["verdict"]  # type: ignore[no-any-return]
+
+    load = engine.load
+
+    def load_unless_gone(progress: LoadProgress | None = None) -> None:
+        state["loads"] += 1
+        if state["verdict"] is not None:
+            raise ConnectionError(state["verdict"])
+        load(progress)
+
+    engine.probe = probe  # type: ignore[attr-defined]
+    engine.probe_interval = interval  # type: ignore[attr-defined]
+    engine.load = load_unless_gone  # type: ignore[method-assign]
+    threads, clock = SteppedThreads(), Clock()
+    server = Server(engine, ServerConfig(), clock=clock, threads=threads)
+    server.startService()
+    return Rig(engine, threads, clock, server, HTTPHarness(server.resource(), clock)), state
+
+
+GONE = "RPC worker 127.0.0.1:50053: connection refused (the worker is gone)"
+
+
+@pytest.mark.logs_engine_errors
+def test_an_idle_probe_that_finds_a_worker_gone_is_a_loss() -> None:
+    rig, state = probed_rig()
+    rig.clock.advance(5)
+    assert state["probes"] == 1
+    assert rig.http.get("/health").status == 200
+    # The worker dies between requests: the next probe sees it.
+    state["verdict"] = GONE
+    rig.clock.advance(5)
+    health = rig.http.get("/health")
+    assert health.status == 503
+    model = health.json()["models"][0]
+    assert model["losses"] == 1 and model["lost"] == GONE
+    # Its process went with it (closed on the model thread), not left holding the others.
+    assert not rig.engine.loaded and rig.engine.unloads == 1
+    # No probe while it is out; reloads with back-off fail until it is back.
+    probes = state["probes"]
+    rig.clock.advance(1)
+    assert state["loads"] == 2 and rig.http.get("/health").status == 503
+    state["verdict"] = None
+    rig.clock.advance(2)
+    assert state["loads"] == 3 and rig.http.get("/health").status == 200
+    assert state["probes"] == probes
+    # Probing again once it is back.
+    rig.clock.advance(5)
+    assert state["probes"] == probes + 1
+
+
+def test_no_probe_while_a_request_runs() -> None:
+    rig, state = probed_rig()
+    ex = rig.stream()
+    rig.threads.step(2)
+    rig.clock.advance(5)
+    assert state["probes"] == 0  # a running step finds a lost backend by itself
+    rig.threads.run_until_idle()
+    assert ex.finished
+    rig.clock.advance(5)
+    assert state["probes"] == 1
+
+
+def test_an_engine_without_probes_is_never_asked() -> None:
+    rig, state = probed_rig(interval=0)
+    rig.clock.advance(60)
+    assert state["probes"] == 0
