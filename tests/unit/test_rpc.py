@@ -190,6 +190,22 @@ def test_check_worker_refused() -> None:
     assert isinstance(caught.value, ConnectionError)
 
 
+def test_gone_is_a_refusal_only() -> None:
+    """The idle probe's verdict: only a port that refuses means the worker is gone."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        endpoint = Endpoint("127.0.0.1", bound.getsockname()[1])
+        assert rpc.gone(endpoint) == (
+            f"RPC worker {endpoint}: connection refused (the worker is gone)"
+        )
+        # Listening, its backlog full or not, never answering: not gone.
+        bound.listen(1)
+        assert rpc.gone(endpoint, timeout=0.5) is None
+        assert rpc.gone(endpoint, timeout=0.5) is None
+        assert rpc.gone(endpoint, timeout=0.5) is None
+    assert rpc.gone(Endpoint("no-such-host.invalid", 50052)) is None
+
+
 def test_check_worker_unresolvable() -> None:
     endpoint = Endpoint("no-such-host.invalid", 50052)
     with pytest.raises(WorkerDown, match="cannot resolve"):
