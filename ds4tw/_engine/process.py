@@ -55,13 +55,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, globalLogBeginner
 
 from .interface import (
-    Aborted,
     AbortFlag,
     BackendLost,
     ChatPrompt,
@@ -182,7 +182,6 @@ class ProcessEngine:
         self._stats = CacheStats()
         #: Each open sequence's grammar trigger guard (asked before each step).
         self._armed: dict[int, Callable[[], bool]] = {}
-        self._lock = threading.Lock()
         #: The child's pid while it runs (tests kill it).
         self.pid: int | None = None
         #: Why the last child died (for calls made after it did).
@@ -322,7 +321,7 @@ class ProcessEngine:
             f.write(b"\0\0")
             f.flush()
             flag_fd = os.dup(f.fileno())
-        parent, child = _pipe()
+        parent, child = Pipe()
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _CHILD, str(child.fileno()), str(flag_fd)],
@@ -429,13 +428,6 @@ def _relog(level: str, namespace: str, text: str) -> None:
 _CHILD = "import sys; from ds4tw._engine.process import main; main(sys.argv[1:])"
 
 
-def _pipe() -> tuple[Connection, Connection]:
-    from multiprocessing import Pipe
-
-    a, b = Pipe(duplex=True)
-    return a, b
-
-
 # -- the child ---------------------------------------------------------------------
 
 
@@ -492,10 +484,7 @@ class _Child:
             kind = message[0]
             try:
                 value = getattr(self, f"do_{kind}")(*message[1:])
-            except Aborted as e:
-                self.conn.send(("error", e))
-                continue
-            except Exception as e:
+            except Exception as e:  # Aborted among them, raised again in the parent
                 self.conn.send(("error", _picklable(e)))
                 continue
             try:
