@@ -217,13 +217,10 @@ class BatchLoop:
                 continue
             try:
                 seq = self.engine.open(work.prompt, work.params)
-            except BackendLost:
+            except Exception as e:
                 work.failure = Failure()
-                out.add(self.lost, work.failure)
-                out.add(self.ended, work)
-                continue
-            except Exception:
-                work.failure = Failure()
+                if isinstance(e, BackendLost):
+                    out.add(self.lost, work.failure)
                 out.add(self.ended, work)
                 continue
             run = Run(work, seq, now, usage=Usage(prompt_tokens=len(work.prompt)))
