@@ -559,16 +559,26 @@ class Options(usage.Options):
             self["chat-template-text"] = None
 
 
-def prompt_cache(options: Options) -> PromptCache | None:
-    """The prompt cache the options ask for (None: slots only)."""
+def prompt_cache_args(options: Options) -> dict[str, Any] | None:
+    """
+    L{PromptCache}'s arguments for the cache the options ask for (None:
+    slots only); arguments, so that a model in a child process (--rpc)
+    builds its cache there.
+    """
     if not options["cache-ram-mb"] and not options["kv-disk-dir"]:
         return None
-    return PromptCache(
+    return dict(
         ram_bytes=options["cache-ram-mb"] * 2**20,
         disk_dir=options["kv-disk-dir"],
         disk_bytes=options["kv-disk-space-mb"] * 2**20,
         min_tokens=options["kv-cache-min-tokens"],
     )
+
+
+def prompt_cache(options: Options) -> PromptCache | None:
+    """The prompt cache the options ask for (None: slots only)."""
+    args = prompt_cache_args(options)
+    return PromptCache(**args) if args is not None else None
 
 
 def _model(spec: ModelSpec, options: Options) -> Model:
@@ -632,28 +642,17 @@ def _model(spec: ModelSpec, options: Options) -> Model:
     )
 
 
-def _in_child(front: LlamaEngine, options: Options, common: dict[str, Any]) -> ProcessEngine:
+def _in_child(options: Options, kwargs: dict[str, Any]) -> ProcessEngine:
     """
-    C{front}'s model in a child process (L{ProcessEngine}), for --rpc:
-    there a lost worker's abort ends the child, not the server. C{front}
-    keeps the prompt side here.
+    The model in a child process (L{ProcessEngine}), for --rpc: there a
+    lost worker's abort ends the child, not the server. A LlamaEngine of
+    C{kwargs} keeps the prompt side here; the child's, with the prompt
+    cache, loads the model.
     """
     endpoints: tuple[Endpoint, ...] = options["rpc-endpoints"]
-    kwargs = {k: v for k, v in common.items() if k != "prompt_cache"}
-    cache = None
-    if options["cache-ram-mb"] or options["kv-disk-dir"]:
-        cache = dict(
-            ram_bytes=options["cache-ram-mb"] * 2**20,
-            disk_dir=options["kv-disk-dir"],
-            disk_bytes=options["kv-disk-space-mb"] * 2**20,
-            min_tokens=options["kv-cache-min-tokens"],
-        )
-    recipe = Recipe(
-        LlamaEngine,
-        (options["model-path"],),
-        dict(kwargs, n_threads=options["threads"], options=options.engine_options()),
-        prompt_cache=cache,
-    )
+    path = options["model-path"]
+    front = LlamaEngine(path, **kwargs)
+    recipe = Recipe(LlamaEngine, (path,), kwargs, prompt_cache=prompt_cache_args(options))
 
     def diagnose() -> str | None:
         # Which worker went: the child's abort message is on its stderr.
@@ -699,7 +698,6 @@ def makeService(options: Options) -> IService:
         chat_template=options["chat-template-text"],
         slots=options["parallel"],
         n_batch_decoding=options["batch-decoding"],
-        prompt_cache=prompt_cache(options),
     )
     engine: Engine | None = None
     models: list[Model] | None = None
@@ -707,16 +705,13 @@ def makeService(options: Options) -> IService:
     if model_set is not None:
         models = [_model(spec, options) for spec in model_set]
     elif options["scripted"] is not None:
-        engine = options["scripted"].engine(**common)
+        engine = options["scripted"].engine(prompt_cache=prompt_cache(options), **common)
     else:
-        engine = LlamaEngine(
-            options["model-path"],
-            n_threads=options["threads"],
-            options=options.engine_options(),
-            **common,
-        )
+        llama = dict(common, n_threads=options["threads"], options=options.engine_options())
         if options["rpc-endpoints"]:
-            engine = _in_child(engine, options, common)
+            engine = _in_child(options, llama)
+        else:
+            engine = LlamaEngine(options["model-path"], prompt_cache=prompt_cache(options), **llama)
         if options["embeddings"]:
             # One model, loaded at start, serving embeddings too.
             embedder = LlamaEmbedder(
