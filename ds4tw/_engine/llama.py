@@ -449,15 +449,10 @@ def gpu_device_count() -> int | None:
     GPU backends; 0 on a CPU-only build), or None when ggml cannot be
     asked.
     """
-    from .rpc import linked_library
+    from . import rpc
 
     try:
-        ggml = linked_library("ggml", Path(llama_cpp_dir()) / "lib")
-        ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-        ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-        ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-        ggml.ggml_backend_dev_type.restype = ctypes.c_int
-        ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+        ggml = rpc.ggml_library()
     except (OSError, RuntimeError, AttributeError):
         # A build laid out otherwise: the device checks are left to llama.cpp.
         return None
@@ -674,13 +669,6 @@ def open_llama(
     return llm
 
 
-def llama_cpp_dir() -> str:
-    """Where the installed llama_cpp package is (its C{lib} holds ggml)."""
-    import llama_cpp
-
-    return os.path.dirname(llama_cpp.__file__)
-
-
 #: The RPC workers whose devices this process has registered (once each:
 #: a second registration would list their devices twice).
 _RPC_REGISTERED: dict[str, list[Any]] = {}
@@ -699,9 +687,7 @@ def add_rpc_workers(endpoints: Sequence[str]) -> list[Any]:
     from . import rpc
 
     lib = rpc.library()  # RPCUnavailable, with the command that installs it, first
-    ggml = rpc.linked_library("ggml")
-    ggml.ggml_backend_register.restype = None
-    ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    ggml = rpc.ggml_library()
     added: list[Any] = []
     todo = [e for e in rpc.parse_endpoints(",".join(endpoints)) if str(e) not in _RPC_REGISTERED]
     for device in rpc.add_workers(todo):

@@ -360,6 +360,7 @@ def _ggml_library(directory: Path) -> ctypes.CDLL:
         "ggml_backend_dev_memory": ([p, size_p, size_p], None),
         "ggml_backend_reg_dev_count": ([p], ctypes.c_size_t),
         "ggml_backend_reg_dev_get": ([p, ctypes.c_size_t], p),
+        "ggml_backend_register": ([p], None),
     }
     for name, (args, res) in signatures.items():
         fn = getattr(lib, name)
@@ -368,7 +369,8 @@ def _ggml_library(directory: Path) -> ctypes.CDLL:
     return lib
 
 
-def _ggml() -> ctypes.CDLL:
+def ggml_library() -> ctypes.CDLL:
+    """libggml as libllama links it (L{linked_library}), its device calls typed."""
     return _ggml_library(lib_dir())
 
 
@@ -555,7 +557,7 @@ def add_workers(endpoints: Sequence[Endpoint], timeout: float = 5.0) -> list[Wor
     @raise WorkerDown: a worker did not answer HELLO as one.
     """
     rpc = library()
-    ggml = _ggml()
+    ggml = ggml_library()
     devices: list[WorkerDevice] = []
     for endpoint in endpoints:
         check_worker(endpoint, timeout)
@@ -707,7 +709,7 @@ def local_devices() -> list[LocalDevice]:
 
     @raise RPCUnavailable: there is no libggml (or no llama-cpp-python).
     """
-    ggml = _ggml()
+    ggml = ggml_library()
     devices = []
     for i in range(ggml.ggml_backend_dev_count()):
         dev = ggml.ggml_backend_dev_get(i)

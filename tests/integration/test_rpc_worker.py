@@ -130,7 +130,7 @@ CLIENT = textwrap.dedent(
 
     endpoint = rpc.parse_endpoints(sys.argv[1])
     devices = rpc.add_workers(endpoint)
-    ggml = rpc._ggml()
+    ggml = rpc.ggml_library()
     after_add = rpc.harden_sockets(endpoint)
     # A backend on the remote device holds ggml's connection, as a loaded
     # model's buffers do.
