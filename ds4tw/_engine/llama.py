@@ -686,17 +686,14 @@ def add_rpc_workers(endpoints: Sequence[str]) -> list[Any]:
     """
     from . import rpc
 
-    lib = rpc.library()  # RPCUnavailable, with the command that installs it, first
+    rpc.library()  # RPCUnavailable, with the command that installs it, first
     ggml = rpc.ggml_library()
-    added: list[Any] = []
     todo = [e for e in rpc.parse_endpoints(",".join(endpoints)) if str(e) not in _RPC_REGISTERED]
-    for device in rpc.add_workers(todo):
-        _RPC_REGISTERED.setdefault(str(device.endpoint), []).append(device)
-        added.append(device)
-    for endpoint in todo:
-        # The server's own registry (not its devices' shared "RPC" one): the
-        # same one add_workers made, as ggml keeps one per endpoint.
-        ggml.ggml_backend_register(lib.ggml_backend_rpc_add_server(str(endpoint).encode()))
+    added = rpc.add_workers(todo)
+    for d in added:
+        _RPC_REGISTERED.setdefault(str(d.endpoint), []).append(d)
+    for registry in dict.fromkeys(d.registry for d in added):
+        ggml.ggml_backend_register(registry)
     for d in added:
         log.info(
             "ds4tw: RPC worker {endpoint}: device {name} ({description}), "

@@ -526,6 +526,9 @@ class WorkerDevice:
     @ivar free: bytes free on the worker's device, as it reported them.
     @ivar total: bytes in all.
     @ivar handle: the C{ggml_backend_dev_t}, for C{llama_model_params.devices}.
+    @ivar registry: the worker's own C{ggml_backend_reg_t} (one per
+        endpoint; not its devices' shared "RPC" registry), for
+        C{ggml_backend_register}.
     """
 
     endpoint: Endpoint
@@ -535,6 +538,7 @@ class WorkerDevice:
     free: int
     total: int
     handle: int
+    registry: int
 
 
 def add_workers(endpoints: Sequence[Endpoint], timeout: float = 5.0) -> list[WorkerDevice]:
@@ -576,6 +580,7 @@ def add_workers(endpoints: Sequence[Endpoint], timeout: float = 5.0) -> list[Wor
                     free=free,
                     total=total,
                     handle=int(dev),
+                    registry=int(reg),
                 )
             )
     return devices
